@@ -1,0 +1,2 @@
+//! The ISO 8583 wire format, and nothing else.
+pub mod mac;
