@@ -1,0 +1,245 @@
+//! The binary's commands, run as a user runs them.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn switchyard(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().unwrap()
+}
+
+fn fixture_dir(dialect: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../iso8583/tests/fixtures")
+        .join(dialect)
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+#[test]
+fn decode_then_encode_gives_back_every_fixture_frame() {
+    for dialect in ["cup-pos", "iso87"] {
+        let mut seen = 0;
+        for entry in std::fs::read_dir(fixture_dir(dialect)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "hex") {
+                continue;
+            }
+            let hex = std::fs::read_to_string(&path).unwrap();
+            let expected: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(path.with_extension("json")).unwrap(),
+            )
+            .unwrap();
+            let decoded = stdout(&switchyard(
+                &[
+                    "decode",
+                    "--dialect",
+                    dialect,
+                    "--hex",
+                    hex.trim(),
+                    "--reveal",
+                ],
+                None,
+            ));
+            assert_eq!(decoded.lines().count(), 1, "one line of JSON");
+            let json: serde_json::Value = serde_json::from_str(&decoded).unwrap();
+            assert_eq!(json, expected, "{}", path.display());
+            let encoded = stdout(&switchyard(
+                &["encode", "--dialect", dialect],
+                Some(&decoded),
+            ));
+            assert_eq!(encoded.trim(), hex.trim(), "{}", path.display());
+            seen += 1;
+        }
+        assert!(seen > 20, "{dialect}: {seen} fixtures");
+    }
+}
+
+#[test]
+fn decode_masks_card_data_unless_revealed() {
+    let hex = std::fs::read_to_string(fixture_dir("cup-pos").join("purchase.request.hex")).unwrap();
+    let out = stdout(&switchyard(
+        &["decode", "--dialect", "cup-pos", "--hex", hex.trim()],
+        None,
+    ));
+    assert!(out.starts_with(
+        r#"{"tpdu": "6000030000", "header": "603100000000", "mti": "0200", "fields": {"2": "622202*********0001", "3": "000000""#
+    ), "{out}");
+    assert!(!out.contains("6222020000000000001"), "{out}");
+    // Without the length prefix, and from a file, it reads the same.
+    let file = std::env::temp_dir().join(format!("sy-frame-{}.bin", std::process::id()));
+    std::fs::write(&file, hex::decode(&hex.trim()[4..]).unwrap()).unwrap();
+    let from_file = stdout(&switchyard(
+        &[
+            "decode",
+            "--dialect",
+            "cup-pos",
+            "--file",
+            file.to_str().unwrap(),
+        ],
+        None,
+    ));
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(from_file, out);
+}
+
+#[test]
+fn a_malformed_frame_exits_2_with_one_line_naming_field_and_offset() {
+    let hex = std::fs::read_to_string(fixture_dir("cup-pos").join("purchase.request.hex")).unwrap();
+    let mut bytes = hex::decode(hex.trim()).unwrap();
+    // F2's length prefix sits right after length, TPDU, header, MTI and bitmap.
+    let f2 = 2 + 5 + 6 + 2 + 8;
+    bytes[f2] = 0x25;
+    let out = switchyard(
+        &[
+            "decode",
+            "--dialect",
+            "cup-pos",
+            "--hex",
+            &hex::encode(&bytes),
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(
+        err,
+        format!("error: field 2 at byte {f2}: length 25 exceeds the maximum 19\n")
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn encode_refuses_bad_json_with_status_2() {
+    let cases = [
+        (
+            "iso87",
+            r#"{"mti": "0200", "fields": {"3": "12"}}"#,
+            "field 3: length 2 does not fit n6",
+        ),
+        (
+            "iso87",
+            r#"{"mti": "0200", "fields": {"99": "1"}}"#,
+            "field 99 is not defined",
+        ),
+        (
+            "iso87",
+            r#"{"mti": "0200", "fields": {"2": "62220x"}}"#,
+            "field 2: character 'x'",
+        ),
+        (
+            "iso87",
+            r#"{"mti": "0200", "fields": {"52": "ABC"}}"#,
+            r#"field 52: "ABC" is not hex"#,
+        ),
+        (
+            "cup-pos",
+            r#"{"mti": "0200", "fields": {}}"#,
+            "tpdu is required in the cup-pos dialect",
+        ),
+        (
+            "cup-pos",
+            r#"{"tpdu": "6000030000", "header": "603100000000", "mti": "0200", "fields": {"70": "301"}}"#,
+            "field 70 is not defined",
+        ),
+        ("iso87", r#"{"mti": "200"}"#, "not four digits"),
+        (
+            "iso87",
+            r#"{"mti": "0200", "fields": {}, "extra": 1}"#,
+            r#"unknown key "extra""#,
+        ),
+        ("iso87", "not json", "stdin is not JSON"),
+    ];
+    for (dialect, json, message) in cases {
+        let out = switchyard(&["encode", "--dialect", dialect], Some(json));
+        assert_eq!(out.status.code(), Some(2), "{json}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains(message), "{json}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+}
+
+#[test]
+fn a_dialect_file_overrides_the_embedded_one_and_bad_ones_are_named() {
+    let dir = std::env::temp_dir().join(format!("sy-dialect-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/dialects/iso87.toml");
+    let text = std::fs::read_to_string(shipped).unwrap();
+    // An acquirer whose network counts F43 as 25 characters edits the file.
+    let custom = dir.join("custom.toml");
+    std::fs::write(
+        &custom,
+        text.replace(r#"format = "ans40""#, r#"format = "ans25""#),
+    )
+    .unwrap();
+    let json = r#"{"mti": "0200", "fields": {"43": "SWITCHYARD DEMO STORE    "}}"#;
+    let out = switchyard(
+        &[
+            "encode",
+            "--dialect",
+            "iso87",
+            "--dialect-file",
+            custom.to_str().unwrap(),
+        ],
+        Some(json),
+    );
+    assert!(
+        stdout(&out)
+            .trim()
+            .ends_with(&hex::encode_upper("SWITCHYARD DEMO STORE    "))
+    );
+    let broken = dir.join("broken.toml");
+    std::fs::write(
+        &broken,
+        text.replace(r#"format = "n6""#, r#"format = "n6x""#),
+    )
+    .unwrap();
+    let out = switchyard(
+        &[
+            "encode",
+            "--dialect",
+            "iso87",
+            "--dialect-file",
+            broken.to_str().unwrap(),
+        ],
+        Some(json),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    let line = text
+        .lines()
+        .position(|l| l.contains(r#"format = "n6""#))
+        .unwrap()
+        + 1;
+    assert!(
+        err.contains(&format!(
+            "broken.toml:{line}: fields.3.format: \"n6x\" is not a format"
+        )),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
