@@ -1,0 +1,541 @@
+//! A private PostgreSQL server, started from the local PostgreSQL binaries in
+//! a data directory of its own, for `switchyard demo`, the embedded default of
+//! `serve` and `issuer` when no database URL is configured, and the tests.
+//!
+//! PostgreSQL refuses to run as root, so when started as root the server (and
+//! `initdb`) run as the `postgres` user, through `setpriv`. The server is
+//! started with a parent-death signal, so it shuts down (fast) when the process
+//! that started it ends, however it ends; [`EmbeddedPg::stop`] stops it
+//! explicitly and removes a temporary data directory.
+//!
+//! Why not the `pgtemp` crate: it switches to the postgres user with `sudo`,
+//! which a minimal machine does not have, panics instead of returning errors,
+//! and leaves the server running when the test process is killed.
+
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use sqlx::{Connection, PgConnection};
+
+/// Why the server cannot be had.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No `initdb` / `postgres` binaries on this machine.
+    #[error(
+        "PostgreSQL server binaries (initdb, postgres) not found in PATH or /usr/lib/postgresql/*/bin: \
+         install them (Debian/Ubuntu: `apt-get install postgresql`), or point the config's \
+         database.url or DATABASE_URL at a running server (`docker compose up -d postgres`)"
+    )]
+    NoBinaries,
+    /// Running as root, but there is no `postgres` user to run the server as.
+    #[error(
+        "running as root and there is no `postgres` user to run PostgreSQL as: create one (`useradd postgres`) or run as another user"
+    )]
+    NoPostgresUser,
+    /// A step failed; its output says why.
+    #[error("{step} failed: {detail}")]
+    Step {
+        /// What was being done.
+        step: String,
+        /// Its output, or the error.
+        detail: String,
+    },
+    /// The server did not accept connections in time.
+    #[error("PostgreSQL did not accept connections within {secs} s; its log {log}:\n{tail}")]
+    NotReady {
+        /// Seconds waited.
+        secs: u64,
+        /// Where the server log is.
+        log: String,
+        /// The end of the log.
+        tail: String,
+    },
+    /// A database statement failed.
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+}
+
+fn step(step: impl Into<String>, detail: impl ToString) -> Error {
+    Error::Step {
+        step: step.into(),
+        detail: detail.to_string(),
+    }
+}
+
+/// How to start the server.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Keep the data here (created and initialised when empty). `None`: a
+    /// temporary directory, removed when the server stops.
+    pub data_dir: Option<PathBuf>,
+    /// Port on 127.0.0.1; `None` picks a free one.
+    pub port: Option<u16>,
+    /// `false` turns fsync and synchronous commit off: for tests, never for
+    /// anything whose durability is measured or relied on.
+    pub fast_unsafe: bool,
+}
+
+/// A running private PostgreSQL server; stops when dropped.
+#[derive(Debug)]
+pub struct EmbeddedPg {
+    data_dir: PathBuf,
+    temporary: bool,
+    port: u16,
+    bin: PathBuf,
+    owner: Option<(u32, u32)>,
+    running: bool,
+}
+
+/// The directory holding `initdb` and `postgres`: PATH first, then the
+/// newest Debian-style `/usr/lib/postgresql/<version>/bin`.
+pub fn find_binaries() -> Result<PathBuf, Error> {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    for dir in on_path {
+        if dir.join("initdb").is_file() && dir.join("postgres").is_file() {
+            // Resolve symlinks so pg_ctl finds its siblings.
+            let real = std::fs::canonicalize(dir.join("postgres"))
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+                .unwrap_or(dir);
+            return Ok(real);
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            (bin.join("initdb").is_file() && bin.join("postgres").is_file()).then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin).ok_or(Error::NoBinaries)
+}
+
+fn running_as_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// uid and gid of the `postgres` user, from /etc/passwd.
+fn postgres_user() -> Result<(u32, u32), Error> {
+    let passwd =
+        std::fs::read_to_string("/etc/passwd").map_err(|e| step("reading /etc/passwd", e))?;
+    passwd
+        .lines()
+        .find_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            (f.len() > 3 && f[0] == "postgres")
+                .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+                .flatten()
+        })
+        .ok_or(Error::NoPostgresUser)
+}
+
+fn free_port() -> Result<u16, Error> {
+    let sock =
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| step("finding a free port", e))?;
+    Ok(sock
+        .local_addr()
+        .map_err(|e| step("finding a free port", e))?
+        .port())
+}
+
+/// Temporary data directories of processes that are gone (a test process
+/// cannot remove its own shared server's directory: it is never dropped).
+fn remove_stale_temporary_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("switchyard-pg-")) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+impl EmbeddedPg {
+    /// Initialises (when needed) and starts a server; returns once it accepts
+    /// connections.
+    pub async fn start(options: Options) -> Result<EmbeddedPg, Error> {
+        let bin = find_binaries()?;
+        let owner = if running_as_root() {
+            Some(postgres_user()?)
+        } else {
+            None
+        };
+        let (data_dir, temporary) = match &options.data_dir {
+            Some(dir) => (dir.clone(), false),
+            None => {
+                remove_stale_temporary_dirs();
+                let n = NEXT.fetch_add(1, Ordering::Relaxed);
+                let dir =
+                    std::env::temp_dir().join(format!("switchyard-pg-{}-{n}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&dir);
+                (dir, true)
+            }
+        };
+        let mut pg = EmbeddedPg {
+            data_dir,
+            temporary,
+            port: 0,
+            bin,
+            owner,
+            running: false,
+        };
+        pg.init(options.fast_unsafe)?;
+        let mut last = None;
+        for _ in 0..3 {
+            pg.port = match options.port {
+                Some(p) => p,
+                None => free_port()?,
+            };
+            match pg.launch(options.fast_unsafe).await {
+                Ok(()) => return Ok(pg),
+                Err(e) => last = Some(e),
+            }
+            if options.port.is_some() {
+                break;
+            }
+        }
+        Err(last.expect("tried at least once"))
+    }
+
+    /// A command run as the server's owner.
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("setpriv");
+        if let Some((uid, gid)) = self.owner {
+            cmd.arg(format!("--reuid={uid}"))
+                .arg(format!("--regid={gid}"))
+                .arg("--clear-groups");
+        }
+        cmd.arg("--").arg(self.bin.join(program));
+        cmd
+    }
+
+    fn init(&self, fast_unsafe: bool) -> Result<(), Error> {
+        if self.data_dir.join("PG_VERSION").is_file() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.data_dir)
+            .map_err(|e| step(format!("creating {}", self.data_dir.display()), e))?;
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::chown(&self.data_dir, Some(uid), Some(gid))
+                .map_err(|e| step(format!("giving {} to postgres", self.data_dir.display()), e))?;
+        }
+        let mut cmd = self.command("initdb");
+        cmd.arg("-D").arg(&self.data_dir).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-instructions",
+        ]);
+        if fast_unsafe {
+            cmd.arg("--no-sync");
+        }
+        let out = cmd
+            .output()
+            .map_err(|e| step("running initdb (is setpriv installed?)", e))?;
+        if !out.status.success() {
+            return Err(step(
+                "initdb",
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.data_dir.join("postgres.log")
+    }
+
+    async fn launch(&mut self, fast_unsafe: bool) -> Result<(), Error> {
+        let log = std::fs::File::create(self.log_path())
+            .map_err(|e| step("creating the server log", e))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| step("creating the server log", e))?;
+        let mut cmd = Command::new("setpriv");
+        if let Some((uid, gid)) = self.owner {
+            cmd.arg(format!("--reuid={uid}"))
+                .arg(format!("--regid={gid}"))
+                .arg("--clear-groups");
+        }
+        // Fast shutdown when whoever started it goes away.
+        cmd.arg("--pdeathsig=INT")
+            .arg("--")
+            .arg(self.bin.join("postgres"));
+        cmd.arg("-D").arg(&self.data_dir);
+        let mut settings = vec![
+            "listen_addresses=127.0.0.1".to_string(),
+            format!("port={}", self.port),
+            format!("unix_socket_directories={}", self.data_dir.display()),
+            "max_connections=300".into(),
+            "shared_buffers=256MB".into(),
+        ];
+        if fast_unsafe {
+            settings.extend(
+                [
+                    "fsync=off",
+                    "synchronous_commit=off",
+                    "full_page_writes=off",
+                ]
+                .map(String::from),
+            );
+        }
+        for s in &settings {
+            cmd.arg("-c").arg(s);
+        }
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log_err);
+        // The parent-death signal fires when the *thread* that forked exits:
+        // fork from a thread that lives exactly as long as the server.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let exited = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let exited_flag = exited.clone();
+        std::thread::Builder::new()
+            .name(format!("postgres-{}", self.port))
+            .spawn(move || match cmd.spawn() {
+                Ok(mut child) => {
+                    let _ = tx.send(Ok(()));
+                    let _ = child.wait();
+                    exited_flag.store(true, Ordering::Release);
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            })
+            .map_err(|e| step("starting the postgres thread", e))?;
+        rx.recv()
+            .map_err(|e| step("starting postgres", e))?
+            .map_err(|e| step("starting postgres (is setpriv installed?)", e))?;
+        self.running = true;
+
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let url = self.url("postgres");
+        loop {
+            if let Ok(conn) = PgConnection::connect(&url).await {
+                let _ = conn.close().await;
+                return Ok(());
+            }
+            if Instant::now() > deadline || exited.load(Ordering::Acquire) {
+                self.stop();
+                return Err(Error::NotReady {
+                    secs: 30,
+                    log: self.log_path().display().to_string(),
+                    tail: self.log_tail(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(self.log_path()) {
+            let _ = f.read_to_string(&mut text);
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(10)..].join("\n")
+    }
+
+    /// The port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Where the data lives.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The connection URL of database `db`.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Creates database `name` (when it does not exist) and returns its URL.
+    pub async fn create_database(&self, name: &str) -> Result<String, Error> {
+        create_database(&self.url("postgres"), name).await
+    }
+
+    /// Stops the server (fast shutdown) and removes a temporary data directory.
+    pub fn stop(&mut self) {
+        if self.running {
+            let _ = self
+                .command("pg_ctl")
+                .arg("stop")
+                .arg("-D")
+                .arg(&self.data_dir)
+                .args(["-m", "fast", "-w", "-t", "30"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            self.running = false;
+        }
+        if self.temporary {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
+    }
+}
+
+impl Drop for EmbeddedPg {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Creates database `name` on the server of `admin_url` (when it does not
+/// exist) and returns the URL of the new database.
+pub async fn create_database(admin_url: &str, name: &str) -> Result<String, Error> {
+    let mut conn = PgConnection::connect(admin_url).await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(&mut conn)
+            .await?;
+    if !exists {
+        // Identifiers cannot be bound; the name is ours, quoted anyway.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE \"{}\"",
+            name.replace('"', "")
+        )))
+        .execute(&mut conn)
+        .await?;
+    }
+    let _ = conn.close().await;
+    Ok(with_database(admin_url, name))
+}
+
+/// `url` with its database name replaced by `db`.
+pub fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
+    format!("{}/{db}{query}", &base[..host_end])
+}
+
+static TEST_SERVER: tokio::sync::OnceCell<Result<EmbeddedPg, String>> =
+    tokio::sync::OnceCell::const_new();
+
+/// A fresh, empty database for one test, and its URL.
+///
+/// On the server of `DATABASE_URL` when it is set; otherwise on one private
+/// server per test process, started on first use (fsync off) and shut down
+/// when the process ends.
+pub async fn test_database() -> String {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let name = format!("test_{}_{n}", std::process::id());
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        return create_database(&url, &name)
+            .await
+            .unwrap_or_else(|e| panic!("creating test database on DATABASE_URL: {e}"));
+    }
+    let server = TEST_SERVER
+        .get_or_init(|| async {
+            EmbeddedPg::start(Options {
+                fast_unsafe: true,
+                ..Options::default()
+            })
+            .await
+            .map_err(|e| e.to_string())
+        })
+        .await;
+    match server {
+        Ok(pg) => pg
+            .create_database(&name)
+            .await
+            .unwrap_or_else(|e| panic!("creating test database: {e}")),
+        Err(e) => panic!("starting the private PostgreSQL for tests: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_get_their_database_replaced() {
+        assert_eq!(
+            with_database("postgres://u:p@h:5432/postgres", "t1"),
+            "postgres://u:p@h:5432/t1"
+        );
+        assert_eq!(
+            with_database("postgres://h:1/x?sslmode=disable", "t2"),
+            "postgres://h:1/t2?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://h:1", "t3"), "postgres://h:1/t3");
+    }
+
+    #[tokio::test]
+    async fn a_test_database_accepts_statements_and_is_fresh() {
+        let a = test_database().await;
+        let b = test_database().await;
+        assert_ne!(a, b);
+        let mut conn = PgConnection::connect(&a).await.unwrap();
+        sqlx::query("CREATE TABLE t (x int)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let mut other = PgConnection::connect(&b).await.unwrap();
+        let tables: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 't'",
+        )
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
+        assert_eq!(tables, 0);
+    }
+
+    #[tokio::test]
+    async fn a_server_with_a_data_dir_keeps_its_data_across_restarts() {
+        let dir = std::env::temp_dir().join(format!("switchyard-pg-keep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let options = Options {
+            data_dir: Some(dir.clone()),
+            ..Options::default()
+        };
+        let mut pg = EmbeddedPg::start(options.clone()).await.unwrap();
+        let url = pg.create_database("keep").await.unwrap();
+        let mut conn = PgConnection::connect(&url).await.unwrap();
+        sqlx::raw_sql("CREATE TABLE kept (x int); INSERT INTO kept VALUES (42)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+        pg.stop();
+        assert!(PgConnection::connect(&url).await.is_err(), "stopped");
+        let pg = EmbeddedPg::start(options).await.unwrap();
+        let mut conn = PgConnection::connect(&pg.url("keep")).await.unwrap();
+        let x: i32 = sqlx::query_scalar("SELECT x FROM kept")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(x, 42);
+        drop(conn);
+        drop(pg);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
