@@ -293,16 +293,16 @@ impl Dialect {
         self.secondary_bitmap
     }
 
-    /// The reply TPDU for a request TPDU, written into `out`.
-    pub(crate) fn reply_tpdu(&self, request: &[u8], out: &mut [u8]) {
+    /// The reply TPDU for a request TPDU, written into `out` (same length).
+    pub fn reply_tpdu(&self, request: &[u8], out: &mut [u8]) {
         out.copy_from_slice(request);
         if self.tpdu_reply == TpduReply::SwapAddresses && out.len() == 5 {
             out[1..5].copy_from_slice(&[request[3], request[4], request[1], request[2]]);
         }
     }
 
-    /// The reply header for a request header, written into `out`.
-    pub(crate) fn reply_header(&self, request: &[u8], out: &mut [u8]) {
+    /// The reply header for a request header, written into `out` (same length).
+    pub fn reply_header(&self, request: &[u8], out: &mut [u8]) {
         out.copy_from_slice(request);
         if self.header_reply == HeaderReply::ClearProcessingRequirement && out.len() >= 3 {
             out[2] &= 0xF0;

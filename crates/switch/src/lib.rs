@@ -1,1 +1,114 @@
-//! The switch.
+//! The Switchyard switch: the terminal frontend, the router, the journal in
+//! PostgreSQL, the issuer links and the store-and-forward advice queue.
+//!
+//! `main` stays thin: [`run`] takes its listener, config, pool and shutdown
+//! token, so tests bind port 0 and start several switches in one process.
+
+pub mod advice;
+pub mod config;
+pub mod frontend;
+pub mod journal;
+pub mod keys;
+pub mod link;
+pub mod model;
+pub mod router;
+pub mod terminals;
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use iso8583::Dialect;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+pub use keys::PanHashKey;
+pub use router::Switch;
+
+/// The switch's migrations (`migrations/switch`), applied to the `switch` schema.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/switch");
+
+/// Why the switch cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The database.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Migrations.
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A dialect file.
+    #[error("dialect: {0}")]
+    Dialect(#[from] iso8583::DialectError),
+    /// The terminals file.
+    #[error("{0}")]
+    Terminals(#[from] settings::Problems),
+}
+
+/// A pool on `url` whose connections work in the `switch` schema (created
+/// when missing).
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    let options = PgConnectOptions::from_str(url)?;
+    let setup = PgPoolOptions::new().max_connections(1).connect_with(options.clone()).await?;
+    sqlx::query("CREATE SCHEMA IF NOT EXISTS switch").execute(&setup).await?;
+    setup.close().await;
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .connect_with(options.options([("search_path", "switch")]))
+        .await
+}
+
+/// Applies the switch's migrations.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// Loads the dialects, seeds the terminals file, and starts the issuer links.
+pub async fn start(
+    config: Arc<Config>,
+    pool: PgPool,
+    key: PanHashKey,
+    shutdown: &CancellationToken,
+) -> Result<Arc<Switch>, StartError> {
+    let terminal_dialect = Arc::new(match &config.dialects.terminal {
+        Some(path) => Dialect::load(path)?,
+        None => Dialect::cup_pos(),
+    });
+    let network_dialect = Arc::new(match &config.dialects.network {
+        Some(path) => Dialect::load(path)?,
+        None => Dialect::iso87(),
+    });
+    migrate(&pool).await?;
+    if let Some(path) = &config.seed.terminals {
+        terminals::Fleet::load(path)?.store(&pool).await?;
+    }
+    let identity = link::Identity {
+        institution_id: config.institution_id.clone(),
+        forwarding_id: config.forwarding_id.clone(),
+    };
+    let links = config
+        .issuers
+        .iter()
+        .map(|i| link::Link::start(i, network_dialect.clone(), identity.clone(), shutdown.clone()))
+        .collect();
+    Ok(Arc::new(Switch {
+        config,
+        terminal_dialect,
+        network_dialect,
+        pool,
+        key,
+        links,
+        advice_wake: Arc::new(Notify::new()),
+    }))
+}
+
+/// Serves terminals on `listener` and runs the advice queue until
+/// `shutdown`; returns when in-flight requests are answered.
+pub async fn run(listener: TcpListener, switch: Arc<Switch>, shutdown: CancellationToken) {
+    let advices = tokio::spawn(advice::run(switch.clone(), shutdown.clone()));
+    frontend::serve(listener, switch, shutdown).await;
+    let _ = advices.await;
+}

@@ -1,0 +1,199 @@
+//! Store and forward: advices (reversal 0420, and later refund and
+//! completion 0220) live in PostgreSQL until the issuer answers them.
+//!
+//! The worker takes due advices with `FOR UPDATE SKIP LOCKED` (several
+//! switch processes share the queue), leases them, and sends each on its own
+//! task: one stuck advice never holds up the others. The first try goes as
+//! 0420, every later one as the repeat 0421, with the same F11 and F7 so the
+//! issuer recognises it. Failures back off exponentially per advice. The
+//! same loop also gives up on `sent` rows a dead switch left behind.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use iso8583::{Message, MessageWriter, Mti};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::journal;
+use crate::link::MatchKey;
+use crate::router::Switch;
+
+/// An advice taken from the queue.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct Due {
+    id: i64,
+    journal_id: i64,
+    kind: String,
+    mti: i16,
+    issuer: String,
+    processing_code: String,
+    pos_condition: String,
+    amount: i64,
+    reason: Option<String>,
+    original_mti: Option<i16>,
+    original_stan: Option<i32>,
+    original_f7: Option<String>,
+    link_stan: i32,
+    link_f7: String,
+    attempts: i32,
+    rrn: String,
+    terminal_id: String,
+    merchant_id: String,
+}
+
+/// Runs the advice queue until shutdown.
+pub async fn run(switch: Arc<Switch>, shutdown: CancellationToken) {
+    let grace = Duration::from_secs(2);
+    let mut sending: JoinSet<()> = JoinSet::new();
+    loop {
+        let forgotten_after = switch.config.rules.issuer_timeout + grace;
+        match journal::recover_forgotten(&switch.pool, forgotten_after).await {
+            Ok(0) => {}
+            Ok(n) => info!(count = n, "reversing transactions a stopped switch left at the issuer"),
+            Err(e) => warn!(error = %e, "recovery sweep failed"),
+        }
+        match take_due(&switch).await {
+            Ok(due) => {
+                for advice in due {
+                    let s = switch.clone();
+                    sending.spawn(async move { send(&s, advice).await });
+                }
+            }
+            Err(e) => warn!(error = %e, "reading the advice queue failed"),
+        }
+        while sending.try_join_next().is_some() {}
+        tokio::select! {
+            () = switch.advice_wake.notified() => {}
+            () = tokio::time::sleep(switch.config.advice.poll_interval) => {}
+            () = shutdown.cancelled() => break,
+        }
+    }
+    // What is in flight finishes (or times out) and is recorded; what is not
+    // taken stays queued for the next start.
+    while sending.join_next().await.is_some() {}
+}
+
+/// Takes the due advices, leasing them so no other worker takes them while
+/// they are being sent.
+async fn take_due(switch: &Switch) -> Result<Vec<Due>, sqlx::Error> {
+    let lease = switch.config.rules.issuer_timeout * 2;
+    sqlx::query_as::<_, Due>(
+        "WITH due AS (
+            SELECT id FROM advices WHERE state = 'pending' AND next_attempt_at <= now()
+            ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+         UPDATE advices a SET next_attempt_at = now() + make_interval(secs => $2)
+         FROM due, journal j
+         WHERE a.id = due.id AND j.id = a.journal_id
+         RETURNING a.id, a.journal_id, a.kind, a.mti, a.issuer, a.processing_code, a.pos_condition,
+             a.amount, a.reason, a.original_mti, a.original_stan, a.original_f7, a.link_stan,
+             a.link_f7, a.attempts, j.rrn, j.terminal_id, j.merchant_id",
+    )
+    .bind(i64::from(switch.config.advice.batch))
+    .bind(lease.as_secs_f64())
+    .fetch_all(&switch.pool)
+    .await
+}
+
+/// F90: original MTI, F11, F7, F32, F33.
+fn original_data(advice: &Due, institution: &str, forwarding: &str) -> String {
+    format!(
+        "{:04}{:06}{:0>10}{:0>11}{:0>11}",
+        advice.original_mti.unwrap_or(0),
+        advice.original_stan.unwrap_or(0),
+        advice.original_f7.as_deref().unwrap_or(""),
+        institution,
+        forwarding
+    )
+}
+
+async fn send(switch: &Switch, advice: Due) {
+    let first = Mti::new(advice.mti as u16).unwrap_or(Mti::REVERSAL_ADVICE);
+    let mti = if advice.attempts == 0 { first } else { first.repeat() };
+    let Some(link) = switch.links.iter().find(|l| l.name() == advice.issuer) else {
+        warn!(advice = advice.id, issuer = %advice.issuer, "no link for this issuer in the config");
+        return reschedule(switch, &advice, "no such issuer in the config").await;
+    };
+    let cfg = &switch.config;
+    let mut buf = BytesMut::with_capacity(256);
+    let built = (|| {
+        let mut w = MessageWriter::new(&switch.network_dialect, &mut buf, mti, &[], &[])?;
+        w.digits(3, &advice.processing_code)?;
+        w.number(4, advice.amount as u64)?;
+        w.digits(7, &advice.link_f7)?;
+        w.number(11, advice.link_stan as u64)?;
+        w.digits(25, &advice.pos_condition)?;
+        w.digits(32, &cfg.institution_id)?;
+        w.digits(33, &cfg.forwarding_id)?;
+        w.text(37, &advice.rrn)?;
+        if let Some(reason) = &advice.reason {
+            w.text(39, reason)?;
+        }
+        w.text(41, &advice.terminal_id)?;
+        w.text(42, &advice.merchant_id)?;
+        w.digits(90, &original_data(&advice, &cfg.institution_id, &cfg.forwarding_id))?;
+        w.finish()
+    })();
+    if let Err(e) = built {
+        warn!(advice = advice.id, error = %e, "advice does not fit the network dialect");
+        return reschedule(switch, &advice, &e.to_string()).await;
+    }
+    let frame = buf.freeze();
+    let key = Message::parse(&switch.network_dialect, &frame[2..])
+        .ok()
+        .as_ref()
+        .and_then(MatchKey::of)
+        .expect("we built it with F11 and F7");
+    match link.exchange(frame, key, cfg.rules.issuer_timeout).await {
+        Ok(reply) => {
+            let rc = Message::parse(&switch.network_dialect, &reply)
+                .ok()
+                .and_then(|m| m.text(39).map(str::to_string))
+                .unwrap_or_else(|| "30".into());
+            if let Err(e) = done(switch, &advice, &rc).await {
+                warn!(advice = advice.id, error = %e, "recording an answered advice failed; it will be repeated");
+            } else {
+                info!(advice = advice.id, journal = advice.journal_id, kind = %advice.kind, rrn = %advice.rrn, rc = %rc, "advice answered");
+            }
+        }
+        Err(e) => reschedule(switch, &advice, &e.to_string()).await,
+    }
+}
+
+/// Marks the advice answered and moves its journal entry to its final state.
+async fn done(switch: &Switch, advice: &Due, rc: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "WITH a AS (
+            UPDATE advices SET state = 'done', response_code = $2, done_at = now(), attempts = attempts + 1
+            WHERE id = $1 AND state = 'pending' RETURNING journal_id, kind)
+         UPDATE journal j SET state = 'reversed'
+         FROM a WHERE j.id = a.journal_id AND a.kind = 'reversal' AND j.state = 'unknown'",
+    )
+    .bind(advice.id)
+    .bind(rc)
+    .execute(&switch.pool)
+    .await?;
+    Ok(())
+}
+
+/// Schedules the next try: the wait doubles from `retry_initial` to `retry_max`.
+async fn reschedule(switch: &Switch, advice: &Due, error: &str) {
+    let cfg = &switch.config.advice;
+    let factor = 2u32.saturating_pow(advice.attempts.clamp(0, 20) as u32);
+    let wait = cfg.retry_initial.saturating_mul(factor).min(cfg.retry_max);
+    let result = sqlx::query(
+        "UPDATE advices SET attempts = attempts + 1, last_error = $2,
+             next_attempt_at = now() + make_interval(secs => $3)
+         WHERE id = $1 AND state = 'pending'",
+    )
+    .bind(advice.id)
+    .bind(error)
+    .bind(wait.as_secs_f64())
+    .execute(&switch.pool)
+    .await;
+    if let Err(e) = result {
+        warn!(advice = advice.id, error = %e, "rescheduling an advice failed; its lease will expire");
+    }
+}

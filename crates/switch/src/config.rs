@@ -1,0 +1,376 @@
+//! The switch's config file (`config/switchyard.toml`): every key has a
+//! default, unknown keys are refused, and every problem is reported with
+//! file, line and key. Secrets are never in it: the PAN hash key comes from a
+//! key file or the environment.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::NaiveTime;
+use chrono_tz::Tz;
+use settings::{Problems, Section};
+
+/// What to do with a repeated request (D1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DuplicatePolicy {
+    /// Answer with the stored reply of the earlier request.
+    Replay,
+    /// Answer `94`.
+    Reject,
+}
+
+/// `same_day_refund` (F5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameDayRefund {
+    /// Refunds in the original's batch are allowed.
+    Allow,
+    /// Answer them `12`: a void is the way.
+    Deny,
+}
+
+/// The whole config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Terminal listener address.
+    pub listen: String,
+    /// Our acquiring institution id (F32), digits.
+    pub institution_id: String,
+    /// Our forwarding institution id (F33), digits.
+    pub forwarding_id: String,
+    /// `[database]`.
+    pub database: Database,
+    /// `[limits]`.
+    pub limits: Limits,
+    /// `[dialects]`.
+    pub dialects: Dialects,
+    /// `[keys]`.
+    pub keys: Keys,
+    /// `[rules]`.
+    pub rules: Rules,
+    /// `[advice]`.
+    pub advice: Advice,
+    /// `[seed]`.
+    pub seed: Seed,
+    /// `[[issuers]]`.
+    pub issuers: Vec<Issuer>,
+}
+
+/// `[database]`.
+#[derive(Debug, Clone)]
+pub struct Database {
+    /// The PostgreSQL URL; `DATABASE_URL` wins; neither: a private embedded server.
+    pub url: Option<String>,
+    /// Connections in the pool.
+    pub max_connections: u32,
+    /// Data directory of the embedded server (temporary when absent).
+    pub embedded_data_dir: Option<PathBuf>,
+}
+
+/// `[limits]`: what one connection and the whole listener may take.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Terminal connections open at once.
+    pub max_connections: usize,
+    /// Requests of one connection being processed at once.
+    pub max_in_flight: usize,
+    /// A connection with no frame for this long is closed.
+    pub idle_timeout: Duration,
+    /// A frame must arrive whole within this long of its first byte.
+    pub frame_timeout: Duration,
+    /// Largest frame accepted (bytes after the length prefix).
+    pub max_frame: usize,
+    /// How long shutdown waits for in-flight transactions.
+    pub shutdown_grace: Duration,
+}
+
+/// `[dialects]`: field tables replacing the embedded ones.
+#[derive(Debug, Clone, Default)]
+pub struct Dialects {
+    /// Terminal side.
+    pub terminal: Option<PathBuf>,
+    /// Network side.
+    pub network: Option<PathBuf>,
+}
+
+/// `[keys]`.
+#[derive(Debug, Clone, Default)]
+pub struct Keys {
+    /// File holding the PAN hash key (64 hex characters); otherwise
+    /// `SWITCHYARD_PAN_HASH_KEY`.
+    pub pan_hash_key_file: Option<PathBuf>,
+}
+
+/// `[rules]`: the windows and policies of rules.md.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// D1.
+    pub duplicates: DuplicatePolicy,
+    /// T1: how long the issuer has to answer.
+    pub issuer_timeout: Duration,
+    /// The business day's time zone.
+    pub time_zone: Tz,
+    /// The business day's cut-over time.
+    pub cutover: NaiveTime,
+    /// V6.
+    pub void_last_only: bool,
+    /// F4.
+    pub refund_window_days: u32,
+    /// F5.
+    pub same_day_refund: SameDayRefund,
+    /// P2.
+    pub preauth_valid_days: u32,
+    /// P3.
+    pub completion_tolerance_percent: u32,
+}
+
+/// `[advice]`: the store-and-forward queue.
+#[derive(Debug, Clone)]
+pub struct Advice {
+    /// First retry after this long; doubles up to `retry_max`.
+    pub retry_initial: Duration,
+    /// Longest wait between retries.
+    pub retry_max: Duration,
+    /// Advices taken from the queue at once.
+    pub batch: u32,
+    /// How often the queue and forgotten `sent` entries are looked at when
+    /// nothing wakes the worker sooner.
+    pub poll_interval: Duration,
+}
+
+/// `[seed]`.
+#[derive(Debug, Clone, Default)]
+pub struct Seed {
+    /// Terminals and merchants to load at start (`config/terminals.toml`).
+    pub terminals: Option<PathBuf>,
+}
+
+/// `[[issuers]]`: who owns which cards, and how to reach them.
+#[derive(Debug, Clone)]
+pub struct Issuer {
+    /// A name for logs and the journal.
+    pub name: String,
+    /// PAN prefixes (BIN ranges) this issuer owns; the longest match wins.
+    pub bins: Vec<String>,
+    /// host:port.
+    pub address: String,
+    /// Persistent connections.
+    pub connections: usize,
+    /// Echo test after this long without traffic.
+    pub echo_interval: Duration,
+    /// Connect and sign-on must succeed within this.
+    pub connect_timeout: Duration,
+    /// Longest wait between reconnection attempts.
+    pub reconnect_max: Duration,
+}
+
+fn digits(section: &Section<'_, '_>, key: &str, default: &str, max: usize) -> String {
+    let value = section.string(key, default);
+    if value.is_empty() || value.len() > max || !value.bytes().all(|b| b.is_ascii_digit()) {
+        section.problem(key, format!("must be 1 to {max} digits"));
+    }
+    value
+}
+
+impl Config {
+    /// Reads the config file at `path`.
+    pub fn load(path: &Path) -> Result<Config, Problems> {
+        settings::load(path, Config::read)
+    }
+
+    /// Reads config text; `origin` names it in problems.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, Problems> {
+        settings::parse(text, origin, Config::read)
+    }
+
+    fn read(root: &Section<'_, '_>) -> Config {
+        let listen = root.string("listen", "127.0.0.1:8583");
+        if listen.parse::<std::net::SocketAddr>().is_err() {
+            root.problem("listen", format!("{listen:?} is not an address like \"127.0.0.1:8583\""));
+        }
+        let institution_id = digits(root, "institution_id", "48560000", 11);
+        let forwarding_id = digits(root, "forwarding_id", "48561000", 11);
+
+        let db = root.section("database");
+        let database = Database {
+            url: db.str("url"),
+            max_connections: db.int("max_connections", 16, 1..=1000) as u32,
+            embedded_data_dir: db.path("embedded_data_dir"),
+        };
+
+        let l = root.section("limits");
+        let limits = Limits {
+            max_connections: l.int("max_connections", 10_000, 1..=1_000_000) as usize,
+            max_in_flight: l.int("max_in_flight_per_connection", 8, 1..=1024) as usize,
+            idle_timeout: l.duration("idle_timeout", Duration::from_secs(300)),
+            frame_timeout: l.duration("frame_timeout", Duration::from_secs(10)),
+            max_frame: l.int("max_frame", 2048, 64..=65535) as usize,
+            shutdown_grace: l.duration("shutdown_grace", Duration::from_secs(15)),
+        };
+
+        let d = root.section("dialects");
+        let dialects = Dialects {
+            terminal: d.path("terminal"),
+            network: d.path("network"),
+        };
+
+        let k = root.section("keys");
+        let keys = Keys {
+            pan_hash_key_file: k.path("pan_hash_key_file"),
+        };
+
+        let r = root.section("rules");
+        let zone = r.string("time_zone", "Asia/Shanghai");
+        let time_zone = zone.parse::<Tz>().unwrap_or_else(|_| {
+            r.problem("time_zone", format!("{zone:?} is not an IANA time zone like \"Asia/Shanghai\""));
+            chrono_tz::Asia::Shanghai
+        });
+        let cut = r.string("cutover", "23:00");
+        let cutover = NaiveTime::parse_from_str(&cut, "%H:%M").unwrap_or_else(|_| {
+            r.problem("cutover", format!("{cut:?} is not a time like \"23:00\""));
+            NaiveTime::from_hms_opt(23, 0, 0).expect("valid")
+        });
+        let rules = Rules {
+            duplicates: r.choice(
+                "duplicates",
+                DuplicatePolicy::Replay,
+                &[("replay", DuplicatePolicy::Replay), ("reject", DuplicatePolicy::Reject)],
+            ),
+            issuer_timeout: r.duration("issuer_timeout", Duration::from_secs(10)),
+            time_zone,
+            cutover,
+            void_last_only: r.bool("void_last_only", false),
+            refund_window_days: r.int("refund_window_days", 30, 0..=3650) as u32,
+            same_day_refund: r.choice(
+                "same_day_refund",
+                SameDayRefund::Allow,
+                &[("allow", SameDayRefund::Allow), ("deny", SameDayRefund::Deny)],
+            ),
+            preauth_valid_days: r.int("preauth_valid_days", 30, 1..=365) as u32,
+            completion_tolerance_percent: r.int("completion_tolerance_percent", 15, 0..=100) as u32,
+        };
+        if rules.issuer_timeout.is_zero() {
+            r.problem("issuer_timeout", "must be above zero");
+        }
+
+        let a = root.section("advice");
+        let advice = Advice {
+            retry_initial: a.duration("retry_initial", Duration::from_secs(1)),
+            retry_max: a.duration("retry_max", Duration::from_secs(60)),
+            batch: a.int("batch", 50, 1..=10_000) as u32,
+            poll_interval: a.duration("poll_interval", Duration::from_secs(1)),
+        };
+        if advice.retry_max < advice.retry_initial {
+            a.problem("retry_max", "must not be below retry_initial");
+        }
+
+        let s = root.section("seed");
+        let seed = Seed {
+            terminals: s.path("terminals"),
+        };
+
+        let issuers: Vec<Issuer> = root
+            .sections("issuers")
+            .iter()
+            .map(|i| {
+                let bins = i.strings("bins");
+                if bins.is_empty() {
+                    i.problem("bins", "name at least one PAN prefix, e.g. [\"622202\"]");
+                }
+                for b in &bins {
+                    if b.is_empty() || b.len() > 11 || !b.bytes().all(|c| c.is_ascii_digit()) {
+                        i.problem("bins", format!("{b:?} is not a PAN prefix of 1 to 11 digits"));
+                    }
+                }
+                let address = i.string("address", "127.0.0.1:9583");
+                if !address.contains(':') {
+                    i.problem("address", format!("{address:?} is not host:port"));
+                }
+                Issuer {
+                    name: i.string("name", "issuer"),
+                    bins,
+                    address,
+                    connections: i.int("connections", 1, 1..=64) as usize,
+                    echo_interval: i.duration("echo_interval", Duration::from_secs(30)),
+                    connect_timeout: i.duration("connect_timeout", Duration::from_secs(3)),
+                    reconnect_max: i.duration("reconnect_max", Duration::from_secs(10)),
+                }
+            })
+            .collect();
+
+        Config {
+            listen,
+            institution_id,
+            forwarding_id,
+            database,
+            limits,
+            dialects,
+            keys,
+            rules,
+            advice,
+            seed,
+            issuers,
+        }
+    }
+
+    /// The issuer owning `pan`: the longest matching BIN prefix.
+    pub fn issuer_for(&self, pan: &str) -> Option<usize> {
+        self.issuers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, iss)| iss.bins.iter().map(move |b| (i, b)))
+            .filter(|(_, b)| pan.starts_with(b.as_str()))
+            .max_by_key(|(_, b)| b.len())
+            .map(|(i, _)| i)
+    }
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config::parse("", "(defaults)").expect("the defaults are valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_rules_md_defaults() {
+        let c = Config::default();
+        assert_eq!(c.listen, "127.0.0.1:8583");
+        assert_eq!(c.rules.issuer_timeout, Duration::from_secs(10));
+        assert_eq!(c.rules.refund_window_days, 30);
+        assert_eq!(c.rules.completion_tolerance_percent, 15);
+        assert_eq!(c.rules.time_zone, chrono_tz::Asia::Shanghai);
+        assert_eq!(c.rules.duplicates, DuplicatePolicy::Replay);
+        assert!(!c.rules.void_last_only);
+        assert_eq!(c.limits.max_frame, 2048);
+    }
+
+    #[test]
+    fn the_longest_bin_wins() {
+        let c = Config::parse(
+            "[[issuers]]\nname = \"a\"\nbins = [\"62\"]\n[[issuers]]\nname = \"b\"\nbins = [\"622202\"]\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.issuer_for("6222020000000000001"), Some(1));
+        assert_eq!(c.issuer_for("6200000000000000001"), Some(0));
+        assert_eq!(c.issuer_for("4000000000000000001"), None);
+    }
+
+    #[test]
+    fn problems_name_file_line_and_key() {
+        let text = "listen = \"nowhere\"\n[rules]\nissuer_timeout = \"ten\"\ntime_zone = \"Mars/Olympus\"\n[[issuers]]\nbins = [\"62x\"]\nport = 1\n";
+        let problems = Config::parse(text, "s.toml").unwrap_err().to_string();
+        for expected in [
+            "s.toml:1: listen: \"nowhere\" is not an address",
+            "s.toml:3: rules.issuer_timeout: \"ten\" is not a duration",
+            "s.toml:4: rules.time_zone: \"Mars/Olympus\" is not an IANA time zone",
+            "s.toml:6: issuers[0].bins: \"62x\" is not a PAN prefix",
+            "s.toml:7: issuers[0].port: unknown key",
+        ] {
+            assert!(problems.contains(expected), "{expected:?} missing from\n{problems}");
+        }
+    }
+}

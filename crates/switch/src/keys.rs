@@ -1,0 +1,110 @@
+//! The PAN hash key: the journal keeps an HMAC-SHA-256 of each PAN under it
+//! (to match voids, refunds and duplicates to the card) and never the PAN.
+//! The key comes from a key file or the environment, never from the TOML.
+
+use std::fmt;
+use std::path::Path;
+
+use hmac::{KeyInit, Mac};
+use iso8583::Pan;
+
+/// Environment variable holding the key as 64 hex characters.
+pub const ENV: &str = "SWITCHYARD_PAN_HASH_KEY";
+
+/// Why no key could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// Neither a key file nor the environment variable.
+    #[error("no PAN hash key: set keys.pan_hash_key_file in the config or {ENV} (64 hex characters; `openssl rand -hex 32` makes one)")]
+    Missing,
+    /// The key file cannot be read.
+    #[error("{path}: cannot read the PAN hash key: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not 64 hex characters.
+    #[error("{origin}: the PAN hash key must be 64 hex characters (32 bytes)")]
+    Malformed {
+        /// Where it came from.
+        origin: String,
+    },
+}
+
+/// The 32-byte key of the keyed PAN hash.
+#[derive(Clone)]
+pub struct PanHashKey([u8; 32]);
+
+impl fmt::Debug for PanHashKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PanHashKey(****)")
+    }
+}
+
+impl PanHashKey {
+    /// A key from 64 hex characters.
+    pub fn from_hex(text: &str, origin: &str) -> Result<PanHashKey, KeyError> {
+        let bytes = hex::decode(text.trim()).map_err(|_| KeyError::Malformed {
+            origin: origin.into(),
+        })?;
+        let key: [u8; 32] = bytes.try_into().map_err(|_| KeyError::Malformed {
+            origin: origin.into(),
+        })?;
+        Ok(PanHashKey(key))
+    }
+
+    /// The key file when one is configured, else the environment.
+    pub fn load(file: Option<&Path>) -> Result<PanHashKey, KeyError> {
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+            return PanHashKey::from_hex(&text, &path.display().to_string());
+        }
+        match std::env::var(ENV) {
+            Ok(text) => PanHashKey::from_hex(&text, ENV),
+            Err(_) => Err(KeyError::Missing),
+        }
+    }
+
+    /// A fresh random key (the demo's, and the tests').
+    pub fn generate() -> PanHashKey {
+        use rand::Rng;
+        let mut key = [0u8; 32];
+        rand::rng().fill_bytes(&mut key);
+        PanHashKey(key)
+    }
+
+    /// The key as hex, to write a key file.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// HMAC-SHA-256 of the PAN's digits.
+    pub fn hash(&self, pan: &Pan) -> [u8; 32] {
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0).expect("any key length");
+        mac.update(pan.expose().as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hash_is_keyed_and_stable() {
+        let pan = Pan::new("6222020000000000001").unwrap();
+        let a = PanHashKey::from_hex(&"11".repeat(32), "t").unwrap();
+        let b = PanHashKey::from_hex(&"22".repeat(32), "t").unwrap();
+        assert_eq!(a.hash(&pan), a.hash(&pan));
+        assert_ne!(a.hash(&pan), b.hash(&pan));
+        assert_eq!(format!("{a:?}"), "PanHashKey(****)");
+        assert!(PanHashKey::from_hex("abc", "t").is_err());
+        let g = PanHashKey::generate();
+        assert_eq!(PanHashKey::from_hex(&g.to_hex(), "t").unwrap().hash(&pan), g.hash(&pan));
+    }
+}

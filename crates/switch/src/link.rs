@@ -1,0 +1,382 @@
+//! The link to one issuer: persistent connections in the network dialect
+//! (iso87) that sign on (0800 / 001), send an echo test (301) when idle, and
+//! reconnect with back-off. Requests are multiplexed on a connection and
+//! their replies matched by MTI class + F11 + F7.
+//!
+//! An exchange ends in one of three ways, and the caller must tell them
+//! apart: a reply; [`LinkError::NotSent`] (the request never left, so nothing
+//! needs reversing); or [`LinkError::Lost`] / a timeout (it may have reached
+//! the issuer: the outcome is unknown and must be reversed).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use iso8583::{Dialect, Frame, FrameCodec, Message, MessageWriter, Mti};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config;
+
+/// What identifies a reply: MTI class (`02` of `0210`), F11, F7.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MatchKey {
+    class: u16,
+    stan: u32,
+    f7: [u8; 10],
+}
+
+impl MatchKey {
+    /// The key of a request or reply in the network dialect.
+    pub fn of(message: &Message<'_>) -> Option<MatchKey> {
+        let stan = message.digits(11)?.to_u64()? as u32;
+        let f7d = message.digits(7)?;
+        let mut f7 = [0u8; 10];
+        if f7d.len() != 10 {
+            return None;
+        }
+        for (slot, c) in f7.iter_mut().zip(f7d.iter()) {
+            *slot = c;
+        }
+        Some(MatchKey {
+            class: message.mti().class(),
+            stan,
+            f7,
+        })
+    }
+}
+
+/// How an exchange failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    /// The link is down: the request was never sent.
+    #[error("issuer link down; not sent")]
+    NotSent,
+    /// Sent, and the connection died before the reply: outcome unknown.
+    #[error("connection lost after sending; outcome unknown")]
+    Lost,
+    /// Sent, and no reply in time: outcome unknown.
+    #[error("no reply in time; outcome unknown")]
+    Timeout,
+}
+
+struct Outgoing {
+    frame: Bytes,
+    key: MatchKey,
+    reply: oneshot::Sender<Result<Bytes, LinkError>>,
+}
+
+struct Connection {
+    tx: mpsc::Sender<Outgoing>,
+    up: Arc<AtomicBool>,
+}
+
+/// The link to one issuer, with its connections.
+pub struct Link {
+    name: String,
+    connections: Vec<Connection>,
+    next: AtomicUsize,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Link({}, up: {})", self.name, self.is_up())
+    }
+}
+
+/// What a link connection needs to know about the switch.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// F32.
+    pub institution_id: String,
+    /// F33.
+    pub forwarding_id: String,
+}
+
+/// `MMDDhhmmss` of now, in UTC (F7).
+pub fn transmission_time() -> [u8; 10] {
+    let now = chrono::Utc::now().format("%m%d%H%M%S").to_string();
+    let mut out = [b'0'; 10];
+    out.copy_from_slice(now.as_bytes());
+    out
+}
+
+impl Link {
+    /// Starts the connection tasks of an issuer link.
+    pub fn start(
+        issuer: &config::Issuer,
+        dialect: Arc<Dialect>,
+        identity: Identity,
+        shutdown: CancellationToken,
+    ) -> Arc<Link> {
+        let connections = (0..issuer.connections)
+            .map(|i| {
+                let (tx, rx) = mpsc::channel(4096);
+                let up = Arc::new(AtomicBool::new(false));
+                let task = ConnectionTask {
+                    name: format!("{}#{i}", issuer.name),
+                    address: issuer.address.clone(),
+                    echo_interval: issuer.echo_interval,
+                    connect_timeout: issuer.connect_timeout,
+                    reconnect_max: issuer.reconnect_max,
+                    dialect: dialect.clone(),
+                    identity: identity.clone(),
+                    up: up.clone(),
+                    stan: AtomicU32::new(0),
+                };
+                tokio::spawn(task.run(rx, shutdown.clone()));
+                Connection { tx, up }
+            })
+            .collect();
+        Arc::new(Link {
+            name: issuer.name.clone(),
+            connections,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// The issuer's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// True when at least one connection is signed on.
+    pub fn is_up(&self) -> bool {
+        self.connections.iter().any(|c| c.up.load(Ordering::Acquire))
+    }
+
+    /// Waits until the link is up, or `timeout` passes; returns whether it is.
+    pub async fn wait_up(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.is_up() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
+    /// Sends a request frame (length prefix included) whose F11/F7 make `key`,
+    /// and waits up to `timeout` for its reply.
+    pub async fn exchange(
+        &self,
+        frame: Bytes,
+        key: MatchKey,
+        timeout: Duration,
+    ) -> Result<Bytes, LinkError> {
+        let n = self.connections.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let Some(conn) = (0..n)
+            .map(|i| &self.connections[(start + i) % n])
+            .find(|c| c.up.load(Ordering::Acquire))
+        else {
+            return Err(LinkError::NotSent);
+        };
+        let (reply, rx) = oneshot::channel();
+        if conn.tx.send(Outgoing { frame, key, reply }).await.is_err() {
+            return Err(LinkError::NotSent);
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(LinkError::Lost),
+            Err(_) => Err(LinkError::Timeout),
+        }
+    }
+}
+
+struct ConnectionTask {
+    name: String,
+    address: String,
+    echo_interval: Duration,
+    connect_timeout: Duration,
+    reconnect_max: Duration,
+    dialect: Arc<Dialect>,
+    identity: Identity,
+    up: Arc<AtomicBool>,
+    /// STANs for network management messages (financial ones come from the
+    /// database sequence; the MTI class keeps the two apart).
+    stan: AtomicU32,
+}
+
+type Pending = HashMap<MatchKey, oneshot::Sender<Result<Bytes, LinkError>>>;
+
+impl ConnectionTask {
+    async fn run(self, mut rx: mpsc::Receiver<Outgoing>, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let connected = tokio::select! {
+                c = self.connect() => c,
+                () = shutdown.cancelled() => return,
+            };
+            match connected {
+                Ok(stream) => {
+                    backoff = Duration::from_millis(100);
+                    info!(link = %self.name, "signed on");
+                    self.up.store(true, Ordering::Release);
+                    self.serve(stream, &mut rx, &shutdown).await;
+                    self.up.store(false, Ordering::Release);
+                    if shutdown.is_cancelled() {
+                        return;
+                    }
+                    warn!(link = %self.name, "connection lost");
+                }
+                Err(e) => {
+                    debug!(link = %self.name, error = %e, "connect failed");
+                }
+            }
+            // Down: whatever is queued was never sent.
+            let wait = tokio::time::sleep(backoff);
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    () = &mut wait => break,
+                    Some(out) = rx.recv() => { let _ = out.reply.send(Err(LinkError::NotSent)); }
+                    () = shutdown.cancelled() => return,
+                }
+            }
+            backoff = (backoff * 2).min(self.reconnect_max);
+        }
+    }
+
+    fn network_message(&self, code: u16) -> (Bytes, MatchKey) {
+        let stan = self.stan.fetch_add(1, Ordering::Relaxed) % 999_999 + 1;
+        let f7 = transmission_time();
+        let mut buf = BytesMut::with_capacity(64);
+        let mut w = MessageWriter::new(&self.dialect, &mut buf, Mti::NETWORK, &[], &[])
+            .expect("no tpdu or header in iso87");
+        let f7s = std::str::from_utf8(&f7).expect("digits");
+        let ok = w
+            .digits(7, f7s)
+            .and_then(|()| w.number(11, u64::from(stan)))
+            .and_then(|()| w.digits(32, &self.identity.institution_id))
+            .and_then(|()| w.digits(33, &self.identity.forwarding_id))
+            .and_then(|()| w.number(70, u64::from(code)))
+            .and_then(|()| w.finish().map(|_| ()));
+        ok.expect("network management message fits the dialect");
+        let key = MatchKey {
+            class: Mti::NETWORK.class(),
+            stan,
+            f7,
+        };
+        (buf.freeze(), key)
+    }
+
+    /// Connects and signs on.
+    async fn connect(&self) -> Result<TcpStream, String> {
+        let attempt = async {
+            let mut stream = TcpStream::connect(&self.address)
+                .await
+                .map_err(|e| e.to_string())?;
+            stream.set_nodelay(true).map_err(|e| e.to_string())?;
+            self.sign_on(&mut stream).await?;
+            Ok::<_, String>(stream)
+        };
+        tokio::time::timeout(self.connect_timeout, attempt)
+            .await
+            .map_err(|_| "sign-on timed out".to_string())?
+    }
+
+    async fn sign_on(&self, stream: &mut TcpStream) -> Result<(), String> {
+        let (frame, key) = self.network_message(1);
+        stream.write_all(&frame).await.map_err(|e| e.to_string())?;
+        // Nothing is read past the sign-on reply: the issuer sends nothing unasked.
+        let mut reader = FramedRead::new(stream, FrameCodec::new(&self.dialect, 65_535));
+        loop {
+            match reader.next().await {
+                Some(Ok(Frame::Message(bytes))) => {
+                    let msg = Message::parse(&self.dialect, &bytes).map_err(|e| e.to_string())?;
+                    if MatchKey::of(&msg) == Some(key) {
+                        return match msg.text(39) {
+                            Some("00") => Ok(()),
+                            other => Err(format!("sign-on refused: {other:?}")),
+                        };
+                    }
+                }
+                Some(Ok(Frame::KeepAlive)) => {}
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err("closed during sign-on".into()),
+            }
+        }
+    }
+
+    async fn serve(
+        &self,
+        stream: TcpStream,
+        rx: &mut mpsc::Receiver<Outgoing>,
+        shutdown: &CancellationToken,
+    ) {
+        let (read, mut write) = stream.into_split();
+        let mut reader = FramedRead::new(read, FrameCodec::new(&self.dialect, 65_535));
+        let mut pending: Pending = HashMap::new();
+        let mut out = BytesMut::with_capacity(16 * 1024);
+        let mut batch = Vec::with_capacity(64);
+        let mut last_heard = tokio::time::Instant::now();
+        let mut echo: Option<(MatchKey, tokio::time::Instant)> = None;
+        let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let echo_due = last_heard + self.echo_interval;
+            tokio::select! {
+                n = rx.recv_many(&mut batch, 64) => {
+                    if n == 0 {
+                        return;
+                    }
+                    out.clear();
+                    for o in batch.drain(..) {
+                        out.extend_from_slice(&o.frame);
+                        pending.insert(o.key, o.reply);
+                    }
+                    if write.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+                frame = reader.next() => {
+                    match frame {
+                        Some(Ok(Frame::Message(bytes))) => {
+                            last_heard = tokio::time::Instant::now();
+                            let key = match Message::parse(&self.dialect, &bytes) {
+                                Ok(msg) => MatchKey::of(&msg),
+                                Err(e) => {
+                                    warn!(link = %self.name, error = %e, "unreadable reply");
+                                    None
+                                }
+                            };
+                            match key {
+                                Some(k) if echo.is_some_and(|(ek, _)| ek == k) => echo = None,
+                                Some(k) => match pending.remove(&k) {
+                                    Some(tx) => { let _ = tx.send(Ok(bytes)); }
+                                    None => debug!(link = %self.name, "reply with no waiting request"),
+                                },
+                                None => {}
+                            }
+                        }
+                        Some(Ok(Frame::KeepAlive)) => last_heard = tokio::time::Instant::now(),
+                        Some(Err(_)) | None => return,
+                    }
+                }
+                () = tokio::time::sleep_until(echo_due), if echo.is_none() => {
+                    let (frame, key) = self.network_message(301);
+                    if write.write_all(&frame).await.is_err() {
+                        return;
+                    }
+                    echo = Some((key, tokio::time::Instant::now() + self.connect_timeout));
+                }
+                _ = sweep.tick() => {
+                    pending.retain(|_, tx| !tx.is_closed());
+                    if echo.is_some_and(|(_, deadline)| tokio::time::Instant::now() > deadline) {
+                        warn!(link = %self.name, "echo test unanswered");
+                        return;
+                    }
+                }
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! Terminals and merchants: in PostgreSQL, seeded from `config/terminals.toml`
+//! and imported in bulk from CSV (`switchyard terminals import`).
+
+use std::path::Path;
+
+use settings::{Problems, Section};
+use sqlx::PgPool;
+
+/// A terminal with its merchant, as a request needs them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Terminal {
+    /// F41.
+    pub id: String,
+    /// Whether the terminal may transact.
+    pub enabled: bool,
+    /// The open batch (F60.2).
+    pub batch: i32,
+    /// F42 of its merchant.
+    pub merchant_id: String,
+    /// The merchant's name (F43 on the network side).
+    pub merchant_name: String,
+    /// The merchant category code (F18).
+    pub mcc: String,
+    /// Whether the merchant may transact.
+    pub merchant_enabled: bool,
+}
+
+/// Looks a terminal up with its merchant.
+pub async fn find(pool: &PgPool, id: &str) -> Result<Option<Terminal>, sqlx::Error> {
+    let row: Option<(String, bool, i32, String, String, String, bool)> = sqlx::query_as(
+        "SELECT t.id, t.enabled, t.batch, m.id, m.name, m.mcc, m.enabled
+         FROM terminals t JOIN merchants m ON m.id = t.merchant_id WHERE t.id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(
+        |(id, enabled, batch, merchant_id, merchant_name, mcc, merchant_enabled)| Terminal {
+            id,
+            enabled,
+            batch,
+            merchant_id,
+            merchant_name,
+            mcc,
+            merchant_enabled,
+        },
+    ))
+}
+
+/// Records a sign-on; returns the open batch.
+pub async fn sign_on(pool: &PgPool, id: &str) -> Result<i32, sqlx::Error> {
+    sqlx::query_scalar("UPDATE terminals SET signed_on_at = now() WHERE id = $1 RETURNING batch")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+}
+
+/// A merchant to load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MerchantRow {
+    /// F42, 15 characters.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// MCC, 4 digits.
+    pub mcc: String,
+    /// May transact.
+    pub enabled: bool,
+}
+
+/// A terminal to load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TerminalRow {
+    /// F41, 8 characters.
+    pub id: String,
+    /// Its merchant.
+    pub merchant_id: String,
+    /// May transact.
+    pub enabled: bool,
+}
+
+/// The contents of a terminals file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fleet {
+    /// Merchants.
+    pub merchants: Vec<MerchantRow>,
+    /// Terminals.
+    pub terminals: Vec<TerminalRow>,
+}
+
+/// `T0000001`..`T0000100`: same prefix, a numeric suffix of the same width.
+fn expand_range(first: &str, last: &str) -> Option<Vec<String>> {
+    let split = |s: &str| {
+        let at = s.len() - s.bytes().rev().take_while(u8::is_ascii_digit).count();
+        (s[..at].to_string(), s[at..].to_string())
+    };
+    let (p1, n1) = split(first);
+    let (p2, n2) = split(last);
+    if p1 != p2 || n1.len() != n2.len() || n1.is_empty() {
+        return None;
+    }
+    let (a, b): (u64, u64) = (n1.parse().ok()?, n2.parse().ok()?);
+    if a > b || b - a > 1_000_000 {
+        return None;
+    }
+    let width = n1.len();
+    Some((a..=b).map(|n| format!("{p1}{n:0width$}")).collect())
+}
+
+fn check_id(s: &Section<'_, '_>, key: &str, id: &str, len: usize, what: &str) {
+    if id.len() != len || !id.bytes().all(|b| (0x21..=0x7E).contains(&b)) {
+        s.problem(key, format!("{id:?} is not a {what} ({len} printable characters)"));
+    }
+}
+
+impl Fleet {
+    /// Reads a terminals file (`[[merchants]]`, `[[terminals]]` with `id` or
+    /// `first`/`last`).
+    pub fn load(path: &Path) -> Result<Fleet, Problems> {
+        settings::load(path, Fleet::read)
+    }
+
+    /// Reads terminals-file text.
+    pub fn parse(text: &str, origin: &str) -> Result<Fleet, Problems> {
+        settings::parse(text, origin, Fleet::read)
+    }
+
+    fn read(root: &Section<'_, '_>) -> Fleet {
+        let mut fleet = Fleet::default();
+        for m in root.sections("merchants") {
+            let id = m.string("id", "");
+            check_id(&m, "id", &id, 15, "merchant id");
+            let mcc = m.string("mcc", "5999");
+            if mcc.len() != 4 || !mcc.bytes().all(|b| b.is_ascii_digit()) {
+                m.problem("mcc", format!("{mcc:?} is not a 4-digit merchant category code"));
+            }
+            fleet.merchants.push(MerchantRow {
+                id,
+                name: m.string("name", ""),
+                mcc,
+                enabled: m.bool("enabled", true),
+            });
+        }
+        for t in root.sections("terminals") {
+            let merchant_id = t.string("merchant", "");
+            if !fleet.merchants.iter().any(|m| m.id == merchant_id) {
+                t.problem("merchant", format!("{merchant_id:?} is not one of the [[merchants]]"));
+            }
+            let enabled = t.bool("enabled", true);
+            let ids = match (t.str("id"), t.str("first"), t.str("last")) {
+                (Some(id), None, None) => vec![id],
+                (None, Some(first), Some(last)) => expand_range(&first, &last).unwrap_or_else(|| {
+                    t.problem("last", format!("{first:?}..{last:?} is not a range like \"T0000001\"..\"T0000100\""));
+                    Vec::new()
+                }),
+                _ => {
+                    t.problem("id", "give either id, or first and last");
+                    Vec::new()
+                }
+            };
+            for id in ids {
+                check_id(&t, "id", &id, 8, "terminal id");
+                fleet.terminals.push(TerminalRow {
+                    id,
+                    merchant_id: merchant_id.clone(),
+                    enabled,
+                });
+            }
+        }
+        fleet
+    }
+
+    /// Reads a CSV of terminals: a header row `terminal_id,merchant_id,merchant_name,mcc,enabled`
+    /// (mcc and enabled optional per row). Errors name the line.
+    pub fn from_csv(text: &str, origin: &str) -> Result<Fleet, Problems> {
+        let mut fleet = Fleet::default();
+        let mut problems = Vec::new();
+        let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(text.as_bytes());
+        let problem = |line: usize, key: &str, message: String| settings::Problem {
+            origin: origin.to_string(),
+            line,
+            key: key.to_string(),
+            message,
+        };
+        let headers = match reader.headers() {
+            Ok(h) => h.clone(),
+            Err(e) => return Err(Problems(vec![problem(1, "(header)", e.to_string())])),
+        };
+        let col = |name: &str| headers.iter().position(|h| h == name);
+        let (Some(tid), Some(mid)) = (col("terminal_id"), col("merchant_id")) else {
+            return Err(Problems(vec![problem(
+                1,
+                "(header)",
+                "needs the columns terminal_id and merchant_id (and optionally merchant_name, mcc, enabled)".into(),
+            )]));
+        };
+        let (name, mcc, enabled) = (col("merchant_name"), col("mcc"), col("enabled"));
+        for record in reader.records() {
+            let record = match record {
+                Ok(r) => r,
+                Err(e) => {
+                    let line = e.position().map_or(0, |p| p.line() as usize);
+                    problems.push(problem(line, "(row)", e.to_string()));
+                    continue;
+                }
+            };
+            let line = record.position().map_or(0, |p| p.line() as usize);
+            let get = |i: Option<usize>| i.and_then(|i| record.get(i)).unwrap_or("").to_string();
+            let terminal_id = get(Some(tid));
+            let merchant_id = get(Some(mid));
+            if terminal_id.len() != 8 {
+                problems.push(problem(line, "terminal_id", format!("{terminal_id:?} is not 8 characters")));
+            }
+            if merchant_id.len() != 15 {
+                problems.push(problem(line, "merchant_id", format!("{merchant_id:?} is not 15 characters")));
+            }
+            let mcc_value = Some(get(mcc)).filter(|m| !m.is_empty()).unwrap_or_else(|| "5999".into());
+            if mcc_value.len() != 4 || !mcc_value.bytes().all(|b| b.is_ascii_digit()) {
+                problems.push(problem(line, "mcc", format!("{mcc_value:?} is not 4 digits")));
+            }
+            let enabled_value = match get(enabled).as_str() {
+                "" | "true" | "1" | "yes" => true,
+                "false" | "0" | "no" => false,
+                other => {
+                    problems.push(problem(line, "enabled", format!("{other:?} is not true or false")));
+                    true
+                }
+            };
+            if !fleet.merchants.iter().any(|m| m.id == merchant_id) {
+                fleet.merchants.push(MerchantRow {
+                    id: merchant_id.clone(),
+                    name: Some(get(name)).filter(|n| !n.is_empty()).unwrap_or_else(|| merchant_id.clone()),
+                    mcc: mcc_value,
+                    enabled: true,
+                });
+            }
+            fleet.terminals.push(TerminalRow {
+                id: terminal_id,
+                merchant_id,
+                enabled: enabled_value,
+            });
+        }
+        if problems.is_empty() { Ok(fleet) } else { Err(Problems(problems)) }
+    }
+
+    /// Writes the fleet: merchants and terminals are inserted or updated
+    /// (name, category, enabled); a terminal keeps its open batch.
+    pub async fn store(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
+        let mut tx = pool.begin().await?;
+        let col = |f: fn(&MerchantRow) -> String| self.merchants.iter().map(f).collect::<Vec<_>>();
+        sqlx::query(
+            "INSERT INTO merchants (id, name, mcc, enabled)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[])
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name, mcc = excluded.mcc, enabled = excluded.enabled",
+        )
+        .bind(col(|m| m.id.clone()))
+        .bind(col(|m| m.name.clone()))
+        .bind(col(|m| m.mcc.clone()))
+        .bind(self.merchants.iter().map(|m| m.enabled).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO terminals (id, merchant_id, enabled)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bool[])
+             ON CONFLICT (id) DO UPDATE SET merchant_id = excluded.merchant_id, enabled = excluded.enabled",
+        )
+        .bind(self.terminals.iter().map(|t| t.id.clone()).collect::<Vec<_>>())
+        .bind(self.terminals.iter().map(|t| t.merchant_id.clone()).collect::<Vec<_>>())
+        .bind(self.terminals.iter().map(|t| t.enabled).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_expand_with_their_width() {
+        let ids = expand_range("T0000001", "T0000100").unwrap();
+        assert_eq!(ids.len(), 100);
+        assert_eq!(ids[0], "T0000001");
+        assert_eq!(ids[99], "T0000100");
+        assert!(expand_range("T0000002", "T0000001").is_none());
+        assert!(expand_range("A0000001", "B0000002").is_none());
+    }
+
+    #[test]
+    fn the_shipped_terminals_file_reads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/terminals.toml");
+        let fleet = Fleet::load(&path).unwrap();
+        assert_eq!(fleet.terminals.len(), 100);
+        assert_eq!(fleet.merchants[0].name, "Switchyard Demo Store");
+    }
+
+    #[test]
+    fn terminals_file_problems_are_named() {
+        let text = "[[merchants]]\nid = \"898310048160001\"\nname = \"x\"\n[[terminals]]\nid = \"T1\"\nmerchant = \"898310048160001\"\n[[terminals]]\nid = \"T0000002\"\nmerchant = \"nobody\"\n";
+        let problems = Fleet::parse(text, "t.toml").unwrap_err().to_string();
+        assert!(problems.contains("t.toml:5: terminals[0].id: \"T1\" is not a terminal id"), "{problems}");
+        assert!(problems.contains("t.toml:9: terminals[1].merchant: \"nobody\" is not one of the [[merchants]]"), "{problems}");
+    }
+
+    #[test]
+    fn csv_rows_with_problems_name_their_line() {
+        let text = "terminal_id,merchant_id,merchant_name,mcc,enabled\nT0000001,898310048160001,Shop,5411,true\nT2,898310048160001,Shop,54x1,maybe\n";
+        let problems = Fleet::from_csv(text, "f.csv").unwrap_err().to_string();
+        assert!(problems.contains("f.csv:3: terminal_id: \"T2\" is not 8 characters"), "{problems}");
+        assert!(problems.contains("f.csv:3: mcc: \"54x1\" is not 4 digits"), "{problems}");
+        assert!(problems.contains("f.csv:3: enabled: \"maybe\" is not true or false"), "{problems}");
+        let ok = Fleet::from_csv("terminal_id,merchant_id\nT0000001,898310048160001\n", "g.csv").unwrap();
+        assert_eq!(ok.terminals.len(), 1);
+        assert_eq!(ok.merchants[0].mcc, "5999");
+    }
+}
