@@ -172,9 +172,26 @@ fn digits(section: &Section<'_, '_>, key: &str, default: &str, max: usize) -> St
 }
 
 impl Config {
-    /// Reads the config file at `path`.
+    /// Reads the config file at `path`. Relative paths in it (terminals,
+    /// dialects, key file) are relative to the file's directory.
     pub fn load(path: &Path) -> Result<Config, Problems> {
-        settings::load(path, Config::read)
+        let mut config = settings::load(path, Config::read)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut config.seed.terminals,
+            &mut config.dialects.terminal,
+            &mut config.dialects.network,
+            &mut config.keys.pan_hash_key_file,
+            &mut config.database.embedded_data_dir,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(config)
     }
 
     /// Reads config text; `origin` names it in problems.
