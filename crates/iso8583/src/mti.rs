@@ -79,8 +79,10 @@ impl Mti {
     }
 
     /// The reply's MTI: function + 1, origin 0 (`0200` → `0210`, `0421` → `0430`).
+    /// Only requests have replies; `999x` wraps to `0000` rather than leave
+    /// four digits.
     pub const fn reply(self) -> Mti {
-        Mti(self.0 / 10 * 10 + 10)
+        Mti((self.0 / 10 * 10 + 10) % 10_000)
     }
 
     /// The repeat of an advice (`0420` → `0421`).
@@ -135,5 +137,6 @@ mod tests {
         assert!("200".parse::<Mti>().is_err());
         assert!("02a0".parse::<Mti>().is_err());
         assert_eq!(Mti::new(10000), None);
+        assert_eq!(Mti::new(9990).unwrap().reply(), Mti::new(0).unwrap());
     }
 }
