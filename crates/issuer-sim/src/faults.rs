@@ -1,0 +1,271 @@
+//! Faults injected on purpose, changeable while the issuer runs: a
+//! [`FaultControl`] is a cloneable handle; a test can say "drop every reply
+//! now", wait until a reply was dropped, then say "answer normally again".
+//!
+//! The draws come from one seeded generator, so a run with the same seed
+//! and the same order of replies injects the same faults.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use tokio::sync::watch;
+
+use crate::config::{FaultConfig, Latency};
+
+/// What happens to one reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fate {
+    /// Written after this delay.
+    Answer(Duration),
+    /// Never written.
+    Drop,
+    /// Written after this (longer) delay.
+    Late(Duration),
+    /// Half the frame written, then the connection closed.
+    Close,
+}
+
+/// How many replies met each fate so far; tests wait on these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FaultCounts {
+    /// Replies answered (after the latency).
+    pub answered: u64,
+    /// Replies dropped.
+    pub dropped: u64,
+    /// Replies held back to answer late.
+    pub late: u64,
+    /// Replies cut, with their connection closed.
+    pub closed: u64,
+}
+
+struct State {
+    config: FaultConfig,
+    rng: StdRng,
+}
+
+/// A cloneable handle on the issuer's faults.
+#[derive(Clone)]
+pub struct FaultControl {
+    state: Arc<Mutex<State>>,
+    counts: Arc<watch::Sender<FaultCounts>>,
+}
+
+impl std::fmt::Debug for FaultControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultControl")
+            .field("config", &self.config())
+            .field("counts", &self.counts())
+            .finish()
+    }
+}
+
+fn rng_for(config: &FaultConfig) -> StdRng {
+    match config.seed {
+        Some(seed) => StdRng::seed_from_u64(seed),
+        None => {
+            let seed = rand::random();
+            tracing::info!(seed, "fault draws seeded at random");
+            StdRng::seed_from_u64(seed)
+        }
+    }
+}
+
+impl FaultControl {
+    /// A handle starting with `config`.
+    pub fn new(config: FaultConfig) -> FaultControl {
+        FaultControl {
+            state: Arc::new(Mutex::new(State {
+                rng: rng_for(&config),
+                config,
+            })),
+            counts: Arc::new(watch::Sender::new(FaultCounts::default())),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind: go on.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The faults in force.
+    pub fn config(&self) -> FaultConfig {
+        self.lock().config.clone()
+    }
+
+    /// Replaces the faults from the next reply on. A config with a seed
+    /// restarts the draws from it.
+    pub fn set(&self, config: FaultConfig) {
+        let mut state = self.lock();
+        if config.seed.is_some() {
+            state.rng = rng_for(&config);
+        }
+        state.config = config;
+    }
+
+    /// Changes some of the faults, e.g. `faults.update(|f| f.drop_reply = 1.0)`.
+    pub fn update(&self, change: impl FnOnce(&mut FaultConfig)) {
+        let mut config = self.config();
+        change(&mut config);
+        self.set(config);
+    }
+
+    /// Back to no fault at all (the latency included).
+    pub fn clear(&self) {
+        self.update(|f| {
+            *f = FaultConfig {
+                seed: None,
+                ..FaultConfig::default()
+            }
+        });
+    }
+
+    /// How many replies met each fate so far.
+    pub fn counts(&self) -> FaultCounts {
+        *self.counts.borrow()
+    }
+
+    /// A receiver of the counts, to wait for a fault to have happened:
+    /// `faults.watch().wait_for(|c| c.dropped == 1).await`.
+    pub fn watch(&self) -> watch::Receiver<FaultCounts> {
+        self.counts.subscribe()
+    }
+
+    /// Draws the fate of one reply, and counts it.
+    pub(crate) fn draw(&self) -> Fate {
+        let fate = {
+            let mut state = self.lock();
+            let State { config, rng } = &mut *state;
+            let latency = sample(&config.latency, rng);
+            let u: f64 = rng.random();
+            if u < config.close_connection {
+                Fate::Close
+            } else if u < config.close_connection + config.drop_reply {
+                Fate::Drop
+            } else if u < config.close_connection + config.drop_reply + config.late_reply {
+                Fate::Late(latency + config.late_by)
+            } else {
+                Fate::Answer(latency)
+            }
+        };
+        self.counts.send_modify(|c| match fate {
+            Fate::Answer(_) => c.answered += 1,
+            Fate::Drop => c.dropped += 1,
+            Fate::Late(_) => c.late += 1,
+            Fate::Close => c.closed += 1,
+        });
+        fate
+    }
+}
+
+/// One delay drawn from the latency distribution.
+fn sample(latency: &Latency, rng: &mut StdRng) -> Duration {
+    match *latency {
+        Latency::Fixed(d) => d,
+        Latency::Uniform { min, max } => {
+            let (lo, hi) = (min.as_micros() as u64, max.as_micros() as u64);
+            Duration::from_micros(rng.random_range(lo..=hi))
+        }
+        Latency::LogNormal { median, sigma, max } => {
+            // Box-Muller: one standard normal from two uniforms in (0, 1].
+            let u1: f64 = 1.0 - rng.random::<f64>();
+            let u2: f64 = rng.random();
+            let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+            let secs = median.as_secs_f64() * (sigma * z).exp();
+            Duration::from_secs_f64(secs.min(max.as_secs_f64()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seeded(change: impl FnOnce(&mut FaultConfig)) -> FaultControl {
+        let mut config = FaultConfig {
+            seed: Some(7),
+            ..FaultConfig::default()
+        };
+        change(&mut config);
+        FaultControl::new(config)
+    }
+
+    #[test]
+    fn no_faults_by_default() {
+        let f = FaultControl::new(FaultConfig::default());
+        for _ in 0..100 {
+            assert_eq!(f.draw(), Fate::Answer(Duration::ZERO));
+        }
+        assert_eq!(f.counts().answered, 100);
+    }
+
+    #[test]
+    fn shares_follow_the_probabilities_and_the_seed_repeats_them() {
+        let f = seeded(|c| {
+            c.drop_reply = 0.2;
+            c.close_connection = 0.1;
+            c.late_reply = 0.3;
+        });
+        let fates: Vec<Fate> = (0..10_000).map(|_| f.draw()).collect();
+        let c = f.counts();
+        assert_eq!(c.answered + c.dropped + c.late + c.closed, 10_000);
+        for (n, share) in [
+            (c.dropped, 0.2),
+            (c.closed, 0.1),
+            (c.late, 0.3),
+            (c.answered, 0.4),
+        ] {
+            assert!((n as f64 / 10_000.0 - share).abs() < 0.03, "{c:?}");
+        }
+        assert!(fates.contains(&Fate::Late(Duration::from_secs(15))));
+        let again = seeded(|c| {
+            c.drop_reply = 0.2;
+            c.close_connection = 0.1;
+            c.late_reply = 0.3;
+        });
+        assert!(fates.iter().all(|&fate| fate == again.draw()));
+    }
+
+    #[test]
+    fn changes_apply_from_the_next_reply() {
+        let f = seeded(|c| c.drop_reply = 1.0);
+        assert_eq!(f.draw(), Fate::Drop);
+        f.clear();
+        assert_eq!(f.draw(), Fate::Answer(Duration::ZERO));
+        f.update(|c| c.close_connection = 1.0);
+        assert_eq!(f.draw(), Fate::Close);
+    }
+
+    #[test]
+    fn latencies_stay_in_their_bounds() {
+        let uniform = seeded(|c| {
+            c.latency = Latency::Uniform {
+                min: Duration::from_millis(5),
+                max: Duration::from_millis(50),
+            }
+        });
+        let lognormal = seeded(|c| {
+            c.latency = Latency::LogNormal {
+                median: Duration::from_millis(20),
+                sigma: 1.0,
+                max: Duration::from_millis(500),
+            }
+        });
+        let mut below_median = 0;
+        for _ in 0..2_000 {
+            let Fate::Answer(d) = uniform.draw() else {
+                panic!()
+            };
+            assert!((Duration::from_millis(5)..=Duration::from_millis(50)).contains(&d));
+            let Fate::Answer(d) = lognormal.draw() else {
+                panic!()
+            };
+            assert!(d <= Duration::from_millis(500));
+            below_median += usize::from(d < Duration::from_millis(20));
+        }
+        assert!((800..1200).contains(&below_median), "{below_median}");
+    }
+}
