@@ -52,7 +52,10 @@ pub async fn run(switch: Arc<Switch>, shutdown: CancellationToken) {
         let forgotten_after = switch.config.rules.issuer_timeout + grace;
         match journal::recover_forgotten(&switch.pool, forgotten_after).await {
             Ok(0) => {}
-            Ok(n) => info!(count = n, "reversing transactions a stopped switch left at the issuer"),
+            Ok(n) => info!(
+                count = n,
+                "reversing transactions a stopped switch left at the issuer"
+            ),
             Err(e) => warn!(error = %e, "recovery sweep failed"),
         }
         match take_due(&switch).await {
@@ -111,7 +114,11 @@ fn original_data(advice: &Due, institution: &str, forwarding: &str) -> String {
 
 async fn send(switch: &Switch, advice: Due) {
     let first = Mti::new(advice.mti as u16).unwrap_or(Mti::REVERSAL_ADVICE);
-    let mti = if advice.attempts == 0 { first } else { first.repeat() };
+    let mti = if advice.attempts == 0 {
+        first
+    } else {
+        first.repeat()
+    };
     let Some(link) = switch.links.iter().find(|l| l.name() == advice.issuer) else {
         warn!(advice = advice.id, issuer = %advice.issuer, "no link for this issuer in the config");
         return reschedule(switch, &advice, "no such issuer in the config").await;
@@ -133,7 +140,10 @@ async fn send(switch: &Switch, advice: Due) {
         }
         w.text(41, &advice.terminal_id)?;
         w.text(42, &advice.merchant_id)?;
-        w.digits(90, &original_data(&advice, &cfg.institution_id, &cfg.forwarding_id))?;
+        w.digits(
+            90,
+            &original_data(&advice, &cfg.institution_id, &cfg.forwarding_id),
+        )?;
         w.finish()
     })();
     if let Err(e) = built {

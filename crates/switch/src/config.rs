@@ -202,7 +202,10 @@ impl Config {
     fn read(root: &Section<'_, '_>) -> Config {
         let listen = root.string("listen", "127.0.0.1:8583");
         if listen.parse::<std::net::SocketAddr>().is_err() {
-            root.problem("listen", format!("{listen:?} is not an address like \"127.0.0.1:8583\""));
+            root.problem(
+                "listen",
+                format!("{listen:?} is not an address like \"127.0.0.1:8583\""),
+            );
         }
         let institution_id = digits(root, "institution_id", "48560000", 11);
         let forwarding_id = digits(root, "forwarding_id", "48561000", 11);
@@ -238,7 +241,10 @@ impl Config {
         let r = root.section("rules");
         let zone = r.string("time_zone", "Asia/Shanghai");
         let time_zone = zone.parse::<Tz>().unwrap_or_else(|_| {
-            r.problem("time_zone", format!("{zone:?} is not an IANA time zone like \"Asia/Shanghai\""));
+            r.problem(
+                "time_zone",
+                format!("{zone:?} is not an IANA time zone like \"Asia/Shanghai\""),
+            );
             chrono_tz::Asia::Shanghai
         });
         let cut = r.string("cutover", "23:00");
@@ -250,7 +256,10 @@ impl Config {
             duplicates: r.choice(
                 "duplicates",
                 DuplicatePolicy::Replay,
-                &[("replay", DuplicatePolicy::Replay), ("reject", DuplicatePolicy::Reject)],
+                &[
+                    ("replay", DuplicatePolicy::Replay),
+                    ("reject", DuplicatePolicy::Reject),
+                ],
             ),
             issuer_timeout: r.duration("issuer_timeout", Duration::from_secs(10)),
             time_zone,
@@ -260,7 +269,10 @@ impl Config {
             same_day_refund: r.choice(
                 "same_day_refund",
                 SameDayRefund::Allow,
-                &[("allow", SameDayRefund::Allow), ("deny", SameDayRefund::Deny)],
+                &[
+                    ("allow", SameDayRefund::Allow),
+                    ("deny", SameDayRefund::Deny),
+                ],
             ),
             preauth_valid_days: r.int("preauth_valid_days", 30, 1..=365) as u32,
             completion_tolerance_percent: r.int("completion_tolerance_percent", 15, 0..=100) as u32,
@@ -295,7 +307,10 @@ impl Config {
                 }
                 for b in &bins {
                     if b.is_empty() || b.len() > 11 || !b.bytes().all(|c| c.is_ascii_digit()) {
-                        i.problem("bins", format!("{b:?} is not a PAN prefix of 1 to 11 digits"));
+                        i.problem(
+                            "bins",
+                            format!("{b:?} is not a PAN prefix of 1 to 11 digits"),
+                        );
                     }
                 }
                 let address = i.string("address", "127.0.0.1:9583");
@@ -387,7 +402,10 @@ mod tests {
             "s.toml:6: issuers[0].bins: \"62x\" is not a PAN prefix",
             "s.toml:7: issuers[0].port: unknown key",
         ] {
-            assert!(problems.contains(expected), "{expected:?} missing from\n{problems}");
+            assert!(
+                problems.contains(expected),
+                "{expected:?} missing from\n{problems}"
+            );
         }
     }
 }

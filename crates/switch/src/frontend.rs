@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use iso8583::{Frame, FrameCodec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -57,12 +57,20 @@ pub async fn serve(listener: TcpListener, switch: Arc<Switch>, shutdown: Cancell
     }
     drop(listener);
     tracker.close();
-    if tokio::time::timeout(limits.shutdown_grace, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(limits.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
         warn!("shutdown grace over with requests still in flight");
     }
 }
 
-async fn session(stream: TcpStream, peer: SocketAddr, switch: Arc<Switch>, shutdown: CancellationToken) {
+async fn session(
+    stream: TcpStream,
+    peer: SocketAddr,
+    switch: Arc<Switch>,
+    shutdown: CancellationToken,
+) {
     let limits = &switch.config.limits;
     let (mut read, mut write) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<BytesMut>(limits.max_in_flight.max(1) * 2);
@@ -82,6 +90,8 @@ async fn session(stream: TcpStream, peer: SocketAddr, switch: Arc<Switch>, shutd
     });
 
     let in_flight = Arc::new(Semaphore::new(limits.max_in_flight));
+    // Cancelled when a message cannot be attributed to a terminal.
+    let close = CancellationToken::new();
     let tasks = TaskTracker::new();
     let mut codec = FrameCodec::new(&switch.terminal_dialect, limits.max_frame);
     let mut buf = BytesMut::with_capacity(4096);
@@ -99,9 +109,15 @@ async fn session(stream: TcpStream, peer: SocketAddr, switch: Arc<Switch>, shutd
                     };
                     let s = switch.clone();
                     let tx = tx.clone();
+                    let close = close.clone();
                     tasks.spawn(async move {
-                        if let Some(reply) = handle(&s, frame).await {
-                            let _ = tx.send(reply).await;
+                        let mut out = BytesMut::with_capacity(256);
+                        match s.handle(&frame, &mut out).await {
+                            Outcome::Reply => {
+                                let _ = tx.send(out).await;
+                            }
+                            Outcome::Ignore => {}
+                            Outcome::Close => close.cancel(),
                         }
                         drop(permit);
                     });
@@ -137,6 +153,10 @@ async fn session(stream: TcpStream, peer: SocketAddr, switch: Arc<Switch>, shutd
                 break;
             }
             () = shutdown.cancelled() => break,
+            () = close.cancelled() => {
+                warn!(%peer, "unidentifiable message: closing the connection");
+                break;
+            }
         }
     }
     // Whatever was accepted gets its answer before the connection closes.
@@ -145,12 +165,4 @@ async fn session(stream: TcpStream, peer: SocketAddr, switch: Arc<Switch>, shutd
     drop(tx);
     let _ = writer.await;
     info!(%peer, "connection closed");
-}
-
-async fn handle(switch: &Switch, frame: Bytes) -> Option<BytesMut> {
-    let mut out = BytesMut::with_capacity(256);
-    match switch.handle(&frame, &mut out).await {
-        Outcome::Reply => Some(out),
-        Outcome::Drop => None,
-    }
 }

@@ -96,7 +96,11 @@ pub enum Insert {
 }
 
 /// Writes a request, or finds the earlier one with its key.
-pub async fn insert(pool: &PgPool, e: &NewEntry<'_>, d: Disposition<'_>) -> Result<Insert, sqlx::Error> {
+pub async fn insert(
+    pool: &PgPool,
+    e: &NewEntry<'_>,
+    d: Disposition<'_>,
+) -> Result<Insert, sqlx::Error> {
     let (state, rc, issuer, f7) = match d {
         Disposition::Forward { issuer, f7 } => (State::Sent, None, Some(issuer), Some(f7)),
         Disposition::Answer(state, rc) => (state, Some(rc.as_str().to_string()), None, None),
@@ -240,7 +244,10 @@ pub async fn recover_forgotten(pool: &PgPool, older_than: Duration) -> Result<u6
 }
 
 /// The state and stored reply of a row (a duplicate waiting for its original).
-pub async fn outcome(pool: &PgPool, id: i64) -> Result<(String, Option<String>, Option<Vec<u8>>), sqlx::Error> {
+pub async fn outcome(
+    pool: &PgPool,
+    id: i64,
+) -> Result<(String, Option<String>, Option<Vec<u8>>), sqlx::Error> {
     sqlx::query_as("SELECT state, response_code, reply FROM journal WHERE id = $1")
         .bind(id)
         .fetch_one(pool)

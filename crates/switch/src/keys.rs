@@ -15,7 +15,9 @@ pub const ENV: &str = "SWITCHYARD_PAN_HASH_KEY";
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     /// Neither a key file nor the environment variable.
-    #[error("no PAN hash key: set keys.pan_hash_key_file in the config or {ENV} (64 hex characters; `openssl rand -hex 32` makes one)")]
+    #[error(
+        "no PAN hash key: set keys.pan_hash_key_file in the config or {ENV} (64 hex characters; `openssl rand -hex 32` makes one)"
+    )]
     Missing,
     /// The key file cannot be read.
     #[error("{path}: cannot read the PAN hash key: {source}")]
@@ -105,6 +107,9 @@ mod tests {
         assert_eq!(format!("{a:?}"), "PanHashKey(****)");
         assert!(PanHashKey::from_hex("abc", "t").is_err());
         let g = PanHashKey::generate();
-        assert_eq!(PanHashKey::from_hex(&g.to_hex(), "t").unwrap().hash(&pan), g.hash(&pan));
+        assert_eq!(
+            PanHashKey::from_hex(&g.to_hex(), "t").unwrap().hash(&pan),
+            g.hash(&pan)
+        );
     }
 }

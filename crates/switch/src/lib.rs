@@ -52,8 +52,13 @@ pub enum StartError {
 /// when missing).
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
     let options = PgConnectOptions::from_str(url)?;
-    let setup = PgPoolOptions::new().max_connections(1).connect_with(options.clone()).await?;
-    sqlx::query("CREATE SCHEMA IF NOT EXISTS switch").execute(&setup).await?;
+    let setup = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options.clone())
+        .await?;
+    sqlx::query("CREATE SCHEMA IF NOT EXISTS switch")
+        .execute(&setup)
+        .await?;
     setup.close().await;
     PgPoolOptions::new()
         .max_connections(max_connections)
@@ -92,7 +97,14 @@ pub async fn start(
     let links = config
         .issuers
         .iter()
-        .map(|i| link::Link::start(i, network_dialect.clone(), identity.clone(), shutdown.clone()))
+        .map(|i| {
+            link::Link::start(
+                i,
+                network_dialect.clone(),
+                identity.clone(),
+                shutdown.clone(),
+            )
+        })
         .collect();
     Ok(Arc::new(Switch {
         config,

@@ -149,7 +149,9 @@ impl Link {
 
     /// True when at least one connection is signed on.
     pub fn is_up(&self) -> bool {
-        self.connections.iter().any(|c| c.up.load(Ordering::Acquire))
+        self.connections
+            .iter()
+            .any(|c| c.up.load(Ordering::Acquire))
     }
 
     /// Waits until the link is up, or `timeout` passes; returns whether it is.

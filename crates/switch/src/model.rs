@@ -44,7 +44,8 @@ impl ResponseCode {
     /// A code from its two characters (letters and digits).
     pub fn new(code: &str) -> Option<ResponseCode> {
         let b = code.as_bytes();
-        (b.len() == 2 && b.iter().all(u8::is_ascii_alphanumeric)).then(|| ResponseCode([b[0], b[1]]))
+        (b.len() == 2 && b.iter().all(u8::is_ascii_alphanumeric))
+            .then(|| ResponseCode([b[0], b[1]]))
     }
 
     /// The two characters.
@@ -109,7 +110,12 @@ pub enum Kind {
 
 impl Kind {
     /// Classifies a terminal message by MTI, F3, F25 and F60.3.
-    pub fn classify(mti: u16, processing_code: &str, condition: &str, network_code: &str) -> Option<Kind> {
+    pub fn classify(
+        mti: u16,
+        processing_code: &str,
+        condition: &str,
+        network_code: &str,
+    ) -> Option<Kind> {
         Some(match (mti, processing_code, condition) {
             (800, _, _) if matches!(network_code, "001" | "003" | "004") => Kind::SignOn,
             (820, _, _) if network_code == "002" => Kind::SignOff,
@@ -187,10 +193,22 @@ mod tests {
     fn classifies_the_message_table() {
         assert_eq!(Kind::classify(800, "", "", "001"), Some(Kind::SignOn));
         assert_eq!(Kind::classify(820, "", "", "301"), Some(Kind::Echo));
-        assert_eq!(Kind::classify(200, "310000", "00", "000"), Some(Kind::BalanceInquiry));
-        assert_eq!(Kind::classify(200, "000000", "00", "000"), Some(Kind::Purchase));
-        assert_eq!(Kind::classify(200, "000000", "06", "000"), Some(Kind::Completion));
-        assert_eq!(Kind::classify(220, "200000", "00", "000"), Some(Kind::Refund));
+        assert_eq!(
+            Kind::classify(200, "310000", "00", "000"),
+            Some(Kind::BalanceInquiry)
+        );
+        assert_eq!(
+            Kind::classify(200, "000000", "00", "000"),
+            Some(Kind::Purchase)
+        );
+        assert_eq!(
+            Kind::classify(200, "000000", "06", "000"),
+            Some(Kind::Completion)
+        );
+        assert_eq!(
+            Kind::classify(220, "200000", "00", "000"),
+            Some(Kind::Refund)
+        );
         assert_eq!(Kind::classify(200, "999999", "00", "000"), None);
         assert_eq!(Kind::classify(800, "", "", "999"), None);
     }

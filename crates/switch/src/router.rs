@@ -47,8 +47,10 @@ pub struct Switch {
 pub enum Outcome {
     /// Send what was written to the output buffer.
     Reply,
-    /// Nothing to send (the request could not even be identified).
-    Drop,
+    /// Nothing to send, nothing wrong with the connection (a stray reply).
+    Ignore,
+    /// The message cannot even be attributed to a terminal: close the connection.
+    Close,
 }
 
 /// The fields of a terminal reply that vary; the rest is echoed.
@@ -101,33 +103,43 @@ impl Switch {
             Ok(m) => m,
             Err(e) => {
                 warn!(error = %e, "malformed terminal message");
-                return Outcome::Drop;
+                return Outcome::Close;
             }
         };
-        let (Some(stan), Some(terminal_id)) = (
-            msg.digits(11).and_then(|d| d.to_u64()),
-            msg.text(41),
-        ) else {
+        let (Some(stan), Some(terminal_id)) =
+            (msg.digits(11).and_then(|d| d.to_u64()), msg.text(41))
+        else {
             warn!(mti = %msg.mti(), "request without STAN or terminal id");
-            return Outcome::Drop;
+            return Outcome::Close;
         };
         let req = Request {
             stan: stan as u32,
             terminal_id,
             merchant_id: msg.text(42).unwrap_or(""),
-            f60: msg.digits(60).map(|d| d.iter().map(char::from).collect()).unwrap_or_default(),
+            f60: msg
+                .digits(60)
+                .map(|d| d.iter().map(char::from).collect())
+                .unwrap_or_default(),
             msg,
         };
         let span = tracing::debug_span!("request", mti = %req.msg.mti(), stan = req.stan, terminal = req.terminal_id);
         let _enter = span.enter();
         if !req.msg.mti().is_request() {
-            self.reply(&req, out, ReplyFields { rc: Some(ResponseCode::FORMAT_ERROR), ..Default::default() });
-            return Outcome::Reply;
+            // A terminal has no business sending replies; there is nothing to answer.
+            warn!(mti = %req.msg.mti(), "not a request: ignored");
+            return Outcome::Ignore;
         }
         let rc = self.dispatch(&req, out).await;
         if let Some(rc) = rc {
             debug!(rc = %rc, "answered by the switch");
-            self.reply(&req, out, ReplyFields { rc: Some(rc), ..Default::default() });
+            self.reply(
+                &req,
+                out,
+                ReplyFields {
+                    rc: Some(rc),
+                    ..Default::default()
+                },
+            );
         }
         Outcome::Reply
     }
@@ -147,18 +159,27 @@ impl Switch {
             return Some(ResponseCode::INVALID_MERCHANT);
         }
         let mti = req.msg.mti().value();
-        let text = |n| req.msg.digits(n).map(|d| d.iter().map(char::from).collect::<String>()).unwrap_or_default();
+        let text = |n| {
+            req.msg
+                .digits(n)
+                .map(|d| d.iter().map(char::from).collect::<String>())
+                .unwrap_or_default()
+        };
         let Some(kind) = Kind::classify(mti, &text(3), &text(25), req.f60_part(8, 11)) else {
             return Some(ResponseCode::INVALID_TRANSACTION);
         };
         match kind {
             Kind::SignOn => match terminals::sign_on(&self.pool, req.terminal_id).await {
                 Ok(batch) => {
-                    self.reply(req, out, ReplyFields {
-                        rc: Some(ResponseCode::APPROVED),
-                        batch: Some(batch),
-                        ..Default::default()
-                    });
+                    self.reply(
+                        req,
+                        out,
+                        ReplyFields {
+                            rc: Some(ResponseCode::APPROVED),
+                            batch: Some(batch),
+                            ..Default::default()
+                        },
+                    );
                     None
                 }
                 Err(e) => {
@@ -184,7 +205,11 @@ impl Switch {
     ) -> Option<ResponseCode> {
         let msg = &req.msg;
         let track = msg.digits(35).and_then(|d| d.to_track());
-        let Some(pan) = msg.digits(2).and_then(|d| d.to_pan()).or_else(|| track.and_then(|t| t.pan())) else {
+        let Some(pan) = msg
+            .digits(2)
+            .and_then(|d| d.to_pan())
+            .or_else(|| track.and_then(|t| t.pan()))
+        else {
             return Some(ResponseCode::FORMAT_ERROR);
         };
         let amount = match (kind, msg.digits(4).and_then(|d| d.to_u64())) {
@@ -192,8 +217,14 @@ impl Switch {
             (_, Some(a)) if a > 0 => a,
             _ => return Some(ResponseCode::FORMAT_ERROR),
         };
-        let processing_code: String = msg.digits(3).map(|d| d.iter().map(char::from).collect()).unwrap_or_default();
-        let condition: String = msg.digits(25).map(|d| d.iter().map(char::from).collect()).unwrap_or_else(|| "00".into());
+        let processing_code: String = msg
+            .digits(3)
+            .map(|d| d.iter().map(char::from).collect())
+            .unwrap_or_default();
+        let condition: String = msg
+            .digits(25)
+            .map(|d| d.iter().map(char::from).collect())
+            .unwrap_or_else(|| "00".into());
         let pan_hash = self.key.hash(&pan);
         let digest = request_digest(msg.mti(), &processing_code, &condition, amount, &pan_hash);
         let now = Utc::now();
@@ -218,41 +249,117 @@ impl Switch {
         let f7s = std::str::from_utf8(&f7).expect("digits");
         let disposition = match link {
             None => Disposition::Answer(State::Declined, ResponseCode::NO_SUCH_ISSUER),
-            Some(l) if !l.is_up() => Disposition::Answer(State::Declined, ResponseCode::ISSUER_UNAVAILABLE),
-            Some(l) => Disposition::Forward { issuer: l.name(), f7: f7s },
+            Some(l) if !l.is_up() => {
+                Disposition::Answer(State::Declined, ResponseCode::ISSUER_UNAVAILABLE)
+            }
+            Some(l) => Disposition::Forward {
+                issuer: l.name(),
+                f7: f7s,
+            },
         };
         let written = match journal::insert(&self.pool, &entry, disposition).await {
             Ok(Insert::New(w)) => w,
-            Ok(Insert::Duplicate(earlier)) => return self.duplicate(req, &entry, earlier, out).await,
+            Ok(Insert::Duplicate(earlier)) => {
+                return self.duplicate(req, &entry, earlier, out).await;
+            }
             Err(e) => {
                 // T2: the journal cannot be written, so nothing is forwarded.
                 warn!(error = %e, "journal write failed");
                 return Some(ResponseCode::SYSTEM_ERROR);
             }
         };
-        let (Disposition::Forward { .. }, Some(link), Some(link_stan)) = (disposition, link, written.link_stan) else {
-            let Disposition::Answer(_, rc) = disposition else { unreachable!("forward rows have a link STAN") };
-            self.reply(req, out, ReplyFields { rc: Some(rc), rrn: Some(&written.rrn), ..Default::default() });
+        let (Disposition::Forward { .. }, Some(link), Some(link_stan)) =
+            (disposition, link, written.link_stan)
+        else {
+            let Disposition::Answer(_, rc) = disposition else {
+                unreachable!("forward rows have a link STAN")
+            };
+            self.reply(
+                req,
+                out,
+                ReplyFields {
+                    rc: Some(rc),
+                    rrn: Some(&written.rrn),
+                    ..Default::default()
+                },
+            );
             self.store_reply(written.id, out).await;
             return None;
         };
 
-        let network = self.network_request(req, terminal, &pan, track, &written.rrn, link_stan, f7s, amount);
-        let key = MatchKey::of(&Message::parse(&self.network_dialect, &network[2..]).expect("we built it"))
-            .expect("F11 and F7 are set");
-        let exchanged = link.exchange(network, key, self.config.rules.issuer_timeout).await;
+        let built = self.network_request(
+            req,
+            terminal,
+            &pan,
+            track,
+            &written.rrn,
+            link_stan,
+            f7s,
+            amount,
+        );
+        let keyed = built.and_then(|network| {
+            let parsed =
+                Message::parse(&self.network_dialect, &network[2..]).map_err(|e| e.to_string())?;
+            let key = MatchKey::of(&parsed).ok_or("no F11 or F7")?;
+            Ok((network, key))
+        });
+        let (network, key) = match keyed {
+            Ok(k) => k,
+            Err(e) => {
+                // Only a dialect file that changed a field's format gets here:
+                // the request cannot be sent, so it is declined, not reversed.
+                warn!(error = %e, "network request does not fit the network dialect");
+                self.reply(
+                    req,
+                    out,
+                    ReplyFields {
+                        rc: Some(ResponseCode::SYSTEM_ERROR),
+                        rrn: Some(&written.rrn),
+                        ..Default::default()
+                    },
+                );
+                let body = self.body(out).to_vec();
+                if let Err(e) = journal::complete(
+                    &self.pool,
+                    written.id,
+                    State::Declined,
+                    ResponseCode::SYSTEM_ERROR,
+                    None,
+                    &body,
+                )
+                .await
+                {
+                    warn!(error = %e, "journal write failed");
+                }
+                return None;
+            }
+        };
+        let exchanged = link
+            .exchange(network, key, self.config.rules.issuer_timeout)
+            .await;
         match exchanged {
             Ok(reply) => self.issuer_answered(req, &written, &reply, out).await,
             Err(LinkError::NotSent) => {
                 // Never reached the issuer: a plain decline, nothing to reverse.
-                self.reply(req, out, ReplyFields {
-                    rc: Some(ResponseCode::ISSUER_UNAVAILABLE),
-                    rrn: Some(&written.rrn),
-                    ..Default::default()
-                });
+                self.reply(
+                    req,
+                    out,
+                    ReplyFields {
+                        rc: Some(ResponseCode::ISSUER_UNAVAILABLE),
+                        rrn: Some(&written.rrn),
+                        ..Default::default()
+                    },
+                );
                 let body = self.body(out).to_vec();
-                if let Err(e) =
-                    journal::complete(&self.pool, written.id, State::Declined, ResponseCode::ISSUER_UNAVAILABLE, None, &body).await
+                if let Err(e) = journal::complete(
+                    &self.pool,
+                    written.id,
+                    State::Declined,
+                    ResponseCode::ISSUER_UNAVAILABLE,
+                    None,
+                    &body,
+                )
+                .await
                 {
                     warn!(error = %e, "journal write failed after link down");
                 }
@@ -261,15 +368,21 @@ impl Switch {
             Err(e @ (LinkError::Lost | LinkError::Timeout)) => {
                 // T1: the outcome is unknown; the issuer is told to reverse it.
                 warn!(rrn = %written.rrn, error = %e, "issuer did not answer");
-                self.reply(req, out, ReplyFields {
-                    rc: Some(ResponseCode::ISSUER_TIMEOUT),
-                    rrn: Some(&written.rrn),
-                    ..Default::default()
-                });
+                self.reply(
+                    req,
+                    out,
+                    ReplyFields {
+                        rc: Some(ResponseCode::ISSUER_TIMEOUT),
+                        rrn: Some(&written.rrn),
+                        ..Default::default()
+                    },
+                );
                 let body = self.body(out).to_vec();
                 match journal::give_up(&self.pool, written.id, &body).await {
                     Ok(_) => self.advice_wake.notify_one(),
-                    Err(e) => warn!(error = %e, "journal write failed on timeout; recovery will reverse it"),
+                    Err(e) => {
+                        warn!(error = %e, "journal write failed on timeout; recovery will reverse it")
+                    }
                 }
                 None
             }
@@ -287,27 +400,42 @@ impl Switch {
             warn!(rrn = %written.rrn, "unreadable issuer reply: treating as no answer");
             return self.unanswered(req, written, out).await;
         };
-        let rc = answer.text(39).and_then(ResponseCode::new).unwrap_or(ResponseCode::SYSTEM_ERROR);
+        let rc = answer
+            .text(39)
+            .and_then(ResponseCode::new)
+            .unwrap_or(ResponseCode::SYSTEM_ERROR);
         let auth_code = answer.text(38).filter(|_| rc.is_approved());
         let balance = answer.text(54).filter(|_| rc.is_approved());
-        self.reply(req, out, ReplyFields {
-            rc: Some(rc),
-            rrn: Some(&written.rrn),
-            auth_code,
-            balance,
-            batch: None,
-        });
-        let state = if rc.is_approved() { State::Approved } else { State::Declined };
+        self.reply(
+            req,
+            out,
+            ReplyFields {
+                rc: Some(rc),
+                rrn: Some(&written.rrn),
+                auth_code,
+                balance,
+                batch: None,
+            },
+        );
+        let state = if rc.is_approved() {
+            State::Approved
+        } else {
+            State::Declined
+        };
         let body = self.body(out).to_vec();
         match journal::complete(&self.pool, written.id, state, rc, auth_code, &body).await {
             Ok(true) => None,
             // Too late: the row was given up on and its reversal is queued.
             Ok(false) => {
-                self.reply(req, out, ReplyFields {
-                    rc: Some(ResponseCode::ISSUER_TIMEOUT),
-                    rrn: Some(&written.rrn),
-                    ..Default::default()
-                });
+                self.reply(
+                    req,
+                    out,
+                    ReplyFields {
+                        rc: Some(ResponseCode::ISSUER_TIMEOUT),
+                        rrn: Some(&written.rrn),
+                        ..Default::default()
+                    },
+                );
                 None
             }
             Err(e) => {
@@ -319,12 +447,21 @@ impl Switch {
         }
     }
 
-    async fn unanswered(&self, req: &Request<'_>, written: &journal::Written, out: &mut BytesMut) -> Option<ResponseCode> {
-        self.reply(req, out, ReplyFields {
-            rc: Some(ResponseCode::ISSUER_TIMEOUT),
-            rrn: Some(&written.rrn),
-            ..Default::default()
-        });
+    async fn unanswered(
+        &self,
+        req: &Request<'_>,
+        written: &journal::Written,
+        out: &mut BytesMut,
+    ) -> Option<ResponseCode> {
+        self.reply(
+            req,
+            out,
+            ReplyFields {
+                rc: Some(ResponseCode::ISSUER_TIMEOUT),
+                rrn: Some(&written.rrn),
+                ..Default::default()
+            },
+        );
         let body = self.body(out).to_vec();
         match journal::give_up(&self.pool, written.id, &body).await {
             Ok(_) => self.advice_wake.notify_one(),
@@ -341,14 +478,16 @@ impl Switch {
         earlier: Earlier,
         out: &mut BytesMut,
     ) -> Option<ResponseCode> {
-        if earlier.digest != entry.digest || self.config.rules.duplicates == DuplicatePolicy::Reject {
+        if earlier.digest != entry.digest || self.config.rules.duplicates == DuplicatePolicy::Reject
+        {
             return Some(ResponseCode::DUPLICATE);
         }
         let mut earlier_reply = earlier.reply;
         let mut state = earlier.state;
         let mut rc = earlier.response_code;
         // Still at the issuer: wait for its outcome, as long as it can take.
-        let deadline = tokio::time::Instant::now() + self.config.rules.issuer_timeout + Duration::from_secs(2);
+        let deadline =
+            tokio::time::Instant::now() + self.config.rules.issuer_timeout + Duration::from_secs(2);
         while earlier_reply.is_none() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
             match journal::outcome(&self.pool, earlier.id).await {
@@ -373,9 +512,20 @@ impl Switch {
                 // state says what the terminal may hear.
                 let rc = match state.as_str() {
                     "sent" | "unknown" => ResponseCode::ISSUER_TIMEOUT,
-                    _ => rc.as_deref().and_then(ResponseCode::new).unwrap_or(ResponseCode::SYSTEM_ERROR),
+                    _ => rc
+                        .as_deref()
+                        .and_then(ResponseCode::new)
+                        .unwrap_or(ResponseCode::SYSTEM_ERROR),
                 };
-                self.reply(req, out, ReplyFields { rc: Some(rc), rrn: Some(&earlier.rrn), ..Default::default() });
+                self.reply(
+                    req,
+                    out,
+                    ReplyFields {
+                        rc: Some(rc),
+                        rrn: Some(&earlier.rrn),
+                        ..Default::default()
+                    },
+                );
                 None
             }
         }
@@ -419,11 +569,12 @@ impl Switch {
         link_stan: i32,
         f7: &str,
         amount: u64,
-    ) -> Bytes {
+    ) -> Result<Bytes, String> {
         let msg = &req.msg;
         let now = Utc::now().with_timezone(&self.config.rules.time_zone);
         let mut buf = BytesMut::with_capacity(256);
-        let mut w = MessageWriter::new(&self.network_dialect, &mut buf, msg.mti(), &[], &[]).expect("iso87 has no prefix");
+        let mut w = MessageWriter::new(&self.network_dialect, &mut buf, msg.mti(), &[], &[])
+            .expect("iso87 has no prefix");
         let built = (|| {
             w.digits(2, pan.expose())?;
             w.copy(3, msg)?;
@@ -432,8 +583,11 @@ impl Switch {
             w.number(11, link_stan as u64)?;
             w.digits(12, &now.format("%H%M%S").to_string())?;
             w.digits(13, &now.format("%m%d").to_string())?;
-            let expiry = msg.digits(14).map(|d| d.iter().map(char::from).collect::<String>());
-            if let Some(exp) = expiry.or_else(|| track.and_then(|t| t.expiry().map(str::to_string))) {
+            let expiry = msg
+                .digits(14)
+                .map(|d| d.iter().map(char::from).collect::<String>());
+            if let Some(exp) = expiry.or_else(|| track.and_then(|t| t.expiry().map(str::to_string)))
+            {
                 w.digits(14, &exp)?;
             }
             w.digits(18, &terminal.mcc)?;
@@ -448,18 +602,15 @@ impl Switch {
             w.text(41, req.terminal_id)?;
             w.text(42, req.merchant_id)?;
             w.text(43, &merchant_location(&terminal.merchant_name))?;
-            w.text(49, "156").or_else(|_| w.digits(49, "156"))?;
+            w.digits(49, "156")?;
             if let Some(pin) = msg.binary(52) {
                 w.binary(52, pin)?;
             }
             w.copy(55, msg)?;
             w.finish().map(|_| ())
         })();
-        if let Err(e) = built {
-            // Only a dialect file that changed a field's format gets here.
-            warn!(error = %e, "network request does not fit the network dialect");
-        }
-        buf.freeze()
+        built.map_err(|e| e.to_string())?;
+        Ok(buf.freeze())
     }
 
     /// Writes a terminal reply: echoes F3, F4, F11, F25, F41, F42, F49, F60;
@@ -496,7 +647,9 @@ impl Switch {
                 w.text(54, balance)?;
             }
             match (f.batch, req.f60.len() >= 8) {
-                (Some(batch), true) => w.digits(60, &format!("{}{batch:06}{}", &req.f60[..2], &req.f60[8..]))?,
+                (Some(batch), true) => {
+                    w.digits(60, &format!("{}{batch:06}{}", &req.f60[..2], &req.f60[8..]))?
+                }
                 _ => {
                     w.copy(60, msg)?;
                 }
@@ -513,14 +666,26 @@ impl Switch {
 fn merchant_location(name: &str) -> String {
     let clean: String = name
         .chars()
-        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
         .take(25)
         .collect();
     format!("{clean:<25}{:<13}{}", "SHANGHAI", "CN")
 }
 
 /// What makes two requests with the same key the same request (D1) or not (D2).
-fn request_digest(mti: Mti, processing_code: &str, condition: &str, amount: u64, pan_hash: &[u8; 32]) -> [u8; 32] {
+fn request_digest(
+    mti: Mti,
+    processing_code: &str,
+    condition: &str,
+    amount: u64,
+    pan_hash: &[u8; 32],
+) -> [u8; 32] {
     let mut h = sha2::Sha256::new();
     h.update(mti.digits());
     h.update(processing_code.as_bytes());

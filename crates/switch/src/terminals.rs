@@ -109,7 +109,10 @@ fn expand_range(first: &str, last: &str) -> Option<Vec<String>> {
 
 fn check_id(s: &Section<'_, '_>, key: &str, id: &str, len: usize, what: &str) {
     if id.len() != len || !id.bytes().all(|b| (0x21..=0x7E).contains(&b)) {
-        s.problem(key, format!("{id:?} is not a {what} ({len} printable characters)"));
+        s.problem(
+            key,
+            format!("{id:?} is not a {what} ({len} printable characters)"),
+        );
     }
 }
 
@@ -132,7 +135,10 @@ impl Fleet {
             check_id(&m, "id", &id, 15, "merchant id");
             let mcc = m.string("mcc", "5999");
             if mcc.len() != 4 || !mcc.bytes().all(|b| b.is_ascii_digit()) {
-                m.problem("mcc", format!("{mcc:?} is not a 4-digit merchant category code"));
+                m.problem(
+                    "mcc",
+                    format!("{mcc:?} is not a 4-digit merchant category code"),
+                );
             }
             fleet.merchants.push(MerchantRow {
                 id,
@@ -144,15 +150,25 @@ impl Fleet {
         for t in root.sections("terminals") {
             let merchant_id = t.string("merchant", "");
             if !fleet.merchants.iter().any(|m| m.id == merchant_id) {
-                t.problem("merchant", format!("{merchant_id:?} is not one of the [[merchants]]"));
+                t.problem(
+                    "merchant",
+                    format!("{merchant_id:?} is not one of the [[merchants]]"),
+                );
             }
             let enabled = t.bool("enabled", true);
             let ids = match (t.str("id"), t.str("first"), t.str("last")) {
                 (Some(id), None, None) => vec![id],
-                (None, Some(first), Some(last)) => expand_range(&first, &last).unwrap_or_else(|| {
-                    t.problem("last", format!("{first:?}..{last:?} is not a range like \"T0000001\"..\"T0000100\""));
-                    Vec::new()
-                }),
+                (None, Some(first), Some(last)) => {
+                    expand_range(&first, &last).unwrap_or_else(|| {
+                        t.problem(
+                            "last",
+                            format!(
+                                "{first:?}..{last:?} is not a range like \"T0000001\"..\"T0000100\""
+                            ),
+                        );
+                        Vec::new()
+                    })
+                }
                 _ => {
                     t.problem("id", "give either id, or first and last");
                     Vec::new()
@@ -175,7 +191,9 @@ impl Fleet {
     pub fn from_csv(text: &str, origin: &str) -> Result<Fleet, Problems> {
         let mut fleet = Fleet::default();
         let mut problems = Vec::new();
-        let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(text.as_bytes());
+        let mut reader = csv::ReaderBuilder::new()
+            .trim(csv::Trim::All)
+            .from_reader(text.as_bytes());
         let problem = |line: usize, key: &str, message: String| settings::Problem {
             origin: origin.to_string(),
             line,
@@ -209,27 +227,47 @@ impl Fleet {
             let terminal_id = get(Some(tid));
             let merchant_id = get(Some(mid));
             if terminal_id.len() != 8 {
-                problems.push(problem(line, "terminal_id", format!("{terminal_id:?} is not 8 characters")));
+                problems.push(problem(
+                    line,
+                    "terminal_id",
+                    format!("{terminal_id:?} is not 8 characters"),
+                ));
             }
             if merchant_id.len() != 15 {
-                problems.push(problem(line, "merchant_id", format!("{merchant_id:?} is not 15 characters")));
+                problems.push(problem(
+                    line,
+                    "merchant_id",
+                    format!("{merchant_id:?} is not 15 characters"),
+                ));
             }
-            let mcc_value = Some(get(mcc)).filter(|m| !m.is_empty()).unwrap_or_else(|| "5999".into());
+            let mcc_value = Some(get(mcc))
+                .filter(|m| !m.is_empty())
+                .unwrap_or_else(|| "5999".into());
             if mcc_value.len() != 4 || !mcc_value.bytes().all(|b| b.is_ascii_digit()) {
-                problems.push(problem(line, "mcc", format!("{mcc_value:?} is not 4 digits")));
+                problems.push(problem(
+                    line,
+                    "mcc",
+                    format!("{mcc_value:?} is not 4 digits"),
+                ));
             }
             let enabled_value = match get(enabled).as_str() {
                 "" | "true" | "1" | "yes" => true,
                 "false" | "0" | "no" => false,
                 other => {
-                    problems.push(problem(line, "enabled", format!("{other:?} is not true or false")));
+                    problems.push(problem(
+                        line,
+                        "enabled",
+                        format!("{other:?} is not true or false"),
+                    ));
                     true
                 }
             };
             if !fleet.merchants.iter().any(|m| m.id == merchant_id) {
                 fleet.merchants.push(MerchantRow {
                     id: merchant_id.clone(),
-                    name: Some(get(name)).filter(|n| !n.is_empty()).unwrap_or_else(|| merchant_id.clone()),
+                    name: Some(get(name))
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or_else(|| merchant_id.clone()),
                     mcc: mcc_value,
                     enabled: true,
                 });
@@ -240,7 +278,11 @@ impl Fleet {
                 enabled: enabled_value,
             });
         }
-        if problems.is_empty() { Ok(fleet) } else { Err(Problems(problems)) }
+        if problems.is_empty() {
+            Ok(fleet)
+        } else {
+            Err(Problems(problems))
+        }
     }
 
     /// Writes the fleet: merchants and terminals are inserted or updated
@@ -299,18 +341,39 @@ mod tests {
     fn terminals_file_problems_are_named() {
         let text = "[[merchants]]\nid = \"898310048160001\"\nname = \"x\"\n[[terminals]]\nid = \"T1\"\nmerchant = \"898310048160001\"\n[[terminals]]\nid = \"T0000002\"\nmerchant = \"nobody\"\n";
         let problems = Fleet::parse(text, "t.toml").unwrap_err().to_string();
-        assert!(problems.contains("t.toml:5: terminals[0].id: \"T1\" is not a terminal id"), "{problems}");
-        assert!(problems.contains("t.toml:9: terminals[1].merchant: \"nobody\" is not one of the [[merchants]]"), "{problems}");
+        assert!(
+            problems.contains("t.toml:5: terminals[0].id: \"T1\" is not a terminal id"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains(
+                "t.toml:9: terminals[1].merchant: \"nobody\" is not one of the [[merchants]]"
+            ),
+            "{problems}"
+        );
     }
 
     #[test]
     fn csv_rows_with_problems_name_their_line() {
         let text = "terminal_id,merchant_id,merchant_name,mcc,enabled\nT0000001,898310048160001,Shop,5411,true\nT2,898310048160001,Shop,54x1,maybe\n";
         let problems = Fleet::from_csv(text, "f.csv").unwrap_err().to_string();
-        assert!(problems.contains("f.csv:3: terminal_id: \"T2\" is not 8 characters"), "{problems}");
-        assert!(problems.contains("f.csv:3: mcc: \"54x1\" is not 4 digits"), "{problems}");
-        assert!(problems.contains("f.csv:3: enabled: \"maybe\" is not true or false"), "{problems}");
-        let ok = Fleet::from_csv("terminal_id,merchant_id\nT0000001,898310048160001\n", "g.csv").unwrap();
+        assert!(
+            problems.contains("f.csv:3: terminal_id: \"T2\" is not 8 characters"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("f.csv:3: mcc: \"54x1\" is not 4 digits"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("f.csv:3: enabled: \"maybe\" is not true or false"),
+            "{problems}"
+        );
+        let ok = Fleet::from_csv(
+            "terminal_id,merchant_id\nT0000001,898310048160001\n",
+            "g.csv",
+        )
+        .unwrap();
         assert_eq!(ok.terminals.len(), 1);
         assert_eq!(ok.merchants[0].mcc, "5999");
     }

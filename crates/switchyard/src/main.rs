@@ -15,10 +15,58 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the switch: terminals in, issuers out, everything journalled.
+    Serve(cli::serve::ServeArgs),
+    /// The simulated issuer (iso87), a server of its own.
+    Issuer(cli::issuer::IssuerArgs),
+    /// The whole product on a private PostgreSQL: a scripted day and the money check, or --serve.
+    Demo(cli::demo::DemoArgs),
+    /// Apply the switch's database migrations.
+    Migrate(cli::serve::MigrateArgs),
+    /// Check config files: every problem with file, line and key.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Terminal fleet administration.
+    Terminals {
+        #[command(subcommand)]
+        command: TerminalsCommand,
+    },
     /// Decode one ISO 8583 frame and print it as JSON.
     Decode(cli::wire::DecodeArgs),
     /// Read a message as JSON on stdin and print its wire frame as hex.
     Encode(cli::wire::EncodeArgs),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// List every problem in a config file and exit non-zero when there is one.
+    Check(cli::admin::CheckArgs),
+}
+
+#[derive(Subcommand)]
+enum TerminalsCommand {
+    /// Load terminals and merchants from a CSV file.
+    Import(cli::admin::ImportArgs),
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
 }
 
 fn main() -> ExitCode {
@@ -26,6 +74,26 @@ fn main() -> ExitCode {
     let result = match args.command {
         Command::Decode(a) => cli::wire::decode(&a),
         Command::Encode(a) => cli::wire::encode(&a),
+        Command::Config {
+            command: ConfigCommand::Check(a),
+        } => cli::admin::check(&a),
+        command => {
+            init_logging();
+            runtime().block_on(async move {
+                match command {
+                    Command::Serve(a) => cli::serve::serve(&a).await,
+                    Command::Issuer(a) => cli::issuer::run(&a).await,
+                    Command::Demo(a) => cli::demo::run(&a).await,
+                    Command::Migrate(a) => cli::serve::migrate(&a).await,
+                    Command::Terminals {
+                        command: TerminalsCommand::Import(a),
+                    } => cli::admin::import(&a).await,
+                    Command::Decode(_) | Command::Encode(_) | Command::Config { .. } => {
+                        unreachable!("handled above")
+                    }
+                }
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -243,3 +243,68 @@ fn a_dialect_file_overrides_the_embedded_one_and_bad_ones_are_named() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Every `.toml` under `config/` (recursively).
+fn shipped_configs() -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "toml") {
+                out.push(path);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config"),
+        &mut out,
+    );
+    out.sort();
+    out
+}
+
+#[test]
+fn config_check_passes_every_shipped_config() {
+    let configs = shipped_configs();
+    assert!(configs.len() >= 5, "{configs:?}");
+    for path in configs {
+        let out = switchyard(&["config", "check", path.to_str().unwrap()], None);
+        assert!(
+            out.status.success(),
+            "{}: {}{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn config_check_lists_every_problem_with_file_line_and_key() {
+    let dir = std::env::temp_dir().join(format!("sy-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("switchyard.toml");
+    std::fs::write(
+        &bad,
+        "listen = \"127.0.0.1:8583\"\nlisten_backlog = 5\n[rules]\nissuer_timeout = \"ten seconds\"\nduplicates = \"ignore\"\n[[issuers]]\nbins = []\n",
+    )
+    .unwrap();
+    let out = switchyard(&["config", "check", bad.to_str().unwrap()], None);
+    assert_ne!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let file = bad.display().to_string();
+    for expected in [
+        format!("{file}:2: listen_backlog: unknown key"),
+        format!("{file}:4: rules.issuer_timeout: \"ten seconds\" is not a duration"),
+        format!("{file}:5: rules.duplicates: \"ignore\" is not one of \"replay\", \"reject\""),
+        format!("{file}:7: issuers[0].bins: name at least one PAN prefix"),
+    ] {
+        assert!(
+            text.contains(&expected),
+            "{expected:?} missing from:\n{text}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

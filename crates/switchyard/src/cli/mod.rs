@@ -1,5 +1,10 @@
 //! The commands of the binary; each module is one command family.
 
+pub mod admin;
+pub mod db;
+pub mod demo;
+pub mod issuer;
+pub mod serve;
 pub mod wire;
 
 /// A command failure, with the exit status it warrants.

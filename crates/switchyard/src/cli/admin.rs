@@ -1,0 +1,146 @@
+//! `switchyard config check` and `switchyard terminals import`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow};
+use clap::{Args, ValueEnum};
+use switch::terminals::Fleet;
+
+use super::{Failure, db, serve::load_config};
+
+/// What kind of file a config is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Kind {
+    /// The switch's config (`config/switchyard.toml`).
+    Switch,
+    /// The simulated issuer's config (`config/issuer-sim.toml`).
+    Issuer,
+    /// Terminals and merchants (`config/terminals.toml`).
+    Terminals,
+    /// A dialect table (`config/dialects/*.toml`).
+    Dialect,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The file to check.
+    pub file: PathBuf,
+    /// What the file is; guessed from its path when not given.
+    #[arg(long, value_enum)]
+    pub kind: Option<Kind>,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// CSV with a header row: terminal_id,merchant_id[,merchant_name,mcc,enabled].
+    pub file: PathBuf,
+    /// The switch's config file (for the database).
+    #[arg(long, default_value = "config/switchyard.toml")]
+    pub config: PathBuf,
+}
+
+/// The kind of config file at `path`, from its name.
+pub fn guess(path: &Path) -> Kind {
+    let text = path.to_string_lossy();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    if text.contains("dialects") {
+        Kind::Dialect
+    } else if name.contains("issuer") {
+        Kind::Issuer
+    } else if name.contains("terminals") {
+        Kind::Terminals
+    } else {
+        Kind::Switch
+    }
+}
+
+/// Every problem of one file, as lines; empty when it is fine.
+pub fn problems(path: &Path, kind: Kind) -> Vec<String> {
+    let lines = |text: String| text.lines().map(str::to_string).collect::<Vec<_>>();
+    match kind {
+        Kind::Switch => match switch::Config::load(path) {
+            Err(p) => lines(p.to_string()),
+            Ok(config) => {
+                // The files it names must be usable too.
+                let mut found = Vec::new();
+                if let Some(t) = &config.seed.terminals {
+                    found.extend(problems(t, Kind::Terminals));
+                }
+                for d in [&config.dialects.terminal, &config.dialects.network]
+                    .into_iter()
+                    .flatten()
+                {
+                    found.extend(problems(d, Kind::Dialect));
+                }
+                if let Some(k) = &config.keys.pan_hash_key_file {
+                    if let Err(e) = switch::PanHashKey::load(Some(k)) {
+                        found.push(format!("{}: keys.pan_hash_key_file: {e}", path.display()));
+                    }
+                }
+                found
+            }
+        },
+        Kind::Issuer => match issuer_sim::IssuerConfig::load(path) {
+            Err(e) => lines(e.to_string()),
+            Ok(_) => Vec::new(),
+        },
+        Kind::Terminals => match Fleet::load(path) {
+            Err(p) => lines(p.to_string()),
+            Ok(_) => Vec::new(),
+        },
+        Kind::Dialect => match iso8583::Dialect::load(path) {
+            Err(e) => lines(e.to_string()),
+            Ok(_) => Vec::new(),
+        },
+    }
+}
+
+/// `switchyard config check`.
+pub fn check(args: &CheckArgs) -> Result<(), Failure> {
+    let kind = args.kind.unwrap_or_else(|| guess(&args.file));
+    let found = problems(&args.file, kind);
+    if found.is_empty() {
+        println!("{}: ok ({kind:?})", args.file.display());
+        Ok(())
+    } else {
+        for p in &found {
+            println!("{p}");
+        }
+        Err(Failure::Input(anyhow!(
+            "{} problem(s) in {}",
+            found.len(),
+            args.file.display()
+        )))
+    }
+}
+
+/// `switchyard terminals import`.
+pub async fn import(args: &ImportArgs) -> Result<(), Failure> {
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let fleet = Fleet::from_csv(&text, &args.file.display().to_string())
+        .map_err(|p| Failure::Input(anyhow!("{p}")))?;
+    let config = load_config(&args.config)?;
+    let database = db::open(
+        config.database.url.as_deref(),
+        config.database.embedded_data_dir.as_deref(),
+        "switchyard",
+    )
+    .await?;
+    let pool = switch::connect(&database.url, 2)
+        .await
+        .context("connecting to the database")?;
+    switch::migrate(&pool)
+        .await
+        .context("applying migrations")?;
+    fleet.store(&pool).await.context("storing the terminals")?;
+    println!(
+        "imported {} terminals of {} merchants",
+        fleet.terminals.len(),
+        fleet.merchants.len()
+    );
+    Ok(())
+}

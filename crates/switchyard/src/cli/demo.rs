@@ -1,0 +1,267 @@
+//! `switchyard demo`: the whole product on one machine, on a private
+//! PostgreSQL: the simulated issuer with 10,000 cards, the switch with 100
+//! terminals of one merchant.
+//!
+//! `--serve` keeps it running for real terminals (or `switchyard load`) until
+//! SIGTERM; without it, a short scripted day runs through it and the money
+//! is checked: the issuer's balances against the switch's journal.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use clap::Args;
+use embedded_pg::{EmbeddedPg, Options};
+use iso8583::Dialect;
+use issuer_sim::{Issuer, IssuerConfig, PanKey};
+use loadgen::Terminal;
+use switch::terminals::Fleet;
+use switch::{Config, PanHashKey};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::Failure;
+use super::serve::shutdown_on_signals;
+
+/// The demo's merchant.
+pub const MERCHANT: &str = "898310048160001";
+
+/// The demo's cards: 10,000 of them, 1,000,000 fen each, expiring 2030-12.
+const ISSUER: &str = r#"
+[[cards]]
+first = "6222020000000000001"
+last = "6222020000000010000"
+expiry = "3012"
+balance = 1000000
+"#;
+
+/// The demo's fleet: 100 terminals of one merchant.
+const FLEET: &str = r#"
+[[merchants]]
+id = "898310048160001"
+name = "Switchyard Demo Store"
+mcc = "5411"
+
+[[terminals]]
+first = "T0000001"
+last = "T0000100"
+merchant = "898310048160001"
+"#;
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Keep running for terminals until SIGTERM instead of running the scripted day.
+    #[arg(long)]
+    pub serve: bool,
+    /// Where terminals connect.
+    #[arg(long, default_value = "127.0.0.1:8583")]
+    pub listen: String,
+}
+
+/// The running demo: private PostgreSQL, issuer, switch.
+pub struct Stack {
+    /// The switch's terminal address.
+    pub switch_addr: String,
+    /// The issuer's address.
+    pub issuer_addr: String,
+    /// The database.
+    pub url: String,
+    /// The issuer's database.
+    pub issuer_pool: sqlx::PgPool,
+    /// The switch.
+    pub switch: Arc<switch::Switch>,
+    /// Stops everything.
+    pub shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    pg: EmbeddedPg,
+}
+
+impl Stack {
+    /// Starts PostgreSQL, the issuer and the switch (listening on `listen`).
+    pub async fn start(listen: &str, shutdown: CancellationToken) -> anyhow::Result<Stack> {
+        let pg = EmbeddedPg::start(Options::default()).await?;
+        let url = pg.create_database("switchyard_demo").await?;
+
+        let issuer_config =
+            IssuerConfig::from_toml(ISSUER, "(demo issuer)").map_err(|e| anyhow!("{e}"))?;
+        let issuer_pool = sqlx::PgPool::connect(&url).await?;
+        issuer_sim::migrate(&issuer_pool)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        let issuer_key = PanKey::random();
+        issuer_sim::seed_cards(&issuer_pool, &issuer_key, &issuer_config.cards)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        let issuer_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let issuer_addr = issuer_listener.local_addr()?.to_string();
+        let issuer = Arc::new(Issuer::new(
+            issuer_config,
+            issuer_key.clone(),
+            issuer_pool.clone(),
+        ));
+        let mut tasks = Vec::new();
+        let (i, stop) = (issuer.clone(), shutdown.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = issuer_sim::run(issuer_listener, i, stop).await {
+                tracing::warn!(error = %e, "issuer stopped");
+            }
+        }));
+
+        let mut config = Config::parse(
+            &format!("listen = \"{listen}\"\n[[issuers]]\nname = \"sim\"\nbins = [\"622202\"]\naddress = \"{issuer_addr}\"\n"),
+            "(demo switch)",
+        )
+        .map_err(|e| anyhow!("{e}"))?;
+        config.seed.terminals = None;
+        let pool = switch::connect(&url, 16).await?;
+        let switch = switch::start(
+            Arc::new(config),
+            pool.clone(),
+            PanHashKey::generate(),
+            &shutdown,
+        )
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+        Fleet::parse(FLEET, "(demo fleet)")
+            .map_err(|e| anyhow!("{e}"))?
+            .store(&pool)
+            .await?;
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listening on {listen}"))?;
+        let switch_addr = listener.local_addr()?.to_string();
+        tasks.push(tokio::spawn(switch::run(
+            listener,
+            switch.clone(),
+            shutdown.clone(),
+        )));
+        if !switch.links[0].wait_up(Duration::from_secs(10)).await {
+            bail!("the switch could not sign on to the issuer at {issuer_addr}");
+        }
+        Ok(Stack {
+            switch_addr,
+            issuer_addr,
+            url,
+            issuer_pool,
+            switch,
+            shutdown,
+            tasks,
+            pg,
+        })
+    }
+
+    /// Stops the switch and the issuer, then PostgreSQL.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        self.switch.pool.close().await;
+        self.issuer_pool.close().await;
+        self.pg.stop();
+    }
+}
+
+/// `switchyard demo`.
+pub async fn run(args: &DemoArgs) -> Result<(), Failure> {
+    if args.serve {
+        let shutdown = shutdown_on_signals();
+        let stack = Stack::start(&args.listen, shutdown.clone()).await?;
+        println!(
+            "switchyard demo: terminals connect to {} (cup-pos)",
+            stack.switch_addr
+        );
+        println!(
+            "  issuer (iso87) at {}; PostgreSQL at {}",
+            stack.issuer_addr, stack.url
+        );
+        println!("  terminals T0000001-T0000100 of merchant {MERCHANT} (Switchyard Demo Store)");
+        println!(
+            "  cards 6222020000000000001-6222020000000010000, expiry 3012, 1,000,000 fen each"
+        );
+        println!("  stop with Ctrl-C or SIGTERM");
+        shutdown.cancelled().await;
+        stack.stop().await;
+        return Ok(());
+    }
+    let stack = Stack::start("127.0.0.1:0", CancellationToken::new()).await?;
+    let result = scripted_day(&stack).await;
+    stack.stop().await;
+    result.map_err(Failure::Other)
+}
+
+/// A short day at the demo store, then the money check.
+async fn scripted_day(stack: &Stack) -> anyhow::Result<()> {
+    let dialect = Arc::new(Dialect::cup_pos());
+    let mut t = Terminal::connect(&stack.switch_addr, "T0000001", MERCHANT, dialect).await?;
+    let line = |what: &str, rc: &str, extra: &str| println!("{what:<34} -> {rc} {extra}");
+    let r = t.sign_on().await?;
+    line("sign-on T0000001", r.rc(), &format!("batch {:06}", t.batch));
+    let mut approved: i64 = 0;
+    for (pan, amount) in [
+        ("6222020000000000001", 12_345u64),
+        ("6222020000000000002", 880),
+        ("6222020000000000003", 99_900),
+    ] {
+        let stan = t.next_stan();
+        let r = t.exchange(&t.purchase(stan, pan, "3012", amount)?).await?;
+        line(
+            &format!("purchase {amount} fen"),
+            r.rc(),
+            &format!(
+                "rrn {} auth {}",
+                r.field(37).unwrap_or("-"),
+                r.field(38).unwrap_or("-")
+            ),
+        );
+        if r.rc() == "00" {
+            approved += amount as i64;
+        }
+    }
+    let stan = t.next_stan();
+    let frame = t.purchase(stan, "6222020000000000004", "3012", 500)?;
+    let first = t.exchange(&frame).await?;
+    let again = t.exchange(&frame).await?;
+    line(
+        "purchase 500 fen, sent twice",
+        again.rc(),
+        if again.body == first.body {
+            "(same stored reply; charged once)"
+        } else {
+            "(REPLIES DIFFER)"
+        },
+    );
+    if first.rc() == "00" {
+        approved += 500;
+    }
+    let stan = t.next_stan();
+    let r = t
+        .exchange(&t.balance_inquiry(stan, "6222020000000000001", "3012")?)
+        .await?;
+    line("balance inquiry", r.rc(), r.field(54).unwrap_or(""));
+    let stan = t.next_stan();
+    let r = t
+        .exchange(&t.purchase(stan, "6222020000000000005", "3012", 2_000_000)?)
+        .await?;
+    line("purchase 2,000,000 fen", r.rc(), "(insufficient funds)");
+
+    // The money check: every approved fen in the journal is missing from the cards.
+    let journal: i64 = sqlx::query_scalar("SELECT coalesce(sum(amount), 0)::bigint FROM journal WHERE state = 'approved' AND kind = 'purchase'")
+        .fetch_one(&stack.switch.pool)
+        .await?;
+    let totals = issuer_sim::balances(&stack.issuer_pool)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let (opening, current) = (totals.opening, totals.balance);
+    println!();
+    println!("journal: approved debits {journal} fen (this script approved {approved})");
+    println!(
+        "issuer:  opening {opening} fen, now {current} fen, difference {}",
+        opening - current
+    );
+    if opening - current != journal || journal != approved {
+        bail!("money check FAILED: the issuer's balances and the journal disagree");
+    }
+    println!("money check: balanced to the fen");
+    Ok(())
+}

@@ -1,0 +1,88 @@
+//! `switchyard issuer`: the simulated issuer as a server of its own, and
+//! `switchyard issuer clearing --date D`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow};
+use clap::{Args, Subcommand};
+use issuer_sim::{Issuer, IssuerConfig, PanKey};
+use tokio::net::TcpListener;
+
+use super::serve::shutdown_on_signals;
+use super::{Failure, db};
+
+#[derive(Debug, Args)]
+pub struct IssuerArgs {
+    /// The issuer's config file.
+    #[arg(long, default_value = "config/issuer-sim.toml")]
+    pub config: PathBuf,
+    /// Listen here instead of the config's `listen`.
+    #[arg(long)]
+    pub listen: Option<String>,
+    #[command(subcommand)]
+    pub command: Option<IssuerCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IssuerCommand {
+    /// Write one business day's postings as CSV.
+    Clearing {
+        /// The day, YYYY-MM-DD.
+        #[arg(long)]
+        date: chrono::NaiveDate,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn load(path: &std::path::Path) -> Result<IssuerConfig, Failure> {
+    IssuerConfig::load(path).map_err(|e| Failure::Other(anyhow!("{e}")))
+}
+
+/// `switchyard issuer`.
+pub async fn run(args: &IssuerArgs) -> Result<(), Failure> {
+    let config = load(&args.config)?;
+    let key = PanKey::load(&config.keys).map_err(|e| anyhow!("{e}"))?;
+    let database = db::open(config.database.url.as_deref(), None, "switchyard").await?;
+    let pool = sqlx::PgPool::connect(&database.url)
+        .await
+        .context("connecting to the database")?;
+    issuer_sim::migrate(&pool)
+        .await
+        .map_err(|e| anyhow!("issuer migrations: {e}"))?;
+    if let Some(IssuerCommand::Clearing { date, out }) = &args.command {
+        let result = match out {
+            Some(path) => {
+                let file = std::fs::File::create(path)
+                    .with_context(|| format!("creating {}", path.display()))?;
+                issuer_sim::clearing(&pool, *date, file).await
+            }
+            None => issuer_sim::clearing(&pool, *date, std::io::stdout().lock()).await,
+        };
+        result.map_err(|e| anyhow!("writing the clearing file: {e}"))?;
+        return Ok(());
+    }
+    let seeded = issuer_sim::seed_cards(&pool, &key, &config.cards)
+        .await
+        .map_err(|e| anyhow!("seeding cards: {e}"))?;
+    let listen = args
+        .listen
+        .clone()
+        .unwrap_or_else(|| config.listen.to_string());
+    let listener = TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    println!(
+        "switchyard issuer listening on {} (iso87); {seeded} new cards",
+        listener.local_addr().map_err(anyhow::Error::from)?
+    );
+    let shutdown = shutdown_on_signals();
+    let issuer = Arc::new(Issuer::new(config, key, pool));
+    issuer_sim::run(listener, issuer, shutdown)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    drop(database);
+    Ok(())
+}

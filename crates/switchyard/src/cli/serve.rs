@@ -1,0 +1,104 @@
+//! `switchyard serve` and `switchyard migrate`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow};
+use clap::Args;
+use switch::{Config, PanHashKey};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::{Failure, db};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The switch's config file.
+    #[arg(long, default_value = "config/switchyard.toml")]
+    pub config: PathBuf,
+    /// Listen here instead of the config's `listen`.
+    #[arg(long)]
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The switch's config file (for the database).
+    #[arg(long, default_value = "config/switchyard.toml")]
+    pub config: PathBuf,
+}
+
+/// Reads a switch config, every problem listed.
+pub fn load_config(path: &std::path::Path) -> Result<Config, Failure> {
+    Config::load(path).map_err(|problems| Failure::Other(anyhow!("{problems}")))
+}
+
+/// A token cancelled by SIGTERM or SIGINT.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("a SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down: no new connections; finishing what is in flight");
+        t.cancel();
+    });
+    token
+}
+
+/// `switchyard serve`.
+pub async fn serve(args: &ServeArgs) -> Result<(), Failure> {
+    let mut config = load_config(&args.config)?;
+    if let Some(listen) = &args.listen {
+        config.listen.clone_from(listen);
+    }
+    let key =
+        PanHashKey::load(config.keys.pan_hash_key_file.as_deref()).map_err(anyhow::Error::from)?;
+    let database = db::open(
+        config.database.url.as_deref(),
+        config.database.embedded_data_dir.as_deref(),
+        "switchyard",
+    )
+    .await?;
+    let pool = switch::connect(&database.url, config.database.max_connections)
+        .await
+        .context("connecting to the database")?;
+    let shutdown = shutdown_on_signals();
+    let listener = TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let config = Arc::new(config);
+    let switch = switch::start(config, pool, key, &shutdown)
+        .await
+        .map_err(anyhow::Error::from)?;
+    println!(
+        "switchyard listening on {} (terminals, cup-pos)",
+        listener.local_addr().map_err(anyhow::Error::from)?
+    );
+    switch::run(listener, switch, shutdown).await;
+    drop(database);
+    Ok(())
+}
+
+/// `switchyard migrate`.
+pub async fn migrate(args: &MigrateArgs) -> Result<(), Failure> {
+    let config = load_config(&args.config)?;
+    let database = db::open(
+        config.database.url.as_deref(),
+        config.database.embedded_data_dir.as_deref(),
+        "switchyard",
+    )
+    .await?;
+    let pool = switch::connect(&database.url, 2)
+        .await
+        .context("connecting to the database")?;
+    switch::migrate(&pool)
+        .await
+        .context("applying migrations")?;
+    println!("switch schema is up to date");
+    Ok(())
+}
