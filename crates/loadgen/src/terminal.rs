@@ -102,7 +102,12 @@ pub struct Terminal {
 
 impl Terminal {
     /// Connects to the switch at `addr`.
-    pub async fn connect(addr: &str, id: &str, merchant: &str, dialect: Arc<Dialect>) -> Result<Terminal, TerminalError> {
+    pub async fn connect(
+        addr: &str,
+        id: &str,
+        merchant: &str,
+        dialect: Arc<Dialect>,
+    ) -> Result<Terminal, TerminalError> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         let codec = FrameCodec::new(&dialect, 65_535);
@@ -131,7 +136,11 @@ impl Terminal {
 
     /// Builds a request frame (length prefix included) with `fields` in
     /// ascending order; F41 and F42 are added.
-    pub fn request(&self, mti: Mti, fields: &[(usize, Field<'_>)]) -> Result<BytesMut, TerminalError> {
+    pub fn request(
+        &self,
+        mti: Mti,
+        fields: &[(usize, Field<'_>)],
+    ) -> Result<BytesMut, TerminalError> {
         let mut buf = BytesMut::with_capacity(256);
         let mut w = MessageWriter::new(&self.dialect, &mut buf, mti, &self.tpdu, &self.header)?;
         let mut identity_written = false;
@@ -185,7 +194,10 @@ impl Terminal {
 
     /// Sends a keep-alive (a zero length).
     pub async fn keep_alive(&mut self) -> Result<(), TerminalError> {
-        self.framed.send(&[][..]).await.map_err(|e| TerminalError::Bad(e.to_string()))
+        self.framed
+            .send(&[][..])
+            .await
+            .map_err(|e| TerminalError::Bad(e.to_string()))
     }
 
     /// Signs on (0800, F60.3 001) and takes the open batch from the reply.
@@ -193,10 +205,18 @@ impl Terminal {
         let stan = self.next_stan();
         let frame = self.request(
             Mti::NETWORK,
-            &[(11, Field::Number(stan.into())), (60, Field::Digits("00000000001")), (63, Field::Text("001"))],
+            &[
+                (11, Field::Number(stan.into())),
+                (60, Field::Digits("00000000001")),
+                (63, Field::Text("001")),
+            ],
         )?;
         let reply = self.exchange(&frame).await?;
-        if let Some(batch) = reply.field(60).and_then(|f| f.get(2..8)).and_then(|b| b.parse().ok()) {
+        if let Some(batch) = reply
+            .field(60)
+            .and_then(|f| f.get(2..8))
+            .and_then(|b| b.parse().ok())
+        {
             self.batch = batch;
         }
         Ok(reply)
@@ -204,7 +224,13 @@ impl Terminal {
 
     /// A purchase request (0200, F3 000000, F25 00) for `amount` fen,
     /// swiped: F2, F14 and F35 from the card.
-    pub fn purchase(&self, stan: u32, pan: &str, expiry: &str, amount: u64) -> Result<BytesMut, TerminalError> {
+    pub fn purchase(
+        &self,
+        stan: u32,
+        pan: &str,
+        expiry: &str,
+        amount: u64,
+    ) -> Result<BytesMut, TerminalError> {
         let track = format!("{pan}D{expiry}1011234");
         let f60 = self.f60("22");
         self.request(
@@ -228,7 +254,12 @@ impl Terminal {
     }
 
     /// A balance inquiry (0200, F3 310000).
-    pub fn balance_inquiry(&self, stan: u32, pan: &str, expiry: &str) -> Result<BytesMut, TerminalError> {
+    pub fn balance_inquiry(
+        &self,
+        stan: u32,
+        pan: &str,
+        expiry: &str,
+    ) -> Result<BytesMut, TerminalError> {
         let f60 = self.f60("01");
         self.request(
             Mti::FINANCIAL,

@@ -21,6 +21,8 @@ enum Command {
     Issuer(cli::issuer::IssuerArgs),
     /// The whole product on a private PostgreSQL: a scripted day and the money check, or --serve.
     Demo(cli::demo::DemoArgs),
+    /// Drive a running switch with simulated terminals and report rate and latency.
+    Load(cli::load::LoadArgs),
     /// Apply the switch's database migrations.
     Migrate(cli::serve::MigrateArgs),
     /// Check config files: every problem with file, line and key.
@@ -84,6 +86,7 @@ fn main() -> ExitCode {
                     Command::Serve(a) => cli::serve::serve(&a).await,
                     Command::Issuer(a) => cli::issuer::run(&a).await,
                     Command::Demo(a) => cli::demo::run(&a).await,
+                    Command::Load(a) => cli::load::run(&a).await,
                     Command::Migrate(a) => cli::serve::migrate(&a).await,
                     Command::Terminals {
                         command: TerminalsCommand::Import(a),

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod db;
 pub mod demo;
 pub mod issuer;
+pub mod load;
 pub mod serve;
 pub mod wire;
 

@@ -1,0 +1,66 @@
+//! `switchyard load`: drive a running switch with simulated terminals.
+
+use std::time::Duration;
+
+use clap::Args;
+use loadgen::closed::{Plan, run as run_plan};
+
+use super::Failure;
+
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// The switch's terminal address.
+    #[arg(long, default_value = "127.0.0.1:8583")]
+    pub target: String,
+    /// Terminals (T0000001 upwards), each with one purchase in flight.
+    #[arg(long, default_value_t = 16)]
+    pub terminals: usize,
+    /// Their merchant.
+    #[arg(long, default_value = "898310048160001")]
+    pub merchant: String,
+    /// How long, e.g. 10s.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Cards used round robin, 6222020000000000001 upwards.
+    #[arg(long, default_value_t = 10_000)]
+    pub cards: u64,
+    /// Fen per purchase.
+    #[arg(long, default_value_t = 100)]
+    pub amount: u64,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    settings::parse_duration(text).ok_or_else(|| format!("{text:?} is not a duration like 10s"))
+}
+
+/// `switchyard load`.
+pub async fn run(args: &LoadArgs) -> Result<(), Failure> {
+    let outcome = run_plan(Plan {
+        target: args.target.clone(),
+        terminals: args.terminals,
+        merchant: args.merchant.clone(),
+        duration: args.duration,
+        cards: args.cards,
+        amount: args.amount,
+    })
+    .await;
+    let ms = |q: f64| outcome.latency.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "terminals {:>3}  purchases {:>8}  approved {:>8}  errors {}  rate {:>8.0}/s  p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        args.terminals,
+        outcome.answered,
+        outcome.approved,
+        outcome.errors,
+        outcome.rate(),
+        ms(0.5),
+        ms(0.99),
+        outcome.latency.max() as f64 / 1000.0
+    );
+    if outcome.errors > 0 {
+        return Err(Failure::Other(anyhow::anyhow!(
+            "{} terminals failed",
+            outcome.errors
+        )));
+    }
+    Ok(())
+}
