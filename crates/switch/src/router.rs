@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
-use iso8583::{Dialect, Message, MessageWriter, Mti, Pan};
+use iso8583::{Dialect, Message, MessageWriter, Mti, Pan, ParseError, ParseErrorKind, Part};
 use sha2::Digest;
 use sqlx::PgPool;
 use tokio::sync::Notify;
@@ -99,11 +99,17 @@ impl Switch {
     /// writing the reply frame into `out`.
     pub async fn handle(&self, frame: &Bytes, out: &mut BytesMut) -> Outcome {
         let dialect = &*self.terminal_dialect;
-        let msg = match Message::parse(dialect, frame) {
-            Ok(m) => m,
+        let salvaged;
+        let (msg, format_error) = match Message::parse(dialect, frame) {
+            Ok(m) => (m, None),
             Err(e) => {
                 warn!(error = %e, "malformed terminal message");
-                return Outcome::Close;
+                // K2: when MTI, STAN and terminal decode, the answer is 30.
+                salvaged = salvage(dialect, frame, &e);
+                match salvaged.as_deref().map(|f| Message::parse(dialect, f)) {
+                    Some(Ok(m)) => (m, Some(e)),
+                    _ => return Outcome::Close,
+                }
             }
         };
         let (Some(stan), Some(terminal_id)) =
@@ -128,6 +134,18 @@ impl Switch {
             // A terminal has no business sending replies; there is nothing to answer.
             warn!(mti = %req.msg.mti(), "not a request: ignored");
             return Outcome::Ignore;
+        }
+        if let Some(e) = format_error {
+            debug!(error = %e, "answering 30");
+            self.reply(
+                &req,
+                out,
+                ReplyFields {
+                    rc: Some(ResponseCode::FORMAT_ERROR),
+                    ..Default::default()
+                },
+            );
+            return Outcome::Reply;
         }
         let rc = self.dispatch(&req, out).await;
         if let Some(rc) = rc {
@@ -659,6 +677,41 @@ impl Switch {
         if let Err(e) = built {
             warn!(error = %e, "reply does not fit the terminal dialect");
         }
+    }
+}
+
+/// The fields in front of the first bad one, as a frame of their own: the
+/// bad field and everything after it are dropped from the bitmap and the
+/// bytes. `None` when the error is not in a field, or a secondary bitmap
+/// is involved.
+fn salvage(dialect: &Dialect, frame: &[u8], error: &ParseError) -> Option<Vec<u8>> {
+    let Part::Field(bad) = error.part else {
+        return None;
+    };
+    let mti_len = dialect.min_frame_len() - dialect.tpdu_len() - dialect.header_len() - 8;
+    let at = dialect.tpdu_len() + dialect.header_len() + mti_len;
+    if frame.len() < at + 8 {
+        return None;
+    }
+    let mut copy = frame.to_vec();
+    let primary = u64::from_be_bytes(copy[at..at + 8].try_into().ok()?);
+    if primary >> 63 == 1 || bad > 64 {
+        return None;
+    }
+    // Keep fields 1..bad: the top bad-1 bits.
+    let kept = primary & !(u64::MAX >> (bad - 1));
+    copy[at..at + 8].copy_from_slice(&kept.to_be_bytes());
+    match Message::parse(dialect, &copy) {
+        Ok(_) => Some(copy),
+        Err(ParseError {
+            kind: ParseErrorKind::Trailing { .. },
+            offset,
+            ..
+        }) => {
+            copy.truncate(offset);
+            Some(copy)
+        }
+        Err(_) => None,
     }
 }
 

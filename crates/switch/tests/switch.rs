@@ -1,0 +1,736 @@
+//! The switch end to end: simulated terminals over real TCP, the switch, the
+//! simulated issuer over real TCP, both on a real PostgreSQL.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use iso8583::{Dialect, Mti};
+use loadgen::{Field, Terminal};
+use sqlx::PgPool;
+use switch::config::{Config, Issuer as IssuerRoute};
+use switch::{PanHashKey, Switch};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const MERCHANT: &str = "898310048160001";
+const CARD: &str = "6222020000000000001";
+const EXPIRY: &str = "3012";
+
+/// One world: a database, an issuer and a switch.
+struct World {
+    url: String,
+    pool: PgPool,
+    issuer_pool: PgPool,
+    issuer: Arc<issuer_sim::Issuer>,
+    issuer_key: issuer_sim::PanKey,
+    issuer_addr: String,
+    switch_addr: String,
+    switch: Arc<Switch>,
+    dialect: Arc<Dialect>,
+    shutdown: CancellationToken,
+    run: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Every log line of every test in this binary, at debug level, so a test
+/// can prove no clear PAN is ever logged.
+static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct Captured;
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(|| Captured)
+            .with_ansi(false)
+            .init();
+    });
+}
+
+const CARDS: &str = r#"
+[[cards]]
+first = "6222020000000000001"
+last = "6222020000000000100"
+expiry = "3012"
+balance = 1000000
+limit = 500000
+
+[[cards]]
+first = "6222020000000000200"
+last = "6222020000000000200"
+expiry = "2001"
+balance = 1000000
+
+[[cards]]
+first = "6222020000000000300"
+last = "6222020000000000300"
+expiry = "3012"
+balance = 500
+"#;
+
+const FLEET: &str = r#"
+[[merchants]]
+id = "898310048160001"
+name = "Switchyard Test Store"
+
+[[merchants]]
+id = "898310048160002"
+name = "Closed Store"
+enabled = false
+
+[[terminals]]
+first = "T0000001"
+last = "T0000020"
+merchant = "898310048160001"
+
+[[terminals]]
+id = "T0000099"
+merchant = "898310048160001"
+enabled = false
+
+[[terminals]]
+id = "T0000098"
+merchant = "898310048160002"
+"#;
+
+async fn start_issuer(
+    url: &str,
+) -> (
+    Arc<issuer_sim::Issuer>,
+    issuer_sim::PanKey,
+    String,
+    PgPool,
+    CancellationToken,
+) {
+    let config = issuer_sim::IssuerConfig::from_toml(CARDS, "test-issuer.toml").unwrap();
+    let pool = PgPool::connect(url).await.unwrap();
+    issuer_sim::migrate(&pool).await.unwrap();
+    let key = issuer_sim::PanKey::random();
+    issuer_sim::seed_cards(&pool, &key, &config.cards)
+        .await
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let issuer = Arc::new(issuer_sim::Issuer::new(config, key.clone(), pool.clone()));
+    let stop = CancellationToken::new();
+    tokio::spawn(issuer_sim::run(listener, issuer.clone(), stop.clone()));
+    (issuer, key, addr, pool, stop)
+}
+
+fn switch_config(issuer_addr: &str, tweak: impl FnOnce(&mut Config)) -> Config {
+    let mut config = Config::default();
+    config.rules.issuer_timeout = Duration::from_millis(1500);
+    config.advice.retry_initial = Duration::from_millis(100);
+    config.advice.retry_max = Duration::from_millis(400);
+    config.advice.poll_interval = Duration::from_millis(100);
+    config.issuers = vec![IssuerRoute {
+        name: "sim".into(),
+        bins: vec!["622202".into()],
+        address: issuer_addr.to_string(),
+        connections: 1,
+        echo_interval: Duration::from_secs(30),
+        connect_timeout: Duration::from_secs(2),
+        reconnect_max: Duration::from_millis(200),
+    }];
+    tweak(&mut config);
+    config
+}
+
+/// Starts a switch on `url` and returns its address.
+async fn start_switch(
+    url: &str,
+    config: Config,
+    key: PanHashKey,
+    shutdown: &CancellationToken,
+) -> (Arc<Switch>, String, tokio::task::JoinHandle<()>) {
+    let pool = switch::connect(url, 8).await.unwrap();
+    let switch = switch::start(Arc::new(config), pool.clone(), key, shutdown)
+        .await
+        .unwrap();
+    switch::terminals::Fleet::parse(FLEET, "fleet.toml")
+        .unwrap()
+        .store(&pool)
+        .await
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let run = tokio::spawn(switch::run(listener, switch.clone(), shutdown.clone()));
+    assert!(
+        switch.links[0].wait_up(Duration::from_secs(5)).await,
+        "issuer link up"
+    );
+    (switch, addr, run)
+}
+
+async fn world_with(tweak: impl FnOnce(&mut Config)) -> World {
+    capture_logs();
+    let url = embedded_pg::test_database().await;
+    let (issuer, issuer_key, issuer_addr, issuer_pool, _stop) = start_issuer(&url).await;
+    let shutdown = CancellationToken::new();
+    let config = switch_config(&issuer_addr, tweak);
+    let (switch, switch_addr, run) =
+        start_switch(&url, config, PanHashKey::generate(), &shutdown).await;
+    World {
+        pool: switch.pool.clone(),
+        url,
+        issuer_pool,
+        issuer,
+        issuer_key,
+        issuer_addr,
+        switch_addr,
+        switch,
+        dialect: Arc::new(Dialect::cup_pos()),
+        shutdown,
+        run: Some(run),
+    }
+}
+
+async fn world() -> World {
+    world_with(|_| {}).await
+}
+
+impl World {
+    async fn terminal(&self, id: &str) -> Terminal {
+        Terminal::connect(&self.switch_addr, id, MERCHANT, self.dialect.clone())
+            .await
+            .unwrap()
+    }
+
+    async fn signed_on(&self, id: &str) -> Terminal {
+        let mut t = self.terminal(id).await;
+        let reply = t.sign_on().await.unwrap();
+        assert_eq!(reply.rc(), "00");
+        t
+    }
+
+    async fn balance(&self, pan: &str) -> i64 {
+        let pan = iso8583::Pan::new(pan).unwrap();
+        issuer_sim::balance(&self.issuer_pool, &self.issuer_key, &pan)
+            .await
+            .unwrap()
+            .expect("a seeded card")
+            .balance
+    }
+
+    async fn journal_state(&self, rrn: &str) -> String {
+        sqlx::query_scalar("SELECT state FROM journal WHERE rrn = $1")
+            .bind(rrn)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Waits (up to `limit`) until `query` returns true.
+    async fn until(&self, limit: Duration, what: &str, query: &str) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let done: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(query.to_string()))
+                .fetch_one(&self.pool)
+                .await
+                .unwrap();
+            if done {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn sign_on_returns_the_open_batch() {
+    let w = world().await;
+    sqlx::query("UPDATE terminals SET batch = 42 WHERE id = 'T0000002'")
+        .execute(&w.pool)
+        .await
+        .unwrap();
+    let mut t = w.terminal("T0000002").await;
+    let reply = t.sign_on().await.unwrap();
+    assert_eq!(reply.mti, Mti::NETWORK.reply());
+    assert_eq!(reply.rc(), "00");
+    assert_eq!(reply.field(60), Some("00000042001"));
+    assert_eq!(t.batch, 42);
+    assert_eq!(reply.field(11), Some("000001"));
+    assert_eq!(reply.field(41), Some("T0000002"));
+}
+
+#[tokio::test]
+async fn a_purchase_is_approved_journalled_and_debited() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000001").await;
+    let before = w.balance(CARD).await;
+    let stan = t.next_stan();
+    let reply = t
+        .exchange(&t.purchase(stan, CARD, EXPIRY, 12_345).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(reply.mti, Mti::FINANCIAL.reply());
+    assert_eq!(reply.rc(), "00", "{reply:?}");
+    assert_eq!(reply.field(4), Some("000000012345"));
+    assert_eq!(reply.field(11).unwrap(), format!("{stan:06}"));
+    assert_eq!(reply.field(38).map(str::len), Some(6), "auth code");
+    assert_eq!(
+        reply.prefix[..5],
+        [0x60, 0x00, 0x00, 0x00, 0x03],
+        "TPDU swapped"
+    );
+    let rrn = reply.field(37).unwrap();
+    assert_eq!(rrn.len(), 12);
+    assert_eq!(w.journal_state(rrn).await, "approved");
+    assert_eq!(w.balance(CARD).await, before - 12_345);
+    let (masked, amount): (String, i64) =
+        sqlx::query_as("SELECT pan_masked, amount FROM journal WHERE rrn = $1")
+            .bind(rrn)
+            .fetch_one(&w.pool)
+            .await
+            .unwrap();
+    assert_eq!(masked, "622202*********0001");
+    assert_eq!(amount, 12_345);
+}
+
+#[tokio::test]
+async fn declines_come_from_the_issuer_with_its_codes() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000003").await;
+    for (pan, expiry, amount, rc) in [
+        ("6222020000000000300", "3012", 501, "51"), // insufficient funds
+        ("6222020000000000200", "2001", 100, "54"), // expired
+        ("6222020000000009999", "3012", 100, "14"), // unknown card
+        ("6222020000000000002", "3012", 500_001, "61"), // over the card's limit
+    ] {
+        let stan = t.next_stan();
+        let reply = t
+            .exchange(&t.purchase(stan, pan, expiry, amount).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(reply.rc(), rc, "{pan}");
+        assert_eq!(reply.field(38), None, "no auth code on a decline");
+        assert_eq!(w.journal_state(reply.field(37).unwrap()).await, "declined");
+    }
+    assert_eq!(w.balance("6222020000000000300").await, 500);
+}
+
+#[tokio::test]
+async fn balance_inquiry_returns_the_available_balance() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000004").await;
+    let stan = t.next_stan();
+    let reply = t
+        .exchange(
+            &t.balance_inquiry(stan, "6222020000000000005", EXPIRY)
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.rc(), "00");
+    assert_eq!(reply.field(54), Some("1002156C000001000000"));
+}
+
+#[tokio::test]
+async fn unknown_terminal_merchant_and_batch_are_refused() {
+    let w = world().await;
+    let mut unknown = w.terminal("T9999999").await;
+    assert_eq!(unknown.sign_on().await.unwrap().rc(), "97");
+    let mut disabled = w.terminal("T0000099").await;
+    assert_eq!(disabled.sign_on().await.unwrap().rc(), "97");
+    let mut closed = Terminal::connect(
+        &w.switch_addr,
+        "T0000098",
+        "898310048160002",
+        w.dialect.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(closed.sign_on().await.unwrap().rc(), "03");
+    let mut wrong_merchant = Terminal::connect(
+        &w.switch_addr,
+        "T0000005",
+        "898310048160002",
+        w.dialect.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(wrong_merchant.sign_on().await.unwrap().rc(), "03");
+    let mut t = w.signed_on("T0000005").await;
+    t.batch += 1;
+    let stan = t.next_stan();
+    let reply = t
+        .exchange(&t.purchase(stan, CARD, EXPIRY, 100).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(reply.rc(), "77");
+}
+
+#[tokio::test]
+async fn a_repeated_purchase_gets_the_stored_reply_and_the_issuer_is_asked_once() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000006").await;
+    let pan = "6222020000000000006";
+    let before = w.balance(pan).await;
+    let stan = t.next_stan();
+    let frame = t.purchase(stan, pan, EXPIRY, 1_000).unwrap();
+    let first = t.exchange(&frame).await.unwrap();
+    let again = t.exchange(&frame).await.unwrap();
+    assert_eq!(first.rc(), "00");
+    assert_eq!(again.body, first.body, "byte for byte the same reply");
+    // Same key, other content: D2.
+    let other = t.purchase(stan, pan, EXPIRY, 2_000).unwrap();
+    assert_eq!(t.exchange(&other).await.unwrap().rc(), "94");
+    assert_eq!(w.balance(pan).await, before - 1_000);
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM journal WHERE terminal_id = 'T0000006' AND kind = 'purchase'",
+    )
+    .fetch_one(&w.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows, 1);
+}
+
+#[tokio::test]
+async fn concurrent_duplicates_and_one_still_at_the_issuer_are_asked_once() {
+    let w = world().await;
+    // The issuer takes its time, so the copies arrive while the first is there.
+    w.issuer
+        .faults()
+        .update(|f| f.latency = issuer_sim::Latency::Fixed(Duration::from_millis(300)));
+    let pan = "6222020000000000007";
+    let before = w.balance(pan).await;
+    let mut t = w.signed_on("T0000007").await;
+    let stan = t.next_stan();
+    let frame = t.purchase(stan, pan, EXPIRY, 700).unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..5 {
+        let mut copy = Terminal::connect(&w.switch_addr, "T0000007", MERCHANT, w.dialect.clone())
+            .await
+            .unwrap();
+        let frame = frame.clone();
+        tasks.push(tokio::spawn(
+            async move { copy.exchange(&frame).await.unwrap() },
+        ));
+    }
+    let replies: Vec<_> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    for r in &replies {
+        assert_eq!(r.rc(), "00");
+        assert_eq!(r.body, replies[0].body);
+    }
+    assert_eq!(w.balance(pan).await, before - 700);
+}
+
+#[tokio::test]
+async fn two_switch_processes_on_one_database_ask_the_issuer_once() {
+    let w = world().await;
+    w.issuer
+        .faults()
+        .update(|f| f.latency = issuer_sim::Latency::Fixed(Duration::from_millis(200)));
+    let other_shutdown = CancellationToken::new();
+    let config = switch_config(&w.issuer_addr, |_| {});
+    let (_other, other_addr, _run) =
+        start_switch(&w.url, config, w.switch.key.clone(), &other_shutdown).await;
+    let pan = "6222020000000000008";
+    let before = w.balance(pan).await;
+    let mut a = w.signed_on("T0000008").await;
+    let mut b = Terminal::connect(&other_addr, "T0000008", MERCHANT, w.dialect.clone())
+        .await
+        .unwrap();
+    b.batch = a.batch;
+    let stan = a.next_stan();
+    let frame = a.purchase(stan, pan, EXPIRY, 800).unwrap();
+    let (ra, rb) = tokio::join!(a.exchange(&frame), b.exchange(&frame));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(ra.rc(), "00");
+    assert_eq!(ra.body, rb.body);
+    assert_eq!(w.balance(pan).await, before - 800);
+    other_shutdown.cancel();
+}
+
+#[tokio::test]
+async fn an_issuer_timeout_answers_98_and_the_reversal_is_applied_once_the_issuer_is_back() {
+    let w = world().await;
+    let pan = "6222020000000000009";
+    let before = w.balance(pan).await;
+    let mut t = w.signed_on("T0000009").await;
+    // The issuer posts the purchase but its reply never arrives.
+    w.issuer.faults().update(|f| f.drop_reply = 1.0);
+    let stan = t.next_stan();
+    let reply = t
+        .exchange(&t.purchase(stan, pan, EXPIRY, 900).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(reply.rc(), "98");
+    let rrn = reply.field(37).unwrap().to_string();
+    assert_eq!(w.balance(pan).await, before - 900, "the issuer did post it");
+    // The first reversal advice (0420) is lost the same way; its repeat
+    // (0421) is retried until the issuer answers again.
+    w.until(
+        Duration::from_secs(10),
+        "a first advice attempt",
+        &format!("SELECT EXISTS (SELECT 1 FROM advices a JOIN journal j ON j.id = a.journal_id WHERE j.rrn = '{rrn}' AND a.attempts >= 1)"),
+    )
+    .await;
+    w.issuer.faults().clear();
+    w.until(
+        Duration::from_secs(15),
+        "the reversal advice to be answered",
+        &format!("SELECT state = 'reversed' FROM journal WHERE rrn = '{rrn}'"),
+    )
+    .await;
+    assert_eq!(w.balance(pan).await, before, "reversed exactly once");
+    let (attempts, rc): (i32, String) = sqlx::query_as(
+        "SELECT a.attempts, a.response_code FROM advices a JOIN journal j ON j.id = a.journal_id WHERE j.rrn = $1",
+    )
+    .bind(&rrn)
+    .fetch_one(&w.pool)
+    .await
+    .unwrap();
+    assert!(
+        attempts >= 2,
+        "the first advice was dropped too, so a repeat was needed"
+    );
+    assert_eq!(rc, "00");
+    // A duplicate of the timed-out request hears the same 98.
+    let again = t
+        .exchange(&t.purchase(stan, pan, EXPIRY, 900).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(again.rc(), "98");
+}
+
+#[tokio::test]
+async fn an_issuer_that_dies_mid_reply_is_reversed_too() {
+    let w = world().await;
+    let pan = "6222020000000000010";
+    let before = w.balance(pan).await;
+    let mut t = w.signed_on("T0000010").await;
+    w.issuer.faults().update(|f| f.close_connection = 1.0);
+    let stan = t.next_stan();
+    let reply = t
+        .exchange(&t.purchase(stan, pan, EXPIRY, 1_000).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(reply.rc(), "98");
+    let rrn = reply.field(37).unwrap().to_string();
+    w.issuer.faults().clear();
+    w.until(
+        Duration::from_secs(15),
+        "the reversal after the broken connection",
+        &format!("SELECT state = 'reversed' FROM journal WHERE rrn = '{rrn}'"),
+    )
+    .await;
+    assert_eq!(w.balance(pan).await, before);
+    // The link is back: the next purchase goes through.
+    assert!(w.switch.links[0].wait_up(Duration::from_secs(5)).await);
+    let stan = t.next_stan();
+    let reply = t
+        .exchange(&t.purchase(stan, pan, EXPIRY, 10).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(reply.rc(), "00");
+}
+
+#[tokio::test]
+async fn sent_rows_of_a_crashed_switch_are_reversed_at_restart() {
+    let mut w = world().await;
+    let pan = "6222020000000000011";
+    let before = w.balance(pan).await;
+    let mut t = w.signed_on("T0000011").await;
+    // Stop the switch's advice worker and issuer answers so the row stays
+    // `sent` as if the switch had died between asking and recording.
+    w.issuer
+        .faults()
+        .update(|f| f.latency = issuer_sim::Latency::Fixed(Duration::from_millis(800)));
+    let stan = t.next_stan();
+    let frame = t.purchase(stan, pan, EXPIRY, 1_100).unwrap();
+    t.send_raw(&frame).await.unwrap();
+    w.until(
+        Duration::from_secs(5),
+        "the sent row",
+        "SELECT EXISTS (SELECT 1 FROM journal WHERE terminal_id = 'T0000011' AND state = 'sent')",
+    )
+    .await;
+    // The first switch goes away; then its row is put back as a crash would
+    // have left it: `sent`, posted at the issuer, no outcome, no advice.
+    w.shutdown.cancel();
+    w.run.take().expect("running").await.unwrap();
+    sqlx::query("UPDATE journal SET state = 'sent', reply = NULL, sent_at = now() - interval '1 hour' WHERE terminal_id = 'T0000011'")
+        .execute(&w.pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM advices")
+        .execute(&w.pool)
+        .await
+        .unwrap();
+    w.issuer.faults().clear();
+    let restart = CancellationToken::new();
+    let config = switch_config(&w.issuer_addr, |_| {});
+    let (_s, _addr, _run) = start_switch(&w.url, config, w.switch.key.clone(), &restart).await;
+    w.until(
+        Duration::from_secs(15),
+        "recovery to reverse the sent row",
+        "SELECT state = 'reversed' FROM journal WHERE terminal_id = 'T0000011'",
+    )
+    .await;
+    assert_eq!(
+        w.balance(pan).await,
+        before,
+        "the issuer's posting was reversed"
+    );
+    restart.cancel();
+}
+
+#[tokio::test]
+async fn framing_errors_close_the_connection_and_an_oversized_length_is_not_read() {
+    let w = world().await;
+    let mut t = w.terminal("T0000012").await;
+    // 0xFFFF announces 65535 bytes: refused at once, nothing more is read.
+    t.send_raw(&[0xFF, 0xFF, 0x60]).await.unwrap();
+    assert!(matches!(
+        t.recv().await,
+        Err(loadgen::terminal::TerminalError::Closed)
+    ));
+    let mut t = w.terminal("T0000012").await;
+    t.send_raw(&[0x00, 0x03, 0x60, 0x00, 0x03]).await.unwrap();
+    assert!(matches!(
+        t.recv().await,
+        Err(loadgen::terminal::TerminalError::Closed)
+    ));
+    // Keep-alives get no answer and keep the connection.
+    let mut t = w.signed_on("T0000012").await;
+    t.keep_alive().await.unwrap();
+    let stan = t.next_stan();
+    let reply = t
+        .exchange(&t.balance_inquiry(stan, CARD, EXPIRY).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(reply.rc(), "00");
+}
+
+#[tokio::test]
+async fn a_message_with_a_bad_field_after_the_terminal_id_is_answered_30() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000013").await;
+    let stan = t.next_stan();
+    let mut frame = t
+        .request(
+            Mti::FINANCIAL,
+            &[
+                (3, Field::Digits("000000")),
+                (4, Field::Number(100)),
+                (11, Field::Number(stan.into())),
+                (49, Field::Text("156")),
+            ],
+        )
+        .unwrap();
+    // Corrupt F49 (after F41/F42): "1x6" is not an an3 value.
+    let at = frame.len() - 2;
+    frame[at] = b'-';
+    let reply = t.exchange(&frame).await.unwrap();
+    assert_eq!(reply.rc(), "30");
+    assert_eq!(reply.field(11).unwrap(), format!("{stan:06}"));
+    assert_eq!(reply.field(41), Some("T0000013"));
+    // A bad field in front of F41: the terminal cannot be named, so the
+    // connection is closed instead.
+    let stan = t.next_stan();
+    let mut frame = t
+        .request(
+            Mti::FINANCIAL,
+            &[
+                (3, Field::Digits("000000")),
+                (11, Field::Number(stan.into())),
+            ],
+        )
+        .unwrap();
+    frame[2 + 5 + 6 + 2 + 8] = 0xAB; // F3's first byte: not BCD
+    t.send_raw(&frame).await.unwrap();
+    assert!(matches!(
+        t.recv().await,
+        Err(loadgen::terminal::TerminalError::Closed)
+    ));
+}
+
+#[tokio::test]
+async fn no_clear_pan_in_the_logs() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000015").await;
+    let pan = "6222020000000000015";
+    let stan = t.next_stan();
+    t.exchange(&t.purchase(stan, pan, EXPIRY, 100).unwrap())
+        .await
+        .unwrap();
+    w.issuer.faults().update(|f| f.drop_reply = 1.0);
+    let stan = t.next_stan();
+    t.exchange(&t.purchase(stan, pan, EXPIRY, 200).unwrap())
+        .await
+        .unwrap();
+    w.issuer.faults().clear();
+    let logs = String::from_utf8_lossy(&LOGS.lock().unwrap()).to_string();
+    assert!(
+        logs.contains("issuer did not answer"),
+        "the timeout was logged"
+    );
+    assert!(!logs.contains(pan), "clear PAN in the logs");
+    assert!(
+        !logs.contains("6222020000000000001"),
+        "clear PAN of another test in the logs"
+    );
+}
+
+#[tokio::test]
+async fn no_clear_pan_in_the_database_of_either_side() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000014").await;
+    let pan = "6222020000000000014";
+    for amount in [100, 200] {
+        let stan = t.next_stan();
+        t.exchange(&t.purchase(stan, pan, EXPIRY, amount).unwrap())
+            .await
+            .unwrap();
+    }
+    w.issuer.faults().update(|f| f.drop_reply = 1.0);
+    let stan = t.next_stan();
+    t.exchange(&t.purchase(stan, pan, EXPIRY, 300).unwrap())
+        .await
+        .unwrap();
+    w.issuer.faults().clear();
+    let bin = embedded_pg::find_binaries().unwrap();
+    let dump = std::process::Command::new(bin.join("pg_dump"))
+        .arg("--data-only")
+        .arg(&w.url)
+        .output()
+        .unwrap();
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let text = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        text.contains("622202*********0014"),
+        "the masked PAN is there"
+    );
+    assert!(
+        text.contains("switch.journal") && text.contains("issuer."),
+        "both schemas dumped"
+    );
+    for secret in [pan, "6222020000000000014D3012", "1111111111111111"] {
+        assert!(!text.contains(secret), "{secret} found in the dump");
+    }
+}
