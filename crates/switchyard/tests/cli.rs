@@ -308,3 +308,48 @@ fn config_check_lists_every_problem_with_file_line_and_key() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn demo_serve_answers_terminals_and_exits_0_on_sigterm() {
+    use std::io::BufRead;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["demo", "--serve", "--listen", &listen])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("a first line").unwrap();
+    assert_eq!(
+        first,
+        format!("switchyard demo: terminals connect to {listen} (cup-pos)")
+    );
+    // A real terminal exchange through the running demo.
+    let load = switchyard(
+        &[
+            "load",
+            "--target",
+            &listen,
+            "--terminals",
+            "2",
+            "--duration",
+            "1s",
+        ],
+        None,
+    );
+    let report = stdout(&load);
+    assert!(report.contains("errors 0"), "{report}");
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    assert_eq!(exit.code(), Some(0), "graceful shutdown exits 0");
+}
