@@ -9,10 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use iso8583::Pan;
-use iso8583::error::Problem;
-use toml::de::DeTable;
-
-use crate::settings::{Checker, Section};
+use settings::{Problems, Section};
 
 /// The whole config.
 #[derive(Debug, Clone)]
@@ -230,11 +227,12 @@ pub enum ConfigError {
         /// Why.
         source: std::io::Error,
     },
-    /// The file was read but is wrong; every problem found is listed.
-    #[error("{}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    /// The file was read but is wrong; every problem found is listed, one
+    /// a line, in the order of the file.
+    #[error("{problems}")]
     Invalid {
         /// Each problem, with file, line and key.
-        problems: Vec<Problem>,
+        problems: Problems,
     },
 }
 
@@ -252,24 +250,12 @@ impl IssuerConfig {
 
     /// Reads config text; `origin` names it in every problem.
     pub fn from_toml(text: &str, origin: &str) -> Result<IssuerConfig, ConfigError> {
-        let checker = Checker::new(text, origin);
-        let (root, errors) = DeTable::parse_recoverable(text);
-        if !errors.is_empty() {
-            for e in errors {
-                let at = e.span().map_or(0, |s| s.start);
-                checker.problem(at, "(syntax)", e.message().trim().replace('\n', " "));
-            }
-            return Err(ConfigError::Invalid {
-                problems: checker.into_problems(),
-            });
-        }
-        let config = read(&Section::root(&checker, &root));
-        let problems = checker.into_problems();
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError::Invalid { problems })
-        }
+        settings::parse(text, origin, read).map_err(|mut problems| {
+            // In the order of the file, not of reading (unknown keys come
+            // last, when their table is dropped).
+            problems.0.sort_by_key(|p| p.line);
+            ConfigError::Invalid { problems }
+        })
     }
 }
 
@@ -279,7 +265,7 @@ impl Default for IssuerConfig {
     }
 }
 
-fn read(root: &Section<'_>) -> IssuerConfig {
+fn read(root: &Section<'_, '_>) -> IssuerConfig {
     let listen_text = root.string("listen", "127.0.0.1:9583");
     let listen = listen_text.parse().unwrap_or_else(|_| {
         root.problem(
@@ -305,7 +291,7 @@ fn read(root: &Section<'_>) -> IssuerConfig {
 
     let k = root.section("keys");
     let keys = KeysConfig {
-        pan_key_file: k.str("pan_key_file").map(PathBuf::from),
+        pan_key_file: k.path("pan_key_file"),
     };
     drop(k);
 
@@ -329,7 +315,7 @@ fn read(root: &Section<'_>) -> IssuerConfig {
     }
 }
 
-fn read_cards(root: &Section<'_>) -> Vec<CardRange> {
+fn read_cards(root: &Section<'_, '_>) -> Vec<CardRange> {
     let mut ranges: Vec<CardRange> = Vec::new();
     for c in root.sections("cards") {
         let pan = |name: &str| -> Option<Pan> {
@@ -354,16 +340,7 @@ fn read_cards(root: &Section<'_>) -> Vec<CardRange> {
         }
         let balance = c.int("balance", 1_000_000, 0..=i64::MAX / 4);
         let limit = c.int("limit", 5_000_000, 1..=i64::MAX / 4);
-        let status_word = c.string("status", "active");
-        let status = CardStatus::from_word(&status_word).unwrap_or_else(|| {
-            c.problem(
-                "status",
-                format!(
-                    "{status_word:?} is not one of \"active\", \"blocked\", \"lost\", \"stolen\""
-                ),
-            );
-            CardStatus::Active
-        });
+        let status = c.choice("status", CardStatus::Active, &CardStatus::WORDS);
         let (Some(first), Some(last)) = (first, last) else {
             continue;
         };
@@ -415,16 +392,17 @@ fn overlap(a: &CardRange, b: &CardRange) -> bool {
         && pan_number(&b.first) <= pan_number(&a.last)
 }
 
-fn ms(section: &Section<'_>, name: &str, default: i64) -> Duration {
+fn ms(section: &Section<'_, '_>, name: &str, default: i64) -> Duration {
     Duration::from_millis(section.int(name, default, 0..=MAX_MS) as u64)
 }
 
-fn read_faults(f: &Section<'_>) -> FaultConfig {
-    let seed = f.opt_int("seed", 0..=i64::MAX).map(|s| s as u64);
+fn read_faults(f: &Section<'_, '_>) -> FaultConfig {
+    let seed = f.has("seed").then(|| f.int("seed", 0, 0..=i64::MAX) as u64);
     let latency = read_latency(&f.section("latency"));
-    let drop_reply = f.probability("drop_reply");
-    let late_reply = f.probability("late_reply");
-    let close_connection = f.probability("close_connection");
+    let probability = |name: &str| f.float(name, 0.0, 0.0..=1.0);
+    let drop_reply = probability("drop_reply");
+    let late_reply = probability("late_reply");
+    let close_connection = probability("close_connection");
     let late_by = ms(f, "late_by_ms", DEFAULT_LATE_BY_MS);
     if late_by.is_zero() {
         f.problem("late_by_ms", "must be above 0");
@@ -445,7 +423,7 @@ fn read_faults(f: &Section<'_>) -> FaultConfig {
     }
 }
 
-fn read_latency(l: &Section<'_>) -> Latency {
+fn read_latency(l: &Section<'_, '_>) -> Latency {
     let distribution = l.string("distribution", "fixed");
     match distribution.as_str() {
         "fixed" => Latency::Fixed(ms(l, "ms", 0)),
@@ -490,7 +468,7 @@ mod tests {
     fn problems(text: &str) -> Vec<String> {
         match IssuerConfig::from_toml(text, "i.toml") {
             Err(ConfigError::Invalid { problems }) => {
-                problems.iter().map(ToString::to_string).collect()
+                problems.0.iter().map(ToString::to_string).collect()
             }
             other => panic!("expected problems, got {other:?}"),
         }
@@ -585,12 +563,12 @@ bogus = 1
         for expected in [
             "i.toml:1: listen: \"nowhere\" is not an address like \"127.0.0.1:9583\"",
             "i.toml:2: colour: unknown key",
-            "i.toml:4: faults.drop_reply: must be a number from 0 to 1",
-            "i.toml:5: faults.late_by_ms: must be 0 to 3600000",
+            "i.toml:4: faults.drop_reply: out of range: 0 to 1",
+            "i.toml:5: faults.late_by_ms: -1 is out of range: 0 to 3600000",
             "i.toml:6: faults.latency.distribution: \"gaussian\" is not one of",
             "i.toml:9: cards[0].last: must be a PAN of 12 to 19 digits",
             "i.toml:10: cards[0].expiry: \"3013\" is not YYMM",
-            "i.toml:14: cards[1].limit: must be an integer, not string",
+            "i.toml:14: cards[1].limit: expected an integer, found string",
             "i.toml:15: cards[1].bogus: unknown key",
         ] {
             assert!(

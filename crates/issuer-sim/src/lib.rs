@@ -22,7 +22,6 @@ mod faults;
 mod key;
 mod request;
 mod server;
-mod settings;
 
 pub use books::{CardBalance, Totals, balance, balances, check_key, migrate, seed_cards};
 pub use clearing::{CLEARING_HEADER, clearing};

@@ -1124,7 +1124,11 @@ async fn config_errors_name_file_line_and_key() {
     let ConfigError::Invalid { problems } = err else {
         panic!("{shown}")
     };
-    let lines: Vec<(usize, &str)> = problems.iter().map(|p| (p.line, p.key.as_str())).collect();
+    let lines: Vec<(usize, &str)> = problems
+        .0
+        .iter()
+        .map(|p| (p.line, p.key.as_str()))
+        .collect();
     assert_eq!(
         lines,
         [
@@ -1137,7 +1141,7 @@ async fn config_errors_name_file_line_and_key() {
     );
     assert!(
         shown.starts_with(&format!(
-            "{file}:4: faults.late_reply: must be a number, not string"
+            "{file}:4: faults.late_reply: expected a number, found string"
         )),
         "{shown}"
     );
