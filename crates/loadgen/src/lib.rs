@@ -4,4 +4,4 @@
 pub mod closed;
 pub mod terminal;
 
-pub use terminal::{Field, Reply, Terminal};
+pub use terminal::{Field, Original, Reply, Reversed, Terminal};

@@ -222,6 +222,53 @@ impl Terminal {
         Ok(reply)
     }
 
+    /// A financial request: the card (PAN, expiry, track 2) when given, and
+    /// the fields every transaction carries; `extra` in any order.
+    #[allow(clippy::too_many_arguments)]
+    fn financial(
+        &self,
+        mti: Mti,
+        processing_code: &str,
+        condition: &str,
+        type_code: &str,
+        stan: u32,
+        card: Option<(&str, &str)>,
+        amount: Option<u64>,
+        extra: &[(usize, Field<'_>)],
+    ) -> Result<BytesMut, TerminalError> {
+        let track = card.map(|(pan, expiry)| format!("{pan}D{expiry}1011234"));
+        let f60 = self.f60(type_code);
+        let mut fields: Vec<(usize, Field<'_>)> = vec![
+            (3, Field::Digits(processing_code)),
+            (11, Field::Number(stan.into())),
+            (
+                22,
+                Field::Digits(if card.is_some() { "021" } else { "012" }),
+            ),
+            (25, Field::Digits(condition)),
+            (49, Field::Text("156")),
+            (60, Field::Digits(&f60)),
+        ];
+        if let (Some((pan, expiry)), Some(track)) = (card, track.as_deref()) {
+            fields.extend([
+                (2, Field::Digits(pan)),
+                (14, Field::Digits(expiry)),
+                (35, Field::Digits(track)),
+            ]);
+            fields.extend([
+                (26, Field::Digits("12")),
+                (52, Field::Binary(&[0x11; 8])),
+                (53, Field::Digits("2600000000000000")),
+            ]);
+        }
+        if let Some(a) = amount {
+            fields.push((4, Field::Number(a)));
+        }
+        fields.extend_from_slice(extra);
+        fields.sort_by_key(|(n, _)| *n);
+        self.request(mti, &fields)
+    }
+
     /// A purchase request (0200, F3 000000, F25 00) for `amount` fen,
     /// swiped: F2, F14 and F35 from the card.
     pub fn purchase(
@@ -231,25 +278,15 @@ impl Terminal {
         expiry: &str,
         amount: u64,
     ) -> Result<BytesMut, TerminalError> {
-        let track = format!("{pan}D{expiry}1011234");
-        let f60 = self.f60("22");
-        self.request(
+        self.financial(
             Mti::FINANCIAL,
-            &[
-                (2, Field::Digits(pan)),
-                (3, Field::Digits("000000")),
-                (4, Field::Number(amount)),
-                (11, Field::Number(stan.into())),
-                (14, Field::Digits(expiry)),
-                (22, Field::Digits("021")),
-                (25, Field::Digits("00")),
-                (26, Field::Digits("12")),
-                (35, Field::Digits(&track)),
-                (49, Field::Text("156")),
-                (52, Field::Binary(&[0x11; 8])),
-                (53, Field::Digits("2600000000000000")),
-                (60, Field::Digits(&f60)),
-            ],
+            "000000",
+            "00",
+            "22",
+            stan,
+            Some((pan, expiry)),
+            Some(amount),
+            &[],
         )
     }
 
@@ -260,19 +297,295 @@ impl Terminal {
         pan: &str,
         expiry: &str,
     ) -> Result<BytesMut, TerminalError> {
-        let f60 = self.f60("01");
-        self.request(
+        self.financial(
             Mti::FINANCIAL,
+            "310000",
+            "00",
+            "01",
+            stan,
+            Some((pan, expiry)),
+            None,
+            &[],
+        )
+    }
+
+    /// A purchase void (0200, F3 200000): the original by F61 (batch, STAN) and F37.
+    pub fn void(
+        &self,
+        stan: u32,
+        pan: &str,
+        expiry: &str,
+        amount: u64,
+        original: &Original<'_>,
+    ) -> Result<BytesMut, TerminalError> {
+        let f61 = format!("{:06}{:06}", original.batch, original.stan);
+        self.financial(
+            Mti::FINANCIAL,
+            "200000",
+            "00",
+            "23",
+            stan,
+            Some((pan, expiry)),
+            Some(amount),
+            &[(37, Field::Text(original.rrn)), (61, Field::Digits(&f61))],
+        )
+    }
+
+    /// A refund (0220, F3 200000): the original by F37 and F61.3 (its date, MMDD).
+    pub fn refund(
+        &self,
+        stan: u32,
+        pan: &str,
+        expiry: &str,
+        amount: u64,
+        original: &Original<'_>,
+    ) -> Result<BytesMut, TerminalError> {
+        let f61 = format!("{:06}{:06}{}", original.batch, original.stan, original.date);
+        self.financial(
+            Mti::FINANCIAL_ADVICE,
+            "200000",
+            "00",
+            "25",
+            stan,
+            Some((pan, expiry)),
+            Some(amount),
             &[
-                (2, Field::Digits(pan)),
-                (3, Field::Digits("310000")),
+                (37, Field::Text(original.rrn)),
+                (61, Field::Digits(&f61)),
+                (63, Field::Text("CUP")),
+            ],
+        )
+    }
+
+    /// A pre-authorisation (0100, F3 030000, F25 06).
+    pub fn preauth(
+        &self,
+        stan: u32,
+        pan: &str,
+        expiry: &str,
+        amount: u64,
+    ) -> Result<BytesMut, TerminalError> {
+        self.financial(
+            Mti::AUTHORIZATION,
+            "030000",
+            "06",
+            "10",
+            stan,
+            Some((pan, expiry)),
+            Some(amount),
+            &[],
+        )
+    }
+
+    /// A pre-authorisation cancel (0100, F3 200000, F25 06): the pre-auth by F38 and F61.3.
+    pub fn preauth_cancel(
+        &self,
+        stan: u32,
+        pan: &str,
+        expiry: &str,
+        amount: u64,
+        original: &Original<'_>,
+    ) -> Result<BytesMut, TerminalError> {
+        self.preauth_followup(
+            Mti::AUTHORIZATION,
+            "200000",
+            "11",
+            stan,
+            pan,
+            expiry,
+            amount,
+            original,
+        )
+    }
+
+    /// A completion request (0200, F3 000000, F25 06).
+    pub fn completion(
+        &self,
+        stan: u32,
+        pan: &str,
+        expiry: &str,
+        amount: u64,
+        original: &Original<'_>,
+    ) -> Result<BytesMut, TerminalError> {
+        self.preauth_followup(
+            Mti::FINANCIAL,
+            "000000",
+            "20",
+            stan,
+            pan,
+            expiry,
+            amount,
+            original,
+        )
+    }
+
+    /// A completion advice (0220, F3 000000, F25 06).
+    pub fn completion_advice(
+        &self,
+        stan: u32,
+        pan: &str,
+        expiry: &str,
+        amount: u64,
+        original: &Original<'_>,
+    ) -> Result<BytesMut, TerminalError> {
+        self.preauth_followup(
+            Mti::FINANCIAL_ADVICE,
+            "000000",
+            "24",
+            stan,
+            pan,
+            expiry,
+            amount,
+            original,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn preauth_followup(
+        &self,
+        mti: Mti,
+        processing_code: &str,
+        type_code: &str,
+        stan: u32,
+        pan: &str,
+        expiry: &str,
+        amount: u64,
+        original: &Original<'_>,
+    ) -> Result<BytesMut, TerminalError> {
+        let f61 = format!("000000000000{}", original.date);
+        self.financial(
+            mti,
+            processing_code,
+            "06",
+            type_code,
+            stan,
+            Some((pan, expiry)),
+            Some(amount),
+            &[
+                (38, Field::Text(original.auth_code)),
+                (61, Field::Digits(&f61)),
+            ],
+        )
+    }
+
+    /// A completion void (0200, F3 200000, F25 06): the completion by F61 and F37.
+    pub fn completion_void(
+        &self,
+        stan: u32,
+        pan: &str,
+        expiry: &str,
+        amount: u64,
+        original: &Original<'_>,
+    ) -> Result<BytesMut, TerminalError> {
+        let f61 = format!("{:06}{:06}", original.batch, original.stan);
+        self.financial(
+            Mti::FINANCIAL,
+            "200000",
+            "06",
+            "21",
+            stan,
+            Some((pan, expiry)),
+            Some(amount),
+            &[(37, Field::Text(original.rrn)), (61, Field::Digits(&f61))],
+        )
+    }
+
+    /// The reversal (0400) of a request this terminal sent: the same F3, F4,
+    /// F11, F25 and F60, no card data beyond the PAN, F39 the reason (`98`
+    /// no answer, `A0` MAC failure, `06` other), F61 for void-type originals.
+    pub fn reversal(&self, of: &Reversed<'_>, reason: &str) -> Result<BytesMut, TerminalError> {
+        let mut fields = vec![
+            (2, Field::Digits(of.pan)),
+            (3, Field::Digits(of.processing_code)),
+            (4, Field::Number(of.amount)),
+            (11, Field::Number(of.stan.into())),
+            (22, Field::Digits("021")),
+            (25, Field::Digits(of.condition)),
+            (39, Field::Text(reason)),
+            (49, Field::Text("156")),
+            (60, Field::Digits(of.f60)),
+        ];
+        if let Some(f61) = of.f61 {
+            fields.push((61, Field::Digits(f61)));
+        }
+        fields.sort_by_key(|(n, _)| *n);
+        self.request(Mti::REVERSAL, &fields)
+    }
+
+    /// Settlement (0500): F48 the terminal's totals (62 digits), F63 the operator.
+    pub fn settlement(&self, stan: u32, totals: &str) -> Result<BytesMut, TerminalError> {
+        let f60 = format!("00{:06}201", self.batch);
+        self.request(
+            Mti::SETTLEMENT,
+            &[
                 (11, Field::Number(stan.into())),
-                (14, Field::Digits(expiry)),
-                (22, Field::Digits("021")),
-                (25, Field::Digits("00")),
+                (48, Field::Digits(totals)),
                 (49, Field::Text("156")),
+                (60, Field::Digits(&f60)),
+                (63, Field::Text("001")),
+            ],
+        )
+    }
+
+    /// Batch upload (0320, F60.3 201) of up to 8 records `(STAN, PAN, amount)`
+    /// for `batch`; with no records, the upload's end (F60.3 202).
+    pub fn batch_upload(
+        &self,
+        stan: u32,
+        batch: u32,
+        records: &[(u32, &str, u64)],
+    ) -> Result<BytesMut, TerminalError> {
+        let (f48, code) = if records.is_empty() {
+            (String::from("0000"), "202")
+        } else {
+            let mut f48 = format!("{:02}", records.len());
+            for (stan, pan, amount) in records {
+                f48.push_str(&format!("00{stan:06}{pan:0>20}{amount:012}"));
+            }
+            (f48, "201")
+        };
+        let f60 = format!("00{batch:06}{code}");
+        self.request(
+            Mti::BATCH_UPLOAD,
+            &[
+                (11, Field::Number(stan.into())),
+                (48, Field::Digits(&f48)),
                 (60, Field::Digits(&f60)),
             ],
         )
     }
+}
+
+/// How a related request names its original: what the terminal kept of it.
+#[derive(Debug, Clone, Copy)]
+pub struct Original<'a> {
+    /// Its batch.
+    pub batch: u32,
+    /// Its STAN.
+    pub stan: u32,
+    /// Its RRN (F37 of its reply).
+    pub rrn: &'a str,
+    /// Its auth code (F38 of its reply).
+    pub auth_code: &'a str,
+    /// Its date, MMDD (F13 of its reply).
+    pub date: &'a str,
+}
+
+/// What a terminal keeps of a reversible request, to reverse it.
+#[derive(Debug, Clone, Copy)]
+pub struct Reversed<'a> {
+    /// Its PAN.
+    pub pan: &'a str,
+    /// Its F3.
+    pub processing_code: &'a str,
+    /// Its F4.
+    pub amount: u64,
+    /// Its F11.
+    pub stan: u32,
+    /// Its F25.
+    pub condition: &'a str,
+    /// Its F60.
+    pub f60: &'a str,
+    /// Its F61, for void-type originals.
+    pub f61: Option<&'a str>,
 }

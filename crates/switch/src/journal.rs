@@ -42,6 +42,20 @@ pub struct NewEntry<'a> {
     pub digest: [u8; 32],
     /// The business day.
     pub business_date: NaiveDate,
+    /// The original this request refers to, when matched.
+    pub original_id: Option<i64>,
+    /// The rule that decided (V1, R2, ...), for the audit trail.
+    pub rule: Option<&'static str>,
+    /// F63.1, when the terminal sends an operator.
+    pub operator: Option<String>,
+    /// F39 of a reversal.
+    pub reversal_reason: Option<String>,
+    /// How the terminal named the original (F61, F37, F38).
+    pub original_ref: Option<String>,
+    /// The original's new state when this request claims it (a void makes
+    /// it `voided`): one conditional UPDATE in the same statement as the
+    /// insert, so of two racing claims exactly one wins.
+    pub claim: Option<&'static str>,
 }
 
 /// Where the request goes.
@@ -56,6 +70,8 @@ pub enum Disposition<'a> {
     },
     /// Answered by the switch itself with this code: the row is written final.
     Answer(State, ResponseCode),
+    /// Journalled `received`, to be decided by a following statement (refunds).
+    Hold,
 }
 
 /// A freshly written row.
@@ -67,6 +83,8 @@ pub struct Written {
     pub rrn: String,
     /// F11 on the issuer link, for forwarded requests.
     pub link_stan: Option<i32>,
+    /// Whether the claim on the original (if any) was won.
+    pub claimed: bool,
 }
 
 /// The earlier request with the same key.
@@ -104,16 +122,25 @@ pub async fn insert(
     let (state, rc, issuer, f7) = match d {
         Disposition::Forward { issuer, f7 } => (State::Sent, None, Some(issuer), Some(f7)),
         Disposition::Answer(state, rc) => (state, Some(rc.as_str().to_string()), None, None),
+        Disposition::Hold => (State::Received, None, None, None),
     };
-    let row: Option<(i64, String, Option<i32>)> = sqlx::query_as(
-        "INSERT INTO journal (terminal_id, merchant_id, batch, stan, mti, mti_class, processing_code,
-             pos_condition, kind, amount, pan_hash, pan_masked, request_digest, state, response_code,
-             issuer, link_stan, link_f7, business_date, sent_at, completed_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
-             $16, CASE WHEN $14 = 'sent' THEN nextval('link_stan')::int END, $17, $18,
-             CASE WHEN $14 = 'sent' THEN now() END, CASE WHEN $14 <> 'sent' THEN now() END)
-         ON CONFLICT ON CONSTRAINT journal_request_key DO NOTHING
-         RETURNING id, rrn, link_stan",
+    let row: Option<(i64, String, Option<i32>, bool)> = sqlx::query_as(
+        "WITH new AS (
+            INSERT INTO journal (terminal_id, merchant_id, batch, stan, mti, mti_class, processing_code,
+                pos_condition, kind, amount, pan_hash, pan_masked, request_digest, state, response_code,
+                issuer, link_stan, link_f7, business_date, sent_at, completed_at,
+                original_id, rule, operator, reversal_reason, original_ref)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+                $16, CASE WHEN $14 = 'sent' THEN nextval('link_stan')::int END, $17, $18,
+                CASE WHEN $14 = 'sent' THEN now() END, CASE WHEN $14 <> 'sent' THEN now() END,
+                $19, $20, $21, $22, $23)
+            ON CONFLICT ON CONSTRAINT journal_request_key DO NOTHING
+            RETURNING id, rrn, link_stan),
+         claimed AS (
+            UPDATE journal SET state = $24
+            WHERE $24 IS NOT NULL AND id = $19 AND state = 'approved' AND EXISTS (SELECT 1 FROM new)
+            RETURNING id)
+         SELECT id, rrn, link_stan, EXISTS (SELECT 1 FROM claimed) FROM new",
     )
     .bind(e.terminal_id)
     .bind(e.merchant_id)
@@ -133,10 +160,21 @@ pub async fn insert(
     .bind(issuer)
     .bind(f7)
     .bind(e.business_date)
+    .bind(e.original_id)
+    .bind(e.rule)
+    .bind(e.operator.as_deref())
+    .bind(e.reversal_reason.as_deref())
+    .bind(e.original_ref.as_deref())
+    .bind(e.claim)
     .fetch_optional(pool)
     .await?;
-    if let Some((id, rrn, link_stan)) = row {
-        return Ok(Insert::New(Written { id, rrn, link_stan }));
+    if let Some((id, rrn, link_stan, claimed)) = row {
+        return Ok(Insert::New(Written {
+            id,
+            rrn,
+            link_stan,
+            claimed,
+        }));
     }
     let earlier: Earlier = sqlx::query_as::<_, (i64, Vec<u8>, String, Option<String>, String, Option<Vec<u8>>)>(
         "SELECT id, request_digest, state, response_code, rrn, reply FROM journal
@@ -160,8 +198,38 @@ pub async fn insert(
     Ok(Insert::Duplicate(earlier))
 }
 
-/// Records the outcome of a `sent` row and its reply. False when the row is
-/// no longer `sent` (the sweeper gave up on it: the approval will be reversed).
+/// Gives a claimed original back when the claiming request did not end
+/// approved (a declined or unknown void leaves its purchase approved).
+const UNDO_CLAIM: &str = "
+    undone AS (
+        UPDATE journal o SET state = 'approved'
+        FROM ended
+        WHERE o.id = ended.original_id AND ended.state IN ('declined', 'unknown')
+          AND o.state = CASE ended.kind WHEN 'void' THEN 'voided' WHEN 'completion_void' THEN 'voided'
+                                         WHEN 'preauth_cancel' THEN 'cancelled' WHEN 'completion' THEN 'completed' END
+        RETURNING o.id)";
+
+/// The reversal advice queued for rows that end `unknown`, or approved after
+/// a reversal asked for them (R3).
+const QUEUE_REVERSAL: &str = "
+    INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount,
+        reason, original_mti, original_stan, original_f7)
+    SELECT id, 'reversal', 420, issuer, processing_code, pos_condition, amount,
+        coalesce(reason, '68'), mti, link_stan, link_f7
+    FROM ended WHERE state IN ('unknown', 'reversed') AND issuer IS NOT NULL
+    ON CONFLICT (journal_id, kind) DO NOTHING";
+
+/// The columns `ended` returns for [`UNDO_CLAIM`] and [`QUEUE_REVERSAL`].
+const ENDED: &str =
+    "id, original_id, kind, state, issuer, processing_code, pos_condition, amount, mti,
+    link_stan, link_f7, CASE WHEN reversal_requested THEN '06' END AS reason";
+
+/// Records the outcome of a `sent` row and its reply; gives a claimed
+/// original back when the row did not end approved; and when a reversal
+/// came while the row was at the issuer (R3), an approval ends `reversed`
+/// with its reversal advice queued. Returns the state written, or `None`
+/// when the row is no longer `sent` (the sweeper gave up on it: the approval
+/// will be reversed).
 pub async fn complete(
     pool: &PgPool,
     id: i64,
@@ -169,19 +237,26 @@ pub async fn complete(
     rc: ResponseCode,
     auth_code: Option<&str>,
     reply: &[u8],
-) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        "UPDATE journal SET state = $2, response_code = $3, auth_code = $4, reply = $5, completed_at = now()
-         WHERE id = $1 AND state = 'sent'",
-    )
-    .bind(id)
-    .bind(state.as_str())
-    .bind(rc.as_str())
-    .bind(auth_code)
-    .bind(reply)
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
+) -> Result<Option<String>, sqlx::Error> {
+    let sql = format!(
+        "WITH ended AS (
+            UPDATE journal SET
+                state = CASE WHEN $2 = 'approved' AND reversal_requested THEN 'reversed' ELSE $2 END,
+                response_code = $3, auth_code = $4, reply = $5, completed_at = now()
+            WHERE id = $1 AND state = 'sent'
+            RETURNING {ENDED}),
+         {UNDO_CLAIM},
+         queued AS ({QUEUE_REVERSAL})
+         SELECT state FROM ended"
+    );
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .bind(state.as_str())
+        .bind(rc.as_str())
+        .bind(auth_code)
+        .bind(reply)
+        .fetch_optional(pool)
+        .await
 }
 
 /// Stores the reply of a row the switch answered itself.
@@ -194,26 +269,18 @@ pub async fn store_reply(pool: &PgPool, id: i64, reply: &[u8]) -> Result<(), sql
     Ok(())
 }
 
-/// The reversal advice queued for rows that end `unknown`.
-const QUEUE_REVERSAL: &str = "
-    INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount,
-        reason, original_mti, original_stan, original_f7)
-    SELECT id, 'reversal', 420, issuer, processing_code, pos_condition, amount,
-        '68', mti, link_stan, link_f7
-    FROM gave_up
-    ON CONFLICT (journal_id, kind) DO NOTHING";
-
 /// T1: the issuer did not answer in time. Marks the row `unknown` with its
 /// `98` reply and queues a reversal advice, in one statement. False when the
 /// row was no longer `sent`.
 pub async fn give_up(pool: &PgPool, id: i64, reply: &[u8]) -> Result<bool, sqlx::Error> {
     let sql = format!(
-        "WITH gave_up AS (
+        "WITH ended AS (
             UPDATE journal SET state = 'unknown', response_code = '98', reply = $2, completed_at = now()
             WHERE id = $1 AND state = 'sent'
-            RETURNING id, issuer, processing_code, pos_condition, amount, mti, link_stan, link_f7)
-         {QUEUE_REVERSAL}
-         RETURNING journal_id"
+            RETURNING {ENDED}),
+         {UNDO_CLAIM},
+         queued AS ({QUEUE_REVERSAL})
+         SELECT id FROM ended"
     );
     let row = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(id)
@@ -229,12 +296,13 @@ pub async fn give_up(pool: &PgPool, id: i64, reply: &[u8]) -> Result<bool, sqlx:
 /// Returns how many.
 pub async fn recover_forgotten(pool: &PgPool, older_than: Duration) -> Result<u64, sqlx::Error> {
     let sql = format!(
-        "WITH gave_up AS (
+        "WITH ended AS (
             UPDATE journal SET state = 'unknown', response_code = '98', completed_at = now()
             WHERE state = 'sent' AND sent_at < now() - make_interval(secs => $1)
-            RETURNING id, issuer, processing_code, pos_condition, amount, mti, link_stan, link_f7)
-         {QUEUE_REVERSAL}
-         RETURNING journal_id"
+            RETURNING {ENDED}),
+         {UNDO_CLAIM},
+         queued AS ({QUEUE_REVERSAL})
+         SELECT id FROM ended"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(older_than.as_secs_f64())
@@ -252,4 +320,346 @@ pub async fn outcome(
         .bind(id)
         .fetch_one(pool)
         .await
+}
+
+/// An earlier entry a related request refers to.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Original {
+    /// Row id.
+    pub id: i64,
+    /// Its RRN.
+    pub rrn: String,
+    /// What it was.
+    pub kind: String,
+    /// Its state now.
+    pub state: String,
+    /// Its amount, fen.
+    pub amount: i64,
+    /// Refunded so far.
+    pub refunded_amount: i64,
+    /// Its batch.
+    pub batch: i32,
+    /// Its STAN.
+    pub stan: i32,
+    /// Its business day.
+    pub business_date: NaiveDate,
+    /// Keyed PAN hash.
+    pub pan_hash: Option<Vec<u8>>,
+    /// Its auth code.
+    pub auth_code: Option<String>,
+    /// Its terminal MTI (also the network MTI).
+    pub mti: i16,
+    /// Its F3.
+    pub processing_code: String,
+    /// The issuer it went to.
+    pub issuer: Option<String>,
+    /// F11 on the issuer link.
+    pub link_stan: Option<i32>,
+    /// F7 on the issuer link.
+    pub link_f7: Option<String>,
+    /// What it refers to in turn (the purchase of a void).
+    pub original_id: Option<i64>,
+}
+
+const ORIGINAL: &str =
+    "SELECT id, rrn, kind, state, amount, refunded_amount, batch, stan, business_date, pan_hash,
+    auth_code, mti, processing_code, issuer, link_stan, link_f7, original_id FROM journal";
+
+/// The entry of a terminal by merchant, batch, STAN and MTI class (voids, reversals).
+pub async fn find_by_stan(
+    pool: &PgPool,
+    merchant_id: &str,
+    terminal_id: &str,
+    batch: i32,
+    stan: i32,
+    mti_class: i16,
+) -> Result<Option<Original>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{ORIGINAL} WHERE merchant_id = $1 AND terminal_id = $2 AND batch = $3 AND stan = $4 AND mti_class = $5"
+    )))
+    .bind(merchant_id)
+    .bind(terminal_id)
+    .bind(batch)
+    .bind(stan)
+    .bind(mti_class)
+    .fetch_optional(pool)
+    .await
+}
+
+/// The entry with this RRN (refunds).
+pub async fn find_by_rrn(pool: &PgPool, rrn: &str) -> Result<Option<Original>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!("{ORIGINAL} WHERE rrn = $1")))
+        .bind(rrn)
+        .fetch_optional(pool)
+        .await
+}
+
+/// The pre-authorisations with this auth code, newest first (cancels and completions).
+pub async fn find_preauths(pool: &PgPool, auth_code: &str) -> Result<Vec<Original>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{ORIGINAL} WHERE kind = 'preauth' AND auth_code = $1 ORDER BY id DESC"
+    )))
+    .bind(auth_code)
+    .fetch_all(pool)
+    .await
+}
+
+/// R3: a reversal came while the original was still at the issuer. Marks it
+/// so its approval is reversed on arrival; false when it is no longer `sent`.
+pub async fn request_reversal(pool: &PgPool, id: i64) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE journal SET reversal_requested = true WHERE id = $1 AND state = 'sent'",
+    )
+    .bind(id)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// R2: reverses an approved original in one statement: the original becomes
+/// `reversed`, what it had claimed is given back (the purchase of a reversed
+/// void is approved again), and its reversal advice is queued. False when the
+/// original was no longer approved.
+pub async fn reverse(pool: &PgPool, id: i64, network_reason: &str) -> Result<bool, sqlx::Error> {
+    let row: Option<i64> = sqlx::query_scalar(
+        "WITH ended AS (
+            UPDATE journal SET state = 'reversed'
+            WHERE id = $1 AND state = 'approved'
+            RETURNING id, original_id, kind, issuer, processing_code, pos_condition, amount, mti, link_stan, link_f7),
+         restored AS (
+            UPDATE journal o SET state = 'approved'
+            FROM ended
+            WHERE o.id = ended.original_id
+              AND o.state = CASE ended.kind WHEN 'void' THEN 'voided' WHEN 'completion_void' THEN 'voided'
+                                            WHEN 'preauth_cancel' THEN 'cancelled' WHEN 'completion' THEN 'completed' END),
+         queued AS (
+            INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount,
+                reason, original_mti, original_stan, original_f7)
+            SELECT id, 'reversal', 420, issuer, processing_code, pos_condition, amount, $2, mti, link_stan, link_f7
+            FROM ended WHERE issuer IS NOT NULL
+            ON CONFLICT (journal_id, kind) DO NOTHING)
+         SELECT id FROM ended",
+    )
+    .bind(id)
+    .bind(network_reason)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.is_some())
+}
+
+/// An advice the switch answers itself once journalled (F6 refunds, and
+/// completion advices).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdviceKind {
+    /// F3: the original's refunded amount grows, never above its amount.
+    Refund,
+    /// P3: the pre-authorisation completes, once.
+    Completion,
+}
+
+/// Applies a journalled (`received`) advice to its original in one
+/// statement: the original is claimed (a refund adds to its refunded amount,
+/// so concurrent partial refunds can never sum above it; a completion
+/// completes the pre-authorisation once), the row becomes approved, and the
+/// 0220 is queued for the issuer. False when the claim was lost.
+pub async fn apply_advice(
+    pool: &PgPool,
+    row_id: i64,
+    original_id: i64,
+    amount: i64,
+    kind: AdviceKind,
+) -> Result<bool, sqlx::Error> {
+    let (claim, advice) = match kind {
+        AdviceKind::Refund => (
+            "UPDATE journal SET refunded_amount = refunded_amount + $3,
+                 state = CASE WHEN refunded_amount + $3 = amount THEN 'refunded' ELSE 'partially_refunded' END
+             WHERE id = $2 AND state IN ('approved', 'partially_refunded') AND refunded_amount + $3 <= amount",
+            "refund",
+        ),
+        AdviceKind::Completion => (
+            "UPDATE journal SET state = 'completed' WHERE id = $2 AND state = 'approved' AND $3 > 0",
+            "completion",
+        ),
+    };
+    let sql = format!(
+        "WITH claimed AS ({claim} RETURNING id, issuer, mti, link_stan, link_f7),
+         done AS (
+            UPDATE journal r SET state = 'approved', response_code = '00', issuer = claimed.issuer, completed_at = now()
+            FROM claimed WHERE r.id = $1 AND r.state = 'received'
+            RETURNING r.id, r.issuer, r.processing_code, r.pos_condition, r.amount,
+                claimed.mti AS original_mti, claimed.link_stan AS original_stan, claimed.link_f7 AS original_f7),
+         queued AS (
+            INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount,
+                original_mti, original_stan, original_f7)
+            SELECT id, '{advice}', 220, issuer, processing_code, pos_condition, amount,
+                original_mti, original_stan, original_f7
+            FROM done WHERE issuer IS NOT NULL)
+         SELECT EXISTS (SELECT 1 FROM done)"
+    );
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(row_id)
+        .bind(original_id)
+        .bind(amount)
+        .fetch_one(pool)
+        .await
+}
+
+/// V6: whether `original` is its terminal's last approved transaction of the batch.
+pub async fn is_last_approved(pool: &PgPool, original: &Original) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT NOT EXISTS (
+            SELECT 1 FROM journal j JOIN journal o ON o.id = $1
+            WHERE j.terminal_id = o.terminal_id AND j.batch = o.batch AND j.id > o.id AND j.state = 'approved'
+              AND j.kind IN ('purchase', 'completion', 'completion_advice', 'preauth', 'preauth_cancel',
+                             'void', 'completion_void', 'refund'))",
+    )
+    .bind(original.id)
+    .fetch_one(pool)
+    .await
+}
+
+/// S1: the batch's totals as F48 of a settlement counts them: domestic
+/// debit amount n12, count n3, credit amount n12, count n3, code `0`, then
+/// the same for foreign cards. Debits are purchases and completions the
+/// issuer approved (voided or refunded later or not); credits are approved
+/// voids, completion voids and refunds; reversed entries count in neither.
+pub async fn batch_totals(
+    pool: &PgPool,
+    terminal_id: &str,
+    batch: i32,
+) -> Result<String, sqlx::Error> {
+    let t: (i64, i64, i64, i64, i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT coalesce(sum(amount) FILTER (WHERE debit AND domestic), 0)::bigint,
+                count(*) FILTER (WHERE debit AND domestic),
+                coalesce(sum(amount) FILTER (WHERE credit AND domestic), 0)::bigint,
+                count(*) FILTER (WHERE credit AND domestic),
+                coalesce(sum(amount) FILTER (WHERE debit AND NOT domestic), 0)::bigint,
+                count(*) FILTER (WHERE debit AND NOT domestic),
+                coalesce(sum(amount) FILTER (WHERE credit AND NOT domestic), 0)::bigint,
+                count(*) FILTER (WHERE credit AND NOT domestic)
+         FROM (SELECT amount,
+                 kind IN ('purchase', 'completion', 'completion_advice')
+                     AND state IN ('approved', 'voided', 'partially_refunded', 'refunded') AS debit,
+                 kind IN ('void', 'completion_void', 'refund') AND state = 'approved' AS credit,
+                 coalesce(pan_masked LIKE '62%', true) AS domestic
+               FROM journal WHERE terminal_id = $1 AND batch = $2) counted",
+    )
+    .bind(terminal_id)
+    .bind(batch)
+    .fetch_one(pool)
+    .await?;
+    let half = |amount: i64, count: i64, credit: i64, ccount: i64| {
+        format!(
+            "{:012}{:03}{:012}{:03}0",
+            amount,
+            count % 1000,
+            credit,
+            ccount % 1000
+        )
+    };
+    Ok(format!(
+        "{}{}",
+        half(t.0, t.1, t.2, t.3),
+        half(t.4, t.5, t.6, t.7)
+    ))
+}
+
+/// S1: records a settlement and closes the batch (the next one opens). Of
+/// two racing settlements of one batch, one closes it.
+#[allow(clippy::too_many_arguments)]
+pub async fn settle(
+    pool: &PgPool,
+    terminal_id: &str,
+    merchant_id: &str,
+    batch: i32,
+    terminal_totals: &str,
+    switch_totals: &str,
+    balanced: bool,
+    operator: Option<String>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "WITH closed AS (
+            UPDATE terminals SET batch = batch % 999999 + 1 WHERE id = $1 AND batch = $3 RETURNING id)
+         INSERT INTO settlements (terminal_id, batch, merchant_id, terminal_totals, switch_totals, balanced, operator)
+         SELECT $1, $3, $2, $4, $5, $6, $7 FROM closed
+         ON CONFLICT (terminal_id, batch) DO NOTHING",
+    )
+    .bind(terminal_id)
+    .bind(merchant_id)
+    .bind(batch)
+    .bind(terminal_totals)
+    .bind(switch_totals)
+    .bind(balanced)
+    .bind(operator)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// One batch upload record (the PAN masked; the clear one is never kept).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upload {
+    /// 00 domestic, 01 foreign.
+    pub card_type: String,
+    /// The transaction's STAN.
+    pub stan: i32,
+    /// The card, masked.
+    pub pan_masked: Option<String>,
+    /// Fen.
+    pub amount: i64,
+}
+
+/// Stores batch upload records (a repeated record is kept once).
+pub async fn store_uploads(
+    pool: &PgPool,
+    terminal_id: &str,
+    batch: i32,
+    records: &[Upload],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO batch_uploads (terminal_id, batch, stan, card_type, pan_masked, amount)
+         SELECT $1, $2, * FROM unnest($3::int[], $4::text[], $5::text[], $6::bigint[])
+         ON CONFLICT (terminal_id, batch, stan) DO NOTHING",
+    )
+    .bind(terminal_id)
+    .bind(batch)
+    .bind(records.iter().map(|r| r.stan).collect::<Vec<_>>())
+    .bind(
+        records
+            .iter()
+            .map(|r| r.card_type.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        records
+            .iter()
+            .map(|r| r.pan_masked.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(records.iter().map(|r| r.amount).collect::<Vec<_>>())
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Ends a row the switch decided itself (`received` or `sent` that never
+/// left), with its rule, code and reply.
+pub async fn decide(
+    pool: &PgPool,
+    id: i64,
+    rule: &str,
+    rc: ResponseCode,
+    reply: &[u8],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE journal SET state = 'declined', rule = $2, response_code = $3, reply = $4, completed_at = now()
+         WHERE id = $1 AND state IN ('received', 'sent')",
+    )
+    .bind(id)
+    .bind(rule)
+    .bind(rc.as_str())
+    .bind(reply)
+    .execute(pool)
+    .await?;
+    Ok(())
 }

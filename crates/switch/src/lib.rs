@@ -11,6 +11,7 @@ pub mod journal;
 pub mod keys;
 pub mod link;
 pub mod model;
+mod related;
 pub mod router;
 pub mod terminals;
 

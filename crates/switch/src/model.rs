@@ -163,6 +163,8 @@ impl Kind {
 /// The state of a journal entry (rules.md, "States of a journal entry").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
+    /// Journalled, decided by the switch in a following statement.
+    Received,
     /// Written before the issuer is asked.
     Sent,
     /// The issuer approved.
@@ -177,6 +179,7 @@ impl State {
     /// The journal's word for it.
     pub fn as_str(self) -> &'static str {
         match self {
+            State::Received => "received",
             State::Sent => "sent",
             State::Approved => "approved",
             State::Declined => "declined",

@@ -55,32 +55,58 @@ pub enum Outcome {
 
 /// The fields of a terminal reply that vary; the rest is echoed.
 #[derive(Debug, Default, Clone, Copy)]
-struct ReplyFields<'a> {
-    rc: Option<ResponseCode>,
-    rrn: Option<&'a str>,
-    auth_code: Option<&'a str>,
-    balance: Option<&'a str>,
+pub(crate) struct ReplyFields<'a> {
+    pub(crate) rc: Option<ResponseCode>,
+    pub(crate) rrn: Option<&'a str>,
+    pub(crate) auth_code: Option<&'a str>,
+    pub(crate) balance: Option<&'a str>,
     /// F60.2 replaced (the sign-on reply carries the open batch).
-    batch: Option<i32>,
+    pub(crate) batch: Option<i32>,
+    /// F48 of a settlement reply.
+    pub(crate) totals: Option<&'a str>,
 }
 
 /// The request's identity, once MTI, STAN and terminal decode.
-struct Request<'a> {
-    msg: Message<'a>,
-    stan: u32,
-    terminal_id: &'a str,
-    merchant_id: &'a str,
-    f60: String,
+pub(crate) struct Request<'a> {
+    pub(crate) msg: Message<'a>,
+    pub(crate) stan: u32,
+    pub(crate) terminal_id: &'a str,
+    pub(crate) merchant_id: &'a str,
+    pub(crate) f60: String,
 }
 
 impl Request<'_> {
-    fn f60_part(&self, from: usize, to: usize) -> &str {
+    pub(crate) fn f60_part(&self, from: usize, to: usize) -> &str {
         self.f60.get(from..to).unwrap_or("")
     }
 
-    fn batch(&self) -> Option<i32> {
+    pub(crate) fn batch(&self) -> Option<i32> {
         self.f60.get(2..8)?.parse().ok()
     }
+
+    /// The digits of field `n` as text (empty when absent).
+    pub(crate) fn digits(&self, n: usize) -> String {
+        self.msg
+            .digits(n)
+            .map(|d| d.iter().map(char::from).collect())
+            .unwrap_or_default()
+    }
+
+    /// F63.1, the operator, when the terminal sends one.
+    pub(crate) fn operator(&self) -> Option<String> {
+        self.msg.text(63).map(|t| t.chars().take(3).collect())
+    }
+}
+
+/// What a forwarded request refers to: the original it matched, the rule
+/// that admitted it, and the state it moves the original to.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Related<'o> {
+    pub(crate) original: &'o journal::Original,
+    pub(crate) rule: &'static str,
+    pub(crate) claim: Option<&'static str>,
+    /// The first of `claim`'s rules, answered `12` when the claim is lost.
+    pub(crate) lost_rule: &'static str,
 }
 
 /// Business day: the local date in the configured zone, the next one after the cut-over.
@@ -206,19 +232,25 @@ impl Switch {
                 }
             },
             Kind::SignOff | Kind::Echo => Some(ResponseCode::APPROVED),
+            // These name a batch that may just have closed: they check it themselves.
+            Kind::Settlement | Kind::BatchUpload | Kind::BatchUploadEnd | Kind::Reversal => {
+                self.related(req, kind, &terminal, out).await
+            }
             _ if req.batch() != Some(terminal.batch) => Some(ResponseCode::BATCH_MISMATCH),
-            Kind::Purchase | Kind::BalanceInquiry => self.forward(req, kind, &terminal, out).await,
-            // Related transactions and settlement come with the next issue.
-            _ => Some(ResponseCode::INVALID_TRANSACTION),
+            Kind::Purchase | Kind::BalanceInquiry | Kind::PreAuth => {
+                self.forward(req, kind, &terminal, None, out).await
+            }
+            _ => self.related(req, kind, &terminal, out).await,
         }
     }
 
     /// Journals and forwards a transaction to its issuer.
-    async fn forward(
+    pub(crate) async fn forward(
         &self,
         req: &Request<'_>,
         kind: Kind,
         terminal: &Terminal,
+        related: Option<Related<'_>>,
         out: &mut BytesMut,
     ) -> Option<ResponseCode> {
         let msg = &req.msg;
@@ -260,6 +292,12 @@ impl Switch {
             pan_masked: Some(pan.masked()),
             digest,
             business_date: business_date(&self.config, now),
+            original_id: related.map(|r| r.original.id),
+            rule: related.map(|r| r.rule),
+            operator: req.operator(),
+            reversal_reason: None,
+            original_ref: original_ref(req),
+            claim: related.and_then(|r| r.claim),
         };
 
         let link = self.config.issuer_for(pan.expose()).map(|i| &self.links[i]);
@@ -286,6 +324,19 @@ impl Switch {
                 return Some(ResponseCode::SYSTEM_ERROR);
             }
         };
+        if let Some(r) = related.filter(|r| r.claim.is_some() && !written.claimed) {
+            // Another request claimed the original first: exactly one wins.
+            return self
+                .decided(
+                    req,
+                    written.id,
+                    &written.rrn,
+                    r.lost_rule,
+                    ResponseCode::INVALID_TRANSACTION,
+                    out,
+                )
+                .await;
+        }
         let (Disposition::Forward { .. }, Some(link), Some(link_stan)) =
             (disposition, link, written.link_stan)
         else {
@@ -314,6 +365,7 @@ impl Switch {
             link_stan,
             f7s,
             amount,
+            related.map(|r| r.original),
         );
         let keyed = built.and_then(|network| {
             let parsed =
@@ -432,7 +484,7 @@ impl Switch {
                 rrn: Some(&written.rrn),
                 auth_code,
                 balance,
-                batch: None,
+                ..Default::default()
             },
         );
         let state = if rc.is_approved() {
@@ -442,9 +494,9 @@ impl Switch {
         };
         let body = self.body(out).to_vec();
         match journal::complete(&self.pool, written.id, state, rc, auth_code, &body).await {
-            Ok(true) => None,
+            Ok(Some(_)) => None,
             // Too late: the row was given up on and its reversal is queued.
-            Ok(false) => {
+            Ok(None) => {
                 self.reply(
                     req,
                     out,
@@ -489,7 +541,7 @@ impl Switch {
     }
 
     /// D1 / D2: the earlier request with the same key.
-    async fn duplicate(
+    pub(crate) async fn duplicate(
         &self,
         req: &Request<'_>,
         entry: &NewEntry<'_>,
@@ -564,18 +616,45 @@ impl Switch {
     }
 
     /// The reply from its MTI on (what is stored for duplicates).
-    fn body<'b>(&self, out: &'b BytesMut) -> &'b [u8] {
+    pub(crate) fn body<'b>(&self, out: &'b BytesMut) -> &'b [u8] {
         let d = &*self.terminal_dialect;
         &out[2 + d.tpdu_len() + d.header_len()..]
     }
 
-    async fn store_reply(&self, id: i64, out: &BytesMut) {
+    pub(crate) async fn store_reply(&self, id: i64, out: &BytesMut) {
         if let Err(e) = journal::store_reply(&self.pool, id, self.body(out)).await {
             warn!(error = %e, "storing a reply failed");
         }
     }
 
-    /// Builds the network request for a purchase or balance inquiry.
+    /// Ends a journalled row the switch decided itself (a rule broken, a
+    /// claim lost) and answers with `rc`.
+    pub(crate) async fn decided(
+        &self,
+        req: &Request<'_>,
+        id: i64,
+        rrn: &str,
+        rule: &str,
+        rc: ResponseCode,
+        out: &mut BytesMut,
+    ) -> Option<ResponseCode> {
+        debug!(rule, rc = %rc, "declined by rule");
+        self.reply(
+            req,
+            out,
+            ReplyFields {
+                rc: Some(rc),
+                rrn: Some(rrn),
+                ..Default::default()
+            },
+        );
+        if let Err(e) = journal::decide(&self.pool, id, rule, rc, self.body(out)).await {
+            warn!(error = %e, "journal write failed");
+        }
+        None
+    }
+
+    /// Builds the network request of a transaction.
     #[allow(clippy::too_many_arguments)]
     fn network_request(
         &self,
@@ -587,6 +666,7 @@ impl Switch {
         link_stan: i32,
         f7: &str,
         amount: u64,
+        original: Option<&journal::Original>,
     ) -> Result<Bytes, String> {
         let msg = &req.msg;
         let now = Utc::now().with_timezone(&self.config.rules.time_zone);
@@ -625,6 +705,9 @@ impl Switch {
                 w.binary(52, pin)?;
             }
             w.copy(55, msg)?;
+            if let Some(o) = original {
+                w.digits(90, &original_data(o, &self.config))?;
+            }
             w.finish().map(|_| ())
         })();
         built.map_err(|e| e.to_string())?;
@@ -633,7 +716,7 @@ impl Switch {
 
     /// Writes a terminal reply: echoes F3, F4, F11, F25, F41, F42, F49, F60;
     /// fills F12, F13, F15, F32, F37, F38, F39, F54.
-    fn reply(&self, req: &Request<'_>, out: &mut BytesMut, f: ReplyFields<'_>) {
+    pub(crate) fn reply(&self, req: &Request<'_>, out: &mut BytesMut, f: ReplyFields<'_>) {
         out.clear();
         let msg = &req.msg;
         let now = Utc::now();
@@ -660,6 +743,9 @@ impl Switch {
             }
             w.copy(41, msg)?;
             w.copy(42, msg)?;
+            if let Some(totals) = f.totals {
+                w.digits(48, totals)?;
+            }
             w.copy(49, msg)?;
             if let Some(balance) = f.balance {
                 w.text(54, balance)?;
@@ -715,6 +801,28 @@ fn salvage(dialect: &Dialect, frame: &[u8], error: &ParseError) -> Option<Vec<u8
     }
 }
 
+/// F90: the original's MTI, link STAN and F7 as they went on the wire, and
+/// our F32 and F33, zero-padded.
+pub(crate) fn original_data(o: &journal::Original, config: &Config) -> String {
+    format!(
+        "{:04}{:06}{:0>10}{:0>11}{:0>11}",
+        o.mti,
+        o.link_stan.unwrap_or(0),
+        o.link_f7.as_deref().unwrap_or(""),
+        config.institution_id,
+        config.forwarding_id
+    )
+}
+
+/// How the terminal named the original: F61 (batch, STAN, date), F37, F38.
+fn original_ref(req: &Request<'_>) -> Option<String> {
+    let f61 = req.digits(61);
+    let f37 = req.msg.text(37).unwrap_or("");
+    let f38 = req.msg.text(38).unwrap_or("");
+    (!(f61.is_empty() && f37.is_empty() && f38.is_empty()))
+        .then(|| format!("61={f61} 37={f37} 38={f38}"))
+}
+
 /// F43: name (25), city (13), country (2), padded; printable ASCII only.
 fn merchant_location(name: &str) -> String {
     let clean: String = name
@@ -732,7 +840,7 @@ fn merchant_location(name: &str) -> String {
 }
 
 /// What makes two requests with the same key the same request (D1) or not (D2).
-fn request_digest(
+pub(crate) fn request_digest(
     mti: Mti,
     processing_code: &str,
     condition: &str,

@@ -12,6 +12,8 @@ use switch::{PanHashKey, Switch};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+mod related;
+
 const MERCHANT: &str = "898310048160001";
 const CARD: &str = "6222020000000000001";
 const EXPIRY: &str = "3012";

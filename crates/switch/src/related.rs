@@ -1,0 +1,846 @@
+//! Transactions that refer to an earlier one: voids, reversals, refunds,
+//! pre-authorisation cancels and completions, and the batch's settlement and
+//! upload. Each finds its original in the journal and is decided by the
+//! rules of rules.md (V1-V6, R1-R5, F1-F6, P1-P3, S1); a rejected attempt is
+//! journalled too, with the original it matched and the rule that decided.
+
+use bytes::BytesMut;
+use chrono::{Datelike, NaiveDate, Utc};
+use iso8583::Pan;
+use tracing::{debug, warn};
+
+use crate::config::SameDayRefund;
+use crate::journal::{self, Disposition, Insert, NewEntry, Original};
+use crate::model::{Kind, ResponseCode, State};
+use crate::router::{Related, ReplyFields, Request, Switch, business_date, request_digest};
+use crate::terminals::Terminal;
+
+/// What a request carries that the journal keeps.
+struct Parts {
+    processing_code: String,
+    condition: String,
+    amount: u64,
+    pan: Option<Pan>,
+    pan_hash: Option<[u8; 32]>,
+    digest: [u8; 32],
+    today: NaiveDate,
+}
+
+/// `MMDD` of a date (F61.3).
+fn mmdd(date: NaiveDate) -> String {
+    format!("{:02}{:02}", date.month(), date.day())
+}
+
+impl Switch {
+    fn parts(&self, req: &Request<'_>) -> Parts {
+        let msg = &req.msg;
+        let track = msg.digits(35).and_then(|d| d.to_track());
+        let pan = msg
+            .digits(2)
+            .and_then(|d| d.to_pan())
+            .or_else(|| track.and_then(|t| t.pan()));
+        let pan_hash = pan.as_ref().map(|p| self.key.hash(p));
+        let processing_code = req.digits(3);
+        let condition = Some(req.digits(25))
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(|| "00".into());
+        let amount = msg.digits(4).and_then(|d| d.to_u64()).unwrap_or(0);
+        let digest = request_digest(
+            msg.mti(),
+            &processing_code,
+            &condition,
+            amount,
+            &pan_hash.unwrap_or([0; 32]),
+        );
+        Parts {
+            processing_code,
+            condition,
+            amount,
+            pan,
+            pan_hash,
+            digest,
+            today: business_date(&self.config, Utc::now()),
+        }
+    }
+
+    fn entry<'a>(
+        &self,
+        req: &'a Request<'_>,
+        kind: Kind,
+        batch: i32,
+        p: &'a Parts,
+    ) -> NewEntry<'a> {
+        NewEntry {
+            terminal_id: req.terminal_id,
+            merchant_id: req.merchant_id,
+            batch,
+            stan: req.stan as i32,
+            mti: req.msg.mti().value(),
+            kind,
+            processing_code: &p.processing_code,
+            pos_condition: &p.condition,
+            amount: p.amount as i64,
+            pan_hash: p.pan_hash,
+            pan_masked: p.pan.as_ref().map(Pan::masked),
+            digest: p.digest,
+            business_date: p.today,
+            original_id: None,
+            rule: None,
+            operator: req.operator(),
+            reversal_reason: None,
+            original_ref: None,
+            claim: None,
+        }
+    }
+
+    /// Journals a request the switch answers itself (approved or declined by
+    /// a rule) and writes its reply; a repeat gets the stored reply (D1).
+    #[allow(clippy::too_many_arguments)]
+    async fn answer(
+        &self,
+        req: &Request<'_>,
+        mut entry: NewEntry<'_>,
+        original: Option<&Original>,
+        rule: &'static str,
+        state: State,
+        rc: ResponseCode,
+        extra: ReplyFields<'_>,
+        out: &mut BytesMut,
+    ) -> Option<ResponseCode> {
+        entry.original_id = original.map(|o| o.id);
+        entry.rule = Some(rule);
+        debug!(rule, rc = %rc, "decided by the switch");
+        match journal::insert(&self.pool, &entry, Disposition::Answer(state, rc)).await {
+            Ok(Insert::New(w)) => {
+                self.reply(
+                    req,
+                    out,
+                    ReplyFields {
+                        rc: Some(rc),
+                        rrn: Some(&w.rrn),
+                        ..extra
+                    },
+                );
+                self.store_reply(w.id, out).await;
+                None
+            }
+            Ok(Insert::Duplicate(earlier)) => self.duplicate(req, &entry, earlier, out).await,
+            Err(e) => {
+                warn!(error = %e, "journal write failed");
+                Some(ResponseCode::SYSTEM_ERROR)
+            }
+        }
+    }
+
+    async fn reject(
+        &self,
+        req: &Request<'_>,
+        entry: NewEntry<'_>,
+        original: Option<&Original>,
+        rule: &'static str,
+        rc: ResponseCode,
+        out: &mut BytesMut,
+    ) -> Option<ResponseCode> {
+        self.answer(
+            req,
+            entry,
+            original,
+            rule,
+            State::Declined,
+            rc,
+            ReplyFields::default(),
+            out,
+        )
+        .await
+    }
+
+    /// Everything that refers to an earlier transaction, and settlement.
+    pub(crate) async fn related(
+        &self,
+        req: &Request<'_>,
+        kind: Kind,
+        terminal: &Terminal,
+        out: &mut BytesMut,
+    ) -> Option<ResponseCode> {
+        match kind {
+            Kind::Void | Kind::CompletionVoid => self.void(req, kind, terminal, out).await,
+            Kind::Refund => self.refund(req, terminal, out).await,
+            Kind::PreAuthCancel | Kind::Completion | Kind::CompletionAdvice => {
+                self.preauth_followup(req, kind, terminal, out).await
+            }
+            Kind::Reversal => self.reversal(req, terminal, out).await,
+            Kind::Settlement => self.settlement(req, terminal, out).await,
+            Kind::BatchUpload | Kind::BatchUploadEnd => {
+                self.batch_upload(req, kind, terminal, out).await
+            }
+            _ => Some(ResponseCode::INVALID_TRANSACTION),
+        }
+    }
+
+    /// V1-V6: a purchase void (or a completion void).
+    async fn void(
+        &self,
+        req: &Request<'_>,
+        kind: Kind,
+        terminal: &Terminal,
+        out: &mut BytesMut,
+    ) -> Option<ResponseCode> {
+        let p = self.parts(req);
+        let entry = self.entry(req, kind, terminal.batch, &p);
+        let f61 = req.digits(61);
+        let (Some(batch), Some(stan)) = (
+            f61.get(0..6).and_then(|b| b.parse::<i32>().ok()),
+            f61.get(6..12).and_then(|s| s.parse::<i32>().ok()),
+        ) else {
+            return Some(ResponseCode::FORMAT_ERROR);
+        };
+        let original = match journal::find_by_stan(
+            &self.pool,
+            req.merchant_id,
+            req.terminal_id,
+            batch,
+            stan,
+            2,
+        )
+        .await
+        {
+            Ok(o) => o,
+            Err(e) => {
+                warn!(error = %e, "journal read failed");
+                return Some(ResponseCode::SYSTEM_ERROR);
+            }
+        };
+        let rrn_given = req.msg.text(37).filter(|r| !r.trim().is_empty());
+        let Some(o) = original.filter(|o| rrn_given.is_none_or(|r| r == o.rrn)) else {
+            return self
+                .reject(req, entry, None, "V1", ResponseCode::NOT_FOUND, out)
+                .await;
+        };
+        let expected = if kind == Kind::Void {
+            "purchase"
+        } else {
+            "completion"
+        };
+        if o.batch != terminal.batch || o.business_date != p.today {
+            return self
+                .reject(
+                    req,
+                    entry,
+                    Some(&o),
+                    "V2",
+                    ResponseCode::INVALID_TRANSACTION,
+                    out,
+                )
+                .await;
+        }
+        if o.amount != p.amount as i64 {
+            return self
+                .reject(
+                    req,
+                    entry,
+                    Some(&o),
+                    "V3",
+                    ResponseCode::AMOUNT_MISMATCH,
+                    out,
+                )
+                .await;
+        }
+        if o.pan_hash.as_deref() != p.pan_hash.as_ref().map(|h| &h[..]) {
+            return self
+                .reject(req, entry, Some(&o), "V4", ResponseCode::INVALID_CARD, out)
+                .await;
+        }
+        if o.kind != expected || o.state != "approved" {
+            return self
+                .reject(
+                    req,
+                    entry,
+                    Some(&o),
+                    "V5",
+                    ResponseCode::INVALID_TRANSACTION,
+                    out,
+                )
+                .await;
+        }
+        if self.config.rules.void_last_only {
+            match journal::is_last_approved(&self.pool, &o).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return self
+                        .reject(
+                            req,
+                            entry,
+                            Some(&o),
+                            "V6",
+                            ResponseCode::INVALID_TRANSACTION,
+                            out,
+                        )
+                        .await;
+                }
+                Err(e) => {
+                    warn!(error = %e, "journal read failed");
+                    return Some(ResponseCode::SYSTEM_ERROR);
+                }
+            }
+        }
+        let related = Related {
+            original: &o,
+            rule: "V1-V6",
+            claim: Some("voided"),
+            lost_rule: "V5",
+        };
+        self.forward(req, kind, terminal, Some(related), out).await
+    }
+
+    /// F1-F6: a refund, an advice the switch answers once it is journalled.
+    async fn refund(
+        &self,
+        req: &Request<'_>,
+        terminal: &Terminal,
+        out: &mut BytesMut,
+    ) -> Option<ResponseCode> {
+        let p = self.parts(req);
+        let mut entry = self.entry(req, Kind::Refund, terminal.batch, &p);
+        if p.amount == 0 {
+            return Some(ResponseCode::FORMAT_ERROR);
+        }
+        let f61 = req.digits(61);
+        let rrn = req.msg.text(37).unwrap_or("");
+        let original = match journal::find_by_rrn(&self.pool, rrn).await {
+            Ok(o) => o,
+            Err(e) => {
+                warn!(error = %e, "journal read failed");
+                return Some(ResponseCode::SYSTEM_ERROR);
+            }
+        };
+        // F61.3 names the original's day; F61.1/61.2, when given, its batch and STAN.
+        let named = |o: &Original| {
+            let date_ok = f61.get(12..16).is_none_or(|d| d == mmdd(o.business_date));
+            let batch_ok = f61
+                .get(0..6)
+                .and_then(|b| b.parse::<i32>().ok())
+                .is_none_or(|b| b == 0 || b == o.batch);
+            let stan_ok = f61
+                .get(6..12)
+                .and_then(|s| s.parse::<i32>().ok())
+                .is_none_or(|s| s == 0 || s == o.stan);
+            date_ok && batch_ok && stan_ok
+        };
+        let Some(o) = original.filter(|o| named(o)) else {
+            return self
+                .reject(req, entry, None, "F1", ResponseCode::NOT_FOUND, out)
+                .await;
+        };
+        let refundable = matches!(
+            o.kind.as_str(),
+            "purchase" | "completion" | "completion_advice"
+        ) && matches!(o.state.as_str(), "approved" | "partially_refunded");
+        if !refundable {
+            return self
+                .reject(
+                    req,
+                    entry,
+                    Some(&o),
+                    "F2",
+                    ResponseCode::INVALID_TRANSACTION,
+                    out,
+                )
+                .await;
+        }
+        if (p.today - o.business_date).num_days() > i64::from(self.config.rules.refund_window_days)
+        {
+            return self
+                .reject(
+                    req,
+                    entry,
+                    Some(&o),
+                    "F4",
+                    ResponseCode::INVALID_TRANSACTION,
+                    out,
+                )
+                .await;
+        }
+        let same_batch = o.batch == terminal.batch && o.business_date == p.today;
+        if self.config.rules.same_day_refund == SameDayRefund::Deny && same_batch {
+            return self
+                .reject(
+                    req,
+                    entry,
+                    Some(&o),
+                    "F5",
+                    ResponseCode::INVALID_TRANSACTION,
+                    out,
+                )
+                .await;
+        }
+        if o.amount - o.refunded_amount < p.amount as i64 {
+            return self
+                .reject(req, entry, Some(&o), "F3", ResponseCode::OVER_LIMIT, out)
+                .await;
+        }
+        entry.original_id = Some(o.id);
+        entry.rule = Some("F1-F6");
+        let written = match journal::insert(&self.pool, &entry, Disposition::Hold).await {
+            Ok(Insert::New(w)) => w,
+            Ok(Insert::Duplicate(earlier)) => {
+                return self.duplicate(req, &entry, earlier, out).await;
+            }
+            Err(e) => {
+                warn!(error = %e, "journal write failed");
+                return Some(ResponseCode::SYSTEM_ERROR);
+            }
+        };
+        match journal::apply_advice(
+            &self.pool,
+            written.id,
+            o.id,
+            p.amount as i64,
+            journal::AdviceKind::Refund,
+        )
+        .await
+        {
+            Ok(true) => {
+                self.advice_wake.notify_one();
+                self.reply(
+                    req,
+                    out,
+                    ReplyFields {
+                        rc: Some(ResponseCode::APPROVED),
+                        rrn: Some(&written.rrn),
+                        ..Default::default()
+                    },
+                );
+                self.store_reply(written.id, out).await;
+                None
+            }
+            // A concurrent refund or void got there first.
+            Ok(false) => {
+                self.decided(
+                    req,
+                    written.id,
+                    &written.rrn,
+                    "F3",
+                    ResponseCode::OVER_LIMIT,
+                    out,
+                )
+                .await
+            }
+            Err(e) => {
+                warn!(error = %e, "journal write failed");
+                Some(ResponseCode::SYSTEM_ERROR)
+            }
+        }
+    }
+
+    /// P1-P3: a pre-authorisation cancel, completion or completion advice.
+    async fn preauth_followup(
+        &self,
+        req: &Request<'_>,
+        kind: Kind,
+        terminal: &Terminal,
+        out: &mut BytesMut,
+    ) -> Option<ResponseCode> {
+        let p = self.parts(req);
+        let mut entry = self.entry(req, kind, terminal.batch, &p);
+        if p.amount == 0 || p.pan_hash.is_none() {
+            return Some(ResponseCode::FORMAT_ERROR);
+        }
+        let auth = req.msg.text(38).unwrap_or("");
+        let date = req.digits(61).get(12..16).map(str::to_string);
+        let candidates = match journal::find_preauths(&self.pool, auth).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "journal read failed");
+                return Some(ResponseCode::SYSTEM_ERROR);
+            }
+        };
+        let Some(o) = candidates.into_iter().find(|o| {
+            o.pan_hash.as_deref() == p.pan_hash.as_ref().map(|h| &h[..])
+                && date.as_deref().is_none_or(|d| d == mmdd(o.business_date))
+        }) else {
+            return self
+                .reject(req, entry, None, "P1", ResponseCode::NOT_FOUND, out)
+                .await;
+        };
+        if (p.today - o.business_date).num_days() > i64::from(self.config.rules.preauth_valid_days)
+        {
+            return self
+                .reject(
+                    req,
+                    entry,
+                    Some(&o),
+                    "P2",
+                    ResponseCode::INVALID_TRANSACTION,
+                    out,
+                )
+                .await;
+        }
+        let limit = match kind {
+            Kind::PreAuthCancel => o.amount,
+            _ => o.amount * (100 + i64::from(self.config.rules.completion_tolerance_percent)) / 100,
+        };
+        let amount_ok = match kind {
+            Kind::PreAuthCancel => p.amount as i64 == o.amount,
+            _ => p.amount as i64 <= limit,
+        };
+        if !amount_ok {
+            return self
+                .reject(
+                    req,
+                    entry,
+                    Some(&o),
+                    "P3",
+                    ResponseCode::AMOUNT_MISMATCH,
+                    out,
+                )
+                .await;
+        }
+        if o.state != "approved" {
+            return self
+                .reject(
+                    req,
+                    entry,
+                    Some(&o),
+                    "P3",
+                    ResponseCode::INVALID_TRANSACTION,
+                    out,
+                )
+                .await;
+        }
+        let claim = if kind == Kind::PreAuthCancel {
+            "cancelled"
+        } else {
+            "completed"
+        };
+        if kind != Kind::CompletionAdvice {
+            let related = Related {
+                original: &o,
+                rule: "P1-P3",
+                claim: Some(claim),
+                lost_rule: "P3",
+            };
+            return self.forward(req, kind, terminal, Some(related), out).await;
+        }
+        // A completion advice: journalled, answered, and forwarded as a stored advice.
+        entry.original_id = Some(o.id);
+        entry.rule = Some("P1-P3");
+        let written = match journal::insert(&self.pool, &entry, Disposition::Hold).await {
+            Ok(Insert::New(w)) => w,
+            Ok(Insert::Duplicate(earlier)) => {
+                return self.duplicate(req, &entry, earlier, out).await;
+            }
+            Err(e) => {
+                warn!(error = %e, "journal write failed");
+                return Some(ResponseCode::SYSTEM_ERROR);
+            }
+        };
+        match journal::apply_advice(
+            &self.pool,
+            written.id,
+            o.id,
+            p.amount as i64,
+            journal::AdviceKind::Completion,
+        )
+        .await
+        {
+            Ok(true) => {
+                self.advice_wake.notify_one();
+                self.reply(
+                    req,
+                    out,
+                    ReplyFields {
+                        rc: Some(ResponseCode::APPROVED),
+                        rrn: Some(&written.rrn),
+                        ..Default::default()
+                    },
+                );
+                self.store_reply(written.id, out).await;
+                None
+            }
+            Ok(false) => {
+                self.decided(
+                    req,
+                    written.id,
+                    &written.rrn,
+                    "P3",
+                    ResponseCode::INVALID_TRANSACTION,
+                    out,
+                )
+                .await
+            }
+            Err(e) => {
+                warn!(error = %e, "journal write failed");
+                Some(ResponseCode::SYSTEM_ERROR)
+            }
+        }
+    }
+
+    /// R1-R5: a reversal (0400) of the terminal's own transaction, named by
+    /// its STAN in the open batch.
+    async fn reversal(
+        &self,
+        req: &Request<'_>,
+        terminal: &Terminal,
+        out: &mut BytesMut,
+    ) -> Option<ResponseCode> {
+        let p = self.parts(req);
+        let mut entry = self.entry(req, Kind::Reversal, terminal.batch, &p);
+        let reason = req.msg.text(39).unwrap_or("06").to_string();
+        entry.reversal_reason = Some(reason.clone());
+        let network_reason = if reason == "98" { "68" } else { "06" };
+        // The class of what is reversed: pre-auth and its cancel are 0100, the rest 0200.
+        let class = if matches!(req.f60_part(0, 2), "10" | "11") {
+            1
+        } else {
+            2
+        };
+        let batch = req.batch().unwrap_or(terminal.batch);
+        if batch != terminal.batch {
+            // S1: a settled batch takes no reversal.
+            return self
+                .reject(
+                    req,
+                    entry,
+                    None,
+                    "S1",
+                    ResponseCode::INVALID_TRANSACTION,
+                    out,
+                )
+                .await;
+        }
+        for _ in 0..3 {
+            let found = journal::find_by_stan(
+                &self.pool,
+                req.merchant_id,
+                req.terminal_id,
+                batch,
+                req.stan as i32,
+                class,
+            )
+            .await;
+            let original = match found {
+                Ok(o) => o.filter(|o| o.processing_code == p.processing_code),
+                Err(e) => {
+                    warn!(error = %e, "journal read failed");
+                    return Some(ResponseCode::SYSTEM_ERROR);
+                }
+            };
+            let Some(o) = original else {
+                // R3: nothing (yet) to reverse; the marker is this row.
+                return self
+                    .answer(
+                        req,
+                        entry,
+                        None,
+                        "R3",
+                        State::Approved,
+                        ResponseCode::APPROVED,
+                        ReplyFields::default(),
+                        out,
+                    )
+                    .await;
+            };
+            if o.amount != p.amount as i64 {
+                return self
+                    .reject(
+                        req,
+                        entry,
+                        Some(&o),
+                        "R4",
+                        ResponseCode::AMOUNT_MISMATCH,
+                        out,
+                    )
+                    .await;
+            }
+            if o.business_date != p.today {
+                return self
+                    .reject(
+                        req,
+                        entry,
+                        Some(&o),
+                        "R5",
+                        ResponseCode::INVALID_TRANSACTION,
+                        out,
+                    )
+                    .await;
+            }
+            let changed = match o.state.as_str() {
+                "sent" => journal::request_reversal(&self.pool, o.id).await,
+                "approved" => journal::reverse(&self.pool, o.id, network_reason).await,
+                "declined" | "reversed" | "unknown" => {
+                    return self
+                        .answer(
+                            req,
+                            entry,
+                            Some(&o),
+                            "R3",
+                            State::Approved,
+                            ResponseCode::APPROVED,
+                            ReplyFields::default(),
+                            out,
+                        )
+                        .await;
+                }
+                // Voided, refunded, completed or cancelled since: the later
+                // transaction has to be undone first.
+                _ => {
+                    return self
+                        .reject(
+                            req,
+                            entry,
+                            Some(&o),
+                            "R2",
+                            ResponseCode::INVALID_TRANSACTION,
+                            out,
+                        )
+                        .await;
+                }
+            };
+            match changed {
+                Ok(true) => {
+                    self.advice_wake.notify_one();
+                    let rule = if o.state == "sent" { "R3" } else { "R2" };
+                    return self
+                        .answer(
+                            req,
+                            entry,
+                            Some(&o),
+                            rule,
+                            State::Approved,
+                            ResponseCode::APPROVED,
+                            ReplyFields::default(),
+                            out,
+                        )
+                        .await;
+                }
+                // Its state changed under us: look again.
+                Ok(false) => continue,
+                Err(e) => {
+                    warn!(error = %e, "journal write failed");
+                    return Some(ResponseCode::SYSTEM_ERROR);
+                }
+            }
+        }
+        Some(ResponseCode::SYSTEM_ERROR)
+    }
+
+    /// S1: settlement. The terminal's F48 totals against the journal's; the
+    /// batch closes either way.
+    async fn settlement(
+        &self,
+        req: &Request<'_>,
+        terminal: &Terminal,
+        out: &mut BytesMut,
+    ) -> Option<ResponseCode> {
+        let p = self.parts(req);
+        let batch = req.batch().unwrap_or(terminal.batch);
+        let entry = self.entry(req, Kind::Settlement, batch, &p);
+        let given = req.digits(48);
+        if given.len() != 62 {
+            return Some(ResponseCode::FORMAT_ERROR);
+        }
+        if batch != terminal.batch {
+            // A repeat of a settlement already made gets its stored reply.
+            return self
+                .reject(req, entry, None, "S1", ResponseCode::BATCH_MISMATCH, out)
+                .await;
+        }
+        let ours = match journal::batch_totals(&self.pool, req.terminal_id, batch).await {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(error = %e, "journal read failed");
+                return Some(ResponseCode::SYSTEM_ERROR);
+            }
+        };
+        // Compare the figures, not the reconciliation codes (digits 30 and 61).
+        let figures = |t: &str| format!("{}{}", &t[..30], &t[31..61]);
+        let balanced = figures(&given) == figures(&ours);
+        let reply_totals = if balanced {
+            format!("{}1{}1", &given[..30], &given[31..61])
+        } else {
+            format!("{}2{}2", &ours[..30], &ours[31..61])
+        };
+        if let Err(e) = journal::settle(
+            &self.pool,
+            req.terminal_id,
+            req.merchant_id,
+            batch,
+            &given,
+            &ours,
+            balanced,
+            req.operator(),
+        )
+        .await
+        {
+            warn!(error = %e, "closing the batch failed");
+            return Some(ResponseCode::SYSTEM_ERROR);
+        }
+        let extra = ReplyFields {
+            totals: Some(&reply_totals),
+            ..Default::default()
+        };
+        self.answer(
+            req,
+            entry,
+            None,
+            "S1",
+            State::Approved,
+            ResponseCode::APPROVED,
+            extra,
+            out,
+        )
+        .await
+    }
+
+    /// Batch upload (0320 201) records and its end (202), for the settled batch.
+    async fn batch_upload(
+        &self,
+        req: &Request<'_>,
+        kind: Kind,
+        terminal: &Terminal,
+        out: &mut BytesMut,
+    ) -> Option<ResponseCode> {
+        let p = self.parts(req);
+        let batch = req.batch().unwrap_or(terminal.batch);
+        let entry = self.entry(req, kind, batch, &p);
+        if kind == Kind::BatchUpload {
+            let f48 = req.digits(48);
+            let count: usize = f48
+                .get(0..2)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(usize::MAX);
+            if count > 8 || f48.len() != 2 + count * 40 {
+                return Some(ResponseCode::FORMAT_ERROR);
+            }
+            let records: Vec<journal::Upload> = (0..count)
+                .map(|i| {
+                    let r = &f48[2 + i * 40..2 + (i + 1) * 40];
+                    let pan_digits = r[8..28].trim_start_matches('0');
+                    journal::Upload {
+                        card_type: r[0..2].to_string(),
+                        stan: r[2..8].parse().unwrap_or(0),
+                        pan_masked: Pan::new(pan_digits).ok().map(|p| p.masked()),
+                        amount: r[28..40].parse().unwrap_or(0),
+                    }
+                })
+                .collect();
+            if let Err(e) =
+                journal::store_uploads(&self.pool, req.terminal_id, batch, &records).await
+            {
+                warn!(error = %e, "storing batch upload records failed");
+                return Some(ResponseCode::SYSTEM_ERROR);
+            }
+        }
+        self.answer(
+            req,
+            entry,
+            None,
+            "S1",
+            State::Approved,
+            ResponseCode::APPROVED,
+            ReplyFields::default(),
+            out,
+        )
+        .await
+    }
+}

@@ -1,0 +1,768 @@
+//! Voids, reversals, refunds, pre-authorisation and settlement through the
+//! wire: one test per rule and response code of rules.md, the races, and
+//! the money at the issuer.
+
+use super::*;
+use loadgen::{Original, Reply, Reversed};
+
+/// What a terminal keeps of an approved request to refer to it later.
+struct Kept {
+    batch: u32,
+    stan: u32,
+    reply: Reply,
+}
+
+impl Kept {
+    fn original(&self) -> Original<'_> {
+        Original {
+            batch: self.batch,
+            stan: self.stan,
+            rrn: self.reply.field(37).unwrap_or(""),
+            auth_code: self.reply.field(38).unwrap_or(""),
+            date: self.reply.field(13).unwrap_or(""),
+        }
+    }
+
+    fn rrn(&self) -> &str {
+        self.reply.field(37).unwrap()
+    }
+}
+
+async fn purchase(t: &mut Terminal, pan: &str, amount: u64) -> Kept {
+    let stan = t.next_stan();
+    let reply = t
+        .exchange(&t.purchase(stan, pan, EXPIRY, amount).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(reply.rc(), "00", "purchase {reply:?}");
+    Kept {
+        batch: t.batch,
+        stan,
+        reply,
+    }
+}
+
+async fn void(t: &mut Terminal, pan: &str, amount: u64, of: &Kept) -> Reply {
+    let stan = t.next_stan();
+    t.exchange(&t.void(stan, pan, EXPIRY, amount, &of.original()).unwrap())
+        .await
+        .unwrap()
+}
+
+async fn refund(t: &mut Terminal, pan: &str, amount: u64, of: &Kept) -> Reply {
+    let stan = t.next_stan();
+    t.exchange(&t.refund(stan, pan, EXPIRY, amount, &of.original()).unwrap())
+        .await
+        .unwrap()
+}
+
+/// Waits until every queued advice is answered.
+async fn advices_drained(w: &World) {
+    w.until(
+        Duration::from_secs(15),
+        "every advice answered",
+        "SELECT NOT EXISTS (SELECT 1 FROM advices WHERE state = 'pending')",
+    )
+    .await;
+}
+
+async fn rule_of(w: &World, rrn: &str) -> (String, Option<String>, Option<i64>) {
+    sqlx::query_as("SELECT state, rule, original_id FROM journal WHERE rrn = $1")
+        .bind(rrn)
+        .fetch_one(&w.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_void_gives_the_money_back_and_cannot_be_voided_or_repeated() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000001").await;
+    let pan = "6222020000000000021";
+    let before = w.balance(pan).await;
+    let sale = purchase(&mut t, pan, 5_000).await;
+    let v = void(&mut t, pan, 5_000, &sale).await;
+    assert_eq!(v.rc(), "00", "{v:?}");
+    assert_eq!(w.journal_state(sale.rrn()).await, "voided");
+    let (state, rule, original) = rule_of(&w, v.field(37).unwrap()).await;
+    assert_eq!(
+        (state.as_str(), rule.as_deref()),
+        ("approved", Some("V1-V6"))
+    );
+    assert!(original.is_some(), "the audit trail names the original");
+    assert_eq!(w.balance(pan).await, before);
+    // V5: a sale voided already, and a void itself, cannot be voided.
+    assert_eq!(void(&mut t, pan, 5_000, &sale).await.rc(), "12");
+    let v_kept = Kept {
+        batch: t.batch,
+        stan: t.next_stan() - 1,
+        reply: v,
+    };
+    assert_eq!(
+        void(&mut t, pan, 5_000, &v_kept).await.rc(),
+        "25",
+        "a void is not a purchase of this terminal's"
+    );
+    // F2: a voided sale cannot be refunded.
+    assert_eq!(refund(&mut t, pan, 1_000, &sale).await.rc(), "12");
+}
+
+#[tokio::test]
+async fn void_rules_each_answer_their_code() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000002").await;
+    let pan = "6222020000000000022";
+    let sale = purchase(&mut t, pan, 3_000).await;
+    // V1: no such original (wrong STAN).
+    let missing = Kept {
+        batch: sale.batch,
+        stan: sale.stan + 500,
+        reply: sale.reply.clone(),
+    };
+    let r = void(&mut t, pan, 3_000, &missing).await;
+    assert_eq!(r.rc(), "25");
+    assert_eq!(
+        rule_of(&w, r.field(37).unwrap()).await.1.as_deref(),
+        Some("V1")
+    );
+    // V3: not the full amount.
+    assert_eq!(void(&mut t, pan, 2_999, &sale).await.rc(), "64");
+    // V4: another card.
+    assert_eq!(
+        void(&mut t, "6222020000000000023", 3_000, &sale).await.rc(),
+        "14"
+    );
+    // V2: after settlement the batch is closed; only a refund works.
+    let stan = t.next_stan();
+    let totals = format!("{:012}{:03}{:012}{:03}0{}", 3_000, 1, 0, 0, "0".repeat(31));
+    let s = t
+        .exchange(&t.settlement(stan, &totals).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(s.rc(), "00");
+    t.sign_on().await.unwrap();
+    assert_eq!(void(&mut t, pan, 3_000, &sale).await.rc(), "12");
+    assert_eq!(refund(&mut t, pan, 3_000, &sale).await.rc(), "00");
+}
+
+#[tokio::test]
+async fn void_last_only_refuses_all_but_the_last_transaction() {
+    let w = world_with(|c| c.rules.void_last_only = true).await;
+    let mut t = w.signed_on("T0000003").await;
+    let pan = "6222020000000000024";
+    let first = purchase(&mut t, pan, 100).await;
+    let last = purchase(&mut t, pan, 200).await;
+    let r = void(&mut t, pan, 100, &first).await;
+    assert_eq!(r.rc(), "12");
+    assert_eq!(
+        rule_of(&w, r.field(37).unwrap()).await.1.as_deref(),
+        Some("V6")
+    );
+    assert_eq!(void(&mut t, pan, 200, &last).await.rc(), "00");
+}
+
+#[tokio::test]
+async fn of_two_concurrent_voids_exactly_one_wins() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000004").await;
+    let pan = "6222020000000000025";
+    let before = w.balance(pan).await;
+    let sale = purchase(&mut t, pan, 4_000).await;
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let mut other = w.signed_on("T0000004").await;
+        let original = (sale.batch, sale.stan, sale.rrn().to_string());
+        tasks.push(tokio::spawn(async move {
+            let stan = 100 + i;
+            let o = Original {
+                batch: original.0,
+                stan: original.1,
+                rrn: &original.2,
+                auth_code: "",
+                date: "",
+            };
+            other
+                .exchange(&other.void(stan, pan, EXPIRY, 4_000, &o).unwrap())
+                .await
+                .unwrap()
+                .rc()
+                .to_string()
+        }));
+    }
+    let codes: Vec<String> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(codes.iter().filter(|c| *c == "00").count(), 1, "{codes:?}");
+    assert!(codes.iter().all(|c| c == "00" || c == "12"), "{codes:?}");
+    assert_eq!(w.balance(pan).await, before, "credited back once");
+}
+
+#[tokio::test]
+async fn refunds_may_be_partial_and_repeated_but_never_exceed_the_original() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000005").await;
+    let pan = "6222020000000000026";
+    let before = w.balance(pan).await;
+    let sale = purchase(&mut t, pan, 10_000).await;
+    assert_eq!(refund(&mut t, pan, 4_000, &sale).await.rc(), "00");
+    assert_eq!(w.journal_state(sale.rrn()).await, "partially_refunded");
+    assert_eq!(refund(&mut t, pan, 7_000, &sale).await.rc(), "61", "F3");
+    assert_eq!(refund(&mut t, pan, 6_000, &sale).await.rc(), "00");
+    assert_eq!(w.journal_state(sale.rrn()).await, "refunded");
+    assert_eq!(
+        refund(&mut t, pan, 1, &sale).await.rc(),
+        "12",
+        "F2: nothing left to refund"
+    );
+    // F1: no such RRN.
+    let mut unknown = Kept {
+        batch: sale.batch,
+        stan: sale.stan,
+        reply: sale.reply.clone(),
+    };
+    unknown.reply.fields.insert(37, "999999999999".into());
+    assert_eq!(refund(&mut t, pan, 1, &unknown).await.rc(), "25");
+    advices_drained(&w).await;
+    assert_eq!(
+        w.balance(pan).await,
+        before,
+        "refunded in full at the issuer, once"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_partial_refunds_never_sum_above_the_original() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000006").await;
+    let pan = "6222020000000000027";
+    let sale = purchase(&mut t, pan, 1_000).await;
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let mut other = w.signed_on("T0000006").await;
+        let (batch, stan, rrn, date) = (
+            sale.batch,
+            sale.stan,
+            sale.rrn().to_string(),
+            sale.reply.field(13).unwrap().to_string(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let o = Original {
+                batch,
+                stan,
+                rrn: &rrn,
+                auth_code: "",
+                date: &date,
+            };
+            other
+                .exchange(&other.refund(200 + i, pan, EXPIRY, 300, &o).unwrap())
+                .await
+                .unwrap()
+                .rc()
+                .to_string()
+        }));
+    }
+    let codes: Vec<String> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        codes.iter().filter(|c| *c == "00").count(),
+        3,
+        "3 x 300 fit in 1,000: {codes:?}"
+    );
+    let refunded: i64 = sqlx::query_scalar("SELECT refunded_amount FROM journal WHERE rrn = $1")
+        .bind(sale.rrn())
+        .fetch_one(&w.pool)
+        .await
+        .unwrap();
+    assert_eq!(refunded, 900);
+}
+
+#[tokio::test]
+async fn same_day_refund_deny_sends_the_merchant_to_void() {
+    let w = world_with(|c| c.rules.same_day_refund = switch::config::SameDayRefund::Deny).await;
+    let mut t = w.signed_on("T0000007").await;
+    let pan = "6222020000000000028";
+    let sale = purchase(&mut t, pan, 500).await;
+    let r = refund(&mut t, pan, 500, &sale).await;
+    assert_eq!(r.rc(), "12");
+    assert_eq!(
+        rule_of(&w, r.field(37).unwrap()).await.1.as_deref(),
+        Some("F5")
+    );
+}
+
+fn reversed<'a>(kept: &'a Kept, pan: &'a str, amount: u64, f60: &'a str) -> Reversed<'a> {
+    Reversed {
+        pan,
+        processing_code: "000000",
+        amount,
+        stan: kept.stan,
+        condition: "00",
+        f60,
+        f61: None,
+    }
+}
+
+#[tokio::test]
+async fn a_reversal_undoes_the_purchase_once_however_often_it_is_sent() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000008").await;
+    let pan = "6222020000000000029";
+    let before = w.balance(pan).await;
+    let sale = purchase(&mut t, pan, 2_500).await;
+    let f60 = t.f60("22");
+    let frame = t
+        .reversal(&reversed(&sale, pan, 2_500, &f60), "98")
+        .unwrap();
+    let r = t.exchange(&frame).await.unwrap();
+    assert_eq!(r.mti.to_string(), "0410");
+    assert_eq!(r.rc(), "00");
+    assert_eq!(w.journal_state(sale.rrn()).await, "reversed");
+    let again = t.exchange(&frame).await.unwrap();
+    assert_eq!(again.rc(), "00");
+    assert_eq!(again.body, r.body, "a repeated reversal changes nothing");
+    advices_drained(&w).await;
+    assert_eq!(w.balance(pan).await, before);
+    let reason: String = sqlx::query_scalar(
+        "SELECT reversal_reason FROM journal WHERE kind = 'reversal' AND terminal_id = 'T0000008'",
+    )
+    .fetch_one(&w.pool)
+    .await
+    .unwrap();
+    assert_eq!(reason, "98", "the audit keeps the reversal reason");
+}
+
+#[tokio::test]
+async fn reversal_rules_r3_r4_r5() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000009").await;
+    let pan = "6222020000000000030";
+    let f60 = t.f60("22");
+    // R3: nothing to reverse (the original never arrived): 00 all the same.
+    let ghost = Kept {
+        batch: t.batch,
+        stan: 777,
+        reply: Reply {
+            mti: iso8583::Mti::FINANCIAL,
+            prefix: vec![],
+            fields: Default::default(),
+            body: Default::default(),
+        },
+    };
+    let r = t
+        .exchange(&t.reversal(&reversed(&ghost, pan, 100, &f60), "98").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.rc(), "00");
+    // R4: another amount.
+    let sale = purchase(&mut t, pan, 1_000).await;
+    let r = t
+        .exchange(&t.reversal(&reversed(&sale, pan, 999, &f60), "06").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.rc(), "64");
+    // R5: a reversal on the next business day is not applied.
+    let other = purchase(&mut t, pan, 1_100).await;
+    sqlx::query("UPDATE journal SET business_date = business_date - 1 WHERE rrn = $1")
+        .bind(other.rrn())
+        .execute(&w.pool)
+        .await
+        .unwrap();
+    let r = t
+        .exchange(
+            &t.reversal(&reversed(&other, pan, 1_100, &f60), "98")
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.rc(), "12");
+    assert_eq!(w.journal_state(other.rrn()).await, "approved");
+}
+
+#[tokio::test]
+async fn a_reversal_that_overtakes_its_original_reverses_it_when_the_approval_comes() {
+    let w = world().await;
+    w.issuer
+        .faults()
+        .update(|f| f.latency = issuer_sim::Latency::Fixed(Duration::from_millis(600)));
+    let pan = "6222020000000000031";
+    let before = w.balance(pan).await;
+    let mut a = w.signed_on("T0000010").await;
+    let mut b = w.signed_on("T0000010").await;
+    let stan = a.next_stan();
+    let sale_frame = a.purchase(stan, pan, EXPIRY, 3_300).unwrap();
+    a.send_raw(&sale_frame).await.unwrap();
+    w.until(
+        Duration::from_secs(5),
+        "the sale at the issuer",
+        "SELECT EXISTS (SELECT 1 FROM journal WHERE terminal_id = 'T0000010' AND state = 'sent')",
+    )
+    .await;
+    let f60 = a.f60("22");
+    let kept = Kept {
+        batch: a.batch,
+        stan,
+        reply: Reply {
+            mti: iso8583::Mti::FINANCIAL,
+            prefix: vec![],
+            fields: Default::default(),
+            body: Default::default(),
+        },
+    };
+    let r = b
+        .exchange(
+            &b.reversal(&reversed(&kept, pan, 3_300, &f60), "98")
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.rc(), "00");
+    let sale = a.recv().await.unwrap();
+    w.issuer.faults().clear();
+    assert_eq!(
+        w.journal_state(sale.field(37).unwrap()).await,
+        "reversed",
+        "R3: reversed as soon as the approval came"
+    );
+    advices_drained(&w).await;
+    assert_eq!(w.balance(pan).await, before);
+}
+
+#[tokio::test]
+async fn a_reversal_of_a_void_restores_the_sale() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000011").await;
+    let pan = "6222020000000000032";
+    let before = w.balance(pan).await;
+    let sale = purchase(&mut t, pan, 6_000).await;
+    let stan = t.next_stan();
+    let v = t
+        .exchange(&t.void(stan, pan, EXPIRY, 6_000, &sale.original()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(v.rc(), "00");
+    let f60 = t.f60("23");
+    let f61 = format!("{:06}{:06}", sale.batch, sale.stan);
+    let of_void = Reversed {
+        pan,
+        processing_code: "200000",
+        amount: 6_000,
+        stan,
+        condition: "00",
+        f60: &f60,
+        f61: Some(&f61),
+    };
+    let r = t
+        .exchange(&t.reversal(&of_void, "98").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.rc(), "00");
+    assert_eq!(
+        w.journal_state(sale.rrn()).await,
+        "approved",
+        "the sale stands again"
+    );
+    assert_eq!(w.journal_state(v.field(37).unwrap()).await, "reversed");
+    advices_drained(&w).await;
+    assert_eq!(
+        w.balance(pan).await,
+        before - 6_000,
+        "the issuer debits again, once"
+    );
+}
+
+#[tokio::test]
+async fn preauth_cancel_completion_and_their_rules() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000012").await;
+    let pan = "6222020000000000033";
+    let before = w.balance(pan).await;
+    let stan = t.next_stan();
+    let pa = t
+        .exchange(&t.preauth(stan, pan, EXPIRY, 10_000).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(pa.mti.to_string(), "0110");
+    assert_eq!(pa.rc(), "00");
+    let pa = Kept {
+        batch: t.batch,
+        stan,
+        reply: pa,
+    };
+    // P3: a completion may exceed the pre-auth by the tolerance (15%), not more.
+    let stan = t.next_stan();
+    let over = t
+        .exchange(
+            &t.completion(stan, pan, EXPIRY, 11_501, &pa.original())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(over.rc(), "64");
+    // P1: an unknown auth code.
+    let mut wrong = pa.original();
+    wrong.auth_code = "000000";
+    let stan = t.next_stan();
+    assert_eq!(
+        t.exchange(&t.completion(stan, pan, EXPIRY, 100, &wrong).unwrap())
+            .await
+            .unwrap()
+            .rc(),
+        "25"
+    );
+    let completion_stan = t.next_stan();
+    let done = t
+        .exchange(
+            &t.completion(completion_stan, pan, EXPIRY, 11_500, &pa.original())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.rc(), "00");
+    assert_eq!(w.journal_state(pa.rrn()).await, "completed");
+    // A pre-auth completes once, and a completed one cannot be cancelled.
+    let stan = t.next_stan();
+    assert_eq!(
+        t.exchange(
+            &t.completion(stan, pan, EXPIRY, 100, &pa.original())
+                .unwrap()
+        )
+        .await
+        .unwrap()
+        .rc(),
+        "12"
+    );
+    let stan = t.next_stan();
+    assert_eq!(
+        t.exchange(
+            &t.preauth_cancel(stan, pan, EXPIRY, 10_000, &pa.original())
+                .unwrap()
+        )
+        .await
+        .unwrap()
+        .rc(),
+        "12"
+    );
+    assert_eq!(w.balance(pan).await, before - 11_500);
+    // Completion void gives the completion back.
+    let completion = Kept {
+        batch: t.batch,
+        stan: completion_stan,
+        reply: done,
+    };
+    let stan = t.next_stan();
+    let cv = t
+        .exchange(
+            &t.completion_void(stan, pan, EXPIRY, 11_500, &completion.original())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(cv.rc(), "00");
+    assert_eq!(w.balance(pan).await, before);
+}
+
+#[tokio::test]
+async fn preauth_cancel_needs_the_full_amount_and_a_valid_preauth() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000013").await;
+    let pan = "6222020000000000034";
+    let stan = t.next_stan();
+    let pa = t
+        .exchange(&t.preauth(stan, pan, EXPIRY, 5_000).unwrap())
+        .await
+        .unwrap();
+    let pa = Kept {
+        batch: t.batch,
+        stan,
+        reply: pa,
+    };
+    let stan = t.next_stan();
+    assert_eq!(
+        t.exchange(
+            &t.preauth_cancel(stan, pan, EXPIRY, 4_000, &pa.original())
+                .unwrap()
+        )
+        .await
+        .unwrap()
+        .rc(),
+        "64"
+    );
+    // P2: past preauth_valid_days.
+    sqlx::query("UPDATE journal SET business_date = business_date - 31 WHERE rrn = $1")
+        .bind(pa.rrn())
+        .execute(&w.pool)
+        .await
+        .unwrap();
+    let shifted: String =
+        sqlx::query_scalar("SELECT to_char(business_date, 'MMDD') FROM journal WHERE rrn = $1")
+            .bind(pa.rrn())
+            .fetch_one(&w.pool)
+            .await
+            .unwrap();
+    let stan = t.next_stan();
+    let mut old = pa.original();
+    old.date = &shifted;
+    assert_eq!(
+        t.exchange(&t.preauth_cancel(stan, pan, EXPIRY, 5_000, &old).unwrap())
+            .await
+            .unwrap()
+            .rc(),
+        "12"
+    );
+}
+
+#[tokio::test]
+async fn a_completion_advice_is_answered_at_once_and_forwarded() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000014").await;
+    let pan = "6222020000000000035";
+    let before = w.balance(pan).await;
+    let stan = t.next_stan();
+    let pa = t
+        .exchange(&t.preauth(stan, pan, EXPIRY, 8_000).unwrap())
+        .await
+        .unwrap();
+    let pa = Kept {
+        batch: t.batch,
+        stan,
+        reply: pa,
+    };
+    let stan = t.next_stan();
+    let r = t
+        .exchange(
+            &t.completion_advice(stan, pan, EXPIRY, 7_000, &pa.original())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.mti.to_string(), "0230");
+    assert_eq!(r.rc(), "00");
+    advices_drained(&w).await;
+    assert_eq!(w.balance(pan).await, before - 7_000);
+}
+
+#[tokio::test]
+async fn settlement_balances_or_not_closes_the_batch_and_upload_is_recorded() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000015").await;
+    let pan = "6222020000000000036";
+    let a = purchase(&mut t, pan, 1_000).await;
+    let _b = purchase(&mut t, pan, 2_000).await;
+    assert_eq!(void(&mut t, pan, 1_000, &a).await.rc(), "00");
+    assert_eq!(refund(&mut t, pan, 500, &_b).await.rc(), "00");
+    let batch = t.batch;
+    // Debits: both purchases (3,000, 2); credits: the void and the refund (1,500, 2).
+    let ours = format!(
+        "{:012}{:03}{:012}{:03}0{}",
+        3_000,
+        2,
+        1_500,
+        2,
+        "0".repeat(31)
+    );
+    let stan = t.next_stan();
+    let s = t
+        .exchange(&t.settlement(stan, &ours).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(s.rc(), "00");
+    assert_eq!(
+        s.field(48).unwrap(),
+        format!(
+            "{:012}{:03}{:012}{:03}1{}1",
+            3_000,
+            2,
+            1_500,
+            2,
+            "0".repeat(30)
+        )
+    );
+    let next: i32 = sqlx::query_scalar("SELECT batch FROM terminals WHERE id = 'T0000015'")
+        .fetch_one(&w.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        next as u32,
+        batch + 1,
+        "the batch is closed and the next one open"
+    );
+    let stan = t.next_stan();
+    let up = t
+        .exchange(
+            &t.batch_upload(stan, batch, &[(a.stan, pan, 1_000)])
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(up.rc(), "00");
+    let stan = t.next_stan();
+    assert_eq!(
+        t.exchange(&t.batch_upload(stan, batch, &[]).unwrap())
+            .await
+            .unwrap()
+            .rc(),
+        "00"
+    );
+    let stored: String =
+        sqlx::query_scalar("SELECT pan_masked FROM batch_uploads WHERE terminal_id = 'T0000015'")
+            .fetch_one(&w.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, "622202*********0036");
+    // The next batch, settled with figures the switch does not share.
+    t.sign_on().await.unwrap();
+    purchase(&mut t, pan, 700).await;
+    let wrong = format!("{:012}{:03}{:012}{:03}0{}", 999, 1, 0, 0, "0".repeat(31));
+    let stan = t.next_stan();
+    let s = t
+        .exchange(&t.settlement(stan, &wrong).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(s.rc(), "00");
+    assert_eq!(
+        s.field(48).unwrap(),
+        format!("{:012}{:03}{:012}{:03}2{}2", 700, 1, 0, 0, "0".repeat(30))
+    );
+    let balanced: Vec<bool> = sqlx::query_scalar(
+        "SELECT balanced FROM settlements WHERE terminal_id = 'T0000015' ORDER BY batch",
+    )
+    .fetch_all(&w.pool)
+    .await
+    .unwrap();
+    assert_eq!(balanced, [true, false]);
+}
+
+#[tokio::test]
+async fn after_a_mixed_day_the_issuer_and_the_journal_agree_to_the_fen() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000016").await;
+    let pan = "6222020000000000037";
+    let a = purchase(&mut t, pan, 10_000).await;
+    let b = purchase(&mut t, pan, 20_000).await;
+    let c = purchase(&mut t, pan, 30_000).await;
+    void(&mut t, pan, 10_000, &a).await;
+    refund(&mut t, pan, 5_000, &b).await;
+    let f60 = t.f60("22");
+    t.exchange(&t.reversal(&reversed(&c, pan, 30_000, &f60), "98").unwrap())
+        .await
+        .unwrap();
+    advices_drained(&w).await;
+    // Opening balances minus approved debits plus approved credits.
+    let net: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(CASE WHEN kind IN ('purchase', 'completion', 'completion_advice') THEN -amount ELSE amount END), 0)::bigint
+         FROM journal
+         WHERE (kind IN ('purchase', 'completion', 'completion_advice') AND state IN ('approved', 'voided', 'partially_refunded', 'refunded'))
+            OR (kind IN ('void', 'completion_void', 'refund') AND state = 'approved')",
+    )
+    .fetch_one(&w.pool)
+    .await
+    .unwrap();
+    let totals = issuer_sim::balances(&w.issuer_pool).await.unwrap();
+    assert_eq!(totals.balance - totals.opening, net, "the money invariant");
+    assert_eq!(net, -15_000);
+}
