@@ -5,6 +5,7 @@
 //! token, so tests bind port 0 and start several switches in one process.
 
 pub mod advice;
+pub mod audit;
 pub mod config;
 pub mod frontend;
 pub mod journal;

@@ -23,6 +23,16 @@ enum Command {
     Demo(cli::demo::DemoArgs),
     /// Drive a running switch with simulated terminals and report rate and latency.
     Load(cli::load::LoadArgs),
+    /// Transactions in the journal.
+    Txn {
+        #[command(subcommand)]
+        command: TxnCommand,
+    },
+    /// Settlements of terminal batches.
+    Settlement {
+        #[command(subcommand)]
+        command: SettlementCommand,
+    },
     /// Apply the switch's database migrations.
     Migrate(cli::serve::MigrateArgs),
     /// Check config files: every problem with file, line and key.
@@ -45,6 +55,18 @@ enum Command {
 enum ConfigCommand {
     /// List every problem in a config file and exit non-zero when there is one.
     Check(cli::admin::CheckArgs),
+}
+
+#[derive(Subcommand)]
+enum TxnCommand {
+    /// A transaction with its whole history (masked PAN): by --rrn, or --terminal --batch --stan.
+    Show(cli::ops::ShowArgs),
+}
+
+#[derive(Subcommand)]
+enum SettlementCommand {
+    /// What matched between a batch's upload and the journal, and what only one side had.
+    Report(cli::ops::ReportArgs),
 }
 
 #[derive(Subcommand)]
@@ -87,6 +109,12 @@ fn main() -> ExitCode {
                     Command::Issuer(a) => cli::issuer::run(&a).await,
                     Command::Demo(a) => cli::demo::run(&a).await,
                     Command::Load(a) => cli::load::run(&a).await,
+                    Command::Txn {
+                        command: TxnCommand::Show(a),
+                    } => cli::ops::show(&a).await,
+                    Command::Settlement {
+                        command: SettlementCommand::Report(a),
+                    } => cli::ops::report(&a).await,
                     Command::Migrate(a) => cli::serve::migrate(&a).await,
                     Command::Terminals {
                         command: TerminalsCommand::Import(a),

@@ -345,6 +345,56 @@ fn demo_serve_answers_terminals_and_exits_0_on_sigterm() {
     );
     let report = stdout(&load);
     assert!(report.contains("errors 0"), "{report}");
+    // The operator looks a transaction up in the demo's journal.
+    let second = lines.next().expect("a second line").unwrap();
+    let url = second
+        .split("PostgreSQL at ")
+        .nth(1)
+        .expect("the database URL")
+        .trim()
+        .to_string();
+    let show = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(args)
+            .env("DATABASE_URL", &url)
+            .output()
+            .unwrap()
+    };
+    let text = stdout(&show(&["txn", "show", "--rrn", "000000000001"]));
+    assert!(
+        text.contains("purchase") && text.contains("approved"),
+        "{text}"
+    );
+    assert!(text.contains("622202*********"), "masked PAN: {text}");
+    assert!(text.contains("rrn 000000000001"), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&stdout(&show(&[
+        "txn",
+        "show",
+        "--terminal",
+        "T0000001",
+        "--batch",
+        "1",
+        "--stan",
+        "2",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(json["history"][0]["kind"], "purchase");
+    assert_eq!(json["history"][0]["terminal"], "T0000001");
+    let missing = show(&["txn", "show", "--rrn", "999999999999"]);
+    assert_eq!(missing.status.code(), Some(2));
+    let report = stdout(&show(&[
+        "settlement",
+        "report",
+        "--terminal",
+        "T0000001",
+        "--batch",
+        "1",
+    ]));
+    assert!(
+        report.contains("settlement: none yet") && report.contains("only the switch had:"),
+        "{report}"
+    );
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

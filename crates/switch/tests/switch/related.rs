@@ -766,3 +766,60 @@ async fn after_a_mixed_day_the_issuer_and_the_journal_agree_to_the_fen() {
     assert_eq!(totals.balance - totals.opening, net, "the money invariant");
     assert_eq!(net, -15_000);
 }
+
+#[tokio::test]
+async fn the_history_of_a_sale_shows_every_related_attempt_with_its_rule() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000017").await;
+    let pan = "6222020000000000038";
+    let sale = purchase(&mut t, pan, 8_800).await;
+    assert_eq!(
+        void(&mut t, pan, 8_000, &sale).await.rc(),
+        "64",
+        "a rejected attempt"
+    );
+    let v = void(&mut t, pan, 8_800, &sale).await;
+    assert_eq!(v.rc(), "00");
+    let history = switch::audit::history(
+        &w.pool,
+        &switch::audit::Selector::Rrn(sale.rrn().to_string()),
+    )
+    .await
+    .unwrap()
+    .expect("the sale");
+    let kinds: Vec<(&str, &str, Option<&str>)> = history
+        .entries
+        .iter()
+        .map(|e| (e.kind.as_str(), e.state.as_str(), e.rule.as_deref()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("purchase", "voided", None),
+            ("void", "declined", Some("V3")),
+            ("void", "approved", Some("V1-V6"))
+        ]
+    );
+    assert!(
+        history
+            .entries
+            .iter()
+            .all(|e| e.terminal_id == "T0000017" && e.merchant_id == MERCHANT)
+    );
+    let text = history.to_text();
+    assert!(
+        text.contains("rule V3") && text.contains("refers to #"),
+        "{text}"
+    );
+    assert!(!text.contains(pan), "{text}");
+    // The same history from the void's side.
+    let from_void = switch::audit::history(
+        &w.pool,
+        &switch::audit::Selector::Rrn(v.field(37).unwrap().to_string()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(from_void.entries.len(), 3);
+    assert_eq!(from_void.to_json()["history"][2]["rule"], "V1-V6");
+}

@@ -5,6 +5,7 @@ pub mod db;
 pub mod demo;
 pub mod issuer;
 pub mod load;
+pub mod ops;
 pub mod serve;
 pub mod wire;
 

@@ -1,0 +1,365 @@
+//! What an operator asks when a merchant calls: a transaction with its whole
+//! history (the sale, its void, the reversal of the void, each refund, the
+//! advices sent to the issuer), and a batch's settlement with what matched.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+/// One journal entry, as an operator reads it (the PAN masked).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Entry {
+    /// Row id.
+    pub id: i64,
+    /// RRN.
+    pub rrn: String,
+    /// What it was.
+    pub kind: String,
+    /// Its state.
+    pub state: String,
+    /// Fen.
+    pub amount: i64,
+    /// Refunded so far.
+    pub refunded_amount: i64,
+    /// F41.
+    pub terminal_id: String,
+    /// F42.
+    pub merchant_id: String,
+    /// Batch.
+    pub batch: i32,
+    /// STAN.
+    pub stan: i32,
+    /// The terminal's MTI.
+    pub mti: i16,
+    /// F3.
+    pub processing_code: String,
+    /// First 6 / last 4.
+    pub pan_masked: Option<String>,
+    /// The answer.
+    pub response_code: Option<String>,
+    /// The auth code.
+    pub auth_code: Option<String>,
+    /// The rule that decided.
+    pub rule: Option<String>,
+    /// F63.1.
+    pub operator: Option<String>,
+    /// F39 of a reversal.
+    pub reversal_reason: Option<String>,
+    /// What it refers to.
+    pub original_id: Option<i64>,
+    /// How the terminal named the original.
+    pub original_ref: Option<String>,
+    /// The issuer.
+    pub issuer: Option<String>,
+    /// Business day.
+    pub business_date: NaiveDate,
+    /// When it arrived.
+    pub received_at: DateTime<Utc>,
+    /// When it was decided.
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// An advice to the issuer and how it went.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AdviceRow {
+    /// The entry it belongs to.
+    pub journal_id: i64,
+    /// reversal, refund, completion.
+    pub kind: String,
+    /// pending or done.
+    pub state: String,
+    /// Tries so far.
+    pub attempts: i32,
+    /// The issuer's answer.
+    pub response_code: Option<String>,
+    /// The last failure.
+    pub last_error: Option<String>,
+}
+
+/// A transaction with everything related to it.
+#[derive(Debug, Clone)]
+pub struct History {
+    /// The entry asked for.
+    pub id: i64,
+    /// The whole family, oldest first: the original and everything that refers to it.
+    pub entries: Vec<Entry>,
+    /// Their advices.
+    pub advices: Vec<AdviceRow>,
+}
+
+/// How the operator names a transaction.
+#[derive(Debug, Clone)]
+pub enum Selector {
+    /// By RRN.
+    Rrn(String),
+    /// By terminal, batch and STAN (the first such entry: a sale rather than its reversal).
+    Terminal {
+        /// F41.
+        terminal_id: String,
+        /// Batch.
+        batch: i32,
+        /// STAN.
+        stan: i32,
+    },
+}
+
+const ENTRY: &str = "SELECT id, rrn, kind, state, amount, refunded_amount, terminal_id, merchant_id, batch, stan, mti,
+    processing_code, pan_masked, response_code, auth_code, rule, operator, reversal_reason, original_id,
+    original_ref, issuer, business_date, received_at, completed_at FROM journal";
+
+/// The history of a transaction, or `None` when there is no such one.
+pub async fn history(pool: &PgPool, selector: &Selector) -> Result<Option<History>, sqlx::Error> {
+    let id: Option<i64> = match selector {
+        Selector::Rrn(rrn) => {
+            sqlx::query_scalar("SELECT id FROM journal WHERE rrn = $1")
+                .bind(rrn)
+                .fetch_optional(pool)
+                .await?
+        }
+        Selector::Terminal { terminal_id, batch, stan } => {
+            sqlx::query_scalar("SELECT id FROM journal WHERE terminal_id = $1 AND batch = $2 AND stan = $3 ORDER BY id LIMIT 1")
+                .bind(terminal_id)
+                .bind(batch)
+                .bind(stan)
+                .fetch_optional(pool)
+                .await?
+        }
+    };
+    let Some(id) = id else {
+        return Ok(None);
+    };
+    let entries: Vec<Entry> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "WITH RECURSIVE up AS (
+            SELECT id, original_id FROM journal WHERE id = $1
+            UNION SELECT j.id, j.original_id FROM journal j JOIN up ON j.id = up.original_id),
+         down AS (
+            SELECT id FROM up WHERE original_id IS NULL
+            UNION SELECT j.id FROM journal j JOIN down ON j.original_id = down.id)
+         {ENTRY} WHERE id IN (SELECT id FROM down) OR id = $1 ORDER BY id"
+    )))
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    let ids: Vec<i64> = entries.iter().map(|e| e.id).collect();
+    let advices = sqlx::query_as(
+        "SELECT journal_id, kind, state, attempts, response_code, last_error FROM advices
+         WHERE journal_id = ANY($1) ORDER BY id",
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(Some(History {
+        id,
+        entries,
+        advices,
+    }))
+}
+
+fn fen(amount: i64) -> String {
+    format!("{}.{:02}", amount / 100, amount % 100)
+}
+
+impl History {
+    /// The history as JSON.
+    pub fn to_json(&self) -> Value {
+        let entry = |e: &Entry| {
+            json!({
+                "id": e.id, "rrn": e.rrn, "kind": e.kind, "state": e.state, "amount": e.amount,
+                "refunded_amount": e.refunded_amount, "terminal": e.terminal_id, "merchant": e.merchant_id,
+                "batch": e.batch, "stan": e.stan, "mti": format!("{:04}", e.mti), "processing_code": e.processing_code,
+                "pan": e.pan_masked, "response_code": e.response_code, "auth_code": e.auth_code, "rule": e.rule,
+                "operator": e.operator, "reversal_reason": e.reversal_reason, "original_id": e.original_id,
+                "original_ref": e.original_ref, "issuer": e.issuer, "business_date": e.business_date.to_string(),
+                "received_at": e.received_at.to_rfc3339(), "completed_at": e.completed_at.map(|t| t.to_rfc3339()),
+                "advices": self.advices.iter().filter(|a| a.journal_id == e.id).map(|a| json!({
+                    "kind": a.kind, "state": a.state, "attempts": a.attempts,
+                    "response_code": a.response_code, "last_error": a.last_error,
+                })).collect::<Vec<_>>(),
+            })
+        };
+        json!({ "selected": self.id, "history": self.entries.iter().map(entry).collect::<Vec<_>>() })
+    }
+
+    /// The history for people: one block per entry, oldest first.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        for e in &self.entries {
+            let mark = if e.id == self.id { "▶" } else { " " };
+            out.push_str(&format!(
+                "{mark} {} {:<17} {:<18} {:>12} CNY  rrn {}  rc {}  auth {}\n",
+                e.received_at.format("%Y-%m-%d %H:%M:%S"),
+                e.kind,
+                e.state,
+                fen(e.amount),
+                e.rrn,
+                e.response_code.as_deref().unwrap_or("--"),
+                e.auth_code.as_deref().unwrap_or("------"),
+            ));
+            out.push_str(&format!(
+                "    terminal {} merchant {} batch {:06} stan {:06} mti {:04} card {}\n",
+                e.terminal_id,
+                e.merchant_id,
+                e.batch,
+                e.stan,
+                e.mti,
+                e.pan_masked.as_deref().unwrap_or("-")
+            ));
+            let mut notes = Vec::new();
+            if let Some(o) = e.original_id {
+                notes.push(format!("refers to #{o}"));
+            }
+            if let Some(r) = &e.rule {
+                notes.push(format!("rule {r}"));
+            }
+            if let Some(op) = &e.operator {
+                notes.push(format!("operator {op}"));
+            }
+            if let Some(r) = &e.reversal_reason {
+                notes.push(format!("reversal reason {r}"));
+            }
+            if e.refunded_amount > 0 {
+                notes.push(format!("refunded {}", fen(e.refunded_amount)));
+            }
+            if let Some(r) = &e.original_ref {
+                notes.push(format!("named as {r}"));
+            }
+            if !notes.is_empty() {
+                out.push_str(&format!("    #{} {}\n", e.id, notes.join(", ")));
+            }
+            for a in self.advices.iter().filter(|a| a.journal_id == e.id) {
+                out.push_str(&format!(
+                    "    advice {} to the issuer: {} after {} attempt(s){}{}\n",
+                    a.kind,
+                    a.state,
+                    a.attempts,
+                    a.response_code
+                        .as_deref()
+                        .map(|rc| format!(", rc {rc}"))
+                        .unwrap_or_default(),
+                    a.last_error
+                        .as_deref()
+                        .filter(|_| a.state != "done")
+                        .map(|e| format!(", last error: {e}"))
+                        .unwrap_or_default(),
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// A batch's settlement and how its upload matched the journal.
+#[derive(Debug, Clone)]
+pub struct SettlementReport {
+    /// F41.
+    pub terminal_id: String,
+    /// Batch.
+    pub batch: i32,
+    /// The settlement, when there was one: terminal totals, switch totals, balanced.
+    pub settlement: Option<(String, String, bool)>,
+    /// In both, same STAN and amount: (STAN, amount, kind).
+    pub matched: Vec<(i32, i64, String)>,
+    /// Uploaded by the terminal, not in the journal (or another amount): (STAN, amount).
+    pub only_terminal: Vec<(i32, i64)>,
+    /// In the journal's totals, not uploaded: (STAN, amount, kind).
+    pub only_switch: Vec<(i32, i64, String)>,
+}
+
+/// Compares a batch's upload with the journal entries its settlement counted.
+pub async fn settlement_report(
+    pool: &PgPool,
+    terminal_id: &str,
+    batch: i32,
+) -> Result<SettlementReport, sqlx::Error> {
+    let settlement: Option<(String, String, bool)> = sqlx::query_as(
+        "SELECT terminal_totals, switch_totals, balanced FROM settlements WHERE terminal_id = $1 AND batch = $2",
+    )
+    .bind(terminal_id)
+    .bind(batch)
+    .fetch_optional(pool)
+    .await?;
+    let journal: Vec<(i32, i64, String)> = sqlx::query_as(
+        "SELECT stan, amount, kind FROM journal WHERE terminal_id = $1 AND batch = $2 AND (
+            (kind IN ('purchase', 'completion', 'completion_advice') AND state IN ('approved', 'voided', 'partially_refunded', 'refunded'))
+            OR (kind IN ('void', 'completion_void', 'refund') AND state = 'approved'))
+         ORDER BY stan",
+    )
+    .bind(terminal_id)
+    .bind(batch)
+    .fetch_all(pool)
+    .await?;
+    let uploaded: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT stan, amount FROM batch_uploads WHERE terminal_id = $1 AND batch = $2 ORDER BY stan")
+            .bind(terminal_id)
+            .bind(batch)
+            .fetch_all(pool)
+            .await?;
+    let matched: Vec<(i32, i64, String)> = journal
+        .iter()
+        .filter(|(s, a, _)| uploaded.contains(&(*s, *a)))
+        .cloned()
+        .collect();
+    let only_switch = journal
+        .iter()
+        .filter(|(s, a, _)| !uploaded.contains(&(*s, *a)))
+        .cloned()
+        .collect();
+    let only_terminal = uploaded
+        .iter()
+        .filter(|(s, a)| !journal.iter().any(|(js, ja, _)| js == s && ja == a))
+        .cloned()
+        .collect();
+    Ok(SettlementReport {
+        terminal_id: terminal_id.to_string(),
+        batch,
+        settlement,
+        matched,
+        only_terminal,
+        only_switch,
+    })
+}
+
+impl SettlementReport {
+    /// As JSON.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "terminal": self.terminal_id,
+            "batch": self.batch,
+            "settlement": self.settlement.as_ref().map(|(t, s, b)| json!({"terminal_totals": t, "switch_totals": s, "balanced": b})),
+            "matched": self.matched.iter().map(|(s, a, k)| json!({"stan": s, "amount": a, "kind": k})).collect::<Vec<_>>(),
+            "only_terminal": self.only_terminal.iter().map(|(s, a)| json!({"stan": s, "amount": a})).collect::<Vec<_>>(),
+            "only_switch": self.only_switch.iter().map(|(s, a, k)| json!({"stan": s, "amount": a, "kind": k})).collect::<Vec<_>>(),
+        })
+    }
+
+    /// For people.
+    pub fn to_text(&self) -> String {
+        let mut out = format!("terminal {} batch {:06}\n", self.terminal_id, self.batch);
+        match &self.settlement {
+            Some((t, s, b)) => out.push_str(&format!(
+                "settlement: {}\n  terminal {t}\n  switch   {s}\n",
+                if *b { "balanced" } else { "NOT balanced" }
+            )),
+            None => out.push_str("settlement: none yet\n"),
+        }
+        out.push_str(&format!("matched: {}\n", self.matched.len()));
+        for (s, a, k) in &self.matched {
+            out.push_str(&format!("  stan {s:06} {:>12} {k}\n", fen(*a)));
+        }
+        out.push_str(&format!(
+            "only the terminal had: {}\n",
+            self.only_terminal.len()
+        ));
+        for (s, a) in &self.only_terminal {
+            out.push_str(&format!("  stan {s:06} {:>12}\n", fen(*a)));
+        }
+        out.push_str(&format!(
+            "only the switch had: {}\n",
+            self.only_switch.len()
+        ));
+        for (s, a, k) in &self.only_switch {
+            out.push_str(&format!("  stan {s:06} {:>12} {k}\n", fen(*a)));
+        }
+        out
+    }
+}

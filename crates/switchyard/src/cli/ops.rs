@@ -1,0 +1,114 @@
+//! Operator commands: `switchyard txn show` and `switchyard settlement report`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, anyhow};
+use clap::Args;
+use switch::audit::{self, Selector};
+
+use super::serve::load_config;
+use super::{Failure, db};
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The transaction's RRN.
+    #[arg(long, conflicts_with_all = ["terminal", "batch", "stan"], required_unless_present = "terminal")]
+    pub rrn: Option<String>,
+    /// The terminal (with --batch and --stan).
+    #[arg(long, requires_all = ["batch", "stan"])]
+    pub terminal: Option<String>,
+    /// The batch number.
+    #[arg(long)]
+    pub batch: Option<i32>,
+    /// The STAN.
+    #[arg(long)]
+    pub stan: Option<i32>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// The switch's config file (for the database).
+    #[arg(long, default_value = "config/switchyard.toml")]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The terminal.
+    #[arg(long)]
+    pub terminal: String,
+    /// The batch number.
+    #[arg(long)]
+    pub batch: i32,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// The switch's config file (for the database).
+    #[arg(long, default_value = "config/switchyard.toml")]
+    pub config: PathBuf,
+}
+
+/// The journal's database: `DATABASE_URL`, else the config's `database.url`.
+async fn pool(config: &std::path::Path) -> Result<(sqlx::PgPool, db::Database), Failure> {
+    let url = match std::env::var("DATABASE_URL") {
+        Ok(url) => url,
+        Err(_) => load_config(config)?.database.url.ok_or_else(|| {
+            Failure::Other(anyhow!(
+                "no database: set database.url in {} or DATABASE_URL (the switch's journal is there)",
+                config.display()
+            ))
+        })?,
+    };
+    let database = db::open(Some(&url), None, "switchyard").await?;
+    let pool = switch::connect(&database.url, 2).await.context("connecting to the database")?;
+    Ok((pool, database))
+}
+
+/// `switchyard txn show`.
+pub async fn show(args: &ShowArgs) -> Result<(), Failure> {
+    let (pool, _db) = pool(&args.config).await?;
+    let selector = match (&args.rrn, &args.terminal, args.batch, args.stan) {
+        (Some(rrn), ..) => Selector::Rrn(rrn.clone()),
+        (None, Some(t), Some(batch), Some(stan)) => Selector::Terminal {
+            terminal_id: t.clone(),
+            batch,
+            stan,
+        },
+        _ => {
+            return Err(Failure::Input(anyhow!(
+                "give --rrn, or --terminal with --batch and --stan"
+            )));
+        }
+    };
+    let history = audit::history(&pool, &selector)
+        .await
+        .context("reading the journal")?;
+    let Some(history) = history else {
+        return Err(Failure::Input(anyhow!("no such transaction")));
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&history.to_json()).map_err(anyhow::Error::from)?
+        );
+    } else {
+        print!("{}", history.to_text());
+    }
+    Ok(())
+}
+
+/// `switchyard settlement report`.
+pub async fn report(args: &ReportArgs) -> Result<(), Failure> {
+    let (pool, _db) = pool(&args.config).await?;
+    let report = audit::settlement_report(&pool, &args.terminal, args.batch)
+        .await
+        .context("reading the journal")?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report.to_json()).map_err(anyhow::Error::from)?
+        );
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(())
+}
