@@ -71,6 +71,16 @@ impl Reply {
         })
     }
 
+    /// A reply with nothing in it (a placeholder until the real one comes).
+    pub fn empty() -> Reply {
+        Reply {
+            mti: Mti::FINANCIAL,
+            prefix: Vec::new(),
+            fields: BTreeMap::new(),
+            body: Bytes::new(),
+        }
+    }
+
     /// F39, or `""` when absent.
     pub fn rc(&self) -> &str {
         self.field(39).unwrap_or("")
@@ -121,6 +131,13 @@ impl Terminal {
             tpdu: [0x60, 0x00, 0x03, 0x00, 0x00],
             header: [0x60, 0x31, 0x00, 0x00, 0x00, 0x00],
         })
+    }
+
+    /// Continues the STAN counter from `stan` (a terminal keeps its counter
+    /// across power cycles; a fresh simulated one must not reuse STANs of its
+    /// open batch).
+    pub fn set_stan(&mut self, stan: u32) {
+        self.stan = stan % 999_999;
     }
 
     /// The next STAN (1 to 999999, wrapping).

@@ -823,3 +823,40 @@ async fn the_history_of_a_sale_shows_every_related_attempt_with_its_rule() {
     assert_eq!(from_void.entries.len(), 3);
     assert_eq!(from_void.to_json()["history"][2]["rule"], "V1-V6");
 }
+
+#[tokio::test]
+async fn two_switch_processes_racing_voids_and_refunds_give_one_winner() {
+    let w = world().await;
+    let other_shutdown = CancellationToken::new();
+    let config = switch_config(&w.issuer_addr, |_| {});
+    let (_other, other_addr, _run) =
+        start_switch(&w.url, config, w.switch.key.clone(), &other_shutdown).await;
+    let pan = "6222020000000000039";
+    let mut t = w.signed_on("T0000018").await;
+    let sale = purchase(&mut t, pan, 2_000).await;
+    let refunded = purchase(&mut t, pan, 1_000).await;
+    let mut a = w.signed_on("T0000018").await;
+    let mut b = Terminal::connect(&other_addr, "T0000018", MERCHANT, w.dialect.clone())
+        .await
+        .unwrap();
+    b.batch = a.batch;
+    let (va, vb) = (
+        a.void(300, pan, EXPIRY, 2_000, &sale.original()).unwrap(),
+        b.void(301, pan, EXPIRY, 2_000, &sale.original()).unwrap(),
+    );
+    let (ra, rb) = tokio::join!(a.exchange(&va), b.exchange(&vb));
+    let mut codes = [ra.unwrap().rc().to_string(), rb.unwrap().rc().to_string()];
+    codes.sort();
+    assert_eq!(codes, ["00", "12"], "one void wins");
+    let (fa, fb) = (
+        a.refund(302, pan, EXPIRY, 700, &refunded.original())
+            .unwrap(),
+        b.refund(303, pan, EXPIRY, 700, &refunded.original())
+            .unwrap(),
+    );
+    let (ra, rb) = tokio::join!(a.exchange(&fa), b.exchange(&fb));
+    let mut codes = [ra.unwrap().rc().to_string(), rb.unwrap().rc().to_string()];
+    codes.sort();
+    assert_eq!(codes, ["00", "61"], "700 + 700 do not fit in 1,000");
+    other_shutdown.cancel();
+}

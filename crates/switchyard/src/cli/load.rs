@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::Args;
-use loadgen::closed::{Plan, run as run_plan};
+use loadgen::closed::{Mix, Plan, run as run_plan};
 
 use super::Failure;
 
@@ -27,6 +27,19 @@ pub struct LoadArgs {
     /// Fen per purchase.
     #[arg(long, default_value_t = 100)]
     pub amount: u64,
+    /// What each terminal sends: purchases, or void-heavy (a purchase and
+    /// its void, a purchase and its reversal).
+    #[arg(long, value_enum, default_value = "purchases")]
+    pub mix: MixArg,
+}
+
+/// `--mix`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum MixArg {
+    /// Purchases only.
+    Purchases,
+    /// Purchase + void, purchase + reversal.
+    VoidHeavy,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -42,11 +55,15 @@ pub async fn run(args: &LoadArgs) -> Result<(), Failure> {
         duration: args.duration,
         cards: args.cards,
         amount: args.amount,
+        mix: match args.mix {
+            MixArg::Purchases => Mix::Purchases,
+            MixArg::VoidHeavy => Mix::VoidHeavy,
+        },
     })
     .await;
     let ms = |q: f64| outcome.latency.value_at_quantile(q) as f64 / 1000.0;
     println!(
-        "terminals {:>3}  purchases {:>8}  approved {:>8}  errors {}  rate {:>8.0}/s  p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        "terminals {:>3}  requests {:>8}  approved {:>8}  errors {}  rate {:>8.0}/s  p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
         args.terminals,
         outcome.answered,
         outcome.approved,
