@@ -12,6 +12,7 @@ pub mod journal;
 pub mod keys;
 pub mod link;
 pub mod model;
+pub mod reconcile;
 mod related;
 pub mod router;
 pub mod terminals;

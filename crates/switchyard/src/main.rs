@@ -33,6 +33,8 @@ enum Command {
         #[command(subcommand)]
         command: SettlementCommand,
     },
+    /// The money check: the journal against the issuer's clearing file.
+    Reconcile(cli::reconcile::ReconcileArgs),
     /// Apply the switch's database migrations.
     Migrate(cli::serve::MigrateArgs),
     /// Check config files: every problem with file, line and key.
@@ -109,6 +111,7 @@ fn main() -> ExitCode {
                     Command::Issuer(a) => cli::issuer::run(&a).await,
                     Command::Demo(a) => cli::demo::run(&a).await,
                     Command::Load(a) => cli::load::run(&a).await,
+                    Command::Reconcile(a) => cli::reconcile::run(&a).await,
                     Command::Txn {
                         command: TxnCommand::Show(a),
                     } => cli::ops::show(&a).await,

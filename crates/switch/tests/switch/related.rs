@@ -765,6 +765,24 @@ async fn after_a_mixed_day_the_issuer_and_the_journal_agree_to_the_fen() {
     let totals = issuer_sim::balances(&w.issuer_pool).await.unwrap();
     assert_eq!(totals.balance - totals.opening, net, "the money invariant");
     assert_eq!(net, -15_000);
+    // And entry by entry: the journal against the issuer's clearing file.
+    let mut clearing = Vec::new();
+    issuer_sim::clearing(
+        &w.issuer_pool,
+        chrono::Utc::now().date_naive(),
+        &mut clearing,
+    )
+    .await
+    .unwrap();
+    let issuer =
+        switch::reconcile::read_clearing(&String::from_utf8(clearing).unwrap(), "clearing.csv")
+            .unwrap();
+    let journal = switch::reconcile::journal_effects(&w.pool, None)
+        .await
+        .unwrap();
+    let r = switch::reconcile::compare(&journal, &issuer);
+    assert!(r.balanced(), "{r:?}");
+    assert_eq!(r.journal_total, -15_000);
 }
 
 #[tokio::test]

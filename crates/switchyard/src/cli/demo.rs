@@ -198,6 +198,7 @@ async fn scripted_day(stack: &Stack) -> anyhow::Result<()> {
     let r = t.sign_on().await?;
     line("sign-on T0000001", r.rc(), &format!("batch {:06}", t.batch));
     let mut approved: i64 = 0;
+    let mut sales = Vec::new();
     for (pan, amount) in [
         ("6222020000000000001", 12_345u64),
         ("6222020000000000002", 880),
@@ -205,6 +206,7 @@ async fn scripted_day(stack: &Stack) -> anyhow::Result<()> {
     ] {
         let stan = t.next_stan();
         let r = t.exchange(&t.purchase(stan, pan, "3012", amount)?).await?;
+        sales.push((pan, amount, stan, r.clone()));
         line(
             &format!("purchase {amount} fen"),
             r.rc(),
@@ -234,6 +236,50 @@ async fn scripted_day(stack: &Stack) -> anyhow::Result<()> {
     if first.rc() == "00" {
         approved += 500;
     }
+    // The 880 fen sale was a mistake: void it. The 99,900 one is half returned.
+    fn original<'a>(
+        batch: u32,
+        sale: &'a (&str, u64, u32, loadgen::Reply),
+    ) -> loadgen::Original<'a> {
+        let (_, _, stan, reply) = sale;
+        loadgen::Original {
+            batch,
+            stan: *stan,
+            rrn: reply.field(37).unwrap_or(""),
+            auth_code: reply.field(38).unwrap_or(""),
+            date: reply.field(13).unwrap_or(""),
+        }
+    }
+    let stan = t.next_stan();
+    let r = t
+        .exchange(&t.void(stan, sales[1].0, "3012", 880, &original(t.batch, &sales[1]))?)
+        .await?;
+    line(
+        "void of the 880 fen purchase",
+        r.rc(),
+        "(the money goes back)",
+    );
+    if r.rc() == "00" {
+        approved -= 880;
+    }
+    let stan = t.next_stan();
+    let r = t
+        .exchange(&t.refund(
+            stan,
+            sales[2].0,
+            "3012",
+            49_950,
+            &original(t.batch, &sales[2]),
+        )?)
+        .await?;
+    line(
+        "refund 49950 of 99900 fen",
+        r.rc(),
+        "(an advice: forwarded to the issuer)",
+    );
+    if r.rc() == "00" {
+        approved -= 49_950;
+    }
     let stan = t.next_stan();
     let r = t
         .exchange(&t.balance_inquiry(stan, "6222020000000000001", "3012")?)
@@ -245,21 +291,52 @@ async fn scripted_day(stack: &Stack) -> anyhow::Result<()> {
         .await?;
     line("purchase 2,000,000 fen", r.rc(), "(insufficient funds)");
 
-    // The money check: every approved fen in the journal is missing from the cards.
-    let journal: i64 = sqlx::query_scalar("SELECT coalesce(sum(amount), 0)::bigint FROM journal WHERE state = 'approved' AND kind = 'purchase'")
-        .fetch_one(&stack.switch.pool)
-        .await?;
+    // The money check: entry by entry, the journal against the issuer's
+    // clearing file, once the advices have drained; and the card totals.
+    let drained = tokio::time::Instant::now() + Duration::from_secs(30);
+    while switch::reconcile::pending_advices(&stack.switch.pool).await? > 0 {
+        if tokio::time::Instant::now() > drained {
+            bail!("advices did not drain within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut clearing = Vec::new();
+    issuer_sim::clearing(
+        &stack.issuer_pool,
+        chrono::Utc::now().date_naive(),
+        &mut clearing,
+    )
+    .await
+    .map_err(|e| anyhow!("{e}"))?;
+    let issuer =
+        switch::reconcile::read_clearing(&String::from_utf8_lossy(&clearing), "(clearing)")
+            .map_err(|e| anyhow!(e))?;
+    let journal = switch::reconcile::journal_effects(&stack.switch.pool, None).await?;
+    let result = switch::reconcile::compare(&journal, &issuer);
     let totals = issuer_sim::balances(&stack.issuer_pool)
         .await
         .map_err(|e| anyhow!("{e}"))?;
-    let (opening, current) = (totals.opening, totals.balance);
     println!();
-    println!("journal: approved debits {journal} fen (this script approved {approved})");
     println!(
-        "issuer:  opening {opening} fen, now {current} fen, difference {}",
-        opening - current
+        "reconcile: {} rrns matched, {} break(s); journal net {} fen, issuer net {} fen",
+        result.matched,
+        result.breaks.len(),
+        result.journal_total,
+        result.issuer_total
     );
-    if opening - current != journal || journal != approved {
+    println!(
+        "cards:     opening {} fen, now {} fen, difference {} (this script's net: {approved})",
+        totals.opening,
+        totals.balance,
+        totals.opening - totals.balance
+    );
+    for b in &result.breaks {
+        println!("  {b}");
+    }
+    if !result.balanced()
+        || totals.balance - totals.opening != result.journal_total
+        || -result.journal_total != approved
+    {
         bail!("money check FAILED: the issuer's balances and the journal disagree");
     }
     println!("money check: balanced to the fen");

@@ -6,6 +6,7 @@ pub mod demo;
 pub mod issuer;
 pub mod load;
 pub mod ops;
+pub mod reconcile;
 pub mod serve;
 pub mod wire;
 

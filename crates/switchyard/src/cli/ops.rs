@@ -48,7 +48,9 @@ pub struct ReportArgs {
 }
 
 /// The journal's database: `DATABASE_URL`, else the config's `database.url`.
-async fn pool(config: &std::path::Path) -> Result<(sqlx::PgPool, db::Database), Failure> {
+pub async fn journal_pool(
+    config: &std::path::Path,
+) -> Result<(sqlx::PgPool, db::Database), Failure> {
     let url = match std::env::var("DATABASE_URL") {
         Ok(url) => url,
         Err(_) => load_config(config)?.database.url.ok_or_else(|| {
@@ -59,13 +61,15 @@ async fn pool(config: &std::path::Path) -> Result<(sqlx::PgPool, db::Database), 
         })?,
     };
     let database = db::open(Some(&url), None, "switchyard").await?;
-    let pool = switch::connect(&database.url, 2).await.context("connecting to the database")?;
+    let pool = switch::connect(&database.url, 2)
+        .await
+        .context("connecting to the database")?;
     Ok((pool, database))
 }
 
 /// `switchyard txn show`.
 pub async fn show(args: &ShowArgs) -> Result<(), Failure> {
-    let (pool, _db) = pool(&args.config).await?;
+    let (pool, _db) = journal_pool(&args.config).await?;
     let selector = match (&args.rrn, &args.terminal, args.batch, args.stan) {
         (Some(rrn), ..) => Selector::Rrn(rrn.clone()),
         (None, Some(t), Some(batch), Some(stan)) => Selector::Terminal {
@@ -98,7 +102,7 @@ pub async fn show(args: &ShowArgs) -> Result<(), Failure> {
 
 /// `switchyard settlement report`.
 pub async fn report(args: &ReportArgs) -> Result<(), Failure> {
-    let (pool, _db) = pool(&args.config).await?;
+    let (pool, _db) = journal_pool(&args.config).await?;
     let report = audit::settlement_report(&pool, &args.terminal, args.batch)
         .await
         .context("reading the journal")?;

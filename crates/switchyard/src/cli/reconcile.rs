@@ -1,0 +1,72 @@
+//! `switchyard reconcile`: the switch's journal against the issuer's
+//! clearing file; non-zero exit on any break of the money invariant.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use clap::Args;
+use switch::reconcile;
+
+use super::Failure;
+use super::ops::journal_pool;
+
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    /// The issuer's clearing file (`switchyard issuer clearing --date D --out F`).
+    #[arg(long)]
+    pub clearing_file: PathBuf,
+    /// The day (UTC, as the clearing file counts days); all entries when absent.
+    #[arg(long)]
+    pub date: Option<chrono::NaiveDate>,
+    /// Wait this long for unanswered advices to drain first (e.g. 60s).
+    #[arg(long, value_parser = |t: &str| settings::parse_duration(t).ok_or_else(|| format!("{t:?} is not a duration like 60s")))]
+    pub wait: Option<Duration>,
+    /// The switch's config file (for the database).
+    #[arg(long, default_value = "config/switchyard.toml")]
+    pub config: PathBuf,
+}
+
+/// `switchyard reconcile`.
+pub async fn run(args: &ReconcileArgs) -> Result<(), Failure> {
+    let (pool, _db) = journal_pool(&args.config).await?;
+    let deadline = tokio::time::Instant::now() + args.wait.unwrap_or_default();
+    let pending = loop {
+        let pending = reconcile::pending_advices(&pool)
+            .await
+            .context("reading the advice queue")?;
+        if pending == 0 || tokio::time::Instant::now() >= deadline {
+            break pending;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let text = std::fs::read_to_string(&args.clearing_file)
+        .with_context(|| format!("cannot read {}", args.clearing_file.display()))?;
+    let issuer = reconcile::read_clearing(&text, &args.clearing_file.display().to_string())
+        .map_err(|e| Failure::Input(anyhow!(e)))?;
+    let journal = reconcile::journal_effects(&pool, args.date)
+        .await
+        .context("reading the journal")?;
+    let result = reconcile::compare(&journal, &issuer);
+    println!(
+        "matched {} rrns; journal net {} fen, issuer net {} fen; {} break(s); {} advice(s) pending",
+        result.matched,
+        result.journal_total,
+        result.issuer_total,
+        result.breaks.len(),
+        pending
+    );
+    for b in &result.breaks {
+        println!("  {b}");
+    }
+    if pending > 0 {
+        return Err(Failure::Other(anyhow!(
+            "{pending} advice(s) not answered yet: the check is not final"
+        )));
+    }
+    if !result.balanced() {
+        return Err(Failure::Other(anyhow!("the money invariant is broken")));
+    }
+    println!("money check: balanced to the fen");
+    Ok(())
+}
