@@ -10,7 +10,7 @@ use iso8583::Pan;
 use tracing::{debug, warn};
 
 use crate::config::SameDayRefund;
-use crate::journal::{self, Disposition, Insert, NewEntry, Original};
+use crate::journal::{self, Disposition, NewEntry, Original};
 use crate::model::{Kind, ResponseCode, State};
 use crate::router::{Related, ReplyFields, Request, Switch, business_date, request_digest};
 use crate::terminals::Terminal;
@@ -110,26 +110,24 @@ impl Switch {
         entry.original_id = original.map(|o| o.id);
         entry.rule = Some(rule);
         debug!(rule, rc = %rc, "decided by the switch");
-        match journal::insert(&self.pool, &entry, Disposition::Answer(state, rc)).await {
-            Ok(Insert::New(w)) => {
-                self.reply(
-                    req,
-                    out,
-                    ReplyFields {
-                        rc: Some(rc),
-                        rrn: Some(&w.rrn),
-                        ..extra
-                    },
-                );
-                self.store_reply(w.id, out).await;
-                None
-            }
-            Ok(Insert::Duplicate(earlier)) => self.duplicate(req, &entry, earlier, out).await,
-            Err(e) => {
-                warn!(error = %e, "journal write failed");
-                Some(ResponseCode::SYSTEM_ERROR)
-            }
-        }
+        let w = match self
+            .journal(req, &entry, Disposition::Answer(state, rc), out)
+            .await
+        {
+            Ok(w) => w,
+            Err(answered) => return answered,
+        };
+        self.reply(
+            req,
+            out,
+            ReplyFields {
+                rc: Some(rc),
+                rrn: Some(&w.rrn),
+                ..extra
+            },
+        );
+        self.store_reply(w.id, out).await;
+        None
     }
 
     async fn reject(
@@ -380,25 +378,35 @@ impl Switch {
         }
         entry.original_id = Some(o.id);
         entry.rule = Some("F1-F6");
-        let written = match journal::insert(&self.pool, &entry, Disposition::Hold).await {
-            Ok(Insert::New(w)) => w,
-            Ok(Insert::Duplicate(earlier)) => {
-                return self.duplicate(req, &entry, earlier, out).await;
-            }
-            Err(e) => {
-                warn!(error = %e, "journal write failed");
-                return Some(ResponseCode::SYSTEM_ERROR);
-            }
-        };
-        match journal::apply_advice(
-            &self.pool,
-            written.id,
-            o.id,
-            p.amount as i64,
+        // A concurrent refund or void may get there first: F3, 61.
+        self.advise(
+            req,
+            &entry,
+            &o,
             journal::AdviceKind::Refund,
+            ("F3", ResponseCode::OVER_LIMIT),
+            out,
         )
         .await
-        {
+    }
+
+    /// F6 / P3: journals an advice the switch answers itself, applies it to
+    /// its original and queues it for the issuer; `lost` is the rule and code
+    /// when the original was claimed by someone else in the meantime.
+    async fn advise(
+        &self,
+        req: &Request<'_>,
+        entry: &NewEntry<'_>,
+        original: &Original,
+        kind: journal::AdviceKind,
+        lost: (&str, ResponseCode),
+        out: &mut BytesMut,
+    ) -> Option<ResponseCode> {
+        let written = match self.journal(req, entry, Disposition::Hold, out).await {
+            Ok(w) => w,
+            Err(answered) => return answered,
+        };
+        match journal::apply_advice(&self.pool, written.id, original.id, entry.amount, kind).await {
             Ok(true) => {
                 self.advice_wake.notify_one();
                 self.reply(
@@ -413,17 +421,9 @@ impl Switch {
                 self.store_reply(written.id, out).await;
                 None
             }
-            // A concurrent refund or void got there first.
             Ok(false) => {
-                self.decided(
-                    req,
-                    written.id,
-                    &written.rrn,
-                    "F3",
-                    ResponseCode::OVER_LIMIT,
-                    out,
-                )
-                .await
+                self.decided(req, written.id, &written.rrn, lost.0, lost.1, out)
+                    .await
             }
             Err(e) => {
                 warn!(error = %e, "journal write failed");
@@ -524,55 +524,15 @@ impl Switch {
         // A completion advice: journalled, answered, and forwarded as a stored advice.
         entry.original_id = Some(o.id);
         entry.rule = Some("P1-P3");
-        let written = match journal::insert(&self.pool, &entry, Disposition::Hold).await {
-            Ok(Insert::New(w)) => w,
-            Ok(Insert::Duplicate(earlier)) => {
-                return self.duplicate(req, &entry, earlier, out).await;
-            }
-            Err(e) => {
-                warn!(error = %e, "journal write failed");
-                return Some(ResponseCode::SYSTEM_ERROR);
-            }
-        };
-        match journal::apply_advice(
-            &self.pool,
-            written.id,
-            o.id,
-            p.amount as i64,
+        self.advise(
+            req,
+            &entry,
+            &o,
             journal::AdviceKind::Completion,
+            ("P3", ResponseCode::INVALID_TRANSACTION),
+            out,
         )
         .await
-        {
-            Ok(true) => {
-                self.advice_wake.notify_one();
-                self.reply(
-                    req,
-                    out,
-                    ReplyFields {
-                        rc: Some(ResponseCode::APPROVED),
-                        rrn: Some(&written.rrn),
-                        ..Default::default()
-                    },
-                );
-                self.store_reply(written.id, out).await;
-                None
-            }
-            Ok(false) => {
-                self.decided(
-                    req,
-                    written.id,
-                    &written.rrn,
-                    "P3",
-                    ResponseCode::INVALID_TRANSACTION,
-                    out,
-                )
-                .await
-            }
-            Err(e) => {
-                warn!(error = %e, "journal write failed");
-                Some(ResponseCode::SYSTEM_ERROR)
-            }
-        }
     }
 
     /// R1-R5: a reversal (0400) of the terminal's own transaction, named by

@@ -313,16 +313,9 @@ impl Switch {
                 f7: f7s,
             },
         };
-        let written = match journal::insert(&self.pool, &entry, disposition).await {
-            Ok(Insert::New(w)) => w,
-            Ok(Insert::Duplicate(earlier)) => {
-                return self.duplicate(req, &entry, earlier, out).await;
-            }
-            Err(e) => {
-                // T2: the journal cannot be written, so nothing is forwarded.
-                warn!(error = %e, "journal write failed");
-                return Some(ResponseCode::SYSTEM_ERROR);
-            }
+        let written = match self.journal(req, &entry, disposition, out).await {
+            Ok(w) => w,
+            Err(answered) => return answered,
         };
         if let Some(r) = related.filter(|r| r.claim.is_some() && !written.claimed) {
             // Another request claimed the original first: exactly one wins.
@@ -624,6 +617,26 @@ impl Switch {
     pub(crate) async fn store_reply(&self, id: i64, out: &BytesMut) {
         if let Err(e) = journal::store_reply(&self.pool, id, self.body(out)).await {
             warn!(error = %e, "storing a reply failed");
+        }
+    }
+
+    /// Writes a request to the journal. A repeat is answered here (D1/D2)
+    /// and so is a journal that cannot be written (T2: `96`, nothing
+    /// forwarded); both come back as `Err` with what to answer.
+    pub(crate) async fn journal(
+        &self,
+        req: &Request<'_>,
+        entry: &NewEntry<'_>,
+        disposition: Disposition<'_>,
+        out: &mut BytesMut,
+    ) -> Result<journal::Written, Option<ResponseCode>> {
+        match journal::insert(&self.pool, entry, disposition).await {
+            Ok(Insert::New(w)) => Ok(w),
+            Ok(Insert::Duplicate(earlier)) => Err(self.duplicate(req, entry, earlier, out).await),
+            Err(e) => {
+                warn!(error = %e, "journal write failed");
+                Err(Some(ResponseCode::SYSTEM_ERROR))
+            }
         }
     }
 
