@@ -198,6 +198,98 @@ pub enum MtiEncoding {
     Ascii,
 }
 
+/// What the parser checks a field's data for: its type and encoding in one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Check {
+    /// The dialect does not define the field.
+    #[default]
+    Undefined,
+    /// `n`, packed BCD.
+    BcdDigits,
+    /// `z`, packed BCD (nibble D is the separator).
+    BcdTrack,
+    /// `n`, ASCII.
+    AsciiDigits,
+    /// `z`, ASCII (`=` or `D` is the separator).
+    AsciiTrack,
+    /// `an`.
+    Alphanumeric,
+    /// `ans`.
+    Text,
+    /// `b`: any byte.
+    Binary,
+}
+
+/// A field's spec reduced to what parsing it takes, worked out once when the
+/// dialect is compiled: ten bytes instead of a dozen questions a field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Plan {
+    /// What the data may hold.
+    pub(crate) check: Check,
+    /// Bytes of the length prefix; 0 for a fixed field.
+    pub(crate) prefix_bytes: u8,
+    /// The length prefix is BCD (else ASCII).
+    pub(crate) prefix_bcd: bool,
+    /// The prefix counts bytes of BCD digits: twice as many digits. As the
+    /// parser has always done, this doubles a fixed field's length too, so
+    /// that a fixed BCD field with `prefix_counts = "bytes"` is refused as
+    /// too long (while the writer writes it); neither shipped dialect has one.
+    pub(crate) doubled: bool,
+    /// An odd number of BCD digits has its padding nibble first.
+    pub(crate) pad_first: bool,
+    /// 1 when digits are packed two a byte (BCD), else 0: data bytes are
+    /// `(units + packed) >> packed`.
+    pub(crate) packed: u8,
+    /// The (largest) length in units: digits, characters or bytes.
+    pub(crate) max: u16,
+    /// How views of the field show it.
+    pub(crate) sensitive: Sensitivity,
+}
+
+impl Plan {
+    fn new(spec: &FieldSpec) -> Plan {
+        let bcd = spec.digits == DigitEncoding::Bcd;
+        Plan {
+            check: match (spec.ty, bcd) {
+                (FieldType::Numeric, true) => Check::BcdDigits,
+                (FieldType::Track, true) => Check::BcdTrack,
+                (FieldType::Numeric, false) => Check::AsciiDigits,
+                (FieldType::Track, false) => Check::AsciiTrack,
+                (FieldType::Alphanumeric, _) => Check::Alphanumeric,
+                (FieldType::Text, _) => Check::Text,
+                (FieldType::Binary, _) => Check::Binary,
+            },
+            prefix_bytes: spec.prefix_bytes() as u8,
+            prefix_bcd: spec.prefix == DigitEncoding::Bcd,
+            doubled: spec.ty.is_digits()
+                && bcd
+                && spec.counts == Counts::Bytes
+                && spec.length != LengthKind::Fixed,
+            pad_first: spec.align == Align::Right,
+            packed: u8::from(spec.ty.is_digits() && bcd),
+            max: spec.max,
+            sensitive: spec.sensitive,
+        }
+    }
+
+    /// Bytes taken on the wire by `count` units (prefix excluded).
+    #[inline]
+    pub(crate) fn data_bytes(self, count: usize) -> usize {
+        (count + usize::from(self.packed)) >> self.packed
+    }
+
+    /// The plans of a field table, by field number.
+    pub(crate) fn table(fields: &[Option<FieldSpec>]) -> Box<[Plan; MAX_FIELD + 1]> {
+        let mut plans = Box::new([Plan::default(); MAX_FIELD + 1]);
+        for (plan, spec) in plans.iter_mut().zip(fields) {
+            if let Some(spec) = spec {
+                *plan = Plan::new(spec);
+            }
+        }
+        plans
+    }
+}
+
 /// A compiled dialect: the field table and the frame layout of one side.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Dialect {
@@ -209,6 +301,8 @@ pub struct Dialect {
     pub(crate) mti: MtiEncoding,
     pub(crate) secondary_bitmap: bool,
     pub(crate) fields: Vec<Option<FieldSpec>>,
+    /// What parsing each field takes, by field number (from `fields`).
+    pub(crate) plans: Box<[Plan; MAX_FIELD + 1]>,
 }
 
 impl fmt::Debug for Dialect {
@@ -276,6 +370,12 @@ impl Dialect {
             MtiEncoding::Bcd => 2,
             MtiEncoding::Ascii => 4,
         }
+    }
+
+    /// What parsing field `number` (at most [`MAX_FIELD`]) takes.
+    #[inline]
+    pub(crate) fn plan(&self, number: usize) -> Plan {
+        self.plans[number]
     }
 
     /// The spec of field `number`, if the dialect defines it.

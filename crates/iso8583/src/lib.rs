@@ -12,6 +12,7 @@
 //! field and byte offset, and no input, however malformed, panics.
 
 pub mod card;
+mod chars;
 pub mod dialect;
 pub mod error;
 pub mod framing;

@@ -1,30 +1,27 @@
 //! A parsed message: the frame it borrows from, and where each field is.
 //!
-//! Parsing checks every byte once (lengths, digits, characters) and records
-//! each present field's position; it copies nothing and allocates nothing.
-//! The views handed out afterwards are therefore infallible.
+//! Parsing checks every byte (lengths, digits, characters) and records each
+//! present field's position; it copies nothing and allocates nothing. The
+//! views handed out afterwards are therefore infallible.
+//!
+//! A lean pass does the checking and only says whether everything passed;
+//! when it did not, a second pass over the same frame names the field, the
+//! byte offset and the reason. Field types are checked eight bytes at a time
+//! where they can be (see `chars`), and each field's spec is read from the
+//! dialect's compiled [plan](crate::dialect::Dialect): a few bytes a field.
 
 use std::fmt;
 
+use crate::chars::{
+    BCD_DIGITS, BCD_TRACK, CLASSES, all_in, alphanumeric_only, ascii_digits_only, ascii_track_only,
+    bcd_digits_only, printable_only,
+};
 use crate::dialect::{
-    Align, Counts, Dialect, DigitEncoding, FieldSpec, FieldType, LengthKind, MAX_FIELD, MtiEncoding,
+    Align, Check, Dialect, DigitEncoding, FieldSpec, FieldType, MAX_FIELD, MtiEncoding, Plan,
 };
 use crate::error::{ParseError, ParseErrorKind, Part};
 use crate::mti::Mti;
 use crate::value::{Binary, DigitForm, Digits, Text, Value};
-
-/// Where one present field sits in the frame.
-#[derive(Debug, Clone, Copy, Default)]
-struct Span {
-    /// First byte of the length prefix (or of the data, for fixed fields).
-    wire: u16,
-    /// First byte of the data.
-    start: u16,
-    /// Bytes of data.
-    len: u16,
-    /// Units of data: digits, characters or bytes.
-    count: u16,
-}
 
 /// A set of field numbers, as carried by the bitmaps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -62,6 +59,21 @@ impl Bitmap {
     pub(crate) fn words(&self) -> [u64; 2] {
         self.0
     }
+
+    /// How many fields from 2 up to `n - 1` are present; `n` is 2 to 128.
+    #[inline]
+    fn present_before(&self, n: usize) -> usize {
+        // Fields 1 to n - 1 are the top n - 1 bits; field 1 is not data. One
+        // word at a time: without a popcount instruction in the baseline
+        // target, counting a u128 costs twice a u64.
+        let primary = self.0[0] & !(1 << 63);
+        if n <= 64 {
+            (primary >> (65 - n)).count_ones() as usize
+        } else {
+            let secondary = self.0[1].checked_shr((129 - n) as u32).unwrap_or(0);
+            (primary.count_ones() + secondary.count_ones()) as usize
+        }
+    }
 }
 
 /// A parsed ISO 8583 message, borrowing from its frame (the bytes after the
@@ -73,8 +85,20 @@ pub struct Message<'a> {
     body: u16,
     mti: Mti,
     bitmap: Bitmap,
-    spans: [Span; MAX_FIELD + 1],
+    /// Where each present field starts in the frame (at its length prefix),
+    /// in field order, followed by where the last one ends: field `n` is the
+    /// `k`-th present one, and spans `offsets[k]..offsets[k + 1]`, with `k`
+    /// the number of present fields before it. Everything else about a field
+    /// follows from its plan and its (already checked) length prefix. Only
+    /// the first [`KEPT`] are kept, which covers the messages of both
+    /// shipped dialects and keeps a message small (it is moved about by
+    /// value); the rare fields past them are found by walking on from the
+    /// last one kept.
+    offsets: [u16; KEPT],
 }
+
+/// How many field offsets a [`Message`] keeps.
+const KEPT: usize = 32;
 
 struct Cursor<'a> {
     frame: &'a [u8],
@@ -102,7 +126,115 @@ impl<'a> Cursor<'a> {
 
 impl<'a> Message<'a> {
     /// Parses one frame (without its 2-byte length prefix) in `dialect`.
+    #[inline]
     pub fn parse(dialect: &'a Dialect, frame: &'a [u8]) -> Result<Message<'a>, ParseError> {
+        // Made here and filled in place (inlined, so in the caller's frame):
+        // cheaper than a parser that builds and returns one.
+        let mut msg = Message {
+            frame,
+            dialect,
+            body: 0,
+            mti: Mti::FINANCIAL,
+            bitmap: Bitmap::default(),
+            offsets: [0; KEPT],
+        };
+        if !msg.fill_fast() {
+            // Only to find the error (or, should the fast pass have been
+            // stricter than this one, to parse after all).
+            msg.fill()?;
+        }
+        Ok(msg)
+    }
+
+    /// Parses `self.frame` into the rest of `self` the common way: all the
+    /// same checks as [`Message::fill`], but it only says whether they all
+    /// pass, which keeps the loop lean. On `false`, `fill` says why.
+    fn fill_fast(&mut self) -> bool {
+        let (dialect, frame) = (self.dialect, self.frame);
+        let end = frame.len();
+        let mut pos = dialect.tpdu_len + dialect.header_len;
+        let mti_len = dialect.mti_len();
+        if end > usize::from(u16::MAX) || pos + mti_len + 8 > end {
+            return false;
+        }
+        self.body = pos as u16;
+        let mut mti = 0;
+        let mti_ok = match dialect.mti {
+            MtiEncoding::Bcd => frame[pos..pos + 2].iter().all(|&b| {
+                let (hi, lo) = (b >> 4, b & 0x0F);
+                mti = mti * 100 + u16::from(hi) * 10 + u16::from(lo);
+                hi <= 9 && lo <= 9
+            }),
+            MtiEncoding::Ascii => frame[pos..pos + 4].iter().all(|&b| {
+                mti = mti * 10 + u16::from(b.wrapping_sub(b'0'));
+                b.is_ascii_digit()
+            }),
+        };
+        let Some(mti) = Mti::new(mti).filter(|_| mti_ok) else {
+            return false;
+        };
+        self.mti = mti;
+        pos += mti_len;
+        let word = |at: usize| u64::from_be_bytes(frame[at..at + 8].try_into().expect("8 bytes"));
+        let mut words = [word(pos), 0];
+        pos += 8;
+        if words[0] >> 63 == 1 {
+            if !dialect.secondary_bitmap || pos + 8 > end {
+                return false;
+            }
+            words[1] = word(pos);
+            pos += 8;
+        }
+        self.bitmap = Bitmap(words);
+
+        let offsets = &mut self.offsets;
+        let mut k = 0;
+        for (word, bits) in [words[0] & !(1 << 63), words[1]].into_iter().enumerate() {
+            let mut rest = bits;
+            while rest != 0 {
+                let zeros = rest.leading_zeros() as usize;
+                rest ^= (1 << 63) >> zeros;
+                let plan = dialect.plan(word * 64 + zeros + 1);
+                if let Some(slot) = offsets.get_mut(k) {
+                    *slot = pos as u16;
+                }
+                k += 1;
+                let prefix = usize::from(plan.prefix_bytes);
+                let declared = if prefix == 0 {
+                    usize::from(plan.max)
+                } else {
+                    match frame.get(pos..pos + prefix) {
+                        Some(bytes) => match read_prefix(plan.prefix_bcd, bytes) {
+                            Some(declared) => declared,
+                            None => return false,
+                        },
+                        None => return false,
+                    }
+                };
+                let count = declared << u8::from(plan.doubled);
+                let start = pos + prefix;
+                let Some(data) = frame.get(start..start + plan.data_bytes(count)) else {
+                    return false;
+                };
+                // Undefined fields fail here too.
+                if count > usize::from(plan.max) || !content_ok(plan, data, count) {
+                    return false;
+                }
+                pos = start + data.len();
+            }
+        }
+        if let Some(slot) = offsets.get_mut(k) {
+            *slot = pos as u16;
+        }
+        pos == end
+    }
+
+    /// Parses `self.frame` into the rest of `self`, or says exactly what is
+    /// wrong with it.
+    #[cold]
+    #[inline(never)]
+    fn fill(&mut self) -> Result<(), ParseError> {
+        let (dialect, frame) = (self.dialect, self.frame);
         if frame.len() > u16::MAX as usize {
             return Err(ParseError {
                 part: Part::Tpdu,
@@ -116,8 +248,8 @@ impl<'a> Message<'a> {
         let mut cur = Cursor { frame, pos: 0 };
         cur.take(dialect.tpdu_len, Part::Tpdu)?;
         cur.take(dialect.header_len, Part::Header)?;
-        let body = cur.pos as u16;
-        let mti = parse_mti(dialect.mti, &mut cur)?;
+        self.body = cur.pos as u16;
+        self.mti = parse_mti(dialect.mti, &mut cur)?;
 
         let bitmap_at = cur.pos;
         let primary = cur.take(8, Part::Bitmap)?;
@@ -133,19 +265,34 @@ impl<'a> Message<'a> {
             let secondary = cur.take(8, Part::Bitmap)?;
             words[1] = u64::from_be_bytes(secondary.try_into().expect("8 bytes"));
         }
-        let bitmap = Bitmap(words);
+        self.bitmap = Bitmap(words);
 
-        let mut spans = [Span::default(); MAX_FIELD + 1];
-        for n in bitmap.fields() {
-            let part = Part::Field(n as u8);
-            let Some(spec) = dialect.field(n) else {
-                return Err(ParseError {
-                    part,
-                    offset: cur.pos,
-                    kind: ParseErrorKind::Undefined,
-                });
-            };
-            spans[n] = parse_field(spec, &mut cur, part)?;
+        let offsets = &mut self.offsets;
+        let mut k = 0;
+        for (word, bits) in [words[0] & !(1 << 63), words[1]].into_iter().enumerate() {
+            let mut rest = bits;
+            while rest != 0 {
+                let zeros = rest.leading_zeros() as usize;
+                rest ^= (1 << 63) >> zeros;
+                let n = word * 64 + zeros + 1;
+                let plan = dialect.plan(n);
+                if plan.check == Check::Undefined {
+                    return Err(ParseError {
+                        part: Part::Field(n as u8),
+                        offset: cur.pos,
+                        kind: ParseErrorKind::Undefined,
+                    });
+                }
+                // The frame is at most u16::MAX bytes long (checked above).
+                if let Some(slot) = offsets.get_mut(k) {
+                    *slot = cur.pos as u16;
+                }
+                k += 1;
+                parse_field(dialect, n, plan, &mut cur)?;
+            }
+        }
+        if let Some(slot) = offsets.get_mut(k) {
+            *slot = cur.pos as u16;
         }
         if cur.pos != frame.len() {
             return Err(ParseError {
@@ -156,14 +303,7 @@ impl<'a> Message<'a> {
                 },
             });
         }
-        Ok(Message {
-            frame,
-            dialect,
-            body,
-            mti,
-            bitmap,
-            spans,
-        })
+        Ok(())
     }
 
     /// The dialect the message was parsed in.
@@ -197,60 +337,69 @@ impl<'a> Message<'a> {
     }
 
     /// True when field `n` is present.
+    #[inline]
     pub fn has(&self, n: usize) -> bool {
         n >= 2 && self.bitmap.has(n)
     }
 
     /// The value of field `n`, typed by the dialect.
     pub fn field(&self, n: usize) -> Option<Value<'a>> {
-        if !self.has(n) {
-            return None;
-        }
-        let spec = self.dialect.field(n)?;
-        let span = self.spans[n];
-        let bytes = &self.frame[span.start as usize..(span.start + span.len) as usize];
-        let count = span.count as usize;
-        Some(match spec.ty {
-            FieldType::Numeric | FieldType::Track => {
-                let form = match spec.digits {
-                    DigitEncoding::Ascii => DigitForm::Ascii,
-                    DigitEncoding::Bcd => DigitForm::Bcd {
-                        skip: u8::from(spec.align == Align::Right && count % 2 == 1),
-                    },
-                };
-                Value::Digits(Digits::new(bytes, count, form, spec.sensitive))
-            }
-            FieldType::Alphanumeric | FieldType::Text => {
-                // Checked to be printable ASCII at parse time.
-                let text = std::str::from_utf8(bytes).unwrap_or_default();
-                Value::Text(Text::new(text, spec.sensitive))
-            }
-            FieldType::Binary => Value::Binary(Binary::new(bytes, spec.sensitive)),
+        let (plan, bytes, count) = self.data(n)?;
+        Some(match plan.check {
+            Check::Alphanumeric | Check::Text => Value::Text(text_view(plan, bytes)),
+            Check::Binary => Value::Binary(Binary::new(bytes, plan.sensitive)),
+            _ => Value::Digits(digits_view(plan, bytes, count)),
         })
     }
 
     /// The digits of field `n`, when it is present and an `n` or `z` field.
+    #[inline]
     pub fn digits(&self, n: usize) -> Option<Digits<'a>> {
-        match self.field(n)? {
-            Value::Digits(d) => Some(d),
-            _ => None,
+        let (plan, bytes, count) = self.data(n)?;
+        match plan.check {
+            Check::Alphanumeric | Check::Text | Check::Binary => None,
+            _ => Some(digits_view(plan, bytes, count)),
         }
     }
 
     /// The text of field `n`, when it is present and an `an` or `ans` field.
+    #[inline]
     pub fn text(&self, n: usize) -> Option<&'a str> {
-        match self.field(n)? {
-            Value::Text(t) => Some(t.as_str()),
+        let (plan, bytes, _) = self.data(n)?;
+        match plan.check {
+            Check::Alphanumeric | Check::Text => Some(text_view(plan, bytes).as_str()),
             _ => None,
         }
     }
 
     /// The bytes of field `n`, when it is present and a `b` field.
+    #[inline]
     pub fn binary(&self, n: usize) -> Option<&'a [u8]> {
-        match self.field(n)? {
-            Value::Binary(b) => Some(b.as_bytes()),
-            _ => None,
+        let (plan, bytes, _) = self.data(n)?;
+        (plan.check == Check::Binary).then_some(bytes)
+    }
+
+    /// Present field `n`'s plan, data bytes (prefix excluded) and length in
+    /// units.
+    #[inline(always)]
+    fn data(&self, n: usize) -> Option<(Plan, &'a [u8], usize)> {
+        if !self.has(n) {
+            return None;
         }
+        let plan = self.dialect.plan(n);
+        if plan.check == Check::Undefined {
+            return None;
+        }
+        let (wire, end) = self.span(n);
+        let prefix = usize::from(plan.prefix_bytes);
+        let count = if prefix == 0 {
+            usize::from(plan.max)
+        } else {
+            // Checked at parse time: it cannot fail here.
+            read_prefix(plan.prefix_bcd, &self.frame[wire..wire + prefix])?
+                << u8::from(plan.doubled)
+        };
+        Some((plan, &self.frame[wire + prefix..end], count))
     }
 
     /// Field `n` as it is on the wire, length prefix included.
@@ -258,8 +407,43 @@ impl<'a> Message<'a> {
         if !self.has(n) {
             return None;
         }
-        let span = self.spans[n];
-        Some(&self.frame[span.wire as usize..(span.start + span.len) as usize])
+        let (wire, end) = self.span(n);
+        Some(&self.frame[wire..end])
+    }
+
+    /// Where present field `n` (2 to 128) starts and ends on the wire.
+    #[inline]
+    fn span(&self, n: usize) -> (usize, usize) {
+        let k = self.bitmap.present_before(n);
+        match (self.offsets.get(k), self.offsets.get(k + 1)) {
+            (Some(&wire), Some(&end)) => (usize::from(wire), usize::from(end)),
+            _ => self.walk(k),
+        }
+    }
+
+    /// Where the `k`-th present field starts and ends, `k` past the offsets
+    /// kept: walking on from the last one kept, over fields already checked.
+    #[cold]
+    #[inline(never)]
+    fn walk(&self, k: usize) -> (usize, usize) {
+        let mut at = usize::from(self.offsets[KEPT - 1]);
+        for (i, m) in self.bitmap.fields().enumerate().skip(KEPT - 1) {
+            let plan = self.dialect.plan(m);
+            let prefix = usize::from(plan.prefix_bytes);
+            let count = if prefix == 0 {
+                usize::from(plan.max)
+            } else {
+                read_prefix(plan.prefix_bcd, &self.frame[at..at + prefix])
+                    .expect("checked when parsed")
+                    << u8::from(plan.doubled)
+            };
+            let data = plan.data_bytes(count);
+            if i == k {
+                return (at, at + prefix + data);
+            }
+            at += prefix + data;
+        }
+        unreachable!("field {k} is not present")
     }
 
     /// Every present field with its value, ascending.
@@ -273,7 +457,7 @@ impl<'a> Message<'a> {
     /// before F64 (TPDU and header excluded, F64 itself excluded).
     pub fn mac_block(&self) -> &'a [u8] {
         let end = if self.has(64) {
-            self.spans[64].wire as usize
+            self.span(64).0
         } else {
             self.frame.len()
         };
@@ -291,6 +475,29 @@ impl fmt::Debug for Message<'_> {
         }
         map.finish()
     }
+}
+
+/// The view of an `n` or `z` field's data.
+#[inline]
+fn digits_view(plan: Plan, bytes: &[u8], count: usize) -> Digits<'_> {
+    let form = if plan.packed == 1 {
+        DigitForm::Bcd {
+            skip: u8::from(plan.pad_first && count % 2 == 1),
+        }
+    } else {
+        DigitForm::Ascii
+    };
+    Digits::new(bytes, count, form, plan.sensitive)
+}
+
+/// The view of an `an` or `ans` field's data.
+#[inline]
+fn text_view(plan: Plan, bytes: &[u8]) -> Text<'_> {
+    // Checked to be printable ASCII at parse time.
+    Text::new(
+        std::str::from_utf8(bytes).unwrap_or_default(),
+        plan.sensitive,
+    )
 }
 
 fn parse_mti(encoding: MtiEncoding, cur: &mut Cursor<'_>) -> Result<Mti, ParseError> {
@@ -329,78 +536,124 @@ fn parse_mti(encoding: MtiEncoding, cur: &mut Cursor<'_>) -> Result<Mti, ParseEr
 }
 
 #[inline]
-fn parse_field(spec: &FieldSpec, cur: &mut Cursor<'_>, part: Part) -> Result<Span, ParseError> {
+fn parse_field(
+    dialect: &Dialect,
+    n: usize,
+    plan: Plan,
+    cur: &mut Cursor<'_>,
+) -> Result<(), ParseError> {
+    let part = Part::Field(n as u8);
     let wire = cur.pos;
-    let declared = match spec.length {
-        LengthKind::Fixed => spec.max as usize,
-        _ => parse_prefix(spec, cur, part)?,
-    };
-    // A BCD field whose prefix counts bytes holds two digits a byte.
-    let bcd_digits = spec.ty.is_digits() && spec.digits == DigitEncoding::Bcd;
-    let count = if bcd_digits && spec.counts == Counts::Bytes {
-        declared * 2
+    let declared = if plan.prefix_bytes == 0 {
+        usize::from(plan.max)
     } else {
-        declared
+        let bytes = cur.take(usize::from(plan.prefix_bytes), part)?;
+        read_prefix(plan.prefix_bcd, bytes).ok_or(ParseError {
+            part,
+            offset: wire,
+            kind: ParseErrorKind::BadPrefix,
+        })?
     };
-    if count > spec.max as usize {
+    // Doubled for BCD digits counted in bytes, fixed fields included: so
+    // such a fixed field never parses (see `Plan::doubled`).
+    let count = declared << u8::from(plan.doubled);
+    if count > usize::from(plan.max) {
         return Err(ParseError {
             part,
             offset: wire,
             kind: ParseErrorKind::TooLong {
                 len: count,
-                max: spec.max as usize,
+                max: usize::from(plan.max),
             },
         });
     }
     let start = cur.pos;
-    let bytes = cur.take(spec.data_bytes(count), part)?;
-    check_content(spec, bytes, count).map_err(|(i, kind)| ParseError {
+    let bytes = cur.take(plan.data_bytes(count), part)?;
+    if content_ok(plan, bytes, count) {
+        return Ok(());
+    }
+    let spec = dialect.field(n).expect("planned fields are defined");
+    find_bad_content(spec, bytes, count).map_err(|(i, kind)| ParseError {
         part,
         offset: start + i,
         kind,
-    })?;
-    Ok(Span {
-        wire: wire as u16,
-        start: start as u16,
-        len: bytes.len() as u16,
-        count: count as u16,
     })
 }
 
-fn parse_prefix(spec: &FieldSpec, cur: &mut Cursor<'_>, part: Part) -> Result<usize, ParseError> {
-    let at = cur.pos;
-    let bytes = cur.take(spec.prefix_bytes(), part)?;
-    let bad = ParseError {
-        part,
-        offset: at,
-        kind: ParseErrorKind::BadPrefix,
-    };
+/// The value of a length prefix, BCD or ASCII; `None` when a digit is not one.
+#[inline]
+fn read_prefix(bcd: bool, bytes: &[u8]) -> Option<usize> {
     let mut n = 0usize;
-    match spec.prefix {
-        DigitEncoding::Bcd => {
+    match bcd {
+        true => {
             for &b in bytes {
                 let (hi, lo) = (b >> 4, b & 0x0F);
                 if hi > 9 || lo > 9 {
-                    return Err(bad);
+                    return None;
                 }
                 n = n * 100 + usize::from(hi) * 10 + usize::from(lo);
             }
         }
-        DigitEncoding::Ascii => {
+        false => {
             for &b in bytes {
                 if !b.is_ascii_digit() {
-                    return Err(bad);
+                    return None;
                 }
                 n = n * 10 + usize::from(b - b'0');
             }
         }
     }
-    Ok(n)
+    Some(n)
 }
 
-/// Checks every byte of a field's data; on error, the offset within the data.
-#[inline]
-fn check_content(
+/// The common case of [`find_bad_content`], fast: true when the field is valid.
+#[inline(always)]
+fn content_ok(plan: Plan, bytes: &[u8], count: usize) -> bool {
+    let (mask, mut inner) = match plan.check {
+        Check::BcdDigits => (BCD_DIGITS, bytes),
+        Check::BcdTrack => (BCD_TRACK, bytes),
+        Check::AsciiDigits => return ascii_digits_only(bytes),
+        Check::AsciiTrack => return ascii_track_only(bytes),
+        Check::Alphanumeric => return alphanumeric_only(bytes),
+        Check::Text => return printable_only(bytes),
+        Check::Binary => return true,
+        Check::Undefined => return false,
+    };
+    if count % 2 == 1 {
+        // The byte holding the padding nibble (0, or F from older terminals)
+        // and one digit.
+        let pad_ok = |pad: u8, digit: u8| {
+            (pad == 0 || pad == 0x0F) && CLASSES[usize::from(digit)] & mask != 0
+        };
+        if plan.pad_first {
+            let Some((&first, rest)) = inner.split_first() else {
+                return false;
+            };
+            if !pad_ok(first >> 4, first & 0x0F) {
+                return false;
+            }
+            inner = rest;
+        } else {
+            let Some((&last, rest)) = inner.split_last() else {
+                return false;
+            };
+            if !pad_ok(last & 0x0F, last & 0xF0) {
+                return false;
+            }
+            inner = rest;
+        }
+    }
+    if mask == BCD_TRACK {
+        all_in(inner, mask)
+    } else {
+        bcd_digits_only(inner)
+    }
+}
+
+/// Finds the first bad byte of a field's data, with the reason.
+#[cold]
+#[inline(never)]
+fn find_bad_content(
     spec: &FieldSpec,
     bytes: &[u8],
     count: usize,
@@ -469,4 +722,87 @@ fn check_content(
         (FieldType::Binary, _) => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::BytesMut;
+
+    use super::*;
+    use crate::writer::MessageWriter;
+
+    /// A message with every field from 2 to 128 present: far more than the
+    /// offsets a message keeps, so most are found by walking.
+    #[test]
+    fn fields_past_the_offsets_kept_are_found_all_the_same() {
+        let mut toml = String::from(
+            r#"
+name = "all"
+[frame]
+tpdu = 0
+header = 0
+tpdu_reply = "echo"
+header_reply = "echo"
+[mti]
+encoding = "bcd"
+[bitmap]
+secondary = true
+[defaults]
+digits = "bcd"
+prefix = "bcd"
+prefix_counts = "units"
+fixed_align = "right"
+variable_align = "left"
+[fields]
+"#,
+        );
+        let formats = ["n..19", "an5", "b...10", "n3", "ans..20", "z..37"];
+        for n in 2..=128 {
+            toml.push_str(&format!(
+                "{n} = {{ format = \"{}\", name = \"f{n}\" }}\n",
+                formats[n % formats.len()]
+            ));
+        }
+        let dialect = Dialect::from_toml(&toml, "all.toml").unwrap();
+        let value = |n: usize| match n % formats.len() {
+            0 => "1".repeat(n % 20),
+            1 => "A b 1".to_string(),
+            2 => "ab".repeat(n % 6),
+            3 => format!("{:03}", n),
+            4 => "x-".repeat(n % 11),
+            _ => format!("{}D{}", n, n % 7),
+        };
+        let mut buf = BytesMut::new();
+        let mut w = MessageWriter::new(&dialect, &mut buf, Mti::FINANCIAL, &[], &[]).unwrap();
+        for n in 2..=128 {
+            match n % formats.len() {
+                1 | 4 => w.text(n, &value(n)).unwrap(),
+                2 => w.binary(n, value(n).as_bytes()).unwrap(),
+                _ => w.digits(n, &value(n)).unwrap(),
+            }
+        }
+        w.finish().unwrap();
+        let msg = Message::parse(&dialect, &buf[2..]).unwrap();
+        let mut end = 2 + 2 + 16;
+        for n in 2..=128 {
+            let shown = msg.field(n).unwrap().to_clear_string();
+            let expected = match n % formats.len() {
+                2 => hex::encode_upper(value(n)),
+                _ => value(n),
+            };
+            assert_eq!(shown, expected, "field {n}");
+            let wire = msg.wire(n).unwrap();
+            assert_eq!(
+                wire.as_ptr() as usize - buf.as_ptr() as usize,
+                end,
+                "field {n}"
+            );
+            end += wire.len();
+        }
+        assert_eq!(end, buf.len());
+        assert_eq!(
+            msg.mac_block().len(),
+            msg.wire(64).unwrap().as_ptr() as usize - buf.as_ptr() as usize - 2
+        );
+    }
 }

@@ -8,7 +8,7 @@ use toml::Spanned;
 
 use crate::dialect::{
     Align, Counts, Dialect, DigitEncoding, FieldSpec, FieldType, HeaderReply, LengthKind,
-    MAX_FIELD, MtiEncoding, Sensitivity, TpduReply,
+    MAX_FIELD, MtiEncoding, Plan, Sensitivity, TpduReply,
 };
 use crate::error::{DialectError, Problem};
 
@@ -316,6 +316,7 @@ pub(crate) fn compile(text: &str, origin: &str) -> Result<Dialect, DialectError>
                 header_reply,
                 mti,
                 secondary_bitmap,
+                plans: Plan::table(&fields),
                 fields,
             })
         }

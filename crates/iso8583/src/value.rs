@@ -5,6 +5,7 @@
 use std::fmt::{self, Write as _};
 
 use crate::card::{Pan, Track, write_masked_pan, write_masked_track};
+use crate::chars::ascii_digits_only;
 use crate::dialect::Sensitivity;
 
 /// How the digits of a view sit in its bytes.
@@ -72,18 +73,18 @@ impl<'a> Digits<'a> {
     }
 
     /// The digits as a number; `None` past 19 digits or for track data.
+    #[inline]
     pub fn to_u64(&self) -> Option<u64> {
         if self.count > 19 {
             return None;
         }
-        let mut n: u64 = 0;
-        for c in self.iter() {
-            if !c.is_ascii_digit() {
-                return None;
-            }
-            n = n * 10 + u64::from(c - b'0');
+        // Straight from the bytes rather than through `get`, and more than
+        // one digit a step.
+        let count = usize::from(self.count);
+        match self.form {
+            DigitForm::Ascii => ascii_to_u64(&self.bytes[..count]),
+            DigitForm::Bcd { skip } => bcd_to_u64(self.bytes, usize::from(skip), count),
         }
-        Some(n)
     }
 
     /// True when the digits are exactly `s`.
@@ -149,6 +150,88 @@ impl<'a> Digits<'a> {
         }
         Track::new(std::str::from_utf8(&buf[..self.len()]).ok()?).ok()
     }
+}
+
+/// At most 19 ASCII digits as a number; `None` if one is not a digit.
+#[inline]
+fn ascii_to_u64(digits: &[u8]) -> Option<u64> {
+    if !ascii_digits_only(digits) {
+        return None;
+    }
+    // The first len % 8 digits as a word of their own, led by '0's; then
+    // eight at a time.
+    let head = digits.len() % 8;
+    let mut n = 0;
+    if head > 0 {
+        let zeros = u64::from_le_bytes([b'0'; 8]) >> (8 * head);
+        n = eight_digits((load_short(&digits[..head]) << (8 * (8 - head))) | zeros);
+    }
+    for eight in digits[head..].chunks_exact(8) {
+        n = n * 100_000_000 + eight_digits(u64::from_le_bytes(eight.try_into().expect("8")));
+    }
+    Some(n)
+}
+
+/// One to seven bytes as the low bytes of a little-endian word, the rest 0:
+/// from two overlapping halves, or bytes first, middle and last.
+#[inline]
+fn load_short(bytes: &[u8]) -> u64 {
+    let n = bytes.len();
+    if n >= 4 {
+        let half = |at: usize| {
+            u64::from(u32::from_le_bytes(
+                bytes[at..at + 4].try_into().expect("4 bytes"),
+            ))
+        };
+        half(0) | (half(n - 4) << (8 * (n - 4)))
+    } else {
+        let byte = |at: usize| u64::from(bytes[at]) << (8 * at);
+        byte(0) | byte(n / 2) | byte(n - 1)
+    }
+}
+
+/// The number of eight ASCII digits read as one little-endian word (first
+/// digit lowest): neighbouring digits, then pairs, then fours are combined in
+/// place.
+#[inline]
+fn eight_digits(word: u64) -> u64 {
+    let digits = word & 0x0F0F_0F0F_0F0F_0F0F;
+    let twos = ((digits & 0x000F_000F_000F_000F) * 10) + ((digits >> 8) & 0x000F_000F_000F_000F);
+    let fours = ((twos & 0x0000_00FF_0000_00FF) * 100) + ((twos >> 16) & 0x0000_00FF_0000_00FF);
+    ((fours & 0xFFFF) * 10_000) + ((fours >> 32) & 0xFFFF)
+}
+
+/// `count` (at most 19) packed BCD digits from nibble `skip` as a number;
+/// `None` if one is not a digit. Two digits a byte.
+#[inline]
+fn bcd_to_u64(bytes: &[u8], skip: usize, count: usize) -> Option<u64> {
+    let (mut at, end) = (skip, skip + count);
+    let mut n = 0;
+    if at % 2 == 1 && at < end {
+        let digit = bytes[at / 2] & 0x0F;
+        if digit > 9 {
+            return None;
+        }
+        n = u64::from(digit);
+        at += 1;
+    }
+    while at + 2 <= end {
+        let b = bytes[at / 2];
+        let (hi, lo) = (b >> 4, b & 0x0F);
+        if hi > 9 || lo > 9 {
+            return None;
+        }
+        n = n * 100 + u64::from(hi * 10 + lo);
+        at += 2;
+    }
+    if at < end {
+        let digit = bytes[at / 2] >> 4;
+        if digit > 9 {
+            return None;
+        }
+        n = n * 10 + u64::from(digit);
+    }
+    Some(n)
 }
 
 #[inline]
@@ -294,5 +377,61 @@ impl fmt::Display for Value<'_> {
             Value::Text(t) => t.fmt(f),
             Value::Binary(b) => b.fmt(f),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The number the digits stand for, one digit at a time.
+    fn slow(digits: &Digits<'_>) -> Option<u64> {
+        if digits.len() > 19 {
+            return None;
+        }
+        digits.iter().try_fold(0u64, |n, c| {
+            c.is_ascii_digit().then(|| n * 10 + u64::from(c - b'0'))
+        })
+    }
+
+    #[test]
+    fn numbers_are_read_as_one_digit_at_a_time_would() {
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        for round in 0..4000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let count = (x % 22) as usize;
+            let mut ascii: Vec<u8> = (0..count)
+                .map(|i| b'0' + ((x >> (i % 60)) % 10) as u8)
+                .collect();
+            if round % 5 == 0 && count > 0 {
+                ascii[(x as usize >> 3) % count] = b'=';
+            }
+            let view = Digits::new(&ascii, count, DigitForm::Ascii, Sensitivity::None);
+            assert_eq!(view.to_u64(), slow(&view), "{view:?}");
+
+            // The same digits packed, after a padding nibble or not.
+            for skip in [0u8, 1] {
+                let mut nibbles = vec![0u8; usize::from(skip)];
+                nibbles.extend(
+                    ascii
+                        .iter()
+                        .map(|&c| if c == b'=' { 0x0D } else { c - b'0' }),
+                );
+                nibbles.resize(nibbles.len().div_ceil(2) * 2, 0);
+                let packed: Vec<u8> = nibbles.chunks(2).map(|p| p[0] << 4 | p[1]).collect();
+                let form = DigitForm::Bcd { skip };
+                let view = Digits::new(&packed, count, form, Sensitivity::None);
+                assert_eq!(view.to_u64(), slow(&view), "{view:?}");
+            }
+        }
+        let max = Digits::new(
+            b"9999999999999999999",
+            19,
+            DigitForm::Ascii,
+            Sensitivity::None,
+        );
+        assert_eq!(max.to_u64(), Some(9_999_999_999_999_999_999));
     }
 }
