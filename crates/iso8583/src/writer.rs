@@ -539,6 +539,48 @@ variable_align = "left"
     }
 
     #[test]
+    fn a_fixed_bcd_field_is_not_doubled_when_prefixes_count_bytes() {
+        // Only a prefix counts bytes; a fixed field has none to double.
+        let d = Dialect::from_toml(
+            &crate::dialect::CUP_POS_TOML
+                .replace(r#"prefix_counts = "units""#, r#"prefix_counts = "bytes""#)
+                .replace(r#"2  = { format = "n..19","#, r#"2  = { format = "n..20","#)
+                .replace(
+                    r#"60 = { format = "n...17","#,
+                    r#"60 = { format = "n...18","#,
+                )
+                .replace(
+                    r#"61 = { format = "n...29","#,
+                    r#"61 = { format = "n...30","#,
+                )
+                .replace(r#"32 = { format = "n..11","#, r#"32 = { format = "n..12","#)
+                .replace(r#"35 = { format = "z..37","#, r#"35 = { format = "z..38","#)
+                .replace(
+                    r#"48 = { format = "n...322","#,
+                    r#"48 = { format = "n...322","#,
+                ),
+            "bytes.toml",
+        )
+        .unwrap();
+        let mut buf = BytesMut::new();
+        let mut w = MessageWriter::new(
+            &d,
+            &mut buf,
+            Mti::FINANCIAL,
+            &[0x60, 0, 3, 0, 0],
+            &[0x60, 0x31, 0, 0, 0, 0],
+        )
+        .unwrap();
+        w.digits(3, "000000").unwrap();
+        w.number(4, 100).unwrap();
+        w.digits(22, "051").unwrap();
+        w.finish().unwrap();
+        let msg = Message::parse(&d, &buf[2..]).expect("fixed fields keep their length");
+        assert!(msg.digits(22).unwrap().eq_str("051"));
+        assert_eq!(msg.digits(4).unwrap().to_u64(), Some(100));
+    }
+
+    #[test]
     fn a_prefix_counting_bytes_needs_even_digits() {
         let d = kinds("bcd", "bcd");
         assert_eq!(
