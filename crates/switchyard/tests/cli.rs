@@ -403,3 +403,49 @@ fn demo_serve_answers_terminals_and_exits_0_on_sigterm() {
     let exit = child.wait().unwrap();
     assert_eq!(exit.code(), Some(0), "graceful shutdown exits 0");
 }
+
+#[tokio::test]
+async fn terminals_import_loads_a_csv_fleet_and_names_bad_rows() {
+    let url = embedded_pg::test_database().await;
+    let dir = std::env::temp_dir().join(format!("sy-import-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("fleet.csv");
+    let mut csv = String::from("terminal_id,merchant_id,merchant_name,mcc,enabled\n");
+    for i in 1..=250 {
+        csv.push_str(&format!("P{i:07},898310048169999,Fleet Store,5812,true\n"));
+    }
+    std::fs::write(&good, csv).unwrap();
+    let run = |file: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["terminals", "import", file.to_str().unwrap()])
+            .env("DATABASE_URL", &url)
+            .output()
+            .unwrap()
+    };
+    let out = stdout(&run(&good));
+    assert!(
+        out.contains("imported 250 terminals of 1 merchants"),
+        "{out}"
+    );
+    let pool = switch::connect(&url, 1).await.unwrap();
+    let count: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM terminals WHERE merchant_id = '898310048169999'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(count, 250);
+    let bad = dir.join("bad.csv");
+    std::fs::write(
+        &bad,
+        "terminal_id,merchant_id\nP0000001,898310048169999\nSHORT,898310048169999\n",
+    )
+    .unwrap();
+    let out = run(&bad);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("bad.csv:3: terminal_id: \"SHORT\" is not 8 characters"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -6,7 +6,8 @@ use anyhow::{Context, anyhow};
 use clap::{Args, ValueEnum};
 use switch::terminals::Fleet;
 
-use super::{Failure, db, serve::load_config};
+use super::Failure;
+use super::serve::{config_or_default, migrated_pool};
 
 /// What kind of file a config is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -34,9 +35,10 @@ pub struct CheckArgs {
 pub struct ImportArgs {
     /// CSV with a header row: terminal_id,merchant_id[,merchant_name,mcc,enabled].
     pub file: PathBuf,
-    /// The switch's config file (for the database).
-    #[arg(long, default_value = "config/switchyard.toml")]
-    pub config: PathBuf,
+    /// The switch's config file (for the database); default
+    /// config/switchyard.toml when it exists.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 /// The kind of config file at `path`, from its name.
@@ -123,19 +125,7 @@ pub async fn import(args: &ImportArgs) -> Result<(), Failure> {
         .with_context(|| format!("cannot read {}", args.file.display()))?;
     let fleet = Fleet::from_csv(&text, &args.file.display().to_string())
         .map_err(|p| Failure::Input(anyhow!("{p}")))?;
-    let config = load_config(&args.config)?;
-    let database = db::open(
-        config.database.url.as_deref(),
-        config.database.embedded_data_dir.as_deref(),
-        "switchyard",
-    )
-    .await?;
-    let pool = switch::connect(&database.url, 2)
-        .await
-        .context("connecting to the database")?;
-    switch::migrate(&pool)
-        .await
-        .context("applying migrations")?;
+    let (pool, _db) = migrated_pool(&config_or_default(args.config.as_deref())?).await?;
     fleet.store(&pool).await.context("storing the terminals")?;
     println!(
         "imported {} terminals of {} merchants",

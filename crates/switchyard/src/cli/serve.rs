@@ -23,14 +23,27 @@ pub struct ServeArgs {
 
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
-    /// The switch's config file (for the database).
-    #[arg(long, default_value = "config/switchyard.toml")]
-    pub config: PathBuf,
+    /// The switch's config file (for the database); default
+    /// config/switchyard.toml when it exists.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 /// Reads a switch config, every problem listed.
 pub fn load_config(path: &std::path::Path) -> Result<Config, Failure> {
     Config::load(path).map_err(|problems| Failure::Other(anyhow!("{problems}")))
+}
+
+/// The config named, else config/switchyard.toml when there is one, else
+/// the defaults (for commands that only need the database, which
+/// `DATABASE_URL` can name).
+pub fn config_or_default(path: Option<&std::path::Path>) -> Result<Config, Failure> {
+    let default = std::path::Path::new("config/switchyard.toml");
+    match path {
+        Some(p) => load_config(p),
+        None if default.exists() => load_config(default),
+        None => Ok(Config::default()),
+    }
 }
 
 /// A token cancelled by SIGTERM or SIGINT.
@@ -84,9 +97,9 @@ pub async fn serve(args: &ServeArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// `switchyard migrate`.
-pub async fn migrate(args: &MigrateArgs) -> Result<(), Failure> {
-    let config = load_config(&args.config)?;
+/// A small pool on the config's database with the switch schema up to date
+/// (and the private server behind it, when there is one).
+pub async fn migrated_pool(config: &Config) -> Result<(sqlx::PgPool, db::Database), Failure> {
     let database = db::open(
         config.database.url.as_deref(),
         config.database.embedded_data_dir.as_deref(),
@@ -99,6 +112,12 @@ pub async fn migrate(args: &MigrateArgs) -> Result<(), Failure> {
     switch::migrate(&pool)
         .await
         .context("applying migrations")?;
+    Ok((pool, database))
+}
+
+/// `switchyard migrate`.
+pub async fn migrate(args: &MigrateArgs) -> Result<(), Failure> {
+    let _db = migrated_pool(&config_or_default(args.config.as_deref())?).await?;
     println!("switch schema is up to date");
     Ok(())
 }
