@@ -191,28 +191,10 @@ pub enum BuildError {
     },
 }
 
-/// One problem in a dialect file, with its place.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// The file.
-    pub origin: String,
-    /// 1-based line.
-    pub line: usize,
-    /// Dotted key path, e.g. `fields.22.align`.
-    pub key: String,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}: {}: {}",
-            self.origin, self.line, self.key, self.message
-        )
-    }
-}
+/// One problem in a dialect file, with its place: file, line, dotted key
+/// (e.g. `fields.22.align`) and what is wrong. Dialect files are read with the
+/// workspace's `settings` crate, whose problem this is.
+pub use settings::Problem;
 
 /// A dialect file that cannot be used.
 #[derive(Debug, thiserror::Error)]

@@ -1,143 +1,14 @@
 //! Reading a dialect file: TOML in, a compiled [`Dialect`] or every problem
-//! with its file, line and key out.
+//! with its file, line and key out. The reading (lines, keys, unknown keys,
+//! types) is the workspace's `settings` crate; what a dialect may say is here.
 
-use std::collections::BTreeMap;
-
-use serde::Deserialize;
-use toml::Spanned;
+use settings::Section;
 
 use crate::dialect::{
     Align, Counts, Dialect, DigitEncoding, FieldSpec, FieldType, HeaderReply, LengthKind,
     MAX_FIELD, MtiEncoding, Plan, Sensitivity, TpduReply,
 };
-use crate::error::{DialectError, Problem};
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct File {
-    name: Spanned<String>,
-    frame: Spanned<Frame>,
-    mti: Spanned<Mti>,
-    bitmap: Spanned<Bitmap>,
-    defaults: Spanned<Defaults>,
-    fields: BTreeMap<String, Spanned<Field>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Frame {
-    tpdu: Spanned<i64>,
-    header: Spanned<i64>,
-    tpdu_reply: Spanned<String>,
-    header_reply: Spanned<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Mti {
-    encoding: Spanned<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Bitmap {
-    secondary: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Defaults {
-    digits: Spanned<String>,
-    prefix: Spanned<String>,
-    prefix_counts: Spanned<String>,
-    fixed_align: Spanned<String>,
-    variable_align: Spanned<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Field {
-    format: Spanned<String>,
-    name: String,
-    digits: Option<Spanned<String>>,
-    prefix: Option<Spanned<String>>,
-    prefix_counts: Option<Spanned<String>>,
-    align: Option<Spanned<String>>,
-    sensitive: Option<Spanned<String>>,
-}
-
-/// Collects problems with their line numbers while the file is compiled.
-struct Checker<'t> {
-    text: &'t str,
-    origin: &'t str,
-    problems: Vec<Problem>,
-}
-
-impl Checker<'_> {
-    fn line_of(&self, offset: usize) -> usize {
-        let end = offset.min(self.text.len());
-        self.text.as_bytes()[..end]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1
-    }
-
-    fn problem(&mut self, offset: usize, key: impl Into<String>, message: impl Into<String>) {
-        self.problems.push(Problem {
-            origin: self.origin.to_string(),
-            line: self.line_of(offset),
-            key: key.into(),
-            message: message.into(),
-        });
-    }
-
-    /// Maps a word of the file onto one of `choices`, or records a problem.
-    fn choice<T: Copy>(
-        &mut self,
-        value: &Spanned<String>,
-        key: &str,
-        choices: &[(&str, T)],
-    ) -> Option<T> {
-        let found = choices
-            .iter()
-            .find(|(word, _)| *word == value.get_ref())
-            .map(|(_, v)| *v);
-        if found.is_none() {
-            let words: Vec<String> = choices.iter().map(|(w, _)| format!("{w:?}")).collect();
-            self.problem(
-                value.span().start,
-                key,
-                format!("{:?} is not one of {}", value.get_ref(), words.join(", ")),
-            );
-        }
-        found
-    }
-
-    /// A field's own choice when it makes one, else the dialect's default.
-    fn pick<T: Copy>(
-        &mut self,
-        value: &Option<Spanned<String>>,
-        field: &str,
-        name: &str,
-        choices: &[(&str, T)],
-        default: Option<T>,
-    ) -> Option<T> {
-        match value {
-            Some(v) => self.choice(v, &format!("fields.{field}.{name}"), choices),
-            None => default,
-        }
-    }
-
-    fn length(&mut self, value: &Spanned<i64>, key: &str, max: i64) -> usize {
-        let v = *value.get_ref();
-        if !(0..=max).contains(&v) {
-            self.problem(value.span().start, key, format!("must be 0 to {max}"));
-            return 0;
-        }
-        v as usize
-    }
-}
+use crate::error::DialectError;
 
 const ENCODINGS: &[(&str, DigitEncoding)] =
     &[("bcd", DigitEncoding::Bcd), ("ascii", DigitEncoding::Ascii)];
@@ -148,182 +19,201 @@ const SENSITIVITY: &[(&str, Sensitivity)] = &[
     ("track", Sensitivity::Track),
     ("secret", Sensitivity::Secret),
 ];
+const TPDU_REPLIES: &[(&str, TpduReply)] = &[
+    ("echo", TpduReply::Echo),
+    ("swap-addresses", TpduReply::SwapAddresses),
+];
+const HEADER_REPLIES: &[(&str, HeaderReply)] = &[
+    ("echo", HeaderReply::Echo),
+    (
+        "clear-processing-requirement",
+        HeaderReply::ClearProcessingRequirement,
+    ),
+];
+const MTI_ENCODINGS: &[(&str, MtiEncoding)] =
+    &[("bcd", MtiEncoding::Bcd), ("ascii", MtiEncoding::Ascii)];
 
 /// Compiles dialect TOML; `origin` names the file in every problem.
 pub(crate) fn compile(text: &str, origin: &str) -> Result<Dialect, DialectError> {
-    let mut check = Checker {
-        text,
-        origin,
-        problems: Vec::new(),
-    };
-    let file: File = match toml::from_str(text) {
-        Ok(file) => file,
-        Err(e) => {
-            let span = e.span().unwrap_or(0..0);
-            // The span of a serde error points at the offending key or value:
-            // name it, so "unknown field" says which one.
-            let at = text.get(span.clone()).unwrap_or("").trim();
-            let key = if !at.is_empty() && at.len() < 40 && !at.contains('\n') {
-                at.to_string()
-            } else {
-                "(file)".to_string()
-            };
-            check.problem(span.start, key, e.message().replace('\n', " "));
-            return Err(DialectError::Invalid {
-                problems: check.problems,
-            });
-        }
-    };
+    settings::parse(text, origin, read)
+        .map_err(|settings::Problems(problems)| DialectError::Invalid { problems })
+}
 
-    let frame = file.frame.get_ref();
-    let tpdu_len = check.length(&frame.tpdu, "frame.tpdu", 64);
-    let header_len = check.length(&frame.header, "frame.header", 64);
-    let tpdu_reply = check.choice(
-        &frame.tpdu_reply,
-        "frame.tpdu_reply",
-        &[
-            ("echo", TpduReply::Echo),
-            ("swap-addresses", TpduReply::SwapAddresses),
-        ],
-    );
-    if tpdu_reply == Some(TpduReply::SwapAddresses) && tpdu_len != 5 {
-        check.problem(
-            frame.tpdu_reply.span().start,
-            "frame.tpdu_reply",
-            "swap-addresses needs a 5-byte TPDU",
-        );
+/// A dialect file has no defaults: every key but a field's own choices must
+/// be there. Records a problem when `key` is absent.
+fn require(section: &Section<'_, '_>, key: &str) {
+    if !section.has(key) {
+        section.problem(key, "is required");
     }
-    let header_reply = check.choice(
-        &frame.header_reply,
-        "frame.header_reply",
-        &[
-            ("echo", HeaderReply::Echo),
-            (
-                "clear-processing-requirement",
-                HeaderReply::ClearProcessingRequirement,
-            ),
-        ],
-    );
-    if header_reply == Some(HeaderReply::ClearProcessingRequirement) && header_len < 3 {
-        check.problem(
-            frame.header_reply.span().start,
-            "frame.header_reply",
+}
+
+/// A key that must be one of `choices`. `placeholder` stands in when the key
+/// is absent or wrong, which is then a problem: the dialect is not used.
+fn required_choice<T: Copy>(
+    section: &Section<'_, '_>,
+    key: &str,
+    placeholder: T,
+    choices: &[(&str, T)],
+) -> T {
+    require(section, key);
+    section.choice(key, placeholder, choices)
+}
+
+/// A TPDU or header length, 0 to `max` bytes (0 when it is wrong).
+fn length(section: &Section<'_, '_>, key: &str, max: i64) -> usize {
+    require(section, key);
+    let v = section.int(key, 0, i64::MIN..=i64::MAX);
+    if !(0..=max).contains(&v) {
+        section.problem(key, format!("must be 0 to {max}"));
+        return 0;
+    }
+    v as usize
+}
+
+/// The dialect-wide choices every field takes unless it makes its own.
+#[derive(Clone, Copy)]
+struct Defaults {
+    digits: DigitEncoding,
+    prefix: DigitEncoding,
+    counts: Counts,
+    fixed_align: Align,
+    variable_align: Align,
+}
+
+/// Reads a whole dialect file. What it returns is used only when no problem
+/// was recorded, so wrong values may stand in as placeholders.
+fn read(root: &Section<'_, '_>) -> Dialect {
+    require(root, "name");
+    let name = root.string("name", "");
+
+    let frame = root.section("frame");
+    let tpdu_len = length(&frame, "tpdu", 64);
+    let header_len = length(&frame, "header", 64);
+    let tpdu_reply = required_choice(&frame, "tpdu_reply", TpduReply::Echo, TPDU_REPLIES);
+    if tpdu_reply == TpduReply::SwapAddresses && tpdu_len != 5 {
+        frame.problem("tpdu_reply", "swap-addresses needs a 5-byte TPDU");
+    }
+    let header_reply = required_choice(&frame, "header_reply", HeaderReply::Echo, HEADER_REPLIES);
+    if header_reply == HeaderReply::ClearProcessingRequirement && header_len < 3 {
+        frame.problem(
+            "header_reply",
             "clear-processing-requirement needs a header of at least 3 bytes",
         );
     }
-    let mti = check.choice(
-        &file.mti.get_ref().encoding,
-        "mti.encoding",
-        &[("bcd", MtiEncoding::Bcd), ("ascii", MtiEncoding::Ascii)],
+
+    let mti = required_choice(
+        &root.section("mti"),
+        "encoding",
+        MtiEncoding::Bcd,
+        MTI_ENCODINGS,
     );
-    let secondary_bitmap = file.bitmap.get_ref().secondary;
 
-    let d = file.defaults.get_ref();
-    let default_digits = check.choice(&d.digits, "defaults.digits", ENCODINGS);
-    let default_prefix = check.choice(&d.prefix, "defaults.prefix", ENCODINGS);
-    let default_counts = check.choice(&d.prefix_counts, "defaults.prefix_counts", COUNTS);
-    let fixed_align = check.choice(&d.fixed_align, "defaults.fixed_align", ALIGNS);
-    let variable_align = check.choice(&d.variable_align, "defaults.variable_align", ALIGNS);
+    let bitmap = root.section("bitmap");
+    require(&bitmap, "secondary");
+    // Absent or wrong, `true` keeps fields above 64 from each adding a problem.
+    let secondary_bitmap = bitmap.bool("secondary", true);
 
+    let d = root.section("defaults");
+    let defaults = Defaults {
+        digits: required_choice(&d, "digits", DigitEncoding::Bcd, ENCODINGS),
+        prefix: required_choice(&d, "prefix", DigitEncoding::Bcd, ENCODINGS),
+        counts: required_choice(&d, "prefix_counts", Counts::Units, COUNTS),
+        fixed_align: required_choice(&d, "fixed_align", Align::Right, ALIGNS),
+        variable_align: required_choice(&d, "variable_align", Align::Left, ALIGNS),
+    };
+
+    require(root, "fields");
+    let table = root.section("fields");
     let mut fields: Vec<Option<FieldSpec>> = vec![None; MAX_FIELD + 1];
-    for (key, entry) in &file.fields {
-        let at = entry.span().start;
+    for (key, entry) in table.entries() {
         let number = match key.parse::<usize>() {
-            Ok(n) if (2..=MAX_FIELD).contains(&n) => n,
+            Ok(n) if (2..=MAX_FIELD).contains(&n) => Some(n),
             _ => {
-                check.problem(
-                    at,
-                    format!("fields.{key}"),
+                table.problem(
+                    &key,
                     "field numbers run from 2 to 128 (1 is the secondary bitmap)",
                 );
-                continue;
+                None
             }
         };
-        if number > 64 && !secondary_bitmap {
-            check.problem(
-                at,
-                format!("fields.{key}"),
-                "fields above 64 need `bitmap.secondary = true`",
-            );
+        if number.is_some_and(|n| n > 64) && !secondary_bitmap {
+            table.problem(&key, "fields above 64 need `bitmap.secondary = true`");
         }
-        let f = entry.get_ref();
-        let Some((ty, length, max)) = parse_format(f.format.get_ref()) else {
-            check.problem(
-                f.format.span().start,
-                format!("fields.{key}.format"),
-                format!(
-                    "{:?} is not a format like \"n6\", \"n..19\", \"ans...63\" or \"b8\" (types n, z, an, ans, b; max 999)",
-                    f.format.get_ref()
-                ),
-            );
-            continue;
-        };
-        let digits = check.pick(&f.digits, key, "digits", ENCODINGS, default_digits);
-        let prefix = check.pick(&f.prefix, key, "prefix", ENCODINGS, default_prefix);
-        let counts = check.pick(
-            &f.prefix_counts,
-            key,
-            "prefix_counts",
-            COUNTS,
-            default_counts,
-        );
-        let default_align = match length {
-            LengthKind::Fixed => fixed_align,
-            _ => variable_align,
-        };
-        let align = check.pick(&f.align, key, "align", ALIGNS, default_align);
-        let sensitive = match &f.sensitive {
-            Some(v) => check.choice(v, &format!("fields.{key}.sensitive"), SENSITIVITY),
-            None => Some(Sensitivity::None),
-        };
-        if counts == Some(Counts::Bytes)
-            && digits == Some(DigitEncoding::Bcd)
-            && ty.is_digits()
-            && length != LengthKind::Fixed
-            && max % 2 == 1
-        {
-            check.problem(
-                f.format.span().start,
-                format!("fields.{key}.prefix_counts"),
-                "a BCD field whose prefix counts bytes holds an even number of digits: make the maximum even",
-            );
-        }
-        if let (Some(digits), Some(prefix), Some(counts), Some(align), Some(sensitive)) =
-            (digits, prefix, counts, align, sensitive)
-        {
+        // A field with a wrong number is still read, for its own problems.
+        let spec = field(&entry, defaults);
+        if let (Some(number), Some(spec)) = (number, spec) {
             fields[number] = Some(FieldSpec {
                 number: number as u8,
-                name: f.name.clone(),
-                ty,
-                length,
-                max,
-                digits,
-                prefix,
-                counts,
-                align,
-                sensitive,
+                ..spec
             });
         }
     }
 
-    match (tpdu_reply, header_reply, mti) {
-        (Some(tpdu_reply), Some(header_reply), Some(mti)) if check.problems.is_empty() => {
-            Ok(Dialect {
-                name: file.name.into_inner(),
-                tpdu_len,
-                header_len,
-                tpdu_reply,
-                header_reply,
-                mti,
-                secondary_bitmap,
-                plans: Plan::table(&fields),
-                fields,
-            })
-        }
-        _ => Err(DialectError::Invalid {
-            problems: check.problems,
-        }),
+    Dialect {
+        name,
+        tpdu_len,
+        header_len,
+        tpdu_reply,
+        header_reply,
+        mti,
+        secondary_bitmap,
+        plans: Plan::table(&fields),
+        fields,
     }
+}
+
+/// One `[fields]` entry, e.g. `22 = { format = "n3", name = "POS entry mode",
+/// align = "left" }`; `None` when its format is wrong. The number is the caller's.
+fn field(f: &Section<'_, '_>, defaults: Defaults) -> Option<FieldSpec> {
+    require(f, "format");
+    require(f, "name");
+    let format = f.str("format");
+    let name = f.string("name", "");
+    let parsed = format.and_then(|text| {
+        let parsed = parse_format(&text);
+        if parsed.is_none() {
+            f.problem(
+                "format",
+                format!(
+                    "{text:?} is not a format like \"n6\", \"n..19\", \"ans...63\" or \"b8\" (types n, z, an, ans, b; max 999)"
+                ),
+            );
+        }
+        parsed
+    });
+    let digits = f.choice("digits", defaults.digits, ENCODINGS);
+    let prefix = f.choice("prefix", defaults.prefix, ENCODINGS);
+    let counts = f.choice("prefix_counts", defaults.counts, COUNTS);
+    let default_align = match parsed {
+        Some((_, LengthKind::Fixed, _)) => defaults.fixed_align,
+        _ => defaults.variable_align,
+    };
+    let align = f.choice("align", default_align, ALIGNS);
+    let sensitive = f.choice("sensitive", Sensitivity::None, SENSITIVITY);
+    let (ty, length, max) = parsed?;
+    if counts == Counts::Bytes
+        && digits == DigitEncoding::Bcd
+        && ty.is_digits()
+        && length != LengthKind::Fixed
+        && max % 2 == 1
+    {
+        f.problem(
+            "prefix_counts",
+            "a BCD field whose prefix counts bytes holds an even number of digits: make the maximum even",
+        );
+    }
+    Some(FieldSpec {
+        number: 0,
+        name,
+        ty,
+        length,
+        max,
+        digits,
+        prefix,
+        counts,
+        align,
+        sensitive,
+    })
 }
 
 /// `n6` → (n, fixed, 6); `n..19` → LLVAR; `ans...63` → LLLVAR.
@@ -431,24 +321,27 @@ mod tests {
             .replace("2  = {", "1 = {");
         let found = problems(&text);
         // `align = "left"` is both a default and field 22's own choice.
-        assert_eq!(found.len(), 4, "{found:?}");
-        assert!(
-            found
-                .iter()
-                .any(|p| p.contains(": defaults.variable_align: \"middle\""))
-        );
-        assert!(found.iter().any(|p| {
-            p.contains(": fields.22.align: \"middle\" is not one of \"left\", \"right\"")
-        }));
-        assert!(
-            found
-                .iter()
-                .any(|p| p.contains(": mti.encoding: \"ebcdic\""))
-        );
-        assert!(
-            found
-                .iter()
-                .any(|p| p.contains(": fields.1: field numbers run from 2"))
+        let middle = "\"middle\" is not one of \"left\", \"right\"";
+        assert_eq!(
+            found,
+            [
+                format!(
+                    "d.toml:{}: mti.encoding: \"ebcdic\" is not one of \"bcd\", \"ascii\"",
+                    line_of(&text, "encoding =")
+                ),
+                format!(
+                    "d.toml:{}: defaults.variable_align: {middle}",
+                    line_of(&text, "variable_align")
+                ),
+                format!(
+                    "d.toml:{}: fields.1: field numbers run from 2 to 128 (1 is the secondary bitmap)",
+                    line_of(&text, "1 = {")
+                ),
+                format!(
+                    "d.toml:{}: fields.22.align: {middle}",
+                    line_of(&text, "22 ")
+                ),
+            ]
         );
     }
 
@@ -460,17 +353,127 @@ mod tests {
         );
         let found = problems(&text);
         let line = text.lines().position(|l| l.contains("colour")).unwrap() + 1;
-        assert_eq!(found.len(), 1);
+        assert_eq!(
+            found,
+            [format!("d.toml:{line}: fields.2.colour: unknown key")]
+        );
+    }
+
+    /// The line of the first line of `text` that starts with `start`.
+    fn line_of(text: &str, start: &str) -> usize {
+        text.lines().position(|l| l.starts_with(start)).unwrap() + 1
+    }
+
+    #[test]
+    fn every_key_but_a_fields_own_choices_is_required() {
+        let text = crate::dialect::CUP_POS_TOML
+            .replace("name = \"cup-pos\"\n", "")
+            .replace("header = 6 ", "# header = 6 ")
+            .replace("secondary = false", "# secondary = false")
+            .replace("fixed_align = ", "# fixed_align = ")
+            .replace(r#"format = "n12", "#, "");
+        let found = problems(&text);
+        let expected = [
+            "d.toml:1: name: is required".to_string(),
+            format!(
+                "d.toml:{}: frame.header: is required",
+                line_of(&text, "[frame]")
+            ),
+            format!(
+                "d.toml:{}: bitmap.secondary: is required",
+                line_of(&text, "[bitmap]")
+            ),
+            format!(
+                "d.toml:{}: defaults.fixed_align: is required",
+                line_of(&text, "[defaults]")
+            ),
+            format!(
+                "d.toml:{}: fields.4.format: is required",
+                line_of(&text, "4 ")
+            ),
+        ];
+        for e in &expected {
+            assert!(found.contains(e), "missing {e:?} in {found:?}");
+        }
+        // The missing header also makes clear-processing-requirement wrong.
         assert!(
-            found[0].starts_with(&format!("d.toml:{line}: colour: unknown field `colour`")),
+            found.contains(&format!(
+                "d.toml:{}: frame.header_reply: clear-processing-requirement needs a header of at least 3 bytes",
+                line_of(&text, "header_reply")
+            )),
             "{found:?}"
+        );
+        assert_eq!(found.len(), expected.len() + 1, "{found:?}");
+    }
+
+    #[test]
+    fn frame_lengths_and_replies_are_checked() {
+        let text = crate::dialect::CUP_POS_TOML
+            .replace("tpdu = 5 ", "tpdu = 65")
+            .replace("header = 6 ", "header = \"six\"");
+        let found = problems(&text);
+        let tpdu = line_of(&text, "tpdu =");
+        let header = line_of(&text, "header =");
+        let tpdu_reply = line_of(&text, "tpdu_reply");
+        let header_reply = line_of(&text, "header_reply");
+        assert_eq!(
+            found,
+            [
+                format!("d.toml:{tpdu}: frame.tpdu: must be 0 to 64"),
+                format!("d.toml:{header}: frame.header: expected an integer, found string"),
+                format!(
+                    "d.toml:{tpdu_reply}: frame.tpdu_reply: swap-addresses needs a 5-byte TPDU"
+                ),
+                format!(
+                    "d.toml:{header_reply}: frame.header_reply: clear-processing-requirement needs a header of at least 3 bytes"
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bcd_field_counting_bytes_needs_an_even_maximum() {
+        let text = crate::dialect::CUP_POS_TOML.replace(
+            r#"32 = { format = "n..11", "#,
+            r#"32 = { format = "n..11", prefix_counts = "bytes", "#,
+        );
+        let found = problems(&text);
+        assert_eq!(
+            found,
+            [format!(
+                "d.toml:{}: fields.32.prefix_counts: a BCD field whose prefix counts bytes holds an even number of digits: make the maximum even",
+                line_of(&text, "32 ")
+            )]
+        );
+    }
+
+    #[test]
+    fn a_field_may_be_its_own_table() {
+        let text = crate::dialect::CUP_POS_TOML.replace(
+            "64 = { format = \"b8\",      name = \"message authentication code\" }",
+            "\n[fields.64]\nformat = \"b8\"\nname = \"message authentication code\"\nalign = \"up\"",
+        );
+        let found = problems(&text);
+        assert_eq!(
+            found,
+            [format!(
+                "d.toml:{}: fields.64.align: \"up\" is not one of \"left\", \"right\"",
+                line_of(&text, "align = \"up\"")
+            )]
+        );
+        let text = text.replace("align = \"up\"", "");
+        let dialect = Dialect::from_toml(&text, "d.toml").unwrap();
+        assert_eq!(dialect.field(64).unwrap().to_string(), "b8");
+        assert_eq!(
+            dialect.field(64).unwrap().name,
+            "message authentication code"
         );
     }
 
     #[test]
     fn syntax_errors_have_a_line() {
         let found = problems("name = \"x\"\n[frame\n");
-        assert!(found[0].starts_with("d.toml:2: "), "{found:?}");
+        assert!(found[0].starts_with("d.toml:2: (syntax): "), "{found:?}");
     }
 
     #[test]
@@ -478,9 +481,12 @@ mod tests {
         let text = crate::dialect::CUP_POS_TOML
             .replace("64 = {", "70 = { format = \"n3\", name = \"x\" }\n64 = {");
         let found = problems(&text);
-        assert!(
-            found[0].contains("fields.70: fields above 64 need"),
-            "{found:?}"
+        assert_eq!(
+            found,
+            [format!(
+                "d.toml:{}: fields.70: fields above 64 need `bitmap.secondary = true`",
+                line_of(&text, "70 ")
+            )]
         );
     }
 }

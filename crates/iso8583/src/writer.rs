@@ -554,11 +554,7 @@ variable_align = "left"
                     r#"61 = { format = "n...30","#,
                 )
                 .replace(r#"32 = { format = "n..11","#, r#"32 = { format = "n..12","#)
-                .replace(r#"35 = { format = "z..37","#, r#"35 = { format = "z..38","#)
-                .replace(
-                    r#"48 = { format = "n...322","#,
-                    r#"48 = { format = "n...322","#,
-                ),
+                .replace(r#"35 = { format = "z..37","#, r#"35 = { format = "z..38","#),
             "bytes.toml",
         )
         .unwrap();

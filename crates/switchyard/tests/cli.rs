@@ -367,20 +367,42 @@ fn demo_serve_answers_terminals_and_exits_0_on_sigterm() {
     );
     assert!(text.contains("622202*********"), "masked PAN: {text}");
     assert!(text.contains("rrn 000000000001"), "{text}");
+    let first: serde_json::Value = serde_json::from_str(&stdout(&show(&[
+        "txn",
+        "show",
+        "--rrn",
+        "000000000001",
+        "--json",
+    ])))
+    .unwrap();
+    let (terminal, batch, stan) = (
+        first["history"][0]["terminal"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+        first["history"][0]["batch"].to_string(),
+        first["history"][0]["stan"].to_string(),
+    );
     let json: serde_json::Value = serde_json::from_str(&stdout(&show(&[
         "txn",
         "show",
         "--terminal",
-        "T0000001",
+        &terminal,
         "--batch",
-        "1",
+        &batch,
         "--stan",
-        "2",
+        &stan,
         "--json",
     ])))
     .unwrap();
+    assert_eq!(json, first, "the same transaction either way");
     assert_eq!(json["history"][0]["kind"], "purchase");
-    assert_eq!(json["history"][0]["terminal"], "T0000001");
+    assert!(
+        json["history"][0]["terminal"]
+            .as_str()
+            .unwrap()
+            .starts_with("T00000")
+    );
     let missing = show(&["txn", "show", "--rrn", "999999999999"]);
     assert_eq!(missing.status.code(), Some(2));
     let report = stdout(&show(&[
