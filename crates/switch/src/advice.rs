@@ -85,8 +85,19 @@ async fn take_due(switch: &Switch) -> Result<Vec<Due>, sqlx::Error> {
     let lease = switch.config.rules.issuer_timeout * 2;
     sqlx::query_as::<_, Due>(
         "WITH due AS (
-            SELECT id FROM advices WHERE state = 'pending' AND next_attempt_at <= now()
-            ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+            SELECT a.id FROM advices a JOIN journal j ON j.id = a.journal_id
+            WHERE a.state = 'pending' AND a.next_attempt_at <= now()
+              -- A reversal queued earlier in the same family goes first: a
+              -- refund must not reach the issuer before the reversal of the
+              -- void that made its sale refundable again.
+              -- Likewise an advice waits for the advice of the original it
+              -- names (a refund of a completion advice).
+              AND NOT EXISTS (
+                SELECT 1 FROM advices b JOIN journal bj ON bj.id = b.journal_id
+                WHERE b.state = 'pending' AND b.id < a.id
+                  AND (bj.id = j.original_id
+                       OR (b.kind = 'reversal' AND (bj.original_id = j.original_id OR bj.original_id = j.id))))
+            ORDER BY a.next_attempt_at LIMIT $1 FOR UPDATE OF a SKIP LOCKED)
          UPDATE advices a SET next_attempt_at = now() + make_interval(secs => $2)
          FROM due, journal j
          WHERE a.id = due.id AND j.id = a.journal_id
@@ -97,6 +108,39 @@ async fn take_due(switch: &Switch) -> Result<Vec<Due>, sqlx::Error> {
     .bind(i64::from(switch.config.advice.batch))
     .bind(lease.as_secs_f64())
     .fetch_all(&switch.pool)
+    .await
+}
+
+/// Sends now the pending reversal advices of `original`'s family (the
+/// reversal of a void of this sale, say), so that a new request about it
+/// does not overtake them at the issuer. True when none is left pending.
+pub(crate) async fn flush_family(switch: &Switch, original: i64) -> Result<bool, sqlx::Error> {
+    let lease = switch.config.rules.issuer_timeout * 2;
+    let due: Vec<Due> = sqlx::query_as(
+        "WITH due AS (
+            SELECT a.id FROM advices a JOIN journal j ON j.id = a.journal_id
+            WHERE a.state = 'pending' AND a.kind = 'reversal' AND (j.id = $1 OR j.original_id = $1)
+            ORDER BY a.id FOR UPDATE OF a SKIP LOCKED)
+         UPDATE advices a SET next_attempt_at = now() + make_interval(secs => $2)
+         FROM due, journal j
+         WHERE a.id = due.id AND j.id = a.journal_id
+         RETURNING a.id, a.journal_id, a.kind, a.mti, a.issuer, a.processing_code, a.pos_condition,
+             a.amount, a.reason, a.original_mti, a.original_stan, a.original_f7, a.link_stan,
+             a.link_f7, a.attempts, j.rrn, j.terminal_id, j.merchant_id",
+    )
+    .bind(original)
+    .bind(lease.as_secs_f64())
+    .fetch_all(&switch.pool)
+    .await?;
+    for advice in due {
+        send(switch, advice).await;
+    }
+    sqlx::query_scalar(
+        "SELECT NOT EXISTS (SELECT 1 FROM advices a JOIN journal j ON j.id = a.journal_id
+         WHERE a.state = 'pending' AND a.kind = 'reversal' AND (j.id = $1 OR j.original_id = $1))",
+    )
+    .bind(original)
+    .fetch_one(&switch.pool)
     .await
 }
 
@@ -173,10 +217,16 @@ async fn send(switch: &Switch, advice: Due) {
 }
 
 /// Marks the advice answered and moves its journal entry to its final state.
+/// A refund or completion advice the issuer declines is `failed`: the
+/// terminal was told `00`, so an operator must look (reconcile names it).
 async fn done(switch: &Switch, advice: &Due, rc: &str) -> Result<(), sqlx::Error> {
+    if rc != "00" && advice.kind != "reversal" {
+        warn!(advice = advice.id, rrn = %advice.rrn, kind = %advice.kind, rc, "the issuer declined an advice");
+    }
     sqlx::query(
         "WITH a AS (
-            UPDATE advices SET state = 'done', response_code = $2, done_at = now(), attempts = attempts + 1
+            UPDATE advices SET state = CASE WHEN $2 <> '00' AND kind <> 'reversal' THEN 'failed' ELSE 'done' END,
+                response_code = $2, done_at = now(), attempts = attempts + 1
             WHERE id = $1 AND state = 'pending' RETURNING journal_id, kind)
          UPDATE journal j SET state = 'reversed'
          FROM a WHERE j.id = a.journal_id AND a.kind = 'reversal' AND j.state = 'unknown'",

@@ -129,11 +129,15 @@ pub async fn insert(
             INSERT INTO journal (terminal_id, merchant_id, batch, stan, mti, mti_class, processing_code,
                 pos_condition, kind, amount, pan_hash, pan_masked, request_digest, state, response_code,
                 issuer, link_stan, link_f7, business_date, sent_at, completed_at,
-                original_id, rule, operator, reversal_reason, original_ref)
+                original_id, rule, operator, reversal_reason, original_ref, reversal_requested)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
                 $16, CASE WHEN $14 = 'sent' THEN nextval('link_stan')::int END, $17, $18,
                 CASE WHEN $14 = 'sent' THEN now() END, CASE WHEN $14 <> 'sent' THEN now() END,
-                $19, $20, $21, $22, $23)
+                $19, $20, $21, $22, $23,
+                -- R3: a reversal of this very request came first (it was
+                -- delayed on the way): its approval is reversed on arrival.
+                $6 <> 4 AND EXISTS (SELECT 1 FROM journal r WHERE r.merchant_id = $2 AND r.terminal_id = $1
+                    AND r.batch = $3 AND r.stan = $4 AND r.mti_class = 4 AND r.state IN ('received', 'approved')))
             ON CONFLICT ON CONSTRAINT journal_request_key DO NOTHING
             RETURNING id, rrn, link_stan),
          claimed AS (
@@ -204,9 +208,13 @@ const UNDO_CLAIM: &str = "
     undone AS (
         UPDATE journal o SET state = 'approved'
         FROM ended
-        WHERE o.id = ended.original_id AND ended.state IN ('declined', 'unknown')
+        WHERE o.id = ended.original_id AND ended.state IN ('declined', 'unknown', 'reversed')
           AND o.state = CASE ended.kind WHEN 'void' THEN 'voided' WHEN 'completion_void' THEN 'voided'
                                          WHEN 'preauth_cancel' THEN 'cancelled' WHEN 'completion' THEN 'completed' END
+          -- Only the row that holds the claim gives it back (a losing void
+          -- left `sent` by a crash does not reopen the winner's sale).
+          AND NOT EXISTS (SELECT 1 FROM journal x WHERE x.original_id = o.id AND x.id <> ended.id
+                          AND x.kind = ended.kind AND x.state IN ('sent', 'approved'))
         RETURNING o.id)";
 
 /// The reversal advice queued for rows that end `unknown`, or approved after
@@ -359,11 +367,13 @@ pub struct Original {
     pub link_f7: Option<String>,
     /// What it refers to in turn (the purchase of a void).
     pub original_id: Option<i64>,
+    /// When it arrived.
+    pub received_at: chrono::DateTime<chrono::Utc>,
 }
 
 const ORIGINAL: &str =
     "SELECT id, rrn, kind, state, amount, refunded_amount, batch, stan, business_date, pan_hash,
-    auth_code, mti, processing_code, issuer, link_stan, link_f7, original_id FROM journal";
+    auth_code, mti, processing_code, issuer, link_stan, link_f7, original_id, received_at FROM journal";
 
 /// The entry of a terminal by merchant, batch, STAN and MTI class (voids, reversals).
 pub async fn find_by_stan(
@@ -386,12 +396,19 @@ pub async fn find_by_stan(
     .await
 }
 
-/// The entry with this RRN (refunds).
-pub async fn find_by_rrn(pool: &PgPool, rrn: &str) -> Result<Option<Original>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!("{ORIGINAL} WHERE rrn = $1")))
-        .bind(rrn)
-        .fetch_optional(pool)
-        .await
+/// The entry with this RRN at this merchant (refunds).
+pub async fn find_by_rrn(
+    pool: &PgPool,
+    rrn: &str,
+    merchant_id: &str,
+) -> Result<Option<Original>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{ORIGINAL} WHERE rrn = $1 AND merchant_id = $2"
+    )))
+    .bind(rrn)
+    .bind(merchant_id)
+    .fetch_optional(pool)
+    .await
 }
 
 /// The pre-authorisations with this auth code, newest first (cancels and completions).
@@ -404,47 +421,105 @@ pub async fn find_preauths(pool: &PgPool, auth_code: &str) -> Result<Vec<Origina
     .await
 }
 
-/// R3: a reversal came while the original was still at the issuer. Marks it
-/// so its approval is reversed on arrival; false when it is no longer `sent`.
-pub async fn request_reversal(pool: &PgPool, id: i64) -> Result<bool, sqlx::Error> {
+/// The journalled (`received`) reversal a decision approves: its row, the
+/// rule that decided, and the original it matched.
+#[derive(Debug, Clone, Copy)]
+pub struct Reversal {
+    /// The reversal's own row.
+    pub row: i64,
+    /// R2 or R3.
+    pub rule: &'static str,
+    /// The original, when found.
+    pub original: Option<i64>,
+}
+
+/// Approves a reversal row (R3: nothing to reverse, or already reversed).
+pub async fn approve_reversal(pool: &PgPool, r: Reversal) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
-        "UPDATE journal SET reversal_requested = true WHERE id = $1 AND state = 'sent'",
+        "UPDATE journal SET state = 'approved', response_code = '00', rule = $2, original_id = $3, completed_at = now()
+         WHERE id = $1 AND state = 'received'",
     )
-    .bind(id)
+    .bind(r.row)
+    .bind(r.rule)
+    .bind(r.original)
     .execute(pool)
     .await?;
     Ok(done.rows_affected() == 1)
 }
 
+/// The reversal row's approval, as a CTE step for the statements below.
+const APPROVE_REVERSAL: &str = "
+    approved AS (
+        UPDATE journal SET state = 'approved', response_code = '00', rule = $r2, original_id = $r3, completed_at = now()
+        WHERE id = $r1 AND state = 'received' AND EXISTS (SELECT 1 FROM changed)
+        RETURNING id)";
+
+fn with_reversal(sql: &str, first: usize) -> String {
+    APPROVE_REVERSAL
+        .replace("$r1", &format!("${first}"))
+        .replace("$r2", &format!("${}", first + 1))
+        .replace("$r3", &format!("${}", first + 2))
+        + sql
+}
+
+/// R3: a reversal came while the original was still at the issuer. Marks it
+/// so its approval is reversed on arrival, and approves the reversal, in one
+/// statement; false when the original is no longer `sent`.
+pub async fn request_reversal(pool: &PgPool, id: i64, r: Reversal) -> Result<bool, sqlx::Error> {
+    let sql = format!(
+        "WITH changed AS (UPDATE journal SET reversal_requested = true WHERE id = $1 AND state = 'sent' RETURNING id),
+         {}
+         SELECT EXISTS (SELECT 1 FROM approved)",
+        with_reversal("", 2)
+    );
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .bind(r.row)
+        .bind(r.rule)
+        .bind(r.original)
+        .fetch_one(pool)
+        .await
+}
+
 /// R2: reverses an approved original in one statement: the original becomes
 /// `reversed`, what it had claimed is given back (the purchase of a reversed
-/// void is approved again), and its reversal advice is queued. False when the
-/// original was no longer approved.
-pub async fn reverse(pool: &PgPool, id: i64, network_reason: &str) -> Result<bool, sqlx::Error> {
-    let row: Option<i64> = sqlx::query_scalar(
-        "WITH ended AS (
+/// void is approved again), its reversal advice is queued, and the reversal
+/// row is approved. False when the original was no longer approved.
+pub async fn reverse(
+    pool: &PgPool,
+    id: i64,
+    network_reason: &str,
+    r: Reversal,
+) -> Result<bool, sqlx::Error> {
+    let sql = format!(
+        "WITH changed AS (
             UPDATE journal SET state = 'reversed'
             WHERE id = $1 AND state = 'approved'
             RETURNING id, original_id, kind, issuer, processing_code, pos_condition, amount, mti, link_stan, link_f7),
          restored AS (
             UPDATE journal o SET state = 'approved'
-            FROM ended
-            WHERE o.id = ended.original_id
-              AND o.state = CASE ended.kind WHEN 'void' THEN 'voided' WHEN 'completion_void' THEN 'voided'
-                                            WHEN 'preauth_cancel' THEN 'cancelled' WHEN 'completion' THEN 'completed' END),
+            FROM changed
+            WHERE o.id = changed.original_id
+              AND o.state = CASE changed.kind WHEN 'void' THEN 'voided' WHEN 'completion_void' THEN 'voided'
+                                              WHEN 'preauth_cancel' THEN 'cancelled' WHEN 'completion' THEN 'completed' END),
          queued AS (
             INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount,
                 reason, original_mti, original_stan, original_f7)
             SELECT id, 'reversal', 420, issuer, processing_code, pos_condition, amount, $2, mti, link_stan, link_f7
-            FROM ended WHERE issuer IS NOT NULL
-            ON CONFLICT (journal_id, kind) DO NOTHING)
-         SELECT id FROM ended",
-    )
-    .bind(id)
-    .bind(network_reason)
-    .fetch_optional(pool)
-    .await?;
-    Ok(row.is_some())
+            FROM changed WHERE issuer IS NOT NULL
+            ON CONFLICT (journal_id, kind) DO NOTHING),
+         {}
+         SELECT EXISTS (SELECT 1 FROM approved)",
+        with_reversal("", 3)
+    );
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .bind(network_reason)
+        .bind(r.row)
+        .bind(r.rule)
+        .bind(r.original)
+        .fetch_one(pool)
+        .await
 }
 
 /// An advice the switch answers itself once journalled (F6 refunds, and
@@ -483,11 +558,18 @@ pub async fn apply_advice(
     };
     let sql = format!(
         "WITH claimed AS ({claim} RETURNING id, issuer, mti, link_stan, link_f7),
+         -- The original as the issuer knows it: an online request by its own
+         -- link STAN and F7, an advice (a completion advice) by its advice's.
+         origin AS (
+            SELECT c.id, c.issuer,
+                CASE WHEN c.link_stan IS NULL THEN a.mti ELSE c.mti END AS mti,
+                coalesce(c.link_stan, a.link_stan) AS link_stan, coalesce(c.link_f7, a.link_f7) AS link_f7
+            FROM claimed c LEFT JOIN advices a ON a.journal_id = c.id AND a.kind IN ('completion', 'refund')),
          done AS (
-            UPDATE journal r SET state = 'approved', response_code = '00', issuer = claimed.issuer, completed_at = now()
-            FROM claimed WHERE r.id = $1 AND r.state = 'received'
+            UPDATE journal r SET state = 'approved', response_code = '00', issuer = origin.issuer, completed_at = now()
+            FROM origin WHERE r.id = $1 AND r.state = 'received'
             RETURNING r.id, r.issuer, r.processing_code, r.pos_condition, r.amount,
-                claimed.mti AS original_mti, claimed.link_stan AS original_stan, claimed.link_f7 AS original_f7),
+                origin.mti AS original_mti, origin.link_stan AS original_stan, origin.link_f7 AS original_f7),
          queued AS (
             INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount,
                 original_mti, original_stan, original_f7)

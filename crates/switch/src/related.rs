@@ -26,9 +26,48 @@ struct Parts {
     today: NaiveDate,
 }
 
+/// What a terminal may reverse (terminal-cup.md): refunds and the 0220
+/// advices are retried instead.
+const REVERSIBLE: [&str; 6] = [
+    "purchase",
+    "void",
+    "preauth",
+    "preauth_cancel",
+    "completion",
+    "completion_void",
+];
+
 /// `MMDD` of a date (F61.3).
 fn mmdd(date: NaiveDate) -> String {
     format!("{:02}{:02}", date.month(), date.day())
+}
+
+impl Switch {
+    /// A request about `original` must not overtake a reversal still on its
+    /// way to the issuer (the reversal of an earlier void of this sale):
+    /// those are sent first. `Some(answer)` when they cannot be (`91`:
+    /// the terminal tries again later) or the queue cannot be read.
+    async fn family_clear(&self, original: &Original) -> Option<Option<ResponseCode>> {
+        match crate::advice::flush_family(self, original.id).await {
+            Ok(true) => None,
+            Ok(false) => Some(Some(ResponseCode::ISSUER_UNAVAILABLE)),
+            Err(e) => {
+                warn!(error = %e, "advice queue read failed");
+                Some(Some(ResponseCode::SYSTEM_ERROR))
+            }
+        }
+    }
+
+    /// Whether `mmdd` (F61.3) names the original's date: the local date its
+    /// reply carried in F13, which is what the terminal sends back, or its
+    /// business day (they differ after the cut-over).
+    fn dated(&self, o: &Original, given: &str) -> bool {
+        let local = o
+            .received_at
+            .with_timezone(&self.config.rules.time_zone)
+            .date_naive();
+        given == mmdd(local) || given == mmdd(o.business_date)
+    }
 }
 
 impl Switch {
@@ -281,6 +320,9 @@ impl Switch {
                 }
             }
         }
+        if let Some(answer) = self.family_clear(&o).await {
+            return answer;
+        }
         let related = Related {
             original: &o,
             rule: "V1-V6",
@@ -304,7 +346,7 @@ impl Switch {
         }
         let f61 = req.digits(61);
         let rrn = req.msg.text(37).unwrap_or("");
-        let original = match journal::find_by_rrn(&self.pool, rrn).await {
+        let original = match journal::find_by_rrn(&self.pool, rrn, req.merchant_id).await {
             Ok(o) => o,
             Err(e) => {
                 warn!(error = %e, "journal read failed");
@@ -313,7 +355,7 @@ impl Switch {
         };
         // F61.3 names the original's day; F61.1/61.2, when given, its batch and STAN.
         let named = |o: &Original| {
-            let date_ok = f61.get(12..16).is_none_or(|d| d == mmdd(o.business_date));
+            let date_ok = f61.get(12..16).is_none_or(|d| self.dated(o, d));
             let batch_ok = f61
                 .get(0..6)
                 .and_then(|b| b.parse::<i32>().ok())
@@ -358,7 +400,7 @@ impl Switch {
                 )
                 .await;
         }
-        let same_batch = o.batch == terminal.batch && o.business_date == p.today;
+        let same_batch = o.batch == terminal.batch;
         if self.config.rules.same_day_refund == SameDayRefund::Deny && same_batch {
             return self
                 .reject(
@@ -456,7 +498,7 @@ impl Switch {
         };
         let Some(o) = candidates.into_iter().find(|o| {
             o.pan_hash.as_deref() == p.pan_hash.as_ref().map(|h| &h[..])
-                && date.as_deref().is_none_or(|d| d == mmdd(o.business_date))
+                && date.as_deref().is_none_or(|d| self.dated(o, d))
         }) else {
             return self
                 .reject(req, entry, None, "P1", ResponseCode::NOT_FOUND, out)
@@ -507,6 +549,9 @@ impl Switch {
                 )
                 .await;
         }
+        if let Some(answer) = self.family_clear(&o).await {
+            return answer;
+        }
         let claim = if kind == Kind::PreAuthCancel {
             "cancelled"
         } else {
@@ -536,7 +581,10 @@ impl Switch {
     }
 
     /// R1-R5: a reversal (0400) of the terminal's own transaction, named by
-    /// its STAN in the open batch.
+    /// its STAN in the open batch. The reversal is journalled first, so a
+    /// repeat is caught as a duplicate and replayed before anything else
+    /// happens; then the original's state changes in the same statement that
+    /// records the reversal's answer.
     async fn reversal(
         &self,
         req: &Request<'_>,
@@ -568,6 +616,15 @@ impl Switch {
                 )
                 .await;
         }
+        let written = match self.journal(req, &entry, Disposition::Hold, out).await {
+            Ok(w) => w,
+            Err(answered) => return answered,
+        };
+        let approve = |rule, original: Option<i64>| journal::Reversal {
+            row: written.id,
+            rule,
+            original,
+        };
         for _ in 0..3 {
             let found = journal::find_by_stan(
                 &self.pool,
@@ -578,102 +635,92 @@ impl Switch {
                 class,
             )
             .await;
+            // Refunds and advices are not reversible (they are retried instead).
             let original = match found {
-                Ok(o) => o.filter(|o| o.processing_code == p.processing_code),
+                Ok(o) => o.filter(|o| {
+                    o.processing_code == p.processing_code && REVERSIBLE.contains(&o.kind.as_str())
+                }),
                 Err(e) => {
                     warn!(error = %e, "journal read failed");
                     return Some(ResponseCode::SYSTEM_ERROR);
                 }
             };
-            let Some(o) = original else {
-                // R3: nothing (yet) to reverse; the marker is this row.
-                return self
-                    .answer(
-                        req,
-                        entry,
-                        None,
-                        "R3",
-                        State::Approved,
-                        ResponseCode::APPROVED,
-                        ReplyFields::default(),
-                        out,
-                    )
-                    .await;
-            };
-            if o.amount != p.amount as i64 {
-                return self
-                    .reject(
-                        req,
-                        entry,
-                        Some(&o),
-                        "R4",
-                        ResponseCode::AMOUNT_MISMATCH,
-                        out,
-                    )
-                    .await;
-            }
-            if o.business_date != p.today {
-                return self
-                    .reject(
-                        req,
-                        entry,
-                        Some(&o),
-                        "R5",
-                        ResponseCode::INVALID_TRANSACTION,
-                        out,
-                    )
-                    .await;
-            }
-            let changed = match o.state.as_str() {
-                "sent" => journal::request_reversal(&self.pool, o.id).await,
-                "approved" => journal::reverse(&self.pool, o.id, network_reason).await,
-                "declined" | "reversed" | "unknown" => {
+            let changed = match &original {
+                // R3: nothing (yet) to reverse; this row is the marker an
+                // original arriving later is checked against.
+                None => journal::approve_reversal(&self.pool, approve("R3", None)).await,
+                Some(o) if o.amount != p.amount as i64 => {
                     return self
-                        .answer(
+                        .decided(
                             req,
-                            entry,
-                            Some(&o),
-                            "R3",
-                            State::Approved,
-                            ResponseCode::APPROVED,
-                            ReplyFields::default(),
+                            written.id,
+                            &written.rrn,
+                            "R4",
+                            ResponseCode::AMOUNT_MISMATCH,
                             out,
                         )
                         .await;
                 }
-                // Voided, refunded, completed or cancelled since: the later
-                // transaction has to be undone first.
-                _ => {
+                Some(o) if o.business_date != p.today => {
                     return self
-                        .reject(
+                        .decided(
                             req,
-                            entry,
-                            Some(&o),
-                            "R2",
+                            written.id,
+                            &written.rrn,
+                            "R5",
                             ResponseCode::INVALID_TRANSACTION,
                             out,
                         )
                         .await;
                 }
+                Some(o) => match o.state.as_str() {
+                    "sent" => {
+                        journal::request_reversal(&self.pool, o.id, approve("R3", Some(o.id))).await
+                    }
+                    "approved" => {
+                        journal::reverse(
+                            &self.pool,
+                            o.id,
+                            network_reason,
+                            approve("R2", Some(o.id)),
+                        )
+                        .await
+                    }
+                    "declined" | "reversed" | "unknown" => {
+                        journal::approve_reversal(&self.pool, approve("R3", Some(o.id))).await
+                    }
+                    // Voided, refunded, completed or cancelled since: the
+                    // later transaction has to be undone first.
+                    _ => {
+                        return self
+                            .decided(
+                                req,
+                                written.id,
+                                &written.rrn,
+                                "R2",
+                                ResponseCode::INVALID_TRANSACTION,
+                                out,
+                            )
+                            .await;
+                    }
+                },
             };
             match changed {
                 Ok(true) => {
                     self.advice_wake.notify_one();
-                    let rule = if o.state == "sent" { "R3" } else { "R2" };
-                    return self
-                        .answer(
-                            req,
-                            entry,
-                            Some(&o),
-                            rule,
-                            State::Approved,
-                            ResponseCode::APPROVED,
-                            ReplyFields::default(),
-                            out,
-                        )
-                        .await;
+                    self.reply(
+                        req,
+                        out,
+                        ReplyFields {
+                            rc: Some(ResponseCode::APPROVED),
+                            rrn: Some(&written.rrn),
+                            ..Default::default()
+                        },
+                    );
+                    self.store_reply(written.id, out).await;
+                    return None;
                 }
-                // Its state changed under us: look again.
+                // The original's state changed under us: look again.
                 Ok(false) => continue,
                 Err(e) => {
                     warn!(error = %e, "journal write failed");

@@ -14,7 +14,7 @@ use iso8583::{Dialect, Message, MessageWriter, Mti, Pan, ParseError, ParseErrorK
 use sha2::Digest;
 use sqlx::PgPool;
 use tokio::sync::Notify;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use crate::config::{Config, DuplicatePolicy};
 use crate::journal::{self, Disposition, Earlier, Insert, NewEntry};
@@ -155,7 +155,18 @@ impl Switch {
             msg,
         };
         let span = tracing::debug_span!("request", mti = %req.msg.mti(), stan = req.stan, terminal = req.terminal_id);
-        let _enter = span.enter();
+        // An entered span must not be held across an await: instrument instead.
+        self.answer_request(&req, format_error, out)
+            .instrument(span)
+            .await
+    }
+
+    async fn answer_request(
+        &self,
+        req: &Request<'_>,
+        format_error: Option<ParseError>,
+        out: &mut BytesMut,
+    ) -> Outcome {
         if !req.msg.mti().is_request() {
             // A terminal has no business sending replies; there is nothing to answer.
             warn!(mti = %req.msg.mti(), "not a request: ignored");
@@ -164,7 +175,7 @@ impl Switch {
         if let Some(e) = format_error {
             debug!(error = %e, "answering 30");
             self.reply(
-                &req,
+                req,
                 out,
                 ReplyFields {
                     rc: Some(ResponseCode::FORMAT_ERROR),
@@ -173,11 +184,11 @@ impl Switch {
             );
             return Outcome::Reply;
         }
-        let rc = self.dispatch(&req, out).await;
+        let rc = self.dispatch(req, out).await;
         if let Some(rc) = rc {
             debug!(rc = %rc, "answered by the switch");
             self.reply(
-                &req,
+                req,
                 out,
                 ReplyFields {
                     rc: Some(rc),
@@ -463,10 +474,12 @@ impl Switch {
             warn!(rrn = %written.rrn, "unreadable issuer reply: treating as no answer");
             return self.unanswered(req, written, out).await;
         };
-        let rc = answer
-            .text(39)
-            .and_then(ResponseCode::new)
-            .unwrap_or(ResponseCode::SYSTEM_ERROR);
+        let Some(rc) = answer.text(39).and_then(ResponseCode::new) else {
+            // Without a response code the outcome is unknown: it may have
+            // posted, so it is reversed rather than taken as a decline.
+            warn!(rrn = %written.rrn, "issuer reply without a response code: treating as no answer");
+            return self.unanswered(req, written, out).await;
+        };
         let auth_code = answer.text(38).filter(|_| rc.is_approved());
         let balance = answer.text(54).filter(|_| rc.is_approved());
         self.reply(
