@@ -878,3 +878,48 @@ async fn two_switch_processes_racing_voids_and_refunds_give_one_winner() {
     assert_eq!(codes, ["00", "61"], "700 + 700 do not fit in 1,000");
     other_shutdown.cancel();
 }
+
+#[tokio::test]
+async fn a_refund_past_the_refund_window_is_refused() {
+    let w = world_with(|c| c.rules.refund_window_days = 7).await;
+    let mut t = w.signed_on("T0000019").await;
+    let pan = "6222020000000000040";
+    let old = purchase(&mut t, pan, 900).await;
+    let recent = purchase(&mut t, pan, 800).await;
+    // The first sale was eight days ago, the second six.
+    for (rrn, days) in [(old.rrn(), 8), (recent.rrn(), 6)] {
+        sqlx::query("UPDATE journal SET business_date = business_date - $2::int, received_at = received_at - make_interval(days => $2::int) WHERE rrn = $1")
+            .bind(rrn)
+            .bind(days)
+            .execute(&w.pool)
+            .await
+            .unwrap();
+    }
+    let dated = |k: &Kept, date: String| Kept {
+        batch: k.batch,
+        stan: k.stan,
+        reply: {
+            let mut r = k.reply.clone();
+            r.fields.insert(13, date);
+            r
+        },
+    };
+    let date_of = |days: i64| {
+        (chrono::Utc::now() - chrono::Duration::days(days))
+            .with_timezone(&chrono_tz::Asia::Shanghai)
+            .format("%m%d")
+            .to_string()
+    };
+    let r = refund(&mut t, pan, 100, &dated(&old, date_of(8))).await;
+    assert_eq!(r.rc(), "12");
+    assert_eq!(
+        rule_of(&w, r.field(37).unwrap()).await.1.as_deref(),
+        Some("F4")
+    );
+    assert_eq!(
+        refund(&mut t, pan, 100, &dated(&recent, date_of(6)))
+            .await
+            .rc(),
+        "00"
+    );
+}
