@@ -951,12 +951,13 @@ impl Model {
             return self.answer(key, h, St::Approved, "00", None, "R3");
         };
         let r = &self.rows[o];
+        if !r.kind.reversible() {
+            // Refunds and advices are not reversible: for a reversal there is
+            // no original, so nothing to reverse and no amount to compare.
+            return self.answer(key, h, St::Approved, "00", None, "R3");
+        }
         if r.amount != h.amount {
             return self.answer(key, h, St::Declined, "64", Some(o), "R4");
-        }
-        if !r.kind.reversible() {
-            // Refunds and advices are not reversible: nothing to reverse.
-            return self.answer(key, h, St::Approved, "00", Some(o), "R3");
         }
         match r.state {
             St::Approved => {
