@@ -383,29 +383,9 @@ impl Switch {
                 // Only a dialect file that changed a field's format gets here:
                 // the request cannot be sent, so it is declined, not reversed.
                 warn!(error = %e, "network request does not fit the network dialect");
-                self.reply(
-                    req,
-                    out,
-                    ReplyFields {
-                        rc: Some(ResponseCode::SYSTEM_ERROR),
-                        rrn: Some(&written.rrn),
-                        ..Default::default()
-                    },
-                );
-                let body = self.body(out).to_vec();
-                if let Err(e) = journal::complete(
-                    &self.pool,
-                    written.id,
-                    State::Declined,
-                    ResponseCode::SYSTEM_ERROR,
-                    None,
-                    &body,
-                )
-                .await
-                {
-                    warn!(error = %e, "journal write failed");
-                }
-                return None;
+                return self
+                    .not_sent(req, &written, ResponseCode::SYSTEM_ERROR, out)
+                    .await;
             }
         };
         let exchanged = link
@@ -413,54 +393,43 @@ impl Switch {
             .await;
         match exchanged {
             Ok(reply) => self.issuer_answered(req, &written, &reply, out).await,
+            // Never reached the issuer: a plain decline, nothing to reverse.
             Err(LinkError::NotSent) => {
-                // Never reached the issuer: a plain decline, nothing to reverse.
-                self.reply(
-                    req,
-                    out,
-                    ReplyFields {
-                        rc: Some(ResponseCode::ISSUER_UNAVAILABLE),
-                        rrn: Some(&written.rrn),
-                        ..Default::default()
-                    },
-                );
-                let body = self.body(out).to_vec();
-                if let Err(e) = journal::complete(
-                    &self.pool,
-                    written.id,
-                    State::Declined,
-                    ResponseCode::ISSUER_UNAVAILABLE,
-                    None,
-                    &body,
-                )
-                .await
-                {
-                    warn!(error = %e, "journal write failed after link down");
-                }
-                None
+                self.not_sent(req, &written, ResponseCode::ISSUER_UNAVAILABLE, out)
+                    .await
             }
+            // T1: the outcome is unknown; the issuer is told to reverse it.
             Err(e @ (LinkError::Lost | LinkError::Timeout)) => {
-                // T1: the outcome is unknown; the issuer is told to reverse it.
                 warn!(rrn = %written.rrn, error = %e, "issuer did not answer");
-                self.reply(
-                    req,
-                    out,
-                    ReplyFields {
-                        rc: Some(ResponseCode::ISSUER_TIMEOUT),
-                        rrn: Some(&written.rrn),
-                        ..Default::default()
-                    },
-                );
-                let body = self.body(out).to_vec();
-                match journal::give_up(&self.pool, written.id, &body).await {
-                    Ok(_) => self.advice_wake.notify_one(),
-                    Err(e) => {
-                        warn!(error = %e, "journal write failed on timeout; recovery will reverse it")
-                    }
-                }
-                None
+                self.unanswered(req, &written, out).await
             }
         }
+    }
+
+    /// A journalled request that never reached the issuer: declined with `rc`.
+    async fn not_sent(
+        &self,
+        req: &Request<'_>,
+        written: &journal::Written,
+        rc: ResponseCode,
+        out: &mut BytesMut,
+    ) -> Option<ResponseCode> {
+        self.reply(
+            req,
+            out,
+            ReplyFields {
+                rc: Some(rc),
+                rrn: Some(&written.rrn),
+                ..Default::default()
+            },
+        );
+        let body = self.body(out).to_vec();
+        if let Err(e) =
+            journal::complete(&self.pool, written.id, State::Declined, rc, None, &body).await
+        {
+            warn!(error = %e, "journal write failed");
+        }
+        None
     }
 
     async fn issuer_answered(
