@@ -1,7 +1,11 @@
 //! Simulated POS terminals: a terminal that speaks the cup-pos dialect over
-//! TCP as a real one does, for the tests and the load generator.
+//! TCP as a real one does, for the tests and the load generator: the closed
+//! loop of `switchyard load`, the open-loop scheduler and the HDR report the
+//! scenario runner (issue 5) builds on.
 
 pub mod closed;
+pub mod open;
+pub mod report;
 pub mod terminal;
 
 pub use terminal::{Field, Original, Reply, Reversed, Terminal};

@@ -1,0 +1,149 @@
+//! Open loop: requests are scheduled by the clock, at a fixed rate, not
+//! after the previous reply; latency runs from the scheduled time. A stalled
+//! switch therefore shows in the percentiles as the requests that waited
+//! behind it, instead of vanishing from them (no coordinated omission).
+//!
+//! Requests go round-robin to lanes (a lane is a terminal: one request at a
+//! time, in order, as a real terminal works); a request whose lane is busy
+//! waits, and its wait counts.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// Something that sends request `index` and answers with its response code.
+pub trait Lane: Send + 'static {
+    /// Sends request `index`; the response code, or `--` when none came.
+    fn send(&mut self, index: u64) -> impl Future<Output = String> + Send + '_;
+}
+
+/// One request's fate.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Which request.
+    pub index: u64,
+    /// When it was due, from the start of the run.
+    pub scheduled: Duration,
+    /// From when it was due to when its answer came.
+    pub latency: Duration,
+    /// The response code.
+    pub rc: String,
+}
+
+/// Sends `count` requests at `rate` per second over `lanes`; returns the
+/// lanes (with their state) and a sample per request.
+pub async fn run<L: Lane>(rate: f64, count: u64, lanes: Vec<L>) -> (Vec<L>, Vec<Sample>) {
+    assert!(
+        rate > 0.0 && !lanes.is_empty(),
+        "a rate and at least one lane"
+    );
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let start = Instant::now();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let mut queues = Vec::with_capacity(lanes.len());
+    let mut workers = Vec::with_capacity(lanes.len());
+    for mut lane in lanes {
+        let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Instant)>();
+        let done = done_tx.clone();
+        queues.push(tx);
+        workers.push(tokio::spawn(async move {
+            while let Some((index, due)) = rx.recv().await {
+                let rc = lane.send(index).await;
+                let _ = done.send(Sample {
+                    index,
+                    scheduled: due - start,
+                    latency: due.elapsed(),
+                    rc,
+                });
+            }
+            lane
+        }));
+    }
+    drop(done_tx);
+    let n = queues.len() as u64;
+    for index in 0..count {
+        let due = start + interval.mul_f64(index as f64);
+        tokio::time::sleep_until(due).await;
+        let _ = queues[(index % n) as usize].send((index, due));
+    }
+    drop(queues);
+    let mut lanes = Vec::with_capacity(workers.len());
+    for w in workers {
+        lanes.push(w.await.expect("a lane does not panic"));
+    }
+    let mut samples = Vec::with_capacity(count as usize);
+    while let Some(s) = done_rx.recv().await {
+        samples.push(s);
+    }
+    samples.sort_by_key(|s| s.index);
+    (lanes, samples)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lane whose server stalls on one request, as a switch waiting on a
+    /// slow database would.
+    struct Stalling {
+        stall_on: u64,
+        stall: Duration,
+    }
+
+    impl Lane for Stalling {
+        async fn send(&mut self, index: u64) -> String {
+            if index == self.stall_on {
+                tokio::time::sleep(self.stall).await;
+            }
+            "00".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stall_shows_in_the_latency_of_everything_scheduled_behind_it() {
+        // 200 requests a second on one lane; request 10 takes 400 ms.
+        let lane = Stalling {
+            stall_on: 10,
+            stall: Duration::from_millis(400),
+        };
+        let (_, samples) = run(200.0, 120, vec![lane]).await;
+        assert_eq!(samples.len(), 120);
+        assert!(samples.iter().all(|s| s.rc == "00"));
+        // Requests due during the stall (every 5 ms for 400 ms) waited for it:
+        // a closed loop would have sent them late and measured them fast.
+        let delayed = samples
+            .iter()
+            .filter(|s| s.index > 10 && s.latency >= Duration::from_millis(100))
+            .count();
+        assert!(delayed >= 40, "only {delayed} requests show the stall");
+        // The schedule did not slow down: the last was due at about 595 ms.
+        let last = samples.last().unwrap();
+        assert_eq!(last.index, 119);
+        assert!(
+            last.scheduled >= Duration::from_millis(590)
+                && last.scheduled <= Duration::from_millis(600)
+        );
+    }
+
+    #[tokio::test]
+    async fn requests_go_round_robin_to_the_lanes() {
+        struct Counting(Vec<u64>);
+        impl Lane for Counting {
+            async fn send(&mut self, index: u64) -> String {
+                self.0.push(index);
+                "00".into()
+            }
+        }
+        let (lanes, samples) = run(
+            1000.0,
+            9,
+            vec![Counting(vec![]), Counting(vec![]), Counting(vec![])],
+        )
+        .await;
+        assert_eq!(samples.len(), 9);
+        assert_eq!(lanes[0].0, [0, 3, 6]);
+        assert_eq!(lanes[2].0, [2, 5, 8]);
+    }
+}

@@ -1,0 +1,177 @@
+//! What a load run reports: per transaction kind, the count, the response
+//! codes, and latency percentiles (p50, p90, p99, p99.9, max) from HDR
+//! histograms (microseconds, three significant digits).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+/// The longest latency a histogram records (longer ones are clamped).
+const MAX_MICROS: u64 = 600_000_000;
+
+/// One kind's figures.
+#[derive(Debug, Clone)]
+pub struct KindStats {
+    /// Answers by response code (`--` for no answer).
+    pub codes: BTreeMap<String, u64>,
+    /// Latency in microseconds.
+    pub latency: Histogram<u64>,
+}
+
+impl KindStats {
+    fn new() -> KindStats {
+        KindStats {
+            codes: BTreeMap::new(),
+            latency: Histogram::new_with_bounds(1, MAX_MICROS, 3).expect("valid bounds"),
+        }
+    }
+
+    /// Requests recorded.
+    pub fn count(&self) -> u64 {
+        self.codes.values().sum()
+    }
+
+    /// p50, p90, p99, p99.9 and max.
+    pub fn percentiles(&self) -> [Duration; 5] {
+        let at = |q: f64| Duration::from_micros(self.latency.value_at_quantile(q));
+        [
+            at(0.5),
+            at(0.9),
+            at(0.99),
+            at(0.999),
+            Duration::from_micros(self.latency.max()),
+        ]
+    }
+}
+
+/// A run's figures, by transaction kind.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// By kind (`purchase`, `void`, ...).
+    pub kinds: BTreeMap<String, KindStats>,
+}
+
+impl Report {
+    /// Records one answered (or unanswered: `rc` `--`) request.
+    pub fn record(&mut self, kind: &str, rc: &str, latency: Duration) {
+        let stats = self
+            .kinds
+            .entry(kind.to_string())
+            .or_insert_with(KindStats::new);
+        *stats.codes.entry(rc.to_string()).or_default() += 1;
+        let micros = u64::try_from(latency.as_micros())
+            .unwrap_or(MAX_MICROS)
+            .clamp(1, MAX_MICROS);
+        stats.latency.record(micros).expect("within bounds");
+    }
+
+    /// Adds another report's figures to this one.
+    pub fn merge(&mut self, other: &Report) {
+        for (kind, s) in &other.kinds {
+            let mine = self
+                .kinds
+                .entry(kind.clone())
+                .or_insert_with(KindStats::new);
+            for (rc, n) in &s.codes {
+                *mine.codes.entry(rc.clone()).or_default() += n;
+            }
+            mine.latency.add(&s.latency).expect("same bounds");
+        }
+    }
+
+    /// All kinds together.
+    pub fn total(&self) -> KindStats {
+        let mut all = KindStats::new();
+        for s in self.kinds.values() {
+            for (rc, n) in &s.codes {
+                *all.codes.entry(rc.clone()).or_default() += n;
+            }
+            all.latency.add(&s.latency).expect("same bounds");
+        }
+        all
+    }
+
+    /// The final table: one line per kind and a total.
+    pub fn table(&self) -> String {
+        let ms = |d: Duration| format!("{:.2}", d.as_secs_f64() * 1000.0);
+        let mut out = format!(
+            "{:<18} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  codes\n",
+            "kind", "count", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms"
+        );
+        let total = self.total();
+        let rows = self
+            .kinds
+            .iter()
+            .map(|(k, s)| (k.as_str(), s))
+            .chain([("all", &total)]);
+        for (kind, s) in rows {
+            let [p50, p90, p99, p999, max] = s.percentiles();
+            let codes: Vec<String> = s.codes.iter().map(|(rc, n)| format!("{rc}:{n}")).collect();
+            let _ = writeln!(
+                out,
+                "{kind:<18} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
+                s.count(),
+                ms(p50),
+                ms(p90),
+                ms(p99),
+                ms(p999),
+                ms(max),
+                codes.join(" ")
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_of_known_inputs() {
+        let mut r = Report::default();
+        // 1 ms to 1000 ms, one each: p50 is 500 ms, p99 990 ms, max 1000 ms.
+        for ms in 1..=1000u64 {
+            r.record(
+                "purchase",
+                if ms % 10 == 0 { "51" } else { "00" },
+                Duration::from_millis(ms),
+            );
+        }
+        let s = &r.kinds["purchase"];
+        assert_eq!(s.count(), 1000);
+        assert_eq!(s.codes["00"], 900);
+        assert_eq!(s.codes["51"], 100);
+        let [p50, p90, p99, p999, max] = s.percentiles();
+        // HDR keeps three significant digits: within 0.1%.
+        let near =
+            |d: Duration, ms: f64| (d.as_secs_f64() * 1000.0 - ms).abs() <= ms * 0.001 + 0.001;
+        assert!(near(p50, 500.0), "{p50:?}");
+        assert!(near(p90, 900.0), "{p90:?}");
+        assert!(near(p99, 990.0), "{p99:?}");
+        assert!(near(p999, 999.0), "{p999:?}");
+        assert!(near(max, 1000.0), "{max:?}");
+    }
+
+    #[test]
+    fn merged_reports_add_up_and_the_table_has_a_total() {
+        let mut a = Report::default();
+        let mut b = Report::default();
+        a.record("purchase", "00", Duration::from_millis(2));
+        b.record("purchase", "00", Duration::from_millis(4));
+        b.record("void", "--", Duration::from_secs(10));
+        a.merge(&b);
+        assert_eq!(a.kinds["purchase"].count(), 2);
+        assert_eq!(a.total().count(), 3);
+        let table = a.table();
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with("all") && l.contains(" 3 ")),
+            "{table}"
+        );
+        assert!(table.contains("--:1"), "{table}");
+    }
+}
