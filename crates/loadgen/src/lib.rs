@@ -6,6 +6,7 @@
 pub mod closed;
 pub mod open;
 pub mod report;
+pub mod scenario;
 pub mod terminal;
 
 pub use terminal::{Field, Original, Reply, Reversed, Terminal};

@@ -13,10 +13,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-/// Something that sends request `index` and answers with its response code.
+/// Something that sends request `index` and says what it was and how it was
+/// answered: (kind, response code, `--` when none came).
 pub trait Lane: Send + 'static {
-    /// Sends request `index`; the response code, or `--` when none came.
-    fn send(&mut self, index: u64) -> impl Future<Output = String> + Send + '_;
+    /// Sends request `index`.
+    fn send(&mut self, index: u64) -> impl Future<Output = (&'static str, String)> + Send + '_;
 }
 
 /// One request's fate.
@@ -28,6 +29,8 @@ pub struct Sample {
     pub scheduled: Duration,
     /// From when it was due to when its answer came.
     pub latency: Duration,
+    /// What it was.
+    pub kind: &'static str,
     /// The response code.
     pub rc: String,
 }
@@ -50,11 +53,12 @@ pub async fn run<L: Lane>(rate: f64, count: u64, lanes: Vec<L>) -> (Vec<L>, Vec<
         queues.push(tx);
         workers.push(tokio::spawn(async move {
             while let Some((index, due)) = rx.recv().await {
-                let rc = lane.send(index).await;
+                let (kind, rc) = lane.send(index).await;
                 let _ = done.send(Sample {
                     index,
                     scheduled: due - start,
                     latency: due.elapsed(),
+                    kind,
                     rc,
                 });
             }
@@ -93,11 +97,11 @@ mod tests {
     }
 
     impl Lane for Stalling {
-        async fn send(&mut self, index: u64) -> String {
+        async fn send(&mut self, index: u64) -> (&'static str, String) {
             if index == self.stall_on {
                 tokio::time::sleep(self.stall).await;
             }
-            "00".into()
+            ("purchase", "00".into())
         }
     }
 
@@ -131,9 +135,9 @@ mod tests {
     async fn requests_go_round_robin_to_the_lanes() {
         struct Counting(Vec<u64>);
         impl Lane for Counting {
-            async fn send(&mut self, index: u64) -> String {
+            async fn send(&mut self, index: u64) -> (&'static str, String) {
                 self.0.push(index);
-                "00".into()
+                ("purchase", "00".into())
             }
         }
         let (lanes, samples) = run(

@@ -471,3 +471,34 @@ async fn terminals_import_loads_a_csv_fleet_and_names_bad_rows() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_demo_plays_the_smoke_scenario_and_the_money_balances() {
+    // The README's first command.
+    let out = switchyard(&["demo"], None);
+    let text = stdout(&out);
+    assert!(
+        text.contains("scenario smoke: 200 requests scheduled"),
+        "{text}"
+    );
+    assert!(text.contains("settlements balanced 10/10"), "{text}");
+    assert!(text.contains("0 break(s)"), "{text}");
+    assert!(
+        text.trim_end()
+            .ends_with("money check: balanced to the fen"),
+        "{text}"
+    );
+    for kind in [
+        "purchase",
+        "void",
+        "refund",
+        "reversal",
+        "duplicate",
+        "settlement",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(kind)),
+            "no {kind} line in:\n{text}"
+        );
+    }
+}

@@ -20,6 +20,8 @@ pub enum Kind {
     Terminals,
     /// A dialect table (`config/dialects/*.toml`).
     Dialect,
+    /// A load scenario (`config/load/*.toml`).
+    Scenario,
 }
 
 #[derive(Debug, Args)]
@@ -50,6 +52,8 @@ pub fn guess(path: &Path) -> Kind {
         .unwrap_or_default();
     if text.contains("dialects") {
         Kind::Dialect
+    } else if text.contains("load") {
+        Kind::Scenario
     } else if name.contains("issuer") {
         Kind::Issuer
     } else if name.contains("terminals") {
@@ -90,6 +94,10 @@ pub fn problems(path: &Path, kind: Kind) -> Vec<String> {
             Ok(_) => Vec::new(),
         },
         Kind::Terminals => match Fleet::load(path) {
+            Err(p) => lines(p.to_string()),
+            Ok(_) => Vec::new(),
+        },
+        Kind::Scenario => match loadgen::scenario::Scenario::load(path) {
             Err(p) => lines(p.to_string()),
             Ok(_) => Vec::new(),
         },

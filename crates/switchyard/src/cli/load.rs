@@ -9,6 +9,9 @@ use super::Failure;
 
 #[derive(Debug, Args)]
 pub struct LoadArgs {
+    /// A scenario file (`config/load/*.toml`): open loop, the mix, settlement
+    /// at the end. Without one, terminals send back to back (closed loop).
+    pub scenario: Option<std::path::PathBuf>,
     /// The switch's terminal address.
     #[arg(long, default_value = "127.0.0.1:8583")]
     pub target: String,
@@ -46,8 +49,37 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     settings::parse_duration(text).ok_or_else(|| format!("{text:?} is not a duration like 10s"))
 }
 
+/// Plays a scenario and prints its report; an error when a terminal failed
+/// or a settlement did not balance.
+pub async fn play(target: &str, scenario: loadgen::scenario::Scenario) -> Result<(), Failure> {
+    let name = scenario.name.clone();
+    let count = scenario.count();
+    let run = loadgen::scenario::run(target, scenario)
+        .await
+        .map_err(|e| Failure::Other(anyhow::anyhow!(e)))?;
+    println!(
+        "scenario {name}: {count} requests scheduled in {:.1} s; {} connection failures; settlements balanced {}/{}",
+        run.elapsed.as_secs_f64(),
+        run.errors,
+        run.balanced.0,
+        run.balanced.1
+    );
+    print!("{}", run.report.table());
+    if run.balanced.0 != run.balanced.1 {
+        return Err(Failure::Other(anyhow::anyhow!(
+            "a settlement did not balance"
+        )));
+    }
+    Ok(())
+}
+
 /// `switchyard load`.
 pub async fn run(args: &LoadArgs) -> Result<(), Failure> {
+    if let Some(path) = &args.scenario {
+        let scenario = loadgen::scenario::Scenario::load(path)
+            .map_err(|p| Failure::Input(anyhow::anyhow!("{p}")))?;
+        return play(&args.target, scenario).await;
+    }
     let outcome = run_plan(Plan {
         target: args.target.clone(),
         terminals: args.terminals,

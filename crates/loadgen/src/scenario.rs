@@ -1,0 +1,563 @@
+//! Load scenarios as files (`config/load/*.toml`), and the simulated
+//! terminals that play them.
+//!
+//! Each terminal behaves as the spec says a real one does: it signs on,
+//! keeps a reversal record before every reversible request and, when no
+//! valid reply came, sends the 0400 (reason 98) before its next transaction
+//! (retrying it until answered), voids and refunds its own earlier sales,
+//! and settles its batch at the end with its own totals. Requests are
+//! scheduled open loop (`crate::open`), latency from the scheduled time.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use iso8583::Dialect;
+use settings::{Problems, Section};
+
+use crate::open::{self, Lane};
+use crate::report::Report;
+use crate::terminal::{Original, Reply, Reversed, Terminal};
+
+/// What a terminal may send, with its weight in the mix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// A purchase.
+    Purchase,
+    /// A balance inquiry.
+    BalanceInquiry,
+    /// A void of one of the terminal's approved sales.
+    Void,
+    /// A refund of part of one of its sales.
+    Refund,
+    /// A purchase whose reply the terminal pretends not to get: it reverses it.
+    Reversal,
+    /// A request sent twice (D1: the same reply, charged once).
+    Duplicate,
+}
+
+/// `config/load/smoke.toml`, embedded: what `switchyard demo` plays.
+pub const SMOKE: &str = include_str!("../../../config/load/smoke.toml");
+
+const OPS: [(&str, Op); 6] = [
+    ("purchase", Op::Purchase),
+    ("balance_inquiry", Op::BalanceInquiry),
+    ("void", Op::Void),
+    ("refund", Op::Refund),
+    ("reversal", Op::Reversal),
+    ("duplicate", Op::Duplicate),
+];
+
+/// A scenario file.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// Its name.
+    pub name: String,
+    /// Terminals `T0000001` upwards.
+    pub terminals: usize,
+    /// Their merchant.
+    pub merchant: String,
+    /// Requests per second, scheduled by the clock.
+    pub rate: f64,
+    /// How long.
+    pub duration: Duration,
+    /// Cards `6222020000000000001` upwards.
+    pub cards: u64,
+    /// Smallest and largest amount, fen.
+    pub amount: (u64, u64),
+    /// The mix: (op, weight).
+    pub mix: Vec<(Op, u32)>,
+    /// Settle every batch at the end.
+    pub settle: bool,
+    /// Seed of every random choice.
+    pub seed: u64,
+}
+
+impl Scenario {
+    /// Reads a scenario file; every problem with file, line and key.
+    pub fn load(path: &Path) -> Result<Scenario, Problems> {
+        settings::load(path, Scenario::read)
+    }
+
+    /// Reads scenario text.
+    pub fn parse(text: &str, origin: &str) -> Result<Scenario, Problems> {
+        settings::parse(text, origin, Scenario::read)
+    }
+
+    fn read(root: &Section<'_, '_>) -> Scenario {
+        let amount = root.section("amount");
+        let min = amount.int("min", 100, 1..=999_999_999_999) as u64;
+        let max = amount.int("max", 50_000, 1..=999_999_999_999) as u64;
+        if max < min {
+            amount.problem("max", "must not be below min");
+        }
+        let mix_section = root.section("mix");
+        let mix: Vec<(Op, u32)> = OPS
+            .iter()
+            .map(|(name, op)| {
+                (
+                    *op,
+                    mix_section.int(name, i64::from(*op == Op::Purchase), 0..=1_000_000) as u32,
+                )
+            })
+            .filter(|(_, w)| *w > 0)
+            .collect();
+        if mix.is_empty() {
+            mix_section.problem("purchase", "the mix needs at least one weight above 0");
+        }
+        let rate = root.float("rate", 50.0, 0.001..=1_000_000.0);
+        Scenario {
+            name: root.string("name", "scenario"),
+            terminals: root.int("terminals", 10, 1..=9_999_999) as usize,
+            merchant: root.string("merchant", "898310048160001"),
+            rate,
+            duration: root.duration("duration", Duration::from_secs(5)),
+            cards: root.int("cards", 100, 1..=10_000_000) as u64,
+            amount: (min, max),
+            mix,
+            settle: root.bool("settle", true),
+            seed: root.int("seed", 1, 0..=i64::MAX) as u64,
+        }
+    }
+
+    /// Requests in the run.
+    pub fn count(&self) -> u64 {
+        (self.rate * self.duration.as_secs_f64()).round() as u64
+    }
+}
+
+/// A small, seedable generator (SplitMix64): runs repeat with their seed.
+#[derive(Debug, Clone)]
+struct Dice(u64);
+
+impl Dice {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 { 0 } else { self.next() % n }
+    }
+}
+
+/// A sale the terminal keeps, to void or refund it later.
+#[derive(Debug, Clone)]
+struct Sale {
+    stan: u32,
+    pan: String,
+    amount: u64,
+    reply: Reply,
+    refunded: u64,
+}
+
+/// A request the terminal must reverse before its next one (its reversal record).
+#[derive(Debug, Clone)]
+struct Pending {
+    pan: String,
+    processing_code: &'static str,
+    amount: u64,
+    stan: u32,
+    f60: String,
+    f61: Option<String>,
+}
+
+/// What one terminal totals for its settlement.
+#[derive(Debug, Clone, Copy, Default)]
+struct Totals {
+    debit: u64,
+    debits: u64,
+    credit: u64,
+    credits: u64,
+}
+
+/// One simulated terminal playing the scenario.
+pub struct Player {
+    terminal: Terminal,
+    scenario: Arc<Scenario>,
+    dice: Dice,
+    sales: Vec<Sale>,
+    pending: Option<Pending>,
+    totals: Totals,
+    /// What it saw.
+    pub report: Report,
+    /// Connection failures.
+    pub errors: u64,
+}
+
+impl std::fmt::Debug for Player {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Player({})", self.terminal.id)
+    }
+}
+
+impl Player {
+    /// Connects and signs on terminal number `index` (from 0).
+    pub async fn start(
+        target: &str,
+        scenario: Arc<Scenario>,
+        index: usize,
+        dialect: Arc<Dialect>,
+    ) -> Result<Player, String> {
+        let id = format!("T{:07}", index + 1);
+        let mut terminal = Terminal::connect(target, &id, &scenario.merchant, dialect)
+            .await
+            .map_err(|e| format!("{id}: {e}"))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        terminal.set_stan((now.as_millis() % 999_999) as u32 + index as u32 * 7);
+        let signed = terminal.sign_on().await.map_err(|e| format!("{id}: {e}"))?;
+        if signed.rc() != "00" {
+            return Err(format!("{id}: sign-on answered {}", signed.rc()));
+        }
+        Ok(Player {
+            terminal,
+            dice: Dice(scenario.seed ^ (index as u64).wrapping_mul(0x1000_0001)),
+            scenario,
+            sales: Vec::new(),
+            pending: None,
+            totals: Totals::default(),
+            report: Report::default(),
+            errors: 0,
+        })
+    }
+
+    fn amount(&mut self) -> u64 {
+        let (min, max) = self.scenario.amount;
+        min + self.dice.below(max - min + 1)
+    }
+
+    fn card(&mut self) -> String {
+        format!("622202{:013}", self.dice.below(self.scenario.cards) + 1)
+    }
+
+    fn pick(&mut self) -> Op {
+        let total: u64 = self.scenario.mix.iter().map(|(_, w)| u64::from(*w)).sum();
+        let mut roll = self.dice.below(total);
+        for (op, w) in &self.scenario.mix {
+            if roll < u64::from(*w) {
+                return *op;
+            }
+            roll -= u64::from(*w);
+        }
+        Op::Purchase
+    }
+
+    /// Sends a frame; `None` when no valid reply came (the caller reverses).
+    async fn exchange(&mut self, frame: &[u8]) -> Option<Reply> {
+        match self.terminal.exchange(frame).await {
+            Ok(reply) => Some(reply),
+            Err(_) => {
+                self.errors += 1;
+                None
+            }
+        }
+    }
+
+    /// Sends the reversal the record asks for, until it is answered.
+    async fn reverse_pending(&mut self) {
+        let Some(p) = self.pending.take() else {
+            return;
+        };
+        let of = Reversed {
+            pan: &p.pan,
+            processing_code: p.processing_code,
+            amount: p.amount,
+            stan: p.stan,
+            condition: "00",
+            f60: &p.f60,
+            f61: p.f61.as_deref(),
+        };
+        let Ok(frame) = self.terminal.reversal(&of, "98") else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        let answered = self.exchange(&frame).await.is_some();
+        self.report.record(
+            "reversal",
+            if answered { "00" } else { "--" },
+            started.elapsed(),
+        );
+        if !answered {
+            self.pending = Some(p);
+        }
+    }
+
+    async fn play(&mut self) -> (&'static str, String) {
+        self.reverse_pending().await;
+        let op = self.pick();
+        let expiry = "3012";
+        match op {
+            Op::Void | Op::Refund if !self.sales.is_empty() => {
+                let i = self.dice.below(self.sales.len() as u64) as usize;
+                let sale = self.sales[i].clone();
+                let original = Original {
+                    batch: self.terminal.batch,
+                    stan: sale.stan,
+                    rrn: sale.reply.field(37).unwrap_or(""),
+                    auth_code: sale.reply.field(38).unwrap_or(""),
+                    date: sale.reply.field(13).unwrap_or(""),
+                };
+                let stan = self.terminal.next_stan();
+                if op == Op::Void && sale.refunded == 0 {
+                    let Ok(frame) =
+                        self.terminal
+                            .void(stan, &sale.pan, expiry, sale.amount, &original)
+                    else {
+                        return ("void", "--".into());
+                    };
+                    let f61 = format!("{:06}{:06}", original.batch, original.stan);
+                    self.pending = Some(Pending {
+                        pan: sale.pan.clone(),
+                        processing_code: "200000",
+                        amount: sale.amount,
+                        stan,
+                        f60: self.terminal.f60("23"),
+                        f61: Some(f61),
+                    });
+                    let reply = self.exchange(&frame).await;
+                    let rc = reply.as_ref().map_or("--", Reply::rc).to_string();
+                    if reply.is_some() {
+                        self.pending = None;
+                    }
+                    if rc == "00" {
+                        self.sales.remove(i);
+                        self.totals.credit += sale.amount;
+                        self.totals.credits += 1;
+                    }
+                    ("void", rc)
+                } else {
+                    let part = (sale.amount - sale.refunded).div_ceil(2).max(1);
+                    let Ok(frame) = self
+                        .terminal
+                        .refund(stan, &sale.pan, expiry, part, &original)
+                    else {
+                        return ("refund", "--".into());
+                    };
+                    // Refunds are advices: retried, never reversed.
+                    let mut reply = self.exchange(&frame).await;
+                    if reply.is_none() {
+                        reply = self.exchange(&frame).await;
+                    }
+                    let rc = reply.as_ref().map_or("--", Reply::rc).to_string();
+                    if rc == "00" {
+                        self.sales[i].refunded += part;
+                        if self.sales[i].refunded >= self.sales[i].amount {
+                            self.sales.remove(i);
+                        }
+                        self.totals.credit += part;
+                        self.totals.credits += 1;
+                    }
+                    ("refund", rc)
+                }
+            }
+            Op::BalanceInquiry => {
+                let pan = self.card();
+                let stan = self.terminal.next_stan();
+                let Ok(frame) = self.terminal.balance_inquiry(stan, &pan, expiry) else {
+                    return ("balance_inquiry", "--".into());
+                };
+                let rc = self
+                    .exchange(&frame)
+                    .await
+                    .map_or("--".to_string(), |r| r.rc().to_string());
+                ("balance_inquiry", rc)
+            }
+            Op::Duplicate => {
+                let (pan, amount, stan) = (self.card(), self.amount(), self.terminal.next_stan());
+                let Ok(frame) = self.terminal.purchase(stan, &pan, expiry, amount) else {
+                    return ("duplicate", "--".into());
+                };
+                let first = self.exchange(&frame).await;
+                let again = self.exchange(&frame).await;
+                match (first, again) {
+                    (Some(a), Some(b)) if a.body == b.body => {
+                        if a.rc() == "00" {
+                            self.keep(stan, pan, amount, a);
+                        }
+                        ("duplicate", b.rc().to_string())
+                    }
+                    (Some(_), Some(_)) => ("duplicate", "XX".into()),
+                    _ => ("duplicate", "--".into()),
+                }
+            }
+            // A purchase (also when there is nothing to void or refund yet);
+            // `Reversal` sends one and pretends its reply never came.
+            _ => {
+                let (pan, amount, stan) = (self.card(), self.amount(), self.terminal.next_stan());
+                let Ok(frame) = self.terminal.purchase(stan, &pan, expiry, amount) else {
+                    return ("purchase", "--".into());
+                };
+                self.pending = Some(Pending {
+                    pan: pan.clone(),
+                    processing_code: "000000",
+                    amount,
+                    stan,
+                    f60: self.terminal.f60("22"),
+                    f61: None,
+                });
+                let reply = self.exchange(&frame).await;
+                if op == Op::Reversal {
+                    // Keep the record: the next request is preceded by the 0400.
+                    return (
+                        "purchase",
+                        reply.map_or("--".to_string(), |r| r.rc().to_string()),
+                    );
+                }
+                let Some(reply) = reply else {
+                    return ("purchase", "--".into());
+                };
+                self.pending = None;
+                let rc = reply.rc().to_string();
+                if rc == "00" {
+                    self.keep(stan, pan, amount, reply);
+                }
+                ("purchase", rc)
+            }
+        }
+    }
+
+    fn keep(&mut self, stan: u32, pan: String, amount: u64, reply: Reply) {
+        self.totals.debit += amount;
+        self.totals.debits += 1;
+        self.sales.push(Sale {
+            stan,
+            pan,
+            amount,
+            reply,
+            refunded: 0,
+        });
+    }
+
+    /// Reverses what is left to reverse and settles the batch with the
+    /// terminal's own totals; returns the reconciliation code (1 balanced).
+    pub async fn settle(&mut self) -> Option<String> {
+        self.reverse_pending().await;
+        let t = self.totals;
+        let totals = format!(
+            "{:012}{:03}{:012}{:03}0{}",
+            t.debit,
+            t.debits % 1000,
+            t.credit,
+            t.credits % 1000,
+            "0".repeat(31)
+        );
+        let stan = self.terminal.next_stan();
+        let frame = self.terminal.settlement(stan, &totals).ok()?;
+        let started = std::time::Instant::now();
+        let reply = self.exchange(&frame).await?;
+        self.report
+            .record("settlement", reply.rc(), started.elapsed());
+        reply
+            .field(48)
+            .and_then(|f| f.get(30..31))
+            .map(str::to_string)
+    }
+}
+
+impl Lane for Player {
+    async fn send(&mut self, _index: u64) -> (&'static str, String) {
+        self.play().await
+    }
+}
+
+/// What a run did.
+#[derive(Debug)]
+pub struct Run {
+    /// Latency by kind, from each request's scheduled time (open loop), and
+    /// the settlements.
+    pub report: Report,
+    /// Terminals whose settlement balanced, and all that settled.
+    pub balanced: (usize, usize),
+    /// Connection failures.
+    pub errors: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// Plays a scenario against the switch at `target`.
+pub async fn run(target: &str, scenario: Scenario) -> Result<Run, String> {
+    let scenario = Arc::new(scenario);
+    let dialect = Arc::new(Dialect::cup_pos());
+    let mut players = Vec::with_capacity(scenario.terminals);
+    for i in 0..scenario.terminals {
+        players.push(Player::start(target, scenario.clone(), i, dialect.clone()).await?);
+    }
+    let started = std::time::Instant::now();
+    let (mut players, samples) = open::run(scenario.rate, scenario.count(), players).await;
+    let elapsed = started.elapsed();
+    // Every scheduled request's latency runs from its scheduled time (a
+    // reversal the terminal owed delays the request it precedes); the 0400s
+    // themselves and the settlements are added as the terminals timed them.
+    let mut report = Report::default();
+    for s in &samples {
+        report.record(s.kind, &s.rc, s.latency);
+    }
+    let mut balanced = (0, 0);
+    if scenario.settle {
+        for p in &mut players {
+            match p.settle().await.as_deref() {
+                Some("1") => balanced = (balanced.0 + 1, balanced.1 + 1),
+                Some(_) => balanced.1 += 1,
+                None => {}
+            }
+        }
+    }
+    for p in &players {
+        report.merge(&p.report);
+    }
+    let errors = players.iter().map(|p| p.errors).sum();
+    Ok(Run {
+        report,
+        balanced,
+        errors,
+        elapsed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_scenarios_read() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/load");
+        let smoke = Scenario::load(&dir.join("smoke.toml")).unwrap();
+        assert!(smoke.count() > 0);
+        assert!(smoke.mix.iter().any(|(op, _)| *op == Op::Void));
+        Scenario::load(&dir.join("mixed.toml")).unwrap();
+    }
+
+    #[test]
+    fn scenario_problems_name_line_and_key() {
+        let problems = Scenario::parse(
+            "rate = -1\n[amount]\nmin = 10\nmax = 5\n[mix]\npurchase = 0\nrefunds = 3\n",
+            "s.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "s.toml:1: rate: out of range",
+            "s.toml:4: amount.max: must not be below min",
+            "s.toml:7: mix.refunds: unknown key",
+        ] {
+            assert!(
+                problems.contains(expected),
+                "{expected:?} missing from:\n{problems}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_dice_repeat_with_their_seed() {
+        let (mut a, mut b) = (Dice(7), Dice(7));
+        let xs: Vec<u64> = (0..5).map(|_| a.below(100)).collect();
+        let ys: Vec<u64> = (0..5).map(|_| b.below(100)).collect();
+        assert_eq!(xs, ys);
+        assert!(xs.iter().any(|&x| x != xs[0]));
+    }
+}
