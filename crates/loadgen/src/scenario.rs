@@ -71,6 +71,29 @@ pub struct Scenario {
     pub settle: bool,
     /// Seed of every random choice.
     pub seed: u64,
+    /// Faults the issuer is told to inject while the scenario runs (only
+    /// where the runner controls the issuer: `switchyard demo --scenario`).
+    pub faults: Faults,
+}
+
+/// `[faults]`: what the simulated issuer does wrong, as shares of its replies.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Faults {
+    /// Extra delay of every reply.
+    pub latency: Duration,
+    /// Replies never written.
+    pub drop_reply: f64,
+    /// Replies written after the switch gave up on them.
+    pub late_reply: f64,
+    /// Replies cut in half and the connection closed.
+    pub close_connection: f64,
+}
+
+impl Faults {
+    /// True when the issuer is to behave.
+    pub fn none(&self) -> bool {
+        *self == Faults::default()
+    }
 }
 
 impl Scenario {
@@ -106,6 +129,19 @@ impl Scenario {
             mix_section.problem("purchase", "the mix needs at least one weight above 0");
         }
         let rate = root.float("rate", 50.0, 0.001..=1_000_000.0);
+        let f = root.section("faults");
+        let faults = Faults {
+            latency: f.duration("latency", Duration::ZERO),
+            drop_reply: f.float("drop_reply", 0.0, 0.0..=1.0),
+            late_reply: f.float("late_reply", 0.0, 0.0..=1.0),
+            close_connection: f.float("close_connection", 0.0, 0.0..=1.0),
+        };
+        if faults.drop_reply + faults.late_reply + faults.close_connection > 1.0 {
+            f.problem(
+                "close_connection",
+                "drop_reply + late_reply + close_connection must not exceed 1",
+            );
+        }
         Scenario {
             name: root.string("name", "scenario"),
             terminals: root.int("terminals", 10, 1..=9_999_999) as usize,
@@ -117,6 +153,7 @@ impl Scenario {
             mix,
             settle: root.bool("settle", true),
             seed: root.int("seed", 1, 0..=i64::MAX) as u64,
+            faults,
         }
     }
 
@@ -530,6 +567,8 @@ mod tests {
         assert!(smoke.count() > 0);
         assert!(smoke.mix.iter().any(|(op, _)| *op == Op::Void));
         Scenario::load(&dir.join("mixed.toml")).unwrap();
+        let faults = Scenario::load(&dir.join("faults.toml")).unwrap();
+        assert!(!faults.faults.none());
     }
 
     #[test]

@@ -502,3 +502,23 @@ fn the_demo_plays_the_smoke_scenario_and_the_money_balances() {
         );
     }
 }
+
+#[test]
+fn a_fault_scenario_still_ends_with_a_passing_money_check() {
+    let faults = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/load/faults.toml");
+    let out = switchyard(&["demo", "--scenario", faults.to_str().unwrap()], None);
+    let text = stdout(&out);
+    assert!(text.contains("scenario faults:"), "{text}");
+    // The issuer broke: some terminals heard 98 (no answer in time) or 91 (link down).
+    let all = text.lines().find(|l| l.starts_with("all")).unwrap();
+    assert!(
+        all.contains("98:") || all.contains("91:"),
+        "no fault showed: {all}"
+    );
+    assert!(text.contains("0 break(s)"), "{text}");
+    assert!(
+        text.trim_end()
+            .ends_with("money check: balanced to the fen"),
+        "{text}"
+    );
+}

@@ -56,6 +56,10 @@ pub struct DemoArgs {
     /// Where terminals connect.
     #[arg(long, default_value = "127.0.0.1:8583")]
     pub listen: String,
+    /// The scenario to play after the scripted day (default: the embedded
+    /// config/load/smoke.toml); its [faults] are applied to the demo's issuer.
+    #[arg(long, conflicts_with = "serve")]
+    pub scenario: Option<std::path::PathBuf>,
 }
 
 /// The running demo: private PostgreSQL, issuer, switch.
@@ -66,6 +70,8 @@ pub struct Stack {
     pub issuer_addr: String,
     /// The database.
     pub url: String,
+    /// The issuer (its faults can be changed while it runs).
+    pub issuer: Arc<Issuer>,
     /// The issuer's database.
     pub issuer_pool: sqlx::PgPool,
     /// The switch.
@@ -108,7 +114,7 @@ impl Stack {
         }));
 
         let mut config = Config::parse(
-            &format!("listen = \"{listen}\"\n[[issuers]]\nname = \"sim\"\nbins = [\"622202\"]\naddress = \"{issuer_addr}\"\n"),
+            &format!("listen = \"{listen}\"\n[rules]\nissuer_timeout = \"2s\"\n[[issuers]]\nname = \"sim\"\nbins = [\"622202\"]\naddress = \"{issuer_addr}\"\n"),
             "(demo switch)",
         )
         .map_err(|e| anyhow!("{e}"))?;
@@ -142,6 +148,7 @@ impl Stack {
             switch_addr,
             issuer_addr,
             url,
+            issuer,
             issuer_pool,
             switch,
             shutdown,
@@ -184,14 +191,21 @@ pub async fn run(args: &DemoArgs) -> Result<(), Failure> {
         stack.stop().await;
         return Ok(());
     }
+    let scenario = match &args.scenario {
+        Some(path) => loadgen::scenario::Scenario::load(path),
+        None => {
+            loadgen::scenario::Scenario::parse(loadgen::scenario::SMOKE, "config/load/smoke.toml")
+        }
+    }
+    .map_err(|p| Failure::Input(anyhow!("{p}")))?;
     let stack = Stack::start("127.0.0.1:0", CancellationToken::new()).await?;
-    let result = scripted_day(&stack).await;
+    let result = scripted_day(&stack, scenario).await;
     stack.stop().await;
     result.map_err(Failure::Other)
 }
 
 /// A short day at the demo store, then the money check.
-async fn scripted_day(stack: &Stack) -> anyhow::Result<()> {
+async fn scripted_day(stack: &Stack, scenario: loadgen::scenario::Scenario) -> anyhow::Result<()> {
     let dialect = Arc::new(Dialect::cup_pos());
     // The last terminal: the smoke scenario's terminals settle their own batches.
     let mut t = Terminal::connect(&stack.switch_addr, "T0000100", MERCHANT, dialect).await?;
@@ -292,15 +306,23 @@ async fn scripted_day(stack: &Stack) -> anyhow::Result<()> {
         .await?;
     line("purchase 2,000,000 fen", r.rc(), "(insufficient funds)");
 
-    // Then the smoke scenario: ten terminals, every kind of request, open
-    // loop, each settling its batch with its own totals.
+    // Then the scenario (smoke by default): its terminals, every kind of
+    // request, open loop, each settling its batch with its own totals; the
+    // issuer misbehaves as its [faults] say, and recovers afterwards.
     println!();
-    let smoke =
-        loadgen::scenario::Scenario::parse(loadgen::scenario::SMOKE, "config/load/smoke.toml")
-            .map_err(|p| anyhow!("{p}"))?;
-    super::load::play(&stack.switch_addr, smoke)
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
+    let f = scenario.faults;
+    if !f.none() {
+        stack.issuer.faults().update(|c| {
+            c.latency = issuer_sim::Latency::Fixed(f.latency);
+            c.drop_reply = f.drop_reply;
+            c.late_reply = f.late_reply;
+            c.late_by = Duration::from_millis(2_500);
+            c.close_connection = f.close_connection;
+        });
+    }
+    let played = super::load::play(&stack.switch_addr, scenario).await;
+    stack.issuer.faults().clear();
+    played.map_err(|e| anyhow!("{e}"))?;
     // The money check: entry by entry, the journal against the issuer's
     // clearing file, once the advices have drained; and the card totals.
     let drained = tokio::time::Instant::now() + Duration::from_secs(30);
