@@ -335,12 +335,26 @@ impl Terminal {
         amount: u64,
         original: &Original<'_>,
     ) -> Result<BytesMut, TerminalError> {
+        self.void_of(("00", "23"), stan, pan, expiry, amount, original)
+    }
+
+    /// A void of either kind: `(F25, F60.1)` tells a purchase void from a
+    /// completion void; the original by F61 (batch, STAN) and F37.
+    fn void_of(
+        &self,
+        (condition, type_code): (&str, &str),
+        stan: u32,
+        pan: &str,
+        expiry: &str,
+        amount: u64,
+        original: &Original<'_>,
+    ) -> Result<BytesMut, TerminalError> {
         let f61 = format!("{:06}{:06}", original.batch, original.stan);
         self.financial(
             Mti::FINANCIAL,
             "200000",
-            "00",
-            "23",
+            condition,
+            type_code,
             stan,
             Some((pan, expiry)),
             Some(amount),
@@ -494,17 +508,7 @@ impl Terminal {
         amount: u64,
         original: &Original<'_>,
     ) -> Result<BytesMut, TerminalError> {
-        let f61 = format!("{:06}{:06}", original.batch, original.stan);
-        self.financial(
-            Mti::FINANCIAL,
-            "200000",
-            "06",
-            "21",
-            stan,
-            Some((pan, expiry)),
-            Some(amount),
-            &[(37, Field::Text(original.rrn)), (61, Field::Digits(&f61))],
-        )
+        self.void_of(("06", "21"), stan, pan, expiry, amount, original)
     }
 
     /// The reversal (0400) of a request this terminal sent: the same F3, F4,
