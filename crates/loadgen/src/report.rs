@@ -93,6 +93,28 @@ impl Report {
         all
     }
 
+    /// The figures as JSON: per kind (and `all`) the count, the codes, and
+    /// the percentiles in milliseconds.
+    pub fn to_json(&self) -> String {
+        let total = self.total();
+        let kinds: Vec<String> = self
+            .kinds
+            .iter()
+            .map(|(k, s)| (k.as_str(), s))
+            .chain([("all", &total)])
+            .map(|(kind, s)| {
+                let [p50, p90, p99, p999, max] = s.percentiles().map(|d| d.as_secs_f64() * 1000.0);
+                let codes: Vec<String> = s.codes.iter().map(|(rc, n)| format!("{rc:?}: {n}")).collect();
+                format!(
+                    "{kind:?}: {{\"count\": {}, \"codes\": {{{}}}, \"p50_ms\": {p50:.3}, \"p90_ms\": {p90:.3}, \"p99_ms\": {p99:.3}, \"p999_ms\": {p999:.3}, \"max_ms\": {max:.3}}}",
+                    s.count(),
+                    codes.join(", ")
+                )
+            })
+            .collect();
+        format!("{{\"kinds\": {{{}}}}}", kinds.join(", "))
+    }
+
     /// The final table: one line per kind and a total.
     pub fn table(&self) -> String {
         let ms = |d: Duration| format!("{:.2}", d.as_secs_f64() * 1000.0);
@@ -173,5 +195,13 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("--:1"), "{table}");
+        let json = a.to_json();
+        assert!(
+            json.starts_with(
+                "{\"kinds\": {\"purchase\": {\"count\": 2, \"codes\": {\"00\": 2}, \"p50_ms\": 2.0"
+            ),
+            "{json}"
+        );
+        assert!(json.contains("\"all\": {\"count\": 3"), "{json}");
     }
 }

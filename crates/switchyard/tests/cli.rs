@@ -417,6 +417,35 @@ fn demo_serve_answers_terminals_and_exits_0_on_sigterm() {
         report.contains("settlement: none yet") && report.contains("only the switch had:"),
         "{report}"
     );
+    // A scenario file against the running switch, with the report as JSON.
+    let dir = std::env::temp_dir().join(format!("sy-scenario-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let scenario = dir.join("short.toml");
+    std::fs::write(&scenario, "terminals = 3\nrate = 30\nduration = \"1s\"\nsettle = false\n[mix]\npurchase = 3\nvoid = 1\n").unwrap();
+    let json_file = dir.join("report.json");
+    let played = switchyard(
+        &[
+            "load",
+            scenario.to_str().unwrap(),
+            "--target",
+            &listen,
+            "--json",
+            json_file.to_str().unwrap(),
+        ],
+        None,
+    );
+    stdout(&played);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_file).unwrap()).unwrap();
+    assert_eq!(json["scheduled"], 30);
+    assert_eq!(json["report"]["kinds"]["all"]["count"], 30);
+    assert!(
+        json["report"]["kinds"]["purchase"]["p99_ms"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

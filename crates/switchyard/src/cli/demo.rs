@@ -320,7 +320,7 @@ async fn scripted_day(stack: &Stack, scenario: loadgen::scenario::Scenario) -> a
             c.close_connection = f.close_connection;
         });
     }
-    let played = super::load::play(&stack.switch_addr, scenario).await;
+    let played = super::load::play(&stack.switch_addr, scenario, None).await;
     stack.issuer.faults().clear();
     played.map_err(|e| anyhow!("{e}"))?;
     // The money check: entry by entry, the journal against the issuer's

@@ -12,6 +12,9 @@ pub struct LoadArgs {
     /// A scenario file (`config/load/*.toml`): open loop, the mix, settlement
     /// at the end. Without one, terminals send back to back (closed loop).
     pub scenario: Option<std::path::PathBuf>,
+    /// Also write a scenario's report as JSON to this file.
+    #[arg(long, value_name = "FILE", requires = "scenario")]
+    pub json: Option<std::path::PathBuf>,
     /// The switch's terminal address.
     #[arg(long, default_value = "127.0.0.1:8583")]
     pub target: String,
@@ -51,7 +54,11 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// Plays a scenario and prints its report; an error when a terminal failed
 /// or a settlement did not balance.
-pub async fn play(target: &str, scenario: loadgen::scenario::Scenario) -> Result<(), Failure> {
+pub async fn play(
+    target: &str,
+    scenario: loadgen::scenario::Scenario,
+    json: Option<&std::path::Path>,
+) -> Result<(), Failure> {
     let name = scenario.name.clone();
     let count = scenario.count();
     let run = loadgen::scenario::run(target, scenario)
@@ -65,6 +72,18 @@ pub async fn play(target: &str, scenario: loadgen::scenario::Scenario) -> Result
         run.balanced.1
     );
     print!("{}", run.report.table());
+    if let Some(path) = json {
+        let text = format!(
+            "{{\"scenario\": {name:?}, \"scheduled\": {count}, \"elapsed_s\": {:.3}, \"connection_failures\": {}, \"settlements\": {{\"balanced\": {}, \"settled\": {}}}, \"report\": {}}}\n",
+            run.elapsed.as_secs_f64(),
+            run.errors,
+            run.balanced.0,
+            run.balanced.1,
+            run.report.to_json()
+        );
+        std::fs::write(path, text)
+            .map_err(|e| Failure::Other(anyhow::anyhow!("{}: {e}", path.display())))?;
+    }
     if run.balanced.0 != run.balanced.1 {
         return Err(Failure::Other(anyhow::anyhow!(
             "a settlement did not balance"
@@ -78,7 +97,7 @@ pub async fn run(args: &LoadArgs) -> Result<(), Failure> {
     if let Some(path) = &args.scenario {
         let scenario = loadgen::scenario::Scenario::load(path)
             .map_err(|p| Failure::Input(anyhow::anyhow!("{p}")))?;
-        return play(&args.target, scenario).await;
+        return play(&args.target, scenario, args.json.as_deref()).await;
     }
     let outcome = run_plan(Plan {
         target: args.target.clone(),
