@@ -71,6 +71,12 @@ pub struct Scenario {
     pub settle: bool,
     /// Seed of every random choice.
     pub seed: u64,
+    /// Rates to step through, each for `duration` (peak.toml): empty means
+    /// the one `rate`.
+    pub steps: Vec<f64>,
+    /// A step is sustained when its p99 stays below this (and nearly every
+    /// request got its answer within the step).
+    pub p99_target: Duration,
     /// Faults the issuer is told to inject while the scenario runs (only
     /// where the runner controls the issuer: `switchyard demo --scenario`).
     pub faults: Faults,
@@ -153,13 +159,28 @@ impl Scenario {
             mix,
             settle: root.bool("settle", true),
             seed: root.int("seed", 1, 0..=i64::MAX) as u64,
+            steps: {
+                let steps = root.numbers("steps");
+                if steps.iter().any(|r| *r <= 0.0) {
+                    root.problem("steps", "rates must be above 0");
+                }
+                steps
+            },
+            p99_target: root.duration("p99_target", Duration::from_millis(20)),
             faults,
         }
     }
 
     /// Requests in the run.
     pub fn count(&self) -> u64 {
-        (self.rate * self.duration.as_secs_f64()).round() as u64
+        if self.steps.is_empty() {
+            (self.rate * self.duration.as_secs_f64()).round() as u64
+        } else {
+            self.steps
+                .iter()
+                .map(|r| (r * self.duration.as_secs_f64()).round() as u64)
+                .sum()
+        }
     }
 }
 
@@ -514,6 +535,20 @@ pub struct Run {
     pub errors: u64,
     /// Wall time.
     pub elapsed: Duration,
+    /// Per rate step: (scheduled rate, achieved rate, p50, p99).
+    pub steps: Vec<(f64, f64, Duration, Duration)>,
+}
+
+impl Run {
+    /// The highest scheduled rate that was sustained: achieved within 5% of
+    /// it, p99 under the target.
+    pub fn saturation(&self, p99_target: Duration) -> Option<f64> {
+        self.steps
+            .iter()
+            .filter(|(rate, achieved, _, p99)| *achieved >= rate * 0.95 && *p99 <= p99_target)
+            .map(|(rate, ..)| *rate)
+            .fold(None, |best, r| Some(best.map_or(r, |b: f64| b.max(r))))
+    }
 }
 
 /// Plays a scenario against the switch at `target`.
@@ -525,15 +560,36 @@ pub async fn run(target: &str, scenario: Scenario) -> Result<Run, String> {
         players.push(Player::start(target, scenario.clone(), i, dialect.clone()).await?);
     }
     let started = std::time::Instant::now();
-    let (mut players, samples) = open::run(scenario.rate, scenario.count(), players).await;
-    let elapsed = started.elapsed();
-    // Every scheduled request's latency runs from its scheduled time (a
-    // reversal the terminal owed delays the request it precedes); the 0400s
-    // themselves and the settlements are added as the terminals timed them.
+    let rates = if scenario.steps.is_empty() {
+        vec![scenario.rate]
+    } else {
+        scenario.steps.clone()
+    };
     let mut report = Report::default();
-    for s in &samples {
-        report.record(s.kind, &s.rc, s.latency);
+    let mut steps = Vec::with_capacity(rates.len());
+    for rate in rates {
+        let count = (rate * scenario.duration.as_secs_f64()).round() as u64;
+        let step_started = std::time::Instant::now();
+        let (back, samples) = open::run(rate, count, players).await;
+        players = back;
+        // Every request's latency runs from its scheduled time (a reversal
+        // the terminal owed delays the request it precedes).
+        let mut step = Report::default();
+        for s in &samples {
+            step.record(s.kind, &s.rc, s.latency);
+        }
+        let all = step.total();
+        let [p50, _, p99, _, _] = all.percentiles();
+        steps.push((
+            rate,
+            samples.len() as f64 / step_started.elapsed().as_secs_f64(),
+            p50,
+            p99,
+        ));
+        report.merge(&step);
     }
+    let elapsed = started.elapsed();
+    // The 0400s themselves and the settlements are added as the terminals timed them.
     let mut balanced = (0, 0);
     if scenario.settle {
         for p in &mut players {
@@ -553,6 +609,7 @@ pub async fn run(target: &str, scenario: Scenario) -> Result<Run, String> {
         balanced,
         errors,
         elapsed,
+        steps,
     })
 }
 
@@ -567,6 +624,8 @@ mod tests {
         assert!(smoke.count() > 0);
         assert!(smoke.mix.iter().any(|(op, _)| *op == Op::Void));
         Scenario::load(&dir.join("mixed.toml")).unwrap();
+        let peak = Scenario::load(&dir.join("peak.toml")).unwrap();
+        assert!(peak.steps.len() >= 3);
         let faults = Scenario::load(&dir.join("faults.toml")).unwrap();
         assert!(!faults.faults.none());
     }

@@ -337,6 +337,28 @@ impl<'c, 't> Section<'c, 't> {
             .collect()
     }
 
+    /// An array of numbers (empty when absent).
+    pub fn numbers(&self, key: &str) -> Vec<f64> {
+        let Some(v) = self.get(key) else {
+            return Vec::new();
+        };
+        let DeValue::Array(items) = v.get_ref() else {
+            self.wrong_type(key, v, "an array of numbers");
+            return Vec::new();
+        };
+        items
+            .iter()
+            .filter_map(|item| match item.get_ref() {
+                DeValue::Integer(i) if i.radix() == 10 => i.as_str().replace('_', "").parse().ok(),
+                DeValue::Float(f) => f.as_str().replace('_', "").parse().ok(),
+                _ => {
+                    self.wrong_type(key, item, "a number");
+                    None
+                }
+            })
+            .collect()
+    }
+
     /// A sub-table (an empty section when absent: every key takes its default).
     pub fn section(&self, key: &str) -> Section<'c, 't> {
         let path = self.key_path(key);
@@ -525,6 +547,22 @@ mod tests {
     fn syntax_errors_have_a_line() {
         let problems = read("listen = \"x\"\n[rules\n").unwrap_err();
         assert_eq!(problems.0[0].line, 2, "{problems}");
+    }
+
+    #[test]
+    fn number_arrays() {
+        let got = parse(
+            "steps = [50, 100.5, 1_000]\nbad = [1, \"x\"]\n",
+            "n.toml",
+            |r| (r.numbers("steps"), r.numbers("bad")),
+        );
+        let problems = got.unwrap_err().to_string();
+        assert_eq!(problems, "n.toml:2: bad: expected a number, found string");
+        let ok = parse("steps = [50, 100.5, 1_000]\n", "n.toml", |r| {
+            r.numbers("steps")
+        })
+        .unwrap();
+        assert_eq!(ok, [50.0, 100.5, 1000.0]);
     }
 
     #[test]

@@ -61,6 +61,7 @@ pub async fn play(
 ) -> Result<(), Failure> {
     let name = scenario.name.clone();
     let count = scenario.count();
+    let p99_target = scenario.p99_target;
     let run = loadgen::scenario::run(target, scenario)
         .await
         .map_err(|e| Failure::Other(anyhow::anyhow!(e)))?;
@@ -71,6 +72,29 @@ pub async fn play(
         run.balanced.0,
         run.balanced.1
     );
+    if run.steps.len() > 1 {
+        println!(
+            "{:>10} {:>10} {:>9} {:>9}",
+            "scheduled", "achieved", "p50 ms", "p99 ms"
+        );
+        for (rate, achieved, p50, p99) in &run.steps {
+            println!(
+                "{rate:>8.0}/s {achieved:>8.0}/s {:>9.2} {:>9.2}",
+                p50.as_secs_f64() * 1000.0,
+                p99.as_secs_f64() * 1000.0
+            );
+        }
+        match run.saturation(p99_target) {
+            Some(rate) => println!(
+                "saturation: {rate:.0}/s sustained (p99 under {} ms)",
+                p99_target.as_millis()
+            ),
+            None => println!(
+                "saturation: no step sustained (p99 under {} ms)",
+                p99_target.as_millis()
+            ),
+        }
+    }
     print!("{}", run.report.table());
     if let Some(path) = json {
         let text = format!(
