@@ -316,47 +316,43 @@ impl<'c, 't> Section<'c, 't> {
         }
     }
 
-    /// An array of strings (empty when absent).
-    pub fn strings(&self, key: &str) -> Vec<String> {
+    /// An array whose items `item` reads (`None`: a wrong item, reported as
+    /// not `what`); empty when absent.
+    fn array<T>(&self, key: &str, what: &str, item: impl Fn(&DeValue<'_>) -> Option<T>) -> Vec<T> {
         let Some(v) = self.get(key) else {
             return Vec::new();
         };
         let DeValue::Array(items) = v.get_ref() else {
-            self.wrong_type(key, v, "an array of strings");
+            self.wrong_type(key, v, &format!("an array of {what}s"));
             return Vec::new();
         };
         items
             .iter()
-            .filter_map(|item| match item.get_ref() {
-                DeValue::String(s) => Some(s.to_string()),
-                _ => {
-                    self.wrong_type(key, item, "a string");
-                    None
+            .filter_map(|i| {
+                let read = item(i.get_ref());
+                if read.is_none() {
+                    self.wrong_type(key, i, &format!("a {what}"));
                 }
+                read
             })
             .collect()
     }
 
+    /// An array of strings (empty when absent).
+    pub fn strings(&self, key: &str) -> Vec<String> {
+        self.array(key, "string", |v| match v {
+            DeValue::String(s) => Some(s.to_string()),
+            _ => None,
+        })
+    }
+
     /// An array of numbers (empty when absent).
     pub fn numbers(&self, key: &str) -> Vec<f64> {
-        let Some(v) = self.get(key) else {
-            return Vec::new();
-        };
-        let DeValue::Array(items) = v.get_ref() else {
-            self.wrong_type(key, v, "an array of numbers");
-            return Vec::new();
-        };
-        items
-            .iter()
-            .filter_map(|item| match item.get_ref() {
-                DeValue::Integer(i) if i.radix() == 10 => i.as_str().replace('_', "").parse().ok(),
-                DeValue::Float(f) => f.as_str().replace('_', "").parse().ok(),
-                _ => {
-                    self.wrong_type(key, item, "a number");
-                    None
-                }
-            })
-            .collect()
+        self.array(key, "number", |v| match v {
+            DeValue::Integer(i) if i.radix() == 10 => i.as_str().replace('_', "").parse().ok(),
+            DeValue::Float(f) => f.as_str().replace('_', "").parse().ok(),
+            _ => None,
+        })
     }
 
     /// A sub-table (an empty section when absent: every key takes its default).

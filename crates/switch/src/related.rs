@@ -451,15 +451,7 @@ impl Switch {
         match journal::apply_advice(&self.pool, written.id, original.id, entry.amount, kind).await {
             Ok(true) => {
                 self.advice_wake.notify_one();
-                self.reply(
-                    req,
-                    out,
-                    ReplyFields {
-                        rc: Some(ResponseCode::APPROVED),
-                        rrn: Some(&written.rrn),
-                        ..Default::default()
-                    },
-                );
+                self.reply_code(req, out, ResponseCode::APPROVED, Some(&written.rrn));
                 self.store_reply(written.id, out).await;
                 None
             }
@@ -708,15 +700,7 @@ impl Switch {
             match changed {
                 Ok(true) => {
                     self.advice_wake.notify_one();
-                    self.reply(
-                        req,
-                        out,
-                        ReplyFields {
-                            rc: Some(ResponseCode::APPROVED),
-                            rrn: Some(&written.rrn),
-                            ..Default::default()
-                        },
-                    );
+                    self.reply_code(req, out, ResponseCode::APPROVED, Some(&written.rrn));
                     self.store_reply(written.id, out).await;
                     return None;
                 }

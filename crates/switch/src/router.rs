@@ -174,27 +174,13 @@ impl Switch {
         }
         if let Some(e) = format_error {
             debug!(error = %e, "answering 30");
-            self.reply(
-                req,
-                out,
-                ReplyFields {
-                    rc: Some(ResponseCode::FORMAT_ERROR),
-                    ..Default::default()
-                },
-            );
+            self.reply_code(req, out, ResponseCode::FORMAT_ERROR, None);
             return Outcome::Reply;
         }
         let rc = self.dispatch(req, out).await;
         if let Some(rc) = rc {
             debug!(rc = %rc, "answered by the switch");
-            self.reply(
-                req,
-                out,
-                ReplyFields {
-                    rc: Some(rc),
-                    ..Default::default()
-                },
-            );
+            self.reply_code(req, out, rc, None);
         }
         Outcome::Reply
     }
@@ -347,15 +333,7 @@ impl Switch {
             let Disposition::Answer(_, rc) = disposition else {
                 unreachable!("forward rows have a link STAN")
             };
-            self.reply(
-                req,
-                out,
-                ReplyFields {
-                    rc: Some(rc),
-                    rrn: Some(&written.rrn),
-                    ..Default::default()
-                },
-            );
+            self.reply_code(req, out, rc, Some(&written.rrn));
             self.store_reply(written.id, out).await;
             return None;
         };
@@ -414,15 +392,7 @@ impl Switch {
         rc: ResponseCode,
         out: &mut BytesMut,
     ) -> Option<ResponseCode> {
-        self.reply(
-            req,
-            out,
-            ReplyFields {
-                rc: Some(rc),
-                rrn: Some(&written.rrn),
-                ..Default::default()
-            },
-        );
+        self.reply_code(req, out, rc, Some(&written.rrn));
         let body = self.body(out).to_vec();
         if let Err(e) =
             journal::complete(&self.pool, written.id, State::Declined, rc, None, &body).await
@@ -472,15 +442,7 @@ impl Switch {
             Ok(Some(_)) => None,
             // Too late: the row was given up on and its reversal is queued.
             Ok(None) => {
-                self.reply(
-                    req,
-                    out,
-                    ReplyFields {
-                        rc: Some(ResponseCode::ISSUER_TIMEOUT),
-                        rrn: Some(&written.rrn),
-                        ..Default::default()
-                    },
-                );
+                self.reply_code(req, out, ResponseCode::ISSUER_TIMEOUT, Some(&written.rrn));
                 None
             }
             Err(e) => {
@@ -498,15 +460,7 @@ impl Switch {
         written: &journal::Written,
         out: &mut BytesMut,
     ) -> Option<ResponseCode> {
-        self.reply(
-            req,
-            out,
-            ReplyFields {
-                rc: Some(ResponseCode::ISSUER_TIMEOUT),
-                rrn: Some(&written.rrn),
-                ..Default::default()
-            },
-        );
+        self.reply_code(req, out, ResponseCode::ISSUER_TIMEOUT, Some(&written.rrn));
         let body = self.body(out).to_vec();
         match journal::give_up(&self.pool, written.id, &body).await {
             Ok(_) => self.advice_wake.notify_one(),
@@ -562,15 +516,7 @@ impl Switch {
                         .and_then(ResponseCode::new)
                         .unwrap_or(ResponseCode::SYSTEM_ERROR),
                 };
-                self.reply(
-                    req,
-                    out,
-                    ReplyFields {
-                        rc: Some(rc),
-                        rrn: Some(&earlier.rrn),
-                        ..Default::default()
-                    },
-                );
+                self.reply_code(req, out, rc, Some(&earlier.rrn));
                 None
             }
         }
@@ -634,15 +580,7 @@ impl Switch {
         out: &mut BytesMut,
     ) -> Option<ResponseCode> {
         debug!(rule, rc = %rc, "declined by rule");
-        self.reply(
-            req,
-            out,
-            ReplyFields {
-                rc: Some(rc),
-                rrn: Some(rrn),
-                ..Default::default()
-            },
-        );
+        self.reply_code(req, out, rc, Some(rrn));
         if let Err(e) = journal::decide(&self.pool, id, rule, rc, self.body(out)).await {
             warn!(error = %e, "journal write failed");
         }
@@ -709,8 +647,28 @@ impl Switch {
         Ok(buf.freeze())
     }
 
+    /// A reply that carries only a response code (and the RRN, when the
+    /// request has one); everything else is echoed or filled as usual.
+    pub(crate) fn reply_code(
+        &self,
+        req: &Request<'_>,
+        out: &mut BytesMut,
+        rc: ResponseCode,
+        rrn: Option<&str>,
+    ) {
+        self.reply(
+            req,
+            out,
+            ReplyFields {
+                rc: Some(rc),
+                rrn,
+                ..Default::default()
+            },
+        );
+    }
+
     /// Writes a terminal reply: echoes F3, F4, F11, F25, F41, F42, F49, F60;
-    /// fills F12, F13, F15, F32, F37, F38, F39, F54.
+    /// fills F12, F13, F15, F32, F37, F38, F39, F48, F54.
     pub(crate) fn reply(&self, req: &Request<'_>, out: &mut BytesMut, f: ReplyFields<'_>) {
         out.clear();
         let msg = &req.msg;
