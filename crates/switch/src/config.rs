@@ -64,6 +64,10 @@ pub struct Database {
     pub max_connections: u32,
     /// Data directory of the embedded server (temporary when absent).
     pub embedded_data_dir: Option<PathBuf>,
+    /// Group commit: most journal writes in one statement.
+    pub max_batch: usize,
+    /// Group commit: batches of one kind at the database at once.
+    pub batches_in_flight: usize,
 }
 
 /// `[limits]`: what one connection and the whole listener may take.
@@ -215,6 +219,8 @@ impl Config {
             url: db.str("url"),
             max_connections: db.int("max_connections", 16, 1..=1000) as u32,
             embedded_data_dir: db.path("embedded_data_dir"),
+            max_batch: db.int("max_batch", 256, 1..=10_000) as usize,
+            batches_in_flight: db.int("batches_in_flight", 4, 1..=64) as usize,
         };
 
         let l = root.section("limits");

@@ -180,7 +180,187 @@ pub async fn insert(
             claimed,
         }));
     }
-    let earlier: Earlier = sqlx::query_as::<_, (i64, Vec<u8>, String, Option<String>, String, Option<Vec<u8>>)>(
+    Ok(Insert::Duplicate(earlier(pool, e).await?))
+}
+
+/// A request for [`insert_many`]: what [`insert`] takes, owned, for a
+/// request that claims nothing (a claim is one row's conditional UPDATE and
+/// goes through [`insert`]).
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// F41.
+    pub terminal_id: String,
+    /// F42.
+    pub merchant_id: String,
+    /// F60.2.
+    pub batch: i32,
+    /// F11.
+    pub stan: i32,
+    /// The terminal's MTI.
+    pub mti: i16,
+    /// What it asks for.
+    pub kind: &'static str,
+    /// F3.
+    pub processing_code: String,
+    /// F25.
+    pub pos_condition: String,
+    /// F4, fen.
+    pub amount: i64,
+    /// Keyed PAN hash.
+    pub pan_hash: Option<Vec<u8>>,
+    /// First 6 / last 4.
+    pub pan_masked: Option<String>,
+    /// What a duplicate must match.
+    pub digest: Vec<u8>,
+    /// `sent`, `received` or a final state.
+    pub state: &'static str,
+    /// The code of a row answered by the switch itself.
+    pub response_code: Option<String>,
+    /// The issuer of a `sent` row.
+    pub issuer: Option<String>,
+    /// F7 on the issuer link.
+    pub link_f7: Option<String>,
+    /// The business day.
+    pub business_date: NaiveDate,
+    /// The original, when matched.
+    pub original_id: Option<i64>,
+    /// The rule that decided.
+    pub rule: Option<&'static str>,
+    /// F63.1.
+    pub operator: Option<String>,
+    /// F39 of a reversal.
+    pub reversal_reason: Option<String>,
+    /// How the terminal named the original.
+    pub original_ref: Option<String>,
+}
+
+impl Row {
+    /// The unique request key (merchant, terminal, batch, STAN, MTI class).
+    pub fn key(&self) -> (String, String, i32, i32, i16) {
+        (
+            self.merchant_id.clone(),
+            self.terminal_id.clone(),
+            self.batch,
+            self.stan,
+            self.mti / 100,
+        )
+    }
+
+    /// The row of a request that claims nothing; `None` for one that does.
+    pub fn of(e: &NewEntry<'_>, d: Disposition<'_>) -> Option<Row> {
+        if e.claim.is_some() {
+            return None;
+        }
+        let (state, rc, issuer, f7) = match d {
+            Disposition::Forward { issuer, f7 } => (State::Sent, None, Some(issuer), Some(f7)),
+            Disposition::Answer(state, rc) => (state, Some(rc.as_str().to_string()), None, None),
+            Disposition::Hold => (State::Received, None, None, None),
+        };
+        Some(Row {
+            terminal_id: e.terminal_id.to_string(),
+            merchant_id: e.merchant_id.to_string(),
+            batch: e.batch,
+            stan: e.stan,
+            mti: e.mti as i16,
+            kind: e.kind.as_str(),
+            processing_code: e.processing_code.to_string(),
+            pos_condition: e.pos_condition.to_string(),
+            amount: e.amount,
+            pan_hash: e.pan_hash.map(|h| h.to_vec()),
+            pan_masked: e.pan_masked.clone(),
+            digest: e.digest.to_vec(),
+            state: state.as_str(),
+            response_code: rc,
+            issuer: issuer.map(str::to_string),
+            link_f7: f7.map(str::to_string),
+            business_date: e.business_date,
+            original_id: e.original_id,
+            rule: e.rule,
+            operator: e.operator.clone(),
+            reversal_reason: e.reversal_reason.clone(),
+            original_ref: e.original_ref.clone(),
+        })
+    }
+}
+
+/// Writes many requests in one statement (group commit): for each, in
+/// order, the written row, or `None` when its key was taken (the caller
+/// looks for the earlier request with [`earlier`]). No two rows may share a
+/// key.
+pub async fn insert_many(pool: &PgPool, rows: &[Row]) -> Result<Vec<Option<Written>>, sqlx::Error> {
+    fn col<'r, T>(rows: &'r [Row], f: impl Fn(&'r Row) -> T) -> Vec<T> {
+        rows.iter().map(f).collect()
+    }
+    let written: Vec<(i64, String, Option<i32>, String, String, i32, i32, i16)> = sqlx::query_as(
+        "INSERT INTO journal (terminal_id, merchant_id, batch, stan, mti, mti_class, processing_code,
+            pos_condition, kind, amount, pan_hash, pan_masked, request_digest, state, response_code,
+            issuer, link_stan, link_f7, business_date, sent_at, completed_at,
+            original_id, rule, operator, reversal_reason, original_ref, reversal_requested)
+         SELECT r.terminal_id, r.merchant_id, r.batch, r.stan, r.mti, r.mti / 100, r.processing_code,
+            r.pos_condition, r.kind, r.amount, r.pan_hash, r.pan_masked, r.digest, r.state, r.rc,
+            r.issuer, CASE WHEN r.state = 'sent' THEN nextval('link_stan')::int END, r.f7, r.business_date,
+            CASE WHEN r.state = 'sent' THEN now() END, CASE WHEN r.state <> 'sent' THEN now() END,
+            r.original_id, r.rule, r.operator, r.reversal_reason, r.original_ref,
+            -- R3, as in `insert`.
+            r.mti / 100 <> 4 AND EXISTS (SELECT 1 FROM journal x WHERE x.merchant_id = r.merchant_id
+                AND x.terminal_id = r.terminal_id AND x.batch = r.batch AND x.stan = r.stan
+                AND x.mti_class = 4 AND x.state IN ('received', 'approved'))
+         FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::int2[], $6::text[], $7::text[],
+                     $8::text[], $9::int8[], $10::bytea[], $11::text[], $12::bytea[], $13::text[],
+                     $14::text[], $15::text[], $16::text[], $17::date[], $18::int8[], $19::text[],
+                     $20::text[], $21::text[], $22::text[])
+              AS r(terminal_id, merchant_id, batch, stan, mti, processing_code, pos_condition, kind,
+                   amount, pan_hash, pan_masked, digest, state, rc, issuer, f7, business_date,
+                   original_id, rule, operator, reversal_reason, original_ref)
+         ON CONFLICT ON CONSTRAINT journal_request_key DO NOTHING
+         RETURNING id, rrn, link_stan, merchant_id, terminal_id, batch, stan, mti_class",
+    )
+    .bind(col(rows, |r| r.terminal_id.as_str()))
+    .bind(col(rows, |r| r.merchant_id.as_str()))
+    .bind(col(rows, |r| r.batch))
+    .bind(col(rows, |r| r.stan))
+    .bind(col(rows, |r| r.mti))
+    .bind(col(rows, |r| r.processing_code.as_str()))
+    .bind(col(rows, |r| r.pos_condition.as_str()))
+    .bind(col(rows, |r| r.kind))
+    .bind(col(rows, |r| r.amount))
+    .bind(col(rows, |r| r.pan_hash.as_deref()))
+    .bind(col(rows, |r| r.pan_masked.as_deref()))
+    .bind(col(rows, |r| r.digest.as_slice()))
+    .bind(col(rows, |r| r.state))
+    .bind(col(rows, |r| r.response_code.as_deref()))
+    .bind(col(rows, |r| r.issuer.as_deref()))
+    .bind(col(rows, |r| r.link_f7.as_deref()))
+    .bind(col(rows, |r| r.business_date))
+    .bind(col(rows, |r| r.original_id))
+    .bind(col(rows, |r| r.rule))
+    .bind(col(rows, |r| r.operator.as_deref()))
+    .bind(col(rows, |r| r.reversal_reason.as_deref()))
+    .bind(col(rows, |r| r.original_ref.as_deref()))
+    .fetch_all(pool)
+    .await?;
+    let mut by_key: std::collections::HashMap<_, _> = written
+        .into_iter()
+        .map(
+            |(id, rrn, link_stan, merchant, terminal, batch, stan, class)| {
+                (
+                    (merchant, terminal, batch, stan, class),
+                    Written {
+                        id,
+                        rrn,
+                        link_stan,
+                        claimed: false,
+                    },
+                )
+            },
+        )
+        .collect();
+    Ok(rows.iter().map(|r| by_key.remove(&r.key())).collect())
+}
+
+/// The earlier request with the key of `e` (after an insert found it taken).
+pub async fn earlier(pool: &PgPool, e: &NewEntry<'_>) -> Result<Earlier, sqlx::Error> {
+    sqlx::query_as::<_, (i64, Vec<u8>, String, Option<String>, String, Option<Vec<u8>>)>(
         "SELECT id, request_digest, state, response_code, rrn, reply FROM journal
          WHERE merchant_id = $1 AND terminal_id = $2 AND batch = $3 AND stan = $4 AND mti_class = $5",
     )
@@ -198,8 +378,7 @@ pub async fn insert(
         response_code,
         rrn,
         reply,
-    })?;
-    Ok(Insert::Duplicate(earlier))
+    })
 }
 
 /// Gives a claimed original back when the claiming request did not end
@@ -265,6 +444,56 @@ pub async fn complete(
         .bind(reply)
         .fetch_optional(pool)
         .await
+}
+
+/// An outcome for [`complete_many`]: what [`complete`] takes, owned.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// The `sent` row.
+    pub id: i64,
+    /// Approved or declined.
+    pub state: State,
+    /// F39.
+    pub rc: ResponseCode,
+    /// F38.
+    pub auth_code: Option<String>,
+    /// The terminal's reply from the MTI on.
+    pub reply: Vec<u8>,
+}
+
+/// [`complete`] for many rows in one statement (group commit): for each, in
+/// order, the state written, or `None` when the row was no longer `sent`.
+pub async fn complete_many(
+    pool: &PgPool,
+    done: &[Completion],
+) -> Result<Vec<Option<String>>, sqlx::Error> {
+    let sql = format!(
+        "WITH ended AS (
+            UPDATE journal SET
+                state = CASE WHEN u.to_state = 'approved' AND reversal_requested THEN 'reversed' ELSE u.to_state END,
+                response_code = u.rc, auth_code = u.auth, reply = u.body, completed_at = now()
+            FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::bytea[])
+                 AS u(row_id, to_state, rc, auth, body)
+            WHERE journal.id = u.row_id AND journal.state = 'sent'
+            RETURNING {ENDED}),
+         {UNDO_CLAIM},
+         queued AS ({QUEUE_REVERSAL})
+         SELECT id, state FROM ended"
+    );
+    let ended: Vec<(i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(done.iter().map(|c| c.id).collect::<Vec<_>>())
+        .bind(done.iter().map(|c| c.state.as_str()).collect::<Vec<_>>())
+        .bind(done.iter().map(|c| c.rc.as_str()).collect::<Vec<_>>())
+        .bind(
+            done.iter()
+                .map(|c| c.auth_code.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(done.iter().map(|c| c.reply.as_slice()).collect::<Vec<_>>())
+        .fetch_all(pool)
+        .await?;
+    let mut by_id: std::collections::HashMap<i64, String> = ended.into_iter().collect();
+    Ok(done.iter().map(|c| by_id.remove(&c.id)).collect())
 }
 
 /// Stores the reply of a row the switch answered itself.

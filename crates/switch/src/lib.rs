@@ -16,6 +16,7 @@ pub mod reconcile;
 mod related;
 pub mod router;
 pub mod terminals;
+pub mod writer;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -65,7 +66,12 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
     setup.close().await;
     PgPoolOptions::new()
         .max_connections(max_connections)
-        .connect_with(options.options([("search_path", "switch")]))
+        // A batched statement prepared while the journal was small keeps
+        // its sequential-scan plan as it grows: plan every execution.
+        .connect_with(options.options([
+            ("search_path", "switch"),
+            ("plan_cache_mode", "force_custom_plan"),
+        ]))
         .await
 }
 
@@ -109,7 +115,15 @@ pub async fn start(
             )
         })
         .collect();
+    let writer = writer::Writer::start(
+        pool.clone(),
+        group_commit::Limits {
+            max_batch: config.database.max_batch,
+            in_flight: config.database.batches_in_flight,
+        },
+    );
     Ok(Arc::new(Switch {
+        writer,
         config,
         terminal_dialect,
         network_dialect,

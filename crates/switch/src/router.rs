@@ -34,6 +34,8 @@ pub struct Switch {
     pub network_dialect: Arc<Dialect>,
     /// The database.
     pub pool: PgPool,
+    /// The journal's group-commit writer (on `pool`).
+    pub writer: crate::writer::Writer,
     /// The PAN hash key.
     pub key: PanHashKey,
     /// One link per `[[issuers]]` entry, in config order.
@@ -394,8 +396,10 @@ impl Switch {
     ) -> Option<ResponseCode> {
         self.reply_code(req, out, rc, Some(&written.rrn));
         let body = self.body(out).to_vec();
-        if let Err(e) =
-            journal::complete(&self.pool, written.id, State::Declined, rc, None, &body).await
+        if let Err(e) = self
+            .writer
+            .complete(written.id, State::Declined, rc, None, &body)
+            .await
         {
             warn!(error = %e, "journal write failed");
         }
@@ -438,7 +442,11 @@ impl Switch {
             State::Declined
         };
         let body = self.body(out).to_vec();
-        match journal::complete(&self.pool, written.id, state, rc, auth_code, &body).await {
+        match self
+            .writer
+            .complete(written.id, state, rc, auth_code, &body)
+            .await
+        {
             Ok(Some(_)) => None,
             // Too late: the row was given up on and its reversal is queued.
             Ok(None) => {
@@ -558,7 +566,7 @@ impl Switch {
         disposition: Disposition<'_>,
         out: &mut BytesMut,
     ) -> Result<journal::Written, Option<ResponseCode>> {
-        match journal::insert(&self.pool, entry, disposition).await {
+        match self.writer.insert(entry, disposition).await {
             Ok(Insert::New(w)) => Ok(w),
             Ok(Insert::Duplicate(earlier)) => Err(self.duplicate(req, entry, earlier, out).await),
             Err(e) => {

@@ -1,0 +1,275 @@
+//! Group commit: many concurrent writers share one statement and one commit.
+//!
+//! A [`Batcher`] takes jobs from any number of tasks. While fewer than
+//! `in_flight` batches are at the database, the next job goes out at once
+//! (with whatever else is already waiting), so a quiet system pays no extra
+//! latency; when every slot is busy, the jobs that arrive meanwhile gather
+//! into the next batch, so a busy one pays one round trip and one WAL flush
+//! for dozens of them. The batch function answers each job itself (each job
+//! carries its own reply channel).
+//!
+//! Two jobs with the same key never share a batch: a multi-row statement
+//! cannot apply two changes to one row in order (two debits of one card,
+//! two requests with one journal key), so the later one waits for the next
+//! batch. Across concurrent batches the database's row locks keep the order.
+
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc};
+
+/// How big and how many.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most jobs in one batch.
+    pub max_batch: usize,
+    /// Batches at the database at once.
+    pub in_flight: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_batch: 256,
+            in_flight: 4,
+        }
+    }
+}
+
+/// Where jobs are handed in. Cloning it is cheap; the batching task ends
+/// when the last clone is dropped and the batches in flight have finished.
+#[derive(Debug)]
+pub struct Batcher<J> {
+    jobs: mpsc::UnboundedSender<J>,
+}
+
+impl<J> Clone for Batcher<J> {
+    fn clone(&self) -> Batcher<J> {
+        Batcher {
+            jobs: self.jobs.clone(),
+        }
+    }
+}
+
+/// The batching task has stopped (the runtime is shutting down); the job
+/// comes back.
+#[derive(Debug)]
+pub struct Stopped<J>(pub J);
+
+impl<J: Send + 'static> Batcher<J> {
+    /// Starts the batching task on the current runtime. `key` names what two
+    /// jobs of one batch must not share; `run` executes a batch and answers
+    /// every job in it.
+    pub fn start<K, F, Fut>(limits: Limits, key: impl Fn(&J) -> K + Send + 'static, run: F) -> Self
+    where
+        K: Eq + Hash + Send + 'static,
+        F: Fn(Vec<J>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(gather(limits, rx, key, run));
+        Batcher { jobs: tx }
+    }
+
+    /// Hands a job in.
+    pub fn submit(&self, job: J) -> Result<(), Stopped<J>> {
+        self.jobs.send(job).map_err(|e| Stopped(e.0))
+    }
+}
+
+async fn gather<J, K, F, Fut>(
+    limits: Limits,
+    mut rx: mpsc::UnboundedReceiver<J>,
+    key: impl Fn(&J) -> K,
+    run: F,
+) where
+    J: Send + 'static,
+    K: Eq + Hash,
+    F: Fn(Vec<J>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let max_batch = limits.max_batch.max(1);
+    let slots = Arc::new(Semaphore::new(limits.in_flight.max(1)));
+    // Jobs that met a job with their key in the batch being gathered.
+    let mut deferred: VecDeque<J> = VecDeque::new();
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let first = match deferred.pop_front() {
+            Some(job) => job,
+            None => match rx.recv().await {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        let mut keys = HashSet::new();
+        keys.insert(key(&first));
+        let mut batch = vec![first];
+        for _ in 0..deferred.len() {
+            let Some(job) = deferred.pop_front() else {
+                break;
+            };
+            if batch.len() < max_batch && keys.insert(key(&job)) {
+                batch.push(job);
+            } else {
+                deferred.push_back(job);
+            }
+        }
+        while batch.len() < max_batch {
+            let Ok(job) = rx.try_recv() else {
+                break;
+            };
+            if keys.insert(key(&job)) {
+                batch.push(job);
+            } else {
+                deferred.push_back(job);
+            }
+        }
+        let done = run(batch);
+        tokio::spawn(async move {
+            done.await;
+            drop(slot);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::sync::oneshot;
+
+    struct Job {
+        key: u32,
+        done: oneshot::Sender<usize>,
+    }
+
+    /// Batches finish only when released, and record their keys.
+    struct Database {
+        batches: Mutex<Vec<Vec<u32>>>,
+        started: AtomicUsize,
+        release: Semaphore,
+    }
+
+    fn start(limits: Limits) -> (Arc<Database>, Batcher<Job>) {
+        let db = Arc::new(Database {
+            batches: Mutex::new(Vec::new()),
+            started: AtomicUsize::new(0),
+            release: Semaphore::new(0),
+        });
+        let shared = db.clone();
+        let batcher = Batcher::start(
+            limits,
+            |j: &Job| j.key,
+            move |jobs: Vec<Job>| {
+                let db = shared.clone();
+                db.started.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    db.release.acquire().await.unwrap().forget();
+                    let n = jobs.len();
+                    db.batches
+                        .lock()
+                        .unwrap()
+                        .push(jobs.iter().map(|j| j.key).collect());
+                    for j in jobs {
+                        let _ = j.done.send(n);
+                    }
+                }
+            },
+        );
+        (db, batcher)
+    }
+
+    fn submit(b: &Batcher<Job>, key: u32) -> oneshot::Receiver<usize> {
+        let (done, rx) = oneshot::channel();
+        b.submit(Job { key, done }).map_err(|_| ()).unwrap();
+        rx
+    }
+
+    /// Submits `key` and waits until its batch holds the only slot.
+    async fn occupy(db: &Database, b: &Batcher<Job>, key: u32) -> oneshot::Receiver<usize> {
+        let rx = submit(b, key);
+        while db.started.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        rx
+    }
+
+    async fn sizes(rx: Vec<oneshot::Receiver<usize>>) -> Vec<usize> {
+        let mut out = Vec::new();
+        for r in rx {
+            out.push(r.await.unwrap());
+        }
+        out
+    }
+
+    const ONE_SLOT: Limits = Limits {
+        max_batch: 100,
+        in_flight: 1,
+    };
+
+    #[tokio::test]
+    async fn jobs_that_arrive_while_the_slot_is_busy_share_the_next_batch() {
+        let (db, b) = start(ONE_SLOT);
+        let first = occupy(&db, &b, 0).await;
+        let rest: Vec<_> = (1..=10).map(|k| submit(&b, k)).collect();
+        db.release.add_permits(2);
+        assert_eq!(first.await.unwrap(), 1, "the first goes out alone");
+        assert_eq!(sizes(rest).await, vec![10; 10], "the ten waited together");
+    }
+
+    #[tokio::test]
+    async fn two_jobs_with_one_key_never_share_a_batch() {
+        let (db, b) = start(ONE_SLOT);
+        let blocker = occupy(&db, &b, 99).await;
+        let waiting: Vec<_> = [1, 2, 1, 3, 1].map(|k| submit(&b, k)).into();
+        db.release.add_permits(4);
+        blocker.await.unwrap();
+        sizes(waiting).await;
+        let batches = db.batches.lock().unwrap().clone();
+        assert_eq!(batches, vec![vec![99], vec![1, 2, 3], vec![1], vec![1]]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_cut_at_its_limit() {
+        let (db, b) = start(Limits {
+            max_batch: 3,
+            in_flight: 1,
+        });
+        let blocker = occupy(&db, &b, 99).await;
+        let waiting: Vec<_> = (0..7).map(|k| submit(&b, k)).collect();
+        db.release.add_permits(4);
+        blocker.await.unwrap();
+        assert_eq!(sizes(waiting).await, vec![3, 3, 3, 3, 3, 3, 1]);
+    }
+
+    #[tokio::test]
+    async fn with_a_free_slot_a_job_does_not_wait_for_a_busy_one() {
+        let (db, b) = start(Limits {
+            max_batch: 100,
+            in_flight: 2,
+        });
+        let slow = occupy(&db, &b, 1).await;
+        let quick = submit(&b, 2);
+        while db.started.load(Ordering::SeqCst) < 2 {
+            tokio::task::yield_now().await;
+        }
+        db.release.add_permits(1);
+        // One of the two finished; both were at the database at once.
+        let batches = loop {
+            let b = db.batches.lock().unwrap().clone();
+            if !b.is_empty() {
+                break b;
+            }
+            tokio::task::yield_now().await;
+        };
+        assert_eq!(batches.len(), 1);
+        db.release.add_permits(1);
+        slow.await.unwrap();
+        quick.await.unwrap();
+    }
+}

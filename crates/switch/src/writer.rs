@@ -1,0 +1,174 @@
+//! The journal writer: group commit for the two writes of every forwarded
+//! request, its `sent` row and its outcome.
+//!
+//! Requests arriving together share one `INSERT ... SELECT FROM unnest(...)`
+//! and outcomes one `UPDATE ... FROM unnest(...)`: one round trip and one WAL
+//! flush for dozens of transactions, with nothing answered before its own
+//! row is durable. The ordering guarantees of [`crate::journal`] hold row by
+//! row, because each row's statement is the same set-based SQL.
+//!
+//! A request that claims an original (a void, a cancel) stays a statement
+//! of its own: its claim is a conditional UPDATE that must see the rows
+//! before it. A batch that fails for one row's sake is retried row by row,
+//! so one bad write fails alone.
+
+use futures::future::BoxFuture;
+use group_commit::{Batcher, Limits};
+use sqlx::PgPool;
+use tokio::sync::oneshot;
+use tracing::warn;
+
+use crate::journal::{self, Completion, Disposition, Insert, NewEntry, Row, Written};
+use crate::model::{ResponseCode, State};
+
+type Reply<T> = oneshot::Sender<Result<T, sqlx::Error>>;
+
+/// A batched statement: writes the items, answers one result per item.
+type Write<T, R> = for<'a> fn(&'a PgPool, &'a [T]) -> BoxFuture<'a, Result<Vec<R>, sqlx::Error>>;
+
+/// A request's row, waiting for its batch.
+#[derive(Debug)]
+struct Request {
+    row: Row,
+    done: Reply<Option<Written>>,
+}
+
+/// An outcome, waiting for its batch.
+#[derive(Debug)]
+struct Outcome {
+    completion: Completion,
+    done: Reply<Option<String>>,
+}
+
+/// The journal's group-commit writer.
+#[derive(Debug, Clone)]
+pub struct Writer {
+    pool: PgPool,
+    requests: Batcher<Request>,
+    outcomes: Batcher<Outcome>,
+}
+
+/// Deadlocks between concurrent batches (two retransmissions racing in two
+/// batches) are retried this often.
+const RETRIES: usize = 3;
+
+fn retryable(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40P01" | "40001")))
+}
+
+impl Writer {
+    /// Starts the batching tasks on the current runtime.
+    pub fn start(pool: PgPool, limits: Limits) -> Writer {
+        let p = pool.clone();
+        let requests = Batcher::start(
+            limits,
+            |r: &Request| r.row.key(),
+            move |batch| write_requests(p.clone(), batch),
+        );
+        let p = pool.clone();
+        let outcomes = Batcher::start(
+            limits,
+            |o: &Outcome| o.completion.id,
+            move |batch| write_outcomes(p.clone(), batch),
+        );
+        Writer {
+            pool,
+            requests,
+            outcomes,
+        }
+    }
+
+    /// [`journal::insert`], batched with concurrent requests unless it claims an original.
+    pub async fn insert(
+        &self,
+        e: &NewEntry<'_>,
+        d: Disposition<'_>,
+    ) -> Result<Insert, sqlx::Error> {
+        let Some(row) = Row::of(e, d) else {
+            return journal::insert(&self.pool, e, d).await;
+        };
+        let (done, answer) = oneshot::channel();
+        if self.requests.submit(Request { row, done }).is_err() {
+            return journal::insert(&self.pool, e, d).await;
+        }
+        match answer.await.map_err(|_| stopped())?? {
+            Some(w) => Ok(Insert::New(w)),
+            None => Ok(Insert::Duplicate(journal::earlier(&self.pool, e).await?)),
+        }
+    }
+
+    /// [`journal::complete`], batched with concurrent outcomes.
+    pub async fn complete(
+        &self,
+        id: i64,
+        state: State,
+        rc: ResponseCode,
+        auth_code: Option<&str>,
+        reply: &[u8],
+    ) -> Result<Option<String>, sqlx::Error> {
+        let completion = Completion {
+            id,
+            state,
+            rc,
+            auth_code: auth_code.map(str::to_string),
+            reply: reply.to_vec(),
+        };
+        let (done, answer) = oneshot::channel();
+        if self.outcomes.submit(Outcome { completion, done }).is_err() {
+            return journal::complete(&self.pool, id, state, rc, auth_code, reply).await;
+        }
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+fn stopped() -> sqlx::Error {
+    sqlx::Error::WorkerCrashed
+}
+
+/// Runs `write` on the whole batch (retrying deadlocks); when it fails,
+/// runs it on each item alone, so that one bad write fails alone.
+async fn write_batch<T, R>(pool: &PgPool, items: Vec<T>, dones: Vec<Reply<R>>, write: Write<T, R>) {
+    let mut attempt = 0;
+    let failed = loop {
+        match write(pool, &items).await {
+            Ok(results) => {
+                for (done, r) in dones.into_iter().zip(results) {
+                    let _ = done.send(Ok(r));
+                }
+                return;
+            }
+            Err(e) if retryable(&e) && attempt < RETRIES => attempt += 1,
+            Err(e) => break e,
+        }
+    };
+    if items.len() == 1 {
+        if let Some(done) = dones.into_iter().next() {
+            let _ = done.send(Err(failed));
+        }
+        return;
+    }
+    warn!(error = %failed, rows = items.len(), "batched journal write failed: writing its rows one by one");
+    for (item, done) in items.into_iter().zip(dones) {
+        let one = write(pool, std::slice::from_ref(&item))
+            .await
+            .and_then(|mut r| r.pop().ok_or(sqlx::Error::RowNotFound));
+        let _ = done.send(one);
+    }
+}
+
+async fn write_requests(pool: PgPool, batch: Vec<Request>) {
+    let (rows, dones): (Vec<Row>, Vec<_>) = batch.into_iter().map(|r| (r.row, r.done)).unzip();
+    write_batch(&pool, rows, dones, |pool, rows| {
+        Box::pin(journal::insert_many(pool, rows))
+    })
+    .await;
+}
+
+async fn write_outcomes(pool: PgPool, batch: Vec<Outcome>) {
+    let (outcomes, dones): (Vec<Completion>, Vec<_>) =
+        batch.into_iter().map(|o| (o.completion, o.done)).unzip();
+    write_batch(&pool, outcomes, dones, |pool, done| {
+        Box::pin(journal::complete_many(pool, done))
+    })
+    .await;
+}
