@@ -16,9 +16,10 @@
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::hash::Hash;
+use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 /// How big and how many.
 #[derive(Debug, Clone, Copy)]
@@ -134,6 +135,56 @@ async fn gather<J, K, F, Fut>(
             drop(slot);
         });
     }
+}
+
+/// A batched statement: writes `items` with `ctx` (a pool), one result per
+/// item, in order.
+pub type Write<C, T, R, E> =
+    for<'a> fn(&'a C, &'a [T]) -> Pin<Box<dyn Future<Output = Result<Vec<R>, E>> + Send + 'a>>;
+
+/// Where one job's result goes.
+pub type Reply<R, E> = oneshot::Sender<Result<R, E>>;
+
+/// Runs `write` on the whole batch and answers each job; an error that
+/// `retry` accepts (a deadlock between two batches) is retried up to
+/// `retries` times; any other makes `write` run again on each item alone,
+/// so that one bad item fails alone. Returns the error that split the batch.
+pub async fn write_all<C, T, R, E>(
+    ctx: &C,
+    items: Vec<T>,
+    replies: Vec<Reply<R, E>>,
+    retries: usize,
+    retry: fn(&E) -> bool,
+    write: Write<C, T, R, E>,
+) -> Option<E> {
+    let mut attempt = 0;
+    let failed = loop {
+        match write(ctx, &items).await {
+            Ok(results) => {
+                for (reply, r) in replies.into_iter().zip(results) {
+                    let _ = reply.send(Ok(r));
+                }
+                return None;
+            }
+            Err(e) if retry(&e) && attempt < retries => attempt += 1,
+            Err(e) => break e,
+        }
+    };
+    if items.len() == 1 {
+        if let Some(reply) = replies.into_iter().next() {
+            let _ = reply.send(Err(failed));
+        }
+        return None;
+    }
+    for (item, reply) in items.iter().zip(replies) {
+        let one = match write(ctx, std::slice::from_ref(item)).await {
+            Ok(mut r) if r.len() == 1 => Ok(r.remove(0)),
+            Ok(_) => continue,
+            Err(e) => Err(e),
+        };
+        let _ = reply.send(one);
+    }
+    Some(failed)
 }
 
 #[cfg(test)]
@@ -271,5 +322,58 @@ mod tests {
         db.release.add_permits(1);
         slow.await.unwrap();
         quick.await.unwrap();
+    }
+
+    /// Items above 100 are refused by the "database"; 7 deadlocks once.
+    fn refusing(
+        ctx: &AtomicUsize,
+        items: &[u32],
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<u32>, String>> + Send + 'static>> {
+        let calls = ctx.fetch_add(1, Ordering::SeqCst);
+        let items = items.to_vec();
+        Box::pin(async move {
+            if items.contains(&7) && calls == 0 {
+                return Err("deadlock".to_string());
+            }
+            match items.iter().find(|&&i| i > 100) {
+                Some(i) => Err(format!("{i} refused")),
+                None => Ok(items.iter().map(|i| i * 2).collect()),
+            }
+        })
+    }
+
+    async fn write(items: Vec<u32>) -> (usize, Option<String>, Vec<Result<u32, String>>) {
+        let calls = AtomicUsize::new(0);
+        let (replies, answers): (Vec<_>, Vec<_>) = items.iter().map(|_| oneshot::channel()).unzip();
+        let split = write_all(
+            &calls,
+            items,
+            replies,
+            2,
+            |e: &String| e == "deadlock",
+            refusing,
+        )
+        .await;
+        let mut got = Vec::new();
+        for a in answers {
+            got.push(a.await.unwrap());
+        }
+        (calls.load(Ordering::SeqCst), split, got)
+    }
+
+    #[tokio::test]
+    async fn one_bad_item_fails_alone() {
+        let (calls, split, got) = write(vec![1, 200, 3]).await;
+        assert_eq!(split.as_deref(), Some("200 refused"));
+        assert_eq!(got, vec![Ok(2), Err("200 refused".into()), Ok(6)]);
+        assert_eq!(calls, 4, "the batch, then each alone");
+    }
+
+    #[tokio::test]
+    async fn a_deadlock_is_retried_whole() {
+        let (calls, split, got) = write(vec![7, 8]).await;
+        assert_eq!(split, None);
+        assert_eq!(got, vec![Ok(14), Ok(16)]);
+        assert_eq!(calls, 2);
     }
 }

@@ -11,7 +11,10 @@
 //! Locks are always taken newest first: the message's own row, then the
 //! original it names (then that one's original), then the card; so two
 //! follow-ons of one original queue behind each other instead of deadlocking.
-//! Should PostgreSQL still find a deadlock, the transaction is retried.
+//! New authorisations, decided in batches ([`authorise_many`]), lock their
+//! cards (in id order) before they claim their keys, and wait on nothing
+//! else but a repeat of their own key. Should PostgreSQL still find a
+//! deadlock, the transaction is retried.
 
 use chrono::Datelike;
 use iso8583::Pan;
@@ -395,6 +398,120 @@ async fn apply_in(
         auth_code,
         available: decided.available,
     })
+}
+
+/// A new authorisation (balance inquiry, purchase, pre-authorisation) for
+/// [`authorise_many`].
+#[derive(Debug, Clone)]
+pub(crate) struct NewAuth {
+    pub req: Request,
+    pub pan_hash: [u8; 32],
+    pub fingerprint: [u8; 32],
+}
+
+/// Decides and records many new authorisations in one statement (group
+/// commit), with the same checks as [`authorise`]: the card's status,
+/// expiry, limit and available balance, locked (in id order) while they
+/// are read and moved. No two may be for one card. For each, in order, the
+/// outcome, or `None` when its key was already taken (a repeat: the caller
+/// takes the one-by-one path, which answers it from the stored posting).
+pub(crate) async fn authorise_many(
+    pool: &PgPool,
+    auths: &[NewAuth],
+) -> Result<Vec<Option<Outcome>>, sqlx::Error> {
+    fn col<'r, T>(a: &'r [NewAuth], f: impl Fn(&'r NewAuth) -> T) -> Vec<T> {
+        a.iter().map(f).collect()
+    }
+    let today = chrono::Utc::now().date_naive();
+    let rows: Vec<(i64, bool, String, Option<String>, Option<i64>)> = sqlx::query_as(
+        "WITH req AS (
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int2[], $5::text[], $6::text[],
+                                 $7::bytea[], $8::text[], $9::text[], $10::text[], $11::text[], $12::int8[],
+                                 $13::text[], $14::text[], $15::text[], $16::bytea[], $17::bool[])
+                WITH ORDINALITY
+                AS r(acquirer, stan, transmitted, mti_class, mti, forwarding, fingerprint, kind,
+                     processing_code, condition_code, pan_masked, amount, rrn, terminal, merchant,
+                     pan_hash, expired, ord)),
+         card AS (
+            SELECT * FROM issuer.cards WHERE pan_hash = ANY($16) ORDER BY id FOR UPDATE),
+         looked AS (
+            SELECT r.*, nextval('issuer.postings_id_seq') AS id, c.id AS card_id,
+                coalesce(c.pan_masked, r.pan_masked) AS masked, c.balance - c.held AS available,
+                CASE WHEN c.id IS NULL THEN '14'
+                     WHEN c.status = 'lost' THEN '41'
+                     WHEN c.status = 'stolen' THEN '43'
+                     WHEN c.status <> 'active' THEN '62'
+                     WHEN c.expiry < $18 OR r.expired THEN '54'
+                     WHEN r.kind = 'balance_inquiry' THEN '00'
+                     WHEN r.amount > c.txn_limit THEN '61'
+                     WHEN r.amount > c.balance - c.held THEN '51'
+                     ELSE '00' END AS code
+            FROM req r LEFT JOIN card c ON c.pan_hash = r.pan_hash),
+         decided AS (
+            SELECT l.*,
+                CASE WHEN code = '00' AND kind = 'purchase' THEN -amount ELSE 0 END AS balance_change,
+                CASE WHEN code = '00' AND kind = 'preauth' THEN amount ELSE 0 END AS hold_change,
+                CASE WHEN code = '00' AND kind <> 'balance_inquiry'
+                     THEN lpad((((id % 1000000) * 7919 + 13) % 1000000)::text, 6, '0') END AS auth_code,
+                CASE WHEN code = '00' AND kind = 'balance_inquiry' THEN available END AS available_reply,
+                CASE code WHEN '14' THEN 'unknown card' WHEN '41' THEN 'card is lost'
+                          WHEN '43' THEN 'card is stolen' WHEN '62' THEN 'card is blocked'
+                          WHEN '54' THEN 'expired' WHEN '61' THEN 'above the card''s limit'
+                          WHEN '51' THEN 'insufficient funds' END AS note
+            FROM looked l),
+         posted AS (
+            INSERT INTO issuer.postings (id, acquirer, stan, transmitted, mti_class, mti, forwarding,
+                fingerprint, kind, processing_code, condition_code, card_id, pan_masked, amount,
+                balance_change, hold_change, response_code, auth_code, available_reply, rrn, terminal,
+                merchant, state, note)
+            SELECT id, acquirer, stan, transmitted, mti_class, mti, forwarding, fingerprint, kind,
+                processing_code, condition_code, card_id, masked, amount, balance_change, hold_change,
+                code, auth_code, available_reply, rrn, terminal, merchant,
+                CASE WHEN code = '00' THEN 'approved' ELSE 'declined' END, note
+            FROM decided
+            ON CONFLICT ON CONSTRAINT postings_key DO NOTHING
+            RETURNING id, card_id, balance_change, hold_change),
+         moved AS (
+            UPDATE issuer.cards c SET balance = c.balance + p.balance_change, held = c.held + p.hold_change
+            FROM posted p
+            WHERE c.id = p.card_id AND (p.balance_change <> 0 OR p.hold_change <> 0))
+         SELECT d.ord, p.id IS NOT NULL, d.code, d.auth_code, d.available_reply
+         FROM decided d LEFT JOIN posted p ON p.id = d.id",
+    )
+    .bind(col(auths, |a| a.req.key.acquirer.as_str()))
+    .bind(col(auths, |a| a.req.key.stan.as_str()))
+    .bind(col(auths, |a| a.req.key.transmitted.as_str()))
+    .bind(col(auths, |a| a.req.key.class))
+    .bind(col(auths, |a| a.req.mti.to_string()))
+    .bind(col(auths, |a| a.req.forwarding.as_deref()))
+    .bind(col(auths, |a| a.fingerprint.as_slice()))
+    .bind(col(auths, |a| a.req.kind.as_str()))
+    .bind(col(auths, |a| a.req.processing.as_str()))
+    .bind(col(auths, |a| a.req.condition.as_deref()))
+    .bind(col(auths, |a| a.req.pan.as_ref().map(Pan::masked)))
+    .bind(col(auths, |a| a.req.amount))
+    .bind(col(auths, |a| a.req.rrn.as_deref()))
+    .bind(col(auths, |a| a.req.terminal.as_deref()))
+    .bind(col(auths, |a| a.req.merchant.as_deref()))
+    .bind(col(auths, |a| a.pan_hash.as_slice()))
+    .bind(col(auths, |a| {
+        a.req.expiry.as_deref().is_some_and(|e| expired(e, today))
+    }))
+    .bind(format!("{:02}{:02}", today.year() % 100, today.month()))
+    .fetch_all(pool)
+    .await?;
+    let mut out: Vec<Option<Outcome>> = vec![None; auths.len()];
+    for (ord, inserted, code, auth_code, available) in rows {
+        let slot = usize::try_from(ord - 1).ok().and_then(|i| out.get_mut(i));
+        if let (true, Some(slot)) = (inserted, slot) {
+            *slot = Some(Outcome {
+                code,
+                auth_code,
+                available,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// A six-digit auth code: unique among any million consecutive postings

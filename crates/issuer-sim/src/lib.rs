@@ -15,6 +15,7 @@
 //! The binary wires it: [`IssuerConfig::load`], [`PanKey::load`], a pool,
 //! [`migrate`], [`seed_cards`], [`Issuer::new`], then [`run`] on a listener.
 
+mod authorisations;
 mod books;
 mod clearing;
 mod config;

@@ -15,6 +15,8 @@ use futures::StreamExt;
 use iso8583::framing::DEFAULT_MAX_FRAME;
 use iso8583::{BuildError, Dialect, Frame, FrameCodec, Message, MessageWriter};
 use sqlx::PgPool;
+
+use crate::authorisations::Authorisations;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
@@ -24,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::books::{self, Outcome, code};
+use crate::books::{Outcome, code};
 use crate::config::IssuerConfig;
 use crate::faults::{Fate, FaultControl};
 use crate::key::PanKey;
@@ -37,6 +39,7 @@ pub struct Issuer {
     pool: PgPool,
     dialect: Dialect,
     faults: FaultControl,
+    authorisations: Authorisations,
 }
 
 impl std::fmt::Debug for Issuer {
@@ -58,6 +61,7 @@ impl Issuer {
             key,
             pool,
             dialect: Dialect::iso87(),
+            authorisations: Authorisations::default(),
         }
     }
 
@@ -334,7 +338,11 @@ async fn answer(issuer: &Issuer, msg: &Message<'_>) -> Result<Option<BytesMut>, 
             if let Some(pan) = &req.pan {
                 tracing::Span::current().record("pan", tracing::field::display(pan));
             }
-            match books::apply(&issuer.pool, &issuer.key, &req).await {
+            match issuer
+                .authorisations
+                .decide(&issuer.pool, &issuer.key, &req)
+                .await
+            {
                 Ok(outcome) => outcome,
                 Err(e) if req.is_advice() => {
                     // Not recorded: stay silent, so the switch sends it again.

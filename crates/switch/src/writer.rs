@@ -12,8 +12,7 @@
 //! before it. A batch that fails for one row's sake is retried row by row,
 //! so one bad write fails alone.
 
-use futures::future::BoxFuture;
-use group_commit::{Batcher, Limits};
+use group_commit::{Batcher, Limits, write_all};
 use sqlx::PgPool;
 use tokio::sync::oneshot;
 use tracing::warn;
@@ -21,10 +20,7 @@ use tracing::warn;
 use crate::journal::{self, Completion, Disposition, Insert, NewEntry, Row, Written};
 use crate::model::{ResponseCode, State};
 
-type Reply<T> = oneshot::Sender<Result<T, sqlx::Error>>;
-
-/// A batched statement: writes the items, answers one result per item.
-type Write<T, R> = for<'a> fn(&'a PgPool, &'a [T]) -> BoxFuture<'a, Result<Vec<R>, sqlx::Error>>;
+type Reply<T> = group_commit::Reply<T, sqlx::Error>;
 
 /// A request's row, waiting for its batch.
 #[derive(Debug)]
@@ -125,50 +121,25 @@ fn stopped() -> sqlx::Error {
     sqlx::Error::WorkerCrashed
 }
 
-/// Runs `write` on the whole batch (retrying deadlocks); when it fails,
-/// runs it on each item alone, so that one bad write fails alone.
-async fn write_batch<T, R>(pool: &PgPool, items: Vec<T>, dones: Vec<Reply<R>>, write: Write<T, R>) {
-    let mut attempt = 0;
-    let failed = loop {
-        match write(pool, &items).await {
-            Ok(results) => {
-                for (done, r) in dones.into_iter().zip(results) {
-                    let _ = done.send(Ok(r));
-                }
-                return;
-            }
-            Err(e) if retryable(&e) && attempt < RETRIES => attempt += 1,
-            Err(e) => break e,
-        }
-    };
-    if items.len() == 1 {
-        if let Some(done) = dones.into_iter().next() {
-            let _ = done.send(Err(failed));
-        }
-        return;
-    }
-    warn!(error = %failed, rows = items.len(), "batched journal write failed: writing its rows one by one");
-    for (item, done) in items.into_iter().zip(dones) {
-        let one = write(pool, std::slice::from_ref(&item))
-            .await
-            .and_then(|mut r| r.pop().ok_or(sqlx::Error::RowNotFound));
-        let _ = done.send(one);
-    }
-}
-
 async fn write_requests(pool: PgPool, batch: Vec<Request>) {
     let (rows, dones): (Vec<Row>, Vec<_>) = batch.into_iter().map(|r| (r.row, r.done)).unzip();
-    write_batch(&pool, rows, dones, |pool, rows| {
+    let split = write_all(&pool, rows, dones, RETRIES, retryable, |pool, rows| {
         Box::pin(journal::insert_many(pool, rows))
     })
     .await;
+    if let Some(e) = split {
+        warn!(error = %e, "a batch of journal rows failed: written one by one");
+    }
 }
 
 async fn write_outcomes(pool: PgPool, batch: Vec<Outcome>) {
     let (outcomes, dones): (Vec<Completion>, Vec<_>) =
         batch.into_iter().map(|o| (o.completion, o.done)).unzip();
-    write_batch(&pool, outcomes, dones, |pool, done| {
+    let split = write_all(&pool, outcomes, dones, RETRIES, retryable, |pool, done| {
         Box::pin(journal::complete_many(pool, done))
     })
     .await;
+    if let Some(e) = split {
+        warn!(error = %e, "a batch of outcomes failed: written one by one");
+    }
 }
