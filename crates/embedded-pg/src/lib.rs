@@ -301,6 +301,16 @@ impl EmbeddedPg {
                 .map(String::from),
             );
         }
+        // Extra settings for a profiling session, e.g.
+        // EMBEDDED_PG_SETTINGS="shared_preload_libraries=pg_stat_statements".
+        if let Ok(extra) = std::env::var("EMBEDDED_PG_SETTINGS") {
+            settings.extend(
+                extra
+                    .split(';')
+                    .filter(|s| !s.trim().is_empty())
+                    .map(|s| s.trim().to_string()),
+            );
+        }
         for s in &settings {
             cmd.arg("-c").arg(s);
         }

@@ -34,7 +34,7 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             max_batch: 256,
-            in_flight: 4,
+            in_flight: 2,
         }
     }
 }

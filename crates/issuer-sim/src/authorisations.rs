@@ -36,6 +36,7 @@ impl Authorisations {
     /// Decides and records one message, exactly once; returns what to answer.
     pub(crate) async fn decide(
         &self,
+        limits: Limits,
         pool: &PgPool,
         key: &PanKey,
         req: &Request,
@@ -52,7 +53,7 @@ impl Authorisations {
         let batcher = self.batcher.get_or_init(|| {
             let pool = pool.clone();
             Batcher::start(
-                Limits::default(),
+                limits,
                 |j: &Job| j.auth.pan_hash,
                 move |jobs| write(pool.clone(), jobs),
             )

@@ -56,6 +56,10 @@ pub struct Limits {
     /// Messages of one connection being processed at once; the connection
     /// is not read further while this many are in flight.
     pub max_in_flight: usize,
+    /// Group commit: most new authorisations decided in one statement.
+    pub max_batch: usize,
+    /// Group commit: batches at the database at once.
+    pub batches_in_flight: usize,
 }
 
 /// Whether a card may be used, and the decline when it may not.
@@ -299,6 +303,8 @@ fn read(root: &Section<'_, '_>) -> IssuerConfig {
     let limits = Limits {
         max_connections: l.int("max_connections", 64, 1..=100_000) as usize,
         max_in_flight: l.int("max_in_flight", 256, 1..=100_000) as usize,
+        max_batch: l.int("max_batch", 256, 1..=10_000) as usize,
+        batches_in_flight: l.int("batches_in_flight", 2, 1..=64) as usize,
     };
     drop(l);
 

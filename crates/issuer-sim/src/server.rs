@@ -340,7 +340,15 @@ async fn answer(issuer: &Issuer, msg: &Message<'_>) -> Result<Option<BytesMut>, 
             }
             match issuer
                 .authorisations
-                .decide(&issuer.pool, &issuer.key, &req)
+                .decide(
+                    group_commit::Limits {
+                        max_batch: issuer.config.limits.max_batch,
+                        in_flight: issuer.config.limits.batches_in_flight,
+                    },
+                    &issuer.pool,
+                    &issuer.key,
+                    &req,
+                )
                 .await
             {
                 Ok(outcome) => outcome,

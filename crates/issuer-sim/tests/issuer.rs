@@ -27,9 +27,12 @@ use tokio_util::sync::CancellationToken;
 const PATIENCE: Duration = Duration::from_secs(30);
 
 /// Cards: 100 ordinary ones (1 000 yuan, limit 500 yuan), a blocked one, an
-/// expired one.
+/// expired one. Four batches of authorisations at the database at once.
 const CARDS: &str = r#"
 institution_id = "62220200"
+[limits]
+batches_in_flight = 4
+
 [[cards]]
 first = "6222020000000000001"
 last = "6222020000000000100"
@@ -1158,7 +1161,8 @@ async fn config_errors_name_file_line_and_key() {
 async fn purchases_that_arrive_together_share_one_statement_and_one_commit() {
     let sim = Sim::start().await;
     let mut link = sim.connect().await;
-    // Four purchases wait on held cards: every batch slot is at the database.
+    // Four purchases wait on held cards: every batch slot (`batches_in_flight`)
+    // is at the database.
     let held = hold_cards(&sim, 1..=4).await;
     for card in 1..=4 {
         link.send(&purchase(card, card, 1_000).frame()).await;

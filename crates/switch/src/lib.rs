@@ -66,12 +66,7 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
     setup.close().await;
     PgPoolOptions::new()
         .max_connections(max_connections)
-        // A batched statement prepared while the journal was small keeps
-        // its sequential-scan plan as it grows: plan every execution.
-        .connect_with(options.options([
-            ("search_path", "switch"),
-            ("plan_cache_mode", "force_custom_plan"),
-        ]))
+        .connect_with(options.options([("search_path", "switch")]))
         .await
 }
 

@@ -190,7 +190,7 @@ impl Switch {
     /// Returns a response code when the switch answers without more ado;
     /// otherwise it has written the reply itself.
     async fn dispatch(&self, req: &Request<'_>, out: &mut BytesMut) -> Option<ResponseCode> {
-        let terminal = match terminals::find(&self.pool, req.terminal_id).await {
+        let terminal = match self.writer.terminal(req.terminal_id).await {
             Ok(Some(t)) if t.enabled => t,
             Ok(_) => return Some(ResponseCode::UNKNOWN_TERMINAL),
             Err(e) => {

@@ -47,6 +47,41 @@ pub async fn find(pool: &PgPool, id: &str) -> Result<Option<Terminal>, sqlx::Err
     ))
 }
 
+/// Looks many terminals up in one statement (the reads of concurrent
+/// requests, batched): for each id, in order, the terminal when known.
+pub async fn find_many(
+    pool: &PgPool,
+    ids: &[String],
+) -> Result<Vec<Option<Terminal>>, sqlx::Error> {
+    let rows: Vec<(String, bool, i32, String, String, String, bool)> = sqlx::query_as(
+        "SELECT t.id, t.enabled, t.batch, m.id, m.name, m.mcc, m.enabled
+         FROM terminals t JOIN merchants m ON m.id = t.merchant_id WHERE t.id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    let mut found: std::collections::HashMap<String, Terminal> = rows
+        .into_iter()
+        .map(
+            |(id, enabled, batch, merchant_id, merchant_name, mcc, merchant_enabled)| {
+                (
+                    id.clone(),
+                    Terminal {
+                        id,
+                        enabled,
+                        batch,
+                        merchant_id,
+                        merchant_name,
+                        mcc,
+                        merchant_enabled,
+                    },
+                )
+            },
+        )
+        .collect();
+    Ok(ids.iter().map(|id| found.remove(id)).collect())
+}
+
 /// Records a sign-on; returns the open batch.
 pub async fn sign_on(pool: &PgPool, id: &str) -> Result<i32, sqlx::Error> {
     sqlx::query_scalar("UPDATE terminals SET signed_on_at = now() WHERE id = $1 RETURNING batch")

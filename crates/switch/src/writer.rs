@@ -14,11 +14,13 @@
 
 use group_commit::{Batcher, Limits, write_all};
 use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
 use tokio::sync::oneshot;
 use tracing::warn;
 
 use crate::journal::{self, Completion, Disposition, Insert, NewEntry, Row, Written};
 use crate::model::{ResponseCode, State};
+use crate::terminals::{self, Terminal};
 
 type Reply<T> = group_commit::Reply<T, sqlx::Error>;
 
@@ -36,12 +38,21 @@ struct Outcome {
     done: Reply<Option<String>>,
 }
 
-/// The journal's group-commit writer.
+/// A terminal lookup, waiting for its batch.
+#[derive(Debug)]
+struct Lookup {
+    id: String,
+    done: Reply<Option<Terminal>>,
+}
+
+/// The journal's group-commit writer (and the batched terminal lookup
+/// every request starts with).
 #[derive(Debug, Clone)]
 pub struct Writer {
     pool: PgPool,
     requests: Batcher<Request>,
     outcomes: Batcher<Outcome>,
+    lookups: Batcher<Lookup>,
 }
 
 /// Deadlocks between concurrent batches (two retransmissions racing in two
@@ -53,25 +64,56 @@ fn retryable(e: &sqlx::Error) -> bool {
 }
 
 impl Writer {
-    /// Starts the batching tasks on the current runtime.
+    /// Starts the batching tasks on the current runtime. The batches go
+    /// over connections of their own, opened as needed with the options of
+    /// `pool`, one per batch in flight.
     pub fn start(pool: PgPool, limits: Limits) -> Writer {
-        let p = pool.clone();
+        // A batched statement planned once while the journal was small
+        // keeps its sequential-scan plan as the journal grows: these
+        // connections plan every execution (a batch amortises the planning).
+        let options = (*pool.connect_options())
+            .clone()
+            .options([("plan_cache_mode", "force_custom_plan")]);
+        let batches = PgPoolOptions::new()
+            .max_connections(2 * limits.in_flight.max(1) as u32)
+            .connect_lazy_with(options);
+        let p = batches.clone();
         let requests = Batcher::start(
             limits,
             |r: &Request| r.row.key(),
             move |batch| write_requests(p.clone(), batch),
         );
-        let p = pool.clone();
+        let p = batches;
         let outcomes = Batcher::start(
             limits,
             |o: &Outcome| o.completion.id,
             move |batch| write_outcomes(p.clone(), batch),
         );
+        let p = pool.clone();
+        let lookups = Batcher::start(
+            limits,
+            |l: &Lookup| l.id.clone(),
+            move |batch| look_up(p.clone(), batch),
+        );
         Writer {
             pool,
             requests,
             outcomes,
+            lookups,
         }
+    }
+
+    /// [`terminals::find`], batched with the lookups of concurrent requests.
+    pub async fn terminal(&self, id: &str) -> Result<Option<Terminal>, sqlx::Error> {
+        let (done, answer) = oneshot::channel();
+        let lookup = Lookup {
+            id: id.to_string(),
+            done,
+        };
+        if self.lookups.submit(lookup).is_err() {
+            return terminals::find(&self.pool, id).await;
+        }
+        answer.await.map_err(|_| stopped())?
     }
 
     /// [`journal::insert`], batched with concurrent requests unless it claims an original.
@@ -130,6 +172,14 @@ async fn write_requests(pool: PgPool, batch: Vec<Request>) {
     if let Some(e) = split {
         warn!(error = %e, "a batch of journal rows failed: written one by one");
     }
+}
+
+async fn look_up(pool: PgPool, batch: Vec<Lookup>) {
+    let (ids, dones): (Vec<String>, Vec<_>) = batch.into_iter().map(|l| (l.id, l.done)).unzip();
+    write_all(&pool, ids, dones, 0, retryable, |pool, ids| {
+        Box::pin(terminals::find_many(pool, ids))
+    })
+    .await;
 }
 
 async fn write_outcomes(pool: PgPool, batch: Vec<Outcome>) {

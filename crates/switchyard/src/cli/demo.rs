@@ -26,16 +26,18 @@ use super::serve::shutdown_on_signals;
 /// The demo's merchant.
 pub const MERCHANT: &str = "898310048160001";
 
-/// The demo's cards: 10,000 of them, 1,000,000 fen each, expiring 2030-12.
+/// The demo's cards: 10,000 of them, 10,000,000 fen each (enough for a
+/// minute of `mixed.toml` at full speed), expiring 2030-12.
 const ISSUER: &str = r#"
 [[cards]]
 first = "6222020000000000001"
 last = "6222020000000010000"
 expiry = "3012"
-balance = 1000000
+balance = 10000000
+limit = 50000000
 "#;
 
-/// The demo's fleet: 100 terminals of one merchant.
+/// The demo's fleet: 1,000 terminals of one merchant.
 const FLEET: &str = r#"
 [[merchants]]
 id = "898310048160001"
@@ -44,7 +46,7 @@ mcc = "5411"
 
 [[terminals]]
 first = "T0000001"
-last = "T0000100"
+last = "T0001000"
 merchant = "898310048160001"
 "#;
 
@@ -182,9 +184,9 @@ pub async fn run(args: &DemoArgs) -> Result<(), Failure> {
             "  issuer (iso87) at {}; PostgreSQL at {}",
             stack.issuer_addr, stack.url
         );
-        println!("  terminals T0000001-T0000100 of merchant {MERCHANT} (Switchyard Demo Store)");
+        println!("  terminals T0000001-T0001000 of merchant {MERCHANT} (Switchyard Demo Store)");
         println!(
-            "  cards 6222020000000000001-6222020000000010000, expiry 3012, 1,000,000 fen each"
+            "  cards 6222020000000000001-6222020000000010000, expiry 3012, 10,000,000 fen each"
         );
         println!("  stop with Ctrl-C or SIGTERM");
         shutdown.cancelled().await;
@@ -302,9 +304,9 @@ async fn scripted_day(stack: &Stack, scenario: loadgen::scenario::Scenario) -> a
     line("balance inquiry", r.rc(), r.field(54).unwrap_or(""));
     let stan = t.next_stan();
     let r = t
-        .exchange(&t.purchase(stan, "6222020000000000005", "3012", 2_000_000)?)
+        .exchange(&t.purchase(stan, "6222020000000000005", "3012", 20_000_000)?)
         .await?;
-    line("purchase 2,000,000 fen", r.rc(), "(insufficient funds)");
+    line("purchase 20,000,000 fen", r.rc(), "(insufficient funds)");
 
     // Then the scenario (smoke by default): its terminals, every kind of
     // request, open loop, each settling its batch with its own totals; the
