@@ -523,6 +523,9 @@ fn the_demo_plays_the_smoke_scenario_and_the_money_balances() {
         "refund",
         "reversal",
         "duplicate",
+        "preauth",
+        "preauth_cancel",
+        "completion",
         "settlement",
     ] {
         assert!(
