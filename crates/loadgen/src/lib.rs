@@ -4,6 +4,7 @@
 //! scenario runner (issue 5) builds on.
 
 pub mod closed;
+pub mod live;
 pub mod open;
 pub mod report;
 pub mod scenario;

@@ -16,8 +16,9 @@ use std::time::Duration;
 use iso8583::Dialect;
 use settings::{Problems, Section};
 
+use crate::live::Live;
 use crate::open::{self, Lane};
-use crate::report::Report;
+use crate::report::{Report, Timeline};
 use crate::terminal::{Original, Reply, Reversed, Terminal};
 
 /// What a terminal may send, with its weight in the mix.
@@ -662,6 +663,9 @@ pub struct Run {
     pub elapsed: Duration,
     /// Per rate step: (scheduled rate, achieved rate, p50, p99).
     pub steps: Vec<(f64, f64, Duration, Duration)>,
+    /// Latency by the second each request was due, from the start of the
+    /// first step (the 0400s and settlements are not in it).
+    pub timeline: Timeline,
 }
 
 impl Run {
@@ -685,6 +689,9 @@ pub async fn run(target: &str, scenario: Scenario) -> Result<Run, String> {
         players.push(Player::start(target, scenario.clone(), i, dialect.clone()).await?);
     }
     let started = std::time::Instant::now();
+    // The progress line, for a person watching; nothing in a log file.
+    let mut live = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| Live::new(started));
+    let mut timeline = Timeline::default();
     let rates = if scenario.steps.is_empty() {
         vec![scenario.rate]
     } else {
@@ -695,13 +702,15 @@ pub async fn run(target: &str, scenario: Scenario) -> Result<Run, String> {
     for rate in rates {
         let count = (rate * scenario.duration.as_secs_f64()).round() as u64;
         let step_started = std::time::Instant::now();
-        let (back, samples) = open::run(rate, count, players).await;
+        let (back, samples) = open::run(rate, count, players, live.as_mut()).await;
         players = back;
+        let offset = step_started - started;
         // Every request's latency runs from its scheduled time (a reversal
         // the terminal owed delays the request it precedes).
         let mut step = Report::default();
         for s in &samples {
             step.record(s.kind, &s.rc, s.latency);
+            timeline.record(offset + s.scheduled, s.latency);
         }
         let all = step.total();
         let [p50, _, p99, _, _] = all.percentiles();
@@ -714,6 +723,9 @@ pub async fn run(target: &str, scenario: Scenario) -> Result<Run, String> {
         report.merge(&step);
     }
     let elapsed = started.elapsed();
+    if let Some(live) = &live {
+        live.finish();
+    }
     // The 0400s themselves and the settlements are added as the terminals timed them.
     let mut balanced = (0, 0);
     if scenario.settle {
@@ -735,6 +747,7 @@ pub async fn run(target: &str, scenario: Scenario) -> Result<Run, String> {
         errors,
         elapsed,
         steps,
+        timeline,
     })
 }
 
