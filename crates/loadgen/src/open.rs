@@ -13,6 +13,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::live::Live;
+
 /// Something that sends request `index` and says what it was and how it was
 /// answered: (kind, response code, `--` when none came).
 pub trait Lane: Send + 'static {
@@ -36,8 +38,14 @@ pub struct Sample {
 }
 
 /// Sends `count` requests at `rate` per second over `lanes`; returns the
-/// lanes (with their state) and a sample per request.
-pub async fn run<L: Lane>(rate: f64, count: u64, lanes: Vec<L>) -> (Vec<L>, Vec<Sample>) {
+/// lanes (with their state) and a sample per request. With `live`, every
+/// sample also goes to the progress line, shown once a second.
+pub async fn run<L: Lane>(
+    rate: f64,
+    count: u64,
+    lanes: Vec<L>,
+    mut live: Option<&mut Live>,
+) -> (Vec<L>, Vec<Sample>) {
     assert!(
         rate > 0.0 && !lanes.is_empty(),
         "a rate and at least one lane"
@@ -66,21 +74,46 @@ pub async fn run<L: Lane>(rate: f64, count: u64, lanes: Vec<L>) -> (Vec<L>, Vec<
         }));
     }
     drop(done_tx);
-    let n = queues.len() as u64;
-    for index in 0..count {
-        let due = start + interval.mul_f64(index as f64);
-        tokio::time::sleep_until(due).await;
-        let _ = queues[(index % n) as usize].send((index, due));
-    }
-    drop(queues);
-    let mut lanes = Vec::with_capacity(workers.len());
-    for w in workers {
-        lanes.push(w.await.expect("a lane does not panic"));
-    }
-    let mut samples = Vec::with_capacity(count as usize);
-    while let Some(s) = done_rx.recv().await {
-        samples.push(s);
-    }
+    let schedule = async move {
+        let n = queues.len() as u64;
+        for index in 0..count {
+            let due = start + interval.mul_f64(index as f64);
+            tokio::time::sleep_until(due).await;
+            let _ = queues[(index % n) as usize].send((index, due));
+        }
+        drop(queues);
+        let mut lanes = Vec::with_capacity(workers.len());
+        for w in workers {
+            lanes.push(w.await.expect("a lane does not panic"));
+        }
+        lanes
+    };
+    // Samples are collected while the schedule runs (the lanes only send
+    // them), and the progress line is drawn from them here.
+    let collect = async {
+        let mut samples = Vec::with_capacity(count as usize);
+        let second = Duration::from_secs(1);
+        let mut ticks = tokio::time::interval_at(start + second, second);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                sample = done_rx.recv() => {
+                    let Some(s) = sample else { break };
+                    if let Some(live) = live.as_deref_mut() {
+                        live.record(s.latency, &s.rc);
+                    }
+                    samples.push(s);
+                }
+                _ = ticks.tick(), if live.is_some() => {
+                    if let Some(live) = live.as_deref_mut() {
+                        live.show();
+                    }
+                }
+            }
+        }
+        samples
+    };
+    let (lanes, mut samples) = tokio::join!(schedule, collect);
     samples.sort_by_key(|s| s.index);
     (lanes, samples)
 }
@@ -112,7 +145,7 @@ mod tests {
             stall_on: 10,
             stall: Duration::from_millis(400),
         };
-        let (_, samples) = run(200.0, 120, vec![lane]).await;
+        let (_, samples) = run(200.0, 120, vec![lane], None).await;
         assert_eq!(samples.len(), 120);
         assert!(samples.iter().all(|s| s.rc == "00"));
         // Requests due during the stall (every 5 ms for 400 ms) waited for it:
@@ -132,6 +165,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_progress_line_hears_of_every_request() {
+        struct Flaky;
+        impl Lane for Flaky {
+            async fn send(&mut self, index: u64) -> (&'static str, String) {
+                let rc = match index % 10 {
+                    0 => "--",
+                    5 => "51",
+                    _ => "00",
+                };
+                ("purchase", rc.into())
+            }
+        }
+        let started = std::time::Instant::now();
+        let mut live = Live::new(started);
+        let (_, samples) = run(2000.0, 40, vec![Flaky, Flaky], Some(&mut live)).await;
+        assert_eq!(samples.len(), 40);
+        let line = live.tick(started + Duration::from_secs(1));
+        assert!(line.contains("     40/s"), "{line}");
+        assert!(line.ends_with("no answer 4  not 00 4"), "{line}");
+    }
+
+    #[tokio::test]
     async fn requests_go_round_robin_to_the_lanes() {
         struct Counting(Vec<u64>);
         impl Lane for Counting {
@@ -144,6 +199,7 @@ mod tests {
             1000.0,
             9,
             vec![Counting(vec![]), Counting(vec![]), Counting(vec![])],
+            None,
         )
         .await;
         assert_eq!(samples.len(), 9);

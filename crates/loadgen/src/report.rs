@@ -1,6 +1,7 @@
 //! What a load run reports: per transaction kind, the count, the response
 //! codes, and latency percentiles (p50, p90, p99, p99.9, max) from HDR
-//! histograms (microseconds, three significant digits).
+//! histograms (microseconds, three significant digits); and the latency of
+//! each second of the run, for the chart of latency over time.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -10,6 +11,17 @@ use hdrhistogram::Histogram;
 
 /// The longest latency a histogram records (longer ones are clamped).
 const MAX_MICROS: u64 = 600_000_000;
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_MICROS, 3).expect("valid bounds")
+}
+
+/// A latency as the histograms record it: microseconds, within their bounds.
+fn micros(latency: Duration) -> u64 {
+    u64::try_from(latency.as_micros())
+        .unwrap_or(MAX_MICROS)
+        .clamp(1, MAX_MICROS)
+}
 
 /// One kind's figures.
 #[derive(Debug, Clone)]
@@ -24,7 +36,7 @@ impl KindStats {
     fn new() -> KindStats {
         KindStats {
             codes: BTreeMap::new(),
-            latency: Histogram::new_with_bounds(1, MAX_MICROS, 3).expect("valid bounds"),
+            latency: histogram(),
         }
     }
 
@@ -44,6 +56,71 @@ impl KindStats {
             Duration::from_micros(self.latency.max()),
         ]
     }
+
+    /// Latency by percentile from p0 to p99.99 on a scale of nines: `x` is
+    /// `-log10(1 - q)`, so 0 is p0, 1 p90, 2 p99, 3 p99.9 and 4 p99.99;
+    /// `per_nine` points for each nine.
+    pub fn by_nines(&self, per_nine: u32) -> Vec<(f64, Duration)> {
+        (0..=4 * per_nine)
+            .map(|i| {
+                let x = f64::from(i) / f64::from(per_nine);
+                let q = 1.0 - 10f64.powf(-x);
+                (x, Duration::from_micros(self.latency.value_at_quantile(q)))
+            })
+            .collect()
+    }
+}
+
+/// One second of a run: the requests due in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Second {
+    /// Seconds since the run started.
+    pub at: u64,
+    /// Requests due in it.
+    pub count: u64,
+    /// Their median latency.
+    pub p50: Duration,
+    /// Their p99.
+    pub p99: Duration,
+    /// The slowest.
+    pub max: Duration,
+}
+
+/// Latency second by second: a histogram per second of the run, a request
+/// counting in the second it was due (open loop: a stall shows where it
+/// happened, in the requests that waited behind it).
+#[derive(Debug, Clone, Default)]
+pub struct Timeline {
+    seconds: Vec<Histogram<u64>>,
+}
+
+impl Timeline {
+    /// Records a request due `scheduled` after the start.
+    pub fn record(&mut self, scheduled: Duration, latency: Duration) {
+        let i = usize::try_from(scheduled.as_secs()).unwrap_or(usize::MAX);
+        if i >= self.seconds.len() {
+            self.seconds.resize_with(i + 1, histogram);
+        }
+        self.seconds[i]
+            .record(micros(latency))
+            .expect("within bounds");
+    }
+
+    /// Every second in which requests were due.
+    pub fn seconds(&self) -> Vec<Second> {
+        self.seconds
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| !h.is_empty())
+            .map(|(at, h)| Second {
+                at: at as u64,
+                count: h.len(),
+                p50: Duration::from_micros(h.value_at_quantile(0.5)),
+                p99: Duration::from_micros(h.value_at_quantile(0.99)),
+                max: Duration::from_micros(h.max()),
+            })
+            .collect()
+    }
 }
 
 /// A run's figures, by transaction kind.
@@ -61,10 +138,10 @@ impl Report {
             .entry(kind.to_string())
             .or_insert_with(KindStats::new);
         *stats.codes.entry(rc.to_string()).or_default() += 1;
-        let micros = u64::try_from(latency.as_micros())
-            .unwrap_or(MAX_MICROS)
-            .clamp(1, MAX_MICROS);
-        stats.latency.record(micros).expect("within bounds");
+        stats
+            .latency
+            .record(micros(latency))
+            .expect("within bounds");
     }
 
     /// Adds another report's figures to this one.
@@ -203,5 +280,45 @@ mod tests {
             "{json}"
         );
         assert!(json.contains("\"all\": {\"count\": 3"), "{json}");
+    }
+
+    #[test]
+    fn the_timeline_buckets_requests_by_the_second_they_were_due() {
+        let mut t = Timeline::default();
+        // Second 0: 1..=100 ms; second 2: one slow request; second 1: none.
+        for ms in 1..=100u64 {
+            t.record(Duration::from_millis(ms * 9), Duration::from_millis(ms));
+        }
+        t.record(Duration::from_millis(2_500), Duration::from_secs(3));
+        let seconds = t.seconds();
+        assert_eq!(seconds.len(), 2, "{seconds:?}");
+        let first = seconds[0];
+        assert_eq!((first.at, first.count), (0, 100));
+        let near = |d: Duration, ms: f64| (d.as_secs_f64() * 1000.0 - ms).abs() <= ms * 0.001;
+        assert!(near(first.p50, 50.0), "{first:?}");
+        assert!(near(first.p99, 99.0), "{first:?}");
+        assert!(near(first.max, 100.0), "{first:?}");
+        assert_eq!((seconds[1].at, seconds[1].count), (2, 1));
+        assert!(near(seconds[1].max, 3000.0));
+    }
+
+    #[test]
+    fn latency_by_nines_runs_from_the_fastest_to_p99_99() {
+        let mut r = Report::default();
+        for ms in 1..=10_000u64 {
+            r.record("purchase", "00", Duration::from_micros(ms * 100));
+        }
+        let curve = r.kinds["purchase"].by_nines(2);
+        let xs: Vec<f64> = curve.iter().map(|(x, _)| *x).collect();
+        assert_eq!(xs, [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]);
+        let ms = |i: usize| curve[i].1.as_secs_f64() * 1000.0;
+        let near = |got: f64, want: f64| (got - want).abs() <= want * 0.001 + 0.001;
+        // 0.1 ms to 1000 ms: p0 0.1, p90 900, p99 990, p99.9 999, p99.99 999.9.
+        assert!(near(ms(0), 0.1), "{}", ms(0));
+        assert!(near(ms(2), 900.0), "{}", ms(2));
+        assert!(near(ms(4), 990.0), "{}", ms(4));
+        assert!(near(ms(6), 999.0), "{}", ms(6));
+        assert!(near(ms(8), 999.9), "{}", ms(8));
+        assert!(curve.windows(2).all(|w| w[0].1 <= w[1].1));
     }
 }

@@ -5,7 +5,8 @@
 //! keeps a reversal record before every reversible request and, when no
 //! valid reply came, sends the 0400 (reason 98) before its next transaction
 //! (retrying it until answered), voids and refunds its own earlier sales,
-//! and settles its batch at the end with its own totals. Requests are
+//! cancels or completes its own open pre-authorisations, and settles its
+//! batch at the end with its own totals. Requests are
 //! scheduled open loop (`crate::open`), latency from the scheduled time.
 
 use std::path::Path;
@@ -15,8 +16,9 @@ use std::time::Duration;
 use iso8583::Dialect;
 use settings::{Problems, Section};
 
+use crate::live::Live;
 use crate::open::{self, Lane};
-use crate::report::Report;
+use crate::report::{Report, Timeline};
 use crate::terminal::{Original, Reply, Reversed, Terminal};
 
 /// What a terminal may send, with its weight in the mix.
@@ -34,18 +36,37 @@ pub enum Op {
     Reversal,
     /// A request sent twice (D1: the same reply, charged once).
     Duplicate,
+    /// A pre-authorisation: a hold on the card, no debit yet.
+    PreAuth,
+    /// A cancel of one of the terminal's open pre-authorisations.
+    PreAuthCancel,
+    /// A completion request (0200) of one of its open pre-authorisations,
+    /// for at most the amount held: the debit.
+    Completion,
+}
+
+impl Op {
+    /// Its key in a scenario's `[mix]`.
+    pub fn name(self) -> &'static str {
+        OPS.iter()
+            .find(|(_, op)| *op == self)
+            .map_or("purchase", |(name, _)| name)
+    }
 }
 
 /// `config/load/smoke.toml`, embedded: what `switchyard demo` plays.
 pub const SMOKE: &str = include_str!("../../../config/load/smoke.toml");
 
-const OPS: [(&str, Op); 6] = [
+const OPS: [(&str, Op); 9] = [
     ("purchase", Op::Purchase),
     ("balance_inquiry", Op::BalanceInquiry),
     ("void", Op::Void),
     ("refund", Op::Refund),
     ("reversal", Op::Reversal),
     ("duplicate", Op::Duplicate),
+    ("preauth", Op::PreAuth),
+    ("preauth_cancel", Op::PreAuthCancel),
+    ("completion", Op::Completion),
 ];
 
 /// A scenario file.
@@ -212,6 +233,16 @@ struct Sale {
     refunded: u64,
 }
 
+/// An approved pre-authorisation the terminal keeps, to cancel or complete
+/// it later (both name it by its auth code and date).
+#[derive(Debug, Clone)]
+struct Hold {
+    stan: u32,
+    pan: String,
+    amount: u64,
+    reply: Reply,
+}
+
 /// A request the terminal must reverse before its next one (its reversal record).
 #[derive(Debug, Clone)]
 struct Pending {
@@ -219,6 +250,8 @@ struct Pending {
     processing_code: &'static str,
     amount: u64,
     stan: u32,
+    /// F25: `06` for the pre-authorisation family, `00` otherwise.
+    condition: &'static str,
     f60: String,
     f61: Option<String>,
 }
@@ -238,6 +271,7 @@ pub struct Player {
     scenario: Arc<Scenario>,
     dice: Dice,
     sales: Vec<Sale>,
+    holds: Vec<Hold>,
     pending: Option<Pending>,
     totals: Totals,
     /// What it saw.
@@ -277,6 +311,7 @@ impl Player {
             dice: Dice(scenario.seed ^ (index as u64).wrapping_mul(0x1000_0001)),
             scenario,
             sales: Vec::new(),
+            holds: Vec::new(),
             pending: None,
             totals: Totals::default(),
             report: Report::default(),
@@ -326,7 +361,7 @@ impl Player {
             processing_code: p.processing_code,
             amount: p.amount,
             stan: p.stan,
-            condition: "00",
+            condition: p.condition,
             f60: &p.f60,
             f61: p.f61.as_deref(),
         };
@@ -374,6 +409,7 @@ impl Player {
                         processing_code: "200000",
                         amount: sale.amount,
                         stan,
+                        condition: "00",
                         f60: self.terminal.f60("23"),
                         f61: Some(f61),
                     });
@@ -413,6 +449,94 @@ impl Player {
                     ("refund", rc)
                 }
             }
+            Op::PreAuthCancel | Op::Completion if !self.holds.is_empty() => {
+                let i = self.dice.below(self.holds.len() as u64) as usize;
+                let hold = self.holds[i].clone();
+                let original = Original {
+                    batch: self.terminal.batch,
+                    stan: hold.stan,
+                    rrn: hold.reply.field(37).unwrap_or(""),
+                    auth_code: hold.reply.field(38).unwrap_or(""),
+                    date: hold.reply.field(13).unwrap_or(""),
+                };
+                let stan = self.terminal.next_stan();
+                // A cancel names the whole hold; a completion the final bill,
+                // between half the hold and all of it.
+                let (kind, processing_code, type_code, amount, built) = if op == Op::Completion {
+                    let amount = hold.amount - self.dice.below(hold.amount / 2 + 1);
+                    let built = self
+                        .terminal
+                        .completion(stan, &hold.pan, expiry, amount, &original);
+                    ("completion", "000000", "20", amount, built)
+                } else {
+                    let built = self.terminal.preauth_cancel(
+                        stan,
+                        &hold.pan,
+                        expiry,
+                        hold.amount,
+                        &original,
+                    );
+                    ("preauth_cancel", "200000", "11", hold.amount, built)
+                };
+                let Ok(frame) = built else {
+                    return (kind, "--".into());
+                };
+                self.pending = Some(Pending {
+                    pan: hold.pan.clone(),
+                    processing_code,
+                    amount,
+                    stan,
+                    condition: "06",
+                    f60: self.terminal.f60(type_code),
+                    f61: None,
+                });
+                let reply = self.exchange(&frame).await;
+                if reply.is_some() {
+                    self.pending = None;
+                }
+                let rc = reply.as_ref().map_or("--", Reply::rc).to_string();
+                // Declined or reversed, the hold stays open (the switch gives
+                // its claim back); approved, it is used up.
+                if rc == "00" {
+                    self.holds.remove(i);
+                    if op == Op::Completion {
+                        self.totals.debit += amount;
+                        self.totals.debits += 1;
+                    }
+                }
+                (kind, rc)
+            }
+            Op::PreAuth => {
+                let (pan, amount, stan) = (self.card(), self.amount(), self.terminal.next_stan());
+                let Ok(frame) = self.terminal.preauth(stan, &pan, expiry, amount) else {
+                    return ("preauth", "--".into());
+                };
+                self.pending = Some(Pending {
+                    pan: pan.clone(),
+                    processing_code: "030000",
+                    amount,
+                    stan,
+                    condition: "06",
+                    f60: self.terminal.f60("10"),
+                    f61: None,
+                });
+                let Some(reply) = self.exchange(&frame).await else {
+                    return ("preauth", "--".into());
+                };
+                self.pending = None;
+                let rc = reply.rc().to_string();
+                // A hold is neither debit nor credit: settlement counts only
+                // its completion.
+                if rc == "00" {
+                    self.holds.push(Hold {
+                        stan,
+                        pan,
+                        amount,
+                        reply,
+                    });
+                }
+                ("preauth", rc)
+            }
             Op::BalanceInquiry => {
                 let pan = self.card();
                 let stan = self.terminal.next_stan();
@@ -443,8 +567,9 @@ impl Player {
                     _ => ("duplicate", "--".into()),
                 }
             }
-            // A purchase (also when there is nothing to void or refund yet);
-            // `Reversal` sends one and pretends its reply never came.
+            // A purchase (also when there is nothing to void, refund, cancel
+            // or complete yet); `Reversal` sends one and pretends its reply
+            // never came.
             _ => {
                 let (pan, amount, stan) = (self.card(), self.amount(), self.terminal.next_stan());
                 let Ok(frame) = self.terminal.purchase(stan, &pan, expiry, amount) else {
@@ -455,6 +580,7 @@ impl Player {
                     processing_code: "000000",
                     amount,
                     stan,
+                    condition: "00",
                     f60: self.terminal.f60("22"),
                     f61: None,
                 });
@@ -537,6 +663,9 @@ pub struct Run {
     pub elapsed: Duration,
     /// Per rate step: (scheduled rate, achieved rate, p50, p99).
     pub steps: Vec<(f64, f64, Duration, Duration)>,
+    /// Latency by the second each request was due, from the start of the
+    /// first step (the 0400s and settlements are not in it).
+    pub timeline: Timeline,
 }
 
 impl Run {
@@ -560,6 +689,9 @@ pub async fn run(target: &str, scenario: Scenario) -> Result<Run, String> {
         players.push(Player::start(target, scenario.clone(), i, dialect.clone()).await?);
     }
     let started = std::time::Instant::now();
+    // The progress line, for a person watching; nothing in a log file.
+    let mut live = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| Live::new(started));
+    let mut timeline = Timeline::default();
     let rates = if scenario.steps.is_empty() {
         vec![scenario.rate]
     } else {
@@ -570,13 +702,15 @@ pub async fn run(target: &str, scenario: Scenario) -> Result<Run, String> {
     for rate in rates {
         let count = (rate * scenario.duration.as_secs_f64()).round() as u64;
         let step_started = std::time::Instant::now();
-        let (back, samples) = open::run(rate, count, players).await;
+        let (back, samples) = open::run(rate, count, players, live.as_mut()).await;
         players = back;
+        let offset = step_started - started;
         // Every request's latency runs from its scheduled time (a reversal
         // the terminal owed delays the request it precedes).
         let mut step = Report::default();
         for s in &samples {
             step.record(s.kind, &s.rc, s.latency);
+            timeline.record(offset + s.scheduled, s.latency);
         }
         let all = step.total();
         let [p50, _, p99, _, _] = all.percentiles();
@@ -589,6 +723,9 @@ pub async fn run(target: &str, scenario: Scenario) -> Result<Run, String> {
         report.merge(&step);
     }
     let elapsed = started.elapsed();
+    if let Some(live) = &live {
+        live.finish();
+    }
     // The 0400s themselves and the settlements are added as the terminals timed them.
     let mut balanced = (0, 0);
     if scenario.settle {
@@ -610,6 +747,7 @@ pub async fn run(target: &str, scenario: Scenario) -> Result<Run, String> {
         errors,
         elapsed,
         steps,
+        timeline,
     })
 }
 
@@ -623,7 +761,13 @@ mod tests {
         let smoke = Scenario::load(&dir.join("smoke.toml")).unwrap();
         assert!(smoke.count() > 0);
         assert!(smoke.mix.iter().any(|(op, _)| *op == Op::Void));
-        Scenario::load(&dir.join("mixed.toml")).unwrap();
+        let mixed = Scenario::load(&dir.join("mixed.toml")).unwrap();
+        // A realistic day has pre-authorisations, and the smoke test plays
+        // every kind.
+        for op in [Op::PreAuth, Op::Completion, Op::PreAuthCancel] {
+            assert!(mixed.mix.iter().any(|(o, _)| *o == op), "{op:?}");
+            assert!(smoke.mix.iter().any(|(o, _)| *o == op), "{op:?}");
+        }
         let peak = Scenario::load(&dir.join("peak.toml")).unwrap();
         assert!(peak.steps.len() >= 3);
         let faults = Scenario::load(&dir.join("faults.toml")).unwrap();
@@ -647,6 +791,19 @@ mod tests {
                 problems.contains(expected),
                 "{expected:?} missing from:\n{problems}"
             );
+        }
+    }
+
+    #[test]
+    fn every_op_is_named_by_its_mix_key() {
+        let text: String = OPS
+            .iter()
+            .map(|(name, _)| format!("{name} = 1\n"))
+            .collect();
+        let s = Scenario::parse(&format!("[mix]\n{text}"), "all.toml").unwrap();
+        assert_eq!(s.mix.len(), OPS.len());
+        for (name, op) in OPS {
+            assert_eq!(op.name(), name);
         }
     }
 

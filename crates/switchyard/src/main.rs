@@ -80,12 +80,43 @@ enum TerminalsCommand {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let writer = if terminal {
+        tracing_subscriber::fmt::writer::BoxMakeWriter::new(|| ClearingLine {
+            cleared: false,
+            stderr: std::io::stderr(),
+        })
+    } else {
+        tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr)
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(terminal)
         .init();
+}
+
+/// Stderr on a terminal, where a log line first clears the line it lands
+/// on: a scenario's progress line may be there (it is redrawn within the
+/// second), and the log line would otherwise continue it.
+struct ClearingLine {
+    cleared: bool,
+    stderr: std::io::Stderr,
+}
+
+impl std::io::Write for ClearingLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if !self.cleared {
+            self.stderr.write_all(b"\r\x1b[K")?;
+            self.cleared = true;
+        }
+        self.stderr.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stderr.flush()
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -417,12 +417,14 @@ fn demo_serve_answers_terminals_and_exits_0_on_sigterm() {
         report.contains("settlement: none yet") && report.contains("only the switch had:"),
         "{report}"
     );
-    // A scenario file against the running switch, with the report as JSON.
+    // A scenario file against the running switch, with the report as JSON
+    // and as a page.
     let dir = std::env::temp_dir().join(format!("sy-scenario-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let scenario = dir.join("short.toml");
     std::fs::write(&scenario, "terminals = 3\nrate = 30\nduration = \"1s\"\nsettle = false\n[mix]\npurchase = 3\nvoid = 1\n").unwrap();
     let json_file = dir.join("report.json");
+    let html_file = dir.join("report.html");
     let played = switchyard(
         &[
             "load",
@@ -431,10 +433,29 @@ fn demo_serve_answers_terminals_and_exits_0_on_sigterm() {
             &listen,
             "--json",
             json_file.to_str().unwrap(),
+            "--html",
+            html_file.to_str().unwrap(),
         ],
         None,
     );
     stdout(&played);
+    // Not a terminal: no progress line.
+    assert!(
+        !String::from_utf8_lossy(&played.stderr).contains('\r'),
+        "a progress line went to a pipe"
+    );
+    let page = std::fs::read_to_string(&html_file).unwrap();
+    assert!(page.starts_with("<!DOCTYPE html>"), "{page}");
+    assert_eq!(page.matches("<svg ").count(), 2, "{page}");
+    assert!(page.contains("<td>purchase 3, void 1</td>"), "{page}");
+    assert!(
+        page.contains("<tr><td>all</td><td class=\"n\">30</td>"),
+        "{page}"
+    );
+    assert!(
+        !page.contains("http") && !page.contains("<script"),
+        "{page}"
+    );
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json_file).unwrap()).unwrap();
     assert_eq!(json["scheduled"], 30);
@@ -523,6 +544,9 @@ fn the_demo_plays_the_smoke_scenario_and_the_money_balances() {
         "refund",
         "reversal",
         "duplicate",
+        "preauth",
+        "preauth_cancel",
+        "completion",
         "settlement",
     ] {
         assert!(

@@ -62,6 +62,9 @@ pub struct DemoArgs {
     /// config/load/smoke.toml); its [faults] are applied to the demo's issuer.
     #[arg(long, conflicts_with = "serve")]
     pub scenario: Option<std::path::PathBuf>,
+    /// Also write the scenario's report as one self-contained HTML page.
+    #[arg(long, value_name = "FILE", conflicts_with = "serve")]
+    pub html: Option<std::path::PathBuf>,
 }
 
 /// The running demo: private PostgreSQL, issuer, switch.
@@ -201,13 +204,17 @@ pub async fn run(args: &DemoArgs) -> Result<(), Failure> {
     }
     .map_err(|p| Failure::Input(anyhow!("{p}")))?;
     let stack = Stack::start("127.0.0.1:0", CancellationToken::new()).await?;
-    let result = scripted_day(&stack, scenario).await;
+    let result = scripted_day(&stack, scenario, args.html.as_deref()).await;
     stack.stop().await;
     result.map_err(Failure::Other)
 }
 
 /// A short day at the demo store, then the money check.
-async fn scripted_day(stack: &Stack, scenario: loadgen::scenario::Scenario) -> anyhow::Result<()> {
+async fn scripted_day(
+    stack: &Stack,
+    scenario: loadgen::scenario::Scenario,
+    html: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     let dialect = Arc::new(Dialect::cup_pos());
     // The last terminal: the smoke scenario's terminals settle their own batches.
     let mut t = Terminal::connect(&stack.switch_addr, "T0000100", MERCHANT, dialect).await?;
@@ -322,7 +329,8 @@ async fn scripted_day(stack: &Stack, scenario: loadgen::scenario::Scenario) -> a
             c.close_connection = f.close_connection;
         });
     }
-    let played = super::load::play(&stack.switch_addr, scenario, None).await;
+    let outputs = super::load::Outputs { json: None, html };
+    let played = super::load::play(&stack.switch_addr, scenario, outputs).await;
     stack.issuer.faults().clear();
     played.map_err(|e| anyhow!("{e}"))?;
     // The money check: entry by entry, the journal against the issuer's

@@ -15,6 +15,10 @@ pub struct LoadArgs {
     /// Also write a scenario's report as JSON to this file.
     #[arg(long, value_name = "FILE", requires = "scenario")]
     pub json: Option<std::path::PathBuf>,
+    /// Also write a scenario's report as one self-contained HTML page (the
+    /// scenario, the machine, the table, latency charts) to this file.
+    #[arg(long, value_name = "FILE", requires = "scenario")]
+    pub html: Option<std::path::PathBuf>,
     /// The switch's terminal address.
     #[arg(long, default_value = "127.0.0.1:8583")]
     pub target: String,
@@ -52,17 +56,26 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     settings::parse_duration(text).ok_or_else(|| format!("{text:?} is not a duration like 10s"))
 }
 
+/// Where a scenario's report goes besides stdout.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Outputs<'a> {
+    /// `--json FILE`.
+    pub json: Option<&'a std::path::Path>,
+    /// `--html FILE`.
+    pub html: Option<&'a std::path::Path>,
+}
+
 /// Plays a scenario and prints its report; an error when a terminal failed
 /// or a settlement did not balance.
 pub async fn play(
     target: &str,
     scenario: loadgen::scenario::Scenario,
-    json: Option<&std::path::Path>,
+    outputs: Outputs<'_>,
 ) -> Result<(), Failure> {
     let name = scenario.name.clone();
     let count = scenario.count();
     let p99_target = scenario.p99_target;
-    let run = loadgen::scenario::run(target, scenario)
+    let run = loadgen::scenario::run(target, scenario.clone())
         .await
         .map_err(|e| Failure::Other(anyhow::anyhow!(e)))?;
     println!(
@@ -96,7 +109,7 @@ pub async fn play(
         }
     }
     print!("{}", run.report.table());
-    if let Some(path) = json {
+    if let Some(path) = outputs.json {
         let text = format!(
             "{{\"scenario\": {name:?}, \"scheduled\": {count}, \"elapsed_s\": {:.3}, \"connection_failures\": {}, \"settlements\": {{\"balanced\": {}, \"settled\": {}}}, \"report\": {}}}\n",
             run.elapsed.as_secs_f64(),
@@ -106,6 +119,19 @@ pub async fn play(
             run.report.to_json()
         );
         std::fs::write(path, text)
+            .map_err(|e| Failure::Other(anyhow::anyhow!("{}: {e}", path.display())))?;
+    }
+    if let Some(path) = outputs.html {
+        let page = loadgen::html::render(&loadgen::html::Page {
+            scenario: &scenario,
+            run: &run,
+            machine: &loadgen::machine::Machine::here(),
+            version: env!("CARGO_PKG_VERSION"),
+            generated: &chrono::Local::now()
+                .format("%Y-%m-%d %H:%M:%S %:z")
+                .to_string(),
+        });
+        std::fs::write(path, page)
             .map_err(|e| Failure::Other(anyhow::anyhow!("{}: {e}", path.display())))?;
     }
     if run.balanced.0 != run.balanced.1 {
@@ -121,7 +147,11 @@ pub async fn run(args: &LoadArgs) -> Result<(), Failure> {
     if let Some(path) = &args.scenario {
         let scenario = loadgen::scenario::Scenario::load(path)
             .map_err(|p| Failure::Input(anyhow::anyhow!("{p}")))?;
-        return play(&args.target, scenario, args.json.as_deref()).await;
+        let outputs = Outputs {
+            json: args.json.as_deref(),
+            html: args.html.as_deref(),
+        };
+        return play(&args.target, scenario, outputs).await;
     }
     let outcome = run_plan(Plan {
         target: args.target.clone(),
