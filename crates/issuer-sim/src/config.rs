@@ -304,7 +304,7 @@ fn read(root: &Section<'_, '_>) -> IssuerConfig {
         max_connections: l.int("max_connections", 64, 1..=100_000) as usize,
         max_in_flight: l.int("max_in_flight", 256, 1..=100_000) as usize,
         max_batch: l.int("max_batch", 256, 1..=10_000) as usize,
-        batches_in_flight: l.int("batches_in_flight", 2, 1..=64) as usize,
+        batches_in_flight: l.int("batches_in_flight", 1, 1..=64) as usize,
     };
     drop(l);
 

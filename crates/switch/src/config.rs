@@ -220,7 +220,7 @@ impl Config {
             max_connections: db.int("max_connections", 16, 1..=1000) as u32,
             embedded_data_dir: db.path("embedded_data_dir"),
             max_batch: db.int("max_batch", 256, 1..=10_000) as usize,
-            batches_in_flight: db.int("batches_in_flight", 2, 1..=64) as usize,
+            batches_in_flight: db.int("batches_in_flight", 1, 1..=64) as usize,
         };
 
         let l = root.section("limits");
