@@ -83,9 +83,9 @@ pub struct Scenario {
 }
 
 /// `[faults]`: what breaks while the scenario runs. The issuer's shares
-/// need a runner that owns the issuer (`switchyard demo --scenario`);
-/// connection resets are the terminals' own doing and happen wherever the
-/// scenario plays.
+/// and the restarts need a runner that owns the issuer and the switch
+/// (`switchyard demo --scenario`); connection resets are the terminals'
+/// own doing and happen wherever the scenario plays.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Faults {
     /// Extra delay of every issuer reply.
@@ -100,7 +100,18 @@ pub struct Faults {
     /// it resets its connection (RST) without reading the reply; it
     /// reconnects, signs on, and reverses (a refund: sends it again).
     pub reset_connection: f64,
+    /// When, from the start of the run, the issuer is stopped (listener and
+    /// connections closed) and started again on the same address.
+    pub issuer_restart_at: Option<Duration>,
+    /// How long it stays down.
+    pub issuer_down_for: Duration,
+    /// When, from the start of the run, the switch is killed with SIGKILL
+    /// and started again on the same port.
+    pub switch_kill_at: Option<Duration>,
 }
+
+/// How long an issuer restart keeps it down unless the scenario says.
+pub const DEFAULT_ISSUER_DOWN_FOR: Duration = Duration::from_millis(500);
 
 impl Faults {
     /// True when nothing is to break.
@@ -152,12 +163,16 @@ impl Scenario {
         let rate = root.float("rate", 50.0, 0.001..=1_000_000.0);
         let f = root.section("faults");
         let share = |key: &str| f.float(key, 0.0, 0.0..=1.0);
+        let at = |key: &str| f.has(key).then(|| f.duration(key, Duration::ZERO));
         let faults = Faults {
             latency: f.duration("latency", Duration::ZERO),
             drop_reply: share("drop_reply"),
             late_reply: share("late_reply"),
             close_connection: share("close_connection"),
             reset_connection: share("reset_connection"),
+            issuer_restart_at: at("issuer_restart_at"),
+            issuer_down_for: f.duration("issuer_down_for", DEFAULT_ISSUER_DOWN_FOR),
+            switch_kill_at: at("switch_kill_at"),
         };
         if faults.drop_reply + faults.late_reply + faults.close_connection > 1.0 {
             f.problem(
@@ -165,8 +180,24 @@ impl Scenario {
                 "drop_reply + late_reply + close_connection must not exceed 1",
             );
         }
+        if f.has("issuer_down_for") && faults.issuer_restart_at.is_none() {
+            f.problem("issuer_down_for", "needs issuer_restart_at");
+        }
+        if faults.issuer_down_for.is_zero() || faults.issuer_down_for > Duration::from_secs(60) {
+            f.problem("issuer_down_for", "must be above 0 and at most 60s");
+        }
         let duration = root.duration("duration", Duration::from_secs(5));
         let steps = root.numbers("steps");
+        // A fault timed after the last request would break nothing.
+        let run_length = duration * steps.len().max(1) as u32;
+        for (key, time) in [
+            ("issuer_restart_at", faults.issuer_restart_at),
+            ("switch_kill_at", faults.switch_kill_at),
+        ] {
+            if time.is_some_and(|t| t >= run_length) {
+                f.problem(key, "must fall within the run (before duration ends)");
+            }
+        }
         Scenario {
             name: root.string("name", "scenario"),
             terminals: root.int("terminals", 10, 1..=9_999_999) as usize,
@@ -816,22 +847,33 @@ mod tests {
     #[test]
     fn fault_keys_are_checked() {
         let problems = Scenario::parse(
-            "duration = \"2s\"\n[faults]\nreset_connection = 1.5\nissuer_restart = \"1s\"\n",
+            "duration = \"2s\"\n[faults]\nreset_connection = 1.5\nissuer_down_for = \"1s\"\nswitch_kill_at = \"2s\"\nissuer_restart = \"1s\"\n",
             "f.toml",
         )
         .unwrap_err()
         .to_string();
         for expected in [
             "f.toml:3: faults.reset_connection: out of range: 0 to 1",
-            "f.toml:4: faults.issuer_restart: unknown key",
+            "f.toml:4: faults.issuer_down_for: needs issuer_restart_at",
+            "f.toml:5: faults.switch_kill_at: must fall within the run",
+            "f.toml:6: faults.issuer_restart: unknown key",
         ] {
             assert!(
                 problems.contains(expected),
                 "{expected:?} missing from:\n{problems}"
             );
         }
-        let fine = Scenario::parse("[faults]\nreset_connection = 0.1\n", "f.toml").unwrap();
-        assert_eq!(fine.faults.reset_connection, 0.1);
+        let fine = Scenario::parse(
+            "duration = \"4s\"\n[faults]\nreset_connection = 0.1\nissuer_restart_at = \"1500ms\"\nswitch_kill_at = \"3s\"\n",
+            "f.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            fine.faults.issuer_restart_at,
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(fine.faults.issuer_down_for, DEFAULT_ISSUER_DOWN_FOR);
+        assert_eq!(fine.faults.switch_kill_at, Some(Duration::from_secs(3)));
         assert!(!fine.faults.issuer_replies());
     }
 
