@@ -423,7 +423,15 @@ pub(crate) async fn authorise_many(
         a.iter().map(f).collect()
     }
     let today = chrono::Utc::now().date_naive();
-    let rows: Vec<(i64, bool, String, Option<String>, Option<i64>)> = sqlx::query_as(
+    #[derive(sqlx::FromRow)]
+    struct Decision {
+        ord: i64,
+        inserted: bool,
+        code: String,
+        auth_code: Option<String>,
+        available: Option<i64>,
+    }
+    let rows: Vec<Decision> = sqlx::query_as(
         "WITH req AS (
             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int2[], $5::text[], $6::text[],
                                  $7::bytea[], $8::text[], $9::text[], $10::text[], $11::text[], $12::int8[],
@@ -475,7 +483,7 @@ pub(crate) async fn authorise_many(
             UPDATE issuer.cards c SET balance = c.balance + p.balance_change, held = c.held + p.hold_change
             FROM posted p
             WHERE c.id = p.card_id AND (p.balance_change <> 0 OR p.hold_change <> 0))
-         SELECT d.ord, p.id IS NOT NULL, d.code, d.auth_code, d.available_reply
+         SELECT d.ord, p.id IS NOT NULL AS inserted, d.code, d.auth_code, d.available_reply AS available
          FROM decided d LEFT JOIN posted p ON p.id = d.id",
     )
     .bind(col(auths, |a| a.req.key.acquirer.as_str()))
@@ -501,13 +509,13 @@ pub(crate) async fn authorise_many(
     .fetch_all(pool)
     .await?;
     let mut out: Vec<Option<Outcome>> = vec![None; auths.len()];
-    for (ord, inserted, code, auth_code, available) in rows {
-        let slot = usize::try_from(ord - 1).ok().and_then(|i| out.get_mut(i));
-        if let (true, Some(slot)) = (inserted, slot) {
+    for d in rows {
+        let slot = usize::try_from(d.ord - 1).ok().and_then(|i| out.get_mut(i));
+        if let (true, Some(slot)) = (d.inserted, slot) {
             *slot = Some(Outcome {
-                code,
-                auth_code,
-                available,
+                code: d.code,
+                auth_code: d.auth_code,
+                available: d.available,
             });
         }
     }

@@ -742,6 +742,38 @@ async fn a_dropped_reply_is_answered_from_the_stored_outcome_when_repeated() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_issuer_closes_its_connections_and_serves_again_on_the_same_address() {
+    // What `issuer_restart_at` in a scenario does to the demo's issuer.
+    let mut sim = Sim::start().await;
+    let mut link = sim.connect().await;
+    assert_eq!(link.exchange(&purchase(1, 1, 700)).await.rc(), "00");
+
+    sim.shutdown.cancel();
+    tokio::time::timeout(PATIENCE, &mut sim.server)
+        .await
+        .expect("the server stops")
+        .unwrap()
+        .unwrap();
+    assert!(
+        link.next_frame().await.is_none(),
+        "the connection is closed"
+    );
+    assert!(
+        TcpStream::connect(sim.addr).await.is_err(),
+        "nobody listens"
+    );
+
+    // The same issuer, the same books, the same address.
+    let listener = TcpListener::bind(sim.addr).await.unwrap();
+    sim.shutdown = CancellationToken::new();
+    sim.server = tokio::spawn(run(listener, sim.issuer.clone(), sim.shutdown.clone()));
+    let mut link = sim.connect().await;
+    assert_eq!(link.exchange(&purchase(2, 1, 300)).await.rc(), "00");
+    assert_eq!(sim.card(1).await.balance, 99_000);
+    sim.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_reply_closes_the_connection_and_the_repeat_is_answered() {
     let sim = Sim::start().await;
     let faults = sim.issuer.faults();

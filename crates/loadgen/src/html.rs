@@ -579,6 +579,8 @@ mod tests {
             report,
             balanced: (1, 1),
             errors: 0,
+            resets: 0,
+            reconnects: 0,
             elapsed: Duration::from_secs(10),
             steps: vec![(
                 100.0,

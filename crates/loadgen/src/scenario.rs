@@ -103,23 +103,49 @@ pub struct Scenario {
     pub faults: Faults,
 }
 
-/// `[faults]`: what the simulated issuer does wrong, as shares of its replies.
+/// `[faults]`: what breaks while the scenario runs. The issuer's shares
+/// and the restarts need a runner that owns the issuer and the switch
+/// (`switchyard demo --scenario`); connection resets are the terminals'
+/// own doing and happen wherever the scenario plays.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Faults {
-    /// Extra delay of every reply.
+    /// Extra delay of every issuer reply.
     pub latency: Duration,
-    /// Replies never written.
+    /// Issuer replies never written.
     pub drop_reply: f64,
-    /// Replies written after the switch gave up on them.
+    /// Issuer replies written after the switch gave up on them.
     pub late_reply: f64,
-    /// Replies cut in half and the connection closed.
+    /// Issuer replies cut in half and the connection closed.
     pub close_connection: f64,
+    /// Share of a terminal's reversible requests (and refunds) after which
+    /// it resets its connection (RST) without reading the reply; it
+    /// reconnects, signs on, and reverses (a refund: sends it again).
+    pub reset_connection: f64,
+    /// When, from the start of the run, the issuer is stopped (listener and
+    /// connections closed) and started again on the same address.
+    pub issuer_restart_at: Option<Duration>,
+    /// How long it stays down.
+    pub issuer_down_for: Duration,
+    /// When, from the start of the run, the switch is killed with SIGKILL
+    /// and started again on the same port.
+    pub switch_kill_at: Option<Duration>,
 }
 
+/// How long an issuer restart keeps it down unless the scenario says.
+pub const DEFAULT_ISSUER_DOWN_FOR: Duration = Duration::from_millis(500);
+
 impl Faults {
-    /// True when the issuer is to behave.
+    /// True when nothing is to break.
     pub fn none(&self) -> bool {
         *self == Faults::default()
+    }
+
+    /// True when the issuer's replies are to misbehave.
+    pub fn issuer_replies(&self) -> bool {
+        !self.latency.is_zero()
+            || self.drop_reply > 0.0
+            || self.late_reply > 0.0
+            || self.close_connection > 0.0
     }
 }
 
@@ -157,11 +183,17 @@ impl Scenario {
         }
         let rate = root.float("rate", 50.0, 0.001..=1_000_000.0);
         let f = root.section("faults");
+        let share = |key: &str| f.float(key, 0.0, 0.0..=1.0);
+        let at = |key: &str| f.has(key).then(|| f.duration(key, Duration::ZERO));
         let faults = Faults {
             latency: f.duration("latency", Duration::ZERO),
-            drop_reply: f.float("drop_reply", 0.0, 0.0..=1.0),
-            late_reply: f.float("late_reply", 0.0, 0.0..=1.0),
-            close_connection: f.float("close_connection", 0.0, 0.0..=1.0),
+            drop_reply: share("drop_reply"),
+            late_reply: share("late_reply"),
+            close_connection: share("close_connection"),
+            reset_connection: share("reset_connection"),
+            issuer_restart_at: at("issuer_restart_at"),
+            issuer_down_for: f.duration("issuer_down_for", DEFAULT_ISSUER_DOWN_FOR),
+            switch_kill_at: at("switch_kill_at"),
         };
         if faults.drop_reply + faults.late_reply + faults.close_connection > 1.0 {
             f.problem(
@@ -169,19 +201,36 @@ impl Scenario {
                 "drop_reply + late_reply + close_connection must not exceed 1",
             );
         }
+        if f.has("issuer_down_for") && faults.issuer_restart_at.is_none() {
+            f.problem("issuer_down_for", "needs issuer_restart_at");
+        }
+        if faults.issuer_down_for.is_zero() || faults.issuer_down_for > Duration::from_secs(60) {
+            f.problem("issuer_down_for", "must be above 0 and at most 60s");
+        }
+        let duration = root.duration("duration", Duration::from_secs(5));
+        let steps = root.numbers("steps");
+        // A fault timed after the last request would break nothing.
+        let run_length = duration * steps.len().max(1) as u32;
+        for (key, time) in [
+            ("issuer_restart_at", faults.issuer_restart_at),
+            ("switch_kill_at", faults.switch_kill_at),
+        ] {
+            if time.is_some_and(|t| t >= run_length) {
+                f.problem(key, "must fall within the run (before duration ends)");
+            }
+        }
         Scenario {
             name: root.string("name", "scenario"),
             terminals: root.int("terminals", 10, 1..=9_999_999) as usize,
             merchant: root.string("merchant", "898310048160001"),
             rate,
-            duration: root.duration("duration", Duration::from_secs(5)),
+            duration,
             cards: root.int("cards", 100, 1..=10_000_000) as u64,
             amount: (min, max),
             mix,
             settle: root.bool("settle", true),
             seed: root.int("seed", 1, 0..=i64::MAX) as u64,
             steps: {
-                let steps = root.numbers("steps");
                 if steps.iter().any(|r| *r <= 0.0) {
                     root.problem("steps", "rates must be above 0");
                 }
@@ -221,7 +270,25 @@ impl Dice {
     fn below(&mut self, n: u64) -> u64 {
         if n == 0 { 0 } else { self.next() % n }
     }
+
+    /// True with probability `share` (no draw when it is 0, so a scenario
+    /// without the fault plays as it did before the fault existed).
+    fn chance(&mut self, share: f64) -> bool {
+        share > 0.0 && ((self.next() >> 11) as f64 / (1u64 << 53) as f64) < share
+    }
 }
+
+/// How long a terminal keeps trying to reach the switch again (a switch
+/// restarting) before it gives the request up.
+const RECONNECT_FOR: Duration = Duration::from_secs(10);
+
+/// How often a request that is not reversed (a refund, a settlement, a
+/// reversal itself) is sent before the terminal gives up on it.
+const ATTEMPTS: usize = 3;
+
+/// How long a terminal that resets its connection waits after sending:
+/// long enough for the request to leave, usually too short for the reply.
+const RESET_AFTER: Duration = Duration::from_millis(1);
 
 /// A sale the terminal keeps, to void or refund it later.
 #[derive(Debug, Clone)]
@@ -268,16 +335,27 @@ struct Totals {
 /// One simulated terminal playing the scenario.
 pub struct Player {
     terminal: Terminal,
+    target: String,
     scenario: Arc<Scenario>,
     dice: Dice,
+    /// The draws of the faults the terminal injects itself: a stream of
+    /// their own, so the mix plays the same with and without them.
+    fault_dice: Dice,
+    /// The connection failed (or was reset): connect again before the next request.
+    broken: bool,
     sales: Vec<Sale>,
     holds: Vec<Hold>,
     pending: Option<Pending>,
     totals: Totals,
     /// What it saw.
     pub report: Report,
-    /// Connection failures.
+    /// Connection failures: requests that got no reply because the
+    /// connection failed, or could not be sent (resets on purpose excluded).
     pub errors: u64,
+    /// Connections reset on purpose (`reset_connection`).
+    pub resets: u64,
+    /// Connections made again, after a reset or a failure.
+    pub reconnects: u64,
 }
 
 impl std::fmt::Debug for Player {
@@ -306,9 +384,13 @@ impl Player {
         if signed.rc() != "00" {
             return Err(format!("{id}: sign-on answered {}", signed.rc()));
         }
+        let seed = scenario.seed ^ (index as u64).wrapping_mul(0x1000_0001);
         Ok(Player {
             terminal,
-            dice: Dice(scenario.seed ^ (index as u64).wrapping_mul(0x1000_0001)),
+            target: target.to_string(),
+            dice: Dice(seed),
+            fault_dice: Dice(seed ^ 0x5EED_FA17),
+            broken: false,
             scenario,
             sales: Vec::new(),
             holds: Vec::new(),
@@ -316,6 +398,8 @@ impl Player {
             totals: Totals::default(),
             report: Report::default(),
             errors: 0,
+            resets: 0,
+            reconnects: 0,
         })
     }
 
@@ -340,15 +424,94 @@ impl Player {
         Op::Purchase
     }
 
-    /// Sends a frame; `None` when no valid reply came (the caller reverses).
+    /// Connects again and signs on, as a terminal redials: with a short
+    /// back-off while the switch is away (restarting), for at most
+    /// [`RECONNECT_FOR`]. False when it could not.
+    async fn reconnect(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + RECONNECT_FOR;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if self.terminal.reconnect(&self.target).await.is_ok()
+                && self.terminal.sign_on().await.is_ok_and(|r| r.rc() == "00")
+            {
+                self.broken = false;
+                self.reconnects += 1;
+                return true;
+            }
+            if tokio::time::Instant::now() + backoff > deadline {
+                return false;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Sends a frame; `None` when no valid reply came (the caller reverses
+    /// or sends it again). A failed connection is made again first.
     async fn exchange(&mut self, frame: &[u8]) -> Option<Reply> {
+        if self.broken && !self.reconnect().await {
+            self.errors += 1;
+            return None;
+        }
         match self.terminal.exchange(frame).await {
             Ok(reply) => Some(reply),
             Err(_) => {
                 self.errors += 1;
+                self.broken = true;
                 None
             }
         }
+    }
+
+    /// Sends a request that is never reversed (a refund, a settlement, a
+    /// reversal) until it is answered, at most [`ATTEMPTS`] times: the
+    /// same frame, so a switch that already has it replays its answer (D1).
+    async fn exchange_retrying(&mut self, frame: &[u8]) -> Option<Reply> {
+        for _ in 0..ATTEMPTS {
+            if let Some(reply) = self.exchange(frame).await {
+                return Some(reply);
+            }
+        }
+        None
+    }
+
+    /// The `reset_connection` fault, drawn for this request.
+    fn draw_reset(&mut self) -> bool {
+        self.fault_dice
+            .chance(self.scenario.faults.reset_connection)
+    }
+
+    /// Sends a frame and resets the connection without reading the reply,
+    /// as a terminal whose line drops mid-request; then connects and signs
+    /// on again. The reply, when the switch writes it, goes nowhere.
+    async fn send_and_reset(&mut self, frame: &[u8]) {
+        if self.broken && !self.reconnect().await {
+            self.errors += 1;
+            return;
+        }
+        if self.terminal.send_raw(frame).await.is_err() {
+            self.errors += 1;
+            self.broken = true;
+            return;
+        }
+        let _ = tokio::time::timeout(RESET_AFTER, self.terminal.readable()).await;
+        self.terminal.reset_on_close();
+        self.resets += 1;
+        // Reconnecting drops the old connection: the reset goes out now.
+        self.broken = true;
+        if !self.reconnect().await {
+            self.errors += 1;
+        }
+    }
+
+    /// A reversible request: sent (or sent and reset, when the fault is
+    /// drawn); `None` when no valid reply came and the record stands.
+    async fn exchange_reversible(&mut self, frame: &[u8]) -> Option<Reply> {
+        if self.draw_reset() {
+            self.send_and_reset(frame).await;
+            return None;
+        }
+        self.exchange(frame).await
     }
 
     /// Sends the reversal the record asks for, until it is answered.
@@ -369,7 +532,7 @@ impl Player {
             return;
         };
         let started = std::time::Instant::now();
-        let answered = self.exchange(&frame).await.is_some();
+        let answered = self.exchange_retrying(&frame).await.is_some();
         self.report.record(
             "reversal",
             if answered { "00" } else { "--" },
@@ -382,6 +545,10 @@ impl Player {
 
     async fn play(&mut self) -> (&'static str, String) {
         self.reverse_pending().await;
+        if self.pending.is_some() {
+            // A terminal starts nothing new while its reversal is unanswered.
+            return ("skipped", "--".into());
+        }
         let op = self.pick();
         let expiry = "3012";
         match op {
@@ -413,7 +580,7 @@ impl Player {
                         f60: self.terminal.f60("23"),
                         f61: Some(f61),
                     });
-                    let reply = self.exchange(&frame).await;
+                    let reply = self.exchange_reversible(&frame).await;
                     let rc = reply.as_ref().map_or("--", Reply::rc).to_string();
                     if reply.is_some() {
                         self.pending = None;
@@ -433,10 +600,10 @@ impl Player {
                         return ("refund", "--".into());
                     };
                     // Refunds are advices: retried, never reversed.
-                    let mut reply = self.exchange(&frame).await;
-                    if reply.is_none() {
-                        reply = self.exchange(&frame).await;
+                    if self.draw_reset() {
+                        self.send_and_reset(&frame).await;
                     }
+                    let reply = self.exchange_retrying(&frame).await;
                     let rc = reply.as_ref().map_or("--", Reply::rc).to_string();
                     if rc == "00" {
                         self.sales[i].refunded += part;
@@ -554,8 +721,21 @@ impl Player {
                 let Ok(frame) = self.terminal.purchase(stan, &pan, expiry, amount) else {
                     return ("duplicate", "--".into());
                 };
+                // A purchase like any other: reversed when neither copy is answered.
+                self.pending = Some(Pending {
+                    pan: pan.clone(),
+                    processing_code: "000000",
+                    condition: "00",
+                    amount,
+                    stan,
+                    f60: self.terminal.f60("22"),
+                    f61: None,
+                });
                 let first = self.exchange(&frame).await;
                 let again = self.exchange(&frame).await;
+                if first.is_some() || again.is_some() {
+                    self.pending = None;
+                }
                 match (first, again) {
                     (Some(a), Some(b)) if a.body == b.body => {
                         if a.rc() == "00" {
@@ -564,7 +744,16 @@ impl Player {
                         ("duplicate", b.rc().to_string())
                     }
                     (Some(_), Some(_)) => ("duplicate", "XX".into()),
-                    _ => ("duplicate", "--".into()),
+                    // One copy answered (the connection failed for the
+                    // other): that answer is the terminal's.
+                    (Some(r), None) | (None, Some(r)) => {
+                        let rc = r.rc().to_string();
+                        if rc == "00" {
+                            self.keep(stan, pan, amount, r);
+                        }
+                        ("duplicate", rc)
+                    }
+                    (None, None) => ("duplicate", "--".into()),
                 }
             }
             // A purchase (also when there is nothing to void, refund, cancel
@@ -584,7 +773,7 @@ impl Player {
                     f60: self.terminal.f60("22"),
                     f61: None,
                 });
-                let reply = self.exchange(&frame).await;
+                let reply = self.exchange_reversible(&frame).await;
                 if op == Op::Reversal {
                     // Keep the record: the next request is preceded by the 0400.
                     return (
@@ -633,7 +822,7 @@ impl Player {
         let stan = self.terminal.next_stan();
         let frame = self.terminal.settlement(stan, &totals).ok()?;
         let started = std::time::Instant::now();
-        let reply = self.exchange(&frame).await?;
+        let reply = self.exchange_retrying(&frame).await?;
         self.report
             .record("settlement", reply.rc(), started.elapsed());
         reply
@@ -657,8 +846,12 @@ pub struct Run {
     pub report: Report,
     /// Terminals whose settlement balanced, and all that settled.
     pub balanced: (usize, usize),
-    /// Connection failures.
+    /// Connection failures (the resets the terminals made on purpose excluded).
     pub errors: u64,
+    /// Connections the terminals reset on purpose (`reset_connection`).
+    pub resets: u64,
+    /// Connections the terminals made again (after a reset or a failure).
+    pub reconnects: u64,
     /// Wall time.
     pub elapsed: Duration,
     /// Per rate step: (scheduled rate, achieved rate, p50, p99).
@@ -745,6 +938,8 @@ pub async fn run(target: &str, scenario: Scenario) -> Result<Run, String> {
         report,
         balanced,
         errors,
+        resets: players.iter().map(|p| p.resets).sum(),
+        reconnects: players.iter().map(|p| p.reconnects).sum(),
         elapsed,
         steps,
         timeline,
@@ -805,6 +1000,151 @@ mod tests {
         for (name, op) in OPS {
             assert_eq!(op.name(), name);
         }
+    }
+
+    #[test]
+    fn fault_keys_are_checked() {
+        let problems = Scenario::parse(
+            "duration = \"2s\"\n[faults]\nreset_connection = 1.5\nissuer_down_for = \"1s\"\nswitch_kill_at = \"2s\"\nissuer_restart = \"1s\"\n",
+            "f.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "f.toml:3: faults.reset_connection: out of range: 0 to 1",
+            "f.toml:4: faults.issuer_down_for: needs issuer_restart_at",
+            "f.toml:5: faults.switch_kill_at: must fall within the run",
+            "f.toml:6: faults.issuer_restart: unknown key",
+        ] {
+            assert!(
+                problems.contains(expected),
+                "{expected:?} missing from:\n{problems}"
+            );
+        }
+        let fine = Scenario::parse(
+            "duration = \"4s\"\n[faults]\nreset_connection = 0.1\nissuer_restart_at = \"1500ms\"\nswitch_kill_at = \"3s\"\n",
+            "f.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            fine.faults.issuer_restart_at,
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(fine.faults.issuer_down_for, DEFAULT_ISSUER_DOWN_FOR);
+        assert_eq!(fine.faults.switch_kill_at, Some(Duration::from_secs(3)));
+        assert!(!fine.faults.issuer_replies());
+    }
+
+    /// What a stand-in switch saw: per request, its connection, MTI, F11 and
+    /// F39; per connection, whether it ended with a reset.
+    #[derive(Debug, Default)]
+    struct Seen {
+        requests: Vec<(usize, String, u32, String)>,
+        reset: Vec<usize>,
+    }
+
+    /// A stand-in switch that approves everything it is sent.
+    async fn approving_switch() -> (String, Arc<std::sync::Mutex<Seen>>) {
+        use futures::StreamExt;
+        use iso8583::{Frame, FrameCodec, Message, MessageWriter};
+        use tokio::io::AsyncWriteExt;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            for connection in 0.. {
+                let (stream, _) = listener.accept().await.unwrap();
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let dialect = Dialect::cup_pos();
+                    let mut framed =
+                        tokio_util::codec::Framed::new(stream, FrameCodec::new(&dialect, 4096));
+                    loop {
+                        let body = match framed.next().await {
+                            Some(Ok(Frame::Message(body))) => body,
+                            Some(Ok(Frame::KeepAlive)) => continue,
+                            Some(Err(_)) => {
+                                log.lock().unwrap().reset.push(connection);
+                                return;
+                            }
+                            None => return,
+                        };
+                        let msg = Message::parse(&dialect, &body).unwrap();
+                        log.lock().unwrap().requests.push((
+                            connection,
+                            msg.mti().to_string(),
+                            msg.digits(11).and_then(|d| d.to_u64()).unwrap_or(0) as u32,
+                            msg.text(39).unwrap_or("").to_string(),
+                        ));
+                        let mut out = bytes::BytesMut::new();
+                        let mut w = MessageWriter::reply(&dialect, &mut out, &msg);
+                        for n in [3, 4, 11] {
+                            w.copy(n, &msg).unwrap();
+                        }
+                        w.digits(13, "0101").unwrap();
+                        w.text(37, "000000000001").unwrap();
+                        w.text(38, "123456").unwrap();
+                        w.text(39, "00").unwrap();
+                        for n in [41, 42, 60] {
+                            w.copy(n, &msg).unwrap();
+                        }
+                        w.finish().unwrap();
+                        if framed.get_mut().write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn a_terminal_that_resets_its_connection_signs_on_again_and_reverses_first() {
+        let (addr, seen) = approving_switch().await;
+        let scenario = Scenario::parse(
+            "terminals = 1\nrate = 100\nduration = \"30ms\"\nsettle = false\n[mix]\npurchase = 1\n[faults]\nreset_connection = 1.0\n",
+            "resets.toml",
+        )
+        .unwrap();
+        let run = run(&addr, scenario).await.unwrap();
+        assert_eq!((run.resets, run.reconnects, run.errors), (3, 3, 0));
+        // The switch sees the resets, not orderly closes (each as its
+        // connection's task reads on).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while seen.lock().unwrap().reset.len() < 3 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut seen = seen.lock().unwrap();
+        seen.reset.sort_unstable();
+        assert_eq!(seen.reset, [0, 1, 2]);
+        let requests: Vec<(usize, &str, &str)> = seen
+            .requests
+            .iter()
+            .map(|(c, mti, _, rc)| (*c, mti.as_str(), rc.as_str()))
+            .collect();
+        // Each connection: sign-on, the reversal the record asks for (reason
+        // 98), then the next purchase, after which the line drops.
+        assert_eq!(
+            requests,
+            [
+                (0, "0800", ""),
+                (0, "0200", ""),
+                (1, "0800", ""),
+                (1, "0400", "98"),
+                (1, "0200", ""),
+                (2, "0800", ""),
+                (2, "0400", "98"),
+                (2, "0200", ""),
+                (3, "0800", ""),
+            ]
+        );
+        // Each 0400 reverses the purchase just before it: the same STAN.
+        let stans: Vec<u32> = seen.requests.iter().map(|r| r.2).collect();
+        assert_eq!(stans[3], stans[1]);
+        assert_eq!(stans[6], stans[4]);
     }
 
     #[test]

@@ -133,6 +133,27 @@ impl Terminal {
         })
     }
 
+    /// Replaces the connection with a new one to `addr` (the terminal keeps
+    /// its identity, batch and STAN counter); the old one is closed, with a
+    /// reset when [`Terminal::reset_on_close`] was called.
+    pub async fn reconnect(&mut self, addr: &str) -> Result<(), TerminalError> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        self.framed = Framed::new(stream, FrameCodec::new(&self.dialect, 65_535));
+        Ok(())
+    }
+
+    /// Makes the connection close with a reset (RST, `SO_LINGER` 0) instead
+    /// of an orderly FIN: what the switch sees when a terminal's line drops.
+    pub fn reset_on_close(&self) {
+        let _ = self.framed.get_ref().set_zero_linger();
+    }
+
+    /// Waits until the connection has something to read (a reply), without reading it.
+    pub async fn readable(&self) {
+        let _ = self.framed.get_ref().readable().await;
+    }
+
     /// Continues the STAN counter from `stan` (a terminal keeps its counter
     /// across power cycles; a fresh simulated one must not reuse STANs of its
     /// open batch).

@@ -291,7 +291,18 @@ pub async fn insert_many(pool: &PgPool, rows: &[Row]) -> Result<Vec<Option<Writt
     fn col<'r, T>(rows: &'r [Row], f: impl Fn(&'r Row) -> T) -> Vec<T> {
         rows.iter().map(f).collect()
     }
-    let written: Vec<(i64, String, Option<i32>, String, String, i32, i32, i16)> = sqlx::query_as(
+    #[derive(sqlx::FromRow)]
+    struct Inserted {
+        id: i64,
+        rrn: String,
+        link_stan: Option<i32>,
+        merchant_id: String,
+        terminal_id: String,
+        batch: i32,
+        stan: i32,
+        mti_class: i16,
+    }
+    let written: Vec<Inserted> = sqlx::query_as(
         "INSERT INTO journal (terminal_id, merchant_id, batch, stan, mti, mti_class, processing_code,
             pos_condition, kind, amount, pan_hash, pan_masked, request_digest, state, response_code,
             issuer, link_stan, link_f7, business_date, sent_at, completed_at,
@@ -341,19 +352,17 @@ pub async fn insert_many(pool: &PgPool, rows: &[Row]) -> Result<Vec<Option<Writt
     .await?;
     let mut by_key: std::collections::HashMap<_, _> = written
         .into_iter()
-        .map(
-            |(id, rrn, link_stan, merchant, terminal, batch, stan, class)| {
-                (
-                    (merchant, terminal, batch, stan, class),
-                    Written {
-                        id,
-                        rrn,
-                        link_stan,
-                        claimed: false,
-                    },
-                )
-            },
-        )
+        .map(|r| {
+            (
+                (r.merchant_id, r.terminal_id, r.batch, r.stan, r.mti_class),
+                Written {
+                    id: r.id,
+                    rrn: r.rrn,
+                    link_stan: r.link_stan,
+                    claimed: false,
+                },
+            )
+        })
         .collect();
     Ok(rows.iter().map(|r| by_key.remove(&r.key())).collect())
 }

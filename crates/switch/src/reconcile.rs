@@ -161,6 +161,16 @@ pub async fn pending_advices(pool: &PgPool) -> Result<i64, sqlx::Error> {
         .await
 }
 
+/// Journal rows still `sent`: at the issuer, or left there by a switch that
+/// died before their outcome. Once nothing is in flight the recovery sweep
+/// reverses them (after `issuer_timeout` + 2 s); the money check is only
+/// meaningful when there are none, and their advices have drained.
+pub async fn in_flight(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM journal WHERE state = 'sent' ORDER BY id")
+        .fetch_all(pool)
+        .await
+}
+
 /// Reads the issuer's clearing file: per posting, its RRN and balance change.
 pub fn read_clearing(text: &str, origin: &str) -> Result<Vec<(String, i64)>, String> {
     let mut reader = csv::Reader::from_reader(text.as_bytes());

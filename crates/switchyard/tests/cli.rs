@@ -556,8 +556,22 @@ fn the_demo_plays_the_smoke_scenario_and_the_money_balances() {
     }
 }
 
+/// The number right after `prefix` on the line that has it.
+fn count_after(text: &str, prefix: &str) -> u64 {
+    let line = text
+        .lines()
+        .find_map(|l| l.split_once(prefix).map(|(_, rest)| rest))
+        .unwrap_or_else(|| panic!("no {prefix:?} in:\n{text}"));
+    let digits: String = line.chars().take_while(char::is_ascii_digit).collect();
+    digits
+        .parse()
+        .unwrap_or_else(|_| panic!("no number after {prefix:?} in:\n{text}"))
+}
+
 #[test]
 fn a_fault_scenario_still_ends_with_a_passing_money_check() {
+    // Everything in faults.toml breaks once: issuer replies, terminal
+    // connections, the issuer (restarted), the switch (SIGKILL, restarted).
     let faults = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/load/faults.toml");
     let out = switchyard(&["demo", "--scenario", faults.to_str().unwrap()], None);
     let text = stdout(&out);
@@ -568,6 +582,30 @@ fn a_fault_scenario_still_ends_with_a_passing_money_check() {
         all.contains("98:") || all.contains("91:"),
         "no fault showed: {all}"
     );
+    // Terminals dropped their lines mid-request and came back.
+    assert!(count_after(&text, "terminals: ") > 0, "{text}");
+    assert!(text.contains("connection resets injected"), "{text}");
+    // The issuer went away and the switch's link signed on again by itself.
+    assert!(text.contains("fault: issuer stopped at"), "{text}");
+    assert!(text.contains("fault: issuer listening again on"), "{text}");
+    assert!(
+        count_after(&text, "faults: issuer restarted; ") > 0,
+        "{text}"
+    );
+    // The switch was killed with a transaction at the issuer; the restarted
+    // one reversed what the dead one left behind.
+    assert!(text.contains("fault: switch killed (SIGKILL) at"), "{text}");
+    assert!(
+        count_after(&text, "faults: switch killed and restarted; ") > 0,
+        "{text}"
+    );
+    // Every terminal still settled balanced, and the money agrees.
+    let settled = text
+        .lines()
+        .find_map(|l| l.split_once("settlements balanced "))
+        .map(|(_, n)| n.trim().to_string())
+        .unwrap();
+    assert_eq!(settled, "8/8", "{text}");
     assert!(text.contains("0 break(s)"), "{text}");
     assert!(
         text.trim_end()

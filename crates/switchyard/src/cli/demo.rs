@@ -15,6 +15,7 @@ use embedded_pg::{EmbeddedPg, Options};
 use iso8583::Dialect;
 use issuer_sim::{Issuer, IssuerConfig, PanKey};
 use loadgen::Terminal;
+use loadgen::scenario::Faults;
 use switch::terminals::Fleet;
 use switch::{Config, PanHashKey};
 use tokio::net::TcpListener;
@@ -79,17 +80,161 @@ pub struct Stack {
     pub issuer: Arc<Issuer>,
     /// The issuer's database.
     pub issuer_pool: sqlx::PgPool,
-    /// The switch.
-    pub switch: Arc<switch::Switch>,
+    /// The switch's database (its journal).
+    pub pool: sqlx::PgPool,
     /// Stops everything.
     pub shutdown: CancellationToken,
+    /// The switch as a child process (`switch_kill_at`); `None`: it runs
+    /// in this process.
+    child: Option<ChildSwitch>,
+    issuer_server: Server,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     pg: EmbeddedPg,
 }
 
+/// The issuer's server task, with its own stop token (it can be restarted).
+struct Server {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    fn start(listener: TcpListener, issuer: Arc<Issuer>, shutdown: &CancellationToken) -> Server {
+        let stop = shutdown.child_token();
+        let s = stop.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = issuer_sim::run(listener, issuer, s).await {
+                tracing::warn!(error = %e, "issuer stopped");
+            }
+        });
+        Server { stop, task }
+    }
+
+    /// Stops it: no new connections, the open ones closed once their
+    /// messages are answered.
+    async fn stop(&mut self) {
+        self.stop.cancel();
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// The demo switch's config: the demo's database and issuer, a 2 s issuer
+/// timeout so that faults resolve within a short scenario.
+fn switch_toml(listen: &str, issuer_addr: &str, database_url: Option<&str>) -> String {
+    let database = database_url.map_or(String::new(), |url| {
+        format!("[database]\nurl = \"{url}\"\nmax_connections = 16\n")
+    });
+    format!(
+        "listen = \"{listen}\"\n{database}[rules]\nissuer_timeout = \"2s\"\n[[issuers]]\nname = \"sim\"\nbins = [\"622202\"]\naddress = \"{issuer_addr}\"\n"
+    )
+}
+
+/// `switchyard serve` as a child process on a fixed address, with the
+/// demo's database, issuer and PAN hash key.
+struct ChildSwitch {
+    dir: std::path::PathBuf,
+    config: std::path::PathBuf,
+    key: PanHashKey,
+    process: Option<tokio::process::Child>,
+}
+
+impl ChildSwitch {
+    /// Writes its config (listening on `listen`) and starts it.
+    async fn start(
+        listen: &str,
+        issuer_addr: &str,
+        url: &str,
+        key: PanHashKey,
+    ) -> anyhow::Result<ChildSwitch> {
+        let dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let config = dir.join("switchyard.toml");
+        std::fs::write(&config, switch_toml(listen, issuer_addr, Some(url)))
+            .with_context(|| format!("writing {}", config.display()))?;
+        let mut child = ChildSwitch {
+            dir,
+            config,
+            key,
+            process: None,
+        };
+        child.spawn().await?;
+        Ok(child)
+    }
+
+    /// Starts `switchyard serve` and waits until it listens (its issuer
+    /// link up, or its connect timeout over).
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        use tokio::io::AsyncBufReadExt;
+        let exe = std::env::current_exe().context("finding the switchyard binary")?;
+        let mut process = tokio::process::Command::new(exe)
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config)
+            // The key in the environment, never in the file; the database
+            // is the config's, whatever the demo's environment says.
+            .env(switch::keys::ENV, self.key.to_hex())
+            .env_remove("DATABASE_URL")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting switchyard serve")?;
+        let stdout = process.stdout.take().context("the switch's stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await? {
+                if line.starts_with("switchyard listening on") {
+                    return Ok(true);
+                }
+            }
+            Ok::<_, std::io::Error>(false)
+        })
+        .await;
+        if !matches!(ready, Ok(Ok(true))) {
+            let _ = process.start_kill();
+            let status = process.wait().await?;
+            bail!("switchyard serve did not start listening ({status})");
+        }
+        // Nothing else is expected on its stdout; it is read so that it never blocks.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        self.process = Some(process);
+        Ok(())
+    }
+
+    /// SIGKILL: no shutdown, no draining, nothing written on the way out.
+    async fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut process) = self.process.take() {
+            process.start_kill()?;
+            process.wait().await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ChildSwitch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What the scenario's timed faults did.
+#[derive(Debug, Default)]
+struct Broken {
+    /// The issuer was stopped and started again at this database time.
+    issuer_back: Option<chrono::DateTime<chrono::Utc>>,
+    /// The switch was killed with these journal rows `sent`.
+    left_at_issuer: Option<Vec<i64>>,
+}
+
 impl Stack {
-    /// Starts PostgreSQL, the issuer and the switch (listening on `listen`).
-    pub async fn start(listen: &str, shutdown: CancellationToken) -> anyhow::Result<Stack> {
+    /// Starts PostgreSQL, the issuer and the switch (listening on `listen`):
+    /// in this process, or as a child process that can be killed when
+    /// `killable`.
+    pub async fn start(
+        listen: &str,
+        shutdown: CancellationToken,
+        killable: bool,
+    ) -> anyhow::Result<Stack> {
         let pg = EmbeddedPg::start(Options::default()).await?;
         let url = pg.create_database("switchyard_demo").await?;
 
@@ -110,75 +255,186 @@ impl Stack {
             issuer_key.clone(),
             issuer_pool.clone(),
         ));
-        let mut tasks = Vec::new();
-        let (i, stop) = (issuer.clone(), shutdown.clone());
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = issuer_sim::run(issuer_listener, i, stop).await {
-                tracing::warn!(error = %e, "issuer stopped");
-            }
-        }));
+        let issuer_server = Server::start(issuer_listener, issuer.clone(), &shutdown);
 
-        let mut config = Config::parse(
-            &format!("listen = \"{listen}\"\n[rules]\nissuer_timeout = \"2s\"\n[[issuers]]\nname = \"sim\"\nbins = [\"622202\"]\naddress = \"{issuer_addr}\"\n"),
-            "(demo switch)",
-        )
-        .map_err(|e| anyhow!("{e}"))?;
-        config.seed.terminals = None;
-        let pool = switch::connect(&url, 16).await?;
-        let switch = switch::start(
-            Arc::new(config),
-            pool.clone(),
-            PanHashKey::generate(),
-            &shutdown,
-        )
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
-        Fleet::parse(FLEET, "(demo fleet)")
-            .map_err(|e| anyhow!("{e}"))?
-            .store(&pool)
-            .await?;
-        let listener = TcpListener::bind(listen)
+        let mut tasks = Vec::new();
+        let (pool, child, switch_addr) = if killable {
+            let pool = switch::connect(&url, 4).await?;
+            switch::migrate(&pool).await?;
+            Fleet::parse(FLEET, "(demo fleet)")
+                .map_err(|e| anyhow!("{e}"))?
+                .store(&pool)
+                .await?;
+            // A fixed address: the restarted switch listens where terminals redial.
+            let listen = match listen.rsplit_once(':') {
+                Some((host, "0")) => {
+                    let free = std::net::TcpListener::bind(format!("{host}:0"))?.local_addr()?;
+                    free.to_string()
+                }
+                _ => listen.to_string(),
+            };
+            let child =
+                ChildSwitch::start(&listen, &issuer_addr, &url, PanHashKey::generate()).await?;
+            (pool, Some(child), listen)
+        } else {
+            let mut config =
+                Config::parse(&switch_toml(listen, &issuer_addr, None), "(demo switch)")
+                    .map_err(|e| anyhow!("{e}"))?;
+            config.seed.terminals = None;
+            let pool = switch::connect(&url, 16).await?;
+            let switch = switch::start(
+                Arc::new(config),
+                pool.clone(),
+                PanHashKey::generate(),
+                &shutdown,
+            )
             .await
-            .with_context(|| format!("listening on {listen}"))?;
-        let switch_addr = listener.local_addr()?.to_string();
-        tasks.push(tokio::spawn(switch::run(
-            listener,
-            switch.clone(),
-            shutdown.clone(),
-        )));
-        if !switch.links[0].wait_up(Duration::from_secs(10)).await {
-            bail!("the switch could not sign on to the issuer at {issuer_addr}");
-        }
+            .map_err(|e| anyhow!("{e}"))?;
+            Fleet::parse(FLEET, "(demo fleet)")
+                .map_err(|e| anyhow!("{e}"))?
+                .store(&pool)
+                .await?;
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("listening on {listen}"))?;
+            let switch_addr = listener.local_addr()?.to_string();
+            tasks.push(tokio::spawn(switch::run(
+                listener,
+                switch.clone(),
+                shutdown.clone(),
+            )));
+            if !switch.links[0].wait_up(Duration::from_secs(10)).await {
+                bail!("the switch could not sign on to the issuer at {issuer_addr}");
+            }
+            (pool, None, switch_addr)
+        };
         Ok(Stack {
             switch_addr,
             issuer_addr,
             url,
             issuer,
             issuer_pool,
-            switch,
+            pool,
             shutdown,
+            child,
+            issuer_server,
             tasks,
             pg,
         })
     }
 
+    /// Stops the issuer (its listener and every connection), waits
+    /// `down_for`, and starts it again on the same address.
+    async fn restart_issuer(&mut self, down_for: Duration) -> anyhow::Result<()> {
+        self.issuer_server.stop().await;
+        tokio::time::sleep(down_for).await;
+        let listener = TcpListener::bind(&self.issuer_addr)
+            .await
+            .with_context(|| format!("listening again on {}", self.issuer_addr))?;
+        self.issuer_server = Server::start(listener, self.issuer.clone(), &self.shutdown);
+        Ok(())
+    }
+
+    /// Kills the switch with SIGKILL and starts it again on the same port;
+    /// returns the journal rows it left `sent` (at the issuer).
+    async fn kill_switch(&mut self) -> anyhow::Result<Vec<i64>> {
+        let Some(child) = &mut self.child else {
+            bail!("the switch runs in this process and cannot be killed");
+        };
+        child.kill().await?;
+        let left = switch::reconcile::in_flight(&self.pool).await?;
+        child.spawn().await?;
+        Ok(left)
+    }
+
     /// Stops the switch and the issuer, then PostgreSQL.
     pub async fn stop(mut self) {
+        if let Some(child) = &mut self.child {
+            // The demo is over: nothing is in flight that matters.
+            let _ = child.kill().await;
+        }
         self.shutdown.cancel();
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }
-        self.switch.pool.close().await;
+        self.issuer_server.stop().await;
+        self.pool.close().await;
         self.issuer_pool.close().await;
         self.pg.stop();
     }
+}
+
+/// Breaks the issuer and the switch at the times the scenario's `[faults]`
+/// say, from `started`.
+async fn break_on_time(
+    stack: &mut Stack,
+    faults: Faults,
+    started: tokio::time::Instant,
+) -> anyhow::Result<Broken> {
+    #[derive(Debug, Clone, Copy)]
+    enum Event {
+        IssuerRestart,
+        SwitchKill,
+    }
+    let mut broken = Broken::default();
+    let mut events: Vec<(Duration, Event)> = [
+        faults
+            .issuer_restart_at
+            .map(|at| (at, Event::IssuerRestart)),
+        faults.switch_kill_at.map(|at| (at, Event::SwitchKill)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    events.sort_by_key(|(at, _)| *at);
+    let secs = |t: tokio::time::Instant| (t - started).as_secs_f64();
+    for (at, event) in events {
+        tokio::time::sleep_until(started + at).await;
+        if let Event::IssuerRestart = event {
+            println!(
+                "fault: issuer stopped at {:.1} s (listener and connections closed)",
+                secs(tokio::time::Instant::now())
+            );
+            stack.restart_issuer(faults.issuer_down_for).await?;
+            broken.issuer_back = Some(
+                sqlx::query_scalar("SELECT now()")
+                    .fetch_one(&stack.pool)
+                    .await?,
+            );
+            println!(
+                "fault: issuer listening again on {} at {:.1} s",
+                stack.issuer_addr,
+                secs(tokio::time::Instant::now())
+            );
+        } else {
+            // Killed while a transaction is at the issuer, when one comes
+            // within a second: that is the case the recovery is for.
+            let patience = tokio::time::Instant::now() + Duration::from_secs(1);
+            while switch::reconcile::in_flight(&stack.pool).await?.is_empty()
+                && tokio::time::Instant::now() < patience
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let killed = tokio::time::Instant::now();
+            let left = stack.kill_switch().await?;
+            println!(
+                "fault: switch killed (SIGKILL) at {:.1} s with {} transaction(s) at the issuer; listening again on {} after {:.1} s",
+                secs(killed),
+                left.len(),
+                stack.switch_addr,
+                killed.elapsed().as_secs_f64()
+            );
+            broken.left_at_issuer = Some(left);
+        }
+    }
+    Ok(broken)
 }
 
 /// `switchyard demo`.
 pub async fn run(args: &DemoArgs) -> Result<(), Failure> {
     if args.serve {
         let shutdown = shutdown_on_signals();
-        let stack = Stack::start(&args.listen, shutdown.clone()).await?;
+        let stack = Stack::start(&args.listen, shutdown.clone(), false).await?;
         println!(
             "switchyard demo: terminals connect to {} (cup-pos)",
             stack.switch_addr
@@ -203,15 +459,16 @@ pub async fn run(args: &DemoArgs) -> Result<(), Failure> {
         }
     }
     .map_err(|p| Failure::Input(anyhow!("{p}")))?;
-    let stack = Stack::start("127.0.0.1:0", CancellationToken::new()).await?;
-    let result = scripted_day(&stack, scenario, args.html.as_deref()).await;
+    let killable = scenario.faults.switch_kill_at.is_some();
+    let mut stack = Stack::start("127.0.0.1:0", CancellationToken::new(), killable).await?;
+    let result = scripted_day(&mut stack, scenario, args.html.as_deref()).await;
     stack.stop().await;
     result.map_err(Failure::Other)
 }
 
 /// A short day at the demo store, then the money check.
 async fn scripted_day(
-    stack: &Stack,
+    stack: &mut Stack,
     scenario: loadgen::scenario::Scenario,
     html: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
@@ -317,11 +574,14 @@ async fn scripted_day(
 
     // Then the scenario (smoke by default): its terminals, every kind of
     // request, open loop, each settling its batch with its own totals; the
-    // issuer misbehaves as its [faults] say, and recovers afterwards.
+    // issuer misbehaves as its [faults] say, and recovers afterwards; the
+    // issuer and the switch are restarted when they say so.
     println!();
     let f = scenario.faults;
-    if !f.none() {
+    if f.issuer_replies() {
+        let seed = scenario.seed;
         stack.issuer.faults().update(|c| {
+            c.seed = Some(seed);
             c.latency = issuer_sim::Latency::Fixed(f.latency);
             c.drop_reply = f.drop_reply;
             c.late_reply = f.late_reply;
@@ -329,18 +589,75 @@ async fn scripted_day(
             c.close_connection = f.close_connection;
         });
     }
+    let target = stack.switch_addr.clone();
+    let started = tokio::time::Instant::now();
     let outputs = super::load::Outputs { json: None, html };
-    let played = super::load::play(&stack.switch_addr, scenario, outputs).await;
+    let (played, broken) = tokio::join!(
+        super::load::play(&target, scenario, outputs),
+        break_on_time(stack, f, started)
+    );
     stack.issuer.faults().clear();
     played.map_err(|e| anyhow!("{e}"))?;
-    // The money check: entry by entry, the journal against the issuer's
-    // clearing file, once the advices have drained; and the card totals.
-    let drained = tokio::time::Instant::now() + Duration::from_secs(30);
-    while switch::reconcile::pending_advices(&stack.switch.pool).await? > 0 {
-        if tokio::time::Instant::now() > drained {
-            bail!("advices did not drain within 30 s");
+    let broken = broken?;
+    // The money check is only meaningful once nothing is at the issuer (a
+    // killed switch's `sent` rows are reversed by the restarted one's
+    // recovery sweep, issuer_timeout + 2 s after they were sent) and the
+    // advices have drained. The sweep turns rows into advices, so rows first.
+    let patience = Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let in_flight = switch::reconcile::in_flight(&stack.pool).await?;
+        let pending = switch::reconcile::pending_advices(&stack.pool).await?;
+        if in_flight.is_empty() && pending == 0 {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            if !in_flight.is_empty() {
+                bail!(
+                    "{} journal row(s) still `sent` {} s after the run (ids {in_flight:?}): nothing recovered them",
+                    in_flight.len(),
+                    patience.as_secs()
+                );
+            }
+            bail!(
+                "{pending} advice(s) still pending {} s after the run: they did not drain",
+                patience.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if let Some(back) = broken.issuer_back {
+        // Purchases the issuer decided after it came back: they went over
+        // the connection the switch's link made and signed on by itself.
+        let answered: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM journal WHERE kind = 'purchase' AND sent_at >= $1
+               AND response_code IS NOT NULL AND response_code NOT IN ('91', '96', '98')",
+        )
+        .bind(back)
+        .fetch_one(&stack.pool)
+        .await?;
+        println!(
+            "faults: issuer restarted; {answered} purchases answered through the link the switch signed on again"
+        );
+    }
+    if let Some(left) = &broken.left_at_issuer {
+        // None is `sent` any more (waited for above); what became of them.
+        let states: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT state, count(*) FROM journal WHERE id = ANY($1) GROUP BY state ORDER BY state",
+        )
+        .bind(left)
+        .fetch_all(&stack.pool)
+        .await?;
+        let states: Vec<String> = states.iter().map(|(s, n)| format!("{s} {n}")).collect();
+        println!(
+            "faults: switch killed and restarted; {} transaction(s) it left at the issuer recovered by the restarted switch ({})",
+            left.len(),
+            if states.is_empty() {
+                "none".to_string()
+            } else {
+                states.join(", ")
+            }
+        );
     }
     let mut clearing = Vec::new();
     issuer_sim::clearing(
@@ -353,7 +670,7 @@ async fn scripted_day(
     let issuer =
         switch::reconcile::read_clearing(&String::from_utf8_lossy(&clearing), "(clearing)")
             .map_err(|e| anyhow!(e))?;
-    let journal = switch::reconcile::journal_effects(&stack.switch.pool, None).await?;
+    let journal = switch::reconcile::journal_effects(&stack.pool, None).await?;
     let result = switch::reconcile::compare(&journal, &issuer);
     let totals = issuer_sim::balances(&stack.issuer_pool)
         .await

@@ -85,6 +85,13 @@ pub async fn play(
         run.balanced.0,
         run.balanced.1
     );
+    if run.resets > 0 || run.reconnects > 0 {
+        // Resets are the terminals' own doing: reported here, not as failures.
+        println!(
+            "terminals: {} connection resets injected; {} reconnections",
+            run.resets, run.reconnects
+        );
+    }
     if run.steps.len() > 1 {
         println!(
             "{:>10} {:>10} {:>9} {:>9}",
@@ -111,9 +118,11 @@ pub async fn play(
     print!("{}", run.report.table());
     if let Some(path) = outputs.json {
         let text = format!(
-            "{{\"scenario\": {name:?}, \"scheduled\": {count}, \"elapsed_s\": {:.3}, \"connection_failures\": {}, \"settlements\": {{\"balanced\": {}, \"settled\": {}}}, \"report\": {}}}\n",
+            "{{\"scenario\": {name:?}, \"scheduled\": {count}, \"elapsed_s\": {:.3}, \"connection_failures\": {}, \"resets_injected\": {}, \"reconnections\": {}, \"settlements\": {{\"balanced\": {}, \"settled\": {}}}, \"report\": {}}}\n",
             run.elapsed.as_secs_f64(),
             run.errors,
+            run.resets,
+            run.reconnects,
             run.balanced.0,
             run.balanced.1,
             run.report.to_json()

@@ -88,6 +88,15 @@ pub async fn serve(args: &ServeArgs) -> Result<(), Failure> {
     let switch = switch::start(config, pool, key, &shutdown)
         .await
         .map_err(anyhow::Error::from)?;
+    // Terminals that connect at once (a restart after a crash) wait in the
+    // listen queue for the issuer links rather than hear 91; for at most
+    // each link's connect timeout: an issuer that is down does not keep the
+    // switch from serving what needs no issuer.
+    for (link, issuer) in switch.links.iter().zip(&switch.config.issuers) {
+        if !link.wait_up(issuer.connect_timeout).await {
+            tracing::warn!(issuer = %issuer.name, "issuer link not up yet; serving anyway");
+        }
+    }
     println!(
         "switchyard listening on {} (terminals, cup-pos)",
         listener.local_addr().map_err(anyhow::Error::from)?
