@@ -557,6 +557,23 @@ pub async fn recover_forgotten(pool: &PgPool, older_than: Duration) -> Result<u6
     Ok(rows.len() as u64)
 }
 
+/// Takes over a `received` row without a reply that is older than
+/// `older_than` (its switch died before deciding it): true for the one
+/// caller that wins, which decides it anew. Its arrival time restarts, so
+/// a second repeat waits instead of taking it too.
+pub async fn adopt(pool: &PgPool, id: i64, older_than: Duration) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE journal SET received_at = now()
+         WHERE id = $1 AND state = 'received' AND reply IS NULL
+           AND received_at < now() - make_interval(secs => $2)",
+    )
+    .bind(id)
+    .bind(older_than.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// The state and stored reply of a row (a duplicate waiting for its original).
 pub async fn outcome(
     pool: &PgPool,

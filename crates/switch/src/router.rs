@@ -568,12 +568,63 @@ impl Switch {
     ) -> Result<journal::Written, Option<ResponseCode>> {
         match self.writer.insert(entry, disposition).await {
             Ok(Insert::New(w)) => Ok(w),
+            Ok(Insert::Duplicate(earlier))
+                if matches!(disposition, Disposition::Hold)
+                    && earlier.state == "received"
+                    && earlier.reply.is_none()
+                    && earlier.digest == entry.digest =>
+            {
+                match self.adopt(&earlier).await {
+                    Some(w) => Ok(w),
+                    None => Err(self.duplicate(req, entry, earlier, out).await),
+                }
+            }
             Ok(Insert::Duplicate(earlier)) => Err(self.duplicate(req, entry, earlier, out).await),
             Err(e) => {
                 warn!(error = %e, "journal write failed");
                 Err(Some(ResponseCode::SYSTEM_ERROR))
             }
         }
+    }
+
+    /// A repeat of a reversal or refund whose row is still `received`
+    /// without a reply: its first copy is being decided, or the switch
+    /// deciding it died (a kill between the insert and the decision). Waits
+    /// as long as a live switch could take; once the row is older than that
+    /// it is taken over (one conditional UPDATE, so one repeat wins) and
+    /// decided anew, as if just written. `None`: it got its reply meanwhile,
+    /// or another repeat took it over; answer as a duplicate.
+    async fn adopt(&self, earlier: &Earlier) -> Option<journal::Written> {
+        let stale = self.config.rules.issuer_timeout + Duration::from_secs(2);
+        let deadline = tokio::time::Instant::now() + stale + Duration::from_secs(1);
+        while tokio::time::Instant::now() < deadline {
+            match journal::adopt(&self.pool, earlier.id, stale).await {
+                Ok(true) => {
+                    warn!(rrn = %earlier.rrn, "taking over a request its switch left undecided");
+                    return Some(journal::Written {
+                        id: earlier.id,
+                        rrn: earlier.rrn.clone(),
+                        link_stan: None,
+                        claimed: false,
+                    });
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(error = %e, "reading the earlier request failed");
+                    return None;
+                }
+            }
+            match journal::outcome(&self.pool, earlier.id).await {
+                Ok((state, _, reply)) if reply.is_some() || state != "received" => return None,
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(error = %e, "reading the earlier request failed");
+                    return None;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
     }
 
     /// Ends a journalled row the switch decided itself (a rule broken, a

@@ -337,6 +337,50 @@ async fn a_reversal_undoes_the_purchase_once_however_often_it_is_sent() {
 }
 
 #[tokio::test]
+async fn a_reversal_its_switch_died_deciding_is_taken_over_by_the_repeat() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000009").await;
+    let pan = "6222020000000000031";
+    let before = w.balance(pan).await;
+    let sale = purchase(&mut t, pan, 4_200).await;
+    let f60 = t.f60("22");
+    let frame = t
+        .reversal(&reversed(&sale, pan, 4_200, &f60), "98")
+        .unwrap();
+    assert_eq!(t.exchange(&frame).await.unwrap().rc(), "00");
+    advices_drained(&w).await;
+    // Rewind to what a switch killed right after journalling the 0400
+    // leaves: the reversal `received`, undecided, an hour ago; the sale
+    // approved; no advice.
+    let mut tx = w.pool.begin().await.unwrap();
+    for sql in [
+        "UPDATE journal SET state = 'approved' WHERE rrn = $1",
+        "DELETE FROM advices WHERE journal_id = (SELECT id FROM journal WHERE rrn = $1)",
+        "UPDATE journal SET state = 'received', response_code = NULL, reply = NULL, rule = NULL,
+             received_at = now() - interval '1 hour'
+         WHERE kind = 'reversal' AND original_id = (SELECT id FROM journal WHERE rrn = $1)",
+    ] {
+        sqlx::query(sql)
+            .bind(sale.rrn())
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    // The terminal, never answered, sends it again: it is decided now, not 96.
+    let r = t.exchange(&frame).await.unwrap();
+    assert_eq!(r.rc(), "00");
+    assert_eq!(w.journal_state(sale.rrn()).await, "reversed");
+    let again = t.exchange(&frame).await.unwrap();
+    assert_eq!(
+        again.body, r.body,
+        "and its reply is stored for the next repeat"
+    );
+    advices_drained(&w).await;
+    assert_eq!(w.balance(pan).await, before, "reversed once at the issuer");
+}
+
+#[tokio::test]
 async fn reversal_rules_r3_r4_r5() {
     let w = world().await;
     let mut t = w.signed_on("T0000009").await;
