@@ -24,6 +24,13 @@ use tokio_util::sync::CancellationToken;
 use super::Failure;
 use super::serve::shutdown_on_signals;
 
+/// The terminal of the scripted day: the last of the fleet, so that the
+/// scenario's terminals settle batches of their own alone.
+const SCRIPTED: &str = "T0002000";
+
+/// Terminals a scenario may use in the demo (all but the scripted day's).
+const SCENARIO_TERMINALS_MAX: usize = 1999;
+
 /// The demo's merchant.
 pub const MERCHANT: &str = "898310048160001";
 
@@ -38,7 +45,8 @@ balance = 10000000
 limit = 50000000
 "#;
 
-/// The demo's fleet: 1,000 terminals of one merchant.
+/// The demo's fleet: 2,000 terminals of one merchant. The scripted day uses
+/// the last ([`SCRIPTED`]); a scenario may use up to 1,999 from the first.
 const FLEET: &str = r#"
 [[merchants]]
 id = "898310048160001"
@@ -47,7 +55,7 @@ mcc = "5411"
 
 [[terminals]]
 first = "T0000001"
-last = "T0001000"
+last = "T0002000"
 merchant = "898310048160001"
 "#;
 
@@ -443,7 +451,7 @@ pub async fn run(args: &DemoArgs) -> Result<(), Failure> {
             "  issuer (iso87) at {}; PostgreSQL at {}",
             stack.issuer_addr, stack.url
         );
-        println!("  terminals T0000001-T0001000 of merchant {MERCHANT} (Switchyard Demo Store)");
+        println!("  terminals T0000001-T0002000 of merchant {MERCHANT} (Switchyard Demo Store)");
         println!(
             "  cards 6222020000000000001-6222020000000010000, expiry 3012, 10,000,000 fen each"
         );
@@ -459,6 +467,13 @@ pub async fn run(args: &DemoArgs) -> Result<(), Failure> {
         }
     }
     .map_err(|p| Failure::Input(anyhow!("{p}")))?;
+    if scenario.terminals > SCENARIO_TERMINALS_MAX {
+        return Err(Failure::Input(anyhow!(
+            "scenario {}: {} terminals; the demo's fleet leaves {SCENARIO_TERMINALS_MAX} to scenarios (T0000001-T0001999)",
+            scenario.name,
+            scenario.terminals
+        )));
+    }
     let killable = scenario.faults.switch_kill_at.is_some();
     let mut stack = Stack::start("127.0.0.1:0", CancellationToken::new(), killable).await?;
     let result = scripted_day(&mut stack, scenario, args.html.as_deref()).await;
@@ -474,10 +489,14 @@ async fn scripted_day(
 ) -> anyhow::Result<()> {
     let dialect = Arc::new(Dialect::cup_pos());
     // The last terminal: the smoke scenario's terminals settle their own batches.
-    let mut t = Terminal::connect(&stack.switch_addr, "T0000100", MERCHANT, dialect).await?;
+    let mut t = Terminal::connect(&stack.switch_addr, SCRIPTED, MERCHANT, dialect).await?;
     let line = |what: &str, rc: &str, extra: &str| println!("{what:<34} -> {rc} {extra}");
     let r = t.sign_on().await?;
-    line("sign-on T0000100", r.rc(), &format!("batch {:06}", t.batch));
+    line(
+        &format!("sign-on {SCRIPTED}"),
+        r.rc(),
+        &format!("batch {:06}", t.batch),
+    );
     let mut approved: i64 = 0;
     let mut sales = Vec::new();
     for (pan, amount) in [
