@@ -145,16 +145,29 @@ pub type Write<C, T, R, E> =
 /// Where one job's result goes.
 pub type Reply<R, E> = oneshot::Sender<Result<R, E>>;
 
-/// Runs `write` on the whole batch and answers each job; an error that
-/// `retry` accepts (a deadlock between two batches) is retried up to
-/// `retries` times; any other makes `write` run again on each item alone,
-/// so that one bad item fails alone. Returns the error that split the batch.
+/// What [`write_all`] does with an error.
+#[derive(Debug, Clone, Copy)]
+pub struct OnError<E> {
+    /// Errors worth retrying the whole batch for (a deadlock between two
+    /// batches), and how often.
+    pub retry: fn(&E) -> bool,
+    /// How often.
+    pub retries: usize,
+    /// Errors one item can cause (bad data, a constraint): the batch is run
+    /// again item by item, so that the bad one fails alone. Any other error
+    /// (the connection, the pool) is every item's: each gets a copy at once.
+    pub split: fn(&E) -> bool,
+    /// A copy of an error, for each item's reply.
+    pub copy: fn(&E) -> E,
+}
+
+/// Runs `write` on the whole batch and answers each job, handling errors as
+/// `on_error` says. Returns the error that split the batch or failed it.
 pub async fn write_all<C, T, R, E>(
     ctx: &C,
     items: Vec<T>,
     replies: Vec<Reply<R, E>>,
-    retries: usize,
-    retry: fn(&E) -> bool,
+    on_error: OnError<E>,
     write: Write<C, T, R, E>,
 ) -> Option<E> {
     let mut attempt = 0;
@@ -166,7 +179,7 @@ pub async fn write_all<C, T, R, E>(
                 }
                 return None;
             }
-            Err(e) if retry(&e) && attempt < retries => attempt += 1,
+            Err(e) if (on_error.retry)(&e) && attempt < on_error.retries => attempt += 1,
             Err(e) => break e,
         }
     };
@@ -175,6 +188,12 @@ pub async fn write_all<C, T, R, E>(
             let _ = reply.send(Err(failed));
         }
         return None;
+    }
+    if !(on_error.split)(&failed) {
+        for reply in replies {
+            let _ = reply.send(Err((on_error.copy)(&failed)));
+        }
+        return Some(failed);
     }
     for (item, reply) in items.iter().zip(replies) {
         let one = match write(ctx, std::slice::from_ref(item)).await {
@@ -185,6 +204,29 @@ pub async fn write_all<C, T, R, E>(
         let _ = reply.send(one);
     }
     Some(failed)
+}
+
+/// Errors of PostgreSQL batches (sqlx).
+pub mod postgres {
+    use super::OnError;
+
+    /// Deadlocks and serialization failures are retried three times;
+    /// data exceptions (class 22) and constraint violations (class 23)
+    /// belong to one row and split the batch; anything else (the
+    /// connection, the pool, the protocol) fails every row at once.
+    pub const ON_ERROR: OnError<sqlx::Error> = OnError {
+        retry: |e| code(e).is_some_and(|c| c == "40P01" || c == "40001"),
+        retries: 3,
+        split: |e| code(e).is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+        copy: |e| sqlx::Error::Protocol(format!("the batch failed: {e}")),
+    };
+
+    fn code(e: &sqlx::Error) -> Option<String> {
+        match e {
+            sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -335,6 +377,9 @@ mod tests {
             if items.contains(&7) && calls == 0 {
                 return Err("deadlock".to_string());
             }
+            if items.contains(&404) {
+                return Err("connection lost".to_string());
+            }
             match items.iter().find(|&&i| i > 100) {
                 Some(i) => Err(format!("{i} refused")),
                 None => Ok(items.iter().map(|i| i * 2).collect()),
@@ -345,15 +390,13 @@ mod tests {
     async fn write(items: Vec<u32>) -> (usize, Option<String>, Vec<Result<u32, String>>) {
         let calls = AtomicUsize::new(0);
         let (replies, answers): (Vec<_>, Vec<_>) = items.iter().map(|_| oneshot::channel()).unzip();
-        let split = write_all(
-            &calls,
-            items,
-            replies,
-            2,
-            |e: &String| e == "deadlock",
-            refusing,
-        )
-        .await;
+        let on_error = OnError {
+            retry: |e: &String| e == "deadlock",
+            retries: 2,
+            split: |e: &String| e.ends_with("refused"),
+            copy: String::clone,
+        };
+        let split = write_all(&calls, items, replies, on_error, refusing).await;
         let mut got = Vec::new();
         for a in answers {
             got.push(a.await.unwrap());
@@ -367,6 +410,14 @@ mod tests {
         assert_eq!(split.as_deref(), Some("200 refused"));
         assert_eq!(got, vec![Ok(2), Err("200 refused".into()), Ok(6)]);
         assert_eq!(calls, 4, "the batch, then each alone");
+    }
+
+    #[tokio::test]
+    async fn a_lost_connection_fails_every_item_at_once() {
+        let (calls, split, got) = write(vec![1, 404, 3]).await;
+        assert_eq!(split.as_deref(), Some("connection lost"));
+        assert_eq!(got, vec![Err("connection lost".to_string()); 3]);
+        assert_eq!(calls, 1, "no item is tried again alone");
     }
 
     #[tokio::test]

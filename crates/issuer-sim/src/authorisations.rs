@@ -6,6 +6,7 @@
 
 use std::sync::OnceLock;
 
+use group_commit::postgres::ON_ERROR;
 use group_commit::{Batcher, Limits, Reply, write_all};
 use sqlx::PgPool;
 use tokio::sync::oneshot;
@@ -26,10 +27,6 @@ struct Job {
 #[derive(Debug, Default)]
 pub(crate) struct Authorisations {
     batcher: OnceLock<Batcher<Job>>,
-}
-
-fn retryable(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40P01" | "40001")))
 }
 
 impl Authorisations {
@@ -72,11 +69,11 @@ impl Authorisations {
 
 async fn write(pool: PgPool, jobs: Vec<Job>) {
     let (auths, dones): (Vec<NewAuth>, Vec<_>) = jobs.into_iter().map(|j| (j.auth, j.done)).unzip();
-    let split = write_all(&pool, auths, dones, 3, retryable, |pool, auths| {
+    let split = write_all(&pool, auths, dones, ON_ERROR, |pool, auths| {
         Box::pin(books::authorise_many(pool, auths))
     })
     .await;
     if let Some(e) = split {
-        warn!(error = %e, "a batch of authorisations failed: decided one by one");
+        warn!(error = %e, "a batch of authorisations failed");
     }
 }

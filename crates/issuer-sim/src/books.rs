@@ -445,6 +445,7 @@ pub(crate) async fn authorise_many(
          looked AS (
             SELECT r.*, nextval('issuer.postings_id_seq') AS id, c.id AS card_id,
                 coalesce(c.pan_masked, r.pan_masked) AS masked, c.balance - c.held AS available,
+                c.status AS card_status,
                 CASE WHEN c.id IS NULL THEN '14'
                      WHEN c.status = 'lost' THEN '41'
                      WHEN c.status = 'stolen' THEN '43'
@@ -463,7 +464,7 @@ pub(crate) async fn authorise_many(
                      THEN lpad((((id % 1000000) * 7919 + 13) % 1000000)::text, 6, '0') END AS auth_code,
                 CASE WHEN code = '00' AND kind = 'balance_inquiry' THEN available END AS available_reply,
                 CASE code WHEN '14' THEN 'unknown card' WHEN '41' THEN 'card is lost'
-                          WHEN '43' THEN 'card is stolen' WHEN '62' THEN 'card is blocked'
+                          WHEN '43' THEN 'card is stolen' WHEN '62' THEN 'card is ' || card_status
                           WHEN '54' THEN 'expired' WHEN '61' THEN 'above the card''s limit'
                           WHEN '51' THEN 'insufficient funds' END AS note
             FROM looked l),

@@ -812,7 +812,11 @@ pub async fn apply_advice(
         ),
     };
     let sql = format!(
-        "WITH claimed AS ({claim} RETURNING id, issuer, mti, link_stan, link_f7),
+        "WITH -- The advice's own row, still undecided, locked first: of two
+         -- switches deciding one row (a repeat took over a row whose switch
+         -- was only slow), the second finds it decided and claims nothing.
+         mine AS (SELECT id FROM journal WHERE id = $1 AND state = 'received' FOR UPDATE),
+         claimed AS ({claim} AND EXISTS (SELECT 1 FROM mine) RETURNING id, issuer, mti, link_stan, link_f7),
          -- The original as the issuer knows it: an online request by its own
          -- link STAN and F7, an advice (a completion advice) by its advice's.
          origin AS (

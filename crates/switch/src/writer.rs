@@ -12,6 +12,7 @@
 //! before it. A batch that fails for one row's sake is retried row by row,
 //! so one bad write fails alone.
 
+use group_commit::postgres::ON_ERROR;
 use group_commit::{Batcher, Limits, write_all};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -55,14 +56,6 @@ pub struct Writer {
     lookups: Batcher<Lookup>,
 }
 
-/// Deadlocks between concurrent batches (two retransmissions racing in two
-/// batches) are retried this often.
-const RETRIES: usize = 3;
-
-fn retryable(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40P01" | "40001")))
-}
-
 impl Writer {
     /// Starts the batching tasks on the current runtime. The batches go
     /// over connections of their own, opened as needed with the options of
@@ -71,9 +64,12 @@ impl Writer {
         // A batched statement planned once while the journal was small
         // keeps its sequential-scan plan as the journal grows: these
         // connections plan every execution (a batch amortises the planning).
-        let options = (*pool.connect_options())
-            .clone()
-            .options([("plan_cache_mode", "force_custom_plan")]);
+        let options = (*pool.connect_options()).clone().options([
+            ("plan_cache_mode", "force_custom_plan"),
+            // One batch in flight per stage: a stalled one must not
+            // hold every request behind it for long.
+            ("statement_timeout", "10s"),
+        ]);
         let batches = PgPoolOptions::new()
             .max_connections(2 * limits.in_flight.max(1) as u32)
             .connect_lazy_with(options);
@@ -165,18 +161,18 @@ fn stopped() -> sqlx::Error {
 
 async fn write_requests(pool: PgPool, batch: Vec<Request>) {
     let (rows, dones): (Vec<Row>, Vec<_>) = batch.into_iter().map(|r| (r.row, r.done)).unzip();
-    let split = write_all(&pool, rows, dones, RETRIES, retryable, |pool, rows| {
+    let split = write_all(&pool, rows, dones, ON_ERROR, |pool, rows| {
         Box::pin(journal::insert_many(pool, rows))
     })
     .await;
     if let Some(e) = split {
-        warn!(error = %e, "a batch of journal rows failed: written one by one");
+        warn!(error = %e, "a batch of journal rows failed");
     }
 }
 
 async fn look_up(pool: PgPool, batch: Vec<Lookup>) {
     let (ids, dones): (Vec<String>, Vec<_>) = batch.into_iter().map(|l| (l.id, l.done)).unzip();
-    write_all(&pool, ids, dones, 0, retryable, |pool, ids| {
+    write_all(&pool, ids, dones, ON_ERROR, |pool, ids| {
         Box::pin(terminals::find_many(pool, ids))
     })
     .await;
@@ -185,11 +181,11 @@ async fn look_up(pool: PgPool, batch: Vec<Lookup>) {
 async fn write_outcomes(pool: PgPool, batch: Vec<Outcome>) {
     let (outcomes, dones): (Vec<Completion>, Vec<_>) =
         batch.into_iter().map(|o| (o.completion, o.done)).unzip();
-    let split = write_all(&pool, outcomes, dones, RETRIES, retryable, |pool, done| {
+    let split = write_all(&pool, outcomes, dones, ON_ERROR, |pool, done| {
         Box::pin(journal::complete_many(pool, done))
     })
     .await;
     if let Some(e) = split {
-        warn!(error = %e, "a batch of outcomes failed: written one by one");
+        warn!(error = %e, "a batch of outcomes failed");
     }
 }
