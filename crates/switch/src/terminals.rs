@@ -27,24 +27,7 @@ pub struct Terminal {
 
 /// Looks a terminal up with its merchant.
 pub async fn find(pool: &PgPool, id: &str) -> Result<Option<Terminal>, sqlx::Error> {
-    let row: Option<(String, bool, i32, String, String, String, bool)> = sqlx::query_as(
-        "SELECT t.id, t.enabled, t.batch, m.id, m.name, m.mcc, m.enabled
-         FROM terminals t JOIN merchants m ON m.id = t.merchant_id WHERE t.id = $1",
-    )
-    .bind(id)
-    .fetch_optional(pool)
-    .await?;
-    Ok(row.map(
-        |(id, enabled, batch, merchant_id, merchant_name, mcc, merchant_enabled)| Terminal {
-            id,
-            enabled,
-            batch,
-            merchant_id,
-            merchant_name,
-            mcc,
-            merchant_enabled,
-        },
-    ))
+    Ok(find_many(pool, &[id.to_string()]).await?.pop().flatten())
 }
 
 /// Looks many terminals up in one statement (the reads of concurrent
