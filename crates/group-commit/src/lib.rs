@@ -30,15 +30,6 @@ pub struct Limits {
     pub in_flight: usize,
 }
 
-impl Default for Limits {
-    fn default() -> Limits {
-        Limits {
-            max_batch: 256,
-            in_flight: 2,
-        }
-    }
-}
-
 /// Where jobs are handed in. Cloning it is cheap; the batching task ends
 /// when the last clone is dropped and the batches in flight have finished.
 #[derive(Debug)]

@@ -266,13 +266,13 @@ impl Stack {
         let issuer_server = Server::start(issuer_listener, issuer.clone(), &shutdown);
 
         let mut tasks = Vec::new();
-        let (pool, child, switch_addr) = if killable {
-            let pool = switch::connect(&url, 4).await?;
-            switch::migrate(&pool).await?;
-            Fleet::parse(FLEET, "(demo fleet)")
-                .map_err(|e| anyhow!("{e}"))?
-                .store(&pool)
-                .await?;
+        let pool = switch::connect(&url, 16).await?;
+        switch::migrate(&pool).await?;
+        Fleet::parse(FLEET, "(demo fleet)")
+            .map_err(|e| anyhow!("{e}"))?
+            .store(&pool)
+            .await?;
+        let (child, switch_addr) = if killable {
             // A fixed address: the restarted switch listens where terminals redial.
             let listen = match listen.rsplit_once(':') {
                 Some((host, "0")) => {
@@ -283,13 +283,12 @@ impl Stack {
             };
             let child =
                 ChildSwitch::start(&listen, &issuer_addr, &url, PanHashKey::generate()).await?;
-            (pool, Some(child), listen)
+            (Some(child), listen)
         } else {
             let mut config =
                 Config::parse(&switch_toml(listen, &issuer_addr, None), "(demo switch)")
                     .map_err(|e| anyhow!("{e}"))?;
             config.seed.terminals = None;
-            let pool = switch::connect(&url, 16).await?;
             let switch = switch::start(
                 Arc::new(config),
                 pool.clone(),
@@ -298,10 +297,6 @@ impl Stack {
             )
             .await
             .map_err(|e| anyhow!("{e}"))?;
-            Fleet::parse(FLEET, "(demo fleet)")
-                .map_err(|e| anyhow!("{e}"))?
-                .store(&pool)
-                .await?;
             let listener = TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("listening on {listen}"))?;
@@ -314,7 +309,7 @@ impl Stack {
             if !switch.links[0].wait_up(Duration::from_secs(10)).await {
                 bail!("the switch could not sign on to the issuer at {issuer_addr}");
             }
-            (pool, None, switch_addr)
+            (None, switch_addr)
         };
         Ok(Stack {
             switch_addr,
