@@ -199,7 +199,33 @@ pub async fn write_all<C, T, R, E>(
 
 /// Errors of PostgreSQL batches (sqlx).
 pub mod postgres {
+    use sqlx::PgPool;
+    use sqlx::postgres::PgPoolOptions;
+
     use super::OnError;
+
+    /// The connections batches run on: those of `pool`, one per batch in
+    /// flight (all batchers' together) and as many spare, that plan each
+    /// statement once.
+    ///
+    /// A batched statement is the same text every time and only its arrays
+    /// change, so planning it for every execution (what PostgreSQL does
+    /// when it cannot price a generic plan, as for arrays of unknown
+    /// length) cost as much as executing it. Generic plans cannot see how
+    /// small a table is, so sequential scans are priced out: every batched
+    /// statement reaches its rows through a key, and a plan made while a
+    /// table was empty must not scan it once it is large. A statement
+    /// stuck for 10 s fails its batch rather than hold every later one.
+    pub fn batch_pool(pool: &PgPool, in_flight: usize) -> PgPool {
+        let options = (*pool.connect_options()).clone().options([
+            ("plan_cache_mode", "force_generic_plan"),
+            ("enable_seqscan", "off"),
+            ("statement_timeout", "10s"),
+        ]);
+        PgPoolOptions::new()
+            .max_connections(2 * in_flight.max(1) as u32)
+            .connect_lazy_with(options)
+    }
 
     /// Deadlocks and serialization failures are retried three times;
     /// data exceptions (class 22) and constraint violations (class 23)

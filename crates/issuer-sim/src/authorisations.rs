@@ -6,7 +6,7 @@
 
 use std::sync::OnceLock;
 
-use group_commit::postgres::ON_ERROR;
+use group_commit::postgres::{ON_ERROR, batch_pool};
 use group_commit::{Batcher, Limits, Reply, write_all};
 use sqlx::PgPool;
 use tokio::sync::oneshot;
@@ -48,7 +48,7 @@ impl Authorisations {
             req: req.clone(),
         };
         let batcher = self.batcher.get_or_init(|| {
-            let pool = pool.clone();
+            let pool = batch_pool(pool, limits.in_flight);
             Batcher::start(
                 limits,
                 |j: &Job| j.auth.pan_hash,

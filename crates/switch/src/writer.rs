@@ -12,10 +12,9 @@
 //! before it. A batch that fails for one row's sake is retried row by row,
 //! so one bad write fails alone.
 
-use group_commit::postgres::ON_ERROR;
+use group_commit::postgres::{ON_ERROR, batch_pool};
 use group_commit::{Batcher, Limits, write_all};
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
 use tokio::sync::oneshot;
 use tracing::warn;
 
@@ -61,31 +60,21 @@ impl Writer {
     /// over connections of their own, opened as needed with the options of
     /// `pool`, one per batch in flight.
     pub fn start(pool: PgPool, limits: Limits) -> Writer {
-        // A batched statement planned once while the journal was small
-        // keeps its sequential-scan plan as the journal grows: these
-        // connections plan every execution (a batch amortises the planning).
-        let options = (*pool.connect_options()).clone().options([
-            ("plan_cache_mode", "force_custom_plan"),
-            // One batch in flight per stage: a stalled one must not
-            // hold every request behind it for long.
-            ("statement_timeout", "10s"),
-        ]);
-        let batches = PgPoolOptions::new()
-            .max_connections(2 * limits.in_flight.max(1) as u32)
-            .connect_lazy_with(options);
+        // Three stages, each with its batches in flight.
+        let batches = batch_pool(&pool, 3 * limits.in_flight);
         let p = batches.clone();
         let requests = Batcher::start(
             limits,
             |r: &Request| r.row.key(),
             move |batch| write_requests(p.clone(), batch),
         );
-        let p = batches;
+        let p = batches.clone();
         let outcomes = Batcher::start(
             limits,
             |o: &Outcome| o.completion.id,
             move |batch| write_outcomes(p.clone(), batch),
         );
-        let p = pool.clone();
+        let p = batches;
         let lookups = Batcher::start(
             limits,
             |l: &Lookup| l.id.clone(),
