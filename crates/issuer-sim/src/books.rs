@@ -34,12 +34,8 @@ pub(crate) mod code {
     pub const INVALID_CARD: &str = "14";
     pub const NOT_FOUND: &str = "25";
     pub const FORMAT_ERROR: &str = "30";
-    pub const LOST_CARD: &str = "41";
-    pub const STOLEN_CARD: &str = "43";
     pub const INSUFFICIENT_FUNDS: &str = "51";
-    pub const EXPIRED_CARD: &str = "54";
     pub const OVER_LIMIT: &str = "61";
-    pub const RESTRICTED_CARD: &str = "62";
     pub const AMOUNT_MISMATCH: &str = "64";
     /// The original of a reversal that overtook it: too late, never posted.
     pub const TOO_LATE: &str = "68";
@@ -239,11 +235,8 @@ struct Card {
     id: i64,
     pan_hash: Vec<u8>,
     pan_masked: String,
-    expiry: String,
-    status: String,
     balance: i64,
     held: i64,
-    txn_limit: i64,
 }
 
 /// The decision about one message, before it is written.
@@ -302,6 +295,21 @@ pub(crate) async fn apply(
 ) -> Result<Outcome, sqlx::Error> {
     let pan_hash = req.pan.as_ref().map(|p| key.hash(p));
     let fingerprint = req.fingerprint(pan_hash.as_ref());
+    if let Some(pan_hash) = pan_hash.filter(|_| req.kind.is_new()) {
+        // New authorisations are decided by one statement, batched or not.
+        let auth = NewAuth {
+            req: req.clone(),
+            pan_hash,
+            fingerprint,
+        };
+        if let Some(Some(outcome)) = authorise_many(pool, std::slice::from_ref(&auth))
+            .await?
+            .pop()
+        {
+            return Ok(outcome);
+        }
+        // Its key was taken: `apply_in` finds the stored posting.
+    }
     let mut attempt = 0;
     loop {
         let mut tx = pool.begin().await?;
@@ -357,8 +365,9 @@ async fn apply_in(
     };
 
     let decided = match req.kind {
+        // Decided by `authorise_many`; a key it found taken is taken here too.
         Kind::BalanceInquiry | Kind::Purchase | Kind::PreAuth => {
-            authorise(tx, req, pan_hash.expect("read() requires a card")).await?
+            Decided::new().decline(code::SYSTEM_ERROR, "a new authorisation off its path")
         }
         Kind::Reversal => reverse(tx, req, id).await?,
         _ => follow_on(tx, req, pan_hash).await?,
@@ -410,7 +419,7 @@ pub(crate) struct NewAuth {
 }
 
 /// Decides and records many new authorisations in one statement (group
-/// commit), with the same checks as [`authorise`]: the card's status,
+/// commit), with the card's own checks: its status,
 /// expiry, limit and available balance, locked (in id order) while they
 /// are read and moved. No two may be for one card. For each, in order, the
 /// outcome, or `None` when its key was already taken (a repeat: the caller
@@ -662,61 +671,6 @@ fn expired(yymm: &str, today: chrono::NaiveDate) -> bool {
         return true;
     };
     !(1..=12).contains(&mm) || (2000 + yy, mm) < (today.year(), today.month())
-}
-
-/// Balance inquiry, purchase, pre-authorisation: the card's own checks.
-async fn authorise(
-    tx: &mut PgConnection,
-    req: &Request,
-    pan_hash: &[u8; 32],
-) -> Result<Decided, sqlx::Error> {
-    let card: Option<Card> =
-        sqlx::query_as("SELECT * FROM issuer.cards WHERE pan_hash = $1 FOR UPDATE")
-            .bind(pan_hash.to_vec())
-            .fetch_optional(&mut *tx)
-            .await?;
-    let Some(card) = card else {
-        return Ok(Decided::new().decline(code::INVALID_CARD, "unknown card"));
-    };
-    let d = Decided::new().on(&card);
-    let status = CardStatus::from_word(&card.status).unwrap_or(CardStatus::Blocked);
-    let refused = match status {
-        CardStatus::Active => None,
-        CardStatus::Blocked => Some(code::RESTRICTED_CARD),
-        CardStatus::Lost => Some(code::LOST_CARD),
-        CardStatus::Stolen => Some(code::STOLEN_CARD),
-    };
-    if let Some(code) = refused {
-        return Ok(d.decline(code, format!("card is {}", card.status)));
-    }
-    let today = chrono::Utc::now().date_naive();
-    if expired(&card.expiry, today) || req.expiry.as_deref().is_some_and(|e| expired(e, today)) {
-        return Ok(d.decline(code::EXPIRED_CARD, "expired"));
-    }
-    let available = card.balance - card.held;
-    if req.kind == Kind::BalanceInquiry {
-        return Ok(Decided {
-            available: Some(available),
-            ..d
-        });
-    }
-    if req.amount > card.txn_limit {
-        return Ok(d.decline(code::OVER_LIMIT, "above the card's limit"));
-    }
-    if req.amount > available {
-        return Ok(d.decline(code::INSUFFICIENT_FUNDS, "insufficient funds"));
-    }
-    let (balance, hold) = match req.kind {
-        Kind::Purchase => (-req.amount, 0),
-        _ => (0, req.amount),
-    };
-    move_money(tx, card.id, balance, hold).await?;
-    Ok(Decided {
-        balance_change: balance,
-        hold_change: hold,
-        auth: true,
-        ..d
-    })
 }
 
 /// Void, refund, pre-auth cancel, completion, completion void: the
