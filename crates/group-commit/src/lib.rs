@@ -216,15 +216,26 @@ pub mod postgres {
     /// statement reaches its rows through a key, and a plan made while a
     /// table was empty must not scan it once it is large. A statement
     /// stuck for 10 s fails its batch rather than hold every later one.
+    /// A connection is not pinged before each batch (see [`pool_options`]).
     pub fn batch_pool(pool: &PgPool, in_flight: usize) -> PgPool {
         let options = (*pool.connect_options()).clone().options([
             ("plan_cache_mode", "force_generic_plan"),
             ("enable_seqscan", "off"),
             ("statement_timeout", "10s"),
         ]);
-        PgPoolOptions::new()
+        pool_options()
             .max_connections(2 * in_flight.max(1) as u32)
             .connect_lazy_with(options)
+    }
+
+    /// Pool options for a hot path: a connection is handed out without the
+    /// ping sqlx sends by default before every acquire. That ping is a
+    /// round trip of its own, which doubled the statements PostgreSQL
+    /// served under load; a connection that died while idle fails the one
+    /// statement that finds it dead (its batch is answered as failed) and
+    /// is dropped from the pool.
+    pub fn pool_options() -> PgPoolOptions {
+        PgPoolOptions::new().test_before_acquire(false)
     }
 
     /// Deadlocks and serialization failures are retried three times;

@@ -12,7 +12,7 @@
 //! through a [`FaultControl`], so that the switch's money invariant can be
 //! tested against an issuer that misbehaves.
 //!
-//! The binary wires it: [`IssuerConfig::load`], [`PanKey::load`], a pool,
+//! The binary wires it: [`IssuerConfig::load`], [`PanKey::load`], a pool ([`connect`]),
 //! [`migrate`], [`seed_cards`], [`Issuer::new`], then [`run`] on a listener.
 
 mod authorisations;
@@ -33,6 +33,15 @@ pub use config::{
 pub use faults::{FaultControl, FaultCounts};
 pub use key::{KeyError, PAN_KEY_ENV, PanKey};
 pub use server::{Issuer, run};
+
+/// A pool on `url` for the issuer: its connections are not pinged before
+/// every use (see [`group_commit::postgres::pool_options`]).
+pub async fn connect(url: &str) -> Result<sqlx::PgPool, sqlx::Error> {
+    group_commit::postgres::pool_options()
+        .max_connections(10)
+        .connect(url)
+        .await
+}
 
 /// What can go wrong outside a single message.
 #[derive(Debug, thiserror::Error)]

@@ -248,7 +248,7 @@ impl Stack {
 
         let issuer_config =
             IssuerConfig::from_toml(ISSUER, "(demo issuer)").map_err(|e| anyhow!("{e}"))?;
-        let issuer_pool = sqlx::PgPool::connect(&url).await?;
+        let issuer_pool = issuer_sim::connect(&url).await?;
         issuer_sim::migrate(&issuer_pool)
             .await
             .map_err(|e| anyhow!("{e}"))?;

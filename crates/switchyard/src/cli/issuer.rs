@@ -46,7 +46,7 @@ pub async fn run(args: &IssuerArgs) -> Result<(), Failure> {
     let config = load(&args.config)?;
     let key = PanKey::load(&config.keys).map_err(|e| anyhow!("{e}"))?;
     let database = db::open(config.database.url.as_deref(), None, "switchyard").await?;
-    let pool = sqlx::PgPool::connect(&database.url)
+    let pool = issuer_sim::connect(&database.url)
         .await
         .context("connecting to the database")?;
     issuer_sim::migrate(&pool)
