@@ -56,6 +56,12 @@ pub struct NewEntry<'a> {
     /// it `voided`): one conditional UPDATE in the same statement as the
     /// insert, so of two racing claims exactly one wins.
     pub claim: Option<&'static str>,
+    /// Journal it only while `batch` is still the terminal's open batch:
+    /// the router checked the batch against a terminal read a moment ago,
+    /// and a batch settled since (by another switch process) takes nothing
+    /// more ([`Insert::BatchClosed`]). Settlements, uploads and reversals,
+    /// which check their batch themselves, do not ask for it.
+    pub open_batch: bool,
 }
 
 /// Where the request goes.
@@ -111,6 +117,21 @@ pub enum Insert {
     New(Written),
     /// The key was taken.
     Duplicate(Earlier),
+    /// Not written: the batch it asked for ([`NewEntry::open_batch`]) is
+    /// no longer the terminal's open one (`77`).
+    BatchClosed,
+}
+
+/// SQL: a row that asks for its batch to be open (`$open`, with the
+/// terminal `$terminal` and the batch `$batch`) is written only when it is.
+const BATCH_OPEN: &str = "(NOT $open OR EXISTS (SELECT 1 FROM terminals t
+    WHERE t.id = $terminal AND t.batch = $batch))";
+
+fn batch_open(open: &str, terminal: &str, batch: &str) -> String {
+    BATCH_OPEN
+        .replace("$open", open)
+        .replace("$terminal", terminal)
+        .replace("$batch", batch)
 }
 
 /// Writes a request, or finds the earlier one with its key.
@@ -124,20 +145,21 @@ pub async fn insert(
         Disposition::Answer(state, rc) => (state, Some(rc.as_str().to_string()), None, None),
         Disposition::Hold => (State::Received, None, None, None),
     };
-    let row: Option<(i64, String, Option<i32>, bool)> = sqlx::query_as(
+    let sql = format!(
         "WITH new AS (
             INSERT INTO journal (terminal_id, merchant_id, batch, stan, mti, mti_class, processing_code,
                 pos_condition, kind, amount, pan_hash, pan_masked, request_digest, state, response_code,
                 issuer, link_stan, link_f7, business_date, sent_at, completed_at,
                 original_id, rule, operator, reversal_reason, original_ref, reversal_requested)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+            SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
                 $16, CASE WHEN $14 = 'sent' THEN nextval('link_stan')::int END, $17, $18,
                 CASE WHEN $14 = 'sent' THEN now() END, CASE WHEN $14 <> 'sent' THEN now() END,
                 $19, $20, $21, $22, $23,
                 -- R3: a reversal of this very request came first (it was
                 -- delayed on the way): its approval is reversed on arrival.
                 $6 <> 4 AND EXISTS (SELECT 1 FROM journal r WHERE r.merchant_id = $2 AND r.terminal_id = $1
-                    AND r.batch = $3 AND r.stan = $4 AND r.mti_class = 4 AND r.state IN ('received', 'approved')))
+                    AND r.batch = $3 AND r.stan = $4 AND r.mti_class = 4 AND r.state IN ('received', 'approved'))
+            WHERE {}
             ON CONFLICT ON CONSTRAINT journal_request_key DO NOTHING
             RETURNING id, rrn, link_stan),
          claimed AS (
@@ -145,33 +167,36 @@ pub async fn insert(
             WHERE $24 IS NOT NULL AND id = $19 AND state = 'approved' AND EXISTS (SELECT 1 FROM new)
             RETURNING id)
          SELECT id, rrn, link_stan, EXISTS (SELECT 1 FROM claimed) FROM new",
-    )
-    .bind(e.terminal_id)
-    .bind(e.merchant_id)
-    .bind(e.batch)
-    .bind(e.stan)
-    .bind(e.mti as i16)
-    .bind((e.mti / 100) as i16)
-    .bind(e.processing_code)
-    .bind(e.pos_condition)
-    .bind(e.kind.as_str())
-    .bind(e.amount)
-    .bind(e.pan_hash.map(|h| h.to_vec()))
-    .bind(e.pan_masked.as_deref())
-    .bind(e.digest.to_vec())
-    .bind(state.as_str())
-    .bind(rc)
-    .bind(issuer)
-    .bind(f7)
-    .bind(e.business_date)
-    .bind(e.original_id)
-    .bind(e.rule)
-    .bind(e.operator.as_deref())
-    .bind(e.reversal_reason.as_deref())
-    .bind(e.original_ref.as_deref())
-    .bind(e.claim)
-    .fetch_optional(pool)
-    .await?;
+        batch_open("$25", "$1", "$3")
+    );
+    let row: Option<(i64, String, Option<i32>, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(e.terminal_id)
+        .bind(e.merchant_id)
+        .bind(e.batch)
+        .bind(e.stan)
+        .bind(e.mti as i16)
+        .bind((e.mti / 100) as i16)
+        .bind(e.processing_code)
+        .bind(e.pos_condition)
+        .bind(e.kind.as_str())
+        .bind(e.amount)
+        .bind(e.pan_hash.map(|h| h.to_vec()))
+        .bind(e.pan_masked.as_deref())
+        .bind(e.digest.to_vec())
+        .bind(state.as_str())
+        .bind(rc)
+        .bind(issuer)
+        .bind(f7)
+        .bind(e.business_date)
+        .bind(e.original_id)
+        .bind(e.rule)
+        .bind(e.operator.as_deref())
+        .bind(e.reversal_reason.as_deref())
+        .bind(e.original_ref.as_deref())
+        .bind(e.claim)
+        .bind(e.open_batch)
+        .fetch_optional(pool)
+        .await?;
     if let Some((id, rrn, link_stan, claimed)) = row {
         return Ok(Insert::New(Written {
             id,
@@ -180,7 +205,17 @@ pub async fn insert(
             claimed,
         }));
     }
-    Ok(Insert::Duplicate(earlier(pool, e).await?))
+    not_inserted(pool, e).await
+}
+
+/// Why a request was not written: its key was taken by an earlier request,
+/// or the batch it asked for is closed.
+pub async fn not_inserted(pool: &PgPool, e: &NewEntry<'_>) -> Result<Insert, sqlx::Error> {
+    match earlier(pool, e).await? {
+        Some(earlier) => Ok(Insert::Duplicate(earlier)),
+        None if e.open_batch => Ok(Insert::BatchClosed),
+        None => Err(sqlx::Error::RowNotFound),
+    }
 }
 
 /// A request for [`insert_many`]: what [`insert`] takes, owned, for a
@@ -232,6 +267,8 @@ pub struct Row {
     pub reversal_reason: Option<String>,
     /// How the terminal named the original.
     pub original_ref: Option<String>,
+    /// Written only while its batch is open ([`NewEntry::open_batch`]).
+    pub open_batch: bool,
 }
 
 impl Row {
@@ -279,13 +316,14 @@ impl Row {
             operator: e.operator.clone(),
             reversal_reason: e.reversal_reason.clone(),
             original_ref: e.original_ref.clone(),
+            open_batch: e.open_batch,
         })
     }
 }
 
 /// Writes many requests in one statement (group commit): for each, in
-/// order, the written row, or `None` when its key was taken (the caller
-/// looks for the earlier request with [`earlier`]). No two rows may share a
+/// order, the written row, or `None` when its key was taken or its batch
+/// closed (the caller asks [`not_inserted`] which). No two rows may share a
 /// key.
 pub async fn insert_many(pool: &PgPool, rows: &[Row]) -> Result<Vec<Option<Written>>, sqlx::Error> {
     fn col<'r, T>(rows: &'r [Row], f: impl Fn(&'r Row) -> T) -> Vec<T> {
@@ -302,7 +340,7 @@ pub async fn insert_many(pool: &PgPool, rows: &[Row]) -> Result<Vec<Option<Writt
         stan: i32,
         mti_class: i16,
     }
-    let written: Vec<Inserted> = sqlx::query_as(
+    let sql = format!(
         "INSERT INTO journal (terminal_id, merchant_id, batch, stan, mti, mti_class, processing_code,
             pos_condition, kind, amount, pan_hash, pan_masked, request_digest, state, response_code,
             issuer, link_stan, link_f7, business_date, sent_at, completed_at,
@@ -319,37 +357,41 @@ pub async fn insert_many(pool: &PgPool, rows: &[Row]) -> Result<Vec<Option<Writt
          FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::int2[], $6::text[], $7::text[],
                      $8::text[], $9::int8[], $10::bytea[], $11::text[], $12::bytea[], $13::text[],
                      $14::text[], $15::text[], $16::text[], $17::date[], $18::int8[], $19::text[],
-                     $20::text[], $21::text[], $22::text[])
+                     $20::text[], $21::text[], $22::text[], $23::bool[])
               AS r(terminal_id, merchant_id, batch, stan, mti, processing_code, pos_condition, kind,
                    amount, pan_hash, pan_masked, digest, state, rc, issuer, f7, business_date,
-                   original_id, rule, operator, reversal_reason, original_ref)
+                   original_id, rule, operator, reversal_reason, original_ref, open_batch)
+         WHERE {}
          ON CONFLICT ON CONSTRAINT journal_request_key DO NOTHING
          RETURNING id, rrn, link_stan, merchant_id, terminal_id, batch, stan, mti_class",
-    )
-    .bind(col(rows, |r| r.terminal_id.as_str()))
-    .bind(col(rows, |r| r.merchant_id.as_str()))
-    .bind(col(rows, |r| r.batch))
-    .bind(col(rows, |r| r.stan))
-    .bind(col(rows, |r| r.mti))
-    .bind(col(rows, |r| r.processing_code.as_str()))
-    .bind(col(rows, |r| r.pos_condition.as_str()))
-    .bind(col(rows, |r| r.kind))
-    .bind(col(rows, |r| r.amount))
-    .bind(col(rows, |r| r.pan_hash.as_deref()))
-    .bind(col(rows, |r| r.pan_masked.as_deref()))
-    .bind(col(rows, |r| r.digest.as_slice()))
-    .bind(col(rows, |r| r.state))
-    .bind(col(rows, |r| r.response_code.as_deref()))
-    .bind(col(rows, |r| r.issuer.as_deref()))
-    .bind(col(rows, |r| r.link_f7.as_deref()))
-    .bind(col(rows, |r| r.business_date))
-    .bind(col(rows, |r| r.original_id))
-    .bind(col(rows, |r| r.rule))
-    .bind(col(rows, |r| r.operator.as_deref()))
-    .bind(col(rows, |r| r.reversal_reason.as_deref()))
-    .bind(col(rows, |r| r.original_ref.as_deref()))
-    .fetch_all(pool)
-    .await?;
+        batch_open("r.open_batch", "r.terminal_id", "r.batch")
+    );
+    let written: Vec<Inserted> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(col(rows, |r| r.terminal_id.as_str()))
+        .bind(col(rows, |r| r.merchant_id.as_str()))
+        .bind(col(rows, |r| r.batch))
+        .bind(col(rows, |r| r.stan))
+        .bind(col(rows, |r| r.mti))
+        .bind(col(rows, |r| r.processing_code.as_str()))
+        .bind(col(rows, |r| r.pos_condition.as_str()))
+        .bind(col(rows, |r| r.kind))
+        .bind(col(rows, |r| r.amount))
+        .bind(col(rows, |r| r.pan_hash.as_deref()))
+        .bind(col(rows, |r| r.pan_masked.as_deref()))
+        .bind(col(rows, |r| r.digest.as_slice()))
+        .bind(col(rows, |r| r.state))
+        .bind(col(rows, |r| r.response_code.as_deref()))
+        .bind(col(rows, |r| r.issuer.as_deref()))
+        .bind(col(rows, |r| r.link_f7.as_deref()))
+        .bind(col(rows, |r| r.business_date))
+        .bind(col(rows, |r| r.original_id))
+        .bind(col(rows, |r| r.rule))
+        .bind(col(rows, |r| r.operator.as_deref()))
+        .bind(col(rows, |r| r.reversal_reason.as_deref()))
+        .bind(col(rows, |r| r.original_ref.as_deref()))
+        .bind(col(rows, |r| r.open_batch))
+        .fetch_all(pool)
+        .await?;
     let mut by_key: std::collections::HashMap<_, _> = written
         .into_iter()
         .map(|r| {
@@ -367,8 +409,8 @@ pub async fn insert_many(pool: &PgPool, rows: &[Row]) -> Result<Vec<Option<Writt
     Ok(rows.iter().map(|r| by_key.remove(&r.key())).collect())
 }
 
-/// The earlier request with the key of `e` (after an insert found it taken).
-pub async fn earlier(pool: &PgPool, e: &NewEntry<'_>) -> Result<Earlier, sqlx::Error> {
+/// The earlier request with the key of `e`, if any.
+pub async fn earlier(pool: &PgPool, e: &NewEntry<'_>) -> Result<Option<Earlier>, sqlx::Error> {
     sqlx::query_as::<_, (i64, Vec<u8>, String, Option<String>, String, Option<Vec<u8>>)>(
         "SELECT id, request_digest, state, response_code, rrn, reply FROM journal
          WHERE merchant_id = $1 AND terminal_id = $2 AND batch = $3 AND stan = $4 AND mti_class = $5",
@@ -378,15 +420,17 @@ pub async fn earlier(pool: &PgPool, e: &NewEntry<'_>) -> Result<Earlier, sqlx::E
     .bind(e.batch)
     .bind(e.stan)
     .bind((e.mti / 100) as i16)
-    .fetch_one(pool)
+    .fetch_optional(pool)
     .await
-    .map(|(id, digest, state, response_code, rrn, reply)| Earlier {
-        id,
-        digest,
-        state,
-        response_code,
-        rrn,
-        reply,
+    .map(|row| {
+        row.map(|(id, digest, state, response_code, rrn, reply)| Earlier {
+            id,
+            digest,
+            state,
+            response_code,
+            rrn,
+            reply,
+        })
     })
 }
 

@@ -64,7 +64,7 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
         .execute(&setup)
         .await?;
     setup.close().await;
-    PgPoolOptions::new()
+    group_commit::postgres::pool_options()
         .max_connections(max_connections)
         .connect_with(options.options([("search_path", "switch")]))
         .await
@@ -116,6 +116,7 @@ pub async fn start(
             max_batch: config.database.max_batch,
             in_flight: config.database.batches_in_flight,
         },
+        config.database.terminal_cache,
     );
     Ok(Arc::new(Switch {
         writer,

@@ -129,6 +129,12 @@ impl Switch {
             reversal_reason: None,
             original_ref: None,
             claim: None,
+            // K1 and the batch were checked against a terminal read a
+            // moment ago; those that check their batch themselves do not ask.
+            open_batch: !matches!(
+                kind,
+                Kind::Settlement | Kind::BatchUpload | Kind::BatchUploadEnd | Kind::Reversal
+            ),
         }
     }
 
@@ -766,6 +772,7 @@ impl Switch {
             warn!(error = %e, "closing the batch failed");
             return Some(ResponseCode::SYSTEM_ERROR);
         }
+        self.writer.forget_terminal(req.terminal_id);
         let extra = ReplyFields {
             totals: Some(&reply_totals),
             ..Default::default()

@@ -190,17 +190,10 @@ impl Switch {
     /// Returns a response code when the switch answers without more ado;
     /// otherwise it has written the reply itself.
     async fn dispatch(&self, req: &Request<'_>, out: &mut BytesMut) -> Option<ResponseCode> {
-        let terminal = match self.writer.terminal(req.terminal_id).await {
-            Ok(Some(t)) if t.enabled => t,
-            Ok(_) => return Some(ResponseCode::UNKNOWN_TERMINAL),
-            Err(e) => {
-                warn!(error = %e, "terminal lookup failed");
-                return Some(ResponseCode::SYSTEM_ERROR);
-            }
+        let terminal = match self.terminal(req, false).await {
+            Ok(t) => t,
+            Err(rc) => return Some(rc),
         };
-        if terminal.merchant_id != req.merchant_id || !terminal.merchant_enabled {
-            return Some(ResponseCode::INVALID_MERCHANT);
-        }
         let mti = req.msg.mti().value();
         let text = |n| {
             req.msg
@@ -211,9 +204,21 @@ impl Switch {
         let Some(kind) = Kind::classify(mti, &text(3), &text(25), req.f60_part(8, 11)) else {
             return Some(ResponseCode::INVALID_TRANSACTION);
         };
+        let terminal = match kind {
+            // These decide by the open batch themselves (S1): the terminal as
+            // the database has it now, not as read a moment ago.
+            Kind::Settlement | Kind::BatchUpload | Kind::BatchUploadEnd | Kind::Reversal => {
+                match self.terminal(req, true).await {
+                    Ok(t) => t,
+                    Err(rc) => return Some(rc),
+                }
+            }
+            _ => terminal,
+        };
         match kind {
             Kind::SignOn => match terminals::sign_on(&self.pool, req.terminal_id).await {
                 Ok(batch) => {
+                    self.writer.forget_terminal(req.terminal_id);
                     self.reply(
                         req,
                         out,
@@ -241,6 +246,28 @@ impl Switch {
             }
             _ => self.related(req, kind, &terminal, out).await,
         }
+    }
+
+    /// K1: the request's terminal, enabled, of the merchant it names and
+    /// enabled too; `fresh` reads it from the database even when the
+    /// writer's cache has it.
+    async fn terminal(
+        &self,
+        req: &Request<'_>,
+        fresh: bool,
+    ) -> Result<Arc<Terminal>, ResponseCode> {
+        let terminal = match self.writer.terminal(req.terminal_id, fresh).await {
+            Ok(Some(t)) if t.enabled => t,
+            Ok(_) => return Err(ResponseCode::UNKNOWN_TERMINAL),
+            Err(e) => {
+                warn!(error = %e, "terminal lookup failed");
+                return Err(ResponseCode::SYSTEM_ERROR);
+            }
+        };
+        if terminal.merchant_id != req.merchant_id || !terminal.merchant_enabled {
+            return Err(ResponseCode::INVALID_MERCHANT);
+        }
+        Ok(terminal)
     }
 
     /// Journals and forwards a transaction to its issuer.
@@ -297,6 +324,7 @@ impl Switch {
             reversal_reason: None,
             original_ref: original_ref(req),
             claim: related.and_then(|r| r.claim),
+            open_batch: true,
         };
 
         let link = self.config.issuer_for(pan.expose()).map(|i| &self.links[i]);
@@ -580,6 +608,11 @@ impl Switch {
                 }
             }
             Ok(Insert::Duplicate(earlier)) => Err(self.duplicate(req, entry, earlier, out).await),
+            Ok(Insert::BatchClosed) => {
+                // Another switch process settled it since this one read the terminal.
+                self.writer.forget_terminal(req.terminal_id);
+                Err(Some(ResponseCode::BATCH_MISMATCH))
+            }
             Err(e) => {
                 warn!(error = %e, "journal write failed");
                 Err(Some(ResponseCode::SYSTEM_ERROR))

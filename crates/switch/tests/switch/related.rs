@@ -924,6 +924,56 @@ async fn two_switch_processes_racing_voids_and_refunds_give_one_winner() {
 }
 
 #[tokio::test]
+async fn a_batch_another_switch_settled_takes_nothing_more_from_this_one() {
+    let w = world().await;
+    let other_shutdown = CancellationToken::new();
+    let config = switch_config(&w.issuer_addr, |_| {});
+    let (_other, other_addr, _run) =
+        start_switch(&w.url, config, w.switch.key.clone(), &other_shutdown).await;
+    let pan = "6222020000000000041";
+    let before = w.balance(pan).await;
+    // This switch reads the terminal and its open batch (and keeps them).
+    let mut a = w.signed_on("T0000020").await;
+    let sale = purchase(&mut a, pan, 1_200).await;
+    // The other switch settles that batch.
+    let mut b = Terminal::connect(&other_addr, "T0000020", MERCHANT, w.dialect.clone())
+        .await
+        .unwrap();
+    b.batch = a.batch;
+    let totals = format!("{:012}{:03}{:012}{:03}0{}", 1_200, 1, 0, 0, "0".repeat(31));
+    let stan = b.next_stan();
+    let s = b
+        .exchange(&b.settlement(stan, &totals).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(s.rc(), "00");
+    // This switch still remembers the batch as open; the journal does not
+    // take a purchase or a void into it, and the issuer never hears of them.
+    let stan = a.next_stan();
+    let late = a
+        .exchange(&a.purchase(stan, pan, EXPIRY, 500).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(late.rc(), "77", "a purchase into a settled batch");
+    assert_eq!(void(&mut a, pan, 1_200, &sale).await.rc(), "77");
+    assert_eq!(w.balance(pan).await, before - 1_200);
+    let in_closed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM journal WHERE terminal_id = 'T0000020' AND batch = $1",
+    )
+    .bind(sale.batch as i32)
+    .fetch_one(&w.pool)
+    .await
+    .unwrap();
+    assert_eq!(in_closed, 2, "the sale and its settlement only");
+    // Signed on again, the terminal works in its new batch.
+    let mut a = w.signed_on("T0000020").await;
+    assert_ne!(a.batch, sale.batch);
+    purchase(&mut a, pan, 300).await;
+    assert_eq!(w.balance(pan).await, before - 1_500);
+    other_shutdown.cancel();
+}
+
+#[tokio::test]
 async fn a_refund_past_the_refund_window_is_refused() {
     let w = world_with(|c| c.rules.refund_window_days = 7).await;
     let mut t = w.signed_on("T0000019").await;
