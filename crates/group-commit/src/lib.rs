@@ -215,12 +215,16 @@ pub mod postgres {
     /// small a table is, so sequential scans are priced out: every batched
     /// statement reaches its rows through a key, and a plan made while a
     /// table was empty must not scan it once it is large. A statement
-    /// stuck for 10 s fails its batch rather than hold every later one.
+    /// stuck for 10 s fails its batch rather than hold every later one. JIT
+    /// compilation is off: a sequential scan priced out (of a sequence, a
+    /// tiny table) costs a plan 10^10, far past the JIT threshold, and
+    /// compiling a batch's expressions costs more than running them.
     /// A connection is not pinged before each batch (see [`pool_options`]).
     pub fn batch_pool(pool: &PgPool, in_flight: usize) -> PgPool {
         let options = (*pool.connect_options()).clone().options([
             ("plan_cache_mode", "force_generic_plan"),
             ("enable_seqscan", "off"),
+            ("jit", "off"),
             ("statement_timeout", "10s"),
         ]);
         pool_options()

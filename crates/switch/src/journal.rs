@@ -218,7 +218,7 @@ pub async fn not_inserted(pool: &PgPool, e: &NewEntry<'_>) -> Result<Insert, sql
     }
 }
 
-/// A request for [`insert_many`]: what [`insert`] takes, owned, for a
+/// A request for [`write_many`]: what [`insert`] takes, owned, for a
 /// request that claims nothing (a claim is one row's conditional UPDATE and
 /// goes through [`insert`]).
 #[derive(Debug, Clone)]
@@ -321,27 +321,54 @@ impl Row {
     }
 }
 
-/// Writes many requests in one statement (group commit): for each, in
-/// order, the written row, or `None` when its key was taken or its batch
-/// closed (the caller asks [`not_inserted`] which). No two rows may share a
-/// key.
-pub async fn insert_many(pool: &PgPool, rows: &[Row]) -> Result<Vec<Option<Written>>, sqlx::Error> {
-    fn col<'r, T>(rows: &'r [Row], f: impl Fn(&'r Row) -> T) -> Vec<T> {
-        rows.iter().map(f).collect()
+/// A write of the journal's group commit.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// A request's row ([`insert`] without a claim), boxed: it is ten
+    /// times the size of an outcome.
+    Request(Box<Row>),
+    /// An outcome ([`complete`]).
+    Outcome(Completion),
+}
+
+/// What a [`Write`] did.
+#[derive(Debug, Clone)]
+pub enum Wrote {
+    /// The row written, or `None` when its key was taken or its batch
+    /// closed (the caller asks [`not_inserted`] which).
+    Request(Option<Written>),
+    /// The state written, or `None` when the row was no longer `sent`.
+    Outcome(Option<String>),
+}
+
+/// What two writes of one batch must not share.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum WriteKey {
+    /// A request's unique key.
+    Request(String, String, i32, i32, i16),
+    /// The row an outcome completes.
+    Outcome(i64),
+}
+
+impl Write {
+    /// Two writes with one key cannot share a statement.
+    pub fn key(&self) -> WriteKey {
+        match self {
+            Write::Request(r) => {
+                let (m, t, b, s, c) = r.key();
+                WriteKey::Request(m, t, b, s, c)
+            }
+            Write::Outcome(c) => WriteKey::Outcome(c.id),
+        }
     }
-    #[derive(sqlx::FromRow)]
-    struct Inserted {
-        id: i64,
-        rrn: String,
-        link_stan: Option<i32>,
-        merchant_id: String,
-        terminal_id: String,
-        batch: i32,
-        stan: i32,
-        mti_class: i16,
-    }
-    let sql = format!(
-        "INSERT INTO journal (terminal_id, merchant_id, batch, stan, mti, mti_class, processing_code,
+}
+
+/// The requests' rows: `INSERT ... SELECT FROM unnest($1 .. $23)`, with the
+/// R3 mark and the open-batch check of [`insert`], as the CTE `new`.
+fn requests_cte() -> String {
+    format!(
+        "new AS (
+        INSERT INTO journal (terminal_id, merchant_id, batch, stan, mti, mti_class, processing_code,
             pos_condition, kind, amount, pan_hash, pan_masked, request_digest, state, response_code,
             issuer, link_stan, link_f7, business_date, sent_at, completed_at,
             original_id, rule, operator, reversal_reason, original_ref, reversal_requested)
@@ -363,52 +390,160 @@ pub async fn insert_many(pool: &PgPool, rows: &[Row]) -> Result<Vec<Option<Writt
                    original_id, rule, operator, reversal_reason, original_ref, open_batch)
          WHERE {}
          ON CONFLICT ON CONSTRAINT journal_request_key DO NOTHING
-         RETURNING id, rrn, link_stan, merchant_id, terminal_id, batch, stan, mti_class",
+         RETURNING id, rrn, link_stan, merchant_id, terminal_id, batch, stan, mti_class)",
         batch_open("r.open_batch", "r.terminal_id", "r.batch")
-    );
-    let written: Vec<Inserted> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(col(rows, |r| r.terminal_id.as_str()))
-        .bind(col(rows, |r| r.merchant_id.as_str()))
-        .bind(col(rows, |r| r.batch))
-        .bind(col(rows, |r| r.stan))
-        .bind(col(rows, |r| r.mti))
-        .bind(col(rows, |r| r.processing_code.as_str()))
-        .bind(col(rows, |r| r.pos_condition.as_str()))
-        .bind(col(rows, |r| r.kind))
-        .bind(col(rows, |r| r.amount))
-        .bind(col(rows, |r| r.pan_hash.as_deref()))
-        .bind(col(rows, |r| r.pan_masked.as_deref()))
-        .bind(col(rows, |r| r.digest.as_slice()))
-        .bind(col(rows, |r| r.state))
-        .bind(col(rows, |r| r.response_code.as_deref()))
-        .bind(col(rows, |r| r.issuer.as_deref()))
-        .bind(col(rows, |r| r.link_f7.as_deref()))
-        .bind(col(rows, |r| r.business_date))
-        .bind(col(rows, |r| r.original_id))
-        .bind(col(rows, |r| r.rule))
-        .bind(col(rows, |r| r.operator.as_deref()))
-        .bind(col(rows, |r| r.reversal_reason.as_deref()))
-        .bind(col(rows, |r| r.original_ref.as_deref()))
-        .bind(col(rows, |r| r.open_batch))
-        .fetch_all(pool)
-        .await?;
-    let mut by_key: std::collections::HashMap<_, _> = written
-        .into_iter()
-        .map(|r| {
-            (
-                (r.merchant_id, r.terminal_id, r.batch, r.stan, r.mti_class),
-                Written {
-                    id: r.id,
-                    rrn: r.rrn,
-                    link_stan: r.link_stan,
-                    claimed: false,
-                },
-            )
-        })
-        .collect();
-    Ok(rows.iter().map(|r| by_key.remove(&r.key())).collect())
+    )
 }
 
+/// The outcomes: `UPDATE ... FROM unnest(...)` of [`complete`] with its
+/// parameters from `$first` on, as the CTEs `ended`, `undone` and `queued`.
+fn outcomes_ctes(first: usize) -> String {
+    let sql = format!(
+        "ended AS (
+        UPDATE journal SET
+            state = CASE WHEN u.to_state = 'approved' AND reversal_requested THEN 'reversed' ELSE u.to_state END,
+            response_code = u.rc, auth_code = u.auth, reply = u.body, completed_at = now()
+        FROM unnest($o1::int8[], $o2::text[], $o3::text[], $o4::text[], $o5::bytea[])
+             AS u(row_id, to_state, rc, auth, body)
+        WHERE journal.id = u.row_id AND journal.state = 'sent'
+        RETURNING {ENDED}),
+     {UNDO_CLAIM},
+     queued AS ({QUEUE_REVERSAL})"
+    );
+    (1..=5).fold(sql, |sql, n| {
+        sql.replace(&format!("$o{n}"), &format!("${}", first + n - 1))
+    })
+}
+
+/// The statements of [`write_many`]: requests only, outcomes only, both.
+/// Each answers rows of one shape: `'r'` and the request's key for a
+/// written request, `'o'` and the state for a written outcome.
+static WRITE_SQL: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::new(|| {
+    const WRITTEN: &str =
+        "SELECT 'r' AS what, id, rrn, link_stan, merchant_id, terminal_id, batch, stan,
+        mti_class, NULL::text AS state FROM new";
+    const ENDED_ROWS: &str = "SELECT 'o' AS what, id, NULL::text AS rrn, NULL::int AS link_stan,
+        NULL::text AS merchant_id, NULL::text AS terminal_id, NULL::int AS batch, NULL::int AS stan,
+        NULL::int2 AS mti_class, state FROM ended";
+    [
+        format!("WITH {} {WRITTEN}", requests_cte()),
+        format!("WITH {} {ENDED_ROWS}", outcomes_ctes(1)),
+        format!(
+            "WITH {}, {} {WRITTEN} UNION ALL {ENDED_ROWS}",
+            requests_cte(),
+            outcomes_ctes(24)
+        ),
+    ]
+});
+
+/// Writes requests' rows and outcomes together in one statement and one
+/// commit (group commit): for each write, in order, what it did. No two
+/// writes may share a [`WriteKey`]. A request and its own outcome never
+/// meet in one batch: the outcome comes from the issuer, after the row is
+/// durable.
+pub async fn write_many(pool: &PgPool, writes: &[Write]) -> Result<Vec<Wrote>, sqlx::Error> {
+    fn col<'r, T, U>(items: &'r [&'r T], f: impl Fn(&'r T) -> U) -> Vec<U> {
+        items.iter().map(|i| f(i)).collect()
+    }
+    #[derive(sqlx::FromRow)]
+    struct Done {
+        what: String,
+        id: i64,
+        rrn: Option<String>,
+        link_stan: Option<i32>,
+        merchant_id: Option<String>,
+        terminal_id: Option<String>,
+        batch: Option<i32>,
+        stan: Option<i32>,
+        mti_class: Option<i16>,
+        state: Option<String>,
+    }
+    let rows: Vec<&Row> = writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Request(r) => Some(r.as_ref()),
+            Write::Outcome(_) => None,
+        })
+        .collect();
+    let outcomes: Vec<&Completion> = writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Outcome(c) => Some(c),
+            Write::Request(_) => None,
+        })
+        .collect();
+    let sql = match (rows.is_empty(), outcomes.is_empty()) {
+        (true, true) => return Ok(Vec::new()),
+        (false, true) => &WRITE_SQL[0],
+        (true, false) => &WRITE_SQL[1],
+        (false, false) => &WRITE_SQL[2],
+    };
+    let mut q = sqlx::query_as::<_, Done>(sqlx::AssertSqlSafe(sql.as_str()));
+    if !rows.is_empty() {
+        q = q
+            .bind(col(&rows, |r| r.terminal_id.as_str()))
+            .bind(col(&rows, |r| r.merchant_id.as_str()))
+            .bind(col(&rows, |r| r.batch))
+            .bind(col(&rows, |r| r.stan))
+            .bind(col(&rows, |r| r.mti))
+            .bind(col(&rows, |r| r.processing_code.as_str()))
+            .bind(col(&rows, |r| r.pos_condition.as_str()))
+            .bind(col(&rows, |r| r.kind))
+            .bind(col(&rows, |r| r.amount))
+            .bind(col(&rows, |r| r.pan_hash.as_deref()))
+            .bind(col(&rows, |r| r.pan_masked.as_deref()))
+            .bind(col(&rows, |r| r.digest.as_slice()))
+            .bind(col(&rows, |r| r.state))
+            .bind(col(&rows, |r| r.response_code.as_deref()))
+            .bind(col(&rows, |r| r.issuer.as_deref()))
+            .bind(col(&rows, |r| r.link_f7.as_deref()))
+            .bind(col(&rows, |r| r.business_date))
+            .bind(col(&rows, |r| r.original_id))
+            .bind(col(&rows, |r| r.rule))
+            .bind(col(&rows, |r| r.operator.as_deref()))
+            .bind(col(&rows, |r| r.reversal_reason.as_deref()))
+            .bind(col(&rows, |r| r.original_ref.as_deref()))
+            .bind(col(&rows, |r| r.open_batch));
+    }
+    if !outcomes.is_empty() {
+        q = q
+            .bind(col(&outcomes, |c| c.id))
+            .bind(col(&outcomes, |c| c.state.as_str()))
+            .bind(col(&outcomes, |c| c.rc.as_str()))
+            .bind(col(&outcomes, |c| c.auth_code.as_deref()))
+            .bind(col(&outcomes, |c| c.reply.as_slice()));
+    }
+    let done = q.fetch_all(pool).await?;
+    let mut written = std::collections::HashMap::new();
+    let mut ended = std::collections::HashMap::new();
+    for d in done {
+        if d.what == "o" {
+            ended.insert(d.id, d.state);
+            continue;
+        }
+        let key = WriteKey::Request(
+            d.merchant_id.unwrap_or_default(),
+            d.terminal_id.unwrap_or_default(),
+            d.batch.unwrap_or_default(),
+            d.stan.unwrap_or_default(),
+            d.mti_class.unwrap_or_default(),
+        );
+        let row = Written {
+            id: d.id,
+            rrn: d.rrn.unwrap_or_default(),
+            link_stan: d.link_stan,
+            claimed: false,
+        };
+        written.insert(key, row);
+    }
+    Ok(writes
+        .iter()
+        .map(|w| match w {
+            Write::Request(_) => Wrote::Request(written.remove(&w.key())),
+            Write::Outcome(c) => Wrote::Outcome(ended.remove(&c.id).flatten()),
+        })
+        .collect())
+}
 /// The earlier request with the key of `e`, if any.
 pub async fn earlier(pool: &PgPool, e: &NewEntry<'_>) -> Result<Option<Earlier>, sqlx::Error> {
     sqlx::query_as::<_, (i64, Vec<u8>, String, Option<String>, String, Option<Vec<u8>>)>(
@@ -478,28 +613,23 @@ pub async fn complete(
     auth_code: Option<&str>,
     reply: &[u8],
 ) -> Result<Option<String>, sqlx::Error> {
-    let sql = format!(
-        "WITH ended AS (
-            UPDATE journal SET
-                state = CASE WHEN $2 = 'approved' AND reversal_requested THEN 'reversed' ELSE $2 END,
-                response_code = $3, auth_code = $4, reply = $5, completed_at = now()
-            WHERE id = $1 AND state = 'sent'
-            RETURNING {ENDED}),
-         {UNDO_CLAIM},
-         queued AS ({QUEUE_REVERSAL})
-         SELECT state FROM ended"
-    );
-    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-        .bind(id)
-        .bind(state.as_str())
-        .bind(rc.as_str())
-        .bind(auth_code)
-        .bind(reply)
-        .fetch_optional(pool)
-        .await
+    let outcome = Write::Outcome(Completion {
+        id,
+        state,
+        rc,
+        auth_code: auth_code.map(str::to_string),
+        reply: reply.to_vec(),
+    });
+    match write_many(pool, std::slice::from_ref(&outcome))
+        .await?
+        .pop()
+    {
+        Some(Wrote::Outcome(state)) => Ok(state),
+        _ => Ok(None),
+    }
 }
 
-/// An outcome for [`complete_many`]: what [`complete`] takes, owned.
+/// An outcome for [`write_many`]: what [`complete`] takes, owned.
 #[derive(Debug, Clone)]
 pub struct Completion {
     /// The `sent` row.
@@ -512,41 +642,6 @@ pub struct Completion {
     pub auth_code: Option<String>,
     /// The terminal's reply from the MTI on.
     pub reply: Vec<u8>,
-}
-
-/// [`complete`] for many rows in one statement (group commit): for each, in
-/// order, the state written, or `None` when the row was no longer `sent`.
-pub async fn complete_many(
-    pool: &PgPool,
-    done: &[Completion],
-) -> Result<Vec<Option<String>>, sqlx::Error> {
-    let sql = format!(
-        "WITH ended AS (
-            UPDATE journal SET
-                state = CASE WHEN u.to_state = 'approved' AND reversal_requested THEN 'reversed' ELSE u.to_state END,
-                response_code = u.rc, auth_code = u.auth, reply = u.body, completed_at = now()
-            FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::bytea[])
-                 AS u(row_id, to_state, rc, auth, body)
-            WHERE journal.id = u.row_id AND journal.state = 'sent'
-            RETURNING {ENDED}),
-         {UNDO_CLAIM},
-         queued AS ({QUEUE_REVERSAL})
-         SELECT id, state FROM ended"
-    );
-    let ended: Vec<(i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(done.iter().map(|c| c.id).collect::<Vec<_>>())
-        .bind(done.iter().map(|c| c.state.as_str()).collect::<Vec<_>>())
-        .bind(done.iter().map(|c| c.rc.as_str()).collect::<Vec<_>>())
-        .bind(
-            done.iter()
-                .map(|c| c.auth_code.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(done.iter().map(|c| c.reply.as_slice()).collect::<Vec<_>>())
-        .fetch_all(pool)
-        .await?;
-    let mut by_id: std::collections::HashMap<i64, String> = ended.into_iter().collect();
-    Ok(done.iter().map(|c| by_id.remove(&c.id)).collect())
 }
 
 /// Stores the reply of a row the switch answered itself.

@@ -737,3 +737,85 @@ async fn no_clear_pan_in_the_database_of_either_side() {
         assert!(!text.contains(secret), "{secret} found in the dump");
     }
 }
+
+#[tokio::test]
+async fn rows_and_outcomes_of_one_batch_each_get_their_own_answer() {
+    use switch::journal::{self, Completion, Disposition, NewEntry, Row, Write, Wrote};
+    use switch::model::{Kind, ResponseCode, State};
+    let w = world().await;
+    let entry = |stan: i32| NewEntry {
+        terminal_id: "T0000001",
+        merchant_id: MERCHANT,
+        batch: 1,
+        stan,
+        mti: 200,
+        kind: Kind::Purchase,
+        processing_code: "000000",
+        pos_condition: "00",
+        amount: 100,
+        pan_hash: Some([7; 32]),
+        pan_masked: Some("622202*********0001".into()),
+        digest: [stan as u8; 32],
+        business_date: chrono::Utc::now().date_naive(),
+        original_id: None,
+        rule: None,
+        operator: None,
+        reversal_reason: None,
+        original_ref: None,
+        claim: None,
+        open_batch: true,
+    };
+    let forward = Disposition::Forward {
+        issuer: "sim",
+        f7: "1203120000",
+    };
+    let row = |stan| Write::Request(Box::new(Row::of(&entry(stan), forward).unwrap()));
+    let outcome = |id: i64, state: State| {
+        Write::Outcome(Completion {
+            id,
+            state,
+            rc: ResponseCode::APPROVED,
+            auth_code: Some("123456".into()),
+            reply: vec![2, 16],
+        })
+    };
+    let first = journal::write_many(&w.pool, &[row(1), row(2)])
+        .await
+        .unwrap();
+    let ids: Vec<i64> = first
+        .iter()
+        .map(|r| match r {
+            Wrote::Request(Some(w)) => w.id,
+            other => panic!("a new row: {other:?}"),
+        })
+        .collect();
+    // One statement: two outcomes (one of a row no longer sent), a new
+    // row, a row whose key is taken and one for a closed batch.
+    let mut closed = Row::of(&entry(4), forward).unwrap();
+    closed.batch = 2;
+    let mixed = [
+        outcome(ids[0], State::Approved),
+        row(3),
+        outcome(ids[1], State::Declined),
+        row(1),
+        Write::Request(Box::new(closed)),
+    ];
+    let answers = journal::write_many(&w.pool, &mixed).await.unwrap();
+    assert!(matches!(&answers[0], Wrote::Outcome(Some(s)) if s == "approved"));
+    assert!(
+        matches!(&answers[1], Wrote::Request(Some(r)) if r.id > ids[1] && r.link_stan.is_some())
+    );
+    assert!(matches!(&answers[2], Wrote::Outcome(Some(s)) if s == "declined"));
+    assert!(matches!(&answers[3], Wrote::Request(None)), "key taken");
+    assert!(matches!(&answers[4], Wrote::Request(None)), "batch closed");
+    let again = journal::write_many(&w.pool, &[outcome(ids[0], State::Declined)])
+        .await
+        .unwrap();
+    assert!(matches!(&again[0], Wrote::Outcome(None)), "no longer sent");
+    let states: Vec<String> =
+        sqlx::query_scalar("SELECT state FROM journal WHERE terminal_id = 'T0000001' ORDER BY id")
+            .fetch_all(&w.pool)
+            .await
+            .unwrap();
+    assert_eq!(states, ["approved", "declined", "sent"]);
+}
