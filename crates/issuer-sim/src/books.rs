@@ -526,7 +526,8 @@ async fn reverse(
          -- The original's own original gets back the state it had before.
          restored AS (
             UPDATE issuer.postings o SET refunded = d.parent_refunded, updated_at = now(),
-                state = CASE WHEN d.parent_refunded = 0 THEN 'approved' ELSE 'partially_refunded' END
+                state = CASE WHEN d.orig_kind = 'refund' AND d.parent_refunded <> 0
+                             THEN 'partially_refunded' ELSE 'approved' END
             FROM posted p JOIN decided d ON d.id = p.id
             WHERE o.id = d.parent_id),
          moved AS (

@@ -1381,6 +1381,56 @@ async fn follow_ons_and_reversals_are_each_decided_and_committed_by_one_statemen
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_of_a_void_and_of_a_reversal_arriving_together_post_once() {
+    let sim = Sim::start().await;
+    let mut links = [sim.connect().await, sim.connect().await];
+    let sale = purchase(1, 1, 10_000);
+    let mistake = purchase(2, 1, 3_000);
+    assert_eq!(links[0].exchange(&sale).await.rc(), "00");
+    assert_eq!(links[0].exchange(&mistake).await.rc(), "00");
+    assert_eq!(sim.card(1).await.balance, 87_000);
+
+    // Three copies of each on each link while the card is held: the first
+    // of each waits for the card, the others for the original it holds.
+    let void = void(3, 10_000, &sale).frame();
+    let reversal = reversal(4, &mistake).frame();
+    let held = hold_card(&sim, 1).await;
+    for link in &mut links {
+        for _ in 0..3 {
+            link.send(&void).await;
+            link.send(&reversal).await;
+        }
+    }
+    until_waiting_on_locks(&sim, 12).await;
+    held.commit().await.unwrap();
+    let mut replies = Vec::new();
+    for link in &mut links {
+        for _ in 0..6 {
+            replies.push(link.recv().await);
+        }
+    }
+    let (voids, reversals): (Vec<_>, Vec<_>) = replies.iter().partition(|r| r.mti == "0210");
+    assert!(
+        voids.iter().all(|r| *r == voids[0] && r.rc() == "00"),
+        "{voids:#?}"
+    );
+    assert!(
+        reversals
+            .iter()
+            .all(|r| *r == reversals[0] && r.rc() == "00"),
+        "{reversals:#?}"
+    );
+    assert_eq!((voids.len(), reversals.len()), (6, 6));
+    assert_eq!(sim.card(1).await.balance, 100_000, "credited once each");
+    let postings: i64 = sqlx::query_scalar("SELECT count(*) FROM issuer.postings")
+        .fetch_one(&sim.pool)
+        .await
+        .unwrap();
+    assert_eq!(postings, 4);
+    sim.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_codes_are_six_digits_and_distinct() {
     let sim = Sim::start().await;
     let (distinct, six_digits): (i64, bool) = sqlx::query_as(
