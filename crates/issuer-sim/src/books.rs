@@ -6,9 +6,9 @@
 //! decides it: the posting is written with its outcome, and the card and the
 //! original change only when the claim succeeded (they are changed from what
 //! the claim returned). A repeat, even one arriving while the first is still
-//! being decided, waits on the unique index, changes nothing, and then reads
-//! the stored outcome: no in-memory bookkeeping, and a crash never leaves
-//! half a posting.
+//! being decided, waits for it (on the original both lock, or on the unique
+//! index), changes nothing, and then reads the stored outcome ([`repeat`]):
+//! no in-memory bookkeeping, and a crash never leaves half a posting.
 //!
 //! Locks are always taken in one order: the original a message names (then
 //! that one's original), then the card, then the message's own key; so two
