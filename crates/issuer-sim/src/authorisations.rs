@@ -2,7 +2,8 @@
 //! pre-authorisations), the bulk of what an issuer decides: those arriving
 //! together are decided and posted in one statement and one commit
 //! ([`books::authorise_many`]), at most one per card in a batch. Follow-ons,
-//! reversals, advices and repeats take the one-by-one path ([`books::apply`]).
+//! reversals and advices are decided one statement each ([`books::apply`]),
+//! repeats from the stored posting ([`books::repeat`]).
 
 use std::sync::OnceLock;
 
@@ -42,8 +43,9 @@ impl Authorisations {
             return books::apply(pool, key, req).await;
         };
         let pan_hash = key.hash(pan);
+        let fingerprint = req.fingerprint(Some(&pan_hash));
         let auth = NewAuth {
-            fingerprint: req.fingerprint(Some(&pan_hash)),
+            fingerprint,
             pan_hash,
             req: req.clone(),
         };
@@ -62,7 +64,7 @@ impl Authorisations {
         match answer.await.map_err(|_| sqlx::Error::WorkerCrashed)?? {
             Some(outcome) => Ok(outcome),
             // Its key was taken: a repeat, answered from the stored posting.
-            None => books::apply(pool, key, req).await,
+            None => books::repeat(pool, req, &fingerprint).await,
         }
     }
 }

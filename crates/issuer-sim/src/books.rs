@@ -1,42 +1,40 @@
 //! The issuer's books in PostgreSQL (schema `issuer`): cards keyed by the
 //! keyed PAN hash, and one posting per message of the switch.
 //!
-//! Exactly once: a message first claims its key (acquirer, link STAN, F7,
-//! MTI class) with `INSERT ... ON CONFLICT DO NOTHING`; the decision, the
-//! card's new balance and the posting's outcome are written in the same
-//! transaction. A repeat, even one arriving while the first is still being
-//! decided, waits on the unique index and then reads the stored outcome: no
-//! in-memory bookkeeping, and a crash never leaves half a posting.
+//! Exactly once: a message claims its key (acquirer, link STAN, F7, MTI
+//! class) with `INSERT ... ON CONFLICT DO NOTHING` in the one statement that
+//! decides it: the posting is written with its outcome, and the card and the
+//! original change only when the claim succeeded (they are changed from what
+//! the claim returned). A repeat, even one arriving while the first is still
+//! being decided, waits for it (on the original both lock, or on the unique
+//! index), changes nothing, and then reads the stored outcome ([`repeat`]):
+//! no in-memory bookkeeping, and a crash never leaves half a posting.
 //!
-//! Locks are always taken newest first: the message's own row, then the
-//! original it names (then that one's original), then the card; so two
-//! follow-ons of one original queue behind each other instead of deadlocking.
-//! New authorisations, decided in batches ([`authorise_many`]), lock their
-//! cards (in id order) before they claim their keys, and wait on nothing
-//! else but a repeat of their own key. Should PostgreSQL still find a
-//! deadlock, the transaction is retried.
+//! Locks are always taken in one order: the original a message names (then
+//! that one's original), then the card, then the message's own key; so two
+//! follow-ons of one original queue behind each other on it instead of
+//! deadlocking. New authorisations, decided in batches ([`authorise_many`]),
+//! lock their cards (in id order) before they claim their keys. A reversal
+//! whose original has not arrived claims its own key, then the original's.
+//! Should PostgreSQL still find a deadlock, the statement is retried.
 
 use chrono::Datelike;
 use iso8583::Pan;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 use tracing::{debug, warn};
 
 use crate::Error;
 use crate::config::{CardRange, CardStatus};
 use crate::key::PanKey;
-use crate::request::{Kind, PostingKey, Request};
+use crate::request::{Kind, Request};
 
-/// The response codes the issuer answers with.
+/// The response codes the issuer answers with outside its statements (the
+/// declines they decide, 14, 25, 51, 61, 64 and the rest, are in their SQL).
 pub(crate) mod code {
     pub const APPROVED: &str = "00";
     pub const INVALID_TRANSACTION: &str = "12";
     pub const INVALID_AMOUNT: &str = "13";
-    pub const INVALID_CARD: &str = "14";
-    pub const NOT_FOUND: &str = "25";
     pub const FORMAT_ERROR: &str = "30";
-    pub const INSUFFICIENT_FUNDS: &str = "51";
-    pub const OVER_LIMIT: &str = "61";
-    pub const AMOUNT_MISMATCH: &str = "64";
     /// The original of a reversal that overtook it: too late, never posted.
     pub const TOO_LATE: &str = "68";
     pub const DUPLICATE: &str = "94";
@@ -212,77 +210,7 @@ pub async fn balance(pool: &PgPool, key: &PanKey, pan: &Pan) -> Result<Option<Ca
     )
 }
 
-#[derive(Debug, sqlx::FromRow)]
-struct Posting {
-    id: i64,
-    fingerprint: Option<Vec<u8>>,
-    kind: String,
-    card_id: Option<i64>,
-    amount: i64,
-    balance_change: i64,
-    hold_change: i64,
-    response_code: Option<String>,
-    auth_code: Option<String>,
-    available_reply: Option<i64>,
-    original_id: Option<i64>,
-    state: String,
-    refunded: i64,
-    reversed: bool,
-}
-
-#[derive(Debug, sqlx::FromRow)]
-struct Card {
-    id: i64,
-    pan_hash: Vec<u8>,
-    pan_masked: String,
-    balance: i64,
-    held: i64,
-}
-
-/// The decision about one message, before it is written.
-#[derive(Debug)]
-struct Decided {
-    code: &'static str,
-    card: Option<(i64, String)>,
-    balance_change: i64,
-    hold_change: i64,
-    /// Approvals of this kind carry an auth code (F38).
-    auth: bool,
-    available: Option<i64>,
-    original_id: Option<i64>,
-    note: Option<String>,
-}
-
-impl Decided {
-    fn new() -> Decided {
-        Decided {
-            code: code::APPROVED,
-            card: None,
-            balance_change: 0,
-            hold_change: 0,
-            auth: false,
-            available: None,
-            original_id: None,
-            note: None,
-        }
-    }
-
-    fn decline(mut self, code: &'static str, note: impl Into<String>) -> Decided {
-        self.code = code;
-        self.balance_change = 0;
-        self.hold_change = 0;
-        self.auth = false;
-        self.note = Some(note.into());
-        self
-    }
-
-    fn on(mut self, card: &Card) -> Decided {
-        self.card = Some((card.id, card.pan_masked.clone()));
-        self
-    }
-}
-
-/// Whether a database error is worth a retry of the whole transaction.
+/// Whether a database error is worth another try of the whole statement.
 fn retryable(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40P01" | "40001")))
 }
@@ -295,59 +223,395 @@ pub(crate) async fn apply(
 ) -> Result<Outcome, sqlx::Error> {
     let pan_hash = req.pan.as_ref().map(|p| key.hash(p));
     let fingerprint = req.fingerprint(pan_hash.as_ref());
-    if let Some(pan_hash) = pan_hash.filter(|_| req.kind.is_new()) {
-        // New authorisations are decided by one statement, batched or not.
-        let auth = NewAuth {
-            req: req.clone(),
-            pan_hash,
-            fingerprint,
-        };
-        if let Some(Some(outcome)) = authorise_many(pool, std::slice::from_ref(&auth))
-            .await?
-            .pop()
-        {
-            return Ok(outcome);
-        }
-        // Its key was taken: `apply_in` finds the stored posting.
-    }
     let mut attempt = 0;
-    loop {
-        let mut tx = pool.begin().await?;
-        let result = match apply_in(&mut tx, req, pan_hash.as_ref(), &fingerprint).await {
-            Ok(outcome) => tx.commit().await.map(|()| outcome),
-            Err(e) => Err(e),
+    let decided = loop {
+        let result = match req.kind {
+            Kind::BalanceInquiry | Kind::Purchase | Kind::PreAuth => {
+                // `read` refuses a new authorisation without a card.
+                let Some(pan_hash) = pan_hash else {
+                    return Ok(Outcome::code_only(code::FORMAT_ERROR));
+                };
+                // New authorisations are decided by one statement, batched or not.
+                let auth = NewAuth {
+                    req: req.clone(),
+                    pan_hash,
+                    fingerprint,
+                };
+                authorise_many(pool, std::slice::from_ref(&auth))
+                    .await
+                    .map(|mut outcomes| outcomes.pop().flatten())
+            }
+            Kind::Reversal => reverse(pool, req, &fingerprint).await,
+            _ => follow_on(pool, req, pan_hash.as_ref(), &fingerprint).await,
         };
         match result {
             Err(e) if retryable(&e) && attempt < 5 => {
                 attempt += 1;
-                debug!(error = %e, attempt, "retrying after a deadlock");
+                debug!(error = %e, attempt, "retrying after a deadlock or a race");
             }
-            other => return other,
+            other => break other?,
         }
+    };
+    match decided {
+        Some(outcome) => Ok(outcome),
+        None => repeat(pool, req, &fingerprint).await,
     }
 }
 
-async fn apply_in(
-    tx: &mut PgConnection,
+/// What the statement that decides a follow-on or a reversal returns.
+#[derive(Debug, sqlx::FromRow)]
+struct Posted {
+    /// The message claimed its key: the posting is its own.
+    inserted: bool,
+    /// `None`: the original was approved but has no card, which cannot be.
+    code: Option<String>,
+    auth_code: Option<String>,
+    note: Option<String>,
+    /// What the original was before (reversal only).
+    original_state: Option<String>,
+    original_amount: Option<i64>,
+    /// Which rule decided (reversal only).
+    step: Option<String>,
+}
+
+impl Posted {
+    /// The answer; `None` when the key was taken.
+    fn outcome(self, req: &Request) -> Result<Option<Outcome>, sqlx::Error> {
+        let code = self.code.ok_or(sqlx::Error::RowNotFound)?;
+        if !self.inserted {
+            return Ok(None);
+        }
+        if let Some(note) = &self.note {
+            debug!(kind = req.kind.as_str(), code, note, "decided");
+        }
+        Ok(Some(Outcome {
+            code,
+            auth_code: self.auth_code,
+            available: None,
+        }))
+    }
+}
+
+/// The message's own posting for the statements of [`follow_on`] and
+/// [`reverse`]: its columns are $1 to $17, the original's key $18 to $21.
+fn posting<'q>(
+    sql: &'static str,
+    req: &'q Request,
+    fingerprint: &'q [u8; 32],
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, Posted, sqlx::postgres::PgArguments> {
+    let reference = req.original.as_ref().expect("read() requires F90");
+    sqlx::query_as(sql)
+        .bind(&req.key.acquirer)
+        .bind(&req.key.stan)
+        .bind(&req.key.transmitted)
+        .bind(req.key.class)
+        .bind(req.mti.to_string())
+        .bind(&req.forwarding)
+        .bind(fingerprint.as_slice())
+        .bind(req.kind.as_str())
+        .bind(&req.processing)
+        .bind(&req.condition)
+        .bind(req.pan.as_ref().map(Pan::masked))
+        .bind(req.amount)
+        .bind(&req.rrn)
+        .bind(&req.terminal)
+        .bind(&req.merchant)
+        .bind(&reference.raw)
+        .bind(&req.reason)
+        .bind(&reference.key.acquirer)
+        .bind(&reference.key.stan)
+        .bind(&reference.key.transmitted)
+        .bind(reference.key.class)
+}
+
+/// Void, refund, pre-auth cancel, completion, completion void: the
+/// original named by F90 decides. One statement: it locks the original,
+/// checks it, locks its card, writes the posting with its outcome under the
+/// message's key, and, only when that key was free, moves the money and
+/// settles the original. `None` when the key was taken.
+async fn follow_on(
+    pool: &PgPool,
     req: &Request,
     pan_hash: Option<&[u8; 32]>,
     fingerprint: &[u8; 32],
+) -> Result<Option<Outcome>, sqlx::Error> {
+    // What the original must be, and be in, for this kind.
+    let wanted: &[&str] = match req.kind {
+        Kind::Void => &["purchase"],
+        Kind::CompletionVoid => &["completion"],
+        Kind::PreAuthCancel | Kind::Completion => &["preauth"],
+        _ => &["purchase", "completion"],
+    };
+    let open: &[&str] = match req.kind {
+        Kind::Refund => &["approved", "partially_refunded"],
+        _ => &["approved"],
+    };
+    let full_amount = matches!(
+        req.kind,
+        Kind::Void | Kind::CompletionVoid | Kind::PreAuthCancel
+    );
+    // $22 wanted, $23 open, $24 full amount only, $25 the card's PAN hash,
+    // $26 a request (not an advice): answered with an auth code, and a
+    // completion request may overdraw by no more than the hold it releases
+    // (a completion advice is already done at the terminal and is posted as
+    // it is).
+    posting(
+        "WITH orig AS MATERIALIZED (
+            SELECT * FROM issuer.postings
+            WHERE acquirer = $18 AND stan = $19 AND transmitted = $20 AND mti_class = $21
+            FOR UPDATE),
+         checked AS (
+            SELECT CASE WHEN o.fingerprint IS NOT NULL THEN o.id END AS original_id, o.card_id,
+                o.amount AS original_amount, o.refunded AS original_refunded,
+                o.balance_change AS original_balance, o.hold_change AS original_hold,
+                CASE WHEN o.fingerprint IS NULL THEN ARRAY['25', 'original not found']
+                     WHEN o.kind <> ALL ($22) THEN ARRAY['12', 'the original is a ' || o.kind]
+                     WHEN o.state <> ALL ($23) THEN ARRAY['12', 'the original is ' || o.state]
+                     WHEN $24 AND $12 <> o.amount THEN ARRAY['64', 'not the original''s amount']
+                     WHEN $8 = 'refund' AND o.refunded + $12 > o.amount
+                         THEN ARRAY['61', 'refunds would exceed the original''s amount']
+                END AS declined
+            FROM (VALUES (true)) AS one LEFT JOIN orig o ON true),
+         card AS MATERIALIZED (
+            SELECT c.id, c.pan_hash, c.pan_masked, c.balance - c.held AS available
+            FROM issuer.cards c JOIN checked k ON c.id = k.card_id
+            WHERE k.declined IS NULL
+            FOR UPDATE OF c),
+         decided AS (
+            SELECT nextval('issuer.postings_id_seq') AS id, k.*, c.id AS posting_card,
+                c.pan_masked AS posting_masked,
+                coalesce(k.declined, CASE
+                    WHEN c.id IS NULL THEN NULL
+                    WHEN c.pan_hash <> $25 THEN ARRAY['14', 'not the original''s card']
+                    WHEN $8 = 'completion' AND $26 AND $12 > c.available + k.original_hold
+                        THEN ARRAY['51', 'insufficient funds']
+                    ELSE ARRAY['00', NULL] END) AS decision
+            FROM checked k LEFT JOIN card c ON true),
+         money AS (
+            SELECT d.*, d.decision[1] AS code, d.decision[2] AS note,
+                CASE WHEN d.decision[1] <> '00' THEN 0
+                     WHEN $8 IN ('void', 'completion_void') THEN -d.original_balance
+                     WHEN $8 = 'completion' THEN -$12
+                     WHEN $8 = 'refund' THEN $12
+                     ELSE 0 END AS balance_change,
+                CASE WHEN d.decision[1] = '00' AND $8 IN ('preauth_cancel', 'completion')
+                     THEN -d.original_hold ELSE 0 END AS hold_change,
+                d.original_refunded + CASE $8 WHEN 'refund' THEN $12 ELSE 0 END AS refunded,
+                CASE $8 WHEN 'preauth_cancel' THEN 'cancelled'
+                        WHEN 'completion' THEN 'completed'
+                        WHEN 'refund' THEN CASE WHEN d.original_refunded + $12 = d.original_amount
+                                                THEN 'refunded' ELSE 'partially_refunded' END
+                        ELSE 'voided' END AS settles_as
+            FROM decided d),
+         posted AS (
+            INSERT INTO issuer.postings (id, acquirer, stan, transmitted, mti_class, mti, forwarding,
+                fingerprint, kind, processing_code, condition_code, card_id, pan_masked, amount,
+                balance_change, hold_change, response_code, auth_code, rrn, terminal, merchant,
+                original_ref, original_id, reason, state, note)
+            SELECT id, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, posting_card,
+                coalesce(posting_masked, $11), $12, balance_change, hold_change, code,
+                CASE WHEN code = '00' AND $26 THEN issuer.auth_code(id) END, $13, $14, $15, $16,
+                original_id, $17, CASE WHEN code = '00' THEN 'approved' ELSE 'declined' END, note
+            FROM money WHERE code IS NOT NULL
+            ON CONFLICT ON CONSTRAINT postings_key DO NOTHING
+            RETURNING id, card_id, balance_change, hold_change, original_id, response_code, auth_code),
+         moved AS (
+            UPDATE issuer.cards c SET balance = c.balance + p.balance_change, held = c.held + p.hold_change
+            FROM posted p
+            WHERE c.id = p.card_id AND (p.balance_change <> 0 OR p.hold_change <> 0)),
+         settled AS (
+            UPDATE issuer.postings o SET state = m.settles_as, refunded = m.refunded, updated_at = now()
+            FROM posted p JOIN money m ON m.id = p.id
+            WHERE o.id = p.original_id AND p.response_code = '00')
+         SELECT p.id IS NOT NULL AS inserted, m.code, p.auth_code, m.note,
+             NULL::text AS original_state, NULL::int8 AS original_amount, NULL::text AS step
+         FROM money m LEFT JOIN posted p ON p.id = m.id",
+        req,
+        fingerprint,
+    )
+    .bind(wanted)
+    .bind(open)
+    .bind(full_amount)
+    .bind(pan_hash.map(|h| h.as_slice()))
+    .bind(!req.is_advice())
+    .fetch_one(pool)
+    .await?
+    .outcome(req)
+}
+
+/// A reversal advice: undo exactly what the original posted, once; or, when
+/// the original has not arrived, leave a row under its key so that it is
+/// declined when it does. Always answered `00` once recorded. One statement,
+/// as [`follow_on`]: the original (then its own original, then the card) is
+/// locked and judged, the posting written under the message's key, and only
+/// when that key was free is anything else changed. `None` when it was taken.
+async fn reverse(
+    pool: &PgPool,
+    req: &Request,
+    fingerprint: &[u8; 32],
+) -> Result<Option<Outcome>, sqlx::Error> {
+    let reference = req.original.as_ref().expect("read() requires F90");
+    // $22 whether the original is something that posts (a reversal or a
+    // network message is not), $23 the original's MTI.
+    let posted = posting(
+        "WITH orig AS MATERIALIZED (
+            SELECT * FROM issuer.postings
+            WHERE $22 AND acquirer = $18 AND stan = $19 AND transmitted = $20 AND mti_class = $21
+            FOR UPDATE),
+         judged AS (
+            SELECT o.id AS orig_id, o.kind AS orig_kind, o.state AS orig_state, o.amount AS orig_amount,
+                o.balance_change AS orig_balance, o.hold_change AS orig_hold, o.card_id AS orig_card,
+                o.original_id AS orig_parent,
+                CASE WHEN NOT $22 THEN 'not_reversible'
+                     WHEN o.id IS NULL THEN 'not_seen'
+                     WHEN o.fingerprint IS NULL THEN 'marked'
+                     WHEN o.reversed THEN 'reversed'
+                     WHEN o.response_code IS DISTINCT FROM '00' THEN 'declined'
+                     WHEN o.state <> 'approved' THEN 'followed'
+                     ELSE 'applied' END AS step
+            FROM (VALUES (true)) AS one LEFT JOIN orig o ON true),
+         parent AS MATERIALIZED (
+            SELECT p.id, p.refunded FROM issuer.postings p JOIN judged j ON p.id = j.orig_parent
+            WHERE j.step = 'applied'
+            FOR UPDATE OF p),
+         card AS MATERIALIZED (
+            SELECT c.id, c.pan_masked FROM issuer.cards c JOIN judged j ON c.id = j.orig_card
+                LEFT JOIN parent ON true
+            WHERE j.step = 'applied'
+            FOR UPDATE OF c),
+         decided AS (
+            SELECT nextval('issuer.postings_id_seq') AS id, j.*,
+                CASE WHEN j.step = 'not_seen' THEN nextval('issuer.postings_id_seq')
+                     ELSE j.orig_id END AS original_id,
+                CASE WHEN j.step <> 'applied' OR c.id IS NOT NULL THEN '00' END AS code,
+                CASE j.step WHEN 'not_reversible' THEN 'nothing to reverse: the original is a ' || $23
+                            WHEN 'not_seen' THEN 'original not seen: it will be declined 68'
+                            WHEN 'marked' THEN 'original not seen (already marked)'
+                            WHEN 'reversed' THEN 'already reversed'
+                            WHEN 'declined' THEN 'the original was declined: nothing to undo'
+                            WHEN 'followed' THEN 'not applied: the original is ' || j.orig_state
+                            ELSE 'applied' END AS note,
+                c.id AS posting_card, c.pan_masked AS posting_masked,
+                CASE WHEN j.step = 'applied' THEN -j.orig_balance ELSE 0 END AS balance_change,
+                CASE WHEN j.step = 'applied' THEN -j.orig_hold ELSE 0 END AS hold_change,
+                pa.id AS parent_id,
+                CASE WHEN j.orig_kind = 'refund' THEN pa.refunded - j.orig_amount
+                     ELSE pa.refunded END AS parent_refunded
+            FROM judged j LEFT JOIN card c ON true LEFT JOIN parent pa ON true),
+         posted AS (
+            INSERT INTO issuer.postings (id, acquirer, stan, transmitted, mti_class, mti, forwarding,
+                fingerprint, kind, processing_code, condition_code, card_id, pan_masked, amount,
+                balance_change, hold_change, response_code, rrn, terminal, merchant, original_ref,
+                original_id, reason, state, note)
+            SELECT id, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, posting_card,
+                coalesce(posting_masked, $11), $12, balance_change, hold_change, code, $13, $14, $15,
+                $16, original_id, $17, 'approved', note
+            FROM decided WHERE code IS NOT NULL
+            ON CONFLICT ON CONSTRAINT postings_key DO NOTHING
+            RETURNING id),
+         awaited AS (
+            INSERT INTO issuer.postings (id, acquirer, stan, transmitted, mti_class, mti, kind, amount,
+                state, reversed, reversal_id, note)
+            SELECT d.original_id, $18, $19, $20, $21, $23, 'awaited', $12, 'awaited', true, p.id,
+                'its reversal arrived first'
+            FROM posted p JOIN decided d ON d.id = p.id
+            WHERE d.step = 'not_seen'
+            ON CONFLICT ON CONSTRAINT postings_key DO NOTHING
+            RETURNING id),
+         marked AS (
+            UPDATE issuer.postings o SET reversed = true, reversal_id = p.id, updated_at = now(),
+                state = CASE d.step WHEN 'applied' THEN 'reversed' ELSE o.state END
+            FROM posted p JOIN decided d ON d.id = p.id
+            WHERE o.id = d.original_id AND d.step IN ('declined', 'applied')),
+         -- The original's own original gets back the state it had before.
+         restored AS (
+            UPDATE issuer.postings o SET refunded = d.parent_refunded, updated_at = now(),
+                state = CASE WHEN d.orig_kind = 'refund' AND d.parent_refunded <> 0
+                             THEN 'partially_refunded' ELSE 'approved' END
+            FROM posted p JOIN decided d ON d.id = p.id
+            WHERE o.id = d.parent_id),
+         moved AS (
+            UPDATE issuer.cards c SET balance = c.balance + d.balance_change, held = c.held + d.hold_change
+            FROM posted p JOIN decided d ON d.id = p.id
+            WHERE c.id = d.posting_card AND (d.balance_change <> 0 OR d.hold_change <> 0))
+         SELECT p.id IS NOT NULL AS inserted, d.code, NULL::text AS auth_code, d.note,
+             d.orig_state AS original_state, d.orig_amount AS original_amount, d.step,
+             -- The original was not there to lock, yet its key is taken now:
+             -- it was being written when this statement began. Undone and
+             -- tried again, it is found.
+             CASE WHEN p.id IS NOT NULL AND d.step = 'not_seen' AND NOT EXISTS (SELECT FROM awaited)
+                  THEN issuer.try_again('the original of a reversal turned up meanwhile') END
+         FROM decided d LEFT JOIN posted p ON p.id = d.id",
+        req,
+        fingerprint,
+    )
+    .bind(!matches!(reference.mti.class(), 4 | 8))
+    .bind(reference.mti.to_string())
+    .fetch_one(pool)
+    .await?;
+    if posted.inserted {
+        match posted.step.as_deref() {
+            // Voided, refunded, cancelled or completed since: its effect is no
+            // longer its own to undo. The switch does not reverse such originals.
+            Some("followed") => warn!(
+                state = posted.original_state.as_deref().unwrap_or_default(),
+                "reversal of an original with follow-ons: not applied"
+            ),
+            Some("applied") if posted.original_amount != Some(req.amount) => warn!(
+                reversal = req.amount,
+                original = posted.original_amount,
+                "reversal amount differs from the original's; the original's posting is undone"
+            ),
+            _ => {}
+        }
+    }
+    posted.outcome(req)
+}
+
+/// The key is taken: a repeat, a different message reusing the key, or the
+/// original of a reversal that came first. One statement: the row under the
+/// key, locked, and, when it is a reversal's mark, declined for good.
+pub(crate) async fn repeat(
+    pool: &PgPool,
+    req: &Request,
+    fingerprint: &[u8; 32],
 ) -> Result<Outcome, sqlx::Error> {
-    let claimed: Option<i64> = sqlx::query_scalar(
-        "INSERT INTO issuer.postings (acquirer, stan, transmitted, mti_class, mti, forwarding, fingerprint,
-             kind, processing_code, condition_code, pan_masked, amount, rrn, terminal, merchant,
-             original_ref, reason, state)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, 'processing')
-         ON CONFLICT ON CONSTRAINT postings_key DO NOTHING
-         RETURNING id",
+    #[derive(sqlx::FromRow)]
+    struct Taken {
+        fingerprint: Option<Vec<u8>>,
+        kind: String,
+        response_code: Option<String>,
+        auth_code: Option<String>,
+        available_reply: Option<i64>,
+        overtaken: bool,
+    }
+    // Its reversal overtook it: the switch has given up on it. It is
+    // declined and never posted, however often it is repeated.
+    let row: Taken = sqlx::query_as(
+        "WITH taken AS MATERIALIZED (
+            SELECT id, fingerprint, kind, response_code, auth_code, available_reply
+            FROM issuer.postings
+            WHERE acquirer = $1 AND stan = $2 AND transmitted = $3 AND mti_class = $4
+            FOR UPDATE),
+         overtaken AS (
+            UPDATE issuer.postings p SET fingerprint = $5, mti = $6, kind = $7, processing_code = $8,
+                condition_code = $9, pan_masked = $10, amount = $11, rrn = $12, terminal = $13,
+                merchant = $14, original_ref = $15, forwarding = $16, response_code = $17,
+                state = 'declined', note = 'declined: its reversal arrived first',
+                created_at = now(), updated_at = now()
+            FROM taken t
+            WHERE p.id = t.id AND t.fingerprint IS NULL
+            RETURNING p.id)
+         SELECT t.fingerprint, t.kind, t.response_code, t.auth_code, t.available_reply,
+             EXISTS (SELECT FROM overtaken) AS overtaken
+         FROM taken t",
     )
     .bind(&req.key.acquirer)
     .bind(&req.key.stan)
     .bind(&req.key.transmitted)
     .bind(req.key.class)
+    .bind(fingerprint.as_slice())
     .bind(req.mti.to_string())
-    .bind(&req.forwarding)
-    .bind(fingerprint.to_vec())
     .bind(req.kind.as_str())
     .bind(&req.processing)
     .bind(&req.condition)
@@ -357,56 +621,28 @@ async fn apply_in(
     .bind(&req.terminal)
     .bind(&req.merchant)
     .bind(req.original.as_ref().map(|o| &o.raw))
-    .bind(&req.reason)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(id) = claimed else {
-        return existing(tx, req, fingerprint).await;
-    };
-
-    let decided = match req.kind {
-        // Decided by `authorise_many`; a key it found taken is taken here too.
-        Kind::BalanceInquiry | Kind::Purchase | Kind::PreAuth => {
-            Decided::new().decline(code::SYSTEM_ERROR, "a new authorisation off its path")
+    .bind(&req.forwarding)
+    .bind(code::TOO_LATE)
+    .fetch_optional(pool)
+    .await?
+    .ok_or(sqlx::Error::RowNotFound)?;
+    match &row.fingerprint {
+        _ if row.overtaken => Ok(Outcome::code_only(code::TOO_LATE)),
+        Some(stored) if stored.as_slice() == fingerprint => {
+            debug!("repeat: the stored outcome");
+            Ok(Outcome {
+                code: row
+                    .response_code
+                    .unwrap_or_else(|| code::SYSTEM_ERROR.into()),
+                auth_code: row.auth_code,
+                available: row.available_reply,
+            })
         }
-        Kind::Reversal => reverse(tx, req, id).await?,
-        _ => follow_on(tx, req, pan_hash).await?,
-    };
-    let approved = decided.code == code::APPROVED;
-    let auth_code = (approved && decided.auth).then(|| auth_code(id));
-    let (card_id, pan_masked) = decided.card.clone().unzip();
-    sqlx::query(
-        "UPDATE issuer.postings SET card_id = $2, pan_masked = coalesce($3, pan_masked),
-             balance_change = $4, hold_change = $5, response_code = $6, auth_code = $7,
-             available_reply = $8, original_id = $9, state = $10, note = $11, updated_at = now()
-         WHERE id = $1",
-    )
-    .bind(id)
-    .bind(card_id)
-    .bind(pan_masked)
-    .bind(decided.balance_change)
-    .bind(decided.hold_change)
-    .bind(decided.code)
-    .bind(&auth_code)
-    .bind(decided.available)
-    .bind(decided.original_id)
-    .bind(if approved { "approved" } else { "declined" })
-    .bind(&decided.note)
-    .execute(&mut *tx)
-    .await?;
-    if let Some(note) = &decided.note {
-        debug!(
-            kind = req.kind.as_str(),
-            code = decided.code,
-            note,
-            "decided"
-        );
+        _ => {
+            warn!(kind = %row.kind, "a different message reuses the key of an earlier one");
+            Ok(Outcome::code_only(code::DUPLICATE))
+        }
     }
-    Ok(Outcome {
-        code: decided.code.to_string(),
-        auth_code,
-        available: decided.available,
-    })
 }
 
 /// A new authorisation (balance inquiry, purchase, pre-authorisation) for
@@ -470,7 +706,7 @@ pub(crate) async fn authorise_many(
                 CASE WHEN code = '00' AND kind = 'purchase' THEN -amount ELSE 0 END AS balance_change,
                 CASE WHEN code = '00' AND kind = 'preauth' THEN amount ELSE 0 END AS hold_change,
                 CASE WHEN code = '00' AND kind <> 'balance_inquiry'
-                     THEN lpad((((id % 1000000) * 7919 + 13) % 1000000)::text, 6, '0') END AS auth_code,
+                     THEN issuer.auth_code(id) END AS auth_code,
                 CASE WHEN code = '00' AND kind = 'balance_inquiry' THEN available END AS available_reply,
                 CASE code WHEN '14' THEN 'unknown card' WHEN '41' THEN 'card is lost'
                           WHEN '43' THEN 'card is stolen' WHEN '62' THEN 'card is ' || card_status
@@ -532,136 +768,6 @@ pub(crate) async fn authorise_many(
     Ok(out)
 }
 
-/// A six-digit auth code: unique among any million consecutive postings
-/// (7919 is prime to 10^6), and the same for every repeat.
-fn auth_code(id: i64) -> String {
-    format!("{:06}", (id.rem_euclid(1_000_000) * 7919 + 13) % 1_000_000)
-}
-
-/// The key is taken: a repeat, a different message reusing the key, or the
-/// original of a reversal that came first.
-async fn existing(
-    tx: &mut PgConnection,
-    req: &Request,
-    fingerprint: &[u8; 32],
-) -> Result<Outcome, sqlx::Error> {
-    let row = lock_by_key(tx, &req.key)
-        .await?
-        .ok_or(sqlx::Error::RowNotFound)?;
-    match &row.fingerprint {
-        None => {
-            // Its reversal overtook it: the switch has given up on it. It is
-            // declined and never posted, however often it is repeated.
-            sqlx::query(
-                "UPDATE issuer.postings SET fingerprint = $2, mti = $3, kind = $4, processing_code = $5,
-                     condition_code = $6, pan_masked = $7, amount = $8, rrn = $9, terminal = $10,
-                     merchant = $11, original_ref = $12, forwarding = $13, response_code = $14,
-                     state = 'declined', note = 'declined: its reversal arrived first',
-                     created_at = now(), updated_at = now()
-                 WHERE id = $1",
-            )
-            .bind(row.id)
-            .bind(fingerprint.to_vec())
-            .bind(req.mti.to_string())
-            .bind(req.kind.as_str())
-            .bind(&req.processing)
-            .bind(&req.condition)
-            .bind(req.pan.as_ref().map(Pan::masked))
-            .bind(req.amount)
-            .bind(&req.rrn)
-            .bind(&req.terminal)
-            .bind(&req.merchant)
-            .bind(req.original.as_ref().map(|o| &o.raw))
-            .bind(&req.forwarding)
-            .bind(code::TOO_LATE)
-            .execute(&mut *tx)
-            .await?;
-            Ok(Outcome::code_only(code::TOO_LATE))
-        }
-        Some(stored) if stored.as_slice() == fingerprint => {
-            debug!("repeat: the stored outcome");
-            Ok(Outcome {
-                code: row
-                    .response_code
-                    .unwrap_or_else(|| code::SYSTEM_ERROR.into()),
-                auth_code: row.auth_code,
-                available: row.available_reply,
-            })
-        }
-        Some(_) => {
-            warn!(kind = %row.kind, "a different message reuses the key of an earlier one");
-            Ok(Outcome::code_only(code::DUPLICATE))
-        }
-    }
-}
-
-async fn lock_by_key(
-    tx: &mut PgConnection,
-    key: &PostingKey,
-) -> Result<Option<Posting>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT * FROM issuer.postings
-         WHERE acquirer = $1 AND stan = $2 AND transmitted = $3 AND mti_class = $4
-         FOR UPDATE",
-    )
-    .bind(&key.acquirer)
-    .bind(&key.stan)
-    .bind(&key.transmitted)
-    .bind(key.class)
-    .fetch_optional(&mut *tx)
-    .await
-}
-
-async fn lock_by_id(tx: &mut PgConnection, id: i64) -> Result<Posting, sqlx::Error> {
-    sqlx::query_as("SELECT * FROM issuer.postings WHERE id = $1 FOR UPDATE")
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await
-}
-
-async fn lock_card(tx: &mut PgConnection, id: i64) -> Result<Card, sqlx::Error> {
-    sqlx::query_as("SELECT * FROM issuer.cards WHERE id = $1 FOR UPDATE")
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await
-}
-
-async fn move_money(
-    tx: &mut PgConnection,
-    card: i64,
-    balance: i64,
-    hold: i64,
-) -> Result<(), sqlx::Error> {
-    if balance != 0 || hold != 0 {
-        sqlx::query(
-            "UPDATE issuer.cards SET balance = balance + $2, held = held + $3 WHERE id = $1",
-        )
-        .bind(card)
-        .bind(balance)
-        .bind(hold)
-        .execute(&mut *tx)
-        .await?;
-    }
-    Ok(())
-}
-
-async fn set_state(
-    tx: &mut PgConnection,
-    id: i64,
-    state: &str,
-    refunded: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE issuer.postings SET state = $2, refunded = $3, updated_at = now() WHERE id = $1",
-    )
-    .bind(id)
-    .bind(state)
-    .bind(refunded)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
-}
-
 /// YYMM before the current month (UTC); an unreadable expiry counts as expired.
 fn expired(yymm: &str, today: chrono::NaiveDate) -> bool {
     let (Some(yy), Some(mm)) = (
@@ -671,226 +777,6 @@ fn expired(yymm: &str, today: chrono::NaiveDate) -> bool {
         return true;
     };
     !(1..=12).contains(&mm) || (2000 + yy, mm) < (today.year(), today.month())
-}
-
-/// Void, refund, pre-auth cancel, completion, completion void: the
-/// original named by F90 decides.
-async fn follow_on(
-    tx: &mut PgConnection,
-    req: &Request,
-    pan_hash: Option<&[u8; 32]>,
-) -> Result<Decided, sqlx::Error> {
-    let reference = req.original.as_ref().expect("read() requires F90");
-    let d = Decided::new();
-    let orig = lock_by_key(tx, &reference.key).await?;
-    let Some(orig) = orig.filter(|o| o.fingerprint.is_some()) else {
-        return Ok(d.decline(code::NOT_FOUND, "original not found"));
-    };
-    let d = Decided {
-        original_id: Some(orig.id),
-        ..d
-    };
-    let wanted: &[&str] = match req.kind {
-        Kind::Void => &["purchase"],
-        Kind::CompletionVoid => &["completion"],
-        Kind::PreAuthCancel | Kind::Completion => &["preauth"],
-        _ => &["purchase", "completion"],
-    };
-    if !wanted.contains(&orig.kind.as_str()) {
-        return Ok(d.decline(
-            code::INVALID_TRANSACTION,
-            format!("the original is a {}", orig.kind),
-        ));
-    }
-    let open = match req.kind {
-        Kind::Refund => ["approved", "partially_refunded"].contains(&orig.state.as_str()),
-        _ => orig.state == "approved",
-    };
-    if !open {
-        return Ok(d.decline(
-            code::INVALID_TRANSACTION,
-            format!("the original is {}", orig.state),
-        ));
-    }
-    let full_amount = matches!(
-        req.kind,
-        Kind::Void | Kind::CompletionVoid | Kind::PreAuthCancel
-    );
-    if full_amount && req.amount != orig.amount {
-        return Ok(d.decline(code::AMOUNT_MISMATCH, "not the original's amount"));
-    }
-    if req.kind == Kind::Refund && orig.refunded + req.amount > orig.amount {
-        return Ok(d.decline(
-            code::OVER_LIMIT,
-            "refunds would exceed the original's amount",
-        ));
-    }
-    let card = lock_card(tx, orig.card_id.ok_or(sqlx::Error::RowNotFound)?).await?;
-    let d = d.on(&card);
-    if pan_hash.is_some_and(|h| h.as_slice() != card.pan_hash.as_slice()) {
-        return Ok(d.decline(code::INVALID_CARD, "not the original's card"));
-    }
-    let (balance, hold, state, refunded) = match req.kind {
-        Kind::Void | Kind::CompletionVoid => (-orig.balance_change, 0, "voided", orig.refunded),
-        Kind::PreAuthCancel => (0, -orig.hold_change, "cancelled", orig.refunded),
-        Kind::Completion => {
-            // A completion request may overdraw by no more than the hold it
-            // releases; a completion advice is already done at the
-            // terminal and is posted as it is.
-            if !req.is_advice() && req.amount > card.balance - card.held + orig.hold_change {
-                return Ok(d.decline(code::INSUFFICIENT_FUNDS, "insufficient funds"));
-            }
-            (-req.amount, -orig.hold_change, "completed", orig.refunded)
-        }
-        _ => {
-            let refunded = orig.refunded + req.amount;
-            let state = if refunded == orig.amount {
-                "refunded"
-            } else {
-                "partially_refunded"
-            };
-            (req.amount, 0, state, refunded)
-        }
-    };
-    move_money(tx, card.id, balance, hold).await?;
-    set_state(tx, orig.id, state, refunded).await?;
-    Ok(Decided {
-        balance_change: balance,
-        hold_change: hold,
-        auth: !req.is_advice(),
-        ..d
-    })
-}
-
-/// A reversal advice: undo exactly what the original posted, once; or, when
-/// the original has not arrived, leave a row under its key so that it is
-/// declined when it does. Always answered `00` once recorded.
-async fn reverse(tx: &mut PgConnection, req: &Request, own: i64) -> Result<Decided, sqlx::Error> {
-    let reference = req.original.as_ref().expect("read() requires F90");
-    let d = Decided::new();
-    if matches!(reference.mti.class(), 4 | 8) {
-        return Ok(Decided {
-            note: Some(format!(
-                "nothing to reverse: the original is a {}",
-                reference.mti
-            )),
-            ..d
-        });
-    }
-    let awaited: Option<i64> = sqlx::query_scalar(
-        "INSERT INTO issuer.postings (acquirer, stan, transmitted, mti_class, mti, kind, amount, state,
-             reversed, reversal_id, note)
-         VALUES ($1, $2, $3, $4, $5, 'awaited', $6, 'awaited', true, $7, 'its reversal arrived first')
-         ON CONFLICT ON CONSTRAINT postings_key DO NOTHING
-         RETURNING id",
-    )
-    .bind(&reference.key.acquirer)
-    .bind(&reference.key.stan)
-    .bind(&reference.key.transmitted)
-    .bind(reference.key.class)
-    .bind(reference.mti.to_string())
-    .bind(req.amount)
-    .bind(own)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if let Some(awaited) = awaited {
-        return Ok(Decided {
-            original_id: Some(awaited),
-            note: Some("original not seen: it will be declined 68".into()),
-            ..d
-        });
-    }
-    let orig = lock_by_key(tx, &reference.key)
-        .await?
-        .ok_or(sqlx::Error::RowNotFound)?;
-    let d = Decided {
-        original_id: Some(orig.id),
-        ..d
-    };
-    let note = |n: &str| Some(n.to_string());
-    if orig.fingerprint.is_none() {
-        return Ok(Decided {
-            note: note("original not seen (already marked)"),
-            ..d
-        });
-    }
-    if orig.reversed {
-        return Ok(Decided {
-            note: note("already reversed"),
-            ..d
-        });
-    }
-    if orig.response_code.as_deref() != Some(code::APPROVED) {
-        mark_reversed(tx, orig.id, &orig.state, own).await?;
-        return Ok(Decided {
-            note: note("the original was declined: nothing to undo"),
-            ..d
-        });
-    }
-    if orig.state != "approved" {
-        // Voided, refunded, cancelled or completed since: its effect is no
-        // longer its own to undo. The switch does not reverse such originals.
-        warn!(state = %orig.state, "reversal of an original with follow-ons: not applied");
-        return Ok(Decided {
-            note: Some(format!("not applied: the original is {}", orig.state)),
-            ..d
-        });
-    }
-    let parent = match orig.original_id {
-        Some(id) => Some(lock_by_id(tx, id).await?),
-        None => None,
-    };
-    let card = lock_card(tx, orig.card_id.ok_or(sqlx::Error::RowNotFound)?).await?;
-    let (balance, hold) = (-orig.balance_change, -orig.hold_change);
-    move_money(tx, card.id, balance, hold).await?;
-    mark_reversed(tx, orig.id, "reversed", own).await?;
-    if let Some(parent) = parent {
-        // The original's own original gets back the state it had before.
-        let (state, refunded) = match orig.kind.as_str() {
-            "refund" => {
-                let refunded = parent.refunded - orig.amount;
-                let state = if refunded == 0 {
-                    "approved"
-                } else {
-                    "partially_refunded"
-                };
-                (state, refunded)
-            }
-            _ => ("approved", parent.refunded),
-        };
-        set_state(tx, parent.id, state, refunded).await?;
-    }
-    if req.amount != orig.amount {
-        warn!(
-            reversal = req.amount,
-            original = orig.amount,
-            "reversal amount differs from the original's; the original's posting is undone"
-        );
-    }
-    Ok(Decided {
-        balance_change: balance,
-        hold_change: hold,
-        note: note("applied"),
-        ..d.on(&card)
-    })
-}
-
-async fn mark_reversed(
-    tx: &mut PgConnection,
-    id: i64,
-    state: &str,
-    by: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE issuer.postings SET reversed = true, reversal_id = $3, state = $2, updated_at = now()
-         WHERE id = $1",
-    )
-    .bind(id)
-    .bind(state)
-    .bind(by)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -906,16 +792,5 @@ mod tests {
         assert!(expired("2512", today));
         assert!(expired("2613", today));
         assert!(expired("26", today));
-    }
-
-    #[test]
-    fn auth_codes_are_six_digits_and_distinct() {
-        let codes: std::collections::HashSet<String> = (1..=10_000).map(auth_code).collect();
-        assert_eq!(codes.len(), 10_000);
-        assert!(
-            codes
-                .iter()
-                .all(|c| c.len() == 6 && c.bytes().all(|b| b.is_ascii_digit()))
-        );
     }
 }

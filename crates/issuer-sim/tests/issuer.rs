@@ -6,7 +6,9 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -16,7 +18,7 @@ use issuer_sim::{
     balance, balances, clearing, migrate, run, seed_cards,
 };
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -73,17 +75,44 @@ struct Sim {
 impl Sim {
     async fn start() -> Sim {
         let url = embedded_pg::test_database().await;
+        Sim::start_on(
+            PgConnectOptions::from_str(&url).expect("a database URL"),
+            None,
+        )
+        .await
+    }
+
+    /// A sim whose issuer reaches PostgreSQL through a relay that counts the
+    /// statements it sends.
+    async fn start_counting() -> (Sim, Arc<AtomicUsize>) {
+        let url = embedded_pg::test_database().await;
+        let options = PgConnectOptions::from_str(&url).expect("a database URL");
+        let (relayed, statements) = counting_relay(&options).await;
+        (Sim::start_on(options, Some(relayed)).await, statements)
+    }
+
+    /// The test's own queries go to `options`, the issuer's to `issuer`
+    /// when given, else to the same pool.
+    async fn start_on(options: PgConnectOptions, issuer: Option<PgConnectOptions>) -> Sim {
         let pool = PgPoolOptions::new()
             .max_connections(24)
-            .connect(&url)
+            .connect_with(options)
             .await
             .expect("test database");
         migrate(&pool).await.expect("migrations");
+        let issuer_pool = issuer.map_or_else(
+            || pool.clone(),
+            |options| {
+                PgPoolOptions::new()
+                    .max_connections(24)
+                    .connect_lazy_with(options)
+            },
+        );
         let config = IssuerConfig::from_toml(CARDS, "cards.toml").expect("valid config");
         let key = PanKey::random();
         let seeded = seed_cards(&pool, &key, &config.cards).await.unwrap();
         assert_eq!(seeded, 102);
-        let issuer = Arc::new(Issuer::new(config, key.clone(), pool.clone()));
+        let issuer = Arc::new(Issuer::new(config, key.clone(), issuer_pool));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
@@ -278,6 +307,68 @@ impl Req {
         w.finish().unwrap();
         buf.freeze()
     }
+}
+
+/// A TCP relay in front of PostgreSQL for the issuer's connections, counting
+/// the statements they send: simple queries (BEGIN and COMMIT are these) and
+/// Execute messages of the extended protocol. Preparing a statement and the
+/// pool's ping on acquiring a connection (a bare Sync) are not statements.
+/// Returns the options to connect through it (without TLS, which would hide
+/// the messages).
+async fn counting_relay(server: &PgConnectOptions) -> (PgConnectOptions, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relayed = server
+        .clone()
+        .host("127.0.0.1")
+        .port(listener.local_addr().unwrap().port())
+        .ssl_mode(PgSslMode::Disable);
+    let upstream = format!("{}:{}", server.get_host(), server.get_port());
+    let statements = Arc::new(AtomicUsize::new(0));
+    let counted = statements.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = TcpStream::connect(&upstream).await.unwrap();
+            let (mut from_server, mut to_server) = server.into_split();
+            let (mut from_client, mut to_client) = client.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut from_server, &mut to_client).await });
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                // Until the startup message, messages have no type byte.
+                let (mut started, mut pending, mut chunk) = (false, BytesMut::new(), [0; 8192]);
+                loop {
+                    let n = match from_client.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    pending.extend_from_slice(&chunk[..n]);
+                    loop {
+                        let head = usize::from(started);
+                        let Some(len) = pending.get(head..head + 4) else {
+                            break;
+                        };
+                        let len = head + u32::from_be_bytes(len.try_into().unwrap()) as usize;
+                        if pending.len() < len {
+                            break;
+                        }
+                        let message = pending.split_to(len);
+                        if !started {
+                            // An SSLRequest or GSSENCRequest is followed by
+                            // the startup message proper.
+                            started =
+                                !matches!(&message[4..8], [4, 210, 22, 47] | [4, 210, 22, 48]);
+                        } else if matches!(message[0], b'Q' | b'E') {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    // Counted before PostgreSQL can answer them.
+                    if to_server.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (relayed, statements)
 }
 
 fn purchase(stan: u32, card: u32, amount: u64) -> Req {
@@ -1223,6 +1314,183 @@ async fn purchases_that_arrive_together_share_one_statement_and_one_commit() {
     for card in 5..=24 {
         assert_eq!(sim.card(card).await.balance, 98_000);
     }
+    sim.stop().await;
+}
+
+/// Sends `req` and counts the statements the issuer sent PostgreSQL until
+/// it answered.
+async fn statements_for(link: &mut Conn, statements: &AtomicUsize, req: &Req) -> (Reply, usize) {
+    statements.store(0, Ordering::SeqCst);
+    let reply = link.exchange(req).await;
+    (reply, statements.load(Ordering::SeqCst))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_ons_and_reversals_are_each_decided_and_committed_by_one_statement() {
+    let (sim, statements) = Sim::start_counting().await;
+    let mut link = sim.connect().await;
+    let mut cost = async |req: &Req| statements_for(&mut link, &statements, req).await;
+
+    // One autocommitted statement each: no BEGIN, no COMMIT, nothing else.
+    let p = purchase(1, 1, 10_000);
+    assert_eq!(cost(&p).await.0.rc(), "00");
+    let v = void(2, 10_000, &p);
+    let (voided, n) = cost(&v).await;
+    assert_eq!((voided.rc(), n), ("00", 1), "a void");
+    let p = purchase(3, 2, 20_000);
+    assert_eq!(cost(&p).await.0.rc(), "00");
+    let (reply, n) = cost(&refund(4, 5_000, &p)).await;
+    assert_eq!((reply.rc(), n), ("00", 1), "a refund");
+    let p = purchase(5, 3, 7_000);
+    assert_eq!(cost(&p).await.0.rc(), "00");
+    let (reply, n) = cost(&reversal(6, &p)).await;
+    assert_eq!((reply.rc(), n), ("00", 1), "a reversal");
+    let a = preauth(7, 4, 30_000);
+    assert_eq!(cost(&a).await.0.rc(), "00");
+    let c = follow_on("0200", 8, "000000", "06", 30_000, &a);
+    let (reply, n) = cost(&c).await;
+    assert_eq!((reply.rc(), n), ("00", 1), "a completion");
+    // A decline, and a reversal whose original has not arrived, likewise.
+    let (reply, n) = cost(&void(9, 10_000, &p)).await;
+    assert_eq!((reply.rc(), n), ("12", 1), "a declined void");
+    let (reply, n) = cost(&reversal(10, &purchase(11, 5, 1_000))).await;
+    assert_eq!(
+        (reply.rc(), n),
+        ("00", 1),
+        "a reversal ahead of its original"
+    );
+    // A repeat: the statement that finds its key taken, then the stored outcome.
+    let (reply, n) = cost(&v).await;
+    assert_eq!((&reply, n), (&voided, 2), "a repeated void");
+
+    let card = |n| sim.card(n);
+    assert_eq!(card(1).await.balance, 100_000);
+    assert_eq!(card(2).await.balance, 85_000);
+    assert_eq!(card(3).await.balance, 100_000);
+    let completed = card(4).await;
+    assert_eq!((completed.balance, completed.held), (70_000, 0));
+    // The void's auth code is its posting's.
+    let id: i64 = sqlx::query_scalar("SELECT id FROM issuer.postings WHERE rrn = $1")
+        .bind(v.rrn())
+        .fetch_one(&sim.pool)
+        .await
+        .unwrap();
+    let expected = format!("{:06}", (id % 1_000_000 * 7919 + 13) % 1_000_000);
+    assert_eq!(voided.f(38), Some(expected.as_str()));
+    sim.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_of_a_void_and_of_a_reversal_arriving_together_post_once() {
+    let sim = Sim::start().await;
+    let mut links = [sim.connect().await, sim.connect().await];
+    let sale = purchase(1, 1, 10_000);
+    let mistake = purchase(2, 1, 3_000);
+    assert_eq!(links[0].exchange(&sale).await.rc(), "00");
+    assert_eq!(links[0].exchange(&mistake).await.rc(), "00");
+    assert_eq!(sim.card(1).await.balance, 87_000);
+
+    // Three copies of each on each link while the card is held: the first
+    // of each waits for the card, the others for the original it holds.
+    let void = void(3, 10_000, &sale).frame();
+    let reversal = reversal(4, &mistake).frame();
+    let held = hold_card(&sim, 1).await;
+    for link in &mut links {
+        for _ in 0..3 {
+            link.send(&void).await;
+            link.send(&reversal).await;
+        }
+    }
+    until_waiting_on_locks(&sim, 12).await;
+    held.commit().await.unwrap();
+    let mut replies = Vec::new();
+    for link in &mut links {
+        for _ in 0..6 {
+            replies.push(link.recv().await);
+        }
+    }
+    let (voids, reversals): (Vec<_>, Vec<_>) = replies.iter().partition(|r| r.mti == "0210");
+    assert!(
+        voids.iter().all(|r| *r == voids[0] && r.rc() == "00"),
+        "{voids:#?}"
+    );
+    assert!(
+        reversals
+            .iter()
+            .all(|r| *r == reversals[0] && r.rc() == "00"),
+        "{reversals:#?}"
+    );
+    assert_eq!((voids.len(), reversals.len()), (6, 6));
+    assert_eq!(sim.card(1).await.balance, 100_000, "credited once each");
+    let postings: i64 = sqlx::query_scalar("SELECT count(*) FROM issuer.postings")
+        .fetch_one(&sim.pool)
+        .await
+        .unwrap();
+    assert_eq!(postings, 4);
+    sim.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_codes_are_six_digits_and_distinct() {
+    let sim = Sim::start().await;
+    let (distinct, six_digits): (i64, bool) = sqlx::query_as(
+        "SELECT count(DISTINCT issuer.auth_code(i)), bool_and(issuer.auth_code(i) ~ '^[0-9]{6}$')
+         FROM generate_series(1, 10000) AS i",
+    )
+    .fetch_one(&sim.pool)
+    .await
+    .unwrap();
+    assert_eq!((distinct, six_digits), (10_000, true));
+    sim.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reversal_that_races_its_original_into_the_books_is_tried_again_and_applied() {
+    let sim = Sim::start().await;
+    let mut link = sim.connect().await;
+    // The original's statement between its INSERT and its commit, played by
+    // a transaction of the test's own: a purchase of 7 000 fen on card 1,
+    // approved and posted. The reversal cannot see it, finds its key taken
+    // when it leaves its mark, and is undone and tried again.
+    let original = purchase(1, 1, 7_000);
+    let mut writing = sim.pool.begin().await.unwrap();
+    sqlx::query(
+        "WITH card AS (
+            UPDATE issuer.cards SET balance = balance - 7000 WHERE pan_hash = $1
+            RETURNING id, pan_masked)
+         INSERT INTO issuer.postings (acquirer, stan, transmitted, mti_class, mti, fingerprint, kind,
+             processing_code, condition_code, card_id, pan_masked, amount, balance_change,
+             response_code, auth_code, rrn, state)
+         SELECT $2, $3, $4, 2, '0200', decode('00', 'hex'), 'purchase', '000000', '00', id, pan_masked, 7000,
+             -7000, '00', '123456', $5, 'approved'
+         FROM card",
+    )
+    .bind(sim.key.hash(&Pan::new(&pan(1)).unwrap()).to_vec())
+    .bind(format!("{ACQUIRER:0>11}"))
+    .bind(&original.fields[&11])
+    .bind(F7)
+    .bind(original.rrn())
+    .execute(&mut *writing)
+    .await
+    .unwrap();
+    link.send(&reversal(2, &original).frame()).await;
+    until_waiting_on_locks(&sim, 1).await;
+    writing.commit().await.unwrap();
+    assert_eq!(link.recv().await.rc(), "00");
+    assert_eq!(sim.card(1).await.balance, 100_000, "reversed");
+    let (state, note): (String, String) = sqlx::query_as(
+        "SELECT o.state, r.note FROM issuer.postings r JOIN issuer.postings o ON o.id = r.original_id
+         WHERE r.kind = 'reversal'",
+    )
+    .fetch_one(&sim.pool)
+    .await
+    .unwrap();
+    assert_eq!((state.as_str(), note.as_str()), ("reversed", "applied"));
+    let postings: i64 = sqlx::query_scalar("SELECT count(*) FROM issuer.postings")
+        .fetch_one(&sim.pool)
+        .await
+        .unwrap();
+    assert_eq!(postings, 2, "no mark left behind");
     sim.stop().await;
 }
 
