@@ -6,6 +6,8 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
+use crate::journal;
+
 /// One journal entry, as an operator reads it (the PAN masked).
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Entry {
@@ -111,8 +113,9 @@ const ENTRY: &str = "SELECT id, rrn, kind, state, amount, refunded_amount, termi
 pub async fn history(pool: &PgPool, selector: &Selector) -> Result<Option<History>, sqlx::Error> {
     let id: Option<i64> = match selector {
         Selector::Rrn(rrn) => {
-            sqlx::query_scalar("SELECT id FROM journal WHERE rrn = $1")
+            sqlx::query_scalar("SELECT id FROM journal WHERE id = $2 AND rrn = $1")
                 .bind(rrn)
+                .bind(journal::rrn_id(rrn))
                 .fetch_optional(pool)
                 .await?
         }

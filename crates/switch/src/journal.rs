@@ -790,6 +790,16 @@ pub async fn find_by_stan(
     .await
 }
 
+/// The journal id an RRN stands for: the RRN is the id's last twelve
+/// digits (see the `rrn` column), so a lookup by RRN goes through the
+/// primary key instead of an index of its own that every insert would pay
+/// for. `None` for what is not an RRN at all.
+pub fn rrn_id(rrn: &str) -> Option<i64> {
+    (rrn.len() == 12 && rrn.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| rrn.parse().ok())
+        .flatten()
+}
+
 /// The entry with this RRN at this merchant (refunds).
 pub async fn find_by_rrn(
     pool: &PgPool,
@@ -797,20 +807,27 @@ pub async fn find_by_rrn(
     merchant_id: &str,
 ) -> Result<Option<Original>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "{ORIGINAL} WHERE rrn = $1 AND merchant_id = $2"
+        "{ORIGINAL} WHERE id = $3 AND rrn = $1 AND merchant_id = $2"
     )))
     .bind(rrn)
     .bind(merchant_id)
+    .bind(rrn_id(rrn))
     .fetch_optional(pool)
     .await
 }
 
-/// The pre-authorisations with this auth code, newest first (cancels and completions).
-pub async fn find_preauths(pool: &PgPool, auth_code: &str) -> Result<Vec<Original>, sqlx::Error> {
+/// The pre-authorisations of this card with this auth code, newest first
+/// (cancels and completions, P1).
+pub async fn find_preauths(
+    pool: &PgPool,
+    auth_code: &str,
+    pan_hash: &[u8; 32],
+) -> Result<Vec<Original>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "{ORIGINAL} WHERE kind = 'preauth' AND auth_code = $1 ORDER BY id DESC"
+        "{ORIGINAL} WHERE kind = 'preauth' AND pan_hash = $2 AND auth_code = $1 ORDER BY id DESC"
     )))
     .bind(auth_code)
+    .bind(pan_hash.as_slice())
     .fetch_all(pool)
     .await
 }

@@ -487,17 +487,18 @@ impl Switch {
         }
         let auth = req.msg.text(38).unwrap_or("");
         let date = req.digits(61).get(12..16).map(str::to_string);
-        let candidates = match journal::find_preauths(&self.pool, auth).await {
+        let card = p.pan_hash.unwrap_or_default();
+        let candidates = match journal::find_preauths(&self.pool, auth, &card).await {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, "journal read failed");
                 return Some(ResponseCode::SYSTEM_ERROR);
             }
         };
-        let Some(o) = candidates.into_iter().find(|o| {
-            o.pan_hash.as_deref() == p.pan_hash.as_ref().map(|h| &h[..])
-                && date.as_deref().is_none_or(|d| self.dated(o, d))
-        }) else {
+        let Some(o) = candidates
+            .into_iter()
+            .find(|o| date.as_deref().is_none_or(|d| self.dated(o, d)))
+        else {
             return self
                 .reject(req, entry, None, "P1", ResponseCode::NOT_FOUND, out)
                 .await;
