@@ -224,7 +224,7 @@ impl Config {
             embedded_data_dir: db.path("embedded_data_dir"),
             max_batch: db.int("max_batch", 256, 1..=10_000) as usize,
             batches_in_flight: db.int("batches_in_flight", 1, 1..=64) as usize,
-            terminal_cache: db.duration("terminal_cache", Duration::from_secs(2)),
+            terminal_cache: db.duration("terminal_cache", Duration::from_secs(10)),
         };
 
         let l = root.section("limits");
