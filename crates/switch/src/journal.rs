@@ -833,26 +833,31 @@ pub async fn find_preauths(
 }
 
 /// The journalled (`received`) reversal a decision approves: its row, the
-/// rule that decided, and the original it matched.
+/// rule that decided, the original it matched, and its approved reply,
+/// stored by the same statement (for repeats, D1).
 #[derive(Debug, Clone, Copy)]
-pub struct Reversal {
+pub struct Reversal<'a> {
     /// The reversal's own row.
     pub row: i64,
     /// R2 or R3.
     pub rule: &'static str,
     /// The original, when found.
     pub original: Option<i64>,
+    /// The reply from its MTI on.
+    pub reply: &'a [u8],
 }
 
 /// Approves a reversal row (R3: nothing to reverse, or already reversed).
-pub async fn approve_reversal(pool: &PgPool, r: Reversal) -> Result<bool, sqlx::Error> {
+pub async fn approve_reversal(pool: &PgPool, r: Reversal<'_>) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
-        "UPDATE journal SET state = 'approved', response_code = '00', rule = $2, original_id = $3, completed_at = now()
+        "UPDATE journal SET state = 'approved', response_code = '00', rule = $2, original_id = $3, reply = $4,
+             completed_at = now()
          WHERE id = $1 AND state = 'received'",
     )
     .bind(r.row)
     .bind(r.rule)
     .bind(r.original)
+    .bind(r.reply)
     .execute(pool)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -861,7 +866,8 @@ pub async fn approve_reversal(pool: &PgPool, r: Reversal) -> Result<bool, sqlx::
 /// The reversal row's approval, as a CTE step for the statements below.
 const APPROVE_REVERSAL: &str = "
     approved AS (
-        UPDATE journal SET state = 'approved', response_code = '00', rule = $r2, original_id = $r3, completed_at = now()
+        UPDATE journal SET state = 'approved', response_code = '00', rule = $r2, original_id = $r3, reply = $r4,
+            completed_at = now()
         WHERE id = $r1 AND state = 'received' AND EXISTS (SELECT 1 FROM changed)
         RETURNING id)";
 
@@ -870,13 +876,18 @@ fn with_reversal(sql: &str, first: usize) -> String {
         .replace("$r1", &format!("${first}"))
         .replace("$r2", &format!("${}", first + 1))
         .replace("$r3", &format!("${}", first + 2))
+        .replace("$r4", &format!("${}", first + 3))
         + sql
 }
 
 /// R3: a reversal came while the original was still at the issuer. Marks it
 /// so its approval is reversed on arrival, and approves the reversal, in one
 /// statement; false when the original is no longer `sent`.
-pub async fn request_reversal(pool: &PgPool, id: i64, r: Reversal) -> Result<bool, sqlx::Error> {
+pub async fn request_reversal(
+    pool: &PgPool,
+    id: i64,
+    r: Reversal<'_>,
+) -> Result<bool, sqlx::Error> {
     let sql = format!(
         "WITH changed AS (UPDATE journal SET reversal_requested = true WHERE id = $1 AND state = 'sent' RETURNING id),
          {}
@@ -888,6 +899,7 @@ pub async fn request_reversal(pool: &PgPool, id: i64, r: Reversal) -> Result<boo
         .bind(r.row)
         .bind(r.rule)
         .bind(r.original)
+        .bind(r.reply)
         .fetch_one(pool)
         .await
 }
@@ -900,7 +912,7 @@ pub async fn reverse(
     pool: &PgPool,
     id: i64,
     network_reason: &str,
-    r: Reversal,
+    r: Reversal<'_>,
 ) -> Result<bool, sqlx::Error> {
     let sql = format!(
         "WITH changed AS (
@@ -929,6 +941,7 @@ pub async fn reverse(
         .bind(r.row)
         .bind(r.rule)
         .bind(r.original)
+        .bind(r.reply)
         .fetch_one(pool)
         .await
 }
@@ -946,14 +959,16 @@ pub enum AdviceKind {
 /// Applies a journalled (`received`) advice to its original in one
 /// statement: the original is claimed (a refund adds to its refunded amount,
 /// so concurrent partial refunds can never sum above it; a completion
-/// completes the pre-authorisation once), the row becomes approved, and the
-/// 0220 is queued for the issuer. False when the claim was lost.
+/// completes the pre-authorisation once), the row becomes approved with its
+/// `reply` stored (for repeats, D1), and the 0220 is queued for the issuer.
+/// False when the claim was lost.
 pub async fn apply_advice(
     pool: &PgPool,
     row_id: i64,
     original_id: i64,
     amount: i64,
     kind: AdviceKind,
+    reply: &[u8],
 ) -> Result<bool, sqlx::Error> {
     let (claim, advice) = match kind {
         AdviceKind::Refund => (
@@ -981,7 +996,8 @@ pub async fn apply_advice(
                 coalesce(c.link_stan, a.link_stan) AS link_stan, coalesce(c.link_f7, a.link_f7) AS link_f7
             FROM claimed c LEFT JOIN advices a ON a.journal_id = c.id AND a.kind IN ('completion', 'refund')),
          done AS (
-            UPDATE journal r SET state = 'approved', response_code = '00', issuer = origin.issuer, completed_at = now()
+            UPDATE journal r SET state = 'approved', response_code = '00', issuer = origin.issuer, reply = $4,
+                completed_at = now()
             FROM origin WHERE r.id = $1 AND r.state = 'received'
             RETURNING r.id, r.issuer, r.processing_code, r.pos_condition, r.amount,
                 origin.mti AS original_mti, origin.link_stan AS original_stan, origin.link_f7 AS original_f7),
@@ -997,6 +1013,7 @@ pub async fn apply_advice(
         .bind(row_id)
         .bind(original_id)
         .bind(amount)
+        .bind(reply)
         .fetch_one(pool)
         .await
 }

@@ -454,11 +454,21 @@ impl Switch {
             Ok(w) => w,
             Err(answered) => return answered,
         };
-        match journal::apply_advice(&self.pool, written.id, original.id, entry.amount, kind).await {
+        // The approved reply is stored by the statement that approves it.
+        self.reply_code(req, out, ResponseCode::APPROVED, Some(&written.rrn));
+        let reply = self.body(out).to_vec();
+        match journal::apply_advice(
+            &self.pool,
+            written.id,
+            original.id,
+            entry.amount,
+            kind,
+            &reply,
+        )
+        .await
+        {
             Ok(true) => {
                 self.advice_wake.notify_one();
-                self.reply_code(req, out, ResponseCode::APPROVED, Some(&written.rrn));
-                self.store_reply(written.id, out).await;
                 None
             }
             Ok(false) => {
@@ -619,10 +629,14 @@ impl Switch {
             Ok(w) => w,
             Err(answered) => return answered,
         };
+        // The approved reply is stored by the statement that approves it.
+        self.reply_code(req, out, ResponseCode::APPROVED, Some(&written.rrn));
+        let reply = self.body(out).to_vec();
         let approve = |rule, original: Option<i64>| journal::Reversal {
             row: written.id,
             rule,
             original,
+            reply: &reply,
         };
         for _ in 0..3 {
             let found = journal::find_by_stan(
@@ -706,9 +720,8 @@ impl Switch {
             };
             match changed {
                 Ok(true) => {
+                    // `out` still holds the approved reply built above.
                     self.advice_wake.notify_one();
-                    self.reply_code(req, out, ResponseCode::APPROVED, Some(&written.rrn));
-                    self.store_reply(written.id, out).await;
                     return None;
                 }
                 // The original's state changed under us: look again.
