@@ -44,13 +44,30 @@ struct Due {
     merchant_id: String,
 }
 
+/// How long the worker lets advices gather after it is woken, so that one
+/// statement takes several of them: an advice is not awaited by a terminal
+/// (the terminal has its answer), and one that must go first goes at once
+/// ([`flush_family`]).
+const GATHER: Duration = Duration::from_millis(10);
+
 /// Runs the advice queue until shutdown.
 pub async fn run(switch: Arc<Switch>, shutdown: CancellationToken) {
     let grace = Duration::from_secs(2);
     let mut sending: JoinSet<()> = JoinSet::new();
+    // Looking for what a dead switch left is for the poll, not for every
+    // wake-up: those come with every reversal and refund under load.
+    let mut recovered_at: Option<tokio::time::Instant> = None;
     loop {
         let forgotten_after = switch.config.rules.issuer_timeout + grace;
-        match journal::recover_forgotten(&switch.pool, forgotten_after).await {
+        let recovery_due =
+            recovered_at.is_none_or(|at| at.elapsed() >= switch.config.advice.poll_interval);
+        let recovered = if recovery_due {
+            recovered_at = Some(tokio::time::Instant::now());
+            journal::recover_forgotten(&switch.pool, forgotten_after).await
+        } else {
+            Ok(0)
+        };
+        match recovered {
             Ok(0) => {}
             Ok(n) => info!(
                 count = n,
@@ -69,7 +86,12 @@ pub async fn run(switch: Arc<Switch>, shutdown: CancellationToken) {
         }
         while sending.try_join_next().is_some() {}
         tokio::select! {
-            () = switch.advice_wake.notified() => {}
+            () = switch.advice_wake.notified() => {
+                tokio::select! {
+                    () = tokio::time::sleep(GATHER) => {}
+                    () = shutdown.cancelled() => break,
+                }
+            }
             () = tokio::time::sleep(switch.config.advice.poll_interval) => {}
             () = shutdown.cancelled() => break,
         }
@@ -216,26 +238,13 @@ async fn send(switch: &Switch, advice: Due) {
     }
 }
 
-/// Marks the advice answered and moves its journal entry to its final state.
-/// A refund or completion advice the issuer declines is `failed`: the
-/// terminal was told `00`, so an operator must look (reconcile names it).
+/// Marks the advice answered and moves its journal entry to its final state
+/// ([`journal::answer_advices`], batched with the answers of others).
 async fn done(switch: &Switch, advice: &Due, rc: &str) -> Result<(), sqlx::Error> {
     if rc != "00" && advice.kind != "reversal" {
         warn!(advice = advice.id, rrn = %advice.rrn, kind = %advice.kind, rc, "the issuer declined an advice");
     }
-    sqlx::query(
-        "WITH a AS (
-            UPDATE advices SET state = CASE WHEN $2 <> '00' AND kind <> 'reversal' THEN 'failed' ELSE 'done' END,
-                response_code = $2, done_at = now(), attempts = attempts + 1
-            WHERE id = $1 AND state = 'pending' RETURNING journal_id, kind)
-         UPDATE journal j SET state = 'reversed'
-         FROM a WHERE j.id = a.journal_id AND a.kind = 'reversal' AND j.state = 'unknown'",
-    )
-    .bind(advice.id)
-    .bind(rc)
-    .execute(&switch.pool)
-    .await?;
-    Ok(())
+    switch.writer.advice_answered(advice.id, rc).await
 }
 
 /// Schedules the next try: the wait doubles from `retry_initial` to `retry_max`.

@@ -1018,6 +1018,38 @@ pub async fn apply_advice(
         .await
 }
 
+/// An advice the issuer answered, for [`answer_advices`].
+#[derive(Debug, Clone)]
+pub struct Answered {
+    /// The advice.
+    pub id: i64,
+    /// The issuer's F39.
+    pub rc: String,
+}
+
+/// Marks answered advices done and moves their journal entries to their
+/// final state, in one statement (group commit): an `unknown` entry whose
+/// reversal the issuer answered is `reversed`. A refund or completion advice
+/// the issuer declines is `failed`: the terminal was told `00`, so an
+/// operator must look (reconcile names it). An advice no longer pending (a
+/// second worker answered it too) is left alone.
+pub async fn answer_advices(pool: &PgPool, answered: &[Answered]) -> Result<Vec<()>, sqlx::Error> {
+    sqlx::query(
+        "WITH a AS (
+            UPDATE advices SET state = CASE WHEN u.rc <> '00' AND kind <> 'reversal' THEN 'failed' ELSE 'done' END,
+                response_code = u.rc, done_at = now(), attempts = attempts + 1
+            FROM unnest($1::int8[], $2::text[]) AS u(advice_id, rc)
+            WHERE id = u.advice_id AND state = 'pending' RETURNING journal_id, kind)
+         UPDATE journal j SET state = 'reversed'
+         FROM a WHERE j.id = a.journal_id AND a.kind = 'reversal' AND j.state = 'unknown'",
+    )
+    .bind(answered.iter().map(|a| a.id).collect::<Vec<_>>())
+    .bind(answered.iter().map(|a| a.rc.as_str()).collect::<Vec<_>>())
+    .execute(pool)
+    .await?;
+    Ok(vec![(); answered.len()])
+}
+
 /// V6: whether `original` is its terminal's last approved transaction of the batch.
 pub async fn is_last_approved(pool: &PgPool, original: &Original) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(

@@ -30,7 +30,9 @@ use sqlx::PgPool;
 use tokio::sync::oneshot;
 use tracing::warn;
 
-use crate::journal::{self, Completion, Disposition, Insert, NewEntry, Row, Write, Wrote};
+use crate::journal::{
+    self, Answered, Completion, Disposition, Insert, NewEntry, Row, Write, Wrote,
+};
 use crate::model::{ResponseCode, State};
 use crate::terminals::{self, Terminal};
 
@@ -41,6 +43,13 @@ type Reply<T> = group_commit::Reply<T, sqlx::Error>;
 struct Job {
     write: Write,
     done: Reply<Wrote>,
+}
+
+/// An advice's answer, waiting for its batch.
+#[derive(Debug)]
+struct Answer {
+    answered: Answered,
+    done: Reply<()>,
 }
 
 /// A terminal lookup, waiting for its batch.
@@ -56,6 +65,7 @@ struct Lookup {
 pub struct Writer {
     pool: PgPool,
     writes: Batcher<Job>,
+    answers: Batcher<Answer>,
     lookups: Batcher<Lookup>,
     terminals: Arc<TerminalCache>,
 }
@@ -94,13 +104,19 @@ impl Writer {
     /// over connections of their own, opened as needed with the options of
     /// `pool`, one per batch in flight.
     pub fn start(pool: PgPool, limits: Limits, terminal_cache: Duration) -> Writer {
-        // Two stages, each with its batches in flight.
-        let batches = batch_pool(&pool, 2 * limits.in_flight);
+        // Three stages, each with its batches in flight.
+        let batches = batch_pool(&pool, 3 * limits.in_flight);
         let p = batches.clone();
         let writes = Batcher::start(
             limits,
             |j: &Job| j.write.key(),
             move |batch| write(p.clone(), batch),
+        );
+        let p = batches.clone();
+        let answers = Batcher::start(
+            limits,
+            |a: &Answer| a.answered.id,
+            move |batch| answer(p.clone(), batch),
         );
         let p = batches;
         let lookups = Batcher::start(
@@ -111,6 +127,7 @@ impl Writer {
         Writer {
             pool,
             writes,
+            answers,
             lookups,
             terminals: Arc::new(TerminalCache {
                 ttl: terminal_cache,
@@ -196,6 +213,23 @@ impl Writer {
         }
     }
 
+    /// [`journal::answer_advices`] for one advice, batched with the answers
+    /// of others.
+    pub async fn advice_answered(&self, id: i64, rc: &str) -> Result<(), sqlx::Error> {
+        let answered = Answered {
+            id,
+            rc: rc.to_string(),
+        };
+        let (done, answer) = oneshot::channel();
+        if let Err(stopped) = self.answers.submit(Answer { answered, done }) {
+            let answered = stopped.0.answered;
+            return journal::answer_advices(&self.pool, &[answered])
+                .await
+                .map(drop);
+        }
+        answer.await.map_err(|_| stopped())?
+    }
+
     /// Hands a write to the next batch; `None` when the batching task has
     /// stopped (the runtime is shutting down) and the caller writes alone.
     async fn submit(&self, write: Write) -> Result<Option<Wrote>, sqlx::Error> {
@@ -220,6 +254,18 @@ async fn write(pool: PgPool, batch: Vec<Job>) {
     .await;
     if let Some(e) = split {
         warn!(error = %e, "a batch of journal writes failed");
+    }
+}
+
+async fn answer(pool: PgPool, batch: Vec<Answer>) {
+    let (answered, dones): (Vec<Answered>, Vec<_>) =
+        batch.into_iter().map(|a| (a.answered, a.done)).unzip();
+    let split = write_all(&pool, answered, dones, ON_ERROR, |pool, answered| {
+        Box::pin(journal::answer_advices(pool, answered))
+    })
+    .await;
+    if let Some(e) = split {
+        warn!(error = %e, "a batch of advice answers failed");
     }
 }
 
