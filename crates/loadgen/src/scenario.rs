@@ -13,13 +13,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use iso8583::Dialect;
+use bytes::Bytes;
+use iso8583::{Dialect, Message};
 use settings::{Problems, Section};
 
 use crate::live::Live;
 use crate::open::{self, Lane};
 use crate::report::{Report, Timeline};
-use crate::terminal::{Original, Reply, Reversed, Terminal};
+use crate::terminal::{Original, Reversed, Terminal};
 
 /// What a terminal may send, with its weight in the mix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,6 +291,60 @@ const ATTEMPTS: usize = 3;
 /// long enough for the request to leave, usually too short for the reply.
 const RESET_AFTER: Duration = Duration::from_millis(1);
 
+/// A reply as a terminal keeps it: the frame and its response code; any
+/// other field is read from the frame when asked. (Most replies are asked
+/// nothing else: a [`crate::Reply`], every field parsed into a map of
+/// strings, costs a dozen allocations a reply.)
+#[derive(Debug, Clone)]
+struct Reply {
+    frame: Bytes,
+    rc: String,
+    dialect: Arc<Dialect>,
+}
+
+impl Reply {
+    /// `None` when the frame does not parse.
+    fn read(dialect: &Arc<Dialect>, frame: Bytes) -> Option<Reply> {
+        let msg = Message::parse(dialect, &frame).ok()?;
+        let rc = msg
+            .field(39)
+            .map(|v| v.to_clear_string())
+            .unwrap_or_default();
+        Some(Reply {
+            frame,
+            rc,
+            dialect: dialect.clone(),
+        })
+    }
+
+    /// F39, or `""` when absent.
+    fn rc(&self) -> &str {
+        &self.rc
+    }
+
+    /// A field's value in clear, or `""` when absent.
+    fn field(&self, n: usize) -> String {
+        Message::parse(&self.dialect, &self.frame)
+            .ok()
+            .and_then(|m| m.field(n))
+            .map(|v| v.to_clear_string())
+            .unwrap_or_default()
+    }
+
+    /// The frame from the MTI on (TPDU and header excluded).
+    fn body(&self) -> &[u8] {
+        &self.frame[self.dialect.tpdu_len() + self.dialect.header_len()..]
+    }
+
+    /// A copy to keep: the frame as read shares the connection's buffer.
+    fn kept(self) -> Reply {
+        Reply {
+            frame: Bytes::copy_from_slice(&self.frame),
+            ..self
+        }
+    }
+}
+
 /// A sale the terminal keeps, to void or refund it later.
 #[derive(Debug, Clone)]
 struct Sale {
@@ -456,9 +511,13 @@ impl Player {
             self.errors += 1;
             return None;
         }
-        match self.terminal.exchange(frame).await {
-            Ok(reply) => Some(reply),
-            Err(_) => {
+        let read = match self.terminal.exchange_frame(frame).await {
+            Ok(frame) => Reply::read(self.terminal.dialect(), frame),
+            Err(_) => None,
+        };
+        match read {
+            Some(reply) => Some(reply),
+            None => {
                 self.errors += 1;
                 self.broken = true;
                 None
@@ -558,12 +617,17 @@ impl Player {
             Op::Void | Op::Refund if !self.sales.is_empty() => {
                 let i = self.dice.below(self.sales.len() as u64) as usize;
                 let sale = self.sales[i].clone();
+                let (rrn, auth_code, date) = (
+                    sale.reply.field(37),
+                    sale.reply.field(38),
+                    sale.reply.field(13),
+                );
                 let original = Original {
                     batch: self.terminal.batch,
                     stan: sale.stan,
-                    rrn: sale.reply.field(37).unwrap_or(""),
-                    auth_code: sale.reply.field(38).unwrap_or(""),
-                    date: sale.reply.field(13).unwrap_or(""),
+                    rrn: &rrn,
+                    auth_code: &auth_code,
+                    date: &date,
                 };
                 let stan = self.terminal.next_stan();
                 if op == Op::Void && sale.refunded == 0 {
@@ -622,12 +686,17 @@ impl Player {
             Op::PreAuthCancel | Op::Completion if !self.holds.is_empty() => {
                 let i = self.dice.below(self.holds.len() as u64) as usize;
                 let hold = self.holds[i].clone();
+                let (rrn, auth_code, date) = (
+                    hold.reply.field(37),
+                    hold.reply.field(38),
+                    hold.reply.field(13),
+                );
                 let original = Original {
                     batch: self.terminal.batch,
                     stan: hold.stan,
-                    rrn: hold.reply.field(37).unwrap_or(""),
-                    auth_code: hold.reply.field(38).unwrap_or(""),
-                    date: hold.reply.field(13).unwrap_or(""),
+                    rrn: &rrn,
+                    auth_code: &auth_code,
+                    date: &date,
                 };
                 let stan = self.terminal.next_stan();
                 // A cancel names the whole hold; a completion the final bill,
@@ -702,7 +771,7 @@ impl Player {
                         stan,
                         pan,
                         amount,
-                        reply,
+                        reply: reply.kept(),
                     });
                 }
                 ("preauth", rc)
@@ -740,7 +809,7 @@ impl Player {
                     self.pending = None;
                 }
                 match (first, again) {
-                    (Some(a), Some(b)) if a.body == b.body => {
+                    (Some(a), Some(b)) if a.body() == b.body() => {
                         if a.rc() == "00" {
                             self.keep(stan, pan, amount, a);
                         }
@@ -804,7 +873,7 @@ impl Player {
             stan,
             pan,
             amount,
-            reply,
+            reply: reply.kept(),
             refunded: 0,
         });
     }
@@ -828,10 +897,7 @@ impl Player {
         let reply = self.exchange_retrying(&frame).await?;
         self.timed
             .push(("settlement", reply.rc().to_string(), started.elapsed()));
-        reply
-            .field(48)
-            .and_then(|f| f.get(30..31))
-            .map(str::to_string)
+        reply.field(48).get(30..31).map(str::to_string)
     }
 }
 
