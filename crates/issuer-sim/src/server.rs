@@ -204,34 +204,53 @@ async fn connection(issuer: Arc<Issuer>, socket: TcpStream, shutdown: Cancellati
     let _ = writer.await;
 }
 
+/// The most a writer gathers into one write: replies queued together go out
+/// in one system call (and wake the switch once), up to this many bytes.
+const WRITE_BATCH: usize = 64 * 1024;
+
 async fn write_replies(
     mut write: OwnedWriteHalf,
     mut rx: mpsc::Receiver<Out>,
     abort: CancellationToken,
 ) {
+    let mut buf = BytesMut::with_capacity(WRITE_BATCH);
     loop {
-        let out = tokio::select! {
+        let first = tokio::select! {
             () = abort.cancelled() => break,
             out = rx.recv() => match out {
                 Some(out) => out,
                 None => break,
             },
         };
-        match out {
-            Out::Reply(frame) => {
-                if let Err(e) = write.write_all(&frame).await {
-                    debug!(error = %e, "write failed; closing the connection");
-                    abort.cancel();
+        // Gather what else is queued already, in order, up to a cut (whose
+        // half ends the connection: nothing queued after it is written).
+        buf.clear();
+        let mut cut = false;
+        let mut next = Some(first);
+        while let Some(out) = next.take() {
+            match out {
+                Out::Reply(frame) => buf.extend_from_slice(&frame),
+                Out::Cut(frame) => {
+                    buf.extend_from_slice(&frame[..frame.len() / 2]);
+                    cut = true;
                     break;
                 }
             }
-            Out::Cut(frame) => {
-                let _ = write.write_all(&frame[..frame.len() / 2]).await;
-                let _ = write.flush().await;
-                info!("fault: reply cut, closing the connection");
-                abort.cancel();
-                break;
+            if buf.len() < WRITE_BATCH {
+                next = rx.try_recv().ok();
             }
+        }
+        if cut {
+            let _ = write.write_all(&buf).await;
+            let _ = write.flush().await;
+            info!("fault: reply cut, closing the connection");
+            abort.cancel();
+            break;
+        }
+        if let Err(e) = write.write_all(&buf).await {
+            debug!(error = %e, "write failed; closing the connection");
+            abort.cancel();
+            break;
         }
     }
     let _ = write.shutdown().await;
@@ -417,6 +436,59 @@ fn format_error_reply(dialect: &Dialect, head: &Salvaged) -> Result<Option<Bytes
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connected pair on the loopback: the writer's half and the reader.
+    async fn pair() -> (OwnedWriteHalf, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap());
+        let (ours, (theirs, _)) = tokio::join!(ours, async { listener.accept().await.unwrap() });
+        let (_, write) = theirs.into_split();
+        (write, ours.unwrap())
+    }
+
+    fn frame(n: u8, len: usize) -> Bytes {
+        let mut f = vec![n; len + 2];
+        f[..2].copy_from_slice(&u16::try_from(len).unwrap().to_be_bytes());
+        Bytes::from(f)
+    }
+
+    #[tokio::test]
+    async fn replies_queued_together_go_out_whole_and_in_order() {
+        use tokio::io::AsyncReadExt;
+        let (write, mut read) = pair().await;
+        let (tx, rx) = mpsc::channel(256);
+        // More than one write's worth, queued before the writer runs.
+        let sent: Vec<Bytes> = (0..200u8)
+            .map(|n| frame(n, 100 + usize::from(n) * 3))
+            .collect();
+        for f in &sent {
+            tx.send(Out::Reply(f.clone())).await.unwrap();
+        }
+        drop(tx);
+        tokio::spawn(write_replies(write, rx, CancellationToken::new()));
+        let mut got = Vec::new();
+        read.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, sent.concat());
+    }
+
+    #[tokio::test]
+    async fn a_cut_queued_behind_replies_ends_the_connection_after_them() {
+        use tokio::io::AsyncReadExt;
+        let (write, mut read) = pair().await;
+        let (tx, rx) = mpsc::channel(8);
+        let (a, b, cut, after) = (frame(1, 40), frame(2, 50), frame(3, 60), frame(4, 70));
+        tx.send(Out::Reply(a.clone())).await.unwrap();
+        tx.send(Out::Reply(b.clone())).await.unwrap();
+        tx.send(Out::Cut(cut.clone())).await.unwrap();
+        tx.send(Out::Reply(after)).await.unwrap();
+        let abort = CancellationToken::new();
+        let writer = tokio::spawn(write_replies(write, rx, abort.clone()));
+        let mut got = Vec::new();
+        read.read_to_end(&mut got).await.unwrap();
+        writer.await.unwrap();
+        assert!(abort.is_cancelled(), "the connection is dropped");
+        assert_eq!(got, [&a[..], &b[..], &cut[..cut.len() / 2]].concat());
+    }
 
     #[test]
     fn f54_carries_the_available_balance() {

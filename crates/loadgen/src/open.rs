@@ -53,35 +53,41 @@ pub async fn run<L: Lane>(
     let interval = Duration::from_secs_f64(1.0 / rate);
     let start = Instant::now();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-    let mut queues = Vec::with_capacity(lanes.len());
-    let mut workers = Vec::with_capacity(lanes.len());
-    for mut lane in lanes {
-        let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Instant)>();
-        let done = done_tx.clone();
-        queues.push(tx);
-        workers.push(tokio::spawn(async move {
-            while let Some((index, due)) = rx.recv().await {
-                let (kind, rc) = lane.send(index).await;
-                let _ = done.send(Sample {
-                    index,
-                    scheduled: due - start,
-                    latency: due.elapsed(),
-                    kind,
-                    rc,
-                });
-            }
-            lane
-        }));
-    }
+    // Each lane keeps its own share of the schedule (requests `k`, `k + n`,
+    // `k + 2n`, ... of `n` lanes) with one timer: the same round robin as one
+    // scheduler handing requests out, without a task hop and a channel per
+    // request. A request whose lane is still busy when it is due starts
+    // when the lane is free; its latency still runs from when it was due.
+    let n = lanes.len() as u64;
+    let workers: Vec<_> = lanes
+        .into_iter()
+        .zip(0..n)
+        .map(|(mut lane, first)| {
+            let done = done_tx.clone();
+            tokio::spawn(async move {
+                let timer = tokio::time::sleep_until(start);
+                tokio::pin!(timer);
+                for index in (first..count).step_by(n as usize) {
+                    let due = start + interval.mul_f64(index as f64);
+                    if Instant::now() < due {
+                        timer.as_mut().reset(due);
+                        (&mut timer).await;
+                    }
+                    let (kind, rc) = lane.send(index).await;
+                    let _ = done.send(Sample {
+                        index,
+                        scheduled: due - start,
+                        latency: due.elapsed(),
+                        kind,
+                        rc,
+                    });
+                }
+                lane
+            })
+        })
+        .collect();
     drop(done_tx);
     let schedule = async move {
-        let n = queues.len() as u64;
-        for index in 0..count {
-            let due = start + interval.mul_f64(index as f64);
-            tokio::time::sleep_until(due).await;
-            let _ = queues[(index % n) as usize].send((index, due));
-        }
-        drop(queues);
         let mut lanes = Vec::with_capacity(workers.len());
         for w in workers {
             lanes.push(w.await.expect("a lane does not panic"));

@@ -133,11 +133,18 @@ pub struct Report {
 impl Report {
     /// Records one answered (or unanswered: `rc` `--`) request.
     pub fn record(&mut self, kind: &str, rc: &str, latency: Duration) {
-        let stats = self
-            .kinds
-            .entry(kind.to_string())
-            .or_insert_with(KindStats::new);
-        *stats.codes.entry(rc.to_string()).or_default() += 1;
+        // Looked up before inserting: the keys are copied once per kind and
+        // code, not once per request.
+        if !self.kinds.contains_key(kind) {
+            self.kinds.insert(kind.to_string(), KindStats::new());
+        }
+        let stats = self.kinds.get_mut(kind).expect("inserted above");
+        match stats.codes.get_mut(rc) {
+            Some(n) => *n += 1,
+            None => {
+                stats.codes.insert(rc.to_string(), 1);
+            }
+        }
         stats
             .latency
             .record(micros(latency))

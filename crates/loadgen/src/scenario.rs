@@ -13,13 +13,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use iso8583::Dialect;
+use bytes::Bytes;
+use iso8583::{Dialect, Message};
 use settings::{Problems, Section};
 
 use crate::live::Live;
 use crate::open::{self, Lane};
 use crate::report::{Report, Timeline};
-use crate::terminal::{Original, Reply, Reversed, Terminal};
+use crate::terminal::{Original, Reversed, Terminal};
 
 /// What a terminal may send, with its weight in the mix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,6 +291,60 @@ const ATTEMPTS: usize = 3;
 /// long enough for the request to leave, usually too short for the reply.
 const RESET_AFTER: Duration = Duration::from_millis(1);
 
+/// A reply as a terminal keeps it: the frame and its response code; any
+/// other field is read from the frame when asked. (Most replies are asked
+/// nothing else: a [`crate::Reply`], every field parsed into a map of
+/// strings, costs a dozen allocations a reply.)
+#[derive(Debug, Clone)]
+struct Reply {
+    frame: Bytes,
+    rc: String,
+    dialect: Arc<Dialect>,
+}
+
+impl Reply {
+    /// `None` when the frame does not parse.
+    fn read(dialect: &Arc<Dialect>, frame: Bytes) -> Option<Reply> {
+        let msg = Message::parse(dialect, &frame).ok()?;
+        let rc = msg
+            .field(39)
+            .map(|v| v.to_clear_string())
+            .unwrap_or_default();
+        Some(Reply {
+            frame,
+            rc,
+            dialect: dialect.clone(),
+        })
+    }
+
+    /// F39, or `""` when absent.
+    fn rc(&self) -> &str {
+        &self.rc
+    }
+
+    /// A field's value in clear, or `""` when absent.
+    fn field(&self, n: usize) -> String {
+        Message::parse(&self.dialect, &self.frame)
+            .ok()
+            .and_then(|m| m.field(n))
+            .map(|v| v.to_clear_string())
+            .unwrap_or_default()
+    }
+
+    /// The frame from the MTI on (TPDU and header excluded).
+    fn body(&self) -> &[u8] {
+        &self.frame[self.dialect.tpdu_len() + self.dialect.header_len()..]
+    }
+
+    /// A copy to keep: the frame as read shares the connection's buffer.
+    fn kept(self) -> Reply {
+        Reply {
+            frame: Bytes::copy_from_slice(&self.frame),
+            ..self
+        }
+    }
+}
+
 /// A sale the terminal keeps, to void or refund it later.
 #[derive(Debug, Clone)]
 struct Sale {
@@ -347,8 +402,11 @@ pub struct Player {
     holds: Vec<Hold>,
     pending: Option<Pending>,
     totals: Totals,
-    /// What it saw.
-    pub report: Report,
+    /// What it timed itself (its 0400s and its settlement): kind, response
+    /// code, latency. Kept as a list and recorded into the run's report at
+    /// the end: a report of its own per terminal would be a histogram of
+    /// 160 KiB per kind per terminal.
+    timed: Vec<(&'static str, String, Duration)>,
     /// Connection failures: requests that got no reply because the
     /// connection failed, or could not be sent (resets on purpose excluded).
     pub errors: u64,
@@ -396,7 +454,7 @@ impl Player {
             holds: Vec::new(),
             pending: None,
             totals: Totals::default(),
-            report: Report::default(),
+            timed: Vec::new(),
             errors: 0,
             resets: 0,
             reconnects: 0,
@@ -453,9 +511,13 @@ impl Player {
             self.errors += 1;
             return None;
         }
-        match self.terminal.exchange(frame).await {
-            Ok(reply) => Some(reply),
-            Err(_) => {
+        let read = match self.terminal.exchange_frame(frame).await {
+            Ok(frame) => Reply::read(self.terminal.dialect(), frame),
+            Err(_) => None,
+        };
+        match read {
+            Some(reply) => Some(reply),
+            None => {
                 self.errors += 1;
                 self.broken = true;
                 None
@@ -533,11 +595,11 @@ impl Player {
         };
         let started = std::time::Instant::now();
         let answered = self.exchange_retrying(&frame).await.is_some();
-        self.report.record(
+        self.timed.push((
             "reversal",
-            if answered { "00" } else { "--" },
+            if answered { "00" } else { "--" }.to_string(),
             started.elapsed(),
-        );
+        ));
         if !answered {
             self.pending = Some(p);
         }
@@ -555,12 +617,17 @@ impl Player {
             Op::Void | Op::Refund if !self.sales.is_empty() => {
                 let i = self.dice.below(self.sales.len() as u64) as usize;
                 let sale = self.sales[i].clone();
+                let (rrn, auth_code, date) = (
+                    sale.reply.field(37),
+                    sale.reply.field(38),
+                    sale.reply.field(13),
+                );
                 let original = Original {
                     batch: self.terminal.batch,
                     stan: sale.stan,
-                    rrn: sale.reply.field(37).unwrap_or(""),
-                    auth_code: sale.reply.field(38).unwrap_or(""),
-                    date: sale.reply.field(13).unwrap_or(""),
+                    rrn: &rrn,
+                    auth_code: &auth_code,
+                    date: &date,
                 };
                 let stan = self.terminal.next_stan();
                 if op == Op::Void && sale.refunded == 0 {
@@ -619,12 +686,17 @@ impl Player {
             Op::PreAuthCancel | Op::Completion if !self.holds.is_empty() => {
                 let i = self.dice.below(self.holds.len() as u64) as usize;
                 let hold = self.holds[i].clone();
+                let (rrn, auth_code, date) = (
+                    hold.reply.field(37),
+                    hold.reply.field(38),
+                    hold.reply.field(13),
+                );
                 let original = Original {
                     batch: self.terminal.batch,
                     stan: hold.stan,
-                    rrn: hold.reply.field(37).unwrap_or(""),
-                    auth_code: hold.reply.field(38).unwrap_or(""),
-                    date: hold.reply.field(13).unwrap_or(""),
+                    rrn: &rrn,
+                    auth_code: &auth_code,
+                    date: &date,
                 };
                 let stan = self.terminal.next_stan();
                 // A cancel names the whole hold; a completion the final bill,
@@ -699,7 +771,7 @@ impl Player {
                         stan,
                         pan,
                         amount,
-                        reply,
+                        reply: reply.kept(),
                     });
                 }
                 ("preauth", rc)
@@ -737,7 +809,7 @@ impl Player {
                     self.pending = None;
                 }
                 match (first, again) {
-                    (Some(a), Some(b)) if a.body == b.body => {
+                    (Some(a), Some(b)) if a.body() == b.body() => {
                         if a.rc() == "00" {
                             self.keep(stan, pan, amount, a);
                         }
@@ -801,7 +873,7 @@ impl Player {
             stan,
             pan,
             amount,
-            reply,
+            reply: reply.kept(),
             refunded: 0,
         });
     }
@@ -823,12 +895,9 @@ impl Player {
         let frame = self.terminal.settlement(stan, &totals).ok()?;
         let started = std::time::Instant::now();
         let reply = self.exchange_retrying(&frame).await?;
-        self.report
-            .record("settlement", reply.rc(), started.elapsed());
-        reply
-            .field(48)
-            .and_then(|f| f.get(30..31))
-            .map(str::to_string)
+        self.timed
+            .push(("settlement", reply.rc().to_string(), started.elapsed()));
+        reply.field(48).get(30..31).map(str::to_string)
     }
 }
 
@@ -931,7 +1000,9 @@ pub async fn run(target: &str, scenario: Scenario) -> Result<Run, String> {
         }
     }
     for p in &players {
-        report.merge(&p.report);
+        for (kind, rc, latency) in &p.timed {
+            report.record(kind, rc, *latency);
+        }
     }
     let errors = players.iter().map(|p| p.errors).sum();
     Ok(Run {

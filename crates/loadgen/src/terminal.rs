@@ -214,9 +214,16 @@ impl Terminal {
 
     /// Reads the next reply.
     pub async fn recv(&mut self) -> Result<Reply, TerminalError> {
+        let frame = self.recv_frame().await?;
+        Reply::parse(&self.dialect, &frame)
+    }
+
+    /// Reads the next reply frame (length prefix excluded) as it came,
+    /// keep-alives skipped; nothing is parsed.
+    pub async fn recv_frame(&mut self) -> Result<Bytes, TerminalError> {
         loop {
             match self.framed.next().await {
-                Some(Ok(Frame::Message(bytes))) => return Reply::parse(&self.dialect, &bytes),
+                Some(Ok(Frame::Message(bytes))) => return Ok(bytes),
                 Some(Ok(Frame::KeepAlive)) => {}
                 Some(Err(e)) => return Err(TerminalError::Bad(e.to_string())),
                 None => return Err(TerminalError::Closed),
@@ -228,6 +235,17 @@ impl Terminal {
     pub async fn exchange(&mut self, frame: &[u8]) -> Result<Reply, TerminalError> {
         self.send_raw(frame).await?;
         self.recv().await
+    }
+
+    /// Sends a frame and reads the reply frame, unparsed.
+    pub async fn exchange_frame(&mut self, frame: &[u8]) -> Result<Bytes, TerminalError> {
+        self.send_raw(frame).await?;
+        self.recv_frame().await
+    }
+
+    /// Its dialect.
+    pub fn dialect(&self) -> &Arc<Dialect> {
+        &self.dialect
     }
 
     /// Sends a keep-alive (a zero length).
@@ -276,7 +294,9 @@ impl Terminal {
     ) -> Result<BytesMut, TerminalError> {
         let track = card.map(|(pan, expiry)| format!("{pan}D{expiry}1011234"));
         let f60 = self.f60(type_code);
-        let mut fields: Vec<(usize, Field<'_>)> = vec![
+        // Room for every field a request may carry: one allocation.
+        let mut fields: Vec<(usize, Field<'_>)> = Vec::with_capacity(16 + extra.len());
+        fields.extend([
             (3, Field::Digits(processing_code)),
             (11, Field::Number(stan.into())),
             (
@@ -286,7 +306,7 @@ impl Terminal {
             (25, Field::Digits(condition)),
             (49, Field::Text("156")),
             (60, Field::Digits(&f60)),
-        ];
+        ]);
         if let (Some((pan, expiry)), Some(track)) = (card, track.as_deref()) {
             fields.extend([
                 (2, Field::Digits(pan)),

@@ -97,6 +97,12 @@ async fn session(
     let mut buf = BytesMut::with_capacity(4096);
     let mut last_frame = Instant::now();
     let mut partial_since: Option<Instant> = None;
+    // One timer for the idle and frame timeouts: set earlier when a deadline
+    // comes nearer, and moved on only when it fires early. A new sleep per
+    // read would be registered and cancelled with the timer wheel every time.
+    let mut timer_at = last_frame + limits.idle_timeout;
+    let timer = tokio::time::sleep_until(timer_at);
+    tokio::pin!(timer);
     'read: loop {
         // Hand out every whole frame in the buffer.
         loop {
@@ -138,13 +144,23 @@ async fn session(
             Some(since) => since + limits.frame_timeout,
             None => last_frame + limits.idle_timeout,
         };
+        if deadline < timer_at {
+            timer_at = deadline;
+            timer.as_mut().reset(deadline);
+        }
         buf.reserve(1024);
         tokio::select! {
             n = read.read_buf(&mut buf) => match n {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
             },
-            () = tokio::time::sleep_until(deadline) => {
+            () = &mut timer => {
+                if Instant::now() < deadline {
+                    // Set for an earlier deadline that has moved on.
+                    timer_at = deadline;
+                    timer.as_mut().reset(deadline);
+                    continue;
+                }
                 if partial_since.is_some() {
                     warn!(%peer, "frame timeout: closing the connection");
                 } else {

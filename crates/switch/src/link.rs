@@ -323,8 +323,12 @@ impl ConnectionTask {
         let mut last_heard = tokio::time::Instant::now();
         let mut echo: Option<(MatchKey, tokio::time::Instant)> = None;
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        // One timer for the echo test, moved on only when it fires: a new one
+        // per reply would be registered and cancelled with the runtime's
+        // timer wheel for every frame read.
+        let echo_timer = tokio::time::sleep(self.echo_interval);
+        tokio::pin!(echo_timer);
         loop {
-            let echo_due = last_heard + self.echo_interval;
             tokio::select! {
                 n = rx.recv_many(&mut batch, 64) => {
                     if n == 0 {
@@ -363,7 +367,13 @@ impl ConnectionTask {
                         Some(Err(_)) | None => return,
                     }
                 }
-                () = tokio::time::sleep_until(echo_due), if echo.is_none() => {
+                () = &mut echo_timer, if echo.is_none() => {
+                    let echo_due = last_heard + self.echo_interval;
+                    if tokio::time::Instant::now() < echo_due {
+                        // Heard from the issuer since it was set.
+                        echo_timer.as_mut().reset(echo_due);
+                        continue;
+                    }
                     let (frame, key) = self.network_message(301);
                     if write.write_all(&frame).await.is_err() {
                         return;
@@ -380,5 +390,146 @@ impl ConnectionTask {
                 () = shutdown.cancelled() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+    use tokio_util::codec::Decoder;
+
+    /// An issuer that answers every message it reads with its MTI's reply
+    /// (F7, F11, F39 `00`), the replies of one read in reverse order, and
+    /// reports what it read.
+    async fn issuer(listener: TcpListener, seen: mpsc::UnboundedSender<(Mti, u32, u16)>) {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let dialect = Dialect::iso87();
+        let mut codec = FrameCodec::new(&dialect, 65_535);
+        let mut buf = BytesMut::new();
+        loop {
+            if stream.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let mut replies = Vec::new();
+            while let Some(frame) = codec.decode(&mut buf).expect("whole frames") {
+                let Frame::Message(body) = frame else {
+                    continue;
+                };
+                let msg = Message::parse(&dialect, &body).expect("an intact frame");
+                let stan = msg.digits(11).unwrap().to_u64().unwrap() as u32;
+                let code = msg.digits(70).and_then(|d| d.to_u64()).unwrap_or(0) as u16;
+                seen.send((msg.mti(), stan, code)).unwrap();
+                let mut out = BytesMut::new();
+                let mut w = MessageWriter::reply(&dialect, &mut out, &msg);
+                w.copy(7, &msg).unwrap();
+                w.copy(11, &msg).unwrap();
+                w.text(39, "00").unwrap();
+                w.finish().unwrap();
+                replies.push(out);
+            }
+            for out in replies.iter().rev() {
+                stream.write_all(out).await.unwrap();
+            }
+        }
+    }
+
+    fn financial(dialect: &Dialect, stan: u32) -> (Bytes, MatchKey) {
+        let mut buf = BytesMut::new();
+        let mut w = MessageWriter::new(dialect, &mut buf, Mti::FINANCIAL, &[], &[]).unwrap();
+        w.digits(7, "1203120000").unwrap();
+        w.number(11, u64::from(stan)).unwrap();
+        w.finish().unwrap();
+        let frame = buf.freeze();
+        let key = MatchKey::of(&Message::parse(dialect, &frame[2..]).unwrap()).unwrap();
+        (frame, key)
+    }
+
+    async fn start(
+        echo_interval: Duration,
+    ) -> (Arc<Link>, mpsc::UnboundedReceiver<(Mti, u32, u16)>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(issuer(listener, tx));
+        let config = config::Issuer {
+            name: "test".into(),
+            bins: vec!["622202".into()],
+            address,
+            connections: 1,
+            echo_interval,
+            connect_timeout: Duration::from_secs(5),
+            reconnect_max: Duration::from_secs(1),
+        };
+        let identity = Identity {
+            institution_id: "48560000".into(),
+            forwarding_id: "48561000".into(),
+        };
+        let link = Link::start(
+            &config,
+            Arc::new(Dialect::iso87()),
+            identity,
+            CancellationToken::new(),
+        );
+        assert!(link.wait_up(Duration::from_secs(5)).await);
+        (link, rx)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_queued_together_arrive_whole_and_each_reply_finds_its_request() {
+        let (link, mut seen) = start(Duration::from_secs(60)).await;
+        assert_eq!(seen.recv().await.unwrap().2, 1, "signed on");
+        let dialect = Dialect::iso87();
+        // Queued faster than one write each: they leave in batches.
+        let exchanges: Vec<_> = (1..=500u32)
+            .map(|stan| {
+                let (frame, key) = financial(&dialect, stan);
+                let link = link.clone();
+                tokio::spawn(
+                    async move { link.exchange(frame, key, Duration::from_secs(10)).await },
+                )
+            })
+            .collect();
+        for (stan, exchange) in (1..=500u32).zip(exchanges) {
+            let reply = exchange.await.unwrap().expect("a reply");
+            let msg = Message::parse(&dialect, &reply).unwrap();
+            assert_eq!(msg.digits(11).unwrap().to_u64(), Some(u64::from(stan)));
+        }
+        let mut stans = Vec::new();
+        while let Ok((mti, stan, _)) = seen.try_recv() {
+            assert_eq!(mti, Mti::FINANCIAL);
+            stans.push(stan);
+        }
+        stans.sort_unstable();
+        assert_eq!(stans, (1..=500).collect::<Vec<_>>(), "each exactly once");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_echo_test_goes_out_when_idle_and_not_while_replies_come() {
+        let (link, mut seen) = start(Duration::from_millis(300)).await;
+        assert_eq!(seen.recv().await.unwrap().2, 1, "signed on");
+        let dialect = Dialect::iso87();
+        // Busy for twice the interval: a reply at least every 50 ms.
+        let busy_until = tokio::time::Instant::now() + Duration::from_millis(600);
+        let mut stan = 0;
+        while tokio::time::Instant::now() < busy_until {
+            stan += 1;
+            let (frame, key) = financial(&dialect, stan);
+            link.exchange(frame, key, Duration::from_secs(5))
+                .await
+                .expect("a reply");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        while let Ok((mti, _, _)) = seen.try_recv() {
+            assert_eq!(mti, Mti::FINANCIAL, "no echo test while busy");
+        }
+        // Then idle: the echo test comes about an interval after the last reply.
+        let (mti, _, code) = tokio::time::timeout(Duration::from_secs(5), seen.recv())
+            .await
+            .expect("an echo test in time")
+            .unwrap();
+        assert_eq!((mti, code), (Mti::NETWORK, 301));
+        assert!(link.is_up());
     }
 }

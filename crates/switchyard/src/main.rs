@@ -119,11 +119,16 @@ impl std::io::Write for ClearingLine {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
+fn runtime(command: &Command) -> tokio::runtime::Runtime {
+    let mut builder = match command {
+        // The load generator shares the machine with the switch it
+        // measures: on one thread, a reply that wakes a terminal's task
+        // costs no thread wake-up (futex, context switch) on the way, and
+        // it never takes more than one core from the switch.
+        Command::Load(_) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder.enable_all().build().expect("a tokio runtime")
 }
 
 fn main() -> ExitCode {
@@ -136,7 +141,7 @@ fn main() -> ExitCode {
         } => cli::admin::check(&a),
         command => {
             init_logging();
-            runtime().block_on(async move {
+            runtime(&command).block_on(async move {
                 match command {
                     Command::Serve(a) => cli::serve::serve(&a).await,
                     Command::Issuer(a) => cli::issuer::run(&a).await,

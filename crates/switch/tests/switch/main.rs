@@ -819,3 +819,57 @@ async fn rows_and_outcomes_of_one_batch_each_get_their_own_answer() {
             .unwrap();
     assert_eq!(states, ["approved", "declined", "sent"]);
 }
+
+#[tokio::test]
+async fn idle_and_half_sent_connections_are_closed_busy_ones_are_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = world_with(|c| {
+        c.limits.idle_timeout = Duration::from_millis(600);
+        c.limits.frame_timeout = Duration::from_millis(200);
+    })
+    .await;
+    /// How long until the switch closes `s` (reading and dropping anything).
+    async fn closed_after(s: &mut tokio::net::TcpStream) -> Duration {
+        let started = tokio::time::Instant::now();
+        let mut buf = [0u8; 512];
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+                .await
+                .expect("closed in time")
+                .unwrap_or(0);
+            if n == 0 {
+                return started.elapsed();
+            }
+        }
+    }
+    // Idle: closed after the idle timeout.
+    let mut idle = tokio::net::TcpStream::connect(&w.switch_addr)
+        .await
+        .unwrap();
+    // Half a frame: closed after the frame timeout, well before the idle one.
+    let mut half = tokio::net::TcpStream::connect(&w.switch_addr)
+        .await
+        .unwrap();
+    half.write_all(&[0x00, 0x40, 0x60, 0x00]).await.unwrap();
+    // Busy: a keep-alive every 150 ms for twice the idle timeout, then a
+    // sign-on that is answered.
+    let mut busy = w.signed_on("T0000001").await;
+    let keep_busy = async {
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            busy.keep_alive().await.unwrap();
+        }
+        busy.sign_on().await.unwrap()
+    };
+    let (idle_after, half_after, reply) =
+        tokio::join!(closed_after(&mut idle), closed_after(&mut half), keep_busy);
+    assert!(
+        idle_after >= Duration::from_millis(550) && idle_after < Duration::from_secs(3),
+        "idle closed after {idle_after:?}"
+    );
+    assert!(
+        half_after >= Duration::from_millis(150) && half_after < Duration::from_millis(550),
+        "half a frame closed after {half_after:?}"
+    );
+    assert_eq!(reply.rc(), "00", "a busy connection stays open");
+}
