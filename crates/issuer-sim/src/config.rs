@@ -60,6 +60,8 @@ pub struct Limits {
     pub max_batch: usize,
     /// Group commit: batches at the database at once.
     pub batches_in_flight: usize,
+    /// Group commit: how long a batch waits after its first message for more.
+    pub batch_delay: std::time::Duration,
 }
 
 /// Whether a card may be used, and the decline when it may not.
@@ -305,6 +307,7 @@ fn read(root: &Section<'_, '_>) -> IssuerConfig {
         max_in_flight: l.int("max_in_flight", 256, 1..=100_000) as usize,
         max_batch: l.int("max_batch", 256, 1..=10_000) as usize,
         batches_in_flight: l.int("batches_in_flight", 1, 1..=64) as usize,
+        batch_delay: l.duration("batch_delay", std::time::Duration::from_millis(1)),
     };
     drop(l);
 

@@ -363,6 +363,7 @@ async fn answer(issuer: &Issuer, msg: &Message<'_>) -> Result<Option<BytesMut>, 
                     group_commit::Limits {
                         max_batch: issuer.config.limits.max_batch,
                         in_flight: issuer.config.limits.batches_in_flight,
+                        delay: issuer.config.limits.batch_delay,
                     },
                     &issuer.pool,
                     &issuer.key,

@@ -68,6 +68,8 @@ pub struct Database {
     pub max_batch: usize,
     /// Group commit: batches of one kind at the database at once.
     pub batches_in_flight: usize,
+    /// Group commit: how long a batch waits after its first write for more.
+    pub batch_delay: Duration,
     /// How long a terminal read from the database answers requests before
     /// it is read again (zero: every request reads it).
     pub terminal_cache: Duration,
@@ -224,6 +226,7 @@ impl Config {
             embedded_data_dir: db.path("embedded_data_dir"),
             max_batch: db.int("max_batch", 256, 1..=10_000) as usize,
             batches_in_flight: db.int("batches_in_flight", 1, 1..=64) as usize,
+            batch_delay: db.duration("batch_delay", Duration::from_millis(1)),
             terminal_cache: db.duration("terminal_cache", Duration::from_secs(10)),
         };
 

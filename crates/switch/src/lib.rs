@@ -115,6 +115,7 @@ pub async fn start(
         group_commit::Limits {
             max_batch: config.database.max_batch,
             in_flight: config.database.batches_in_flight,
+            delay: config.database.batch_delay,
         },
         config.database.terminal_cache,
     );
