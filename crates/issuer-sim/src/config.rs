@@ -307,7 +307,7 @@ fn read(root: &Section<'_, '_>) -> IssuerConfig {
         max_in_flight: l.int("max_in_flight", 256, 1..=100_000) as usize,
         max_batch: l.int("max_batch", 256, 1..=10_000) as usize,
         batches_in_flight: l.int("batches_in_flight", 1, 1..=64) as usize,
-        batch_delay: l.duration("batch_delay", std::time::Duration::from_millis(1)),
+        batch_delay: l.duration("batch_delay", std::time::Duration::ZERO),
     };
     drop(l);
 

@@ -226,7 +226,7 @@ impl Config {
             embedded_data_dir: db.path("embedded_data_dir"),
             max_batch: db.int("max_batch", 256, 1..=10_000) as usize,
             batches_in_flight: db.int("batches_in_flight", 1, 1..=64) as usize,
-            batch_delay: db.duration("batch_delay", Duration::from_millis(1)),
+            batch_delay: db.duration("batch_delay", Duration::ZERO),
             terminal_cache: db.duration("terminal_cache", Duration::from_secs(10)),
         };
 
