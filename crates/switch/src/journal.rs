@@ -458,20 +458,14 @@ pub async fn write_many(pool: &PgPool, writes: &[Write]) -> Result<Vec<Wrote>, s
         mti_class: Option<i16>,
         state: Option<String>,
     }
-    let rows: Vec<&Row> = writes
-        .iter()
-        .filter_map(|w| match w {
-            Write::Request(r) => Some(r.as_ref()),
-            Write::Outcome(_) => None,
-        })
-        .collect();
-    let outcomes: Vec<&Completion> = writes
-        .iter()
-        .filter_map(|w| match w {
-            Write::Outcome(c) => Some(c),
-            Write::Request(_) => None,
-        })
-        .collect();
+    let mut rows: Vec<&Row> = Vec::new();
+    let mut outcomes: Vec<&Completion> = Vec::new();
+    for w in writes {
+        match w {
+            Write::Request(r) => rows.push(r),
+            Write::Outcome(c) => outcomes.push(c),
+        }
+    }
     let sql = match (rows.is_empty(), outcomes.is_empty()) {
         (true, true) => return Ok(Vec::new()),
         (false, true) => &WRITE_SQL[0],

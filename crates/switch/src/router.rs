@@ -190,10 +190,6 @@ impl Switch {
     /// Returns a response code when the switch answers without more ado;
     /// otherwise it has written the reply itself.
     async fn dispatch(&self, req: &Request<'_>, out: &mut BytesMut) -> Option<ResponseCode> {
-        let terminal = match self.terminal(req, false).await {
-            Ok(t) => t,
-            Err(rc) => return Some(rc),
-        };
         let mti = req.msg.mti().value();
         let text = |n| {
             req.msg
@@ -201,19 +197,20 @@ impl Switch {
                 .map(|d| d.iter().map(char::from).collect::<String>())
                 .unwrap_or_default()
         };
-        let Some(kind) = Kind::classify(mti, &text(3), &text(25), req.f60_part(8, 11)) else {
-            return Some(ResponseCode::INVALID_TRANSACTION);
+        let kind = Kind::classify(mti, &text(3), &text(25), req.f60_part(8, 11));
+        // These decide by the open batch themselves (S1): the terminal as the
+        // database has it now, not as read a moment ago.
+        let fresh = matches!(
+            kind,
+            Some(Kind::Settlement | Kind::BatchUpload | Kind::BatchUploadEnd | Kind::Reversal)
+        );
+        // K1 before the message's own sense (12).
+        let terminal = match self.terminal(req, fresh).await {
+            Ok(t) => t,
+            Err(rc) => return Some(rc),
         };
-        let terminal = match kind {
-            // These decide by the open batch themselves (S1): the terminal as
-            // the database has it now, not as read a moment ago.
-            Kind::Settlement | Kind::BatchUpload | Kind::BatchUploadEnd | Kind::Reversal => {
-                match self.terminal(req, true).await {
-                    Ok(t) => t,
-                    Err(rc) => return Some(rc),
-                }
-            }
-            _ => terminal,
+        let Some(kind) = kind else {
+            return Some(ResponseCode::INVALID_TRANSACTION);
         };
         match kind {
             Kind::SignOn => match terminals::sign_on(&self.pool, req.terminal_id).await {
