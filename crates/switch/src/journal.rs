@@ -378,9 +378,7 @@ fn requests_cte() -> String {
             CASE WHEN r.state = 'sent' THEN now() END, CASE WHEN r.state <> 'sent' THEN now() END,
             r.original_id, r.rule, r.operator, r.reversal_reason, r.original_ref,
             -- R3, as in `insert`.
-            r.mti / 100 <> 4 AND EXISTS (SELECT 1 FROM journal x WHERE x.merchant_id = r.merchant_id
-                AND x.terminal_id = r.terminal_id AND x.batch = r.batch AND x.stan = r.stan
-                AND x.mti_class = 4 AND x.state IN ('received', 'approved'))
+            r3.reversed IS NOT NULL
          FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::int2[], $6::text[], $7::text[],
                      $8::text[], $9::int8[], $10::bytea[], $11::text[], $12::bytea[], $13::text[],
                      $14::text[], $15::text[], $16::text[], $17::date[], $18::int8[], $19::text[],
@@ -388,6 +386,15 @@ fn requests_cte() -> String {
               AS r(terminal_id, merchant_id, batch, stan, mti, processing_code, pos_condition, kind,
                    amount, pan_hash, pan_masked, digest, state, rc, issuer, f7, business_date,
                    original_id, rule, operator, reversal_reason, original_ref, open_batch)
+         -- A probe of `journal_reversals` per row. Written as `EXISTS`, the
+         -- planner hashes every reversal in the journal once per batch
+         -- instead, which grows with the journal: 1,260 rows a batch after
+         -- 20 s at 3,000/s.
+         LEFT JOIN LATERAL (SELECT true AS reversed FROM journal x
+                WHERE r.mti / 100 <> 4 AND x.terminal_id = r.terminal_id AND x.batch = r.batch
+                AND x.stan = r.stan AND x.mti_class = 4 AND x.merchant_id = r.merchant_id
+                AND x.state IN ('received', 'approved')
+                LIMIT 1) r3 ON true
          WHERE {}
          ON CONFLICT ON CONSTRAINT journal_request_key DO NOTHING
          RETURNING id, rrn, link_stan, merchant_id, terminal_id, batch, stan, mti_class)",
