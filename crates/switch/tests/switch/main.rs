@@ -738,18 +738,16 @@ async fn no_clear_pan_in_the_database_of_either_side() {
     }
 }
 
-#[tokio::test]
-async fn rows_and_outcomes_of_one_batch_each_get_their_own_answer() {
-    use switch::journal::{self, Completion, Disposition, NewEntry, Row, Write, Wrote};
-    use switch::model::{Kind, ResponseCode, State};
-    let w = world().await;
-    let entry = |stan: i32| NewEntry {
+/// A purchase of 100 fen on `T0000001`, batch 1, for the journal's own
+/// functions.
+fn purchase(stan: i32) -> switch::journal::NewEntry<'static> {
+    switch::journal::NewEntry {
         terminal_id: "T0000001",
         merchant_id: MERCHANT,
         batch: 1,
         stan,
         mti: 200,
-        kind: Kind::Purchase,
+        kind: switch::model::Kind::Purchase,
         processing_code: "000000",
         pos_condition: "00",
         amount: 100,
@@ -764,12 +762,78 @@ async fn rows_and_outcomes_of_one_batch_each_get_their_own_answer() {
         original_ref: None,
         claim: None,
         open_batch: true,
+    }
+}
+
+const FORWARD: switch::journal::Disposition<'static> = switch::journal::Disposition::Forward {
+    issuer: "sim",
+    f7: "1203120000",
+};
+
+#[tokio::test]
+async fn the_cost_of_a_journal_batch_does_not_grow_with_the_journal() {
+    use switch::journal::{self, Row, Write, Wrote};
+    let w = world().await;
+    // The journal writer's connection settings, and every plan sent back
+    // as a notice with the rows each node read.
+    let explained = (*group_commit::postgres::batch_pool(&w.pool, 1).connect_options())
+        .clone()
+        .options([
+            ("session_preload_libraries", "auto_explain"),
+            ("auto_explain.log_min_duration", "0"),
+            ("auto_explain.log_analyze", "on"),
+            ("auto_explain.log_level", "notice"),
+        ]);
+    let one = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(explained)
+        .await
+        .unwrap();
+    let batch = |stans: std::ops::RangeInclusive<i32>| -> Vec<Write> {
+        stans
+            .map(|stan| Write::Request(Box::new(Row::of(&purchase(stan), FORWARD).unwrap())))
+            .collect()
     };
-    let forward = Disposition::Forward {
-        issuer: "sim",
-        f7: "1203120000",
-    };
-    let row = |stan| Write::Request(Box::new(Row::of(&entry(stan), forward).unwrap()));
+    // The writer plans its statement once, while the journal is small...
+    let answers = journal::write_many(&one, &batch(1..=20)).await.unwrap();
+    assert!(answers.iter().all(|a| matches!(a, Wrote::Request(Some(_)))));
+    // ...and keeps the plan as reversals pile up, none of the new requests.
+    sqlx::query(
+        "INSERT INTO journal (terminal_id, merchant_id, batch, stan, mti, mti_class, processing_code,
+             kind, request_digest, state, business_date)
+         SELECT 'T0000002', $1, 1, g, 400, 4, '000000', 'reversal', '\\x00', 'approved', current_date
+         FROM generate_series(1, 2000) g",
+    )
+    .bind(MERCHANT)
+    .execute(&w.pool)
+    .await
+    .unwrap();
+    let seen = LOGS.lock().unwrap().len();
+    let answers = journal::write_many(&one, &batch(21..=40)).await.unwrap();
+    assert!(answers.iter().all(|a| matches!(a, Wrote::Request(Some(_)))));
+    // R3 looks for a reversal of each new request: a probe per row, which
+    // finds none. Not a pass over the 2,000 reversals.
+    let logs = String::from_utf8_lossy(&LOGS.lock().unwrap()[seen..]).into_owned();
+    let probes: Vec<(u64, u64)> = logs
+        .lines()
+        .filter(|l| l.contains(" on journal x "))
+        .filter_map(|l| {
+            let (_, counts) = l.rsplit_once(" rows=")?;
+            let (rows, loops) = counts.trim_end_matches(')').split_once(" loops=")?;
+            Some((rows.parse().ok()?, loops.parse().ok()?))
+        })
+        .collect();
+    assert!(!probes.is_empty(), "the batch's plan was sent back");
+    let read: u64 = probes.iter().map(|(rows, loops)| rows * loops).sum();
+    assert!(read < 20, "{read} reversals read to write 20 rows");
+}
+
+#[tokio::test]
+async fn rows_and_outcomes_of_one_batch_each_get_their_own_answer() {
+    use switch::journal::{self, Completion, Row, Write, Wrote};
+    use switch::model::{ResponseCode, State};
+    let w = world().await;
+    let row = |stan| Write::Request(Box::new(Row::of(&purchase(stan), FORWARD).unwrap()));
     let outcome = |id: i64, state: State| {
         Write::Outcome(Completion {
             id,
@@ -791,7 +855,7 @@ async fn rows_and_outcomes_of_one_batch_each_get_their_own_answer() {
         .collect();
     // One statement: two outcomes (one of a row no longer sent), a new
     // row, a row whose key is taken and one for a closed batch.
-    let mut closed = Row::of(&entry(4), forward).unwrap();
+    let mut closed = Row::of(&purchase(4), FORWARD).unwrap();
     closed.batch = 2;
     let mixed = [
         outcome(ids[0], State::Approved),
