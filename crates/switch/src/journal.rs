@@ -1019,6 +1019,15 @@ pub async fn apply_advice(
         .await
 }
 
+/// The state of an entry as it is now: a read of its own, after a claim
+/// was lost, so that it sees what the winner committed.
+pub async fn state_of(pool: &PgPool, id: i64) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT state FROM journal WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
 /// An advice the issuer answered, for [`answer_advices`].
 #[derive(Debug, Clone)]
 pub struct Answered {

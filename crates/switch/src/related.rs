@@ -426,28 +426,33 @@ impl Switch {
         }
         entry.original_id = Some(o.id);
         entry.rule = Some("F1-F6");
-        // A concurrent refund or void may get there first: F3, 61.
+        // A concurrent refund may take what is left (F3, 61), or a void or
+        // reversal the whole original (F2, 12).
         self.advise(
             req,
             &entry,
             &o,
             journal::AdviceKind::Refund,
-            ("F3", ResponseCode::OVER_LIMIT),
+            |now| match now {
+                "approved" | "partially_refunded" | "refunded" => ("F3", ResponseCode::OVER_LIMIT),
+                _ => ("F2", ResponseCode::INVALID_TRANSACTION),
+            },
             out,
         )
         .await
     }
 
     /// F6 / P3: journals an advice the switch answers itself, applies it to
-    /// its original and queues it for the issuer; `lost` is the rule and code
-    /// when the original was claimed by someone else in the meantime.
+    /// its original and queues it for the issuer; `lost` gives the rule and
+    /// code, from the original's state as it is now, when the original was
+    /// claimed by someone else in the meantime.
     async fn advise(
         &self,
         req: &Request<'_>,
         entry: &NewEntry<'_>,
         original: &Original,
         kind: journal::AdviceKind,
-        lost: (&str, ResponseCode),
+        lost: fn(&str) -> (&'static str, ResponseCode),
         out: &mut BytesMut,
     ) -> Option<ResponseCode> {
         let written = match self.journal(req, entry, Disposition::Hold, out).await {
@@ -472,7 +477,14 @@ impl Switch {
                 None
             }
             Ok(false) => {
-                self.decided(req, written.id, &written.rrn, lost.0, lost.1, out)
+                let (rule, code) = match journal::state_of(&self.pool, original.id).await {
+                    Ok(now) => lost(now.as_deref().unwrap_or("")),
+                    Err(e) => {
+                        warn!(error = %e, "journal read failed");
+                        return Some(ResponseCode::SYSTEM_ERROR);
+                    }
+                };
+                self.decided(req, written.id, &written.rrn, rule, code, out)
                     .await
             }
             Err(e) => {
@@ -583,7 +595,7 @@ impl Switch {
             &entry,
             &o,
             journal::AdviceKind::Completion,
-            ("P3", ResponseCode::INVALID_TRANSACTION),
+            |_| ("P3", ResponseCode::INVALID_TRANSACTION),
             out,
         )
         .await

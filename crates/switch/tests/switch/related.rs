@@ -1017,3 +1017,52 @@ async fn a_refund_past_the_refund_window_is_refused() {
         "00"
     );
 }
+
+#[tokio::test]
+async fn a_refund_that_loses_its_original_to_a_void_is_answered_12() {
+    let w = world().await;
+    let pan = "6222020000000000040";
+    let mut t = w.signed_on("T0000019").await;
+    let sale = purchase(&mut t, pan, 2_000).await;
+    let id = switch::journal::rrn_id(sale.rrn()).unwrap();
+    // A void that has the sale locked: its claim is decided, not committed.
+    let mut void =
+        <sqlx::PgConnection as sqlx::Connection>::connect_with(&w.pool.connect_options())
+            .await
+            .unwrap();
+    sqlx::query("BEGIN").execute(&mut void).await.unwrap();
+    sqlx::query("SELECT 1 FROM journal WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(id)
+        .execute(&mut void)
+        .await
+        .unwrap();
+    // The refund passes every check against the sale as it reads it, then
+    // waits for the lock to claim it.
+    let stan = t.next_stan();
+    let request = t.refund(stan, pan, EXPIRY, 500, &sale.original()).unwrap();
+    let refund = tokio::spawn(async move { t.exchange(&request).await.unwrap() });
+    w.until(
+        Duration::from_secs(10),
+        "the refund waiting for the sale's lock",
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event_type = 'Lock')",
+    )
+    .await;
+    sqlx::query("UPDATE journal SET state = 'voided' WHERE id = $1")
+        .bind(id)
+        .execute(&mut void)
+        .await
+        .unwrap();
+    sqlx::query("COMMIT").execute(&mut void).await.unwrap();
+    // F2, not F3: nothing of the sale was refunded; it is gone.
+    let reply = refund.await.unwrap();
+    assert_eq!(reply.rc(), "12", "{reply:?}");
+    let (state, rule, _) = rule_of(&w, reply.field(37).unwrap()).await;
+    assert_eq!((state.as_str(), rule.as_deref()), ("declined", Some("F2")));
+    let refunded: i64 = sqlx::query_scalar("SELECT refunded_amount FROM journal WHERE id = $1")
+        .bind(id)
+        .fetch_one(&w.pool)
+        .await
+        .unwrap();
+    assert_eq!(refunded, 0);
+}
