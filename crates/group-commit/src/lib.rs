@@ -2,8 +2,9 @@
 //!
 //! A [`Batcher`] takes jobs from any number of tasks. While fewer than
 //! `in_flight` batches are at the database, the next job goes out at once
-//! (with whatever else is already waiting), so a quiet system pays no extra
-//! latency; when every slot is busy, the jobs that arrive meanwhile gather
+//! (with whatever else is already waiting, and whatever the tasks already
+//! woken hand in during one turn of the scheduler), so a quiet system pays
+//! no extra latency; when every slot is busy, the jobs that arrive meanwhile gather
 //! into the next batch, so a busy one pays one round trip and one WAL flush
 //! for dozens of them. The batch function answers each job itself (each job
 //! carries its own reply channel).
@@ -120,9 +121,19 @@ async fn gather<J, K, F, Fut>(
                 deferred.push_back(job);
             }
         }
+        // Jobs come in bursts: the replies of one read, the requests a
+        // committed batch lets go. Before the batch leaves, the tasks
+        // already woken get one turn to hand theirs in, so that a burst
+        // shares one statement instead of its first job going alone.
+        let mut yielded = false;
         while batch.len() < max_batch {
             let job = match rx.try_recv() {
                 Ok(job) => job,
+                Err(_) if !yielded => {
+                    yielded = true;
+                    tokio::task::yield_now().await;
+                    continue;
+                }
                 Err(_) if limits.delay.is_zero() => break,
                 Err(_) => match tokio::time::timeout_at(leaves, rx.recv()).await {
                     Ok(Some(job)) => job,
@@ -361,6 +372,35 @@ mod tests {
         db.release.add_permits(2);
         assert_eq!(first.await.unwrap(), 1, "the first goes out alone");
         assert_eq!(sizes(rest).await, vec![10; 10], "the ten waited together");
+    }
+
+    #[tokio::test]
+    async fn a_burst_handed_in_by_tasks_woken_together_shares_one_batch() {
+        let (db, b) = start(ONE_SLOT);
+        db.release.add_permits(10);
+        // The first task hands its job in and wakes four more, as a read of
+        // four replies would: they run after the batcher has woken.
+        let go = Arc::new(tokio::sync::Notify::new());
+        let burst: Vec<_> = (1..=4)
+            .map(|k| {
+                let (b, go) = (b.clone(), go.clone());
+                tokio::spawn(async move {
+                    go.notified().await;
+                    submit(&b, k).await.unwrap()
+                })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        let first = submit(&b, 0);
+        go.notify_waiters();
+        assert_eq!(
+            first.await.unwrap(),
+            5,
+            "the first waited one turn for the rest"
+        );
+        for task in burst {
+            assert_eq!(task.await.unwrap(), 5);
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -1288,12 +1288,12 @@ async fn purchases_that_arrive_together_share_one_statement_and_one_commit() {
     let sim = Sim::start().await;
     let mut link = sim.connect().await;
     // Four purchases wait on held cards: every batch slot (`batches_in_flight`)
-    // is at the database.
+    // is at the database. One at a time, or they would share a batch.
     let held = hold_cards(&sim, 1..=4).await;
     for card in 1..=4 {
         link.send(&purchase(card, card, 1_000).frame()).await;
+        until_waiting_on_locks(&sim, i64::from(card)).await;
     }
-    until_waiting_on_locks(&sim, 4).await;
     // Twenty more, on other cards, arrive meanwhile: they gather into one batch.
     let burst: Vec<u8> = (5..=24)
         .flat_map(|card| purchase(card, card, 2_000).frame().to_vec())
