@@ -134,78 +134,18 @@ fn batch_open(open: &str, terminal: &str, batch: &str) -> String {
         .replace("$batch", batch)
 }
 
-/// Writes a request, or finds the earlier one with its key.
+/// Writes a request, or finds the earlier one with its key: a
+/// [`write_many`] of one.
 pub async fn insert(
     pool: &PgPool,
     e: &NewEntry<'_>,
     d: Disposition<'_>,
 ) -> Result<Insert, sqlx::Error> {
-    let (state, rc, issuer, f7) = match d {
-        Disposition::Forward { issuer, f7 } => (State::Sent, None, Some(issuer), Some(f7)),
-        Disposition::Answer(state, rc) => (state, Some(rc.as_str().to_string()), None, None),
-        Disposition::Hold => (State::Received, None, None, None),
-    };
-    let sql = format!(
-        "WITH new AS (
-            INSERT INTO journal (terminal_id, merchant_id, batch, stan, mti, mti_class, processing_code,
-                pos_condition, kind, amount, pan_hash, pan_masked, request_digest, state, response_code,
-                issuer, link_stan, link_f7, business_date, sent_at, completed_at,
-                original_id, rule, operator, reversal_reason, original_ref, reversal_requested)
-            SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
-                $16, CASE WHEN $14 = 'sent' THEN nextval('link_stan')::int END, $17, $18,
-                CASE WHEN $14 = 'sent' THEN now() END, CASE WHEN $14 <> 'sent' THEN now() END,
-                $19, $20, $21, $22, $23,
-                -- R3: a reversal of this very request came first (it was
-                -- delayed on the way): its approval is reversed on arrival.
-                $6 <> 4 AND EXISTS (SELECT 1 FROM journal r WHERE r.merchant_id = $2 AND r.terminal_id = $1
-                    AND r.batch = $3 AND r.stan = $4 AND r.mti_class = 4 AND r.state IN ('received', 'approved'))
-            WHERE {}
-            ON CONFLICT ON CONSTRAINT journal_request_key DO NOTHING
-            RETURNING id, rrn, link_stan),
-         claimed AS (
-            UPDATE journal SET state = $24
-            WHERE $24 IS NOT NULL AND id = $19 AND state = 'approved' AND EXISTS (SELECT 1 FROM new)
-            RETURNING id)
-         SELECT id, rrn, link_stan, EXISTS (SELECT 1 FROM claimed) FROM new",
-        batch_open("$25", "$1", "$3")
-    );
-    let row: Option<(i64, String, Option<i32>, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(e.terminal_id)
-        .bind(e.merchant_id)
-        .bind(e.batch)
-        .bind(e.stan)
-        .bind(e.mti as i16)
-        .bind((e.mti / 100) as i16)
-        .bind(e.processing_code)
-        .bind(e.pos_condition)
-        .bind(e.kind.as_str())
-        .bind(e.amount)
-        .bind(e.pan_hash.map(|h| h.to_vec()))
-        .bind(e.pan_masked.as_deref())
-        .bind(e.digest.to_vec())
-        .bind(state.as_str())
-        .bind(rc)
-        .bind(issuer)
-        .bind(f7)
-        .bind(e.business_date)
-        .bind(e.original_id)
-        .bind(e.rule)
-        .bind(e.operator.as_deref())
-        .bind(e.reversal_reason.as_deref())
-        .bind(e.original_ref.as_deref())
-        .bind(e.claim)
-        .bind(e.open_batch)
-        .fetch_optional(pool)
-        .await?;
-    if let Some((id, rrn, link_stan, claimed)) = row {
-        return Ok(Insert::New(Written {
-            id,
-            rrn,
-            link_stan,
-            claimed,
-        }));
+    let row = Write::Request(Box::new(Row::of(e, d)));
+    match write_many(pool, std::slice::from_ref(&row)).await?.pop() {
+        Some(Wrote::Request(Some(written))) => Ok(Insert::New(written)),
+        _ => not_inserted(pool, e).await,
     }
-    not_inserted(pool, e).await
 }
 
 /// Why a request was not written: its key was taken by an earlier request,
@@ -218,9 +158,7 @@ pub async fn not_inserted(pool: &PgPool, e: &NewEntry<'_>) -> Result<Insert, sql
     }
 }
 
-/// A request for [`write_many`]: what [`insert`] takes, owned, for a
-/// request that claims nothing (a claim is one row's conditional UPDATE and
-/// goes through [`insert`]).
+/// A request for [`write_many`]: what [`insert`] takes, owned.
 #[derive(Debug, Clone)]
 pub struct Row {
     /// F41.
@@ -269,6 +207,8 @@ pub struct Row {
     pub original_ref: Option<String>,
     /// Written only while its batch is open ([`NewEntry::open_batch`]).
     pub open_batch: bool,
+    /// The original's new state when this request claims it ([`NewEntry::claim`]).
+    pub claim: Option<&'static str>,
 }
 
 impl Row {
@@ -283,17 +223,14 @@ impl Row {
         )
     }
 
-    /// The row of a request that claims nothing; `None` for one that does.
-    pub fn of(e: &NewEntry<'_>, d: Disposition<'_>) -> Option<Row> {
-        if e.claim.is_some() {
-            return None;
-        }
+    /// The row of a request.
+    pub fn of(e: &NewEntry<'_>, d: Disposition<'_>) -> Row {
         let (state, rc, issuer, f7) = match d {
             Disposition::Forward { issuer, f7 } => (State::Sent, None, Some(issuer), Some(f7)),
             Disposition::Answer(state, rc) => (state, Some(rc.as_str().to_string()), None, None),
             Disposition::Hold => (State::Received, None, None, None),
         };
-        Some(Row {
+        Row {
             terminal_id: e.terminal_id.to_string(),
             merchant_id: e.merchant_id.to_string(),
             batch: e.batch,
@@ -317,15 +254,16 @@ impl Row {
             reversal_reason: e.reversal_reason.clone(),
             original_ref: e.original_ref.clone(),
             open_batch: e.open_batch,
-        })
+            claim: e.claim,
+        }
     }
 }
 
 /// A write of the journal's group commit.
 #[derive(Debug, Clone)]
 pub enum Write {
-    /// A request's row ([`insert`] without a claim), boxed: it is ten
-    /// times the size of an outcome.
+    /// A request's row ([`insert`]), boxed: it is ten times the size of an
+    /// outcome.
     Request(Box<Row>),
     /// An outcome ([`complete`]).
     Outcome(Completion),
@@ -363,11 +301,27 @@ impl Write {
     }
 }
 
-/// The requests' rows: `INSERT ... SELECT FROM unnest($1 .. $23)`, with the
-/// R3 mark and the open-batch check of [`insert`], as the CTE `new`.
+/// The requests' rows: `INSERT ... SELECT FROM unnest($1 .. $24)` as the
+/// CTE `new`, and the claims of those written as the CTE `claimed`.
+///
+/// - R3: a reversal of this very request came first (it was delayed on the
+///   way): its approval is reversed on arrival (`reversal_requested`).
+/// - A row that asks for its batch to be open is written only while it is.
+/// - A claim (a void's `voided`) is one conditional UPDATE of the original,
+///   made only for a row that was written: of two racing claims exactly
+///   one wins, and of two in one batch PostgreSQL updates the original once,
+///   for one of them.
 fn requests_cte() -> String {
     format!(
-        "new AS (
+        "req AS (
+        SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::int2[], $6::text[],
+                             $7::text[], $8::text[], $9::int8[], $10::bytea[], $11::text[], $12::bytea[],
+                             $13::text[], $14::text[], $15::text[], $16::text[], $17::date[], $18::int8[],
+                             $19::text[], $20::text[], $21::text[], $22::text[], $23::bool[], $24::text[])
+              AS r(terminal_id, merchant_id, batch, stan, mti, processing_code, pos_condition, kind,
+                   amount, pan_hash, pan_masked, digest, state, rc, issuer, f7, business_date,
+                   original_id, rule, operator, reversal_reason, original_ref, open_batch, claim)),
+     new AS (
         INSERT INTO journal (terminal_id, merchant_id, batch, stan, mti, mti_class, processing_code,
             pos_condition, kind, amount, pan_hash, pan_masked, request_digest, state, response_code,
             issuer, link_stan, link_f7, business_date, sent_at, completed_at,
@@ -377,19 +331,12 @@ fn requests_cte() -> String {
             r.issuer, CASE WHEN r.state = 'sent' THEN nextval('link_stan')::int END, r.f7, r.business_date,
             CASE WHEN r.state = 'sent' THEN now() END, CASE WHEN r.state <> 'sent' THEN now() END,
             r.original_id, r.rule, r.operator, r.reversal_reason, r.original_ref,
-            -- R3, as in `insert`.
             r3.reversed IS NOT NULL
-         FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::int2[], $6::text[], $7::text[],
-                     $8::text[], $9::int8[], $10::bytea[], $11::text[], $12::bytea[], $13::text[],
-                     $14::text[], $15::text[], $16::text[], $17::date[], $18::int8[], $19::text[],
-                     $20::text[], $21::text[], $22::text[], $23::bool[])
-              AS r(terminal_id, merchant_id, batch, stan, mti, processing_code, pos_condition, kind,
-                   amount, pan_hash, pan_masked, digest, state, rc, issuer, f7, business_date,
-                   original_id, rule, operator, reversal_reason, original_ref, open_batch)
-         -- A probe of `journal_reversals` per row. Written as `EXISTS`, the
-         -- planner hashes every reversal in the journal once per batch
-         -- instead, which grows with the journal: 1,260 rows a batch after
-         -- 20 s at 3,000/s.
+         FROM req r
+         -- R3 as a probe of `journal_reversals` per row. Written as `EXISTS`,
+         -- the plan the writer keeps (made while the journal was small)
+         -- hashes every reversal in the journal once per batch instead, which
+         -- grows with the journal: 1,260 rows a batch after 20 s at 3,000/s.
          LEFT JOIN LATERAL (SELECT true AS reversed FROM journal x
                 WHERE r.mti / 100 <> 4 AND x.terminal_id = r.terminal_id AND x.batch = r.batch
                 AND x.stan = r.stan AND x.mti_class = 4 AND x.merchant_id = r.merchant_id
@@ -397,7 +344,15 @@ fn requests_cte() -> String {
                 LIMIT 1) r3 ON true
          WHERE {}
          ON CONFLICT ON CONSTRAINT journal_request_key DO NOTHING
-         RETURNING id, rrn, link_stan, merchant_id, terminal_id, batch, stan, mti_class)",
+         RETURNING id, rrn, link_stan, merchant_id, terminal_id, batch, stan, mti_class),
+     claimed AS (
+        UPDATE journal o SET state = c.claim
+        FROM (SELECT n.id, r.original_id, r.claim FROM new n JOIN req r
+              ON r.terminal_id = n.terminal_id AND r.batch = n.batch AND r.stan = n.stan
+                 AND r.mti / 100 = n.mti_class AND r.merchant_id = n.merchant_id
+              WHERE r.claim IS NOT NULL) c
+        WHERE o.id = c.original_id AND o.state = 'approved'
+        RETURNING c.id)",
         batch_open("r.open_batch", "r.terminal_id", "r.batch")
     )
 }
@@ -428,17 +383,17 @@ fn outcomes_ctes(first: usize) -> String {
 static WRITE_SQL: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::new(|| {
     const WRITTEN: &str =
         "SELECT 'r' AS what, id, rrn, link_stan, merchant_id, terminal_id, batch, stan,
-        mti_class, NULL::text AS state FROM new";
+        mti_class, NULL::text AS state, id IN (SELECT id FROM claimed) AS claimed FROM new";
     const ENDED_ROWS: &str = "SELECT 'o' AS what, id, NULL::text AS rrn, NULL::int AS link_stan,
         NULL::text AS merchant_id, NULL::text AS terminal_id, NULL::int AS batch, NULL::int AS stan,
-        NULL::int2 AS mti_class, state FROM ended";
+        NULL::int2 AS mti_class, state, NULL::bool AS claimed FROM ended";
     [
         format!("WITH {} {WRITTEN}", requests_cte()),
         format!("WITH {} {ENDED_ROWS}", outcomes_ctes(1)),
         format!(
             "WITH {}, {} {WRITTEN} UNION ALL {ENDED_ROWS}",
             requests_cte(),
-            outcomes_ctes(24)
+            outcomes_ctes(25)
         ),
     ]
 });
@@ -464,6 +419,7 @@ pub async fn write_many(pool: &PgPool, writes: &[Write]) -> Result<Vec<Wrote>, s
         stan: Option<i32>,
         mti_class: Option<i16>,
         state: Option<String>,
+        claimed: Option<bool>,
     }
     let mut rows: Vec<&Row> = Vec::new();
     let mut outcomes: Vec<&Completion> = Vec::new();
@@ -504,7 +460,8 @@ pub async fn write_many(pool: &PgPool, writes: &[Write]) -> Result<Vec<Wrote>, s
             .bind(col(&rows, |r| r.operator.as_deref()))
             .bind(col(&rows, |r| r.reversal_reason.as_deref()))
             .bind(col(&rows, |r| r.original_ref.as_deref()))
-            .bind(col(&rows, |r| r.open_batch));
+            .bind(col(&rows, |r| r.open_batch))
+            .bind(col(&rows, |r| r.claim));
     }
     if !outcomes.is_empty() {
         q = q
@@ -533,7 +490,7 @@ pub async fn write_many(pool: &PgPool, writes: &[Write]) -> Result<Vec<Wrote>, s
             id: d.id,
             rrn: d.rrn.unwrap_or_default(),
             link_stan: d.link_stan,
-            claimed: false,
+            claimed: d.claimed.unwrap_or(false),
         };
         written.insert(key, row);
     }

@@ -174,16 +174,13 @@ impl Writer {
         self.terminals.forget(id);
     }
 
-    /// [`journal::insert`], batched with concurrent requests unless it claims an original.
+    /// [`journal::insert`], batched with concurrent requests.
     pub async fn insert(
         &self,
         e: &NewEntry<'_>,
         d: Disposition<'_>,
     ) -> Result<Insert, sqlx::Error> {
-        let Some(row) = Row::of(e, d) else {
-            return journal::insert(&self.pool, e, d).await;
-        };
-        match self.submit(Write::Request(Box::new(row))).await? {
+        match self.submit(Write::Request(Box::new(Row::of(e, d)))).await? {
             Some(Wrote::Request(Some(w))) => Ok(Insert::New(w)),
             Some(_) => journal::not_inserted(&self.pool, e).await,
             None => journal::insert(&self.pool, e, d).await,

@@ -791,7 +791,7 @@ async fn the_cost_of_a_journal_batch_does_not_grow_with_the_journal() {
         .unwrap();
     let batch = |stans: std::ops::RangeInclusive<i32>| -> Vec<Write> {
         stans
-            .map(|stan| Write::Request(Box::new(Row::of(&purchase(stan), FORWARD).unwrap())))
+            .map(|stan| Write::Request(Box::new(Row::of(&purchase(stan), FORWARD))))
             .collect()
     };
     // The writer plans its statement once, while the journal is small...
@@ -829,11 +829,66 @@ async fn the_cost_of_a_journal_batch_does_not_grow_with_the_journal() {
 }
 
 #[tokio::test]
+async fn of_two_claims_on_one_original_in_one_batch_one_wins() {
+    use switch::journal::{self, Completion, NewEntry, Row, Write, Wrote};
+    use switch::model::{Kind, ResponseCode, State};
+    let w = world().await;
+    let sale = match journal::write_many(
+        &w.pool,
+        &[Write::Request(Box::new(Row::of(&purchase(1), FORWARD)))],
+    )
+    .await
+    .unwrap()
+    .pop()
+    {
+        Some(Wrote::Request(Some(written))) => written.id,
+        other => panic!("a new row: {other:?}"),
+    };
+    let approved = Write::Outcome(Completion {
+        id: sale,
+        state: State::Approved,
+        rc: ResponseCode::APPROVED,
+        auth_code: Some("123456".into()),
+        reply: vec![2, 16],
+    });
+    journal::write_many(&w.pool, &[approved]).await.unwrap();
+    let void = |stan| {
+        Write::Request(Box::new(Row::of(
+            &NewEntry {
+                kind: Kind::Void,
+                processing_code: "200000",
+                original_id: Some(sale),
+                claim: Some("voided"),
+                ..purchase(stan)
+            },
+            FORWARD,
+        )))
+    };
+    let answers = journal::write_many(&w.pool, &[void(2), void(3)])
+        .await
+        .unwrap();
+    let claimed: Vec<bool> = answers
+        .iter()
+        .map(|a| match a {
+            Wrote::Request(Some(written)) => written.claimed,
+            other => panic!("both voids are journalled: {other:?}"),
+        })
+        .collect();
+    assert_eq!(claimed.iter().filter(|c| **c).count(), 1, "{claimed:?}");
+    let state: String = sqlx::query_scalar("SELECT state FROM journal WHERE id = $1")
+        .bind(sale)
+        .fetch_one(&w.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "voided");
+}
+
+#[tokio::test]
 async fn rows_and_outcomes_of_one_batch_each_get_their_own_answer() {
     use switch::journal::{self, Completion, Row, Write, Wrote};
     use switch::model::{ResponseCode, State};
     let w = world().await;
-    let row = |stan| Write::Request(Box::new(Row::of(&purchase(stan), FORWARD).unwrap()));
+    let row = |stan| Write::Request(Box::new(Row::of(&purchase(stan), FORWARD)));
     let outcome = |id: i64, state: State| {
         Write::Outcome(Completion {
             id,
@@ -855,7 +910,7 @@ async fn rows_and_outcomes_of_one_batch_each_get_their_own_answer() {
         .collect();
     // One statement: two outcomes (one of a row no longer sent), a new
     // row, a row whose key is taken and one for a closed batch.
-    let mut closed = Row::of(&purchase(4), FORWARD).unwrap();
+    let mut closed = Row::of(&purchase(4), FORWARD);
     closed.batch = 2;
     let mixed = [
         outcome(ids[0], State::Approved),
