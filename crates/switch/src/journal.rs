@@ -1077,36 +1077,59 @@ pub async fn batch_totals(
     ))
 }
 
-/// S1: records a settlement and closes the batch (the next one opens). Of
-/// two racing settlements of one batch, one closes it.
-#[allow(clippy::too_many_arguments)]
-pub async fn settle(
-    pool: &PgPool,
-    terminal_id: &str,
-    merchant_id: &str,
-    batch: i32,
-    terminal_totals: &str,
-    switch_totals: &str,
-    balanced: bool,
-    operator: Option<String>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
+/// A settlement to record ([`settle`]).
+#[derive(Debug, Clone)]
+pub struct Settlement<'a> {
+    /// Its journal row, written `received` before the batch closes.
+    pub row_id: i64,
+    /// F41.
+    pub terminal_id: &'a str,
+    /// F42.
+    pub merchant_id: &'a str,
+    /// The batch it closes.
+    pub batch: i32,
+    /// F48 as the terminal sent it.
+    pub terminal_totals: &'a str,
+    /// The journal's figures.
+    pub switch_totals: &'a str,
+    /// Whether they agree.
+    pub balanced: bool,
+    /// F63.1.
+    pub operator: Option<String>,
+    /// The approved reply, from the MTI on.
+    pub reply: &'a [u8],
+}
+
+/// S1: closes the batch (the next one opens), records the settlement, and
+/// approves its journal row with its reply, in one statement. False when
+/// the batch was no longer open: of two racing settlements of one batch,
+/// one closes it.
+pub async fn settle(pool: &PgPool, s: &Settlement<'_>) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
         "WITH closed AS (
-            UPDATE terminals SET batch = batch % 999999 + 1 WHERE id = $1 AND batch = $3 RETURNING id)
-         INSERT INTO settlements (terminal_id, batch, merchant_id, terminal_totals, switch_totals, balanced, operator)
-         SELECT $1, $3, $2, $4, $5, $6, $7 FROM closed
-         ON CONFLICT (terminal_id, batch) DO NOTHING",
+            UPDATE terminals SET batch = batch % 999999 + 1 WHERE id = $1 AND batch = $3 RETURNING id),
+         recorded AS (
+            INSERT INTO settlements (terminal_id, batch, merchant_id, terminal_totals, switch_totals,
+                balanced, operator)
+            SELECT $1, $3, $2, $4, $5, $6, $7 FROM closed
+            ON CONFLICT (terminal_id, batch) DO NOTHING),
+         answered AS (
+            UPDATE journal SET state = 'approved', response_code = '00', reply = $9, completed_at = now()
+            FROM closed WHERE journal.id = $8 AND journal.state = 'received'
+            RETURNING journal.id)
+         SELECT EXISTS (SELECT 1 FROM answered)",
     )
-    .bind(terminal_id)
-    .bind(merchant_id)
-    .bind(batch)
-    .bind(terminal_totals)
-    .bind(switch_totals)
-    .bind(balanced)
-    .bind(operator)
-    .execute(pool)
-    .await?;
-    Ok(())
+    .bind(s.terminal_id)
+    .bind(s.merchant_id)
+    .bind(s.batch)
+    .bind(s.terminal_totals)
+    .bind(s.switch_totals)
+    .bind(s.balanced)
+    .bind(s.operator.as_deref())
+    .bind(s.row_id)
+    .bind(s.reply)
+    .fetch_one(pool)
+    .await
 }
 
 /// One batch upload record (the PAN masked; the clear one is never kept).

@@ -768,6 +768,15 @@ impl Switch {
                 .reject(req, entry, None, "S1", ResponseCode::BATCH_MISMATCH, out)
                 .await;
         }
+        // The settlement is journalled before the batch closes, so that a
+        // repeat racing it finds it and waits for its reply, rather than
+        // finding the batch closed and answering 77.
+        let mut entry = entry;
+        entry.rule = Some("S1");
+        let written = match self.journal(req, &entry, Disposition::Hold, out).await {
+            Ok(w) => w,
+            Err(answered) => return answered,
+        };
         let ours = match journal::batch_totals(&self.pool, req.terminal_id, batch).await {
             Ok(t) => t,
             Err(e) => {
@@ -783,37 +792,48 @@ impl Switch {
         } else {
             format!("{}2{}2", &ours[..30], &ours[31..61])
         };
-        if let Err(e) = journal::settle(
-            &self.pool,
-            req.terminal_id,
-            req.merchant_id,
-            batch,
-            &given,
-            &ours,
-            balanced,
-            req.operator(),
-        )
-        .await
-        {
-            warn!(error = %e, "closing the batch failed");
-            return Some(ResponseCode::SYSTEM_ERROR);
-        }
-        self.writer.forget_terminal(req.terminal_id);
-        let extra = ReplyFields {
-            totals: Some(&reply_totals),
-            ..Default::default()
-        };
-        self.answer(
+        self.reply(
             req,
-            entry,
-            None,
-            "S1",
-            State::Approved,
-            ResponseCode::APPROVED,
-            extra,
             out,
-        )
-        .await
+            ReplyFields {
+                rc: Some(ResponseCode::APPROVED),
+                rrn: Some(&written.rrn),
+                totals: Some(&reply_totals),
+                ..Default::default()
+            },
+        );
+        let settlement = journal::Settlement {
+            row_id: written.id,
+            terminal_id: req.terminal_id,
+            merchant_id: req.merchant_id,
+            batch,
+            terminal_totals: &given,
+            switch_totals: &ours,
+            balanced,
+            operator: req.operator(),
+            reply: self.body(out),
+        };
+        let closed = journal::settle(&self.pool, &settlement).await;
+        self.writer.forget_terminal(req.terminal_id);
+        match closed {
+            Ok(true) => None,
+            // Another switch process closed the batch since it was read.
+            Ok(false) => {
+                self.decided(
+                    req,
+                    written.id,
+                    &written.rrn,
+                    "S1",
+                    ResponseCode::BATCH_MISMATCH,
+                    out,
+                )
+                .await
+            }
+            Err(e) => {
+                warn!(error = %e, "closing the batch failed");
+                Some(ResponseCode::SYSTEM_ERROR)
+            }
+        }
     }
 
     /// Batch upload (0320 201) records and its end (202), for the settled batch.

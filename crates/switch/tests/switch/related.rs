@@ -1066,3 +1066,56 @@ async fn a_refund_that_loses_its_original_to_a_void_is_answered_12() {
         .unwrap();
     assert_eq!(refunded, 0);
 }
+
+#[tokio::test]
+async fn a_settlement_repeated_while_its_batch_closes_gets_the_same_reply() {
+    let w = world().await;
+    let pan = "6222020000000000042";
+    let mut first = w.signed_on("T0000017").await;
+    purchase(&mut first, pan, 800).await;
+    let totals = format!("{:012}{:03}{:012}{:03}0{}", 800, 1, 0, 0, "0".repeat(31));
+    let stan = first.next_stan();
+    let settlement = first.settlement(stan, &totals).unwrap();
+    // The terminal's row locked: the first copy stops in the statement
+    // that closes the batch.
+    let mut lock =
+        <sqlx::PgConnection as sqlx::Connection>::connect_with(&w.pool.connect_options())
+            .await
+            .unwrap();
+    sqlx::query("BEGIN").execute(&mut lock).await.unwrap();
+    sqlx::query("SELECT 1 FROM terminals WHERE id = 'T0000017' FOR UPDATE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+    let again = settlement.clone();
+    let one = tokio::spawn(async move { first.exchange(&settlement).await.unwrap() });
+    w.until(
+        Duration::from_secs(10),
+        "the first copy closing the batch",
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event_type = 'Lock')",
+    )
+    .await;
+    // The repeat, from a terminal that redialled, waits for the first copy.
+    let mut repeat = w.terminal("T0000017").await;
+    let two = tokio::spawn(async move { repeat.exchange(&again).await.unwrap() });
+    w.until(
+        Duration::from_secs(10),
+        "the repeat waiting for the first copy",
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+         WHERE datname = current_database() AND query LIKE 'UPDATE journal SET received_at%')",
+    )
+    .await;
+    sqlx::query("COMMIT").execute(&mut lock).await.unwrap();
+    let (one, two) = (one.await.unwrap(), two.await.unwrap());
+    assert_eq!(one.rc(), "00", "{one:?}");
+    assert_eq!(two.rc(), "00", "{two:?}");
+    assert_eq!(two.field(37), one.field(37), "the same settlement");
+    assert_eq!(two.field(48), one.field(48));
+    let settled: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM settlements WHERE terminal_id = 'T0000017'")
+            .fetch_one(&w.pool)
+            .await
+            .unwrap();
+    assert_eq!(settled, 1);
+}
