@@ -235,6 +235,33 @@ impl World {
             .unwrap()
     }
 
+    /// A connection of its own in an open transaction that has run
+    /// `locking` (a `SELECT ... FOR ...`): it holds those row locks until
+    /// committed.
+    async fn holding(&self, locking: String) -> sqlx::PgConnection {
+        let mut conn =
+            <sqlx::PgConnection as sqlx::Connection>::connect_with(&self.pool.connect_options())
+                .await
+                .unwrap();
+        sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(locking))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn
+    }
+
+    /// Waits until a session of this database waits for a lock.
+    async fn until_a_lock_is_awaited(&self, what: &str) {
+        self.until(
+            Duration::from_secs(10),
+            what,
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock')",
+        )
+        .await;
+    }
+
     /// Waits (up to `limit`) until `query` returns true.
     async fn until(&self, limit: Duration, what: &str, query: &str) {
         let deadline = tokio::time::Instant::now() + limit;

@@ -1026,28 +1026,18 @@ async fn a_refund_that_loses_its_original_to_a_void_is_answered_12() {
     let sale = purchase(&mut t, pan, 2_000).await;
     let id = switch::journal::rrn_id(sale.rrn()).unwrap();
     // A void that has the sale locked: its claim is decided, not committed.
-    let mut void =
-        <sqlx::PgConnection as sqlx::Connection>::connect_with(&w.pool.connect_options())
-            .await
-            .unwrap();
-    sqlx::query("BEGIN").execute(&mut void).await.unwrap();
-    sqlx::query("SELECT 1 FROM journal WHERE id = $1 FOR NO KEY UPDATE")
-        .bind(id)
-        .execute(&mut void)
-        .await
-        .unwrap();
+    let mut void = w
+        .holding(format!(
+            "SELECT 1 FROM journal WHERE id = {id} FOR NO KEY UPDATE"
+        ))
+        .await;
     // The refund passes every check against the sale as it reads it, then
     // waits for the lock to claim it.
     let stan = t.next_stan();
     let request = t.refund(stan, pan, EXPIRY, 500, &sale.original()).unwrap();
     let refund = tokio::spawn(async move { t.exchange(&request).await.unwrap() });
-    w.until(
-        Duration::from_secs(10),
-        "the refund waiting for the sale's lock",
-        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-         WHERE datname = current_database() AND wait_event_type = 'Lock')",
-    )
-    .await;
+    w.until_a_lock_is_awaited("the refund waiting for the sale's lock")
+        .await;
     sqlx::query("UPDATE journal SET state = 'voided' WHERE id = $1")
         .bind(id)
         .execute(&mut void)
@@ -1078,24 +1068,13 @@ async fn a_settlement_repeated_while_its_batch_closes_gets_the_same_reply() {
     let settlement = first.settlement(stan, &totals).unwrap();
     // The terminal's row locked: the first copy stops in the statement
     // that closes the batch.
-    let mut lock =
-        <sqlx::PgConnection as sqlx::Connection>::connect_with(&w.pool.connect_options())
-            .await
-            .unwrap();
-    sqlx::query("BEGIN").execute(&mut lock).await.unwrap();
-    sqlx::query("SELECT 1 FROM terminals WHERE id = 'T0000017' FOR UPDATE")
-        .execute(&mut lock)
-        .await
-        .unwrap();
+    let mut lock = w
+        .holding("SELECT 1 FROM terminals WHERE id = 'T0000017' FOR UPDATE".into())
+        .await;
     let again = settlement.clone();
     let one = tokio::spawn(async move { first.exchange(&settlement).await.unwrap() });
-    w.until(
-        Duration::from_secs(10),
-        "the first copy closing the batch",
-        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-         WHERE datname = current_database() AND wait_event_type = 'Lock')",
-    )
-    .await;
+    w.until_a_lock_is_awaited("the first copy closing the batch")
+        .await;
     // The repeat, from a terminal that redialled, waits for the first copy.
     let mut repeat = w.terminal("T0000017").await;
     let two = tokio::spawn(async move { repeat.exchange(&again).await.unwrap() });
