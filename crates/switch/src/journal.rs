@@ -308,7 +308,8 @@ impl Write {
 ///   way): its approval is reversed on arrival (`reversal_requested`).
 /// - A row that asks for its batch to be open is written only while it is.
 /// - A claim (a void's `voided`) is one conditional UPDATE of the original,
-///   made only for a row that was written: of two racing claims exactly
+///   made only for a row that was written `sent` (only a `sent` row's
+///   outcome gives a claim back): of two racing claims exactly
 ///   one wins, and of two in one batch PostgreSQL updates the original once,
 ///   for one of them.
 fn requests_cte() -> String {
@@ -350,7 +351,7 @@ fn requests_cte() -> String {
         FROM (SELECT n.id, r.original_id, r.claim FROM new n JOIN req r
               ON r.terminal_id = n.terminal_id AND r.batch = n.batch AND r.stan = n.stan
                  AND r.mti / 100 = n.mti_class AND r.merchant_id = n.merchant_id
-              WHERE r.claim IS NOT NULL) c
+              WHERE r.claim IS NOT NULL AND r.state = 'sent') c
         WHERE o.id = c.original_id AND o.state = 'approved'
         RETURNING c.id)",
         batch_open("r.open_batch", "r.terminal_id", "r.batch")

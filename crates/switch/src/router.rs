@@ -301,7 +301,7 @@ impl Switch {
         let pan_hash = self.key.hash(&pan);
         let digest = request_digest(msg.mti(), &processing_code, &condition, amount, &pan_hash);
         let now = Utc::now();
-        let entry = NewEntry {
+        let mut entry = NewEntry {
             terminal_id: req.terminal_id,
             merchant_id: req.merchant_id,
             batch: terminal.batch,
@@ -337,11 +337,18 @@ impl Switch {
                 f7: f7s,
             },
         };
+        // Only a request that goes to the issuer claims its original: one
+        // answered here (no issuer, link down) leaves it as it was, and
+        // nothing but a `sent` row's outcome ever gives a claim back.
+        let forward = matches!(disposition, Disposition::Forward { .. });
+        if !forward {
+            entry.claim = None;
+        }
         let written = match self.journal(req, &entry, disposition, out).await {
             Ok(w) => w,
             Err(answered) => return answered,
         };
-        if let Some(r) = related.filter(|r| r.claim.is_some() && !written.claimed) {
+        if let Some(r) = related.filter(|r| forward && r.claim.is_some() && !written.claimed) {
             // Another request claimed the original first: exactly one wins.
             return self
                 .decided(

@@ -4,17 +4,17 @@
 //! Requests' rows and outcomes arriving together share one statement, an
 //! `INSERT ... SELECT FROM unnest(...)` beside an `UPDATE ... FROM
 //! unnest(...)`: one round trip and one WAL flush for dozens of
-//! transactions, with nothing answered before its own row is durable. A
-//! durable commit is the dearest thing PostgreSQL does on this kind of
-//! machine (about 0.4 ms of CPU for a one-row insert, against 20 µs for a
-//! `SELECT 1`), so rows and outcomes share one rather than take one each.
-//! The ordering guarantees of [`crate::journal`] hold row by row, because
-//! each row's statement is the same set-based SQL.
+//! transactions, with nothing answered before its own row is durable. Each
+//! statement costs PostgreSQL far more than its rows do (starting the
+//! executor, the commit's WAL flush, the wake-ups), so rows and outcomes
+//! share one rather than take one each. The ordering guarantees of
+//! [`crate::journal`] hold row by row, because each row's statement is the
+//! same set-based SQL.
 //!
-//! A request that claims an original (a void, a cancel) stays a statement
-//! of its own: its claim is a conditional UPDATE that must see the rows
-//! before it. A batch that fails for one row's sake is retried row by row,
-//! so one bad write fails alone.
+//! A request that claims an original (a void, a cancel) carries its claim
+//! into the batch: a conditional UPDATE of the original, in the statement
+//! that writes the row. A batch that fails for one row's sake is retried
+//! row by row, so one bad write fails alone.
 //!
 //! Terminals are read once and kept for a short while ([`Writer::terminal`]):
 //! a statement per request only to learn what rarely changes was a quarter

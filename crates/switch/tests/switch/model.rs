@@ -2024,6 +2024,26 @@ mod regressions {
         (r, t, sale)
     }
 
+    /// A void while the issuer link is down is answered 91 and claims
+    /// nothing: its sale stays approved, and is voided once the issuer is
+    /// back. (It used to be left `voided` for good, the card still charged.)
+    #[tokio::test]
+    async fn a_void_the_issuer_never_hears_of_leaves_its_sale_approved() {
+        let mut r = Restartable::start().await;
+        let mut t = r.w.signed_on(TERMINAL).await;
+        let sale = purchase(&mut t, 0, 1_000).await;
+        assert_eq!(sale.reply.rc(), "00");
+        r.stop().await;
+        let void = send(&mut t, related(K::Void, &sale, 1_000)).await;
+        assert_eq!(void.reply.rc(), "91", "{:?}", void.reply);
+        assert_eq!(state(&r.w, &sale).await, "approved");
+        r.restart().await;
+        let again = send(&mut t, related(K::Void, &sale, 1_000)).await;
+        assert_eq!(again.reply.rc(), "00", "{:?}", again.reply);
+        assert_eq!(state(&r.w, &sale).await, "voided");
+        assert_eq!(journal_net(&r.w).await, issuer_net(&r.w).await);
+    }
+
     /// B6: a refund of the sale (approved again at the switch) is answered
     /// 00 and its advice sent at once, ahead of the reversal advice; the
     /// issuer still has the sale voided and declines the refund (12); the
