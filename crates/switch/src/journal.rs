@@ -1180,14 +1180,15 @@ pub async fn store_uploads(
 }
 
 /// Ends a row the switch decided itself (`received` or `sent` that never
-/// left), with its rule, code and reply.
+/// left), with its rule, code and reply. False when the row was decided
+/// already (a repeat took it over).
 pub async fn decide(
     pool: &PgPool,
     id: i64,
     rule: &str,
     rc: ResponseCode,
     reply: &[u8],
-) -> Result<(), sqlx::Error> {
+) -> Result<bool, sqlx::Error> {
     sqlx::query(
         "UPDATE journal SET state = 'declined', rule = $2, response_code = $3, reply = $4, completed_at = now()
          WHERE id = $1 AND state IN ('received', 'sent')",
@@ -1197,6 +1198,6 @@ pub async fn decide(
     .bind(rc.as_str())
     .bind(reply)
     .execute(pool)
-    .await?;
-    Ok(())
+    .await
+    .map(|done| done.rows_affected() == 1)
 }

@@ -677,8 +677,16 @@ impl Switch {
     ) -> Option<ResponseCode> {
         debug!(rule, rc = %rc, "declined by rule");
         self.reply_code(req, out, rc, Some(rrn));
-        if let Err(e) = journal::decide(&self.pool, id, rule, rc, self.body(out)).await {
-            warn!(error = %e, "journal write failed");
+        match journal::decide(&self.pool, id, rule, rc, self.body(out)).await {
+            Ok(true) => {}
+            // Decided meanwhile by a repeat that took the row over (its
+            // switch looked dead): the terminal hears what was stored.
+            Ok(false) => match journal::outcome(&self.pool, id).await {
+                Ok((_, _, Some(stored))) => self.replay(req, &stored, out),
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "reading the decided request failed"),
+            },
+            Err(e) => warn!(error = %e, "journal write failed"),
         }
         None
     }

@@ -1098,3 +1098,41 @@ async fn a_settlement_repeated_while_its_batch_closes_gets_the_same_reply() {
             .unwrap();
     assert_eq!(settled, 1);
 }
+
+#[tokio::test]
+async fn a_settlement_whose_repeat_took_it_over_answers_what_was_stored() {
+    let w = world().await;
+    let pan = "6222020000000000043";
+    let mut first = w.signed_on("T0000016").await;
+    purchase(&mut first, pan, 900).await;
+    let totals = format!("{:012}{:03}{:012}{:03}0{}", 900, 1, 0, 0, "0".repeat(31));
+    let stan = first.next_stan();
+    let settlement = first.settlement(stan, &totals).unwrap();
+    let mut lock = w
+        .holding("SELECT 1 FROM terminals WHERE id = 'T0000016' FOR UPDATE".into())
+        .await;
+    let again = settlement.clone();
+    let one = tokio::spawn(async move { first.exchange(&settlement).await.unwrap() });
+    w.until_a_lock_is_awaited("the first copy closing the batch")
+        .await;
+    // The first copy looks dead for longer than a live switch could take:
+    // the repeat takes its row over and reaches the closing statement too.
+    let mut repeat = w.terminal("T0000016").await;
+    let two = tokio::spawn(async move { repeat.exchange(&again).await.unwrap() });
+    w.until(
+        Duration::from_secs(10),
+        "the repeat closing the batch as well",
+        "SELECT count(*) >= 2 FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .await;
+    sqlx::query("COMMIT").execute(&mut lock).await.unwrap();
+    // The first copy closes the batch and stores its reply; the repeat
+    // finds the batch closed and its row decided, and answers that reply
+    // rather than 77.
+    let (one, two) = (one.await.unwrap(), two.await.unwrap());
+    assert_eq!(one.rc(), "00", "{one:?}");
+    assert_eq!(two.rc(), "00", "{two:?}");
+    assert_eq!(two.field(37), one.field(37));
+    assert_eq!(two.field(48), one.field(48));
+}
