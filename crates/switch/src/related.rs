@@ -477,13 +477,14 @@ impl Switch {
                 None
             }
             Ok(false) => {
-                let (rule, code) = match journal::state_of(&self.pool, original.id).await {
-                    Ok(now) => lost(now.as_deref().unwrap_or("")),
-                    Err(e) => {
+                // The claim is lost either way; a failed read only blurs why.
+                let now = journal::state_of(&self.pool, original.id)
+                    .await
+                    .unwrap_or_else(|e| {
                         warn!(error = %e, "journal read failed");
-                        return Some(ResponseCode::SYSTEM_ERROR);
-                    }
-                };
+                        None
+                    });
+                let (rule, code) = lost(now.as_deref().unwrap_or(""));
                 self.decided(req, written.id, &written.rrn, rule, code, out)
                     .await
             }
