@@ -346,13 +346,21 @@ fn requests_cte() -> String {
          WHERE {}
          ON CONFLICT ON CONSTRAINT journal_request_key DO NOTHING
          RETURNING id, rrn, link_stan, merchant_id, terminal_id, batch, stan, mti_class),
+     -- An original another transaction has locked is not waited for: its
+     -- claim is lost (the holder is claiming, reversing or refunding it),
+     -- and the batch's other rows are not held up behind that lock.
+     claimable AS (
+        SELECT x.id FROM journal x
+        WHERE x.id IN (SELECT original_id FROM req WHERE claim IS NOT NULL AND state = 'sent')
+          AND x.state = 'approved'
+        FOR NO KEY UPDATE SKIP LOCKED),
      claimed AS (
         UPDATE journal o SET state = c.claim
         FROM (SELECT n.id, r.original_id, r.claim FROM new n JOIN req r
               ON r.terminal_id = n.terminal_id AND r.batch = n.batch AND r.stan = n.stan
                  AND r.mti / 100 = n.mti_class AND r.merchant_id = n.merchant_id
               WHERE r.claim IS NOT NULL AND r.state = 'sent') c
-        WHERE o.id = c.original_id AND o.state = 'approved'
+        WHERE o.id = c.original_id AND o.state = 'approved' AND o.id IN (SELECT id FROM claimable)
         RETURNING c.id)",
         batch_open("r.open_batch", "r.terminal_id", "r.batch")
     )

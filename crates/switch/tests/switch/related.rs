@@ -1136,3 +1136,33 @@ async fn a_settlement_whose_repeat_took_it_over_answers_what_was_stored() {
     assert_eq!(two.field(37), one.field(37));
     assert_eq!(two.field(48), one.field(48));
 }
+
+#[tokio::test]
+async fn a_void_of_a_sale_someone_holds_locked_does_not_hold_up_the_journal() {
+    let w = world().await;
+    let pan = "6222020000000000044";
+    let mut t = w.signed_on("T0000015").await;
+    let sale = purchase(&mut t, pan, 700).await;
+    let id = switch::journal::rrn_id(sale.rrn()).unwrap();
+    // An operator's open transaction, say, holds the sale's row.
+    let mut lock = w
+        .holding(format!(
+            "SELECT 1 FROM journal WHERE id = {id} FOR NO KEY UPDATE"
+        ))
+        .await;
+    // The void's claim does not wait for it: lost, answered at once (V5),
+    // and the journal goes on writing everyone else's rows.
+    let patience = Duration::from_secs(5);
+    let v = tokio::time::timeout(patience, void(&mut t, pan, 700, &sale))
+        .await
+        .expect("the void is answered while the sale is locked");
+    assert_eq!(v.rc(), "12", "{v:?}");
+    let mut other = w.signed_on("T0000014").await;
+    let p = tokio::time::timeout(patience, purchase(&mut other, pan, 100))
+        .await
+        .expect("other requests are journalled meanwhile");
+    assert_eq!(p.reply.rc(), "00");
+    sqlx::query("COMMIT").execute(&mut lock).await.unwrap();
+    assert_eq!(w.journal_state(sale.rrn()).await, "approved");
+    assert_eq!(void(&mut t, pan, 700, &sale).await.rc(), "00");
+}
