@@ -1018,19 +1018,31 @@ async fn a_refund_past_the_refund_window_is_refused() {
     );
 }
 
-#[tokio::test]
-async fn a_refund_that_loses_its_original_to_a_void_is_answered_12() {
-    let w = world().await;
-    let pan = "6222020000000000040";
-    let mut t = w.signed_on("T0000019").await;
-    let sale = purchase(&mut t, pan, 2_000).await;
+/// A sale on `terminal`, its journal id, and a transaction of its own that
+/// holds the sale's row as a claim would (`FOR NO KEY UPDATE`).
+async fn a_sale_held_locked(
+    w: &World,
+    terminal: &str,
+    pan: &str,
+    amount: u64,
+) -> (Terminal, Kept, i64, sqlx::PgConnection) {
+    let mut t = w.signed_on(terminal).await;
+    let sale = purchase(&mut t, pan, amount).await;
     let id = switch::journal::rrn_id(sale.rrn()).unwrap();
-    // A void that has the sale locked: its claim is decided, not committed.
-    let mut void = w
+    let lock = w
         .holding(format!(
             "SELECT 1 FROM journal WHERE id = {id} FOR NO KEY UPDATE"
         ))
         .await;
+    (t, sale, id, lock)
+}
+
+#[tokio::test]
+async fn a_refund_that_loses_its_original_to_a_void_is_answered_12() {
+    let w = world().await;
+    let pan = "6222020000000000040";
+    // A void that has the sale locked: its claim is decided, not committed.
+    let (mut t, sale, id, mut void) = a_sale_held_locked(&w, "T0000019", pan, 2_000).await;
     // The refund passes every check against the sale as it reads it, then
     // waits for the lock to claim it.
     let stan = t.next_stan();
@@ -1057,27 +1069,45 @@ async fn a_refund_that_loses_its_original_to_a_void_is_answered_12() {
     assert_eq!(refunded, 0);
 }
 
-#[tokio::test]
-async fn a_settlement_repeated_while_its_batch_closes_gets_the_same_reply() {
-    let w = world().await;
-    let pan = "6222020000000000042";
-    let mut first = w.signed_on("T0000017").await;
-    purchase(&mut first, pan, 800).await;
-    let totals = format!("{:012}{:03}{:012}{:03}0{}", 800, 1, 0, 0, "0".repeat(31));
+/// A terminal's settlement of one purchase, sent with the terminal's row
+/// locked, so that its first copy stops in the statement that closes the
+/// batch; then the same message again from a redialled connection. Returns
+/// the lock and the two answers to come.
+async fn a_settlement_held_and_repeated(
+    w: &World,
+    terminal: &str,
+    pan: &str,
+    amount: u64,
+) -> (
+    sqlx::PgConnection,
+    tokio::task::JoinHandle<Reply>,
+    tokio::task::JoinHandle<Reply>,
+) {
+    let mut first = w.signed_on(terminal).await;
+    purchase(&mut first, pan, amount).await;
+    let totals = format!("{:012}{:03}{:012}{:03}0{}", amount, 1, 0, 0, "0".repeat(31));
     let stan = first.next_stan();
     let settlement = first.settlement(stan, &totals).unwrap();
-    // The terminal's row locked: the first copy stops in the statement
-    // that closes the batch.
-    let mut lock = w
-        .holding("SELECT 1 FROM terminals WHERE id = 'T0000017' FOR UPDATE".into())
+    let lock = w
+        .holding(format!(
+            "SELECT 1 FROM terminals WHERE id = '{terminal}' FOR UPDATE"
+        ))
         .await;
     let again = settlement.clone();
     let one = tokio::spawn(async move { first.exchange(&settlement).await.unwrap() });
     w.until_a_lock_is_awaited("the first copy closing the batch")
         .await;
-    // The repeat, from a terminal that redialled, waits for the first copy.
-    let mut repeat = w.terminal("T0000017").await;
+    let mut repeat = w.terminal(terminal).await;
     let two = tokio::spawn(async move { repeat.exchange(&again).await.unwrap() });
+    (lock, one, two)
+}
+
+#[tokio::test]
+async fn a_settlement_repeated_while_its_batch_closes_gets_the_same_reply() {
+    let w = world().await;
+    let (mut lock, one, two) =
+        a_settlement_held_and_repeated(&w, "T0000017", "6222020000000000042", 800).await;
+    // The repeat finds the first copy's row and waits for its reply.
     w.until(
         Duration::from_secs(10),
         "the repeat waiting for the first copy",
@@ -1102,23 +1132,10 @@ async fn a_settlement_repeated_while_its_batch_closes_gets_the_same_reply() {
 #[tokio::test]
 async fn a_settlement_whose_repeat_took_it_over_answers_what_was_stored() {
     let w = world().await;
-    let pan = "6222020000000000043";
-    let mut first = w.signed_on("T0000016").await;
-    purchase(&mut first, pan, 900).await;
-    let totals = format!("{:012}{:03}{:012}{:03}0{}", 900, 1, 0, 0, "0".repeat(31));
-    let stan = first.next_stan();
-    let settlement = first.settlement(stan, &totals).unwrap();
-    let mut lock = w
-        .holding("SELECT 1 FROM terminals WHERE id = 'T0000016' FOR UPDATE".into())
-        .await;
-    let again = settlement.clone();
-    let one = tokio::spawn(async move { first.exchange(&settlement).await.unwrap() });
-    w.until_a_lock_is_awaited("the first copy closing the batch")
-        .await;
+    let (mut lock, one, two) =
+        a_settlement_held_and_repeated(&w, "T0000016", "6222020000000000043", 900).await;
     // The first copy looks dead for longer than a live switch could take:
     // the repeat takes its row over and reaches the closing statement too.
-    let mut repeat = w.terminal("T0000016").await;
-    let two = tokio::spawn(async move { repeat.exchange(&again).await.unwrap() });
     w.until(
         Duration::from_secs(10),
         "the repeat closing the batch as well",
@@ -1141,15 +1158,8 @@ async fn a_settlement_whose_repeat_took_it_over_answers_what_was_stored() {
 async fn a_void_of_a_sale_someone_holds_locked_does_not_hold_up_the_journal() {
     let w = world().await;
     let pan = "6222020000000000044";
-    let mut t = w.signed_on("T0000015").await;
-    let sale = purchase(&mut t, pan, 700).await;
-    let id = switch::journal::rrn_id(sale.rrn()).unwrap();
     // An operator's open transaction, say, holds the sale's row.
-    let mut lock = w
-        .holding(format!(
-            "SELECT 1 FROM journal WHERE id = {id} FOR NO KEY UPDATE"
-        ))
-        .await;
+    let (mut t, sale, _, mut lock) = a_sale_held_locked(&w, "T0000015", pan, 700).await;
     // The void's claim does not wait for it: lost, answered at once (V5),
     // and the journal goes on writing everyone else's rows.
     let patience = Duration::from_secs(5);
