@@ -815,7 +815,7 @@ async fn the_cost_of_a_journal_batch_does_not_grow_with_the_journal() {
         .max_connections(1)
         .connect_with(explained)
         .await
-        .unwrap();
+        .expect("auto_explain is loaded per session, which needs a superuser: the private test server's, or DATABASE_URL's role");
     let batch = |stans: std::ops::RangeInclusive<i32>| -> Vec<Write> {
         stans
             .map(|stan| Write::Request(Box::new(Row::of(&purchase(stan), FORWARD))))
