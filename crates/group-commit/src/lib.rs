@@ -11,9 +11,9 @@
 //!
 //! With a `delay`, a batch waits that long after its first job before it
 //! goes, so that more join it: fewer, larger statements for that much
-//! latency. Worth it where a commit costs far more than a row, as on a
-//! small machine whose every durable commit costs a fraction of a
-//! millisecond of CPU.
+//! latency. Worth it where a statement costs far more than a row, as on a
+//! small machine where each statement (executor start-up, the commit's WAL
+//! flush, the wake-ups) costs PostgreSQL a few hundred microseconds of CPU.
 //!
 //! Two jobs with the same key never share a batch: a multi-row statement
 //! cannot apply two changes to one row in order (two debits of one card,

@@ -797,6 +797,17 @@ const FORWARD: switch::journal::Disposition<'static> = switch::journal::Disposit
     f7: "1203120000",
 };
 
+/// The outcome of row `id`, code 00, for the journal's own functions.
+fn outcome(id: i64, state: switch::model::State) -> switch::journal::Write {
+    switch::journal::Write::Outcome(switch::journal::Completion {
+        id,
+        state,
+        rc: switch::model::ResponseCode::APPROVED,
+        auth_code: Some("123456".into()),
+        reply: vec![2, 16],
+    })
+}
+
 #[tokio::test]
 async fn the_cost_of_a_journal_batch_does_not_grow_with_the_journal() {
     use switch::journal::{self, Row, Write, Wrote};
@@ -857,8 +868,8 @@ async fn the_cost_of_a_journal_batch_does_not_grow_with_the_journal() {
 
 #[tokio::test]
 async fn of_two_claims_on_one_original_in_one_batch_one_wins() {
-    use switch::journal::{self, Completion, NewEntry, Row, Write, Wrote};
-    use switch::model::{Kind, ResponseCode, State};
+    use switch::journal::{self, NewEntry, Row, Write, Wrote};
+    use switch::model::{Kind, State};
     let w = world().await;
     let sale = match journal::write_many(
         &w.pool,
@@ -871,14 +882,9 @@ async fn of_two_claims_on_one_original_in_one_batch_one_wins() {
         Some(Wrote::Request(Some(written))) => written.id,
         other => panic!("a new row: {other:?}"),
     };
-    let approved = Write::Outcome(Completion {
-        id: sale,
-        state: State::Approved,
-        rc: ResponseCode::APPROVED,
-        auth_code: Some("123456".into()),
-        reply: vec![2, 16],
-    });
-    journal::write_many(&w.pool, &[approved]).await.unwrap();
+    journal::write_many(&w.pool, &[outcome(sale, State::Approved)])
+        .await
+        .unwrap();
     let void = |stan| {
         Write::Request(Box::new(Row::of(
             &NewEntry {
@@ -912,19 +918,10 @@ async fn of_two_claims_on_one_original_in_one_batch_one_wins() {
 
 #[tokio::test]
 async fn rows_and_outcomes_of_one_batch_each_get_their_own_answer() {
-    use switch::journal::{self, Completion, Row, Write, Wrote};
-    use switch::model::{ResponseCode, State};
+    use switch::journal::{self, Row, Write, Wrote};
+    use switch::model::State;
     let w = world().await;
     let row = |stan| Write::Request(Box::new(Row::of(&purchase(stan), FORWARD)));
-    let outcome = |id: i64, state: State| {
-        Write::Outcome(Completion {
-            id,
-            state,
-            rc: ResponseCode::APPROVED,
-            auth_code: Some("123456".into()),
-            reply: vec![2, 16],
-        })
-    };
     let first = journal::write_many(&w.pool, &[row(1), row(2)])
         .await
         .unwrap();
