@@ -971,9 +971,14 @@ async fn idle_and_half_sent_connections_are_closed_busy_ones_are_not() {
         c.limits.frame_timeout = Duration::from_millis(200);
     })
     .await;
-    /// How long until the switch closes `s` (reading and dropping anything).
-    async fn closed_after(s: &mut tokio::net::TcpStream) -> Duration {
-        let started = tokio::time::Instant::now();
+    /// How long from `started` until the switch closes `s` (reading and
+    /// dropping anything). `started` is taken before the switch's timer can
+    /// have started (before connecting, before writing), not when this is
+    /// first polled: the sign-on of the busy terminal comes in between.
+    async fn closed_after(
+        s: &mut tokio::net::TcpStream,
+        started: tokio::time::Instant,
+    ) -> Duration {
         let mut buf = [0u8; 512];
         loop {
             let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
@@ -986,13 +991,16 @@ async fn idle_and_half_sent_connections_are_closed_busy_ones_are_not() {
         }
     }
     // Idle: closed after the idle timeout.
+    let idle_since = tokio::time::Instant::now();
     let mut idle = tokio::net::TcpStream::connect(&w.switch_addr)
         .await
         .unwrap();
     // Half a frame: closed after the frame timeout, well before the idle one.
+    let half_connected = tokio::time::Instant::now();
     let mut half = tokio::net::TcpStream::connect(&w.switch_addr)
         .await
         .unwrap();
+    let half_since = tokio::time::Instant::now();
     half.write_all(&[0x00, 0x40, 0x60, 0x00]).await.unwrap();
     // Busy: a keep-alive every 150 ms for twice the idle timeout, then a
     // sign-on that is answered.
@@ -1004,15 +1012,27 @@ async fn idle_and_half_sent_connections_are_closed_busy_ones_are_not() {
         }
         busy.sign_on().await.unwrap()
     };
-    let (idle_after, half_after, reply) =
-        tokio::join!(closed_after(&mut idle), closed_after(&mut half), keep_busy);
+    let (idle_after, half_after, reply) = tokio::join!(
+        closed_after(&mut idle, idle_since),
+        closed_after(&mut half, half_since),
+        keep_busy
+    );
+    // The switch's timers start after these instants, so the lower bounds
+    // hold however slow the machine is.
     assert!(
-        idle_after >= Duration::from_millis(550) && idle_after < Duration::from_secs(3),
+        idle_after >= Duration::from_millis(600) && idle_after < Duration::from_secs(3),
         "idle closed after {idle_after:?}"
     );
     assert!(
-        half_after >= Duration::from_millis(150) && half_after < Duration::from_millis(550),
+        half_after >= Duration::from_millis(200),
         "half a frame closed after {half_after:?}"
+    );
+    // The idle timeout would close it no earlier than 600 ms after it was
+    // opened: closed before that, it was the frame timeout.
+    let half_open = half_since + half_after - half_connected;
+    assert!(
+        half_open < Duration::from_millis(600),
+        "half a frame closed {half_open:?} after connecting: by the idle timeout"
     );
     assert_eq!(reply.rc(), "00", "a busy connection stays open");
 }
