@@ -50,6 +50,8 @@ struct State {
 pub struct FaultControl {
     state: Arc<Mutex<State>>,
     counts: Arc<watch::Sender<FaultCounts>>,
+    /// True while the replies to financial messages are held back.
+    held: Arc<watch::Sender<bool>>,
 }
 
 impl std::fmt::Debug for FaultControl {
@@ -81,7 +83,31 @@ impl FaultControl {
                 config,
             })),
             counts: Arc::new(watch::Sender::new(FaultCounts::default())),
+            held: Arc::new(watch::Sender::new(false)),
         }
+    }
+
+    /// Holds back the replies to financial messages (authorisations,
+    /// financial requests, reversals and their advices), decided and posted
+    /// as usual, until [`FaultControl::release`]; network management
+    /// (sign-on, echo) is answered. While held, a request the switch sent
+    /// stays at the issuer for as long as the test needs: to kill the switch
+    /// with a transaction certainly in flight, say. A reply whose connection
+    /// closes meanwhile is never written.
+    pub fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    /// Lets the held replies go, and the ones after them.
+    pub fn release(&self) {
+        self.held.send_replace(false);
+    }
+
+    /// Waits while replies are held.
+    pub(crate) async fn while_held(&self) {
+        let mut held = self.held.subscribe();
+        // The sender lives as long as `self`: this cannot fail.
+        let _ = held.wait_for(|held| !held).await;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

@@ -267,7 +267,7 @@ struct Task {
 impl Task {
     async fn handle(self, body: Bytes, salvaged: Option<Salvaged>) {
         let reply = match &salvaged {
-            Some(head) => format_error_reply(&self.issuer.dialect, head),
+            Some(head) => (format_error_reply(&self.issuer.dialect, head), false),
             None => {
                 let msg =
                     Message::parse(&self.issuer.dialect, &body).expect("parsed by the reader");
@@ -279,18 +279,28 @@ impl Task {
                     pan = tracing::field::Empty,
                     rc = tracing::field::Empty,
                 );
-                answer(&self.issuer, &msg).instrument(span).await
+                let financial = msg.mti().class() != 8;
+                (answer(&self.issuer, &msg).instrument(span).await, financial)
             }
         };
+        let (reply, financial) = reply;
         match reply {
-            Ok(Some(frame)) => self.deliver(frame.freeze()).await,
+            Ok(Some(frame)) => self.deliver(frame.freeze(), financial).await,
             Ok(None) => {}
             Err(e) => error!(error = %e, "cannot build the reply"),
         }
     }
 
-    /// Writes the reply, or not, as the faults say.
-    async fn deliver(&self, frame: Bytes) {
+    /// Writes the reply, or not, as the faults say; a financial one waits
+    /// while replies are held.
+    async fn deliver(&self, frame: Bytes, financial: bool) {
+        if financial {
+            tokio::select! {
+                () = self.issuer.faults.while_held() => {}
+                () = self.shutdown.cancelled() => {}
+                () = self.abort.cancelled() => return,
+            }
+        }
         let out = match self.issuer.faults.draw() {
             Fate::Answer(after) => {
                 if !after.is_zero() {

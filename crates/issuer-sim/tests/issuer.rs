@@ -922,6 +922,38 @@ async fn a_late_reply_comes_after_later_ones() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_replies_are_posted_but_wait_while_network_management_is_answered() {
+    // What the demo does before it kills the switch: a transaction stays at
+    // the issuer, decided and posted, for as long as it is held.
+    let sim = Sim::start().await;
+    let faults = sim.issuer.faults();
+    let mut link = sim.connect().await;
+    faults.hold();
+    link.send(&purchase(1, 1, 2_500).frame()).await;
+    tokio::time::timeout(PATIENCE, async {
+        while sim.card(1).await.balance != 97_500 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the purchase is posted while its reply is held");
+    let reply = link.exchange(&echo(2)).await;
+    assert_eq!(
+        (reply.mti.as_str(), reply.f(11)),
+        ("0810", Some("000002")),
+        "the echo is answered; the purchase's reply is not"
+    );
+    faults.release();
+    let reply = link.recv().await;
+    assert_eq!(
+        (reply.mti.as_str(), reply.f(11), reply.rc()),
+        ("0210", Some("000001"), "00")
+    );
+    assert_eq!(sim.card(1).await.balance, 97_500, "debited once");
+    sim.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn network_management_and_malformed_messages() {
     let sim = Sim::start().await;
     let mut link = sim.connect().await;

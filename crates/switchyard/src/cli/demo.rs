@@ -338,16 +338,55 @@ impl Stack {
         Ok(())
     }
 
-    /// Kills the switch with SIGKILL and starts it again on the same port;
-    /// returns the journal rows it left `sent` (at the issuer).
-    async fn kill_switch(&mut self) -> anyhow::Result<Vec<i64>> {
+    /// Kills the switch with SIGKILL while a transaction is at the issuer
+    /// (when one is sent within `patience`), and starts it again on the same
+    /// port; returns when it was killed and the journal rows it left `sent`.
+    ///
+    /// An issuer answers in milliseconds, so a `sent` row seen by polling is
+    /// often answered before the signal lands. So the issuer holds back its
+    /// financial replies (it still decides and posts; sign-on and echo are
+    /// answered) until the switch is dead, and the switch is killed once a
+    /// row journalled after the hold began is `sent`: its reply cannot have
+    /// come.
+    async fn kill_switch(
+        &mut self,
+        patience: Duration,
+    ) -> anyhow::Result<(tokio::time::Instant, Vec<i64>)> {
         let Some(child) = &mut self.child else {
             bail!("the switch runs in this process and cannot be killed");
         };
-        child.kill().await?;
+        let faults = self.issuer.faults();
+        faults.hold();
+        let pool = &self.pool;
+        let one_in_flight = async {
+            let held_from: chrono::DateTime<chrono::Utc> =
+                sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
+            let deadline = tokio::time::Instant::now() + patience;
+            while !sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM journal WHERE state = 'sent' AND sent_at > $1)",
+            )
+            .bind(held_from)
+            .fetch_one(pool)
+            .await?
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok::<_, sqlx::Error>(())
+        }
+        .await;
+        let killed = tokio::time::Instant::now();
+        let dead = match one_in_flight {
+            Ok(()) => child.kill().await,
+            Err(e) => Err(e.into()),
+        };
+        // The killed switch's connections are closed: what was held for it
+        // is never written.
+        faults.release();
+        dead?;
         let left = switch::reconcile::in_flight(&self.pool).await?;
         child.spawn().await?;
-        Ok(left)
+        Ok((killed, left))
     }
 
     /// Stops the switch and the issuer, then PostgreSQL.
@@ -410,16 +449,9 @@ async fn break_on_time(
                 secs(tokio::time::Instant::now())
             );
         } else {
-            // Killed while a transaction is at the issuer, when one comes
-            // within a second: that is the case the recovery is for.
-            let patience = tokio::time::Instant::now() + Duration::from_secs(1);
-            while switch::reconcile::in_flight(&stack.pool).await?.is_empty()
-                && tokio::time::Instant::now() < patience
-            {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            let killed = tokio::time::Instant::now();
-            let left = stack.kill_switch().await?;
+            // Killed while a transaction is at the issuer, when one is sent
+            // within a few seconds: that is the case the recovery is for.
+            let (killed, left) = stack.kill_switch(Duration::from_secs(5)).await?;
             println!(
                 "fault: switch killed (SIGKILL) at {:.1} s with {} transaction(s) at the issuer; listening again on {} after {:.1} s",
                 secs(killed),
