@@ -346,10 +346,21 @@ impl EmbeddedPg {
 
         let deadline = Instant::now() + Duration::from_secs(30);
         let url = self.url("postgres");
+        // Another server may have taken the port between `free_port` and
+        // ours binding it (ours then exits, and we try another port): a
+        // server that answers is ours only if it serves our data directory.
+        let ours = std::fs::canonicalize(&self.data_dir).unwrap_or_else(|_| self.data_dir.clone());
         loop {
-            if let Ok(conn) = PgConnection::connect(&url).await {
+            if let Ok(mut conn) = PgConnection::connect(&url).await {
+                let serves: Option<String> = sqlx::query_scalar("SHOW data_directory")
+                    .fetch_one(&mut conn)
+                    .await
+                    .ok();
                 let _ = conn.close().await;
-                return Ok(());
+                if serves.is_some_and(|dir| std::fs::canonicalize(dir).is_ok_and(|dir| dir == ours))
+                {
+                    return Ok(());
+                }
             }
             if Instant::now() > deadline || exited.load(Ordering::Acquire) {
                 self.stop();
@@ -553,5 +564,16 @@ mod tests {
         drop(conn);
         drop(pg);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_port_another_server_holds_is_not_mistaken_for_ours() {
+        let other = EmbeddedPg::start(Options::default()).await.unwrap();
+        let taken = Options {
+            port: Some(other.port()),
+            ..Options::default()
+        };
+        let err = EmbeddedPg::start(taken).await.unwrap_err();
+        assert!(matches!(err, Error::NotReady { .. }), "{err}");
     }
 }
