@@ -133,10 +133,14 @@ impl FaultControl {
     }
 
     /// Changes some of the faults, e.g. `faults.update(|f| f.drop_reply = 1.0)`.
+    /// The draws go on where they were unless the change sets a new seed.
     pub fn update(&self, change: impl FnOnce(&mut FaultConfig)) {
-        let mut config = self.config();
-        change(&mut config);
-        self.set(config);
+        let mut state = self.lock();
+        let seed = state.config.seed;
+        change(&mut state.config);
+        if state.config.seed.is_some() && state.config.seed != seed {
+            state.rng = rng_for(&state.config);
+        }
     }
 
     /// Back to no fault at all (the latency included).
@@ -263,6 +267,29 @@ mod tests {
         assert_eq!(f.draw(), Fate::Answer(Duration::ZERO));
         f.update(|c| c.close_connection = 1.0);
         assert_eq!(f.draw(), Fate::Close);
+    }
+
+    #[test]
+    fn an_update_goes_on_with_the_draws_and_a_new_seed_restarts_them() {
+        let fates = |f: &FaultControl, n| (0..n).map(|_| f.draw()).collect::<Vec<_>>();
+        let whole = fates(&seeded(|c| c.drop_reply = 0.5), 20);
+        let f = seeded(|c| c.drop_reply = 0.5);
+        let mut halves = fates(&f, 10);
+        f.update(|c| c.late_by = Duration::from_secs(3));
+        halves.extend(fates(&f, 10));
+        assert_eq!(halves, whole, "the same sequence across the update");
+        f.update(|c| c.seed = Some(7 + 1));
+        let reseeded = fates(&f, 20);
+        assert_eq!(
+            reseeded,
+            fates(
+                &seeded(|c| {
+                    c.drop_reply = 0.5;
+                    c.seed = Some(8)
+                }),
+                20
+            )
+        );
     }
 
     #[test]
