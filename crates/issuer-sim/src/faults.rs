@@ -103,6 +103,11 @@ impl FaultControl {
         self.held.send_replace(false);
     }
 
+    /// Whether replies are held now.
+    pub(crate) fn held(&self) -> bool {
+        *self.held.borrow()
+    }
+
     /// Waits while replies are held.
     pub(crate) async fn while_held(&self) {
         let mut held = self.held.subscribe();

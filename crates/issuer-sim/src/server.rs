@@ -294,7 +294,7 @@ impl Task {
     /// Writes the reply, or not, as the faults say; a financial one waits
     /// while replies are held.
     async fn deliver(&self, frame: Bytes, financial: bool) {
-        if financial {
+        if financial && self.issuer.faults.held() {
             tokio::select! {
                 () = self.issuer.faults.while_held() => {}
                 () = self.shutdown.cancelled() => {}
