@@ -121,6 +121,27 @@ impl Timeline {
             })
             .collect()
     }
+
+    /// The seconds as a JSON array, for machines: each second's count and
+    /// its p50, p99 and max in milliseconds.
+    pub fn to_json(&self) -> String {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let seconds: Vec<String> = self
+            .seconds()
+            .iter()
+            .map(|s| {
+                format!(
+                    "{{\"at\": {}, \"count\": {}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}, \"max_ms\": {:.3}}}",
+                    s.at,
+                    s.count,
+                    ms(s.p50),
+                    ms(s.p99),
+                    ms(s.max)
+                )
+            })
+            .collect();
+        format!("[{}]", seconds.join(", "))
+    }
 }
 
 /// A run's figures, by transaction kind.
@@ -307,6 +328,13 @@ mod tests {
         assert!(near(first.max, 100.0), "{first:?}");
         assert_eq!((seconds[1].at, seconds[1].count), (2, 1));
         assert!(near(seconds[1].max, 3000.0));
+        let json = t.to_json();
+        assert!(
+            json.starts_with("[{\"at\": 0, \"count\": 100, \"p50_ms\": 50.0"),
+            "{json}"
+        );
+        assert!(json.contains("}, {\"at\": 2, \"count\": 1, "), "{json}");
+        assert!(json.ends_with("}]"), "{json}");
     }
 
     #[test]

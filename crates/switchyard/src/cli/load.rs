@@ -118,14 +118,15 @@ pub async fn play(
     print!("{}", run.report.table());
     if let Some(path) = outputs.json {
         let text = format!(
-            "{{\"scenario\": {name:?}, \"scheduled\": {count}, \"elapsed_s\": {:.3}, \"connection_failures\": {}, \"resets_injected\": {}, \"reconnections\": {}, \"settlements\": {{\"balanced\": {}, \"settled\": {}}}, \"report\": {}}}\n",
+            "{{\"scenario\": {name:?}, \"scheduled\": {count}, \"elapsed_s\": {:.3}, \"connection_failures\": {}, \"resets_injected\": {}, \"reconnections\": {}, \"settlements\": {{\"balanced\": {}, \"settled\": {}}}, \"report\": {}, \"seconds\": {}}}\n",
             run.elapsed.as_secs_f64(),
             run.errors,
             run.resets,
             run.reconnects,
             run.balanced.0,
             run.balanced.1,
-            run.report.to_json()
+            run.report.to_json(),
+            run.timeline.to_json()
         );
         std::fs::write(path, text)
             .map_err(|e| Failure::Other(anyhow::anyhow!("{}: {e}", path.display())))?;
