@@ -730,11 +730,22 @@ pub struct Original {
     pub original_id: Option<i64>,
     /// When it arrived.
     pub received_at: chrono::DateTime<chrono::Utc>,
+    /// A reversal advice of its family (of it, or of a void of it) was
+    /// still pending when it was read: a request about it must not
+    /// overtake that reversal ([`crate::advice::flush_family`]). Read with
+    /// the entry, so that the usual case, nothing pending, costs no
+    /// statement of its own.
+    pub family_pending: bool,
 }
 
 const ORIGINAL: &str =
     "SELECT id, rrn, kind, state, amount, refunded_amount, batch, stan, business_date, pan_hash,
-    auth_code, mti, processing_code, issuer, link_stan, link_f7, original_id, received_at FROM journal";
+    auth_code, mti, processing_code, issuer, link_stan, link_f7, original_id, received_at,
+    EXISTS (SELECT 1 FROM advices a WHERE a.journal_id = journal.id
+            AND a.state = 'pending' AND a.kind = 'reversal')
+    OR EXISTS (SELECT 1 FROM journal f JOIN advices a ON a.journal_id = f.id
+               WHERE f.original_id = journal.id AND a.state = 'pending' AND a.kind = 'reversal')
+    AS family_pending FROM journal";
 
 /// The entry of a terminal by merchant, batch, STAN and MTI class (voids, reversals).
 pub async fn find_by_stan(

@@ -48,6 +48,9 @@ impl Switch {
     /// those are sent first. `Some(answer)` when they cannot be (`91`:
     /// the terminal tries again later) or the queue cannot be read.
     async fn family_clear(&self, original: &Original) -> Option<Option<ResponseCode>> {
+        if !original.family_pending {
+            return None;
+        }
         match crate::advice::flush_family(self, original.id).await {
             Ok(true) => None,
             Ok(false) => Some(Some(ResponseCode::ISSUER_UNAVAILABLE)),
