@@ -323,17 +323,20 @@ fn requests_cte() -> String {
                    amount, pan_hash, pan_masked, digest, state, rc, issuer, f7, business_date,
                    original_id, rule, operator, reversal_reason, original_ref, open_batch, claim)),
      new AS (
-        INSERT INTO journal (terminal_id, merchant_id, batch, stan, mti, mti_class, processing_code,
+        INSERT INTO journal (id, rrn, terminal_id, merchant_id, batch, stan, mti, mti_class, processing_code,
             pos_condition, kind, amount, pan_hash, pan_masked, request_digest, state, response_code,
             issuer, link_stan, link_f7, business_date, sent_at, completed_at,
             original_id, rule, operator, reversal_reason, original_ref, reversal_requested)
-         SELECT r.terminal_id, r.merchant_id, r.batch, r.stan, r.mti, r.mti / 100, r.processing_code,
+         SELECT r.id, lpad((r.id % 1000000000000)::text, 12, '0'),
+            r.terminal_id, r.merchant_id, r.batch, r.stan, r.mti, r.mti / 100, r.processing_code,
             r.pos_condition, r.kind, r.amount, r.pan_hash, r.pan_masked, r.digest, r.state, r.rc,
             r.issuer, CASE WHEN r.state = 'sent' THEN nextval('link_stan')::int END, r.f7, r.business_date,
             CASE WHEN r.state = 'sent' THEN now() END, CASE WHEN r.state <> 'sent' THEN now() END,
             r.original_id, r.rule, r.operator, r.reversal_reason, r.original_ref,
             r3.reversed IS NOT NULL
-         FROM req r
+         -- The id drawn once per row, and the RRN (F37) made of it (see
+         -- `migrations/switch/0006`).
+         FROM (SELECT *, nextval('journal_id_seq') AS id FROM req) r
          -- R3 as a probe of `journal_reversals` per row. Written as `EXISTS`,
          -- the plan the writer keeps (made while the journal was small)
          -- hashes every reversal in the journal once per batch instead, which

@@ -837,10 +837,11 @@ async fn the_cost_of_a_journal_batch_does_not_grow_with_the_journal() {
     assert!(answers.iter().all(|a| matches!(a, Wrote::Request(Some(_)))));
     // ...and keeps the plan as reversals pile up, none of the new requests.
     sqlx::query(
-        "INSERT INTO journal (terminal_id, merchant_id, batch, stan, mti, mti_class, processing_code,
-             kind, request_digest, state, business_date)
-         SELECT 'T0000002', $1, 1, g, 400, 4, '000000', 'reversal', '\\x00', 'approved', current_date
-         FROM generate_series(1, 2000) g",
+        "INSERT INTO journal (id, rrn, terminal_id, merchant_id, batch, stan, mti, mti_class,
+             processing_code, kind, request_digest, state, business_date)
+         SELECT id, lpad((id % 1000000000000)::text, 12, '0'), 'T0000002', $1, 1, g, 400, 4, '000000',
+             'reversal', '\\x00', 'approved', current_date
+         FROM (SELECT g, nextval('journal_id_seq') AS id FROM generate_series(1, 2000) g) n",
     )
     .bind(MERCHANT)
     .execute(&w.pool)
