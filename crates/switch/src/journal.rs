@@ -93,6 +93,27 @@ pub struct Written {
     pub claimed: bool,
 }
 
+impl Written {
+    /// Its outcome, for [`complete`]: the state and code it ends with, its
+    /// auth code and the terminal's reply.
+    pub fn outcome(
+        &self,
+        state: State,
+        rc: ResponseCode,
+        auth_code: Option<&str>,
+        reply: Vec<u8>,
+    ) -> Completion {
+        Completion {
+            id: self.id,
+            state,
+            rc,
+            auth_code: auth_code.map(str::to_string),
+            reply,
+            claimed: self.claimed,
+        }
+    }
+}
+
 /// The earlier request with the same key.
 #[derive(Debug, Clone)]
 pub struct Earlier {
@@ -212,6 +233,12 @@ pub struct Row {
 }
 
 impl Row {
+    /// Whether it claims its original ([`NewEntry::claim`]): only a row
+    /// written `sent` does.
+    pub fn claims(&self) -> bool {
+        self.claim.is_some() && self.state == State::Sent.as_str()
+    }
+
     /// The unique request key (merchant, terminal, batch, STAN, MTI class).
     pub fn key(&self) -> (String, String, i32, i32, i16) {
         (
@@ -302,7 +329,10 @@ impl Write {
 }
 
 /// The requests' rows: `INSERT ... SELECT FROM unnest($1 .. $24)` as the
-/// CTE `new`, and the claims of those written as the CTE `claimed`.
+/// CTE `new`, and, when `claims`, the claims of those written as the CTE
+/// `claimed` (a batch without a claim leaves those CTEs out: every CTE
+/// that writes the journal is a node PostgreSQL starts, and opens the
+/// journal's indexes for, at every execution, whether it has rows or not).
 ///
 /// - R3: a reversal of this very request came first (it was delayed on the
 ///   way): its approval is reversed on arrival (`reversal_requested`).
@@ -312,8 +342,8 @@ impl Write {
 ///   outcome gives a claim back): of two racing claims exactly
 ///   one wins, and of two in one batch PostgreSQL updates the original once,
 ///   for one of them.
-fn requests_cte() -> String {
-    format!(
+fn requests_cte(claims: bool) -> String {
+    let sql = format!(
         "req AS (
         SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::int2[], $6::text[],
                              $7::text[], $8::text[], $9::int8[], $10::bytea[], $11::text[], $12::bytea[],
@@ -348,7 +378,14 @@ fn requests_cte() -> String {
                 LIMIT 1) r3 ON true
          WHERE {}
          ON CONFLICT ON CONSTRAINT journal_request_key DO NOTHING
-         RETURNING id, rrn, link_stan, merchant_id, terminal_id, batch, stan, mti_class),
+         RETURNING id, rrn, link_stan, merchant_id, terminal_id, batch, stan, mti_class)",
+        batch_open("r.open_batch", "r.terminal_id", "r.batch")
+    );
+    if !claims {
+        return sql;
+    }
+    format!(
+        "{sql},
      -- An original another transaction has locked is not waited for: its
      -- claim is lost (the holder is claiming, reversing or refunding it),
      -- and the batch's other rows are not held up behind that lock.
@@ -364,14 +401,20 @@ fn requests_cte() -> String {
                  AND r.mti / 100 = n.mti_class AND r.merchant_id = n.merchant_id
               WHERE r.claim IS NOT NULL AND r.state = 'sent') c
         WHERE o.id = c.original_id AND o.state = 'approved' AND o.id IN (SELECT id FROM claimable)
-        RETURNING c.id)",
-        batch_open("r.open_batch", "r.terminal_id", "r.batch")
+        RETURNING c.id)"
     )
 }
 
 /// The outcomes: `UPDATE ... FROM unnest(...)` of [`complete`] with its
-/// parameters from `$first` on, as the CTEs `ended`, `undone` and `queued`.
-fn outcomes_ctes(first: usize) -> String {
+/// parameters from `$first` on, as the CTEs `ended`, `undone` (only when
+/// `undo`: some row of the batch holds a claim it may have to give back)
+/// and `queued`.
+fn outcomes_ctes(first: usize, undo: bool) -> String {
+    let undone = if undo {
+        format!("{UNDO_CLAIM},")
+    } else {
+        String::new()
+    };
     let sql = format!(
         "ended AS (
         UPDATE journal SET
@@ -379,35 +422,93 @@ fn outcomes_ctes(first: usize) -> String {
             response_code = u.rc, auth_code = u.auth, reply = u.body, completed_at = now()
         FROM unnest($o1::int8[], $o2::text[], $o3::text[], $o4::text[], $o5::bytea[])
              AS u(row_id, to_state, rc, auth, body)
-        WHERE journal.id = u.row_id AND journal.state = 'sent'
+        -- `sent` as a parameter ($o6): a generic plan, made while the
+        -- journal was small, then cannot choose to scan the partial index of
+        -- in-flight rows (and hash them against the outcomes), which also
+        -- reads every entry a completed row left there until it is marked
+        -- dead; it probes the primary key once per outcome instead.
+        WHERE journal.id = u.row_id AND journal.state = $o6
         RETURNING {ENDED}),
-     {UNDO_CLAIM},
+     {undone}
      queued AS ({QUEUE_REVERSAL})"
     );
-    (1..=5).fold(sql, |sql, n| {
+    (1..=6).fold(sql, |sql, n| {
         sql.replace(&format!("$o{n}"), &format!("${}", first + n - 1))
     })
 }
 
-/// The statements of [`write_many`]: requests only, outcomes only, both.
-/// Each answers rows of one shape: `'r'` and the request's key for a
-/// written request, `'o'` and the state for a written outcome.
-static WRITE_SQL: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::new(|| {
-    const WRITTEN: &str =
-        "SELECT 'r' AS what, id, rrn, link_stan, merchant_id, terminal_id, batch, stan,
-        mti_class, NULL::text AS state, id IN (SELECT id FROM claimed) AS claimed FROM new";
-    const ENDED_ROWS: &str = "SELECT 'o' AS what, id, NULL::text AS rrn, NULL::int AS link_stan,
-        NULL::text AS merchant_id, NULL::text AS terminal_id, NULL::int AS batch, NULL::int AS stan,
-        NULL::int2 AS mti_class, state, NULL::bool AS claimed FROM ended";
-    [
-        format!("WITH {} {WRITTEN}", requests_cte()),
-        format!("WITH {} {ENDED_ROWS}", outcomes_ctes(1)),
-        format!(
-            "WITH {}, {} {WRITTEN} UNION ALL {ENDED_ROWS}",
-            requests_cte(),
-            outcomes_ctes(25)
-        ),
-    ]
+/// What a batch of [`write_many`] holds, which picks its statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shape {
+    /// Requests' rows: none, or some, with or without claims.
+    requests: Option<Claims>,
+    /// Outcomes: none, or some, with or without a row holding a claim.
+    outcomes: Option<Claims>,
+}
+
+/// Whether any write of its kind in a batch claims (or holds a claim on)
+/// an original.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claims {
+    None,
+    Some,
+}
+
+impl Shape {
+    /// Its place in [`WRITE_SQL`].
+    fn index(self) -> usize {
+        let i = |c: Option<Claims>| match c {
+            None => 0,
+            Some(Claims::None) => 1,
+            Some(Claims::Some) => 2,
+        };
+        i(self.requests) * 3 + i(self.outcomes)
+    }
+
+    /// The statement for this shape; each answers rows of one shape: `'r'`
+    /// and the request's key for a written request, `'o'` and the state for
+    /// a written outcome.
+    fn sql(self) -> String {
+        const WRITTEN: &str = "SELECT 'r' AS what, id, rrn, link_stan, merchant_id, terminal_id,
+            batch, stan, mti_class, NULL::text AS state";
+        const ENDED_ROWS: &str = "SELECT 'o' AS what, id, NULL::text AS rrn, NULL::int AS link_stan,
+            NULL::text AS merchant_id, NULL::text AS terminal_id, NULL::int AS batch, NULL::int AS stan,
+            NULL::int2 AS mti_class, state, NULL::bool AS claimed FROM ended";
+        let written = |claims| match claims {
+            Claims::Some => {
+                format!("{WRITTEN}, id IN (SELECT id FROM claimed) AS claimed FROM new")
+            }
+            Claims::None => format!("{WRITTEN}, false AS claimed FROM new"),
+        };
+        let undo = |claims| claims == Claims::Some;
+        match (self.requests, self.outcomes) {
+            (None, None) => String::new(),
+            (Some(r), None) => format!("WITH {} {}", requests_cte(r == Claims::Some), written(r)),
+            (None, Some(o)) => format!("WITH {} {ENDED_ROWS}", outcomes_ctes(1, undo(o))),
+            (Some(r), Some(o)) => format!(
+                "WITH {}, {} {} UNION ALL {ENDED_ROWS}",
+                requests_cte(r == Claims::Some),
+                outcomes_ctes(25, undo(o)),
+                written(r)
+            ),
+        }
+    }
+}
+
+/// The statements of [`write_many`], one per [`Shape`] (by
+/// [`Shape::index`]): a batch without claims, the usual one, takes the
+/// leaner statement.
+static WRITE_SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+    let kinds = [None, Some(Claims::None), Some(Claims::Some)];
+    kinds
+        .iter()
+        .flat_map(|&requests| {
+            kinds
+                .iter()
+                .map(move |&outcomes| Shape { requests, outcomes })
+        })
+        .map(Shape::sql)
+        .collect()
 });
 
 /// Writes requests' rows and outcomes together in one statement and one
@@ -441,12 +542,15 @@ pub async fn write_many(pool: &PgPool, writes: &[Write]) -> Result<Vec<Wrote>, s
             Write::Outcome(c) => outcomes.push(c),
         }
     }
-    let sql = match (rows.is_empty(), outcomes.is_empty()) {
-        (true, true) => return Ok(Vec::new()),
-        (false, true) => &WRITE_SQL[0],
-        (true, false) => &WRITE_SQL[1],
-        (false, false) => &WRITE_SQL[2],
+    let claims = |any: bool| if any { Claims::Some } else { Claims::None };
+    let shape = Shape {
+        requests: (!rows.is_empty()).then(|| claims(rows.iter().any(|r| r.claims()))),
+        outcomes: (!outcomes.is_empty()).then(|| claims(outcomes.iter().any(|c| c.claimed))),
     };
+    if shape.requests.is_none() && shape.outcomes.is_none() {
+        return Ok(Vec::new());
+    }
+    let sql = &WRITE_SQL[shape.index()];
     let mut q = sqlx::query_as::<_, Done>(sqlx::AssertSqlSafe(sql.as_str()));
     if !rows.is_empty() {
         q = q
@@ -481,7 +585,8 @@ pub async fn write_many(pool: &PgPool, writes: &[Write]) -> Result<Vec<Wrote>, s
             .bind(col(&outcomes, |c| c.state.as_str()))
             .bind(col(&outcomes, |c| c.rc.as_str()))
             .bind(col(&outcomes, |c| c.auth_code.as_deref()))
-            .bind(col(&outcomes, |c| c.reply.as_slice()));
+            .bind(col(&outcomes, |c| c.reply.as_slice()))
+            .bind(State::Sent.as_str());
     }
     let done = q.fetch_all(pool).await?;
     let mut written = std::collections::HashMap::new();
@@ -575,21 +680,8 @@ const ENDED: &str =
 /// with its reversal advice queued. Returns the state written, or `None`
 /// when the row is no longer `sent` (the sweeper gave up on it: the approval
 /// will be reversed).
-pub async fn complete(
-    pool: &PgPool,
-    id: i64,
-    state: State,
-    rc: ResponseCode,
-    auth_code: Option<&str>,
-    reply: &[u8],
-) -> Result<Option<String>, sqlx::Error> {
-    let outcome = Write::Outcome(Completion {
-        id,
-        state,
-        rc,
-        auth_code: auth_code.map(str::to_string),
-        reply: reply.to_vec(),
-    });
+pub async fn complete(pool: &PgPool, outcome: Completion) -> Result<Option<String>, sqlx::Error> {
+    let outcome = Write::Outcome(outcome);
     match write_many(pool, std::slice::from_ref(&outcome))
         .await?
         .pop()
@@ -612,6 +704,9 @@ pub struct Completion {
     pub auth_code: Option<String>,
     /// The terminal's reply from the MTI on.
     pub reply: Vec<u8>,
+    /// The row holds a claim on its original ([`Written::claimed`]), to be
+    /// given back if it does not end approved.
+    pub claimed: bool,
 }
 
 /// Stores the reply of a row the switch answered itself.

@@ -428,11 +428,8 @@ impl Switch {
     ) -> Option<ResponseCode> {
         self.reply_code(req, out, rc, Some(&written.rrn));
         let body = self.body(out).to_vec();
-        if let Err(e) = self
-            .writer
-            .complete(written.id, State::Declined, rc, None, &body)
-            .await
-        {
+        let outcome = written.outcome(State::Declined, rc, None, body);
+        if let Err(e) = self.writer.complete(outcome).await {
             warn!(error = %e, "journal write failed");
         }
         None
@@ -476,7 +473,7 @@ impl Switch {
         let body = self.body(out).to_vec();
         match self
             .writer
-            .complete(written.id, state, rc, auth_code, &body)
+            .complete(written.outcome(state, rc, auth_code, body))
             .await
         {
             Ok(Some(_)) => None,

@@ -33,7 +33,6 @@ use tracing::warn;
 use crate::journal::{
     self, Answered, Completion, Disposition, Insert, NewEntry, Row, Write, Wrote,
 };
-use crate::model::{ResponseCode, State};
 use crate::terminals::{self, Terminal};
 
 type Reply<T> = group_commit::Reply<T, sqlx::Error>;
@@ -188,25 +187,21 @@ impl Writer {
     }
 
     /// [`journal::complete`], batched with concurrent outcomes.
-    pub async fn complete(
-        &self,
-        id: i64,
-        state: State,
-        rc: ResponseCode,
-        auth_code: Option<&str>,
-        reply: &[u8],
-    ) -> Result<Option<String>, sqlx::Error> {
-        let completion = Completion {
-            id,
-            state,
-            rc,
-            auth_code: auth_code.map(str::to_string),
-            reply: reply.to_vec(),
+    pub async fn complete(&self, completion: Completion) -> Result<Option<String>, sqlx::Error> {
+        let (done, answer) = oneshot::channel();
+        let job = Job {
+            write: Write::Outcome(completion),
+            done,
         };
-        match self.submit(Write::Outcome(completion)).await? {
-            Some(Wrote::Outcome(state)) => Ok(state),
-            Some(_) => Ok(None),
-            None => journal::complete(&self.pool, id, state, rc, auth_code, reply).await,
+        if let Err(stopped) = self.writes.submit(job) {
+            let Write::Outcome(completion) = stopped.0.write else {
+                unreachable!("an outcome was submitted")
+            };
+            return journal::complete(&self.pool, completion).await;
+        }
+        match answer.await.map_err(|_| stopped())?? {
+            Wrote::Outcome(state) => Ok(state),
+            Wrote::Request(_) => Ok(None),
         }
     }
 

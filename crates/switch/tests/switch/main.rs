@@ -805,15 +805,13 @@ fn outcome(id: i64, state: switch::model::State) -> switch::journal::Write {
         rc: switch::model::ResponseCode::APPROVED,
         auth_code: Some("123456".into()),
         reply: vec![2, 16],
+        claimed: false,
     })
 }
 
-#[tokio::test]
-async fn the_cost_of_a_journal_batch_does_not_grow_with_the_journal() {
-    use switch::journal::{self, Row, Write, Wrote};
-    let w = world().await;
-    // The journal writer's connection settings, and every plan sent back
-    // as a notice with the rows each node read.
+/// One connection with the journal writer's settings that sends back every
+/// plan as a notice, with the rows each node read.
+async fn explained(w: &World) -> PgPool {
     let explained = (*group_commit::postgres::batch_pool(&w.pool, 1).connect_options())
         .clone()
         .options([
@@ -822,16 +820,44 @@ async fn the_cost_of_a_journal_batch_does_not_grow_with_the_journal() {
             ("auto_explain.log_analyze", "on"),
             ("auto_explain.log_level", "notice"),
         ]);
-    let one = sqlx::postgres::PgPoolOptions::new()
+    sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .connect_with(explained)
         .await
-        .expect("auto_explain is loaded per session, which needs a superuser: the private test server's, or DATABASE_URL's role");
-    let batch = |stans: std::ops::RangeInclusive<i32>| -> Vec<Write> {
-        stans
-            .map(|stan| Write::Request(Box::new(Row::of(&purchase(stan), FORWARD))))
-            .collect()
-    };
+        .expect("auto_explain is loaded per session, which needs a superuser: the private test server's, or DATABASE_URL's role")
+}
+
+/// Rows read by the scans of the plans logged since `seen` whose line
+/// matches `scan`: the sum of rows times loops.
+fn rows_read(seen: usize, scan: impl Fn(&str) -> bool) -> (usize, u64) {
+    let logs = String::from_utf8_lossy(&LOGS.lock().unwrap()[seen..]).into_owned();
+    let probes: Vec<(u64, u64)> = logs
+        .lines()
+        .filter(|l| scan(l))
+        .filter_map(|l| {
+            let (_, counts) = l.rsplit_once(" rows=")?;
+            let (rows, loops) = counts.trim_end_matches(')').split_once(" loops=")?;
+            Some((rows.parse().ok()?, loops.parse().ok()?))
+        })
+        .collect();
+    let read = probes.iter().map(|(rows, loops)| rows * loops).sum();
+    (probes.len(), read)
+}
+
+/// Purchases `stans` of T0000001, to be journalled `sent`.
+fn purchases(stans: std::ops::RangeInclusive<i32>) -> Vec<switch::journal::Write> {
+    use switch::journal::{Row, Write};
+    stans
+        .map(|stan| Write::Request(Box::new(Row::of(&purchase(stan), FORWARD))))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_cost_of_a_journal_batch_does_not_grow_with_the_journal() {
+    use switch::journal::{self, Wrote};
+    let w = world().await;
+    let one = explained(&w).await;
+    let batch = purchases;
     // The writer plans its statement once, while the journal is small...
     let answers = journal::write_many(&one, &batch(1..=20)).await.unwrap();
     assert!(answers.iter().all(|a| matches!(a, Wrote::Request(Some(_)))));
@@ -852,19 +878,50 @@ async fn the_cost_of_a_journal_batch_does_not_grow_with_the_journal() {
     assert!(answers.iter().all(|a| matches!(a, Wrote::Request(Some(_)))));
     // R3 looks for a reversal of each new request: a probe per row, which
     // finds none. Not a pass over the 2,000 reversals.
-    let logs = String::from_utf8_lossy(&LOGS.lock().unwrap()[seen..]).into_owned();
-    let probes: Vec<(u64, u64)> = logs
-        .lines()
-        .filter(|l| l.contains(" on journal x "))
-        .filter_map(|l| {
-            let (_, counts) = l.rsplit_once(" rows=")?;
-            let (rows, loops) = counts.trim_end_matches(')').split_once(" loops=")?;
-            Some((rows.parse().ok()?, loops.parse().ok()?))
-        })
-        .collect();
-    assert!(!probes.is_empty(), "the batch's plan was sent back");
-    let read: u64 = probes.iter().map(|(rows, loops)| rows * loops).sum();
+    let (probes, read) = rows_read(seen, |l| l.contains(" on journal x "));
+    assert!(probes > 0, "the batch's plan was sent back");
     assert!(read < 20, "{read} reversals read to write 20 rows");
+}
+
+#[tokio::test]
+async fn an_outcome_batch_reads_its_own_rows_however_many_are_in_flight() {
+    use switch::journal::{self, Write, Wrote};
+    use switch::model::State;
+    let w = world().await;
+    let one = explained(&w).await;
+    let ids = |answers: Vec<Wrote>| -> Vec<i64> {
+        answers
+            .into_iter()
+            .map(|a| match a {
+                Wrote::Request(Some(written)) => written.id,
+                other => panic!("a new row: {other:?}"),
+            })
+            .collect()
+    };
+    let outcomes = |ids: &[i64]| -> Vec<Write> {
+        ids.iter().map(|&id| outcome(id, State::Approved)).collect()
+    };
+    // The writer plans its outcome statement once, while the journal is
+    // small...
+    let first = ids(journal::write_many(&one, &purchases(1..=20)).await.unwrap());
+    journal::write_many(&one, &outcomes(&first)).await.unwrap();
+    // ...and keeps the plan while 2,000 other requests are at the issuer.
+    let waiting = ids(journal::write_many(&w.pool, &purchases(1001..=3000))
+        .await
+        .unwrap());
+    assert_eq!(waiting.len(), 2000);
+    let next = ids(journal::write_many(&one, &purchases(21..=40))
+        .await
+        .unwrap());
+    let seen = LOGS.lock().unwrap().len();
+    let ended = journal::write_many(&one, &outcomes(&next)).await.unwrap();
+    assert!(ended.iter().all(|e| matches!(e, Wrote::Outcome(Some(_)))));
+    // Twenty outcomes find their twenty rows by their ids: not by a pass
+    // over every row in flight (nor the entries completed rows left in the
+    // index of rows in flight).
+    let (probes, read) = rows_read(seen, |l| l.contains("Scan") && l.contains("journal"));
+    assert!(probes > 0, "the batch's plan was sent back");
+    assert!(read <= 20, "{read} journal rows read to record 20 outcomes");
 }
 
 #[tokio::test]
