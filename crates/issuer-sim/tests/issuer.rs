@@ -1427,6 +1427,9 @@ async fn copies_of_a_void_and_of_a_reversal_arriving_together_post_once() {
 
     // Three copies of each on each link while the card is held: the first
     // of each waits for the card, the others for the original it holds.
+    // Copies of the void never share a batch (they name one original), so
+    // four are at the database at once (`batches_in_flight`), each in a
+    // batch of its own, and two wait for a batch: ten wait on locks.
     let void = void(3, 10_000, &sale).frame();
     let reversal = reversal(4, &mistake).frame();
     let held = hold_card(&sim, 1).await;
@@ -1436,7 +1439,7 @@ async fn copies_of_a_void_and_of_a_reversal_arriving_together_post_once() {
             link.send(&reversal).await;
         }
     }
-    until_waiting_on_locks(&sim, 12).await;
+    until_waiting_on_locks(&sim, 10).await;
     held.commit().await.unwrap();
     let mut replies = Vec::new();
     for link in &mut links {
