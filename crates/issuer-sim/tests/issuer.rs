@@ -29,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 const PATIENCE: Duration = Duration::from_secs(30);
 
 /// Cards: 100 ordinary ones (1 000 yuan, limit 500 yuan), a blocked one, an
-/// expired one. Four batches of authorisations at the database at once.
+/// expired one. Four batches of authorisations, and four of follow-ons, at
+/// the database at once.
 const CARDS: &str = r#"
 institution_id = "62220200"
 [limits]
