@@ -14,9 +14,12 @@
 //! that one's original), then the card, then the message's own key; so two
 //! follow-ons of one original queue behind each other on it instead of
 //! deadlocking. New authorisations, decided in batches ([`authorise_many`]),
-//! lock their cards (in id order) before they claim their keys. A reversal
-//! whose original has not arrived claims its own key, then the original's.
-//! Should PostgreSQL still find a deadlock, the statement is retried.
+//! lock their cards (in id order) before they claim their keys; follow-ons,
+//! decided in batches too ([`follow_on_many`]), lock all their originals
+//! (in id order), then their cards (in id order), then claim their keys. A
+//! reversal whose original has not arrived claims its own key, then the
+//! original's. Should PostgreSQL still find a deadlock, the statement is
+//! retried.
 
 use chrono::Datelike;
 use iso8583::Pan;
@@ -26,7 +29,7 @@ use tracing::{debug, warn};
 use crate::Error;
 use crate::config::{CardRange, CardStatus};
 use crate::key::PanKey;
-use crate::request::{Kind, Request};
+use crate::request::{Kind, PostingKey, Request};
 
 /// The response codes the issuer answers with outside its statements (the
 /// declines they decide, 14, 25, 51, 61, 64 and the rest, are in their SQL).
@@ -242,7 +245,28 @@ pub(crate) async fn apply(
                     .map(|mut outcomes| outcomes.pop().flatten())
             }
             Kind::Reversal => reverse(pool, req, &fingerprint).await,
-            _ => follow_on(pool, req, pan_hash.as_ref(), &fingerprint).await,
+            _ => {
+                // `read` refuses a follow-on without F90.
+                let Some(original) = req.original.as_ref() else {
+                    return Ok(Outcome::code_only(code::FORMAT_ERROR));
+                };
+                // Follow-ons are decided by one statement, batched or not.
+                let follow_on = FollowOn {
+                    req: req.clone(),
+                    original: original.key.clone(),
+                    pan_hash,
+                    fingerprint,
+                };
+                follow_on_many(pool, std::slice::from_ref(&follow_on))
+                    .await
+                    .and_then(|mut judged| match judged.pop() {
+                        Some(Judged::Decided(outcome)) => Ok(Some(outcome)),
+                        Some(Judged::Taken) => Ok(None),
+                        // Alone, nothing comes first: its original was
+                        // approved but has no card, which cannot be.
+                        Some(Judged::Deferred) | None => Err(sqlx::Error::RowNotFound),
+                    })
+            }
         };
         match result {
             Err(e) if retryable(&e) && attempt < 5 => {
@@ -258,7 +282,7 @@ pub(crate) async fn apply(
     }
 }
 
-/// What the statement that decides a follow-on or a reversal returns.
+/// What the statement that decides a reversal returns.
 #[derive(Debug, sqlx::FromRow)]
 struct Posted {
     /// The message claimed its key: the posting is its own.
@@ -292,8 +316,8 @@ impl Posted {
     }
 }
 
-/// The message's own posting for the statements of [`follow_on`] and
-/// [`reverse`]: its columns are $1 to $17, the original's key $18 to $21.
+/// The message's own posting for the statement of [`reverse`]: its
+/// columns are $1 to $17, the original's key $18 to $21.
 fn posting<'q>(
     sql: &'static str,
     req: &'q Request,
@@ -324,94 +348,171 @@ fn posting<'q>(
         .bind(reference.key.class)
 }
 
-/// Void, refund, pre-auth cancel, completion, completion void: the
-/// original named by F90 decides. One statement: it locks the original,
-/// checks it, locks its card, writes the posting with its outcome under the
-/// message's key, and, only when that key was free, moves the money and
-/// settles the original. `None` when the key was taken.
-async fn follow_on(
+/// A follow-on (void, refund, pre-auth cancel, completion, completion void;
+/// a request or an advice) for [`follow_on_many`].
+#[derive(Debug, Clone)]
+pub(crate) struct FollowOn {
+    pub req: Request,
+    /// The posting key of the original F90 names.
+    pub original: PostingKey,
+    /// The card presented; an advice carries none, and is not checked
+    /// against the original's card.
+    pub pan_hash: Option<[u8; 32]>,
+    pub fingerprint: [u8; 32],
+}
+
+/// What [`follow_on_many`] did with one follow-on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Judged {
+    /// Decided and posted under its key.
+    Decided(Outcome),
+    /// Its key was already taken: a repeat, answered from the stored
+    /// posting ([`repeat`]).
+    Taken,
+    /// Not decided: another follow-on of the batch came first on its
+    /// original or on its card. Nothing of it was written; it is to be
+    /// decided again, alone. (Alone, it is never deferred: `Deferred` then
+    /// means its original was approved but has no card, which cannot be.)
+    Deferred,
+}
+
+/// Decides and records many follow-ons in one statement (group commit):
+/// each one's original, named by F90, decides. The statement locks the
+/// originals (in id order), checks each against its original, locks the
+/// cards of those that passed (in id order), writes each posting with its
+/// outcome under the message's key, and, only where that key was free,
+/// moves the money and settles the original. One follow-on is a batch of
+/// one: this is also the statement of the one-by-one path ([`apply`]).
+///
+/// A multi-row `UPDATE ... FROM` applies one change per target row, and
+/// each follow-on is judged on its original and its card as they were when
+/// the statement began. So two follow-ons that would both change one
+/// original (a void and a refund of one sale) or one card (follow-ons of two
+/// sales of one card) are never decided together: of those the original's
+/// checks let through, the first of each original, and of those the first
+/// on each card, is decided; the others come back [`Judged::Deferred`],
+/// having written nothing. Follow-ons the original's checks decline touch
+/// neither, so they are decided whatever else is in the batch. The card is
+/// found through the original (an advice carries no PAN), which is why this
+/// is found out here and cannot be left to the batch's key.
+///
+/// For each, in order, what became of it.
+pub(crate) async fn follow_on_many(
     pool: &PgPool,
-    req: &Request,
-    pan_hash: Option<&[u8; 32]>,
-    fingerprint: &[u8; 32],
-) -> Result<Option<Outcome>, sqlx::Error> {
-    // What the original must be, and be in, for this kind.
-    let wanted: &[&str] = match req.kind {
-        Kind::Void => &["purchase"],
-        Kind::CompletionVoid => &["completion"],
-        Kind::PreAuthCancel | Kind::Completion => &["preauth"],
-        _ => &["purchase", "completion"],
-    };
-    let open: &[&str] = match req.kind {
-        Kind::Refund => &["approved", "partially_refunded"],
-        _ => &["approved"],
-    };
-    let full_amount = matches!(
-        req.kind,
-        Kind::Void | Kind::CompletionVoid | Kind::PreAuthCancel
-    );
-    // $22 wanted, $23 open, $24 full amount only, $25 the card's PAN hash,
-    // $26 a request (not an advice): answered with an auth code, and a
+    follow_ons: &[FollowOn],
+) -> Result<Vec<Judged>, sqlx::Error> {
+    fn col<'r, T>(f: &'r [FollowOn], v: impl Fn(&'r FollowOn) -> T) -> Vec<T> {
+        f.iter().map(v).collect()
+    }
+    #[derive(sqlx::FromRow)]
+    struct Decision {
+        ord: i64,
+        inserted: bool,
+        /// `None`: deferred.
+        code: Option<String>,
+        auth_code: Option<String>,
+        note: Option<String>,
+        kind: String,
+    }
+    // What each kind wants of its original: a void a purchase, a completion
+    // void a completion, a cancel or completion a pre-auth, a refund either
+    // of the first two; approved, or for a refund partly refunded too; the
+    // original's full amount for a void, completion void or cancel. A
+    // request (not an advice) is answered with an auth code, and a
     // completion request may overdraw by no more than the hold it releases
     // (a completion advice is already done at the terminal and is posted as
     // it is).
-    posting(
-        "WITH orig AS MATERIALIZED (
-            SELECT * FROM issuer.postings
-            WHERE acquirer = $18 AND stan = $19 AND transmitted = $20 AND mti_class = $21
-            FOR UPDATE),
+    let rows: Vec<Decision> = sqlx::query_as(
+        "WITH req AS (
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int2[], $5::text[], $6::text[],
+                                 $7::bytea[], $8::text[], $9::text[], $10::text[], $11::text[], $12::int8[],
+                                 $13::text[], $14::text[], $15::text[], $16::text[], $17::text[],
+                                 $18::text[], $19::text[], $20::int2[], $21::bytea[], $22::bool[])
+                WITH ORDINALITY
+                AS r(acquirer, stan, transmitted, mti_class, mti, forwarding, fingerprint, kind,
+                     processing_code, condition_code, pan_masked, amount, rrn, terminal, merchant,
+                     original_ref, orig_acquirer, orig_stan, orig_transmitted, orig_class, pan_hash,
+                     request, ord)),
+         orig AS MATERIALIZED (
+            SELECT o.* FROM issuer.postings o
+            WHERE (o.acquirer, o.stan, o.transmitted, o.mti_class) IN
+                (SELECT orig_acquirer, orig_stan, orig_transmitted, orig_class FROM req)
+            ORDER BY o.id
+            FOR UPDATE OF o),
          checked AS (
-            SELECT CASE WHEN o.fingerprint IS NOT NULL THEN o.id END AS original_id, o.card_id,
+            SELECT r.*, CASE WHEN o.fingerprint IS NOT NULL THEN o.id END AS original_id, o.card_id,
                 o.amount AS original_amount, o.refunded AS original_refunded,
                 o.balance_change AS original_balance, o.hold_change AS original_hold,
                 CASE WHEN o.fingerprint IS NULL THEN ARRAY['25', 'original not found']
-                     WHEN o.kind <> ALL ($22) THEN ARRAY['12', 'the original is a ' || o.kind]
-                     WHEN o.state <> ALL ($23) THEN ARRAY['12', 'the original is ' || o.state]
-                     WHEN $24 AND $12 <> o.amount THEN ARRAY['64', 'not the original''s amount']
-                     WHEN $8 = 'refund' AND o.refunded + $12 > o.amount
+                     WHEN NOT CASE r.kind WHEN 'void' THEN o.kind = 'purchase'
+                                          WHEN 'completion_void' THEN o.kind = 'completion'
+                                          WHEN 'preauth_cancel' THEN o.kind = 'preauth'
+                                          WHEN 'completion' THEN o.kind = 'preauth'
+                                          ELSE o.kind IN ('purchase', 'completion') END
+                         THEN ARRAY['12', 'the original is a ' || o.kind]
+                     WHEN NOT CASE r.kind WHEN 'refund' THEN o.state IN ('approved', 'partially_refunded')
+                                          ELSE o.state = 'approved' END
+                         THEN ARRAY['12', 'the original is ' || o.state]
+                     WHEN r.kind IN ('void', 'completion_void', 'preauth_cancel') AND r.amount <> o.amount
+                         THEN ARRAY['64', 'not the original''s amount']
+                     WHEN r.kind = 'refund' AND o.refunded + r.amount > o.amount
                          THEN ARRAY['61', 'refunds would exceed the original''s amount']
                 END AS declined
-            FROM (VALUES (true)) AS one LEFT JOIN orig o ON true),
+            FROM req r LEFT JOIN orig o
+                ON (o.acquirer, o.stan, o.transmitted, o.mti_class)
+                 = (r.orig_acquirer, r.orig_stan, r.orig_transmitted, r.orig_class)),
+         -- Of those the original's checks let through: the first of each
+         -- original, and of those the first on each card; the rest wait.
+         firsts AS (
+            SELECT k.*, k.declined IS NULL AND row_number() OVER (
+                PARTITION BY k.declined IS NULL, k.original_id ORDER BY k.ord) = 1 AS first_of_original
+            FROM checked k),
+         queued AS (
+            SELECT f.*, f.declined IS NULL AND NOT (f.first_of_original AND row_number() OVER (
+                PARTITION BY f.first_of_original, f.card_id ORDER BY f.ord) = 1) AS deferred
+            FROM firsts f),
          card AS MATERIALIZED (
             SELECT c.id, c.pan_hash, c.pan_masked, c.balance - c.held AS available
-            FROM issuer.cards c JOIN checked k ON c.id = k.card_id
-            WHERE k.declined IS NULL
+            FROM issuer.cards c
+            WHERE c.id IN (SELECT card_id FROM queued WHERE declined IS NULL AND NOT deferred)
+            ORDER BY c.id
             FOR UPDATE OF c),
          decided AS (
-            SELECT nextval('issuer.postings_id_seq') AS id, k.*, c.id AS posting_card,
+            SELECT nextval('issuer.postings_id_seq') AS id, q.*, c.id AS posting_card,
                 c.pan_masked AS posting_masked,
-                coalesce(k.declined, CASE
+                CASE WHEN NOT q.deferred THEN coalesce(q.declined, CASE
                     WHEN c.id IS NULL THEN NULL
-                    WHEN c.pan_hash <> $25 THEN ARRAY['14', 'not the original''s card']
-                    WHEN $8 = 'completion' AND $26 AND $12 > c.available + k.original_hold
+                    WHEN c.pan_hash <> q.pan_hash THEN ARRAY['14', 'not the original''s card']
+                    WHEN q.kind = 'completion' AND q.request AND q.amount > c.available + q.original_hold
                         THEN ARRAY['51', 'insufficient funds']
-                    ELSE ARRAY['00', NULL] END) AS decision
-            FROM checked k LEFT JOIN card c ON true),
+                    ELSE ARRAY['00', NULL] END) END AS decision
+            FROM queued q LEFT JOIN card c ON c.id = q.card_id AND q.declined IS NULL AND NOT q.deferred),
          money AS (
             SELECT d.*, d.decision[1] AS code, d.decision[2] AS note,
                 CASE WHEN d.decision[1] <> '00' THEN 0
-                     WHEN $8 IN ('void', 'completion_void') THEN -d.original_balance
-                     WHEN $8 = 'completion' THEN -$12
-                     WHEN $8 = 'refund' THEN $12
+                     WHEN d.kind IN ('void', 'completion_void') THEN -d.original_balance
+                     WHEN d.kind = 'completion' THEN -d.amount
+                     WHEN d.kind = 'refund' THEN d.amount
                      ELSE 0 END AS balance_change,
-                CASE WHEN d.decision[1] = '00' AND $8 IN ('preauth_cancel', 'completion')
+                CASE WHEN d.decision[1] = '00' AND d.kind IN ('preauth_cancel', 'completion')
                      THEN -d.original_hold ELSE 0 END AS hold_change,
-                d.original_refunded + CASE $8 WHEN 'refund' THEN $12 ELSE 0 END AS refunded,
-                CASE $8 WHEN 'preauth_cancel' THEN 'cancelled'
-                        WHEN 'completion' THEN 'completed'
-                        WHEN 'refund' THEN CASE WHEN d.original_refunded + $12 = d.original_amount
-                                                THEN 'refunded' ELSE 'partially_refunded' END
-                        ELSE 'voided' END AS settles_as
+                d.original_refunded + CASE d.kind WHEN 'refund' THEN d.amount ELSE 0 END AS refunded,
+                CASE d.kind WHEN 'preauth_cancel' THEN 'cancelled'
+                            WHEN 'completion' THEN 'completed'
+                            WHEN 'refund' THEN CASE WHEN d.original_refunded + d.amount = d.original_amount
+                                                    THEN 'refunded' ELSE 'partially_refunded' END
+                            ELSE 'voided' END AS settles_as
             FROM decided d),
          posted AS (
             INSERT INTO issuer.postings (id, acquirer, stan, transmitted, mti_class, mti, forwarding,
                 fingerprint, kind, processing_code, condition_code, card_id, pan_masked, amount,
                 balance_change, hold_change, response_code, auth_code, rrn, terminal, merchant,
-                original_ref, original_id, reason, state, note)
-            SELECT id, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, posting_card,
-                coalesce(posting_masked, $11), $12, balance_change, hold_change, code,
-                CASE WHEN code = '00' AND $26 THEN issuer.auth_code(id) END, $13, $14, $15, $16,
-                original_id, $17, CASE WHEN code = '00' THEN 'approved' ELSE 'declined' END, note
+                original_ref, original_id, state, note)
+            SELECT id, acquirer, stan, transmitted, mti_class, mti, forwarding, fingerprint, kind,
+                processing_code, condition_code, posting_card, coalesce(posting_masked, pan_masked),
+                amount, balance_change, hold_change, code,
+                CASE WHEN code = '00' AND request THEN issuer.auth_code(id) END, rrn, terminal, merchant,
+                original_ref, original_id, CASE WHEN code = '00' THEN 'approved' ELSE 'declined' END, note
             FROM money WHERE code IS NOT NULL
             ON CONFLICT ON CONSTRAINT postings_key DO NOTHING
             RETURNING id, card_id, balance_change, hold_change, original_id, response_code, auth_code),
@@ -423,28 +524,63 @@ async fn follow_on(
             UPDATE issuer.postings o SET state = m.settles_as, refunded = m.refunded, updated_at = now()
             FROM posted p JOIN money m ON m.id = p.id
             WHERE o.id = p.original_id AND p.response_code = '00')
-         SELECT p.id IS NOT NULL AS inserted, m.code, p.auth_code, m.note,
-             NULL::text AS original_state, NULL::int8 AS original_amount, NULL::text AS step
+         SELECT m.ord, p.id IS NOT NULL AS inserted, m.code, p.auth_code, m.note, m.kind
          FROM money m LEFT JOIN posted p ON p.id = m.id",
-        req,
-        fingerprint,
     )
-    .bind(wanted)
-    .bind(open)
-    .bind(full_amount)
-    .bind(pan_hash.map(|h| h.as_slice()))
-    .bind(!req.is_advice())
-    .fetch_one(pool)
-    .await?
-    .outcome(req)
+    .bind(col(follow_ons, |f| f.req.key.acquirer.as_str()))
+    .bind(col(follow_ons, |f| f.req.key.stan.as_str()))
+    .bind(col(follow_ons, |f| f.req.key.transmitted.as_str()))
+    .bind(col(follow_ons, |f| f.req.key.class))
+    .bind(col(follow_ons, |f| f.req.mti.to_string()))
+    .bind(col(follow_ons, |f| f.req.forwarding.as_deref()))
+    .bind(col(follow_ons, |f| f.fingerprint.as_slice()))
+    .bind(col(follow_ons, |f| f.req.kind.as_str()))
+    .bind(col(follow_ons, |f| f.req.processing.as_str()))
+    .bind(col(follow_ons, |f| f.req.condition.as_deref()))
+    .bind(col(follow_ons, |f| f.req.pan.as_ref().map(Pan::masked)))
+    .bind(col(follow_ons, |f| f.req.amount))
+    .bind(col(follow_ons, |f| f.req.rrn.as_deref()))
+    .bind(col(follow_ons, |f| f.req.terminal.as_deref()))
+    .bind(col(follow_ons, |f| f.req.merchant.as_deref()))
+    .bind(col(follow_ons, |f| f.req.original.as_ref().map(|o| o.raw.as_str())))
+    .bind(col(follow_ons, |f| f.original.acquirer.as_str()))
+    .bind(col(follow_ons, |f| f.original.stan.as_str()))
+    .bind(col(follow_ons, |f| f.original.transmitted.as_str()))
+    .bind(col(follow_ons, |f| f.original.class))
+    .bind(col(follow_ons, |f| f.pan_hash.as_ref().map(|h| h.as_slice())))
+    .bind(col(follow_ons, |f| !f.req.is_advice()))
+    .fetch_all(pool)
+    .await?;
+    let mut out = vec![Judged::Deferred; follow_ons.len()];
+    for d in rows {
+        let Some(slot) = usize::try_from(d.ord - 1).ok().and_then(|i| out.get_mut(i)) else {
+            continue;
+        };
+        *slot = match d.code {
+            None => Judged::Deferred,
+            Some(_) if !d.inserted => Judged::Taken,
+            Some(code) => {
+                if let Some(note) = &d.note {
+                    debug!(kind = d.kind, code, note, "decided");
+                }
+                Judged::Decided(Outcome {
+                    code,
+                    auth_code: d.auth_code,
+                    available: None,
+                })
+            }
+        };
+    }
+    Ok(out)
 }
 
 /// A reversal advice: undo exactly what the original posted, once; or, when
 /// the original has not arrived, leave a row under its key so that it is
 /// declined when it does. Always answered `00` once recorded. One statement,
-/// as [`follow_on`]: the original (then its own original, then the card) is
-/// locked and judged, the posting written under the message's key, and only
-/// when that key was free is anything else changed. `None` when it was taken.
+/// as [`follow_on_many`]: the original (then its own original, then the
+/// card) is locked and judged, the posting written under the message's key,
+/// and only when that key was free is anything else changed. `None` when it
+/// was taken.
 async fn reverse(
     pool: &PgPool,
     req: &Request,

@@ -56,9 +56,11 @@ pub struct Limits {
     /// Messages of one connection being processed at once; the connection
     /// is not read further while this many are in flight.
     pub max_in_flight: usize,
-    /// Group commit: most new authorisations decided in one statement.
+    /// Group commit: most new authorisations, or follow-ons, decided in
+    /// one statement.
     pub max_batch: usize,
-    /// Group commit: batches at the database at once.
+    /// Group commit: batches of each (new authorisations, follow-ons) at
+    /// the database at once.
     pub batches_in_flight: usize,
     /// Group commit: how long a batch waits after its first message for more.
     pub batch_delay: std::time::Duration,

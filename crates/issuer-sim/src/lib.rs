@@ -15,7 +15,7 @@
 //! The binary wires it: [`IssuerConfig::load`], [`PanKey::load`], a pool ([`connect`]),
 //! [`migrate`], [`seed_cards`], [`Issuer::new`], then [`run`] on a listener.
 
-mod authorisations;
+mod batches;
 mod books;
 mod clearing;
 mod config;

@@ -9,7 +9,7 @@ use sha2::Digest;
 
 /// What makes a posting unique, as the switch keys its messages: acquirer
 /// (F32, zero-padded to 11 digits as in F90), link STAN (F11), F7, MTI class.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct PostingKey {
     pub acquirer: String,
     pub stan: String,

@@ -16,7 +16,7 @@ use iso8583::framing::DEFAULT_MAX_FRAME;
 use iso8583::{BuildError, Dialect, Frame, FrameCodec, Message, MessageWriter};
 use sqlx::PgPool;
 
-use crate::authorisations::Authorisations;
+use crate::batches::Batches;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
@@ -39,7 +39,7 @@ pub struct Issuer {
     pool: PgPool,
     dialect: Dialect,
     faults: FaultControl,
-    authorisations: Authorisations,
+    batches: Batches,
 }
 
 impl std::fmt::Debug for Issuer {
@@ -61,7 +61,7 @@ impl Issuer {
             key,
             pool,
             dialect: Dialect::iso87(),
-            authorisations: Authorisations::default(),
+            batches: Batches::default(),
         }
     }
 
@@ -368,7 +368,7 @@ async fn answer(issuer: &Issuer, msg: &Message<'_>) -> Result<Option<BytesMut>, 
                 tracing::Span::current().record("pan", tracing::field::display(pan));
             }
             match issuer
-                .authorisations
+                .batches
                 .decide(
                     group_commit::Limits {
                         max_batch: issuer.config.limits.max_batch,

@@ -29,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 const PATIENCE: Duration = Duration::from_secs(30);
 
 /// Cards: 100 ordinary ones (1 000 yuan, limit 500 yuan), a blocked one, an
-/// expired one. Four batches of authorisations at the database at once.
+/// expired one. Four batches of authorisations, and four of follow-ons, at
+/// the database at once.
 const CARDS: &str = r#"
 institution_id = "62220200"
 [limits]
@@ -1427,6 +1428,9 @@ async fn copies_of_a_void_and_of_a_reversal_arriving_together_post_once() {
 
     // Three copies of each on each link while the card is held: the first
     // of each waits for the card, the others for the original it holds.
+    // Copies of the void never share a batch (they name one original), so
+    // four are at the database at once (`batches_in_flight`), each in a
+    // batch of its own, and two wait for a batch: ten wait on locks.
     let void = void(3, 10_000, &sale).frame();
     let reversal = reversal(4, &mistake).frame();
     let held = hold_card(&sim, 1).await;
@@ -1436,7 +1440,7 @@ async fn copies_of_a_void_and_of_a_reversal_arriving_together_post_once() {
             link.send(&reversal).await;
         }
     }
-    until_waiting_on_locks(&sim, 12).await;
+    until_waiting_on_locks(&sim, 10).await;
     held.commit().await.unwrap();
     let mut replies = Vec::new();
     for link in &mut links {
@@ -1538,4 +1542,338 @@ async fn hold_cards(
         held.push(hold_card(sim, card).await);
     }
     held
+}
+
+/// Takes every follow-on batch slot (`batches_in_flight`, four): a void of
+/// a purchase on each of `cards`, each sent alone and left waiting at the
+/// database for its card, held. Follow-ons sent now gather for the next
+/// batch, which goes when a held card is committed. Returns the held cards.
+async fn occupy_follow_on_slots(
+    sim: &Sim,
+    link: &mut Conn,
+    cards: [u32; 4],
+    stan: u32,
+) -> Vec<sqlx::Transaction<'static, sqlx::Postgres>> {
+    let mut held = Vec::new();
+    for (n, card) in (0..).zip(cards) {
+        let sale = purchase(stan + 2 * n, card, 1_000);
+        assert_eq!(link.exchange(&sale).await.rc(), "00");
+        held.push(hold_card(sim, card).await);
+        link.send(&void(stan + 2 * n + 1, 1_000, &sale).frame())
+            .await;
+        until_waiting_on_locks(sim, i64::from(n) + 1).await;
+    }
+    held
+}
+
+/// Sends `burst` in one write, then an echo: once the echo is answered, the
+/// issuer has read every message of the burst and handed it in.
+async fn send_burst(link: &mut Conn, burst: &[Req], echo_stan: u32) {
+    let frames: Vec<u8> = burst.iter().flat_map(|r| r.frame().to_vec()).collect();
+    link.send(&frames).await;
+    assert_eq!(link.exchange(&echo(echo_stan)).await.mti, "0810");
+}
+
+/// The next `n` replies, by F11.
+async fn replies_by_stan(link: &mut Conn, n: usize) -> BTreeMap<String, Reply> {
+    let mut replies = BTreeMap::new();
+    for _ in 0..n {
+        let reply = link.recv().await;
+        replies.insert(reply.f(11).unwrap().to_string(), reply);
+    }
+    replies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_ons_of_distinct_originals_arriving_together_share_one_statement() {
+    let (sim, statements) = Sim::start_counting().await;
+    let mut link = sim.connect().await;
+    // The originals, one card each.
+    let sale = purchase(1, 5, 10_000);
+    let refunded = purchase(2, 6, 20_000);
+    let fully = purchase(3, 7, 7_000);
+    let to_complete = preauth(4, 8, 30_000);
+    let to_cancel = preauth(5, 9, 30_000);
+    let completed_by_advice = preauth(6, 10, 10_000);
+    let completed = preauth(7, 11, 40_000);
+    let wrong_amount = purchase(8, 12, 10_000);
+    for req in [
+        &sale,
+        &refunded,
+        &fully,
+        &to_complete,
+        &to_cancel,
+        &completed_by_advice,
+        &completed,
+        &wrong_amount,
+    ] {
+        assert_eq!(link.exchange(req).await.rc(), "00");
+    }
+    let completion = follow_on("0200", 9, "000000", "06", 45_000, &completed);
+    assert_eq!(link.exchange(&completion).await.rc(), "00");
+
+    let held = occupy_follow_on_slots(&sim, &mut link, [1, 2, 3, 4], 100).await;
+    // Every kind of follow-on, requests and advices, approved and declined.
+    let burst = [
+        void(11, 10_000, &sale),
+        refund(12, 5_000, &refunded),
+        refund(13, 7_000, &fully),
+        follow_on("0200", 14, "000000", "06", 30_000, &to_complete),
+        follow_on("0100", 15, "200000", "06", 30_000, &to_cancel),
+        follow_on("0220", 16, "000000", "06", 10_000, &completed_by_advice),
+        follow_on("0200", 17, "200000", "06", 45_000, &completion),
+        void(18, 9_999, &wrong_amount),
+        void(19, 100, &purchase(99, 13, 100)),
+    ];
+    send_burst(&mut link, &burst, 20).await;
+    statements.store(0, Ordering::SeqCst);
+    for tx in held {
+        tx.commit().await.unwrap();
+    }
+    let replies = replies_by_stan(&mut link, 4 + burst.len()).await;
+    assert_eq!(
+        statements.load(Ordering::SeqCst),
+        1,
+        "nine follow-ons, one statement"
+    );
+    let answered = |stan: u32| {
+        let r = &replies[&format!("{stan:06}")];
+        (r.mti.as_str(), r.rc(), r.f(38).is_some())
+    };
+    assert_eq!(answered(11), ("0210", "00", true), "void");
+    assert_eq!(answered(12), ("0230", "00", false), "refund advice");
+    assert_eq!(answered(13), ("0230", "00", false), "full refund advice");
+    assert_eq!(answered(14), ("0210", "00", true), "completion");
+    assert_eq!(answered(15), ("0110", "00", true), "pre-auth cancel");
+    assert_eq!(answered(16), ("0230", "00", false), "completion advice");
+    assert_eq!(answered(17), ("0210", "00", true), "completion void");
+    assert_eq!(answered(18), ("0210", "64", false), "not the amount");
+    assert_eq!(answered(19), ("0210", "25", false), "no original");
+    for stan in [101, 103, 105, 107] {
+        assert_eq!(answered(stan), ("0210", "00", true), "the slots' voids");
+    }
+
+    let money = async |n| {
+        let c = sim.card(n).await;
+        (c.balance, c.held)
+    };
+    assert_eq!(money(5).await, (100_000, 0));
+    assert_eq!(money(6).await, (85_000, 0));
+    assert_eq!(money(7).await, (100_000, 0));
+    assert_eq!(money(8).await, (70_000, 0));
+    assert_eq!(money(9).await, (100_000, 0));
+    assert_eq!(money(10).await, (90_000, 0));
+    assert_eq!(money(11).await, (100_000, 0));
+    assert_eq!(money(12).await, (90_000, 0));
+    let originals = [
+        &sale,
+        &refunded,
+        &fully,
+        &to_complete,
+        &to_cancel,
+        &completed_by_advice,
+        &completed,
+        &wrong_amount,
+        &completion,
+    ];
+    let states: Vec<String> =
+        sqlx::query_scalar("SELECT state FROM issuer.postings WHERE rrn = ANY($1) ORDER BY rrn")
+            .bind(originals.map(|r| r.rrn().to_string()))
+            .fetch_all(&sim.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        states,
+        [
+            "voided",
+            "partially_refunded",
+            "refunded",
+            "completed",
+            "cancelled",
+            "completed",
+            "completed",
+            "approved",
+            "voided"
+        ]
+    );
+    let commits: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT xmin::text) FROM issuer.postings WHERE stan::int BETWEEN 11 AND 19",
+    )
+    .fetch_one(&sim.pool)
+    .await
+    .unwrap();
+    assert_eq!(commits, 1, "posted by one commit");
+    sim.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_ons_of_one_card_arriving_together_each_apply_once() {
+    let (sim, statements) = Sim::start_counting().await;
+    let mut link = sim.connect().await;
+    // Three sales on card 5; a void and two refund advices, which carry no
+    // PAN: the card is known only from their originals.
+    let sales = [
+        purchase(1, 5, 10_000),
+        purchase(2, 5, 3_000),
+        purchase(3, 5, 2_000),
+    ];
+    for sale in &sales {
+        assert_eq!(link.exchange(sale).await.rc(), "00");
+    }
+    assert_eq!(sim.card(5).await.balance, 85_000);
+    let held = occupy_follow_on_slots(&sim, &mut link, [1, 2, 3, 4], 100).await;
+    let burst = [
+        void(11, 10_000, &sales[0]),
+        refund(12, 1_000, &sales[1]),
+        refund(13, 2_000, &sales[2]),
+    ];
+    send_burst(&mut link, &burst, 20).await;
+    statements.store(0, Ordering::SeqCst);
+    for tx in held {
+        tx.commit().await.unwrap();
+    }
+    let replies = replies_by_stan(&mut link, 4 + burst.len()).await;
+    for stan in ["000011", "000012", "000013"] {
+        assert_eq!(replies[stan].rc(), "00", "{stan}");
+    }
+    // The batch decides the first on the card; the other two, deferred,
+    // are decided alone after it: three statements, however they fell.
+    assert_eq!(statements.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        sim.card(5).await.balance,
+        98_000,
+        "each credited once: 85 000 + 10 000 + 1 000 + 2 000"
+    );
+    let follow_ons: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT f.kind::text, o.state::text, f.balance_change FROM issuer.postings f
+         JOIN issuer.postings o ON o.id = f.original_id
+         WHERE f.stan::int BETWEEN 11 AND 13 ORDER BY f.stan",
+    )
+    .fetch_all(&sim.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        follow_ons,
+        [
+            ("void".into(), "voided".into(), 10_000),
+            ("refund".into(), "partially_refunded".into(), 1_000),
+            ("refund".into(), "refunded".into(), 2_000),
+        ]
+    );
+    sim.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_ons_of_one_original_arriving_together_are_judged_one_after_the_other() {
+    let sim = Sim::start().await;
+    let mut link = sim.connect().await;
+    let voided_or_refunded = purchase(1, 1, 10_000);
+    let overdrawn = purchase(2, 2, 10_000);
+    let refunded_twice = purchase(3, 3, 10_000);
+    for sale in [&voided_or_refunded, &overdrawn, &refunded_twice] {
+        assert_eq!(link.exchange(sale).await.rc(), "00");
+    }
+    // All together while the cards are held: the two of one original never
+    // share a batch, so one batch waits for the cards, and another for the
+    // originals the first holds.
+    let held = hold_cards(&sim, 1..=3).await;
+    let burst = [
+        void(11, 10_000, &voided_or_refunded),
+        refund(12, 5_000, &voided_or_refunded),
+        refund(13, 6_000, &overdrawn),
+        refund(14, 6_000, &overdrawn),
+        refund(15, 4_000, &refunded_twice),
+        refund(16, 4_000, &refunded_twice),
+    ];
+    send_burst(&mut link, &burst, 20).await;
+    until_waiting_on_locks(&sim, 2).await;
+    for tx in held {
+        tx.commit().await.unwrap();
+    }
+    let replies = replies_by_stan(&mut link, burst.len()).await;
+    let codes = |a: &str, b: &str| {
+        let mut pair = [replies[a].rc(), replies[b].rc()];
+        pair.sort_unstable();
+        pair
+    };
+    // A void and a refund of one sale: whichever comes first wins, the
+    // other finds the sale voided or refunded.
+    assert_eq!(codes("000011", "000012"), ["00", "12"]);
+    let (balance, state) = if replies["000011"].rc() == "00" {
+        (100_000, "voided")
+    } else {
+        (95_000, "partially_refunded")
+    };
+    assert_eq!(sim.card(1).await.balance, balance);
+    // Two refunds that together exceed the sale: one is refused 61.
+    assert_eq!(codes("000013", "000014"), ["00", "61"]);
+    assert_eq!(sim.card(2).await.balance, 96_000);
+    // Two that fit: both apply.
+    assert_eq!(codes("000015", "000016"), ["00", "00"]);
+    assert_eq!(sim.card(3).await.balance, 98_000);
+    let originals: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT state::text, refunded FROM issuer.postings WHERE stan::int <= 3 ORDER BY stan",
+    )
+    .fetch_all(&sim.pool)
+    .await
+    .unwrap();
+    assert_eq!(originals[0].0, state);
+    assert_eq!(originals[1], ("partially_refunded".into(), 6_000));
+    assert_eq!(originals[2], ("partially_refunded".into(), 8_000));
+    sim.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follow_on_repeated_in_its_burst_is_answered_from_its_posting() {
+    let sim = Sim::start().await;
+    let mut links = [sim.connect().await, sim.connect().await];
+    let sale = purchase(1, 1, 20_000);
+    let to_void = purchase(2, 2, 10_000);
+    assert_eq!(links[0].exchange(&sale).await.rc(), "00");
+    assert_eq!(links[0].exchange(&to_void).await.rc(), "00");
+    // A refund advice, its 0221 repeat and another copy; a void and two
+    // copies; on both links, while the cards are held.
+    let advice = refund(3, 5_000, &sale);
+    let mut repeat = advice.clone();
+    repeat.mti = "0221".parse().unwrap();
+    let v = void(4, 10_000, &to_void);
+    let burst: Vec<u8> = [&advice, &v, &repeat, &v, &advice, &v]
+        .iter()
+        .flat_map(|r| r.frame().to_vec())
+        .collect();
+    let held = hold_cards(&sim, 1..=2).await;
+    for link in &mut links {
+        link.send(&burst).await;
+    }
+    until_waiting_on_locks(&sim, 2).await;
+    for tx in held {
+        tx.commit().await.unwrap();
+    }
+    let mut replies = Vec::new();
+    for link in &mut links {
+        for _ in 0..6 {
+            replies.push(link.recv().await);
+        }
+    }
+    let (voids, advices): (Vec<_>, Vec<_>) = replies.iter().partition(|r| r.mti == "0210");
+    assert_eq!((voids.len(), advices.len()), (6, 6));
+    assert!(
+        voids.iter().all(|r| *r == voids[0] && r.rc() == "00"),
+        "{voids:#?}"
+    );
+    assert!(voids[0].f(38).is_some());
+    assert!(
+        advices
+            .iter()
+            .all(|r| *r == advices[0] && r.mti == "0230" && r.rc() == "00"),
+        "{advices:#?}"
+    );
+    assert_eq!(sim.card(1).await.balance, 85_000, "refunded once");
+    assert_eq!(sim.card(2).await.balance, 100_000, "voided once");
+    let postings: i64 = sqlx::query_scalar("SELECT count(*) FROM issuer.postings")
+        .fetch_one(&sim.pool)
+        .await
+        .unwrap();
+    assert_eq!(postings, 4, "two sales, one refund, one void");
+    sim.stop().await;
 }
