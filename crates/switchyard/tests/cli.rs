@@ -282,6 +282,25 @@ fn config_check_passes_every_shipped_config() {
 }
 
 #[test]
+fn every_config_docker_compose_names_is_shipped() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let compose = std::fs::read_to_string(root.join("docker-compose.yml")).unwrap();
+    // The services mount ./config at /config.
+    let named: Vec<&str> = compose
+        .split('"')
+        .filter(|s| s.starts_with("/config/"))
+        .collect();
+    assert!(named.len() >= 3, "{named:?}");
+    for path in named {
+        let shipped = root.join(path.trim_start_matches('/'));
+        assert!(
+            shipped.is_file(),
+            "docker-compose.yml names {path}: not in the repo"
+        );
+    }
+}
+
+#[test]
 fn config_check_lists_every_problem_with_file_line_and_key() {
     let dir = std::env::temp_dir().join(format!("sy-check-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
