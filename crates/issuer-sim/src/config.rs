@@ -64,6 +64,9 @@ pub struct Limits {
     pub batches_in_flight: usize,
     /// Group commit: how long a batch waits after its first message for more.
     pub batch_delay: std::time::Duration,
+    /// Threads the process runs on: 1, one thread (the least CPU per
+    /// message, at most one core); 0, one per core.
+    pub threads: usize,
 }
 
 /// Whether a card may be used, and the decline when it may not.
@@ -310,6 +313,7 @@ fn read(root: &Section<'_, '_>) -> IssuerConfig {
         max_batch: l.int("max_batch", 256, 1..=10_000) as usize,
         batches_in_flight: l.int("batches_in_flight", 1, 1..=64) as usize,
         batch_delay: l.duration("batch_delay", std::time::Duration::ZERO),
+        threads: l.int("threads", 1, 0..=1024) as usize,
     };
     drop(l);
 

@@ -90,6 +90,10 @@ pub struct Limits {
     pub max_frame: usize,
     /// How long shutdown waits for in-flight transactions.
     pub shutdown_grace: Duration,
+    /// Threads the process runs on: 1, one thread, where a message is
+    /// handed between tasks without waking another thread (the least CPU
+    /// per transaction, at most one core); 0, one per core.
+    pub threads: usize,
 }
 
 /// `[dialects]`: field tables replacing the embedded ones.
@@ -238,6 +242,7 @@ impl Config {
             frame_timeout: l.duration("frame_timeout", Duration::from_secs(10)),
             max_frame: l.int("max_frame", 2048, 64..=65535) as usize,
             shutdown_grace: l.duration("shutdown_grace", Duration::from_secs(15)),
+            threads: l.int("threads", 1, 0..=1024) as usize,
         };
 
         let d = root.section("dialects");

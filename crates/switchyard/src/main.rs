@@ -119,14 +119,27 @@ impl std::io::Write for ClearingLine {
     }
 }
 
+/// The runtime a command runs on. On one thread a message is handed from
+/// task to task without waking another thread (no futex, no context switch
+/// on the way): the switch and the issuer run so unless their config's
+/// `limits.threads` says otherwise; the load generator, which shares the
+/// machine with the switch it measures, always (it never takes more than
+/// one core from it); the demo gives its issuer and switch a thread each
+/// (`cli::demo`); the operator commands need no more than one.
 fn runtime(command: &Command) -> tokio::runtime::Runtime {
-    let mut builder = match command {
-        // The load generator shares the machine with the switch it
-        // measures: on one thread, a reply that wakes a terminal's task
-        // costs no thread wake-up (futex, context switch) on the way, and
-        // it never takes more than one core from the switch.
-        Command::Load(_) => tokio::runtime::Builder::new_current_thread(),
-        _ => tokio::runtime::Builder::new_multi_thread(),
+    let threads = match command {
+        Command::Serve(a) => cli::serve::threads(a),
+        Command::Issuer(a) => cli::issuer::threads(a),
+        _ => 1,
+    };
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
     };
     builder.enable_all().build().expect("a tokio runtime")
 }

@@ -97,7 +97,77 @@ pub struct Stack {
     child: Option<ChildSwitch>,
     issuer_server: Server,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The issuer's thread, and the switch's when it runs in this process.
+    issuer_lane: Lane,
+    switch_lane: Option<Lane>,
     pg: EmbeddedPg,
+}
+
+/// A part of the demo on a thread of its own, with a single-threaded
+/// runtime: the issuer and the switch each run as they would in a process
+/// of their own (`limits.threads = 1`), so that a message handed from one
+/// of their tasks to another wakes no other thread, and the two do not
+/// steal each other's tasks. What runs on it is spawned through it, and its
+/// connections (database pools included) are made there.
+struct Lane {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Lane {
+    fn start(name: &str) -> anyhow::Result<Lane> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("a runtime")?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+            })
+            .with_context(|| format!("starting the {name} thread"))?;
+        Ok(Lane {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Runs `task` on this lane; its handle can be awaited from anywhere.
+    fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.handle.spawn(task)
+    }
+}
+
+impl Drop for Lane {
+    /// Stops the lane's runtime (what still runs on it is dropped) and
+    /// waits for its thread.
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A listener for a lane: bound here, registered with the lane's runtime
+/// when it starts serving.
+fn bind(addr: &str) -> anyhow::Result<std::net::TcpListener> {
+    let listener =
+        std::net::TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
 /// The issuer's server task, with its own stop token (it can be restarted).
@@ -107,11 +177,20 @@ struct Server {
 }
 
 impl Server {
-    fn start(listener: TcpListener, issuer: Arc<Issuer>, shutdown: &CancellationToken) -> Server {
+    fn start(
+        lane: &Lane,
+        listener: std::net::TcpListener,
+        issuer: Arc<Issuer>,
+        shutdown: &CancellationToken,
+    ) -> Server {
         let stop = shutdown.child_token();
         let s = stop.clone();
-        let task = tokio::spawn(async move {
-            if let Err(e) = issuer_sim::run(listener, issuer, s).await {
+        let task = lane.spawn(async move {
+            let served = match TcpListener::from_std(listener) {
+                Ok(listener) => issuer_sim::run(listener, issuer, s).await,
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = served {
                 tracing::warn!(error = %e, "issuer stopped");
             }
         });
@@ -256,14 +335,19 @@ impl Stack {
         issuer_sim::seed_cards(&issuer_pool, &issuer_key, &issuer_config.cards)
             .await
             .map_err(|e| anyhow!("{e}"))?;
-        let issuer_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let issuer_listener = bind("127.0.0.1:0")?;
         let issuer_addr = issuer_listener.local_addr()?.to_string();
-        let issuer = Arc::new(Issuer::new(
-            issuer_config,
-            issuer_key.clone(),
-            issuer_pool.clone(),
-        ));
-        let issuer_server = Server::start(issuer_listener, issuer.clone(), &shutdown);
+        let issuer_lane = Lane::start("issuer")?;
+        let issuer = {
+            let (url, key) = (url.clone(), issuer_key.clone());
+            issuer_lane
+                .spawn(async move {
+                    let pool = issuer_sim::connect(&url).await?;
+                    Ok::<_, anyhow::Error>(Arc::new(Issuer::new(issuer_config, key, pool)))
+                })
+                .await??
+        };
+        let issuer_server = Server::start(&issuer_lane, issuer_listener, issuer.clone(), &shutdown);
 
         let mut tasks = Vec::new();
         let pool = switch::connect(&url, 16).await?;
@@ -272,6 +356,7 @@ impl Stack {
             .map_err(|e| anyhow!("{e}"))?
             .store(&pool)
             .await?;
+        let mut switch_lane = None;
         let (child, switch_addr) = if killable {
             // A fixed address: the restarted switch listens where terminals redial.
             let listen = match listen.rsplit_once(':') {
@@ -289,26 +374,27 @@ impl Stack {
                 Config::parse(&switch_toml(listen, &issuer_addr, None), "(demo switch)")
                     .map_err(|e| anyhow!("{e}"))?;
             config.seed.terminals = None;
-            let switch = switch::start(
-                Arc::new(config),
-                pool.clone(),
-                PanHashKey::generate(),
-                &shutdown,
-            )
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
-            let listener = TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("listening on {listen}"))?;
+            let listener = bind(listen)?;
             let switch_addr = listener.local_addr()?.to_string();
-            tasks.push(tokio::spawn(switch::run(
-                listener,
-                switch.clone(),
-                shutdown.clone(),
-            )));
-            if !switch.links[0].wait_up(Duration::from_secs(10)).await {
-                bail!("the switch could not sign on to the issuer at {issuer_addr}");
-            }
+            let lane = Lane::start("switch")?;
+            let (url, shutdown, issuer) = (url.clone(), shutdown.clone(), issuer_addr.clone());
+            let run = lane
+                .spawn(async move {
+                    let pool = switch::connect(&url, 16).await?;
+                    let switch =
+                        switch::start(Arc::new(config), pool, PanHashKey::generate(), &shutdown)
+                            .await
+                            .map_err(|e| anyhow!("{e}"))?;
+                    let listener = TcpListener::from_std(listener)?;
+                    let run = tokio::spawn(switch::run(listener, switch.clone(), shutdown));
+                    if !switch.links[0].wait_up(Duration::from_secs(10)).await {
+                        bail!("the switch could not sign on to the issuer at {issuer}");
+                    }
+                    Ok::<_, anyhow::Error>(run)
+                })
+                .await??;
+            tasks.push(run);
+            switch_lane = Some(lane);
             (None, switch_addr)
         };
         Ok(Stack {
@@ -322,6 +408,8 @@ impl Stack {
             child,
             issuer_server,
             tasks,
+            issuer_lane,
+            switch_lane,
             pg,
         })
     }
@@ -331,10 +419,13 @@ impl Stack {
     async fn restart_issuer(&mut self, down_for: Duration) -> anyhow::Result<()> {
         self.issuer_server.stop().await;
         tokio::time::sleep(down_for).await;
-        let listener = TcpListener::bind(&self.issuer_addr)
-            .await
-            .with_context(|| format!("listening again on {}", self.issuer_addr))?;
-        self.issuer_server = Server::start(listener, self.issuer.clone(), &self.shutdown);
+        let listener = bind(&self.issuer_addr).context("listening again")?;
+        self.issuer_server = Server::start(
+            &self.issuer_lane,
+            listener,
+            self.issuer.clone(),
+            &self.shutdown,
+        );
         Ok(())
     }
 
@@ -402,6 +493,10 @@ impl Stack {
         self.issuer_server.stop().await;
         self.pool.close().await;
         self.issuer_pool.close().await;
+        // Their runtimes, and the connections made on them, before the
+        // server they connect to.
+        drop(self.switch_lane.take());
+        drop(self.issuer_lane);
         self.pg.stop();
     }
 }

@@ -41,6 +41,13 @@ fn load(path: &std::path::Path) -> Result<IssuerConfig, Failure> {
     IssuerConfig::load(path).map_err(|e| Failure::Other(anyhow!("{e}")))
 }
 
+/// The threads the issuer runs on (`limits.threads`): read before the
+/// runtime is built; a config that cannot be read gets one thread and its
+/// problems reported by [`run`].
+pub fn threads(args: &IssuerArgs) -> usize {
+    IssuerConfig::load(&args.config).map_or(1, |c| c.limits.threads)
+}
+
 /// `switchyard issuer`.
 pub async fn run(args: &IssuerArgs) -> Result<(), Failure> {
     let config = load(&args.config)?;

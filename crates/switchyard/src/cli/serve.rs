@@ -34,6 +34,13 @@ pub fn load_config(path: &std::path::Path) -> Result<Config, Failure> {
     Config::load(path).map_err(|problems| Failure::Other(anyhow!("{problems}")))
 }
 
+/// The threads `serve` runs on (`limits.threads`): read before the runtime
+/// is built; a config that cannot be read gets one thread and its problems
+/// reported by [`serve`].
+pub fn threads(args: &ServeArgs) -> usize {
+    Config::load(&args.config).map_or(1, |c| c.limits.threads)
+}
+
 /// The config named, else config/switchyard.toml when there is one, else
 /// the defaults (for commands that only need the database, which
 /// `DATABASE_URL` can name).
