@@ -77,6 +77,9 @@ pub struct Options {
     /// `false` turns fsync and synchronous commit off: for tests, never for
     /// anything whose durability is measured or relied on.
     pub fast_unsafe: bool,
+    /// More `name=value` settings for the server (`EMBEDDED_PG_SETTINGS`,
+    /// `;`-separated, adds to them).
+    pub settings: Vec<String>,
 }
 
 /// A running private PostgreSQL server; stops when dropped.
@@ -200,21 +203,27 @@ impl EmbeddedPg {
             running: false,
         };
         pg.init(options.fast_unsafe)?;
-        let mut last = None;
+        // Another server may take the port between `free_port` and ours
+        // binding it: then another port is tried. The first failure is the
+        // one reported; it carries the server's log (a setting it refused,
+        // say), where the later ones would only repeat it.
+        let mut first = None;
         for _ in 0..3 {
             pg.port = match options.port {
                 Some(p) => p,
                 None => free_port()?,
             };
-            match pg.launch(options.fast_unsafe).await {
+            match pg.launch(&options).await {
                 Ok(()) => return Ok(pg),
-                Err(e) => last = Some(e),
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
             }
             if options.port.is_some() {
                 break;
             }
         }
-        Err(last.expect("tried at least once"))
+        Err(first.expect("tried at least once"))
     }
 
     /// A command run as the server's owner.
@@ -267,7 +276,7 @@ impl EmbeddedPg {
         self.data_dir.join("postgres.log")
     }
 
-    async fn launch(&mut self, fast_unsafe: bool) -> Result<(), Error> {
+    async fn launch(&mut self, options: &Options) -> Result<(), Error> {
         let log = std::fs::File::create(self.log_path())
             .map_err(|e| step("creating the server log", e))?;
         let log_err = log
@@ -297,7 +306,7 @@ impl EmbeddedPg {
             // allocated as it is written; commits stay as durable.
             "wal_init_zero=off".into(),
         ];
-        if fast_unsafe {
+        if options.fast_unsafe {
             settings.extend(
                 [
                     "fsync=off",
@@ -307,6 +316,7 @@ impl EmbeddedPg {
                 .map(String::from),
             );
         }
+        settings.extend(options.settings.iter().cloned());
         // Extra settings for a profiling session, e.g.
         // EMBEDDED_PG_SETTINGS="shared_preload_libraries=pg_stat_statements".
         if let Ok(extra) = std::env::var("EMBEDDED_PG_SETTINGS") {
@@ -363,7 +373,9 @@ impl EmbeddedPg {
                 }
             }
             if Instant::now() > deadline || exited.load(Ordering::Acquire) {
-                self.stop();
+                // The data directory stays for another attempt (and the log
+                // for whoever reads the error); dropping removes it.
+                self.halt();
                 return Err(Error::NotReady {
                     secs: 30,
                     log: self.log_path().display().to_string(),
@@ -405,6 +417,14 @@ impl EmbeddedPg {
 
     /// Stops the server (fast shutdown) and removes a temporary data directory.
     pub fn stop(&mut self) {
+        self.halt();
+        if self.temporary {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
+    }
+
+    /// Stops the server (fast shutdown), keeping its data directory.
+    fn halt(&mut self) {
         if self.running {
             let _ = self
                 .command("pg_ctl")
@@ -416,9 +436,6 @@ impl EmbeddedPg {
                 .stderr(Stdio::null())
                 .status();
             self.running = false;
-        }
-        if self.temporary {
-            let _ = std::fs::remove_dir_all(&self.data_dir);
         }
     }
 }
@@ -564,6 +581,18 @@ mod tests {
         drop(conn);
         drop(pg);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_setting_the_server_refuses_is_named_in_the_error() {
+        let refused = Options {
+            settings: vec!["checkpoint_timeout=1s".into()],
+            ..Options::default()
+        };
+        let err = EmbeddedPg::start(refused).await.unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, Error::NotReady { .. }), "{text}");
+        assert!(text.contains("checkpoint_timeout"), "{text}");
     }
 
     #[tokio::test]
