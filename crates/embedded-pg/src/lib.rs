@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use sqlx::{Connection, PgConnection};
 
+mod flush;
+
 /// Why the server cannot be had.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -91,6 +93,9 @@ pub struct EmbeddedPg {
     bin: PathBuf,
     owner: Option<(u32, u32)>,
     running: bool,
+    /// Writes the data files back as they are made ([`flush`]), for a
+    /// durable server.
+    flusher: Option<flush::Flusher>,
 }
 
 /// The directory holding `initdb` and `postgres`: PATH first, then the
@@ -201,6 +206,7 @@ impl EmbeddedPg {
             bin,
             owner,
             running: false,
+            flusher: None,
         };
         pg.init(options.fast_unsafe)?;
         // Another server may take the port between `free_port` and ours
@@ -369,6 +375,12 @@ impl EmbeddedPg {
                 let _ = conn.close().await;
                 if serves.is_some_and(|dir| std::fs::canonicalize(dir).is_ok_and(|dir| dir == ours))
                 {
+                    if !options.fast_unsafe {
+                        self.flusher = Some(
+                            flush::Flusher::start(&self.data_dir)
+                                .map_err(|e| step("starting the write-back thread", e))?,
+                        );
+                    }
                     return Ok(());
                 }
             }
@@ -423,8 +435,15 @@ impl EmbeddedPg {
         }
     }
 
+    /// Data files written back so far by [`flush`] (none for a
+    /// `fast_unsafe` server).
+    pub fn files_written_back(&self) -> u64 {
+        self.flusher.as_ref().map_or(0, flush::Flusher::synced)
+    }
+
     /// Stops the server (fast shutdown), keeping its data directory.
     fn halt(&mut self) {
+        self.flusher = None;
         if self.running {
             let _ = self
                 .command("pg_ctl")
@@ -581,6 +600,38 @@ mod tests {
         drop(conn);
         drop(pg);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_data_files_of_a_durable_server_are_written_back_as_they_change() {
+        let pg = EmbeddedPg::start(Options::default()).await.unwrap();
+        let url = pg.create_database("flushed").await.unwrap();
+        let before = pg.files_written_back();
+        let mut conn = PgConnection::connect(&url).await.unwrap();
+        sqlx::raw_sql(
+            "CREATE TABLE grows (x int); INSERT INTO grows SELECT generate_series(1, 10000)",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        // Not a timing assertion: within the test's patience the thread has
+        // written back the new table's file at least.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while pg.files_written_back() == before {
+            assert!(Instant::now() < deadline, "no data file written back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let unsafe_pg = EmbeddedPg::start(Options {
+            fast_unsafe: true,
+            ..Options::default()
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            unsafe_pg.files_written_back(),
+            0,
+            "nothing to write back without fsync"
+        );
     }
 
     #[tokio::test]
