@@ -592,11 +592,30 @@ fn a_fault_scenario_still_ends_with_a_passing_money_check() {
     // Everything in faults.toml breaks once: issuer replies, terminal
     // connections, the issuer (restarted), the switch (SIGKILL, restarted).
     let faults = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/load/faults.toml");
-    let out = switchyard(&["demo", "--scenario", faults.to_str().unwrap()], None);
+    let json_file = std::env::temp_dir().join(format!("sy-faults-{}.json", std::process::id()));
+    let out = switchyard(
+        &[
+            "demo",
+            "--scenario",
+            faults.to_str().unwrap(),
+            "--json",
+            json_file.to_str().unwrap(),
+        ],
+        None,
+    );
     let text = stdout(&out);
     assert!(text.contains("scenario faults:"), "{text}");
-    // The issuer broke: some terminals heard 98 (no answer in time) or 91 (link down).
     let all = text.lines().find(|l| l.starts_with("all")).unwrap();
+    // The report as JSON too, the same figures as the table.
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_file).unwrap()).unwrap();
+    std::fs::remove_file(&json_file).unwrap();
+    assert_eq!(
+        json["report"]["kinds"]["all"]["count"].as_u64(),
+        all.split_whitespace().nth(1).and_then(|n| n.parse().ok()),
+        "{json}"
+    );
+    // The issuer broke: some terminals heard 98 (no answer in time) or 91 (link down).
     assert!(
         all.contains("98:") || all.contains("91:"),
         "no fault showed: {all}"

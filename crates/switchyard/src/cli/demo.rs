@@ -71,6 +71,9 @@ pub struct DemoArgs {
     /// config/load/smoke.toml); its [faults] are applied to the demo's issuer.
     #[arg(long, conflicts_with = "serve")]
     pub scenario: Option<std::path::PathBuf>,
+    /// Also write the scenario's report as JSON to this file.
+    #[arg(long, value_name = "FILE", conflicts_with = "serve")]
+    pub json: Option<std::path::PathBuf>,
     /// Also write the scenario's report as one self-contained HTML page.
     #[arg(long, value_name = "FILE", conflicts_with = "serve")]
     pub html: Option<std::path::PathBuf>,
@@ -598,7 +601,11 @@ pub async fn run(args: &DemoArgs) -> Result<(), Failure> {
     }
     let killable = scenario.faults.switch_kill_at.is_some();
     let mut stack = Stack::start("127.0.0.1:0", CancellationToken::new(), killable).await?;
-    let result = scripted_day(&mut stack, scenario, args.html.as_deref()).await;
+    let outputs = super::load::Outputs {
+        json: args.json.as_deref(),
+        html: args.html.as_deref(),
+    };
+    let result = scripted_day(&mut stack, scenario, outputs).await;
     stack.stop().await;
     result.map_err(Failure::Other)
 }
@@ -607,7 +614,7 @@ pub async fn run(args: &DemoArgs) -> Result<(), Failure> {
 async fn scripted_day(
     stack: &mut Stack,
     scenario: loadgen::scenario::Scenario,
-    html: Option<&std::path::Path>,
+    outputs: super::load::Outputs<'_>,
 ) -> anyhow::Result<()> {
     let dialect = Arc::new(Dialect::cup_pos());
     // The last terminal: the smoke scenario's terminals settle their own batches.
@@ -732,7 +739,6 @@ async fn scripted_day(
     }
     let target = stack.switch_addr.clone();
     let started = tokio::time::Instant::now();
-    let outputs = super::load::Outputs { json: None, html };
     let (played, broken) = tokio::join!(
         super::load::play(&target, scenario, outputs),
         break_on_time(stack, f, started)
