@@ -830,11 +830,12 @@ async fn scripted_day(
         result.journal_total,
         result.issuer_total
     );
+    let spent = totals.opening - totals.balance;
     println!(
-        "cards:     opening {} fen, now {} fen, difference {} (the scripted day's net: {approved})",
+        "cards:     opening {} fen, now {} fen, spent {spent} fen ({approved} by the scripted day above, {} by the scenario)",
         totals.opening,
         totals.balance,
-        totals.opening - totals.balance
+        spent - approved
     );
     for b in &result.breaks {
         println!("  {b}");
