@@ -214,8 +214,11 @@ impl Switch {
         };
         match kind {
             Kind::SignOn => match terminals::sign_on(&self.pool, req.terminal_id).await {
-                Ok(batch) => {
-                    self.writer.forget_terminal(req.terminal_id);
+                Ok(signed) => {
+                    // Read by the sign-on itself: the terminal's first
+                    // request needs no lookup of its own.
+                    let batch = signed.batch;
+                    self.writer.keep_terminal(signed);
                     self.reply(
                         req,
                         out,

@@ -30,13 +30,29 @@ pub async fn find(pool: &PgPool, id: &str) -> Result<Option<Terminal>, sqlx::Err
     Ok(find_many(pool, &[id.to_string()]).await?.pop().flatten())
 }
 
+/// A terminal joined with its merchant, as the statements below read it.
+type Joined = (String, bool, i32, String, String, String, bool);
+
+fn terminal(row: Joined) -> Terminal {
+    let (id, enabled, batch, merchant_id, merchant_name, mcc, merchant_enabled) = row;
+    Terminal {
+        id,
+        enabled,
+        batch,
+        merchant_id,
+        merchant_name,
+        mcc,
+        merchant_enabled,
+    }
+}
+
 /// Looks many terminals up in one statement (the reads of concurrent
 /// requests, batched): for each id, in order, the terminal when known.
 pub async fn find_many(
     pool: &PgPool,
     ids: &[String],
 ) -> Result<Vec<Option<Terminal>>, sqlx::Error> {
-    let rows: Vec<(String, bool, i32, String, String, String, bool)> = sqlx::query_as(
+    let rows: Vec<Joined> = sqlx::query_as(
         "SELECT t.id, t.enabled, t.batch, m.id, m.name, m.mcc, m.enabled
          FROM terminals t JOIN merchants m ON m.id = t.merchant_id WHERE t.id = ANY($1)",
     )
@@ -45,32 +61,23 @@ pub async fn find_many(
     .await?;
     let mut found: std::collections::HashMap<String, Terminal> = rows
         .into_iter()
-        .map(
-            |(id, enabled, batch, merchant_id, merchant_name, mcc, merchant_enabled)| {
-                (
-                    id.clone(),
-                    Terminal {
-                        id,
-                        enabled,
-                        batch,
-                        merchant_id,
-                        merchant_name,
-                        mcc,
-                        merchant_enabled,
-                    },
-                )
-            },
-        )
+        .map(|row| (row.0.clone(), terminal(row)))
         .collect();
     Ok(ids.iter().map(|id| found.remove(id)).collect())
 }
 
-/// Records a sign-on; returns the open batch.
-pub async fn sign_on(pool: &PgPool, id: &str) -> Result<i32, sqlx::Error> {
-    sqlx::query_scalar("UPDATE terminals SET signed_on_at = now() WHERE id = $1 RETURNING batch")
-        .bind(id)
-        .fetch_one(pool)
-        .await
+/// Records a sign-on; returns the terminal with its merchant as they are
+/// now (the open batch is what the sign-on reply carries).
+pub async fn sign_on(pool: &PgPool, id: &str) -> Result<Terminal, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE terminals t SET signed_on_at = now() FROM merchants m
+         WHERE t.id = $1 AND m.id = t.merchant_id
+         RETURNING t.id, t.enabled, t.batch, m.id, m.name, m.mcc, m.enabled",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .map(terminal)
 }
 
 /// A merchant to load.

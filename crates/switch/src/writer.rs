@@ -167,8 +167,14 @@ impl Writer {
         }))
     }
 
-    /// Drops what the cache knows of a terminal: this switch signed it on,
-    /// settled its batch, or found its batch closed by another.
+    /// Keeps a terminal just read with a write of its own (a sign-on), as
+    /// if looked up now.
+    pub fn keep_terminal(&self, t: Terminal) {
+        self.terminals.put(Arc::new(t));
+    }
+
+    /// Drops what the cache knows of a terminal: this switch settled its
+    /// batch, or found its batch closed by another.
     pub fn forget_terminal(&self, id: &str) {
         self.terminals.forget(id);
     }
