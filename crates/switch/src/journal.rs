@@ -13,6 +13,19 @@ use sqlx::PgPool;
 
 use crate::model::{Kind, ResponseCode, State};
 
+/// The columns of an [`Original`], over a `journal` row.
+macro_rules! original_columns {
+    () => {
+        "id, rrn, kind, state, amount, refunded_amount, batch, stan, business_date, pan_hash,
+        auth_code, mti, processing_code, issuer, link_stan, link_f7, original_id, received_at,
+        EXISTS (SELECT 1 FROM advices a WHERE a.journal_id = journal.id
+                AND a.state = 'pending' AND a.kind = 'reversal')
+        OR EXISTS (SELECT 1 FROM journal f JOIN advices a ON a.journal_id = f.id
+                   WHERE f.original_id = journal.id AND a.state = 'pending' AND a.kind = 'reversal')
+        AS family_pending"
+    };
+}
+
 /// A request about to be journalled.
 #[derive(Debug, Clone)]
 pub struct NewEntry<'a> {
@@ -294,6 +307,10 @@ pub enum Write {
     Request(Box<Row>),
     /// An outcome ([`complete`]).
     Outcome(Completion),
+    /// A read of the originals a related request names ([`find`]): it
+    /// writes nothing, and rides in the batch so that it costs a few index
+    /// probes instead of a statement and a round trip of its own.
+    Find(Find),
 }
 
 /// What a [`Write`] did.
@@ -304,6 +321,8 @@ pub enum Wrote {
     Request(Option<Written>),
     /// The state written, or `None` when the row was no longer `sent`.
     Outcome(Option<String>),
+    /// What a [`Write::Find`] found, newest first.
+    Found(Vec<Original>),
 }
 
 /// What two writes of one batch must not share.
@@ -313,6 +332,9 @@ pub enum WriteKey {
     Request(String, String, i32, i32, i16),
     /// The row an outcome completes.
     Outcome(i64),
+    /// A read (two equal reads in one batch would be answered alike; the
+    /// second simply goes with the next).
+    Find(Find),
 }
 
 impl Write {
@@ -324,6 +346,92 @@ impl Write {
                 WriteKey::Request(m, t, b, s, c)
             }
             Write::Outcome(c) => WriteKey::Outcome(c.id),
+            Write::Find(f) => WriteKey::Find(f.clone()),
+        }
+    }
+}
+
+/// How a related request names its original.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Find {
+    /// A terminal's entry by merchant, batch, STAN and MTI class (voids,
+    /// reversals).
+    ByStan {
+        /// F42.
+        merchant_id: String,
+        /// F41.
+        terminal_id: String,
+        /// The original's batch.
+        batch: i32,
+        /// The original's STAN.
+        stan: i32,
+        /// The original's MTI class.
+        mti_class: i16,
+    },
+    /// The entry with this RRN at this merchant (refunds), found through
+    /// the id the RRN is made of ([`rrn_id`]).
+    ByRrn {
+        /// F37.
+        rrn: String,
+        /// F42.
+        merchant_id: String,
+    },
+    /// A card's pre-authorisations with this auth code (cancels and
+    /// completions).
+    Preauths {
+        /// F38.
+        auth_code: String,
+        /// The keyed PAN hash.
+        pan_hash: [u8; 32],
+    },
+}
+
+impl Find {
+    /// Which branch of the statement's `found` answers it.
+    fn how(&self) -> i16 {
+        match self {
+            Find::ByStan { .. } => 1,
+            Find::ByRrn { .. } => 2,
+            Find::Preauths { .. } => 3,
+        }
+    }
+
+    fn merchant(&self) -> Option<&str> {
+        match self {
+            Find::ByStan { merchant_id, .. } | Find::ByRrn { merchant_id, .. } => Some(merchant_id),
+            Find::Preauths { .. } => None,
+        }
+    }
+
+    /// Terminal, batch, STAN and MTI class.
+    fn by_stan(&self) -> Option<(&str, i32, i32, i16)> {
+        match self {
+            Find::ByStan {
+                terminal_id,
+                batch,
+                stan,
+                mti_class,
+                ..
+            } => Some((terminal_id, *batch, *stan, *mti_class)),
+            _ => None,
+        }
+    }
+
+    fn rrn(&self) -> Option<&str> {
+        match self {
+            Find::ByRrn { rrn, .. } => Some(rrn),
+            _ => None,
+        }
+    }
+
+    /// Auth code and card.
+    fn preauths(&self) -> Option<(&str, &[u8])> {
+        match self {
+            Find::Preauths {
+                auth_code,
+                pan_hash,
+            } => Some((auth_code, pan_hash)),
+            _ => None,
         }
     }
 }
@@ -444,6 +552,8 @@ struct Shape {
     requests: Option<Claims>,
     /// Outcomes: none, or some, with or without a row holding a claim.
     outcomes: Option<Claims>,
+    /// Whether it reads originals ([`Write::Find`]).
+    finds: bool,
 }
 
 /// Whether any write of its kind in a batch claims (or holds a claim on)
@@ -454,6 +564,10 @@ enum Claims {
     Some,
 }
 
+/// The parameters of each part of [`write_many`]'s statement.
+const REQUEST_PARAMS: usize = 24;
+const OUTCOME_PARAMS: usize = 6;
+
 impl Shape {
     /// Its place in [`WRITE_SQL`].
     fn index(self) -> usize {
@@ -462,50 +576,122 @@ impl Shape {
             Some(Claims::None) => 1,
             Some(Claims::Some) => 2,
         };
-        i(self.requests) * 3 + i(self.outcomes)
+        (i(self.requests) * 3 + i(self.outcomes)) * 2 + usize::from(self.finds)
     }
 
-    /// The statement for this shape; each answers rows of one shape: `'r'`
-    /// and the request's key for a written request, `'o'` and the state for
-    /// a written outcome.
+    /// The statement for this shape; it answers one row per written
+    /// request (`'r'` and the request's key), per written outcome (`'o'`
+    /// and the state) and per original found (`'f'`, the find's ordinal
+    /// and the original). The columns only a found original has are there
+    /// only when the batch finds.
     fn sql(self) -> String {
-        const WRITTEN: &str = "SELECT 'r' AS what, id, rrn, link_stan, merchant_id, terminal_id,
-            batch, stan, mti_class, NULL::text AS state";
-        const ENDED_ROWS: &str = "SELECT 'o' AS what, id, NULL::text AS rrn, NULL::int AS link_stan,
-            NULL::text AS merchant_id, NULL::text AS terminal_id, NULL::int AS batch, NULL::int AS stan,
-            NULL::int2 AS mti_class, state, NULL::bool AS claimed FROM ended";
-        let written = |claims| match claims {
-            Claims::Some => {
-                format!("{WRITTEN}, id IN (SELECT id FROM claimed) AS claimed FROM new")
+        let extra = |found: bool| {
+            if !self.finds {
+                String::new()
+            } else if found {
+                ", ord, kind, amount::int8 AS amount, refunded_amount::int8 AS refunded_amount,
+                 business_date, pan_hash, auth_code, mti, processing_code, issuer, link_f7,
+                 original_id, received_at, family_pending"
+                    .to_string()
+            } else {
+                ", NULL::int8 AS ord, NULL::text AS kind, NULL::int8 AS amount,
+                 NULL::int8 AS refunded_amount, NULL::date AS business_date, NULL::bytea AS pan_hash,
+                 NULL::text AS auth_code, NULL::int2 AS mti, NULL::text AS processing_code,
+                 NULL::text AS issuer, NULL::text AS link_f7, NULL::int8 AS original_id,
+                 NULL::timestamptz AS received_at, NULL::bool AS family_pending"
+                    .to_string()
             }
-            Claims::None => format!("{WRITTEN}, false AS claimed FROM new"),
         };
-        let undo = |claims| claims == Claims::Some;
-        match (self.requests, self.outcomes) {
-            (None, None) => String::new(),
-            (Some(r), None) => format!("WITH {} {}", requests_cte(r == Claims::Some), written(r)),
-            (None, Some(o)) => format!("WITH {} {ENDED_ROWS}", outcomes_ctes(1, undo(o))),
-            (Some(r), Some(o)) => format!(
-                "WITH {}, {} {} UNION ALL {ENDED_ROWS}",
-                requests_cte(r == Claims::Some),
-                outcomes_ctes(25, undo(o)),
-                written(r)
-            ),
+        let written = |claims| {
+            let claimed = match claims {
+                Claims::Some => "id IN (SELECT id FROM claimed)",
+                Claims::None => "false",
+            };
+            format!(
+                "SELECT 'r' AS what, id, rrn, link_stan, merchant_id, terminal_id, batch, stan,
+                    mti_class, NULL::text AS state, {claimed} AS claimed{} FROM new",
+                extra(false)
+            )
+        };
+        let ended_rows = format!(
+            "SELECT 'o' AS what, id, NULL::text AS rrn, NULL::int AS link_stan,
+                NULL::text AS merchant_id, NULL::text AS terminal_id, NULL::int AS batch,
+                NULL::int AS stan, NULL::int2 AS mti_class, state, NULL::bool AS claimed{} FROM ended",
+            extra(false)
+        );
+        let found_rows = format!(
+            "SELECT 'f' AS what, id, rrn, link_stan, NULL::text AS merchant_id,
+                NULL::text AS terminal_id, batch, stan, NULL::int2 AS mti_class, state::text,
+                NULL::bool AS claimed{} FROM found",
+            extra(true)
+        );
+        let mut ctes = Vec::new();
+        let mut selects = Vec::new();
+        let mut next = 1;
+        if let Some(r) = self.requests {
+            ctes.push(requests_cte(r == Claims::Some));
+            selects.push(written(r));
+            next += REQUEST_PARAMS;
         }
+        if let Some(o) = self.outcomes {
+            ctes.push(outcomes_ctes(next, o == Claims::Some));
+            selects.push(ended_rows);
+            next += OUTCOME_PARAMS;
+        }
+        if self.finds {
+            ctes.push(finds_ctes(next));
+            selects.push(found_rows);
+        }
+        if selects.is_empty() {
+            return String::new();
+        }
+        format!("WITH {} {}", ctes.join(",\n"), selects.join(" UNION ALL "))
     }
+}
+
+/// The reads of the batch's [`Write::Find`]s, from parameter `$first` on,
+/// as the CTE `found`: each find's ordinal (from 1) with every original it
+/// names, by the branch its `how` picks (the others are not run for it).
+fn finds_ctes(first: usize) -> String {
+    let sql = format!(
+        "finds AS (
+        SELECT * FROM unnest($f1::int2[], $f2::text[], $f3::text[], $f4::int[], $f5::int[],
+                             $f6::int2[], $f7::int8[], $f8::text[], $f9::text[], $f10::bytea[])
+            WITH ORDINALITY AS f(how, merchant_id, terminal_id, batch, stan, mti_class, id, rrn,
+                                 auth_code, pan_hash, ord)),
+     found AS (
+        SELECT f.ord, o.* FROM finds f CROSS JOIN LATERAL (
+            SELECT {cols} FROM journal
+            WHERE f.how = 1 AND merchant_id = f.merchant_id AND terminal_id = f.terminal_id
+              AND batch = f.batch AND stan = f.stan AND mti_class = f.mti_class
+            UNION ALL
+            SELECT {cols} FROM journal
+            WHERE f.how = 2 AND id = f.id AND rrn = f.rrn AND merchant_id = f.merchant_id
+            UNION ALL
+            SELECT {cols} FROM journal
+            WHERE f.how = 3 AND kind = 'preauth' AND pan_hash = f.pan_hash
+              AND auth_code = f.auth_code) o)",
+        cols = original_columns!()
+    );
+    (1..=10).rev().fold(sql, |sql, n| {
+        sql.replace(&format!("$f{n}"), &format!("${}", first + n - 1))
+    })
 }
 
 /// The statements of [`write_many`], one per [`Shape`] (by
 /// [`Shape::index`]): a batch without claims, the usual one, takes the
-/// leaner statement.
+/// leaner statement, and one that reads no original leaves the reads out.
 static WRITE_SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
     let kinds = [None, Some(Claims::None), Some(Claims::Some)];
     kinds
         .iter()
-        .flat_map(|&requests| {
-            kinds
-                .iter()
-                .map(move |&outcomes| Shape { requests, outcomes })
+        .flat_map(|&requests| kinds.iter().map(move |&outcomes| (requests, outcomes)))
+        .flat_map(|(requests, outcomes)| {
+            [false, true].map(|finds| Shape {
+                requests,
+                outcomes,
+                finds,
+            })
         })
         .map(Shape::sql)
         .collect()
@@ -533,21 +719,53 @@ pub async fn write_many(pool: &PgPool, writes: &[Write]) -> Result<Vec<Wrote>, s
         mti_class: Option<i16>,
         state: Option<String>,
         claimed: Option<bool>,
+        // Only in a batch that finds originals.
+        #[sqlx(default)]
+        ord: Option<i64>,
+        #[sqlx(default)]
+        kind: Option<String>,
+        #[sqlx(default)]
+        amount: Option<i64>,
+        #[sqlx(default)]
+        refunded_amount: Option<i64>,
+        #[sqlx(default)]
+        business_date: Option<NaiveDate>,
+        #[sqlx(default)]
+        pan_hash: Option<Vec<u8>>,
+        #[sqlx(default)]
+        auth_code: Option<String>,
+        #[sqlx(default)]
+        mti: Option<i16>,
+        #[sqlx(default)]
+        processing_code: Option<String>,
+        #[sqlx(default)]
+        issuer: Option<String>,
+        #[sqlx(default)]
+        link_f7: Option<String>,
+        #[sqlx(default)]
+        original_id: Option<i64>,
+        #[sqlx(default)]
+        received_at: Option<chrono::DateTime<chrono::Utc>>,
+        #[sqlx(default)]
+        family_pending: Option<bool>,
     }
     let mut rows: Vec<&Row> = Vec::new();
     let mut outcomes: Vec<&Completion> = Vec::new();
+    let mut finds: Vec<&Find> = Vec::new();
     for w in writes {
         match w {
             Write::Request(r) => rows.push(r),
             Write::Outcome(c) => outcomes.push(c),
+            Write::Find(f) => finds.push(f),
         }
     }
     let claims = |any: bool| if any { Claims::Some } else { Claims::None };
     let shape = Shape {
         requests: (!rows.is_empty()).then(|| claims(rows.iter().any(|r| r.claims()))),
         outcomes: (!outcomes.is_empty()).then(|| claims(outcomes.iter().any(|c| c.claimed))),
+        finds: !finds.is_empty(),
     };
-    if shape.requests.is_none() && shape.outcomes.is_none() {
+    if shape.requests.is_none() && shape.outcomes.is_none() && !shape.finds {
         return Ok(Vec::new());
     }
     let sql = &WRITE_SQL[shape.index()];
@@ -588,37 +806,106 @@ pub async fn write_many(pool: &PgPool, writes: &[Write]) -> Result<Vec<Wrote>, s
             .bind(col(&outcomes, |c| c.reply.as_slice()))
             .bind(State::Sent.as_str());
     }
+    if !finds.is_empty() {
+        q = q
+            .bind(col(&finds, Find::how))
+            .bind(col(&finds, Find::merchant))
+            .bind(col(&finds, |f| f.by_stan().map(|k| k.0)))
+            .bind(col(&finds, |f| f.by_stan().map(|k| k.1)))
+            .bind(col(&finds, |f| f.by_stan().map(|k| k.2)))
+            .bind(col(&finds, |f| f.by_stan().map(|k| k.3)))
+            .bind(col(&finds, |f| f.rrn().and_then(rrn_id)))
+            .bind(col(&finds, Find::rrn))
+            .bind(col(&finds, |f| f.preauths().map(|p| p.0)))
+            .bind(col(&finds, |f| f.preauths().map(|p| p.1)));
+    }
     let done = q.fetch_all(pool).await?;
     let mut written = std::collections::HashMap::new();
     let mut ended = std::collections::HashMap::new();
+    let mut found: Vec<Vec<Original>> = vec![Vec::new(); finds.len()];
     for d in done {
-        if d.what == "o" {
-            ended.insert(d.id, d.state);
-            continue;
+        match d.what.as_str() {
+            "o" => {
+                ended.insert(d.id, d.state);
+            }
+            "f" => {
+                let at = d.ord.and_then(|o| usize::try_from(o - 1).ok());
+                let (Some(list), Some(kind), Some(state), Some(amount), Some(business_date)) = (
+                    at.and_then(|at| found.get_mut(at)),
+                    d.kind,
+                    d.state,
+                    d.amount,
+                    d.business_date,
+                ) else {
+                    return Err(sqlx::Error::Protocol(
+                        "a found original without its ordinal or its columns".into(),
+                    ));
+                };
+                list.push(Original {
+                    id: d.id,
+                    rrn: d.rrn.unwrap_or_default(),
+                    kind,
+                    state,
+                    amount,
+                    refunded_amount: d.refunded_amount.unwrap_or(0),
+                    batch: d.batch.unwrap_or_default(),
+                    stan: d.stan.unwrap_or_default(),
+                    business_date,
+                    pan_hash: d.pan_hash,
+                    auth_code: d.auth_code,
+                    mti: d.mti.unwrap_or_default(),
+                    processing_code: d.processing_code.unwrap_or_default(),
+                    issuer: d.issuer,
+                    link_stan: d.link_stan,
+                    link_f7: d.link_f7,
+                    original_id: d.original_id,
+                    received_at: d.received_at.unwrap_or_default(),
+                    family_pending: d.family_pending.unwrap_or(false),
+                });
+            }
+            _ => {
+                let key = WriteKey::Request(
+                    d.merchant_id.unwrap_or_default(),
+                    d.terminal_id.unwrap_or_default(),
+                    d.batch.unwrap_or_default(),
+                    d.stan.unwrap_or_default(),
+                    d.mti_class.unwrap_or_default(),
+                );
+                let row = Written {
+                    id: d.id,
+                    rrn: d.rrn.unwrap_or_default(),
+                    link_stan: d.link_stan,
+                    claimed: d.claimed.unwrap_or(false),
+                };
+                written.insert(key, row);
+            }
         }
-        let key = WriteKey::Request(
-            d.merchant_id.unwrap_or_default(),
-            d.terminal_id.unwrap_or_default(),
-            d.batch.unwrap_or_default(),
-            d.stan.unwrap_or_default(),
-            d.mti_class.unwrap_or_default(),
-        );
-        let row = Written {
-            id: d.id,
-            rrn: d.rrn.unwrap_or_default(),
-            link_stan: d.link_stan,
-            claimed: d.claimed.unwrap_or(false),
-        };
-        written.insert(key, row);
     }
+    let mut found = found.into_iter();
     Ok(writes
         .iter()
         .map(|w| match w {
             Write::Request(_) => Wrote::Request(written.remove(&w.key())),
             Write::Outcome(c) => Wrote::Outcome(ended.remove(&c.id).flatten()),
+            Write::Find(_) => {
+                let mut originals = found.next().unwrap_or_default();
+                // Newest first.
+                originals.sort_by_key(|o| std::cmp::Reverse(o.id));
+                Wrote::Found(originals)
+            }
         })
         .collect())
 }
+
+/// The originals `f` names, newest first, as a batch of one.
+pub async fn find(pool: &PgPool, f: &Find) -> Result<Vec<Original>, sqlx::Error> {
+    let write = Write::Find(f.clone());
+    match write_many(pool, std::slice::from_ref(&write)).await?.pop() {
+        Some(Wrote::Found(originals)) => Ok(originals),
+        _ => Ok(Vec::new()),
+    }
+}
+
 /// The earlier request with the key of `e`, if any.
 pub async fn earlier(pool: &PgPool, e: &NewEntry<'_>) -> Result<Option<Earlier>, sqlx::Error> {
     sqlx::query_as::<_, (i64, Vec<u8>, String, Option<String>, String, Option<Vec<u8>>)>(
@@ -836,36 +1123,6 @@ pub struct Original {
     pub family_pending: bool,
 }
 
-const ORIGINAL: &str =
-    "SELECT id, rrn, kind, state, amount, refunded_amount, batch, stan, business_date, pan_hash,
-    auth_code, mti, processing_code, issuer, link_stan, link_f7, original_id, received_at,
-    EXISTS (SELECT 1 FROM advices a WHERE a.journal_id = journal.id
-            AND a.state = 'pending' AND a.kind = 'reversal')
-    OR EXISTS (SELECT 1 FROM journal f JOIN advices a ON a.journal_id = f.id
-               WHERE f.original_id = journal.id AND a.state = 'pending' AND a.kind = 'reversal')
-    AS family_pending FROM journal";
-
-/// The entry of a terminal by merchant, batch, STAN and MTI class (voids, reversals).
-pub async fn find_by_stan(
-    pool: &PgPool,
-    merchant_id: &str,
-    terminal_id: &str,
-    batch: i32,
-    stan: i32,
-    mti_class: i16,
-) -> Result<Option<Original>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "{ORIGINAL} WHERE merchant_id = $1 AND terminal_id = $2 AND batch = $3 AND stan = $4 AND mti_class = $5"
-    )))
-    .bind(merchant_id)
-    .bind(terminal_id)
-    .bind(batch)
-    .bind(stan)
-    .bind(mti_class)
-    .fetch_optional(pool)
-    .await
-}
-
 /// The journal id an RRN stands for: the RRN is the id's last twelve
 /// digits (see the `rrn` column), so a lookup by RRN goes through the
 /// primary key instead of an index of its own that every insert would pay
@@ -874,38 +1131,6 @@ pub fn rrn_id(rrn: &str) -> Option<i64> {
     (rrn.len() == 12 && rrn.bytes().all(|b| b.is_ascii_digit()))
         .then(|| rrn.parse().ok())
         .flatten()
-}
-
-/// The entry with this RRN at this merchant (refunds).
-pub async fn find_by_rrn(
-    pool: &PgPool,
-    rrn: &str,
-    merchant_id: &str,
-) -> Result<Option<Original>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "{ORIGINAL} WHERE id = $3 AND rrn = $1 AND merchant_id = $2"
-    )))
-    .bind(rrn)
-    .bind(merchant_id)
-    .bind(rrn_id(rrn))
-    .fetch_optional(pool)
-    .await
-}
-
-/// The pre-authorisations of this card with this auth code, newest first
-/// (cancels and completions, P1).
-pub async fn find_preauths(
-    pool: &PgPool,
-    auth_code: &str,
-    pan_hash: &[u8; 32],
-) -> Result<Vec<Original>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "{ORIGINAL} WHERE kind = 'preauth' AND pan_hash = $2 AND auth_code = $1 ORDER BY id DESC"
-    )))
-    .bind(auth_code)
-    .bind(pan_hash.as_slice())
-    .fetch_all(pool)
-    .await
 }
 
 /// The journalled (`received`) reversal a decision approves: its row, the

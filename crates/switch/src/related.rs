@@ -10,7 +10,7 @@ use iso8583::Pan;
 use tracing::{debug, warn};
 
 use crate::config::SameDayRefund;
-use crate::journal::{self, Disposition, NewEntry, Original};
+use crate::journal::{self, Disposition, Find, NewEntry, Original};
 use crate::model::{Kind, ResponseCode, State};
 use crate::router::{Related, ReplyFields, Request, Switch, business_date, request_digest};
 use crate::terminals::Terminal;
@@ -240,17 +240,15 @@ impl Switch {
         ) else {
             return Some(ResponseCode::FORMAT_ERROR);
         };
-        let original = match journal::find_by_stan(
-            &self.pool,
-            req.merchant_id,
-            req.terminal_id,
+        let named = Find::ByStan {
+            merchant_id: req.merchant_id.to_string(),
+            terminal_id: req.terminal_id.to_string(),
             batch,
             stan,
-            2,
-        )
-        .await
-        {
-            Ok(o) => o,
+            mti_class: 2,
+        };
+        let original = match self.writer.find(named).await {
+            Ok(o) => o.into_iter().next(),
             Err(e) => {
                 warn!(error = %e, "journal read failed");
                 return Some(ResponseCode::SYSTEM_ERROR);
@@ -355,8 +353,12 @@ impl Switch {
         }
         let f61 = req.digits(61);
         let rrn = req.msg.text(37).unwrap_or("");
-        let original = match journal::find_by_rrn(&self.pool, rrn, req.merchant_id).await {
-            Ok(o) => o,
+        let named = Find::ByRrn {
+            rrn: rrn.to_string(),
+            merchant_id: req.merchant_id.to_string(),
+        };
+        let original = match self.writer.find(named).await {
+            Ok(o) => o.into_iter().next(),
             Err(e) => {
                 warn!(error = %e, "journal read failed");
                 return Some(ResponseCode::SYSTEM_ERROR);
@@ -513,8 +515,11 @@ impl Switch {
         }
         let auth = req.msg.text(38).unwrap_or("");
         let date = req.digits(61).get(12..16).map(str::to_string);
-        let card = p.pan_hash.unwrap_or_default();
-        let candidates = match journal::find_preauths(&self.pool, auth, &card).await {
+        let named = Find::Preauths {
+            auth_code: auth.to_string(),
+            pan_hash: p.pan_hash.unwrap_or_default(),
+        };
+        let candidates = match self.writer.find(named).await {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, "journal read failed");
@@ -654,19 +659,21 @@ impl Switch {
             original,
             reply: &reply,
         };
+        // Read after the reversal's row is durable, never in its statement:
+        // an original written in the same batch would not see this row,
+        // nor this read the original.
+        let named = Find::ByStan {
+            merchant_id: req.merchant_id.to_string(),
+            terminal_id: req.terminal_id.to_string(),
+            batch,
+            stan: req.stan as i32,
+            mti_class: class,
+        };
         for _ in 0..3 {
-            let found = journal::find_by_stan(
-                &self.pool,
-                req.merchant_id,
-                req.terminal_id,
-                batch,
-                req.stan as i32,
-                class,
-            )
-            .await;
+            let found = self.writer.find(named.clone()).await;
             // Refunds and advices are not reversible (they are retried instead).
             let original = match found {
-                Ok(o) => o.filter(|o| {
+                Ok(o) => o.into_iter().next().filter(|o| {
                     o.processing_code == p.processing_code && REVERSIBLE.contains(&o.kind.as_str())
                 }),
                 Err(e) => {

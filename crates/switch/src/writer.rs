@@ -31,7 +31,7 @@ use tokio::sync::oneshot;
 use tracing::warn;
 
 use crate::journal::{
-    self, Answered, Completion, Disposition, Insert, NewEntry, Row, Write, Wrote,
+    self, Answered, Completion, Disposition, Find, Insert, NewEntry, Original, Row, Write, Wrote,
 };
 use crate::terminals::{self, Terminal};
 
@@ -207,7 +207,17 @@ impl Writer {
         }
         match answer.await.map_err(|_| stopped())?? {
             Wrote::Outcome(state) => Ok(state),
-            Wrote::Request(_) => Ok(None),
+            Wrote::Request(_) | Wrote::Found(_) => Ok(None),
+        }
+    }
+
+    /// [`journal::find`], in the next batch of writes: the originals a
+    /// related request names, newest first.
+    pub async fn find(&self, f: Find) -> Result<Vec<Original>, sqlx::Error> {
+        match self.submit(Write::Find(f.clone())).await? {
+            Some(Wrote::Found(originals)) => Ok(originals),
+            Some(_) => Ok(Vec::new()),
+            None => journal::find(&self.pool, &f).await,
         }
     }
 

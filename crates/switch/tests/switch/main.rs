@@ -1022,6 +1022,120 @@ async fn rows_and_outcomes_of_one_batch_each_get_their_own_answer() {
 }
 
 #[tokio::test]
+async fn reads_of_originals_ride_in_a_batch_of_writes_each_with_its_own_answer() {
+    use switch::journal::{self, Find, NewEntry, Row, Write, Wrote};
+    use switch::model::{Kind, State};
+    let w = world().await;
+    let preauth = |stan| NewEntry {
+        kind: Kind::PreAuth,
+        processing_code: "030000",
+        ..purchase(stan)
+    };
+    let first = journal::write_many(
+        &w.pool,
+        &[
+            Write::Request(Box::new(Row::of(&purchase(1), FORWARD))),
+            Write::Request(Box::new(Row::of(&preauth(2), FORWARD))),
+            Write::Request(Box::new(Row::of(&preauth(3), FORWARD))),
+        ],
+    )
+    .await
+    .unwrap();
+    let written: Vec<journal::Written> = first
+        .into_iter()
+        .map(|a| match a {
+            Wrote::Request(Some(written)) => written,
+            other => panic!("a new row: {other:?}"),
+        })
+        .collect();
+    journal::write_many(
+        &w.pool,
+        &written
+            .iter()
+            .map(|r| outcome(r.id, State::Approved))
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap();
+    let by_stan = |stan| {
+        Write::Find(Find::ByStan {
+            merchant_id: MERCHANT.into(),
+            terminal_id: "T0000001".into(),
+            batch: 1,
+            stan,
+            mti_class: 2,
+        })
+    };
+    let by_rrn = |rrn: &str| {
+        Write::Find(Find::ByRrn {
+            rrn: rrn.into(),
+            merchant_id: MERCHANT.into(),
+        })
+    };
+    // One statement: a new row, reads by STAN, by RRN and of a card's
+    // pre-authorisations, and reads that find nothing.
+    let mixed = [
+        by_stan(1),
+        Write::Request(Box::new(Row::of(&purchase(4), FORWARD))),
+        by_rrn(&written[0].rrn),
+        Write::Find(Find::Preauths {
+            auth_code: "123456".into(),
+            pan_hash: [7; 32],
+        }),
+        by_stan(99),
+        by_rrn("not an rrn"),
+        Write::Find(Find::Preauths {
+            auth_code: "123456".into(),
+            pan_hash: [8; 32],
+        }),
+    ];
+    let answers = journal::write_many(&w.pool, &mixed).await.unwrap();
+    let found = |i: usize| match &answers[i] {
+        Wrote::Found(originals) => originals.clone(),
+        other => panic!("answer {i} is a read: {other:?}"),
+    };
+    let sale = found(0);
+    assert_eq!(sale.len(), 1);
+    assert_eq!(
+        (sale[0].id, sale[0].kind.as_str(), sale[0].state.as_str()),
+        (written[0].id, "purchase", "approved")
+    );
+    assert_eq!((sale[0].amount, sale[0].stan, sale[0].batch), (100, 1, 1));
+    assert_eq!(sale[0].pan_hash.as_deref(), Some(&[7u8; 32][..]));
+    assert_eq!(sale[0].link_stan, written[0].link_stan);
+    assert!(!sale[0].family_pending);
+    assert!(matches!(&answers[1], Wrote::Request(Some(_))));
+    assert_eq!(
+        found(2).iter().map(|o| o.id).collect::<Vec<_>>(),
+        [written[0].id]
+    );
+    // Both pre-authorisations of the card, newest first.
+    let holds = found(3);
+    assert_eq!(
+        holds.iter().map(|o| o.id).collect::<Vec<_>>(),
+        [written[2].id, written[1].id]
+    );
+    assert!(
+        holds
+            .iter()
+            .all(|o| o.auth_code.as_deref() == Some("123456"))
+    );
+    assert!(found(4).is_empty() && found(5).is_empty() && found(6).is_empty());
+    // A read alone is a batch of one.
+    let alone = journal::find(
+        &w.pool,
+        &Find::ByRrn {
+            rrn: written[0].rrn.clone(),
+            merchant_id: MERCHANT.into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(alone.len(), 1);
+    assert_eq!(alone[0].id, written[0].id);
+}
+
+#[tokio::test]
 async fn idle_and_half_sent_connections_are_closed_busy_ones_are_not() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let w = world_with(|c| {
