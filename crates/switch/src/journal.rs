@@ -311,6 +311,27 @@ pub enum Write {
     /// writes nothing, and rides in the batch so that it costs a few index
     /// probes instead of a statement and a round trip of its own.
     Find(Find),
+    /// A journalled advice applied to its original ([`apply_advice`]).
+    Apply(Apply),
+    /// A journalled reversal, decided ([`reverse`]).
+    Reversal(Reversal),
+}
+
+/// An advice the switch answers itself (a refund, a completion advice),
+/// journalled `received`, to apply to its original: see [`apply_advice`].
+#[derive(Debug, Clone)]
+pub struct Apply {
+    /// The advice's own row.
+    pub row_id: i64,
+    /// The original it applies to.
+    pub original_id: i64,
+    /// Its amount, fen.
+    pub amount: i64,
+    /// Refund or completion.
+    pub kind: AdviceKind,
+    /// Its approved reply from the MTI on, stored by the statement that
+    /// approves it (for repeats, D1).
+    pub reply: Vec<u8>,
 }
 
 /// What a [`Write`] did.
@@ -323,6 +344,10 @@ pub enum Wrote {
     Outcome(Option<String>),
     /// What a [`Write::Find`] found, newest first.
     Found(Vec<Original>),
+    /// Whether a [`Write::Apply`] claimed its original and approved its row.
+    Applied(bool),
+    /// Whether a [`Write::Reversal`] changed its original and was approved.
+    Reversed(bool),
 }
 
 /// What two writes of one batch must not share.
@@ -335,6 +360,12 @@ pub enum WriteKey {
     /// A read (two equal reads in one batch would be answered alike; the
     /// second simply goes with the next).
     Find(Find),
+    /// The original an advice applies to, or a reversal reverses: two
+    /// changes of one original (two partial refunds) are made one after
+    /// the other, each to what the other left.
+    Original(i64),
+    /// A reversal's own row, when it changes no original.
+    Row(i64),
 }
 
 impl Write {
@@ -347,6 +378,15 @@ impl Write {
             }
             Write::Outcome(c) => WriteKey::Outcome(c.id),
             Write::Find(f) => WriteKey::Find(f.clone()),
+            Write::Apply(a) => WriteKey::Original(a.original_id),
+            // A mark never shares a batch with its original's outcome
+            // (both change the `sent` row), a reversal never with another
+            // change of its original.
+            Write::Reversal(r) => match (r.step, r.original) {
+                (ReversalStep::Mark, Some(o)) => WriteKey::Outcome(o),
+                (ReversalStep::Reverse(_), Some(o)) => WriteKey::Original(o),
+                _ => WriteKey::Row(r.row),
+            },
         }
     }
 }
@@ -554,6 +594,10 @@ struct Shape {
     outcomes: Option<Claims>,
     /// Whether it reads originals ([`Write::Find`]).
     finds: bool,
+    /// Whether it applies advices ([`Write::Apply`]).
+    applies: bool,
+    /// Whether it decides reversals ([`Write::Reversal`]).
+    reversals: bool,
 }
 
 /// Whether any write of its kind in a batch claims (or holds a claim on)
@@ -567,6 +611,8 @@ enum Claims {
 /// The parameters of each part of [`write_many`]'s statement.
 const REQUEST_PARAMS: usize = 24;
 const OUTCOME_PARAMS: usize = 6;
+const FIND_PARAMS: usize = 10;
+const APPLY_PARAMS: usize = 5;
 
 impl Shape {
     /// Its place in [`WRITE_SQL`].
@@ -576,14 +622,18 @@ impl Shape {
             Some(Claims::None) => 1,
             Some(Claims::Some) => 2,
         };
-        (i(self.requests) * 3 + i(self.outcomes)) * 2 + usize::from(self.finds)
+        (((i(self.requests) * 3 + i(self.outcomes)) * 2 + usize::from(self.finds)) * 2
+            + usize::from(self.applies))
+            * 2
+            + usize::from(self.reversals)
     }
 
     /// The statement for this shape; it answers one row per written
     /// request (`'r'` and the request's key), per written outcome (`'o'`
-    /// and the state) and per original found (`'f'`, the find's ordinal
-    /// and the original). The columns only a found original has are there
-    /// only when the batch finds.
+    /// and the state), per original found (`'f'`, the find's ordinal and
+    /// the original), per advice applied (`'a'` and its row) and per
+    /// reversal approved (`'v'` and its row). The columns only a found
+    /// original has are there only when the batch finds.
     fn sql(self) -> String {
         let extra = |found: bool| {
             if !self.finds {
@@ -619,6 +669,20 @@ impl Shape {
                 NULL::int AS stan, NULL::int2 AS mti_class, state, NULL::bool AS claimed{} FROM ended",
             extra(false)
         );
+        let approved_rows = format!(
+            "SELECT 'a' AS what, id, NULL::text AS rrn, NULL::int AS link_stan,
+                NULL::text AS merchant_id, NULL::text AS terminal_id, NULL::int AS batch,
+                NULL::int AS stan, NULL::int2 AS mti_class, NULL::text AS state,
+                NULL::bool AS claimed{} FROM approved",
+            extra(false)
+        );
+        let acknowledged_rows = format!(
+            "SELECT 'v' AS what, id, NULL::text AS rrn, NULL::int AS link_stan,
+                NULL::text AS merchant_id, NULL::text AS terminal_id, NULL::int AS batch,
+                NULL::int AS stan, NULL::int2 AS mti_class, NULL::text AS state,
+                NULL::bool AS claimed{} FROM acknowledged",
+            extra(false)
+        );
         let found_rows = format!(
             "SELECT 'f' AS what, id, rrn, link_stan, NULL::text AS merchant_id,
                 NULL::text AS terminal_id, batch, stan, NULL::int2 AS mti_class, state::text,
@@ -641,6 +705,16 @@ impl Shape {
         if self.finds {
             ctes.push(finds_ctes(next));
             selects.push(found_rows);
+            next += FIND_PARAMS;
+        }
+        if self.applies {
+            ctes.push(applies_ctes(next));
+            selects.push(approved_rows);
+            next += APPLY_PARAMS;
+        }
+        if self.reversals {
+            ctes.push(reversals_ctes(next));
+            selects.push(acknowledged_rows);
         }
         if selects.is_empty() {
             return String::new();
@@ -680,17 +754,26 @@ fn finds_ctes(first: usize) -> String {
 
 /// The statements of [`write_many`], one per [`Shape`] (by
 /// [`Shape::index`]): a batch without claims, the usual one, takes the
-/// leaner statement, and one that reads no original leaves the reads out.
+/// leaner statement, and one that reads no original, applies no advice or
+/// decides no reversal leaves those parts out.
 static WRITE_SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
     let kinds = [None, Some(Claims::None), Some(Claims::Some)];
     kinds
         .iter()
         .flat_map(|&requests| kinds.iter().map(move |&outcomes| (requests, outcomes)))
         .flat_map(|(requests, outcomes)| {
-            [false, true].map(|finds| Shape {
+            [false, true].map(move |finds| (requests, outcomes, finds))
+        })
+        .flat_map(|(requests, outcomes, finds)| {
+            [false, true].map(move |applies| (requests, outcomes, finds, applies))
+        })
+        .flat_map(|(requests, outcomes, finds, applies)| {
+            [false, true].map(|reversals| Shape {
                 requests,
                 outcomes,
                 finds,
+                applies,
+                reversals,
             })
         })
         .map(Shape::sql)
@@ -752,11 +835,15 @@ pub async fn write_many(pool: &PgPool, writes: &[Write]) -> Result<Vec<Wrote>, s
     let mut rows: Vec<&Row> = Vec::new();
     let mut outcomes: Vec<&Completion> = Vec::new();
     let mut finds: Vec<&Find> = Vec::new();
+    let mut applies: Vec<&Apply> = Vec::new();
+    let mut reversals: Vec<&Reversal> = Vec::new();
     for w in writes {
         match w {
             Write::Request(r) => rows.push(r),
             Write::Outcome(c) => outcomes.push(c),
             Write::Find(f) => finds.push(f),
+            Write::Apply(a) => applies.push(a),
+            Write::Reversal(r) => reversals.push(r),
         }
     }
     let claims = |any: bool| if any { Claims::Some } else { Claims::None };
@@ -764,8 +851,10 @@ pub async fn write_many(pool: &PgPool, writes: &[Write]) -> Result<Vec<Wrote>, s
         requests: (!rows.is_empty()).then(|| claims(rows.iter().any(|r| r.claims()))),
         outcomes: (!outcomes.is_empty()).then(|| claims(outcomes.iter().any(|c| c.claimed))),
         finds: !finds.is_empty(),
+        applies: !applies.is_empty(),
+        reversals: !reversals.is_empty(),
     };
-    if shape.requests.is_none() && shape.outcomes.is_none() && !shape.finds {
+    if writes.is_empty() {
         return Ok(Vec::new());
     }
     let sql = &WRITE_SQL[shape.index()];
@@ -819,14 +908,39 @@ pub async fn write_many(pool: &PgPool, writes: &[Write]) -> Result<Vec<Wrote>, s
             .bind(col(&finds, |f| f.preauths().map(|p| p.0)))
             .bind(col(&finds, |f| f.preauths().map(|p| p.1)));
     }
+    if !applies.is_empty() {
+        q = q
+            .bind(col(&applies, |a| a.row_id))
+            .bind(col(&applies, |a| a.original_id))
+            .bind(col(&applies, |a| a.amount))
+            .bind(col(&applies, |a| a.kind.as_str()))
+            .bind(col(&applies, |a| a.reply.as_slice()));
+    }
+    if !reversals.is_empty() {
+        q = q
+            .bind(col(&reversals, |r| r.row))
+            .bind(col(&reversals, |r| r.rule))
+            .bind(col(&reversals, |r| r.original))
+            .bind(col(&reversals, |r| r.reply.as_slice()))
+            .bind(col(&reversals, Reversal::step))
+            .bind(col(&reversals, Reversal::network_reason));
+    }
     let done = q.fetch_all(pool).await?;
     let mut written = std::collections::HashMap::new();
     let mut ended = std::collections::HashMap::new();
     let mut found: Vec<Vec<Original>> = vec![Vec::new(); finds.len()];
+    let mut approved = std::collections::HashSet::new();
+    let mut acknowledged = std::collections::HashSet::new();
     for d in done {
         match d.what.as_str() {
+            "v" => {
+                acknowledged.insert(d.id);
+            }
             "o" => {
                 ended.insert(d.id, d.state);
+            }
+            "a" => {
+                approved.insert(d.id);
             }
             "f" => {
                 let at = d.ord.and_then(|o| usize::try_from(o - 1).ok());
@@ -893,6 +1007,8 @@ pub async fn write_many(pool: &PgPool, writes: &[Write]) -> Result<Vec<Wrote>, s
                 originals.sort_by_key(|o| std::cmp::Reverse(o.id));
                 Wrote::Found(originals)
             }
+            Write::Apply(a) => Wrote::Applied(approved.contains(&a.row_id)),
+            Write::Reversal(r) => Wrote::Reversed(acknowledged.contains(&r.row)),
         })
         .collect())
 }
@@ -1133,118 +1249,113 @@ pub fn rrn_id(rrn: &str) -> Option<i64> {
         .flatten()
 }
 
-/// The journalled (`received`) reversal a decision approves: its row, the
-/// rule that decided, the original it matched, and its approved reply,
-/// stored by the same statement (for repeats, D1).
-#[derive(Debug, Clone, Copy)]
-pub struct Reversal<'a> {
+/// What a reversal (R1-R5) does to its original, decided from what it found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReversalStep {
+    /// Nothing (more) to reverse (R3: no original, or one declined,
+    /// reversed or unknown): the reversal is approved, and is the mark an
+    /// original arriving later is checked against.
+    Approve,
+    /// R3: the original is still at the issuer: marked, so that its
+    /// approval is reversed the moment it arrives.
+    Mark,
+    /// R2: the approved original is reversed with this F39 for the issuer:
+    /// what it had claimed is given back (the purchase of a reversed void
+    /// is approved again) and its 0420 is queued.
+    Reverse(&'static str),
+}
+
+/// A journalled (`received`) reversal, decided: its row, the rule that
+/// decided, the original it matched, its approved reply (stored by the
+/// statement that approves it, for repeats, D1), and what it does.
+#[derive(Debug, Clone)]
+pub struct Reversal {
     /// The reversal's own row.
     pub row: i64,
     /// R2 or R3.
     pub rule: &'static str,
-    /// The original, when found.
+    /// The original, when found (required by [`ReversalStep::Mark`] and
+    /// [`ReversalStep::Reverse`]).
     pub original: Option<i64>,
     /// The reply from its MTI on.
-    pub reply: &'a [u8],
+    pub reply: Vec<u8>,
+    /// What it does to its original.
+    pub step: ReversalStep,
 }
 
-/// Approves a reversal row (R3: nothing to reverse, or already reversed).
-pub async fn approve_reversal(pool: &PgPool, r: Reversal<'_>) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        "UPDATE journal SET state = 'approved', response_code = '00', rule = $2, original_id = $3, reply = $4,
-             completed_at = now()
-         WHERE id = $1 AND state = 'received'",
-    )
-    .bind(r.row)
-    .bind(r.rule)
-    .bind(r.original)
-    .bind(r.reply)
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
+impl Reversal {
+    fn step(&self) -> &'static str {
+        match self.step {
+            ReversalStep::Approve => "approve",
+            ReversalStep::Mark => "mark",
+            ReversalStep::Reverse(_) => "reverse",
+        }
+    }
+
+    fn network_reason(&self) -> Option<&'static str> {
+        match self.step {
+            ReversalStep::Reverse(reason) => Some(reason),
+            _ => None,
+        }
+    }
 }
 
-/// The reversal row's approval, as a CTE step for the statements below.
-const APPROVE_REVERSAL: &str = "
-    approved AS (
-        UPDATE journal SET state = 'approved', response_code = '00', rule = $r2, original_id = $r3, reply = $r4,
-            completed_at = now()
-        WHERE id = $r1 AND state = 'received' AND EXISTS (SELECT 1 FROM changed)
-        RETURNING id)";
-
-fn with_reversal(sql: &str, first: usize) -> String {
-    APPROVE_REVERSAL
-        .replace("$r1", &format!("${first}"))
-        .replace("$r2", &format!("${}", first + 1))
-        .replace("$r3", &format!("${}", first + 2))
-        .replace("$r4", &format!("${}", first + 3))
-        + sql
+/// The reversals of a batch ([`Write::Reversal`]), from parameter `$first`
+/// on, as the CTEs `reversals` to `acknowledged`: each changes its original
+/// as its step says, and its own row is approved only when that change was
+/// made (the original is no longer as it was read otherwise: the caller
+/// reads it again). `acknowledged` holds the reversals approved.
+fn reversals_ctes(first: usize) -> String {
+    let sql = "reversals AS (
+        SELECT * FROM unnest($v1::int8[], $v2::text[], $v3::int8[], $v4::bytea[], $v5::text[],
+                             $v6::text[])
+            AS v(row_id, rule, original_id, reply, step, reason)),
+     marked AS (
+        UPDATE journal o SET reversal_requested = true
+        FROM reversals v
+        WHERE v.step = 'mark' AND o.id = v.original_id AND o.state = 'sent'
+        RETURNING v.row_id),
+     reversed AS (
+        UPDATE journal o SET state = 'reversed'
+        FROM reversals v
+        WHERE v.step = 'reverse' AND o.id = v.original_id AND o.state = 'approved'
+        RETURNING v.row_id, v.reason, o.id, o.original_id, o.kind, o.issuer, o.processing_code,
+            o.pos_condition, o.amount, o.mti, o.link_stan, o.link_f7),
+     restored AS (
+        UPDATE journal p SET state = 'approved'
+        FROM reversed r
+        WHERE p.id = r.original_id
+          AND p.state = CASE r.kind WHEN 'void' THEN 'voided' WHEN 'completion_void' THEN 'voided'
+                                    WHEN 'preauth_cancel' THEN 'cancelled' WHEN 'completion' THEN 'completed' END),
+     unwound AS (
+        INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount,
+            reason, original_mti, original_stan, original_f7)
+        SELECT id, 'reversal', 420, issuer, processing_code, pos_condition, amount, reason, mti,
+            link_stan, link_f7
+        FROM reversed WHERE issuer IS NOT NULL
+        ON CONFLICT (journal_id, kind) DO NOTHING),
+     acknowledged AS (
+        UPDATE journal j SET state = 'approved', response_code = '00', rule = v.rule,
+            original_id = v.original_id, reply = v.reply, completed_at = now()
+        FROM reversals v
+        WHERE j.id = v.row_id AND j.state = 'received'
+          AND (v.step = 'approve' OR v.row_id IN (SELECT row_id FROM marked)
+               OR v.row_id IN (SELECT row_id FROM reversed))
+        RETURNING j.id)";
+    (1..=6).fold(sql.to_string(), |sql, n| {
+        sql.replace(&format!("$v{n}"), &format!("${}", first + n - 1))
+    })
 }
 
-/// R3: a reversal came while the original was still at the issuer. Marks it
-/// so its approval is reversed on arrival, and approves the reversal, in one
-/// statement; false when the original is no longer `sent`.
-pub async fn request_reversal(
-    pool: &PgPool,
-    id: i64,
-    r: Reversal<'_>,
-) -> Result<bool, sqlx::Error> {
-    let sql = format!(
-        "WITH changed AS (UPDATE journal SET reversal_requested = true WHERE id = $1 AND state = 'sent' RETURNING id),
-         {}
-         SELECT EXISTS (SELECT 1 FROM approved)",
-        with_reversal("", 2)
-    );
-    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-        .bind(id)
-        .bind(r.row)
-        .bind(r.rule)
-        .bind(r.original)
-        .bind(r.reply)
-        .fetch_one(pool)
-        .await
-}
-
-/// R2: reverses an approved original in one statement: the original becomes
-/// `reversed`, what it had claimed is given back (the purchase of a reversed
-/// void is approved again), its reversal advice is queued, and the reversal
-/// row is approved. False when the original was no longer approved.
-pub async fn reverse(
-    pool: &PgPool,
-    id: i64,
-    network_reason: &str,
-    r: Reversal<'_>,
-) -> Result<bool, sqlx::Error> {
-    let sql = format!(
-        "WITH changed AS (
-            UPDATE journal SET state = 'reversed'
-            WHERE id = $1 AND state = 'approved'
-            RETURNING id, original_id, kind, issuer, processing_code, pos_condition, amount, mti, link_stan, link_f7),
-         restored AS (
-            UPDATE journal o SET state = 'approved'
-            FROM changed
-            WHERE o.id = changed.original_id
-              AND o.state = CASE changed.kind WHEN 'void' THEN 'voided' WHEN 'completion_void' THEN 'voided'
-                                              WHEN 'preauth_cancel' THEN 'cancelled' WHEN 'completion' THEN 'completed' END),
-         queued AS (
-            INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount,
-                reason, original_mti, original_stan, original_f7)
-            SELECT id, 'reversal', 420, issuer, processing_code, pos_condition, amount, $2, mti, link_stan, link_f7
-            FROM changed WHERE issuer IS NOT NULL
-            ON CONFLICT (journal_id, kind) DO NOTHING),
-         {}
-         SELECT EXISTS (SELECT 1 FROM approved)",
-        with_reversal("", 3)
-    );
-    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-        .bind(id)
-        .bind(network_reason)
-        .bind(r.row)
-        .bind(r.rule)
-        .bind(r.original)
-        .bind(r.reply)
-        .fetch_one(pool)
-        .await
+/// Decides a journalled reversal in one statement (see [`reversals_ctes`]):
+/// a [`write_many`] of one. False when the original was no longer as it
+/// was read.
+pub async fn reverse(pool: &PgPool, reversal: Reversal) -> Result<bool, sqlx::Error> {
+    let write = Write::Reversal(reversal);
+    match write_many(pool, std::slice::from_ref(&write)).await?.pop() {
+        Some(Wrote::Reversed(approved)) => Ok(approved),
+        _ => Ok(false),
+    }
 }
 
 /// An advice the switch answers itself once journalled (F6 refunds, and
@@ -1257,66 +1368,81 @@ pub enum AdviceKind {
     Completion,
 }
 
+impl AdviceKind {
+    /// The advice's kind in the queue.
+    fn as_str(self) -> &'static str {
+        match self {
+            AdviceKind::Refund => "refund",
+            AdviceKind::Completion => "completion",
+        }
+    }
+}
+
+/// The advices of a batch ([`Write::Apply`]), from parameter `$first` on,
+/// as the CTEs `applies` to `advised`: each applied to its original in the
+/// statement that approves it. The original is claimed (a refund adds to
+/// its refunded amount, so concurrent partial refunds can never sum above
+/// it; a completion completes the pre-authorisation once), the advice's
+/// row becomes approved with its reply stored, and the 0220 is queued for
+/// the issuer. `approved` holds the rows of the advices applied.
+fn applies_ctes(first: usize) -> String {
+    let sql = "applies AS (
+        SELECT * FROM unnest($p1::int8[], $p2::int8[], $p3::int8[], $p4::text[], $p5::bytea[])
+            AS a(row_id, original_id, amount, advice, reply)),
+     -- The advices' own rows, still undecided, locked first: of two
+     -- switches deciding one row (a repeat took over a row whose switch
+     -- was only slow), the second finds it decided and claims nothing.
+     mine AS (
+        SELECT j.id FROM journal j
+        WHERE j.id IN (SELECT row_id FROM applies) AND j.state = 'received'
+        ORDER BY j.id FOR UPDATE),
+     applied AS (
+        UPDATE journal o SET
+            refunded_amount = o.refunded_amount + CASE a.advice WHEN 'refund' THEN a.amount ELSE 0 END,
+            state = CASE WHEN a.advice = 'completion' THEN 'completed'
+                         WHEN o.refunded_amount + a.amount = o.amount THEN 'refunded'
+                         ELSE 'partially_refunded' END
+        FROM applies a
+        WHERE o.id = a.original_id AND a.row_id IN (SELECT id FROM mine)
+          AND CASE a.advice
+                WHEN 'refund' THEN o.state IN ('approved', 'partially_refunded')
+                                   AND o.refunded_amount + a.amount <= o.amount
+                ELSE o.state = 'approved' AND a.amount > 0 END
+        RETURNING a.row_id, o.id, o.issuer, o.mti, o.link_stan, o.link_f7),
+     -- The original as the issuer knows it: an online request by its own
+     -- link STAN and F7, an advice (a completion advice) by its advice's.
+     origin AS (
+        SELECT c.row_id, c.issuer,
+            CASE WHEN c.link_stan IS NULL THEN d.mti ELSE c.mti END AS mti,
+            coalesce(c.link_stan, d.link_stan) AS link_stan, coalesce(c.link_f7, d.link_f7) AS link_f7
+        FROM applied c LEFT JOIN advices d ON d.journal_id = c.id AND d.kind IN ('completion', 'refund')),
+     approved AS (
+        UPDATE journal r SET state = 'approved', response_code = '00', issuer = origin.issuer,
+            reply = a.reply, completed_at = now()
+        FROM origin JOIN applies a ON a.row_id = origin.row_id
+        WHERE r.id = origin.row_id AND r.state = 'received'
+        RETURNING r.id, r.issuer, r.processing_code, r.pos_condition, r.amount, a.advice,
+            origin.mti AS original_mti, origin.link_stan AS original_stan, origin.link_f7 AS original_f7),
+     advised AS (
+        INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount,
+            original_mti, original_stan, original_f7)
+        SELECT id, advice, 220, issuer, processing_code, pos_condition, amount,
+            original_mti, original_stan, original_f7
+        FROM approved WHERE issuer IS NOT NULL)";
+    (1..=5).fold(sql.to_string(), |sql, n| {
+        sql.replace(&format!("$p{n}"), &format!("${}", first + n - 1))
+    })
+}
+
 /// Applies a journalled (`received`) advice to its original in one
-/// statement: the original is claimed (a refund adds to its refunded amount,
-/// so concurrent partial refunds can never sum above it; a completion
-/// completes the pre-authorisation once), the row becomes approved with its
-/// `reply` stored (for repeats, D1), and the 0220 is queued for the issuer.
-/// False when the claim was lost.
-pub async fn apply_advice(
-    pool: &PgPool,
-    row_id: i64,
-    original_id: i64,
-    amount: i64,
-    kind: AdviceKind,
-    reply: &[u8],
-) -> Result<bool, sqlx::Error> {
-    let (claim, advice) = match kind {
-        AdviceKind::Refund => (
-            "UPDATE journal SET refunded_amount = refunded_amount + $3,
-                 state = CASE WHEN refunded_amount + $3 = amount THEN 'refunded' ELSE 'partially_refunded' END
-             WHERE id = $2 AND state IN ('approved', 'partially_refunded') AND refunded_amount + $3 <= amount",
-            "refund",
-        ),
-        AdviceKind::Completion => (
-            "UPDATE journal SET state = 'completed' WHERE id = $2 AND state = 'approved' AND $3 > 0",
-            "completion",
-        ),
-    };
-    let sql = format!(
-        "WITH -- The advice's own row, still undecided, locked first: of two
-         -- switches deciding one row (a repeat took over a row whose switch
-         -- was only slow), the second finds it decided and claims nothing.
-         mine AS (SELECT id FROM journal WHERE id = $1 AND state = 'received' FOR UPDATE),
-         claimed AS ({claim} AND EXISTS (SELECT 1 FROM mine) RETURNING id, issuer, mti, link_stan, link_f7),
-         -- The original as the issuer knows it: an online request by its own
-         -- link STAN and F7, an advice (a completion advice) by its advice's.
-         origin AS (
-            SELECT c.id, c.issuer,
-                CASE WHEN c.link_stan IS NULL THEN a.mti ELSE c.mti END AS mti,
-                coalesce(c.link_stan, a.link_stan) AS link_stan, coalesce(c.link_f7, a.link_f7) AS link_f7
-            FROM claimed c LEFT JOIN advices a ON a.journal_id = c.id AND a.kind IN ('completion', 'refund')),
-         done AS (
-            UPDATE journal r SET state = 'approved', response_code = '00', issuer = origin.issuer, reply = $4,
-                completed_at = now()
-            FROM origin WHERE r.id = $1 AND r.state = 'received'
-            RETURNING r.id, r.issuer, r.processing_code, r.pos_condition, r.amount,
-                origin.mti AS original_mti, origin.link_stan AS original_stan, origin.link_f7 AS original_f7),
-         queued AS (
-            INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount,
-                original_mti, original_stan, original_f7)
-            SELECT id, '{advice}', 220, issuer, processing_code, pos_condition, amount,
-                original_mti, original_stan, original_f7
-            FROM done WHERE issuer IS NOT NULL)
-         SELECT EXISTS (SELECT 1 FROM done)"
-    );
-    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-        .bind(row_id)
-        .bind(original_id)
-        .bind(amount)
-        .bind(reply)
-        .fetch_one(pool)
-        .await
+/// statement (see [`applies_ctes`]): a [`write_many`] of one. False when
+/// the claim was lost.
+pub async fn apply_advice(pool: &PgPool, apply: Apply) -> Result<bool, sqlx::Error> {
+    let write = Write::Apply(apply);
+    match write_many(pool, std::slice::from_ref(&write)).await?.pop() {
+        Some(Wrote::Applied(applied)) => Ok(applied),
+        _ => Ok(false),
+    }
 }
 
 /// The state of an entry as it is now: a read of its own, after a claim

@@ -10,7 +10,7 @@ use iso8583::Pan;
 use tracing::{debug, warn};
 
 use crate::config::SameDayRefund;
-use crate::journal::{self, Disposition, Find, NewEntry, Original};
+use crate::journal::{self, Disposition, Find, NewEntry, Original, ReversalStep};
 use crate::model::{Kind, ResponseCode, State};
 use crate::router::{Related, ReplyFields, Request, Switch, business_date, request_digest};
 use crate::terminals::Terminal;
@@ -467,16 +467,14 @@ impl Switch {
         // The approved reply is stored by the statement that approves it.
         self.reply_code(req, out, ResponseCode::APPROVED, Some(&written.rrn));
         let reply = self.body(out).to_vec();
-        match journal::apply_advice(
-            &self.pool,
-            written.id,
-            original.id,
-            entry.amount,
+        let apply = journal::Apply {
+            row_id: written.id,
+            original_id: original.id,
+            amount: entry.amount,
             kind,
-            &reply,
-        )
-        .await
-        {
+            reply,
+        };
+        match self.writer.apply(apply).await {
             Ok(true) => {
                 self.advice_wake.notify_one();
                 None
@@ -653,11 +651,12 @@ impl Switch {
         // The approved reply is stored by the statement that approves it.
         self.reply_code(req, out, ResponseCode::APPROVED, Some(&written.rrn));
         let reply = self.body(out).to_vec();
-        let approve = |rule, original: Option<i64>| journal::Reversal {
+        let decided = |rule, original: Option<&Original>, step| journal::Reversal {
             row: written.id,
             rule,
-            original,
-            reply: &reply,
+            original: original.map(|o| o.id),
+            reply: reply.clone(),
+            step,
         };
         // Read after the reversal's row is durable, never in its statement:
         // an original written in the same batch would not see this row,
@@ -681,10 +680,10 @@ impl Switch {
                     return Some(ResponseCode::SYSTEM_ERROR);
                 }
             };
-            let changed = match &original {
+            let reversal = match &original {
                 // R3: nothing (yet) to reverse; this row is the marker an
                 // original arriving later is checked against.
-                None => journal::approve_reversal(&self.pool, approve("R3", None)).await,
+                None => decided("R3", None, ReversalStep::Approve),
                 Some(o) if o.amount != p.amount as i64 => {
                     return self
                         .decided(
@@ -710,20 +709,10 @@ impl Switch {
                         .await;
                 }
                 Some(o) => match o.state.as_str() {
-                    "sent" => {
-                        journal::request_reversal(&self.pool, o.id, approve("R3", Some(o.id))).await
-                    }
-                    "approved" => {
-                        journal::reverse(
-                            &self.pool,
-                            o.id,
-                            network_reason,
-                            approve("R2", Some(o.id)),
-                        )
-                        .await
-                    }
+                    "sent" => decided("R3", Some(o), ReversalStep::Mark),
+                    "approved" => decided("R2", Some(o), ReversalStep::Reverse(network_reason)),
                     "declined" | "reversed" | "unknown" => {
-                        journal::approve_reversal(&self.pool, approve("R3", Some(o.id))).await
+                        decided("R3", Some(o), ReversalStep::Approve)
                     }
                     // Voided, refunded, completed or cancelled since: the
                     // later transaction has to be undone first.
@@ -741,7 +730,7 @@ impl Switch {
                     }
                 },
             };
-            match changed {
+            match self.writer.reverse(reversal).await {
                 Ok(true) => {
                     // `out` still holds the approved reply built above.
                     self.advice_wake.notify_one();

@@ -31,7 +31,8 @@ use tokio::sync::oneshot;
 use tracing::warn;
 
 use crate::journal::{
-    self, Answered, Completion, Disposition, Find, Insert, NewEntry, Original, Row, Write, Wrote,
+    self, Answered, Apply, Completion, Disposition, Find, Insert, NewEntry, Original, Reversal,
+    Row, Write, Wrote,
 };
 use crate::terminals::{self, Terminal};
 
@@ -207,7 +208,25 @@ impl Writer {
         }
         match answer.await.map_err(|_| stopped())?? {
             Wrote::Outcome(state) => Ok(state),
-            Wrote::Request(_) | Wrote::Found(_) => Ok(None),
+            _ => Ok(None),
+        }
+    }
+
+    /// [`journal::reverse`], batched with concurrent writes.
+    pub async fn reverse(&self, reversal: Reversal) -> Result<bool, sqlx::Error> {
+        match self.submit(Write::Reversal(reversal.clone())).await? {
+            Some(Wrote::Reversed(approved)) => Ok(approved),
+            Some(_) => Ok(false),
+            None => journal::reverse(&self.pool, reversal).await,
+        }
+    }
+
+    /// [`journal::apply_advice`], batched with concurrent writes.
+    pub async fn apply(&self, apply: Apply) -> Result<bool, sqlx::Error> {
+        match self.submit(Write::Apply(apply.clone())).await? {
+            Some(Wrote::Applied(applied)) => Ok(applied),
+            Some(_) => Ok(false),
+            None => journal::apply_advice(&self.pool, apply).await,
         }
     }
 

@@ -1136,6 +1136,280 @@ async fn reads_of_originals_ride_in_a_batch_of_writes_each_with_its_own_answer()
 }
 
 #[tokio::test]
+async fn advices_of_one_batch_are_each_applied_to_their_own_original() {
+    use switch::journal::{self, AdviceKind, Apply, Disposition, NewEntry, Row, Write, Wrote};
+    use switch::model::{Kind, State};
+    let w = world().await;
+    let ids = |answers: Vec<Wrote>| -> Vec<i64> {
+        answers
+            .into_iter()
+            .map(|a| match a {
+                Wrote::Request(Some(written)) => written.id,
+                other => panic!("a new row: {other:?}"),
+            })
+            .collect()
+    };
+    let preauth = NewEntry {
+        kind: Kind::PreAuth,
+        processing_code: "030000",
+        ..purchase(3)
+    };
+    let originals = ids(journal::write_many(
+        &w.pool,
+        &[
+            Write::Request(Box::new(Row::of(&purchase(1), FORWARD))),
+            Write::Request(Box::new(Row::of(&purchase(2), FORWARD))),
+            Write::Request(Box::new(Row::of(&preauth, FORWARD))),
+        ],
+    )
+    .await
+    .unwrap());
+    journal::write_many(
+        &w.pool,
+        &originals
+            .iter()
+            .map(|&id| outcome(id, State::Approved))
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap();
+    // Three advices journalled `received`: a partial refund, a refund of
+    // more than is left, a completion.
+    let advice = |stan, kind, amount, original| {
+        Write::Request(Box::new(Row::of(
+            &NewEntry {
+                kind,
+                mti: 220,
+                processing_code: "200000",
+                amount,
+                original_id: Some(original),
+                ..purchase(stan)
+            },
+            Disposition::Hold,
+        )))
+    };
+    let rows = ids(journal::write_many(
+        &w.pool,
+        &[
+            advice(11, Kind::Refund, 40, originals[0]),
+            advice(12, Kind::Refund, 101, originals[1]),
+            advice(13, Kind::CompletionAdvice, 90, originals[2]),
+        ],
+    )
+    .await
+    .unwrap());
+    let apply = |i: usize, kind, amount| {
+        Write::Apply(Apply {
+            row_id: rows[i],
+            original_id: originals[i],
+            amount,
+            kind,
+            reply: vec![2, 48],
+        })
+    };
+    // One statement: the three advices applied, beside a new request.
+    let answers = journal::write_many(
+        &w.pool,
+        &[
+            apply(0, AdviceKind::Refund, 40),
+            Write::Request(Box::new(Row::of(&purchase(4), FORWARD))),
+            apply(1, AdviceKind::Refund, 101),
+            apply(2, AdviceKind::Completion, 90),
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(matches!(answers[0], Wrote::Applied(true)));
+    assert!(matches!(answers[1], Wrote::Request(Some(_))));
+    assert!(
+        matches!(answers[2], Wrote::Applied(false)),
+        "over the amount"
+    );
+    assert!(matches!(answers[3], Wrote::Applied(true)));
+    let row = |id: i64| {
+        let pool = w.pool.clone();
+        async move {
+            sqlx::query_as::<_, (String, i64, Option<Vec<u8>>)>(
+                "SELECT state, refunded_amount::int8, reply FROM journal WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(
+        row(originals[0]).await,
+        ("partially_refunded".into(), 40, Some(vec![2, 16]))
+    );
+    assert_eq!(
+        row(originals[1]).await,
+        ("approved".into(), 0, Some(vec![2, 16]))
+    );
+    assert_eq!(row(originals[2]).await.0, "completed");
+    assert_eq!(
+        row(rows[0]).await,
+        ("approved".into(), 0, Some(vec![2, 48]))
+    );
+    assert_eq!(
+        row(rows[1]).await,
+        ("received".into(), 0, None),
+        "left to be decided"
+    );
+    assert_eq!(row(rows[2]).await.0, "approved");
+    // Their 0220s are queued, each naming its original as the issuer knows it.
+    let queued: Vec<(i64, String, i16, Option<i32>)> = sqlx::query_as(
+        "SELECT journal_id, kind::text, mti, original_stan FROM advices ORDER BY journal_id",
+    )
+    .fetch_all(&w.pool)
+    .await
+    .unwrap();
+    let link_stan = |id: i64| {
+        let pool = w.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Option<i32>>("SELECT link_stan FROM journal WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        queued,
+        [
+            (rows[0], "refund".into(), 220, link_stan(originals[0]).await),
+            (
+                rows[2],
+                "completion".into(),
+                220,
+                link_stan(originals[2]).await
+            )
+        ]
+    );
+}
+
+#[tokio::test]
+async fn reversals_of_one_batch_each_change_their_own_original() {
+    use switch::journal::{self, Disposition, NewEntry, Reversal, ReversalStep, Row, Write, Wrote};
+    use switch::model::{Kind, State};
+    let w = world().await;
+    let write = |writes: Vec<Write>| {
+        let pool = w.pool.clone();
+        async move { journal::write_many(&pool, &writes).await.unwrap() }
+    };
+    let ids = |answers: Vec<Wrote>| -> Vec<i64> {
+        answers
+            .into_iter()
+            .map(|a| match a {
+                Wrote::Request(Some(written)) => written.id,
+                other => panic!("a new row: {other:?}"),
+            })
+            .collect()
+    };
+    let row = |e: &NewEntry<'_>, d| Write::Request(Box::new(Row::of(e, d)));
+    // A sale and its approved void; a sale still at the issuer; a sale
+    // approved, and one declined.
+    let sales = ids(write(vec![
+        row(&purchase(1), FORWARD),
+        row(&purchase(2), FORWARD),
+        row(&purchase(3), FORWARD),
+        row(&purchase(4), FORWARD),
+    ])
+    .await);
+    write(vec![
+        outcome(sales[0], State::Approved),
+        outcome(sales[2], State::Approved),
+        outcome(sales[3], State::Declined),
+    ])
+    .await;
+    let void = NewEntry {
+        kind: Kind::Void,
+        processing_code: "200000",
+        original_id: Some(sales[0]),
+        claim: Some("voided"),
+        ..purchase(5)
+    };
+    let void = ids(write(vec![row(&void, FORWARD)]).await)[0];
+    write(vec![outcome(void, State::Approved)]).await;
+    // Five reversals, journalled `received`.
+    let reversal = |stan| NewEntry {
+        kind: Kind::Reversal,
+        mti: 400,
+        ..purchase(stan)
+    };
+    let rows = ids(write(
+        (11..=15)
+            .map(|s| row(&reversal(s), Disposition::Hold))
+            .collect(),
+    )
+    .await);
+    let decided = |i: usize, rule, original: Option<i64>, step| {
+        Write::Reversal(Reversal {
+            row: rows[i],
+            rule,
+            original,
+            reply: vec![4, 16 + i as u8],
+            step,
+        })
+    };
+    // One statement: the void reversed (its sale approved again), the sale
+    // at the issuer marked, nothing to reverse, a declined sale, and a
+    // reversal of a sale no longer approved (it was, when read).
+    let answers = write(vec![
+        decided(0, "R2", Some(void), ReversalStep::Reverse("06")),
+        decided(1, "R3", Some(sales[1]), ReversalStep::Mark),
+        outcome(sales[2], State::Declined),
+        decided(2, "R3", None, ReversalStep::Approve),
+        decided(3, "R3", Some(sales[3]), ReversalStep::Approve),
+        decided(4, "R2", Some(sales[1]), ReversalStep::Reverse("68")),
+    ])
+    .await;
+    assert!(matches!(answers[0], Wrote::Reversed(true)));
+    assert!(matches!(answers[1], Wrote::Reversed(true)));
+    assert!(matches!(answers[2], Wrote::Outcome(None)), "not sent");
+    assert!(matches!(answers[3], Wrote::Reversed(true)));
+    assert!(matches!(answers[4], Wrote::Reversed(true)));
+    assert!(matches!(answers[5], Wrote::Reversed(false)), "still sent");
+    let state = |id: i64| {
+        let pool = w.pool.clone();
+        async move {
+            sqlx::query_as::<_, (String, bool, Option<i64>, Option<String>)>(
+                "SELECT state, reversal_requested, original_id, rule FROM journal WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(state(void).await.0, "reversed");
+    assert_eq!(state(sales[0]).await.0, "approved", "the void's sale");
+    assert_eq!(state(sales[1]).await.0, "sent");
+    assert!(state(sales[1]).await.1, "marked: reversed on arrival");
+    assert_eq!(
+        state(rows[0]).await,
+        ("approved".into(), false, Some(void), Some("R2".into()))
+    );
+    assert_eq!(
+        state(rows[1]).await,
+        ("approved".into(), false, Some(sales[1]), Some("R3".into()))
+    );
+    assert_eq!(
+        state(rows[2]).await,
+        ("approved".into(), false, None, Some("R3".into()))
+    );
+    assert_eq!(state(rows[3]).await.0, "approved");
+    assert_eq!(state(rows[4]).await.0, "received", "left to be read again");
+    // Only the reversed void goes to the issuer, with its own reason.
+    let queued: Vec<(i64, String, Option<String>)> =
+        sqlx::query_as("SELECT journal_id, kind::text, reason FROM advices")
+            .fetch_all(&w.pool)
+            .await
+            .unwrap();
+    assert_eq!(queued, [(void, "reversal".into(), Some("06".into()))]);
+}
+
+#[tokio::test]
 async fn idle_and_half_sent_connections_are_closed_busy_ones_are_not() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let w = world_with(|c| {
