@@ -48,7 +48,7 @@ struct Due {
 /// statement takes several of them: an advice is not awaited by a terminal
 /// (the terminal has its answer), and one that must go first goes at once
 /// ([`flush_family`]).
-const GATHER: Duration = Duration::from_millis(10);
+const GATHER: Duration = Duration::from_millis(50);
 
 /// Runs the advice queue until shutdown.
 pub async fn run(switch: Arc<Switch>, shutdown: CancellationToken) {
