@@ -1707,6 +1707,83 @@ async fn follow_ons_of_distinct_originals_arriving_together_share_one_statement(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorisations_and_follow_ons_arriving_together_share_one_statement() {
+    let (sim, statements) = Sim::start_counting().await;
+    let mut link = sim.connect().await;
+    let sale = purchase(1, 5, 10_000);
+    let refunded = purchase(2, 6, 20_000);
+    for req in [&sale, &refunded] {
+        assert_eq!(link.exchange(req).await.rc(), "00");
+    }
+    let held = occupy_follow_on_slots(&sim, &mut link, [1, 2, 3, 4], 100).await;
+    // New authorisations on cards of their own, a void and a refund advice;
+    // then a purchase on card 6 and a second refund advice of its sale,
+    // which would change that card too.
+    let burst = [
+        purchase(11, 7, 1_000),
+        void(12, 10_000, &sale),
+        preauth(13, 8, 5_000),
+        refund(14, 4_000, &refunded),
+    ];
+    send_burst(&mut link, &burst, 20).await;
+    statements.store(0, Ordering::SeqCst);
+    for tx in held {
+        tx.commit().await.unwrap();
+    }
+    let replies = replies_by_stan(&mut link, 4 + burst.len()).await;
+    for stan in ["000011", "000012", "000013", "000014"] {
+        assert_eq!(replies[stan].rc(), "00", "{stan}");
+    }
+    assert_eq!(
+        statements.load(Ordering::SeqCst),
+        1,
+        "two authorisations and two follow-ons, one statement"
+    );
+    let commits: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT xmin::text) FROM issuer.postings WHERE stan::int BETWEEN 11 AND 14",
+    )
+    .fetch_one(&sim.pool)
+    .await
+    .unwrap();
+    assert_eq!(commits, 1, "posted by one commit");
+
+    let occupied = occupy_follow_on_slots(&sim, &mut link, [1, 2, 3, 4], 200).await;
+    let burst = [purchase(21, 6, 3_000), refund(22, 6_000, &refunded)];
+    send_burst(&mut link, &burst, 30).await;
+    statements.store(0, Ordering::SeqCst);
+    for tx in occupied {
+        tx.commit().await.unwrap();
+    }
+    let replies = replies_by_stan(&mut link, 4 + burst.len()).await;
+    assert_eq!(replies["000021"].rc(), "00");
+    assert_eq!(replies["000022"].rc(), "00");
+    // The refund waited for the purchase's batch, and was decided alone
+    // after it, on the card as the purchase left it.
+    assert_eq!(statements.load(Ordering::SeqCst), 2);
+    let money = async |n| {
+        let c = sim.card(n).await;
+        (c.balance, c.held)
+    };
+    assert_eq!(money(5).await, (100_000, 0), "sale voided");
+    assert_eq!(
+        money(6).await,
+        (100_000 - 20_000 + 4_000 - 3_000 + 6_000, 0),
+        "each posted once"
+    );
+    assert_eq!(money(7).await, (99_000, 0));
+    assert_eq!(money(8).await, (100_000, 5_000));
+    let state: String = sqlx::query_scalar(
+        "SELECT state FROM issuer.postings WHERE rrn = $1 AND kind = 'purchase'",
+    )
+    .bind(refunded.rrn())
+    .fetch_one(&sim.pool)
+    .await
+    .unwrap();
+    assert_eq!(state, "partially_refunded");
+    sim.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follow_ons_of_one_card_arriving_together_each_apply_once() {
     let (sim, statements) = Sim::start_counting().await;
     let mut link = sim.connect().await;
