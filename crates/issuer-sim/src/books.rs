@@ -13,13 +13,12 @@
 //! Locks are always taken in one order: the original a message names (then
 //! that one's original), then the card, then the message's own key; so two
 //! follow-ons of one original queue behind each other on it instead of
-//! deadlocking. New authorisations, decided in batches ([`decide_many`]),
-//! lock their cards (in id order) before they claim their keys; follow-ons,
-//! decided in the same batches, lock all their originals
-//! (in id order), then their cards (in id order), then claim their keys. A
-//! reversal whose original has not arrived claims its own key, then the
-//! original's. Should PostgreSQL still find a deadlock, the statement is
-//! retried.
+//! deadlocking. New authorisations and follow-ons are decided together in
+//! batches ([`decide_many`]): the statement locks the follow-ons' originals
+//! (in id order), then every card of the batch at once (in id order), then
+//! claims the keys. A reversal whose original has not arrived claims its
+//! own key, then the original's. Should PostgreSQL still find a deadlock,
+//! the statement is retried.
 
 use chrono::Datelike;
 use iso8583::Pan;
@@ -373,16 +372,18 @@ pub(crate) enum Judged {
     /// posting ([`repeat`]).
     Taken,
     /// Not decided: another follow-on of the batch came first on its
-    /// original or on its card. Nothing of it was written; it is to be
-    /// decided again, alone. (Alone, it is never deferred: `Deferred` then
-    /// means its original was approved but has no card, which cannot be.)
+    /// original or on its card, or an authorisation of the batch changes
+    /// its card. Nothing of it was written; it is to be decided again,
+    /// alone. (Alone, it is never deferred: `Deferred` then means its
+    /// original was approved but has no card, which cannot be.)
     Deferred,
 }
 
 /// New authorisations decided in a batch ([`decide_many`]), as the CTEs
 /// `a_req` to `a_moved`, with the card's own checks: its status, expiry,
 /// limit and available balance, locked (in id order) while they are read
-/// and moved. No two may be for one card. `$a1` to `$a18`.
+/// and moved. No two may be for one card. `$a1` to `$a18`; `$a_card` is
+/// where its cards are locked.
 const AUTHORISE: &str = "a_req AS (
         SELECT * FROM unnest($a1::text[], $a2::text[], $a3::text[], $a4::int2[], $a5::text[], $a6::text[],
                              $a7::bytea[], $a8::text[], $a9::text[], $a10::text[], $a11::text[], $a12::int8[],
@@ -391,8 +392,8 @@ const AUTHORISE: &str = "a_req AS (
             AS r(acquirer, stan, transmitted, mti_class, mti, forwarding, fingerprint, kind,
                  processing_code, condition_code, pan_masked, amount, rrn, terminal, merchant,
                  pan_hash, expired, ord)),
-     a_card AS (
-        SELECT * FROM issuer.cards WHERE pan_hash = ANY($a16) ORDER BY id FOR UPDATE),
+     a_card AS MATERIALIZED (
+        SELECT * FROM $a_card),
      a_looked AS (
         SELECT r.*, nextval('issuer.postings_id_seq') AS id, c.id AS card_id,
             coalesce(c.pan_masked, r.pan_masked) AS masked, c.balance - c.held AS available,
@@ -442,12 +443,13 @@ const AUTHORISED: &str = "SELECT 'a' AS part, d.ord, p.id IS NOT NULL AS inserte
     FROM a_decided d LEFT JOIN a_posted p ON p.id = d.id";
 
 /// Follow-ons decided in a batch ([`decide_many`]), as the CTEs `f_req` to
-/// `f_settled`: each one's original, named by F90, decides. The originals
-/// are locked (in id order) and checked, then the cards of those that
-/// passed (in id order); each posting is written with its outcome under
-/// the message's key and, only where that key was free, the money moves
-/// and the original is settled. `$f1` to `$f22`; `$busy` is whether a
-/// follow-on's card is one another part of the statement changes.
+/// `f_queued` here and `f_card` to `f_settled` in [`FOLLOW_ON_DECIDED`]:
+/// each one's original, named by F90, decides. The originals are locked (in
+/// id order) and checked, then the cards of those that passed (in id
+/// order); each posting is written with its outcome under the message's
+/// key and, only where that key was free, the money moves and the original
+/// is settled. `$f1` to `$f22`; `$busy` is whether a follow-on's card is
+/// one another part of the statement changes.
 ///
 /// What each kind wants of its original: a void a purchase, a completion
 /// void a completion, a cancel or completion a pre-auth, a refund either
@@ -506,13 +508,15 @@ const FOLLOW_ON: &str = "f_req AS (
         SELECT f.*, f.declined IS NULL AND (NOT (f.first_of_original AND row_number() OVER (
             PARTITION BY f.first_of_original, f.card_id ORDER BY f.ord) = 1)
             OR $busy) AS deferred
-        FROM f_firsts f),
-     f_card AS MATERIALIZED (
+        FROM f_firsts f)";
+
+/// The rest of [`FOLLOW_ON`], from its cards on (`$f_card`, where they
+/// are locked): the decisions, the postings, the money and the originals
+/// settled.
+const FOLLOW_ON_DECIDED: &str = "f_card AS MATERIALIZED (
         SELECT c.id, c.pan_hash, c.pan_masked, c.balance - c.held AS available
-        FROM issuer.cards c
-        WHERE c.id IN (SELECT card_id FROM f_queued WHERE declined IS NULL AND NOT deferred)
-        ORDER BY c.id
-        FOR UPDATE OF c),
+        FROM $f_card c
+        WHERE c.id IN (SELECT card_id FROM f_queued WHERE declined IS NULL AND NOT deferred)),
      f_decided AS (
         SELECT nextval('issuer.postings_id_seq') AS id, q.*, c.id AS posting_card,
             c.pan_masked AS posting_masked,
@@ -561,28 +565,58 @@ const FOLLOW_ON: &str = "f_req AS (
         FROM f_posted p JOIN f_money m ON m.id = p.id
         WHERE o.id = p.original_id AND p.response_code = '00')";
 
-/// The rows [`FOLLOW_ON`] answers, in the columns of [`decide_many`].
+/// The rows [`FOLLOW_ON_DECIDED`] answers, in the columns of [`decide_many`].
 const FOLLOWED_ON: &str = "SELECT 'f' AS part, m.ord, p.id IS NOT NULL AS inserted, m.code,
         p.auth_code, NULL::int8 AS available, m.note, m.kind
     FROM f_money m LEFT JOIN f_posted p ON p.id = m.id";
 
 /// The statements of [`decide_many`]: authorisations alone, follow-ons
-/// alone, and both (where a follow-on whose card an authorisation of the
-/// batch changes waits).
+/// alone, and both. Each locks what it changes in one order, the order the
+/// one-by-one statements keep too: the originals (in id order), then the
+/// cards (in id order), then the keys. So with both, the cards of the two
+/// parts are locked together, after the follow-ons' originals; and a
+/// follow-on whose card an authorisation of the batch changes waits.
 static DECIDE_SQL: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::new(|| {
     let numbered = |sql: &str, prefix: &str, count: usize, first: usize| {
         (1..=count).rev().fold(sql.to_string(), |sql, n| {
             sql.replace(&format!("${prefix}{n}"), &format!("${}", first + n - 1))
         })
     };
-    let auth = numbered(AUTHORISE, "a", 18, 1);
-    let alone = numbered(FOLLOW_ON, "f", 22, 1).replace("$busy", "false");
-    let beside =
-        numbered(FOLLOW_ON, "f", 22, 19).replace("$busy", "f.card_id IN (SELECT id FROM a_card)");
+    // The cards locked for one part alone.
+    const AUTH_CARDS: &str =
+        "(SELECT * FROM issuer.cards WHERE pan_hash = ANY($a16) ORDER BY id FOR UPDATE) c";
+    const FOLLOW_ON_CARDS: &str = "(SELECT * FROM issuer.cards
+        WHERE id IN (SELECT card_id FROM f_queued WHERE declined IS NULL AND NOT deferred)
+        ORDER BY id FOR UPDATE)";
+    let auth = numbered(&AUTHORISE.replace("$a_card", AUTH_CARDS), "a", 18, 1);
+    let alone = numbered(
+        &format!("{FOLLOW_ON}, {FOLLOW_ON_DECIDED}")
+            .replace("$f_card", FOLLOW_ON_CARDS)
+            .replace("$busy", "false"),
+        "f",
+        22,
+        1,
+    );
+    // Both: every card of the batch, locked at once, once the originals are.
+    const CARDS: &str = "cards AS MATERIALIZED (
+        SELECT * FROM issuer.cards
+        WHERE pan_hash = ANY($a16)
+           OR id IN (SELECT card_id FROM f_queued WHERE declined IS NULL AND NOT deferred)
+        ORDER BY id FOR UPDATE)";
+    let both = format!(
+        "{}, {CARDS}, {}, {}",
+        FOLLOW_ON.replace(
+            "$busy",
+            "f.card_id IN (SELECT id FROM issuer.cards WHERE pan_hash = ANY($a16))"
+        ),
+        AUTHORISE.replace("$a_card", "cards WHERE pan_hash = ANY($a16)"),
+        FOLLOW_ON_DECIDED.replace("$f_card", "cards"),
+    );
+    let both = numbered(&numbered(&both, "a", 18, 1), "f", 22, 19);
     [
         format!("WITH {auth} {AUTHORISED}"),
         format!("WITH {alone} {FOLLOWED_ON}"),
-        format!("WITH {auth}, {beside} {AUTHORISED} UNION ALL {FOLLOWED_ON}"),
+        format!("WITH {both} {AUTHORISED} UNION ALL {FOLLOWED_ON}"),
     ]
 });
 
