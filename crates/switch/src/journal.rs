@@ -361,8 +361,12 @@ pub enum WriteKey {
     /// second simply goes with the next).
     Find(Find),
     /// The original an advice applies to, or a reversal reverses: two
-    /// changes of one original (two partial refunds) are made one after
-    /// the other, each to what the other left.
+    /// such changes of one original (two partial refunds) are made one
+    /// after the other, each to what the other left. A claim (a void) is
+    /// keyed as its request, so it may meet one of these on its original:
+    /// PostgreSQL then makes one of the two changes, and the other is told
+    /// it lost (its claim, `Applied(false)`, `Reversed(false)`), as if it
+    /// had come second.
     Original(i64),
     /// A reversal's own row, when it changes no original.
     Row(i64),
@@ -780,9 +784,10 @@ static WRITE_SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(||
         .collect()
 });
 
-/// Writes requests' rows and outcomes together in one statement and one
-/// commit (group commit): for each write, in order, what it did. No two
-/// writes may share a [`WriteKey`]. A request and its own outcome never
+/// Writes requests' rows and outcomes, reads originals, applies advices and
+/// decides reversals, together in one statement and one commit (group
+/// commit; see [`Shape::sql`]): for each write, in order, what it did. No
+/// two writes may share a [`WriteKey`]. A request and its own outcome never
 /// meet in one batch: the outcome comes from the issuer, after the row is
 /// durable.
 pub async fn write_many(pool: &PgPool, writes: &[Write]) -> Result<Vec<Wrote>, sqlx::Error> {
@@ -1193,7 +1198,7 @@ pub async fn outcome(
 }
 
 /// An earlier entry a related request refers to.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct Original {
     /// Row id.
     pub id: i64,
@@ -1310,15 +1315,23 @@ fn reversals_ctes(first: usize) -> String {
         SELECT * FROM unnest($v1::int8[], $v2::text[], $v3::int8[], $v4::bytea[], $v5::text[],
                              $v6::text[])
             AS v(row_id, rule, original_id, reply, step, reason)),
+     -- The originals they change, locked in id order: the batches of two
+     -- switch processes meet on them in one order.
+     reversal_originals AS (
+        SELECT o.id FROM journal o
+        WHERE o.id IN (SELECT original_id FROM reversals WHERE step <> 'approve')
+        ORDER BY o.id FOR UPDATE),
      marked AS (
         UPDATE journal o SET reversal_requested = true
         FROM reversals v
         WHERE v.step = 'mark' AND o.id = v.original_id AND o.state = 'sent'
+          AND o.id IN (SELECT id FROM reversal_originals)
         RETURNING v.row_id),
      reversed AS (
         UPDATE journal o SET state = 'reversed'
         FROM reversals v
         WHERE v.step = 'reverse' AND o.id = v.original_id AND o.state = 'approved'
+          AND o.id IN (SELECT id FROM reversal_originals)
         RETURNING v.row_id, v.reason, o.id, o.original_id, o.kind, o.issuer, o.processing_code,
             o.pos_condition, o.amount, o.mti, o.link_stan, o.link_f7),
      restored AS (
@@ -1396,6 +1409,12 @@ fn applies_ctes(first: usize) -> String {
         SELECT j.id FROM journal j
         WHERE j.id IN (SELECT row_id FROM applies) AND j.state = 'received'
         ORDER BY j.id FOR UPDATE),
+     -- Their originals, locked in id order, as the reversals' are: the
+     -- batches of two switch processes meet on them in one order.
+     apply_originals AS (
+        SELECT o.id FROM journal o
+        WHERE o.id IN (SELECT original_id FROM applies WHERE row_id IN (SELECT id FROM mine))
+        ORDER BY o.id FOR UPDATE),
      applied AS (
         UPDATE journal o SET
             refunded_amount = o.refunded_amount + CASE a.advice WHEN 'refund' THEN a.amount ELSE 0 END,
@@ -1404,6 +1423,7 @@ fn applies_ctes(first: usize) -> String {
                          ELSE 'partially_refunded' END
         FROM applies a
         WHERE o.id = a.original_id AND a.row_id IN (SELECT id FROM mine)
+          AND o.id IN (SELECT id FROM apply_originals)
           AND CASE a.advice
                 WHEN 'refund' THEN o.state IN ('approved', 'partially_refunded')
                                    AND o.refunded_amount + a.amount <= o.amount

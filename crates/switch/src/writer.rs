@@ -1,5 +1,7 @@
 //! The journal writer: group commit for the two writes of every forwarded
-//! request, its `sent` row and its outcome.
+//! request, its `sent` row and its outcome, and for what related requests
+//! read and write beside them (their originals, refunds and completion
+//! advices applied, reversals decided).
 //!
 //! Requests' rows and outcomes arriving together share one statement, an
 //! `INSERT ... SELECT FROM unnest(...)` beside an `UPDATE ... FROM
@@ -13,8 +15,10 @@
 //!
 //! A request that claims an original (a void, a cancel) carries its claim
 //! into the batch: a conditional UPDATE of the original, in the statement
-//! that writes the row. A batch that fails for one row's sake is retried
-//! row by row, so one bad write fails alone.
+//! that writes the row. The read of an original, an advice applied to one
+//! and a reversal decided ride in the batch too, each as a part of the
+//! statement that only a batch holding one carries. A batch that fails for
+//! one row's sake is retried row by row, so one bad write fails alone.
 //!
 //! Terminals are read once and kept for a short while ([`Writer::terminal`]):
 //! a statement per request only to learn what rarely changes was a quarter
@@ -38,7 +42,7 @@ use crate::terminals::{self, Terminal};
 
 type Reply<T> = group_commit::Reply<T, sqlx::Error>;
 
-/// A request's row or an outcome, waiting for its batch.
+/// A write (or a read) of the journal, waiting for its batch.
 #[derive(Debug)]
 struct Job {
     write: Write,
