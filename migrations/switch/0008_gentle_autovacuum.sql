@@ -11,8 +11,8 @@
 --   queue are read by keys (the request key, ids, terminal and batch), for
 --   which ten buckets estimate as well: 3,000 rows, 0.03 s.
 -- * VACUUM sleeps 10 ms, not 2, after each 200 units of its work (a page
---   read costs one, a page dirtied twenty): the same work, spread over a
---   few seconds at a fraction of a core.
+--   found in shared buffers costs one, read in two, dirtied twenty): the
+--   same work, spread over a few seconds at a fraction of a core.
 DO $$
 DECLARE c record;
 BEGIN
