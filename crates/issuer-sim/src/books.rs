@@ -598,10 +598,11 @@ static DECIDE_SQL: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::new(|
         1,
     );
     // Both: every card of the batch, locked at once, once the originals are.
+    // (An `OR` of the two would be a filter over every card.)
     const CARDS: &str = "cards AS MATERIALIZED (
         SELECT * FROM issuer.cards
-        WHERE pan_hash = ANY($a16)
-           OR id IN (SELECT card_id FROM f_queued WHERE declined IS NULL AND NOT deferred)
+        WHERE id IN (SELECT id FROM issuer.cards WHERE pan_hash = ANY($a16)
+                     UNION SELECT card_id FROM f_queued WHERE declined IS NULL AND NOT deferred)
         ORDER BY id FOR UPDATE)";
     let both = format!(
         "{}, {CARDS}, {}, {}",
