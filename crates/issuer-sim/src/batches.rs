@@ -1,11 +1,11 @@
 //! Group commit for what an issuer decides most: those arriving together
-//! are decided and posted in one statement and one commit
-//! ([`books::decide_many`]): new authorisations (balance inquiries,
-//! purchases, pre-authorisations), at most one per card in a batch, and
-//! follow-ons (voids, refunds, pre-auth cancels, completions and completion
-//! voids, requests and advices), at most one per original. Reversals are
-//! decided one statement each ([`books::apply`]), repeats from the stored
-//! posting ([`books::repeat`]).
+//! are decided and posted in one statement and one commit. New
+//! authorisations (balance inquiries, purchases, pre-authorisations) go to
+//! [`books::authorise_many`], at most one per card in a batch; follow-ons
+//! (voids, refunds, pre-auth cancels, completions and completion voids,
+//! requests and advices) to [`books::follow_on_many`], at most one per
+//! original in a batch. Reversals are decided one statement each
+//! ([`books::apply`]), repeats from the stored posting ([`books::repeat`]).
 
 use std::sync::OnceLock;
 
@@ -15,38 +15,33 @@ use sqlx::PgPool;
 use tokio::sync::oneshot;
 use tracing::warn;
 
-use crate::books::{self, Batched, Decided, FollowOn, Judged, NewAuth, Outcome};
+use crate::books::{self, FollowOn, Judged, NewAuth, Outcome};
 use crate::key::PanKey;
-use crate::request::{Kind, PostingKey, Request};
+use crate::request::{Kind, Request};
 
 #[derive(Debug)]
-struct Job {
-    message: Batched,
-    done: Reply<Decided, sqlx::Error>,
+struct AuthJob {
+    auth: NewAuth,
+    done: Reply<Option<Outcome>, sqlx::Error>,
 }
 
-/// What two messages of one batch must not share.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Key {
-    /// A new authorisation's card: two of one card are decided one after
-    /// the other, each on what the other left.
-    Card([u8; 32]),
-    /// A follow-on's original: two follow-ons of one original (a void and a
-    /// refund of one sale, or copies of one message) never share a batch,
-    /// so each is judged on what the other did. Their card is known only
-    /// once the original is read (an advice carries no PAN), so two
-    /// follow-ons of one card, or a follow-on and an authorisation of one
-    /// card, may share one: the statement decides the first of them and
-    /// leaves the others undecided, and they are decided alone
-    /// ([`Judged::Deferred`]).
-    Original(PostingKey),
+#[derive(Debug)]
+struct FollowOnJob {
+    follow_on: FollowOn,
+    done: Reply<Judged, sqlx::Error>,
 }
 
-/// The batching of new authorisations and follow-ons, started on first use
-/// (on the runtime that serves the switch).
+#[derive(Debug)]
+struct Batchers {
+    authorisations: Batcher<AuthJob>,
+    follow_ons: Batcher<FollowOnJob>,
+}
+
+/// The batching of new authorisations and of follow-ons, started on first
+/// use (on the runtime that serves the switch).
 #[derive(Debug, Default)]
 pub(crate) struct Batches {
-    batcher: OnceLock<Batcher<Job>>,
+    batchers: OnceLock<Batchers>,
 }
 
 impl Batches {
@@ -65,33 +60,33 @@ impl Batches {
         }
     }
 
-    fn batcher(&self, limits: Limits, pool: &PgPool) -> &Batcher<Job> {
-        self.batcher.get_or_init(|| {
-            let batches = batch_pool(pool, limits.in_flight);
-            Batcher::start(
+    fn batchers(&self, limits: Limits, pool: &PgPool) -> &Batchers {
+        self.batchers.get_or_init(|| {
+            // Two kinds of batches, each with its batches in flight.
+            let batches = batch_pool(pool, 2 * limits.in_flight);
+            let p = batches.clone();
+            let authorisations = Batcher::start(
                 limits,
-                |j: &Job| match &j.message {
-                    Batched::New(a) => Key::Card(a.pan_hash),
-                    Batched::FollowOn(f) => Key::Original(f.original.clone()),
-                },
-                move |jobs| decide_many(batches.clone(), jobs),
-            )
+                |j: &AuthJob| j.auth.pan_hash,
+                move |jobs| authorise_many(p.clone(), jobs),
+            );
+            // Keyed by the original: two follow-ons of one original (a void
+            // and a refund of one sale, or copies of one message) never share
+            // a batch, so each is judged on what the other did. Their card is
+            // known only once the original is read (an advice carries no
+            // PAN), so two follow-ons of one card may share one: the
+            // statement decides the first of them and leaves the others
+            // undecided, and they are decided alone ([`Judged::Deferred`]).
+            let follow_ons = Batcher::start(
+                limits,
+                |j: &FollowOnJob| j.follow_on.original.clone(),
+                move |jobs| follow_on_many(batches.clone(), jobs),
+            );
+            Batchers {
+                authorisations,
+                follow_ons,
+            }
         })
-    }
-
-    /// Hands a message to the next batch; `None` when the batching task has
-    /// stopped (the runtime is shutting down).
-    async fn submit(
-        &self,
-        limits: Limits,
-        pool: &PgPool,
-        message: Batched,
-    ) -> Option<Result<Decided, sqlx::Error>> {
-        let (done, answer) = oneshot::channel();
-        self.batcher(limits, pool)
-            .submit(Job { message, done })
-            .ok()?;
-        Some(answer.await.unwrap_or(Err(sqlx::Error::WorkerCrashed)))
     }
 
     async fn authorise(
@@ -111,12 +106,16 @@ impl Batches {
             pan_hash,
             req: req.clone(),
         };
-        match self.submit(limits, pool, Batched::New(auth)).await {
-            None => books::apply(pool, key, req).await,
-            Some(Ok(Decided::New(Some(outcome)))) => Ok(outcome),
+        let (done, answer) = oneshot::channel();
+        let job = AuthJob { auth, done };
+        let batcher = &self.batchers(limits, pool).authorisations;
+        if batcher.submit(job).is_err() {
+            return books::apply(pool, key, req).await;
+        }
+        match answer.await.map_err(|_| sqlx::Error::WorkerCrashed)?? {
+            Some(outcome) => Ok(outcome),
             // Its key was taken: a repeat, answered from the stored posting.
-            Some(Ok(_)) => books::repeat(pool, req, &fingerprint).await,
-            Some(Err(e)) => Err(e),
+            None => books::repeat(pool, req, &fingerprint).await,
         }
     }
 
@@ -138,32 +137,42 @@ impl Batches {
             fingerprint,
             req: req.clone(),
         };
-        match self
-            .submit(limits, pool, Batched::FollowOn(follow_on))
-            .await
-        {
-            None => books::apply(pool, key, req).await,
-            Some(Ok(Decided::FollowOn(Judged::Decided(outcome)))) => Ok(outcome),
+        let (done, answer) = oneshot::channel();
+        let job = FollowOnJob { follow_on, done };
+        let batcher = &self.batchers(limits, pool).follow_ons;
+        if batcher.submit(job).is_err() {
+            return books::apply(pool, key, req).await;
+        }
+        match answer.await.map_err(|_| sqlx::Error::WorkerCrashed)?? {
+            Judged::Decided(outcome) => Ok(outcome),
             // Its key was taken: a repeat, answered from the stored posting.
-            Some(Ok(Decided::FollowOn(Judged::Taken))) => {
-                books::repeat(pool, req, &fingerprint).await
-            }
+            Judged::Taken => books::repeat(pool, req, &fingerprint).await,
             // Another of its card came first in the batch, which is
             // committed now: decided alone.
-            Some(Ok(_)) => books::apply(pool, key, req).await,
-            Some(Err(e)) => Err(e),
+            Judged::Deferred => books::apply(pool, key, req).await,
         }
     }
 }
 
-async fn decide_many(pool: PgPool, jobs: Vec<Job>) {
-    let (messages, dones): (Vec<Batched>, Vec<_>) =
-        jobs.into_iter().map(|j| (j.message, j.done)).unzip();
-    let split = write_all(&pool, messages, dones, ON_ERROR, |pool, messages| {
-        Box::pin(books::decide_many(pool, messages))
+async fn authorise_many(pool: PgPool, jobs: Vec<AuthJob>) {
+    let (auths, dones): (Vec<NewAuth>, Vec<_>) = jobs.into_iter().map(|j| (j.auth, j.done)).unzip();
+    let split = write_all(&pool, auths, dones, ON_ERROR, |pool, auths| {
+        Box::pin(books::authorise_many(pool, auths))
     })
     .await;
     if let Some(e) = split {
-        warn!(error = %e, "a batch of authorisations and follow-ons failed");
+        warn!(error = %e, "a batch of authorisations failed");
+    }
+}
+
+async fn follow_on_many(pool: PgPool, jobs: Vec<FollowOnJob>) {
+    let (follow_ons, dones): (Vec<FollowOn>, Vec<_>) =
+        jobs.into_iter().map(|j| (j.follow_on, j.done)).unzip();
+    let split = write_all(&pool, follow_ons, dones, ON_ERROR, |pool, follow_ons| {
+        Box::pin(books::follow_on_many(pool, follow_ons))
+    })
+    .await;
+    if let Some(e) = split {
+        warn!(error = %e, "a batch of follow-ons failed");
     }
 }

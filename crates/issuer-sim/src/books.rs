@@ -13,12 +13,13 @@
 //! Locks are always taken in one order: the original a message names (then
 //! that one's original), then the card, then the message's own key; so two
 //! follow-ons of one original queue behind each other on it instead of
-//! deadlocking. New authorisations and follow-ons are decided together in
-//! batches ([`decide_many`]): the statement locks the follow-ons' originals
-//! (in id order), then every card of the batch at once (in id order), then
-//! claims the keys. A reversal whose original has not arrived claims its
-//! own key, then the original's. Should PostgreSQL still find a deadlock,
-//! the statement is retried.
+//! deadlocking. New authorisations, decided in batches ([`authorise_many`]),
+//! lock their cards (in id order) before they claim their keys; follow-ons,
+//! decided in batches too ([`follow_on_many`]), lock all their originals
+//! (in id order), then their cards (in id order), then claim their keys. A
+//! reversal whose original has not arrived claims its own key, then the
+//! original's. Should PostgreSQL still find a deadlock, the statement is
+//! retried.
 
 use chrono::Datelike;
 use iso8583::Pan;
@@ -239,12 +240,9 @@ pub(crate) async fn apply(
                     pan_hash,
                     fingerprint,
                 };
-                decide_many(pool, &[Batched::New(auth)])
+                authorise_many(pool, std::slice::from_ref(&auth))
                     .await
-                    .map(|mut decided| match decided.pop() {
-                        Some(Decided::New(outcome)) => outcome,
-                        _ => None,
-                    })
+                    .map(|mut outcomes| outcomes.pop().flatten())
             }
             Kind::Reversal => reverse(pool, req, &fingerprint).await,
             _ => {
@@ -259,14 +257,14 @@ pub(crate) async fn apply(
                     pan_hash,
                     fingerprint,
                 };
-                decide_many(pool, &[Batched::FollowOn(follow_on)])
+                follow_on_many(pool, std::slice::from_ref(&follow_on))
                     .await
-                    .and_then(|mut decided| match decided.pop() {
-                        Some(Decided::FollowOn(Judged::Decided(outcome))) => Ok(Some(outcome)),
-                        Some(Decided::FollowOn(Judged::Taken)) => Ok(None),
+                    .and_then(|mut judged| match judged.pop() {
+                        Some(Judged::Decided(outcome)) => Ok(Some(outcome)),
+                        Some(Judged::Taken) => Ok(None),
                         // Alone, nothing comes first: its original was
                         // approved but has no card, which cannot be.
-                        _ => Err(sqlx::Error::RowNotFound),
+                        Some(Judged::Deferred) | None => Err(sqlx::Error::RowNotFound),
                     })
             }
         };
@@ -351,7 +349,7 @@ fn posting<'q>(
 }
 
 /// A follow-on (void, refund, pre-auth cancel, completion, completion void;
-/// a request or an advice) for [`decide_many`].
+/// a request or an advice) for [`follow_on_many`].
 #[derive(Debug, Clone)]
 pub(crate) struct FollowOn {
     pub req: Request,
@@ -363,7 +361,7 @@ pub(crate) struct FollowOn {
     pub fingerprint: [u8; 32],
 }
 
-/// What [`decide_many`] did with one follow-on.
+/// What [`follow_on_many`] did with one follow-on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Judged {
     /// Decided and posted under its key.
@@ -372,397 +370,190 @@ pub(crate) enum Judged {
     /// posting ([`repeat`]).
     Taken,
     /// Not decided: another follow-on of the batch came first on its
-    /// original or on its card, or an authorisation of the batch changes
-    /// its card. Nothing of it was written; it is to be decided again,
-    /// alone. (Alone, it is never deferred: `Deferred` then means its
-    /// original was approved but has no card, which cannot be.)
+    /// original or on its card. Nothing of it was written; it is to be
+    /// decided again, alone. (Alone, it is never deferred: `Deferred` then
+    /// means its original was approved but has no card, which cannot be.)
     Deferred,
 }
 
-/// New authorisations decided in a batch ([`decide_many`]), as the CTEs
-/// `a_req` to `a_moved`, with the card's own checks: its status, expiry,
-/// limit and available balance, locked (in id order) while they are read
-/// and moved. No two may be for one card. `$a1` to `$a18`; `$a_card` is
-/// where its cards are locked.
-const AUTHORISE: &str = "a_req AS (
-        SELECT * FROM unnest($a1::text[], $a2::text[], $a3::text[], $a4::int2[], $a5::text[], $a6::text[],
-                             $a7::bytea[], $a8::text[], $a9::text[], $a10::text[], $a11::text[], $a12::int8[],
-                             $a13::text[], $a14::text[], $a15::text[], $a16::bytea[], $a17::bool[])
-            WITH ORDINALITY
-            AS r(acquirer, stan, transmitted, mti_class, mti, forwarding, fingerprint, kind,
-                 processing_code, condition_code, pan_masked, amount, rrn, terminal, merchant,
-                 pan_hash, expired, ord)),
-     a_card AS MATERIALIZED (
-        SELECT * FROM $a_card),
-     a_looked AS (
-        SELECT r.*, nextval('issuer.postings_id_seq') AS id, c.id AS card_id,
-            coalesce(c.pan_masked, r.pan_masked) AS masked, c.balance - c.held AS available,
-            c.status AS card_status,
-            CASE WHEN c.id IS NULL THEN '14'
-                 WHEN c.status = 'lost' THEN '41'
-                 WHEN c.status = 'stolen' THEN '43'
-                 WHEN c.status <> 'active' THEN '62'
-                 WHEN c.expiry < $a18 OR r.expired THEN '54'
-                 WHEN r.kind = 'balance_inquiry' THEN '00'
-                 WHEN r.amount > c.txn_limit THEN '61'
-                 WHEN r.amount > c.balance - c.held THEN '51'
-                 ELSE '00' END AS code
-        FROM a_req r LEFT JOIN a_card c ON c.pan_hash = r.pan_hash),
-     a_decided AS (
-        SELECT l.*,
-            CASE WHEN code = '00' AND kind = 'purchase' THEN -amount ELSE 0 END AS balance_change,
-            CASE WHEN code = '00' AND kind = 'preauth' THEN amount ELSE 0 END AS hold_change,
-            CASE WHEN code = '00' AND kind <> 'balance_inquiry'
-                 THEN issuer.auth_code(id) END AS auth_code,
-            CASE WHEN code = '00' AND kind = 'balance_inquiry' THEN available END AS available_reply,
-            CASE code WHEN '14' THEN 'unknown card' WHEN '41' THEN 'card is lost'
-                      WHEN '43' THEN 'card is stolen' WHEN '62' THEN 'card is ' || card_status
-                      WHEN '54' THEN 'expired' WHEN '61' THEN 'above the card''s limit'
-                      WHEN '51' THEN 'insufficient funds' END AS note
-        FROM a_looked l),
-     a_posted AS (
-        INSERT INTO issuer.postings (id, acquirer, stan, transmitted, mti_class, mti, forwarding,
-            fingerprint, kind, processing_code, condition_code, card_id, pan_masked, amount,
-            balance_change, hold_change, response_code, auth_code, available_reply, rrn, terminal,
-            merchant, state, note)
-        SELECT id, acquirer, stan, transmitted, mti_class, mti, forwarding, fingerprint, kind,
-            processing_code, condition_code, card_id, masked, amount, balance_change, hold_change,
-            code, auth_code, available_reply, rrn, terminal, merchant,
-            CASE WHEN code = '00' THEN 'approved' ELSE 'declined' END, note
-        FROM a_decided
-        ON CONFLICT ON CONSTRAINT postings_key DO NOTHING
-        RETURNING id, card_id, balance_change, hold_change),
-     a_moved AS (
-        UPDATE issuer.cards c SET balance = c.balance + p.balance_change, held = c.held + p.hold_change
-        FROM a_posted p
-        WHERE c.id = p.card_id AND (p.balance_change <> 0 OR p.hold_change <> 0))";
-
-/// The rows [`AUTHORISE`] answers, in the columns of [`decide_many`].
-const AUTHORISED: &str = "SELECT 'a' AS part, d.ord, p.id IS NOT NULL AS inserted, d.code,
-        d.auth_code, d.available_reply AS available, NULL::text AS note, d.kind
-    FROM a_decided d LEFT JOIN a_posted p ON p.id = d.id";
-
-/// Follow-ons decided in a batch ([`decide_many`]), as the CTEs `f_req` to
-/// `f_queued` here and `f_card` to `f_settled` in [`FOLLOW_ON_DECIDED`]:
-/// each one's original, named by F90, decides. The originals are locked (in
-/// id order) and checked, then the cards of those that passed (in id
-/// order); each posting is written with its outcome under the message's
-/// key and, only where that key was free, the money moves and the original
-/// is settled. `$f1` to `$f22`; `$busy` is whether a follow-on's card is
-/// one another part of the statement changes.
-///
-/// What each kind wants of its original: a void a purchase, a completion
-/// void a completion, a cancel or completion a pre-auth, a refund either
-/// of the first two; approved, or for a refund partly refunded too; the
-/// original's full amount for a void, completion void or cancel. A
-/// request (not an advice) is answered with an auth code, and a
-/// completion request may overdraw by no more than the hold it releases
-/// (a completion advice is already done at the terminal and is posted as
-/// it is).
-const FOLLOW_ON: &str = "f_req AS (
-        SELECT * FROM unnest($f1::text[], $f2::text[], $f3::text[], $f4::int2[], $f5::text[], $f6::text[],
-                             $f7::bytea[], $f8::text[], $f9::text[], $f10::text[], $f11::text[], $f12::int8[],
-                             $f13::text[], $f14::text[], $f15::text[], $f16::text[], $f17::text[],
-                             $f18::text[], $f19::text[], $f20::int2[], $f21::bytea[], $f22::bool[])
-            WITH ORDINALITY
-            AS r(acquirer, stan, transmitted, mti_class, mti, forwarding, fingerprint, kind,
-                 processing_code, condition_code, pan_masked, amount, rrn, terminal, merchant,
-                 original_ref, orig_acquirer, orig_stan, orig_transmitted, orig_class, pan_hash,
-                 request, ord)),
-     f_orig AS MATERIALIZED (
-        SELECT o.* FROM issuer.postings o
-        WHERE (o.acquirer, o.stan, o.transmitted, o.mti_class) IN
-            (SELECT orig_acquirer, orig_stan, orig_transmitted, orig_class FROM f_req)
-        ORDER BY o.id
-        FOR UPDATE OF o),
-     f_checked AS (
-        SELECT r.*, CASE WHEN o.fingerprint IS NOT NULL THEN o.id END AS original_id, o.card_id,
-            o.amount AS original_amount, o.refunded AS original_refunded,
-            o.balance_change AS original_balance, o.hold_change AS original_hold,
-            CASE WHEN o.fingerprint IS NULL THEN ARRAY['25', 'original not found']
-                 WHEN NOT CASE r.kind WHEN 'void' THEN o.kind = 'purchase'
-                                      WHEN 'completion_void' THEN o.kind = 'completion'
-                                      WHEN 'preauth_cancel' THEN o.kind = 'preauth'
-                                      WHEN 'completion' THEN o.kind = 'preauth'
-                                      ELSE o.kind IN ('purchase', 'completion') END
-                     THEN ARRAY['12', 'the original is a ' || o.kind]
-                 WHEN NOT CASE r.kind WHEN 'refund' THEN o.state IN ('approved', 'partially_refunded')
-                                      ELSE o.state = 'approved' END
-                     THEN ARRAY['12', 'the original is ' || o.state]
-                 WHEN r.kind IN ('void', 'completion_void', 'preauth_cancel') AND r.amount <> o.amount
-                     THEN ARRAY['64', 'not the original''s amount']
-                 WHEN r.kind = 'refund' AND o.refunded + r.amount > o.amount
-                     THEN ARRAY['61', 'refunds would exceed the original''s amount']
-            END AS declined
-        FROM f_req r LEFT JOIN f_orig o
-            ON (o.acquirer, o.stan, o.transmitted, o.mti_class)
-             = (r.orig_acquirer, r.orig_stan, r.orig_transmitted, r.orig_class)),
-     -- Of those the original's checks let through: the first of each
-     -- original, and of those the first on each card, unless another part
-     -- of the statement changes that card; the rest wait.
-     f_firsts AS (
-        SELECT k.*, k.declined IS NULL AND row_number() OVER (
-            PARTITION BY k.declined IS NULL, k.original_id ORDER BY k.ord) = 1 AS first_of_original
-        FROM f_checked k),
-     f_queued AS (
-        SELECT f.*, f.declined IS NULL AND (NOT (f.first_of_original AND row_number() OVER (
-            PARTITION BY f.first_of_original, f.card_id ORDER BY f.ord) = 1)
-            OR $busy) AS deferred
-        FROM f_firsts f)";
-
-/// The rest of [`FOLLOW_ON`], from its cards on (`$f_card`, where they
-/// are locked): the decisions, the postings, the money and the originals
-/// settled.
-const FOLLOW_ON_DECIDED: &str = "f_card AS MATERIALIZED (
-        SELECT c.id, c.pan_hash, c.pan_masked, c.balance - c.held AS available
-        FROM $f_card c
-        WHERE c.id IN (SELECT card_id FROM f_queued WHERE declined IS NULL AND NOT deferred)),
-     f_decided AS (
-        SELECT nextval('issuer.postings_id_seq') AS id, q.*, c.id AS posting_card,
-            c.pan_masked AS posting_masked,
-            CASE WHEN NOT q.deferred THEN coalesce(q.declined, CASE
-                WHEN c.id IS NULL THEN NULL
-                WHEN c.pan_hash <> q.pan_hash THEN ARRAY['14', 'not the original''s card']
-                WHEN q.kind = 'completion' AND q.request AND q.amount > c.available + q.original_hold
-                    THEN ARRAY['51', 'insufficient funds']
-                ELSE ARRAY['00', NULL] END) END AS decision
-        FROM f_queued q LEFT JOIN f_card c ON c.id = q.card_id AND q.declined IS NULL AND NOT q.deferred),
-     f_money AS (
-        SELECT d.*, d.decision[1] AS code, d.decision[2] AS note,
-            CASE WHEN d.decision[1] <> '00' THEN 0
-                 WHEN d.kind IN ('void', 'completion_void') THEN -d.original_balance
-                 WHEN d.kind = 'completion' THEN -d.amount
-                 WHEN d.kind = 'refund' THEN d.amount
-                 ELSE 0 END AS balance_change,
-            CASE WHEN d.decision[1] = '00' AND d.kind IN ('preauth_cancel', 'completion')
-                 THEN -d.original_hold ELSE 0 END AS hold_change,
-            d.original_refunded + CASE d.kind WHEN 'refund' THEN d.amount ELSE 0 END AS refunded,
-            CASE d.kind WHEN 'preauth_cancel' THEN 'cancelled'
-                        WHEN 'completion' THEN 'completed'
-                        WHEN 'refund' THEN CASE WHEN d.original_refunded + d.amount = d.original_amount
-                                                THEN 'refunded' ELSE 'partially_refunded' END
-                        ELSE 'voided' END AS settles_as
-        FROM f_decided d),
-     f_posted AS (
-        INSERT INTO issuer.postings (id, acquirer, stan, transmitted, mti_class, mti, forwarding,
-            fingerprint, kind, processing_code, condition_code, card_id, pan_masked, amount,
-            balance_change, hold_change, response_code, auth_code, rrn, terminal, merchant,
-            original_ref, original_id, state, note)
-        SELECT id, acquirer, stan, transmitted, mti_class, mti, forwarding, fingerprint, kind,
-            processing_code, condition_code, posting_card, coalesce(posting_masked, pan_masked),
-            amount, balance_change, hold_change, code,
-            CASE WHEN code = '00' AND request THEN issuer.auth_code(id) END, rrn, terminal, merchant,
-            original_ref, original_id, CASE WHEN code = '00' THEN 'approved' ELSE 'declined' END, note
-        FROM f_money WHERE code IS NOT NULL
-        ON CONFLICT ON CONSTRAINT postings_key DO NOTHING
-        RETURNING id, card_id, balance_change, hold_change, original_id, response_code, auth_code),
-     f_moved AS (
-        UPDATE issuer.cards c SET balance = c.balance + p.balance_change, held = c.held + p.hold_change
-        FROM f_posted p
-        WHERE c.id = p.card_id AND (p.balance_change <> 0 OR p.hold_change <> 0)),
-     f_settled AS (
-        UPDATE issuer.postings o SET state = m.settles_as, refunded = m.refunded, updated_at = now()
-        FROM f_posted p JOIN f_money m ON m.id = p.id
-        WHERE o.id = p.original_id AND p.response_code = '00')";
-
-/// The rows [`FOLLOW_ON_DECIDED`] answers, in the columns of [`decide_many`].
-const FOLLOWED_ON: &str = "SELECT 'f' AS part, m.ord, p.id IS NOT NULL AS inserted, m.code,
-        p.auth_code, NULL::int8 AS available, m.note, m.kind
-    FROM f_money m LEFT JOIN f_posted p ON p.id = m.id";
-
-/// The statements of [`decide_many`]: authorisations alone, follow-ons
-/// alone, and both. Each locks what it changes in one order, the order the
-/// one-by-one statements keep too: the originals (in id order), then the
-/// cards (in id order), then the keys. So with both, the cards of the two
-/// parts are locked together, after the follow-ons' originals; and a
-/// follow-on whose card an authorisation of the batch changes waits.
-static DECIDE_SQL: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::new(|| {
-    let numbered = |sql: &str, prefix: &str, count: usize, first: usize| {
-        (1..=count).rev().fold(sql.to_string(), |sql, n| {
-            sql.replace(&format!("${prefix}{n}"), &format!("${}", first + n - 1))
-        })
-    };
-    // The cards locked for one part alone.
-    const AUTH_CARDS: &str =
-        "(SELECT * FROM issuer.cards WHERE pan_hash = ANY($a16) ORDER BY id FOR UPDATE) c";
-    const FOLLOW_ON_CARDS: &str = "(SELECT * FROM issuer.cards
-        WHERE id IN (SELECT card_id FROM f_queued WHERE declined IS NULL AND NOT deferred)
-        ORDER BY id FOR UPDATE)";
-    let auth = numbered(&AUTHORISE.replace("$a_card", AUTH_CARDS), "a", 18, 1);
-    let alone = numbered(
-        &format!("{FOLLOW_ON}, {FOLLOW_ON_DECIDED}")
-            .replace("$f_card", FOLLOW_ON_CARDS)
-            .replace("$busy", "false"),
-        "f",
-        22,
-        1,
-    );
-    // Both: every card of the batch, locked at once, once the originals are.
-    // (An `OR` of the two would be a filter over every card.)
-    const CARDS: &str = "cards AS MATERIALIZED (
-        SELECT * FROM issuer.cards
-        WHERE id IN (SELECT id FROM issuer.cards WHERE pan_hash = ANY($a16)
-                     UNION SELECT card_id FROM f_queued WHERE declined IS NULL AND NOT deferred)
-        ORDER BY id FOR UPDATE)";
-    let both = format!(
-        "{}, {CARDS}, {}, {}",
-        FOLLOW_ON.replace(
-            "$busy",
-            "f.card_id IN (SELECT id FROM issuer.cards WHERE pan_hash = ANY($a16))"
-        ),
-        AUTHORISE.replace("$a_card", "cards WHERE pan_hash = ANY($a16)"),
-        FOLLOW_ON_DECIDED.replace("$f_card", "cards"),
-    );
-    let both = numbered(&numbered(&both, "a", 18, 1), "f", 22, 19);
-    [
-        format!("WITH {auth} {AUTHORISED}"),
-        format!("WITH {alone} {FOLLOWED_ON}"),
-        format!("WITH {both} {AUTHORISED} UNION ALL {FOLLOWED_ON}"),
-    ]
-});
-
-/// A message of a batch: a new authorisation or a follow-on.
-#[derive(Debug, Clone)]
-pub(crate) enum Batched {
-    New(NewAuth),
-    FollowOn(FollowOn),
-}
-
-/// What [`decide_many`] did with one [`Batched`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Decided {
-    /// The outcome of a new authorisation, or `None` when its key was
-    /// already taken (a repeat: the caller takes the one-by-one path, which
-    /// answers it from the stored posting).
-    New(Option<Outcome>),
-    /// What became of a follow-on.
-    FollowOn(Judged),
-}
-
-/// Decides and records many new authorisations and follow-ons in one
-/// statement (group commit; [`AUTHORISE`], [`FOLLOW_ON`]). A batch of one
-/// is also the statement of the one-by-one path ([`apply`]).
+/// Decides and records many follow-ons in one statement (group commit):
+/// each one's original, named by F90, decides. The statement locks the
+/// originals (in id order), checks each against its original, locks the
+/// cards of those that passed (in id order), writes each posting with its
+/// outcome under the message's key, and, only where that key was free,
+/// moves the money and settles the original. One follow-on is a batch of
+/// one: this is also the statement of the one-by-one path ([`apply`]).
 ///
 /// A multi-row `UPDATE ... FROM` applies one change per target row, and
-/// each message is judged on its original and its card as they were when
-/// the statement began. So no two new authorisations may be for one card
-/// (the caller's batch key), and two follow-ons that would both change one
+/// each follow-on is judged on its original and its card as they were when
+/// the statement began. So two follow-ons that would both change one
 /// original (a void and a refund of one sale) or one card (follow-ons of two
-/// sales of one card, or of a card an authorisation of the batch changes)
-/// are never decided together: of those the original's checks let through,
-/// the first of each original, and of those the first on each card, is
-/// decided; the others come back [`Judged::Deferred`], having written
-/// nothing. Follow-ons the original's checks decline touch neither, so they
-/// are decided whatever else is in the batch. A follow-on's card is found
-/// through its original (an advice carries no PAN), which is why this is
-/// found out here and cannot be left to the batch's key.
+/// sales of one card) are never decided together: of those the original's
+/// checks let through, the first of each original, and of those the first
+/// on each card, is decided; the others come back [`Judged::Deferred`],
+/// having written nothing. Follow-ons the original's checks decline touch
+/// neither, so they are decided whatever else is in the batch. The card is
+/// found through the original (an advice carries no PAN), which is why this
+/// is found out here and cannot be left to the batch's key.
 ///
 /// For each, in order, what became of it.
-pub(crate) async fn decide_many(
+pub(crate) async fn follow_on_many(
     pool: &PgPool,
-    batch: &[Batched],
-) -> Result<Vec<Decided>, sqlx::Error> {
-    fn col<'r, I: 'r, T>(items: &'r [&'r I], f: impl Fn(&'r I) -> T) -> Vec<T> {
-        items.iter().map(|i| f(i)).collect()
+    follow_ons: &[FollowOn],
+) -> Result<Vec<Judged>, sqlx::Error> {
+    fn col<'r, T>(f: &'r [FollowOn], v: impl Fn(&'r FollowOn) -> T) -> Vec<T> {
+        f.iter().map(v).collect()
     }
     #[derive(sqlx::FromRow)]
     struct Decision {
-        part: String,
         ord: i64,
         inserted: bool,
-        /// `None`: a deferred follow-on.
+        /// `None`: deferred.
         code: Option<String>,
         auth_code: Option<String>,
-        available: Option<i64>,
         note: Option<String>,
         kind: String,
     }
-    let mut auths: Vec<&NewAuth> = Vec::new();
-    let mut follow_ons: Vec<&FollowOn> = Vec::new();
-    for b in batch {
-        match b {
-            Batched::New(a) => auths.push(a),
-            Batched::FollowOn(f) => follow_ons.push(f),
-        }
-    }
-    let sql = match (auths.is_empty(), follow_ons.is_empty()) {
-        (true, true) => return Ok(Vec::new()),
-        (false, true) => &DECIDE_SQL[0],
-        (true, false) => &DECIDE_SQL[1],
-        (false, false) => &DECIDE_SQL[2],
-    };
-    let today = chrono::Utc::now().date_naive();
-    let mut q = sqlx::query_as::<_, Decision>(sqlx::AssertSqlSafe(sql.as_str()));
-    if !auths.is_empty() {
-        q = q
-            .bind(col(&auths, |a| a.req.key.acquirer.as_str()))
-            .bind(col(&auths, |a| a.req.key.stan.as_str()))
-            .bind(col(&auths, |a| a.req.key.transmitted.as_str()))
-            .bind(col(&auths, |a| a.req.key.class))
-            .bind(col(&auths, |a| a.req.mti.to_string()))
-            .bind(col(&auths, |a| a.req.forwarding.as_deref()))
-            .bind(col(&auths, |a| a.fingerprint.as_slice()))
-            .bind(col(&auths, |a| a.req.kind.as_str()))
-            .bind(col(&auths, |a| a.req.processing.as_str()))
-            .bind(col(&auths, |a| a.req.condition.as_deref()))
-            .bind(col(&auths, |a| a.req.pan.as_ref().map(Pan::masked)))
-            .bind(col(&auths, |a| a.req.amount))
-            .bind(col(&auths, |a| a.req.rrn.as_deref()))
-            .bind(col(&auths, |a| a.req.terminal.as_deref()))
-            .bind(col(&auths, |a| a.req.merchant.as_deref()))
-            .bind(col(&auths, |a| a.pan_hash.as_slice()))
-            .bind(col(&auths, |a| {
-                a.req.expiry.as_deref().is_some_and(|e| expired(e, today))
-            }))
-            .bind(format!("{:02}{:02}", today.year() % 100, today.month()));
-    }
-    if !follow_ons.is_empty() {
-        q = q
-            .bind(col(&follow_ons, |f| f.req.key.acquirer.as_str()))
-            .bind(col(&follow_ons, |f| f.req.key.stan.as_str()))
-            .bind(col(&follow_ons, |f| f.req.key.transmitted.as_str()))
-            .bind(col(&follow_ons, |f| f.req.key.class))
-            .bind(col(&follow_ons, |f| f.req.mti.to_string()))
-            .bind(col(&follow_ons, |f| f.req.forwarding.as_deref()))
-            .bind(col(&follow_ons, |f| f.fingerprint.as_slice()))
-            .bind(col(&follow_ons, |f| f.req.kind.as_str()))
-            .bind(col(&follow_ons, |f| f.req.processing.as_str()))
-            .bind(col(&follow_ons, |f| f.req.condition.as_deref()))
-            .bind(col(&follow_ons, |f| f.req.pan.as_ref().map(Pan::masked)))
-            .bind(col(&follow_ons, |f| f.req.amount))
-            .bind(col(&follow_ons, |f| f.req.rrn.as_deref()))
-            .bind(col(&follow_ons, |f| f.req.terminal.as_deref()))
-            .bind(col(&follow_ons, |f| f.req.merchant.as_deref()))
-            .bind(col(&follow_ons, |f| {
-                f.req.original.as_ref().map(|o| o.raw.as_str())
-            }))
-            .bind(col(&follow_ons, |f| f.original.acquirer.as_str()))
-            .bind(col(&follow_ons, |f| f.original.stan.as_str()))
-            .bind(col(&follow_ons, |f| f.original.transmitted.as_str()))
-            .bind(col(&follow_ons, |f| f.original.class))
-            .bind(col(&follow_ons, |f| {
-                f.pan_hash.as_ref().map(|h| h.as_slice())
-            }))
-            .bind(col(&follow_ons, |f| !f.req.is_advice()));
-    }
-    let rows: Vec<Decision> = q.fetch_all(pool).await?;
-    let mut new: Vec<Option<Outcome>> = vec![None; auths.len()];
-    let mut judged = vec![Judged::Deferred; follow_ons.len()];
+    // What each kind wants of its original: a void a purchase, a completion
+    // void a completion, a cancel or completion a pre-auth, a refund either
+    // of the first two; approved, or for a refund partly refunded too; the
+    // original's full amount for a void, completion void or cancel. A
+    // request (not an advice) is answered with an auth code, and a
+    // completion request may overdraw by no more than the hold it releases
+    // (a completion advice is already done at the terminal and is posted as
+    // it is).
+    let rows: Vec<Decision> = sqlx::query_as(
+        "WITH req AS (
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int2[], $5::text[], $6::text[],
+                                 $7::bytea[], $8::text[], $9::text[], $10::text[], $11::text[], $12::int8[],
+                                 $13::text[], $14::text[], $15::text[], $16::text[], $17::text[],
+                                 $18::text[], $19::text[], $20::int2[], $21::bytea[], $22::bool[])
+                WITH ORDINALITY
+                AS r(acquirer, stan, transmitted, mti_class, mti, forwarding, fingerprint, kind,
+                     processing_code, condition_code, pan_masked, amount, rrn, terminal, merchant,
+                     original_ref, orig_acquirer, orig_stan, orig_transmitted, orig_class, pan_hash,
+                     request, ord)),
+         orig AS MATERIALIZED (
+            SELECT o.* FROM issuer.postings o
+            WHERE (o.acquirer, o.stan, o.transmitted, o.mti_class) IN
+                (SELECT orig_acquirer, orig_stan, orig_transmitted, orig_class FROM req)
+            ORDER BY o.id
+            FOR UPDATE OF o),
+         checked AS (
+            SELECT r.*, CASE WHEN o.fingerprint IS NOT NULL THEN o.id END AS original_id, o.card_id,
+                o.amount AS original_amount, o.refunded AS original_refunded,
+                o.balance_change AS original_balance, o.hold_change AS original_hold,
+                CASE WHEN o.fingerprint IS NULL THEN ARRAY['25', 'original not found']
+                     WHEN NOT CASE r.kind WHEN 'void' THEN o.kind = 'purchase'
+                                          WHEN 'completion_void' THEN o.kind = 'completion'
+                                          WHEN 'preauth_cancel' THEN o.kind = 'preauth'
+                                          WHEN 'completion' THEN o.kind = 'preauth'
+                                          ELSE o.kind IN ('purchase', 'completion') END
+                         THEN ARRAY['12', 'the original is a ' || o.kind]
+                     WHEN NOT CASE r.kind WHEN 'refund' THEN o.state IN ('approved', 'partially_refunded')
+                                          ELSE o.state = 'approved' END
+                         THEN ARRAY['12', 'the original is ' || o.state]
+                     WHEN r.kind IN ('void', 'completion_void', 'preauth_cancel') AND r.amount <> o.amount
+                         THEN ARRAY['64', 'not the original''s amount']
+                     WHEN r.kind = 'refund' AND o.refunded + r.amount > o.amount
+                         THEN ARRAY['61', 'refunds would exceed the original''s amount']
+                END AS declined
+            FROM req r LEFT JOIN orig o
+                ON (o.acquirer, o.stan, o.transmitted, o.mti_class)
+                 = (r.orig_acquirer, r.orig_stan, r.orig_transmitted, r.orig_class)),
+         -- Of those the original's checks let through: the first of each
+         -- original, and of those the first on each card; the rest wait.
+         firsts AS (
+            SELECT k.*, k.declined IS NULL AND row_number() OVER (
+                PARTITION BY k.declined IS NULL, k.original_id ORDER BY k.ord) = 1 AS first_of_original
+            FROM checked k),
+         queued AS (
+            SELECT f.*, f.declined IS NULL AND NOT (f.first_of_original AND row_number() OVER (
+                PARTITION BY f.first_of_original, f.card_id ORDER BY f.ord) = 1) AS deferred
+            FROM firsts f),
+         card AS MATERIALIZED (
+            SELECT c.id, c.pan_hash, c.pan_masked, c.balance - c.held AS available
+            FROM issuer.cards c
+            WHERE c.id IN (SELECT card_id FROM queued WHERE declined IS NULL AND NOT deferred)
+            ORDER BY c.id
+            FOR UPDATE OF c),
+         decided AS (
+            SELECT nextval('issuer.postings_id_seq') AS id, q.*, c.id AS posting_card,
+                c.pan_masked AS posting_masked,
+                CASE WHEN NOT q.deferred THEN coalesce(q.declined, CASE
+                    WHEN c.id IS NULL THEN NULL
+                    WHEN c.pan_hash <> q.pan_hash THEN ARRAY['14', 'not the original''s card']
+                    WHEN q.kind = 'completion' AND q.request AND q.amount > c.available + q.original_hold
+                        THEN ARRAY['51', 'insufficient funds']
+                    ELSE ARRAY['00', NULL] END) END AS decision
+            FROM queued q LEFT JOIN card c ON c.id = q.card_id AND q.declined IS NULL AND NOT q.deferred),
+         money AS (
+            SELECT d.*, d.decision[1] AS code, d.decision[2] AS note,
+                CASE WHEN d.decision[1] <> '00' THEN 0
+                     WHEN d.kind IN ('void', 'completion_void') THEN -d.original_balance
+                     WHEN d.kind = 'completion' THEN -d.amount
+                     WHEN d.kind = 'refund' THEN d.amount
+                     ELSE 0 END AS balance_change,
+                CASE WHEN d.decision[1] = '00' AND d.kind IN ('preauth_cancel', 'completion')
+                     THEN -d.original_hold ELSE 0 END AS hold_change,
+                d.original_refunded + CASE d.kind WHEN 'refund' THEN d.amount ELSE 0 END AS refunded,
+                CASE d.kind WHEN 'preauth_cancel' THEN 'cancelled'
+                            WHEN 'completion' THEN 'completed'
+                            WHEN 'refund' THEN CASE WHEN d.original_refunded + d.amount = d.original_amount
+                                                    THEN 'refunded' ELSE 'partially_refunded' END
+                            ELSE 'voided' END AS settles_as
+            FROM decided d),
+         posted AS (
+            INSERT INTO issuer.postings (id, acquirer, stan, transmitted, mti_class, mti, forwarding,
+                fingerprint, kind, processing_code, condition_code, card_id, pan_masked, amount,
+                balance_change, hold_change, response_code, auth_code, rrn, terminal, merchant,
+                original_ref, original_id, state, note)
+            SELECT id, acquirer, stan, transmitted, mti_class, mti, forwarding, fingerprint, kind,
+                processing_code, condition_code, posting_card, coalesce(posting_masked, pan_masked),
+                amount, balance_change, hold_change, code,
+                CASE WHEN code = '00' AND request THEN issuer.auth_code(id) END, rrn, terminal, merchant,
+                original_ref, original_id, CASE WHEN code = '00' THEN 'approved' ELSE 'declined' END, note
+            FROM money WHERE code IS NOT NULL
+            ON CONFLICT ON CONSTRAINT postings_key DO NOTHING
+            RETURNING id, card_id, balance_change, hold_change, original_id, response_code, auth_code),
+         moved AS (
+            UPDATE issuer.cards c SET balance = c.balance + p.balance_change, held = c.held + p.hold_change
+            FROM posted p
+            WHERE c.id = p.card_id AND (p.balance_change <> 0 OR p.hold_change <> 0)),
+         settled AS (
+            UPDATE issuer.postings o SET state = m.settles_as, refunded = m.refunded, updated_at = now()
+            FROM posted p JOIN money m ON m.id = p.id
+            WHERE o.id = p.original_id AND p.response_code = '00')
+         SELECT m.ord, p.id IS NOT NULL AS inserted, m.code, p.auth_code, m.note, m.kind
+         FROM money m LEFT JOIN posted p ON p.id = m.id",
+    )
+    .bind(col(follow_ons, |f| f.req.key.acquirer.as_str()))
+    .bind(col(follow_ons, |f| f.req.key.stan.as_str()))
+    .bind(col(follow_ons, |f| f.req.key.transmitted.as_str()))
+    .bind(col(follow_ons, |f| f.req.key.class))
+    .bind(col(follow_ons, |f| f.req.mti.to_string()))
+    .bind(col(follow_ons, |f| f.req.forwarding.as_deref()))
+    .bind(col(follow_ons, |f| f.fingerprint.as_slice()))
+    .bind(col(follow_ons, |f| f.req.kind.as_str()))
+    .bind(col(follow_ons, |f| f.req.processing.as_str()))
+    .bind(col(follow_ons, |f| f.req.condition.as_deref()))
+    .bind(col(follow_ons, |f| f.req.pan.as_ref().map(Pan::masked)))
+    .bind(col(follow_ons, |f| f.req.amount))
+    .bind(col(follow_ons, |f| f.req.rrn.as_deref()))
+    .bind(col(follow_ons, |f| f.req.terminal.as_deref()))
+    .bind(col(follow_ons, |f| f.req.merchant.as_deref()))
+    .bind(col(follow_ons, |f| f.req.original.as_ref().map(|o| o.raw.as_str())))
+    .bind(col(follow_ons, |f| f.original.acquirer.as_str()))
+    .bind(col(follow_ons, |f| f.original.stan.as_str()))
+    .bind(col(follow_ons, |f| f.original.transmitted.as_str()))
+    .bind(col(follow_ons, |f| f.original.class))
+    .bind(col(follow_ons, |f| f.pan_hash.as_ref().map(|h| h.as_slice())))
+    .bind(col(follow_ons, |f| !f.req.is_advice()))
+    .fetch_all(pool)
+    .await?;
+    let mut out = vec![Judged::Deferred; follow_ons.len()];
     for d in rows {
-        let at = usize::try_from(d.ord - 1).ok();
-        if d.part == "a" {
-            if let (true, Some(slot), Some(code)) =
-                (d.inserted, at.and_then(|i| new.get_mut(i)), d.code)
-            {
-                *slot = Some(Outcome {
-                    code,
-                    auth_code: d.auth_code,
-                    available: d.available,
-                });
-            }
-            continue;
-        }
-        let Some(slot) = at.and_then(|i| judged.get_mut(i)) else {
+        let Some(slot) = usize::try_from(d.ord - 1).ok().and_then(|i| out.get_mut(i)) else {
             continue;
         };
         *slot = match d.code {
@@ -780,20 +571,13 @@ pub(crate) async fn decide_many(
             }
         };
     }
-    let (mut new, mut judged) = (new.into_iter(), judged.into_iter());
-    Ok(batch
-        .iter()
-        .map(|b| match b {
-            Batched::New(_) => Decided::New(new.next().flatten()),
-            Batched::FollowOn(_) => Decided::FollowOn(judged.next().unwrap_or(Judged::Deferred)),
-        })
-        .collect())
+    Ok(out)
 }
 
 /// A reversal advice: undo exactly what the original posted, once; or, when
 /// the original has not arrived, leave a row under its key so that it is
 /// declined when it does. Always answered `00` once recorded. One statement,
-/// as [`decide_many`]: the original (then its own original, then the
+/// as [`follow_on_many`]: the original (then its own original, then the
 /// card) is locked and judged, the posting written under the message's key,
 /// and only when that key was free is anything else changed. `None` when it
 /// was taken.
@@ -998,12 +782,126 @@ pub(crate) async fn repeat(
 }
 
 /// A new authorisation (balance inquiry, purchase, pre-authorisation) for
-/// [`decide_many`].
+/// [`authorise_many`].
 #[derive(Debug, Clone)]
 pub(crate) struct NewAuth {
     pub req: Request,
     pub pan_hash: [u8; 32],
     pub fingerprint: [u8; 32],
+}
+
+/// Decides and records many new authorisations in one statement (group
+/// commit), with the card's own checks: its status,
+/// expiry, limit and available balance, locked (in id order) while they
+/// are read and moved. No two may be for one card. For each, in order, the
+/// outcome, or `None` when its key was already taken (a repeat: the caller
+/// takes the one-by-one path, which answers it from the stored posting).
+pub(crate) async fn authorise_many(
+    pool: &PgPool,
+    auths: &[NewAuth],
+) -> Result<Vec<Option<Outcome>>, sqlx::Error> {
+    fn col<'r, T>(a: &'r [NewAuth], f: impl Fn(&'r NewAuth) -> T) -> Vec<T> {
+        a.iter().map(f).collect()
+    }
+    let today = chrono::Utc::now().date_naive();
+    #[derive(sqlx::FromRow)]
+    struct Decision {
+        ord: i64,
+        inserted: bool,
+        code: String,
+        auth_code: Option<String>,
+        available: Option<i64>,
+    }
+    let rows: Vec<Decision> = sqlx::query_as(
+        "WITH req AS (
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int2[], $5::text[], $6::text[],
+                                 $7::bytea[], $8::text[], $9::text[], $10::text[], $11::text[], $12::int8[],
+                                 $13::text[], $14::text[], $15::text[], $16::bytea[], $17::bool[])
+                WITH ORDINALITY
+                AS r(acquirer, stan, transmitted, mti_class, mti, forwarding, fingerprint, kind,
+                     processing_code, condition_code, pan_masked, amount, rrn, terminal, merchant,
+                     pan_hash, expired, ord)),
+         card AS (
+            SELECT * FROM issuer.cards WHERE pan_hash = ANY($16) ORDER BY id FOR UPDATE),
+         looked AS (
+            SELECT r.*, nextval('issuer.postings_id_seq') AS id, c.id AS card_id,
+                coalesce(c.pan_masked, r.pan_masked) AS masked, c.balance - c.held AS available,
+                c.status AS card_status,
+                CASE WHEN c.id IS NULL THEN '14'
+                     WHEN c.status = 'lost' THEN '41'
+                     WHEN c.status = 'stolen' THEN '43'
+                     WHEN c.status <> 'active' THEN '62'
+                     WHEN c.expiry < $18 OR r.expired THEN '54'
+                     WHEN r.kind = 'balance_inquiry' THEN '00'
+                     WHEN r.amount > c.txn_limit THEN '61'
+                     WHEN r.amount > c.balance - c.held THEN '51'
+                     ELSE '00' END AS code
+            FROM req r LEFT JOIN card c ON c.pan_hash = r.pan_hash),
+         decided AS (
+            SELECT l.*,
+                CASE WHEN code = '00' AND kind = 'purchase' THEN -amount ELSE 0 END AS balance_change,
+                CASE WHEN code = '00' AND kind = 'preauth' THEN amount ELSE 0 END AS hold_change,
+                CASE WHEN code = '00' AND kind <> 'balance_inquiry'
+                     THEN issuer.auth_code(id) END AS auth_code,
+                CASE WHEN code = '00' AND kind = 'balance_inquiry' THEN available END AS available_reply,
+                CASE code WHEN '14' THEN 'unknown card' WHEN '41' THEN 'card is lost'
+                          WHEN '43' THEN 'card is stolen' WHEN '62' THEN 'card is ' || card_status
+                          WHEN '54' THEN 'expired' WHEN '61' THEN 'above the card''s limit'
+                          WHEN '51' THEN 'insufficient funds' END AS note
+            FROM looked l),
+         posted AS (
+            INSERT INTO issuer.postings (id, acquirer, stan, transmitted, mti_class, mti, forwarding,
+                fingerprint, kind, processing_code, condition_code, card_id, pan_masked, amount,
+                balance_change, hold_change, response_code, auth_code, available_reply, rrn, terminal,
+                merchant, state, note)
+            SELECT id, acquirer, stan, transmitted, mti_class, mti, forwarding, fingerprint, kind,
+                processing_code, condition_code, card_id, masked, amount, balance_change, hold_change,
+                code, auth_code, available_reply, rrn, terminal, merchant,
+                CASE WHEN code = '00' THEN 'approved' ELSE 'declined' END, note
+            FROM decided
+            ON CONFLICT ON CONSTRAINT postings_key DO NOTHING
+            RETURNING id, card_id, balance_change, hold_change),
+         moved AS (
+            UPDATE issuer.cards c SET balance = c.balance + p.balance_change, held = c.held + p.hold_change
+            FROM posted p
+            WHERE c.id = p.card_id AND (p.balance_change <> 0 OR p.hold_change <> 0))
+         SELECT d.ord, p.id IS NOT NULL AS inserted, d.code, d.auth_code, d.available_reply AS available
+         FROM decided d LEFT JOIN posted p ON p.id = d.id",
+    )
+    .bind(col(auths, |a| a.req.key.acquirer.as_str()))
+    .bind(col(auths, |a| a.req.key.stan.as_str()))
+    .bind(col(auths, |a| a.req.key.transmitted.as_str()))
+    .bind(col(auths, |a| a.req.key.class))
+    .bind(col(auths, |a| a.req.mti.to_string()))
+    .bind(col(auths, |a| a.req.forwarding.as_deref()))
+    .bind(col(auths, |a| a.fingerprint.as_slice()))
+    .bind(col(auths, |a| a.req.kind.as_str()))
+    .bind(col(auths, |a| a.req.processing.as_str()))
+    .bind(col(auths, |a| a.req.condition.as_deref()))
+    .bind(col(auths, |a| a.req.pan.as_ref().map(Pan::masked)))
+    .bind(col(auths, |a| a.req.amount))
+    .bind(col(auths, |a| a.req.rrn.as_deref()))
+    .bind(col(auths, |a| a.req.terminal.as_deref()))
+    .bind(col(auths, |a| a.req.merchant.as_deref()))
+    .bind(col(auths, |a| a.pan_hash.as_slice()))
+    .bind(col(auths, |a| {
+        a.req.expiry.as_deref().is_some_and(|e| expired(e, today))
+    }))
+    .bind(format!("{:02}{:02}", today.year() % 100, today.month()))
+    .fetch_all(pool)
+    .await?;
+    let mut out: Vec<Option<Outcome>> = vec![None; auths.len()];
+    for d in rows {
+        let slot = usize::try_from(d.ord - 1).ok().and_then(|i| out.get_mut(i));
+        if let (true, Some(slot)) = (d.inserted, slot) {
+            *slot = Some(Outcome {
+                code: d.code,
+                auth_code: d.auth_code,
+                available: d.available,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// YYMM before the current month (UTC); an unreadable expiry counts as expired.
