@@ -175,8 +175,7 @@ pub async fn insert(
     e: &NewEntry<'_>,
     d: Disposition<'_>,
 ) -> Result<Insert, sqlx::Error> {
-    let row = Write::Request(Box::new(Row::of(e, d)));
-    match write_many(pool, std::slice::from_ref(&row)).await?.pop() {
+    match write_one(pool, Write::Request(Box::new(Row::of(e, d)))).await? {
         Some(Wrote::Request(Some(written))) => Ok(Insert::New(written)),
         _ => not_inserted(pool, e).await,
     }
@@ -584,8 +583,16 @@ fn outcomes_ctes(first: usize, undo: bool) -> String {
      {undone}
      queued AS ({QUEUE_REVERSAL})"
     );
-    (1..=6).fold(sql, |sql, n| {
-        sql.replace(&format!("$o{n}"), &format!("${}", first + n - 1))
+    numbered(&sql, "o", OUTCOME_PARAMS, first)
+}
+
+/// `sql` with its parameters `$<part>1` to `$<part><count>` numbered from
+/// `$first` on: [`write_many`]'s statement is put together from parts, each
+/// written with parameters of its own. The highest is replaced first, so
+/// that `$f1` does not take the start of `$f10`.
+fn numbered(sql: &str, part: &str, count: usize, first: usize) -> String {
+    (1..=count).rev().fold(sql.to_string(), |sql, n| {
+        sql.replace(&format!("${part}{n}"), &format!("${}", first + n - 1))
     })
 }
 
@@ -617,6 +624,7 @@ const REQUEST_PARAMS: usize = 24;
 const OUTCOME_PARAMS: usize = 6;
 const FIND_PARAMS: usize = 10;
 const APPLY_PARAMS: usize = 5;
+const REVERSAL_PARAMS: usize = 6;
 
 impl Shape {
     /// Its place in [`WRITE_SQL`].
@@ -751,9 +759,7 @@ fn finds_ctes(first: usize) -> String {
               AND auth_code = f.auth_code) o)",
         cols = original_columns!()
     );
-    (1..=10).rev().fold(sql, |sql, n| {
-        sql.replace(&format!("$f{n}"), &format!("${}", first + n - 1))
-    })
+    numbered(&sql, "f", FIND_PARAMS, first)
 }
 
 /// The statements of [`write_many`], one per [`Shape`] (by
@@ -1018,10 +1024,14 @@ pub async fn write_many(pool: &PgPool, writes: &[Write]) -> Result<Vec<Wrote>, s
         .collect())
 }
 
+/// A [`write_many`] of one: what the write did.
+async fn write_one(pool: &PgPool, write: Write) -> Result<Option<Wrote>, sqlx::Error> {
+    Ok(write_many(pool, std::slice::from_ref(&write)).await?.pop())
+}
+
 /// The originals `f` names, newest first, as a batch of one.
 pub async fn find(pool: &PgPool, f: &Find) -> Result<Vec<Original>, sqlx::Error> {
-    let write = Write::Find(f.clone());
-    match write_many(pool, std::slice::from_ref(&write)).await?.pop() {
+    match write_one(pool, Write::Find(f.clone())).await? {
         Some(Wrote::Found(originals)) => Ok(originals),
         _ => Ok(Vec::new()),
     }
@@ -1089,11 +1099,7 @@ const ENDED: &str =
 /// when the row is no longer `sent` (the sweeper gave up on it: the approval
 /// will be reversed).
 pub async fn complete(pool: &PgPool, outcome: Completion) -> Result<Option<String>, sqlx::Error> {
-    let outcome = Write::Outcome(outcome);
-    match write_many(pool, std::slice::from_ref(&outcome))
-        .await?
-        .pop()
-    {
+    match write_one(pool, Write::Outcome(outcome)).await? {
         Some(Wrote::Outcome(state)) => Ok(state),
         _ => Ok(None),
     }
@@ -1355,17 +1361,14 @@ fn reversals_ctes(first: usize) -> String {
           AND (v.step = 'approve' OR v.row_id IN (SELECT row_id FROM marked)
                OR v.row_id IN (SELECT row_id FROM reversed))
         RETURNING j.id)";
-    (1..=6).fold(sql.to_string(), |sql, n| {
-        sql.replace(&format!("$v{n}"), &format!("${}", first + n - 1))
-    })
+    numbered(sql, "v", REVERSAL_PARAMS, first)
 }
 
 /// Decides a journalled reversal in one statement (see [`reversals_ctes`]):
 /// a [`write_many`] of one. False when the original was no longer as it
 /// was read.
 pub async fn reverse(pool: &PgPool, reversal: Reversal) -> Result<bool, sqlx::Error> {
-    let write = Write::Reversal(reversal);
-    match write_many(pool, std::slice::from_ref(&write)).await?.pop() {
+    match write_one(pool, Write::Reversal(reversal)).await? {
         Some(Wrote::Reversed(approved)) => Ok(approved),
         _ => Ok(false),
     }
@@ -1449,17 +1452,14 @@ fn applies_ctes(first: usize) -> String {
         SELECT id, advice, 220, issuer, processing_code, pos_condition, amount,
             original_mti, original_stan, original_f7
         FROM approved WHERE issuer IS NOT NULL)";
-    (1..=5).fold(sql.to_string(), |sql, n| {
-        sql.replace(&format!("$p{n}"), &format!("${}", first + n - 1))
-    })
+    numbered(sql, "p", APPLY_PARAMS, first)
 }
 
 /// Applies a journalled (`received`) advice to its original in one
 /// statement (see [`applies_ctes`]): a [`write_many`] of one. False when
 /// the claim was lost.
 pub async fn apply_advice(pool: &PgPool, apply: Apply) -> Result<bool, sqlx::Error> {
-    let write = Write::Apply(apply);
-    match write_many(pool, std::slice::from_ref(&write)).await?.pop() {
+    match write_one(pool, Write::Apply(apply)).await? {
         Some(Wrote::Applied(applied)) => Ok(applied),
         _ => Ok(false),
     }

@@ -844,6 +844,17 @@ fn rows_read(seen: usize, scan: impl Fn(&str) -> bool) -> (usize, u64) {
     (probes.len(), read)
 }
 
+/// The ids of the rows a batch wrote, each a new request's.
+fn ids(answers: Vec<switch::journal::Wrote>) -> Vec<i64> {
+    answers
+        .into_iter()
+        .map(|a| match a {
+            switch::journal::Wrote::Request(Some(written)) => written.id,
+            other => panic!("a new row: {other:?}"),
+        })
+        .collect()
+}
+
 /// Purchases `stans` of T0000001, to be journalled `sent`.
 fn purchases(stans: std::ops::RangeInclusive<i32>) -> Vec<switch::journal::Write> {
     use switch::journal::{Row, Write};
@@ -889,15 +900,6 @@ async fn an_outcome_batch_reads_its_own_rows_however_many_are_in_flight() {
     use switch::model::State;
     let w = world().await;
     let one = explained(&w).await;
-    let ids = |answers: Vec<Wrote>| -> Vec<i64> {
-        answers
-            .into_iter()
-            .map(|a| match a {
-                Wrote::Request(Some(written)) => written.id,
-                other => panic!("a new row: {other:?}"),
-            })
-            .collect()
-    };
     let outcomes = |ids: &[i64]| -> Vec<Write> {
         ids.iter().map(|&id| outcome(id, State::Approved)).collect()
     };
@@ -1140,15 +1142,6 @@ async fn advices_of_one_batch_are_each_applied_to_their_own_original() {
     use switch::journal::{self, AdviceKind, Apply, Disposition, NewEntry, Row, Write, Wrote};
     use switch::model::{Kind, State};
     let w = world().await;
-    let ids = |answers: Vec<Wrote>| -> Vec<i64> {
-        answers
-            .into_iter()
-            .map(|a| match a {
-                Wrote::Request(Some(written)) => written.id,
-                other => panic!("a new row: {other:?}"),
-            })
-            .collect()
-    };
     let preauth = NewEntry {
         kind: Kind::PreAuth,
         processing_code: "030000",
@@ -1296,15 +1289,6 @@ async fn reversals_of_one_batch_each_change_their_own_original() {
     let write = |writes: Vec<Write>| {
         let pool = w.pool.clone();
         async move { journal::write_many(&pool, &writes).await.unwrap() }
-    };
-    let ids = |answers: Vec<Wrote>| -> Vec<i64> {
-        answers
-            .into_iter()
-            .map(|a| match a {
-                Wrote::Request(Some(written)) => written.id,
-                other => panic!("a new row: {other:?}"),
-            })
-            .collect()
     };
     let row = |e: &NewEntry<'_>, d| Write::Request(Box::new(Row::of(e, d)));
     // A sale and its approved void; a sale still at the issuer; a sale
