@@ -681,20 +681,16 @@ impl Shape {
                 NULL::int AS stan, NULL::int2 AS mti_class, state, NULL::bool AS claimed{} FROM ended",
             extra(false)
         );
-        let approved_rows = format!(
-            "SELECT 'a' AS what, id, NULL::text AS rrn, NULL::int AS link_stan,
-                NULL::text AS merchant_id, NULL::text AS terminal_id, NULL::int AS batch,
-                NULL::int AS stan, NULL::int2 AS mti_class, NULL::text AS state,
-                NULL::bool AS claimed{} FROM approved",
-            extra(false)
-        );
-        let acknowledged_rows = format!(
-            "SELECT 'v' AS what, id, NULL::text AS rrn, NULL::int AS link_stan,
-                NULL::text AS merchant_id, NULL::text AS terminal_id, NULL::int AS batch,
-                NULL::int AS stan, NULL::int2 AS mti_class, NULL::text AS state,
-                NULL::bool AS claimed{} FROM acknowledged",
-            extra(false)
-        );
+        // The rows an advice or a reversal approved: their ids alone.
+        let approved = |what: &str, cte: &str| {
+            format!(
+                "SELECT '{what}' AS what, id, NULL::text AS rrn, NULL::int AS link_stan,
+                    NULL::text AS merchant_id, NULL::text AS terminal_id, NULL::int AS batch,
+                    NULL::int AS stan, NULL::int2 AS mti_class, NULL::text AS state,
+                    NULL::bool AS claimed{} FROM {cte}",
+                extra(false)
+            )
+        };
         let found_rows = format!(
             "SELECT 'f' AS what, id, rrn, link_stan, NULL::text AS merchant_id,
                 NULL::text AS terminal_id, batch, stan, NULL::int2 AS mti_class, state::text,
@@ -721,12 +717,12 @@ impl Shape {
         }
         if self.applies {
             ctes.push(applies_ctes(next));
-            selects.push(approved_rows);
+            selects.push(approved("a", "approved"));
             next += APPLY_PARAMS;
         }
         if self.reversals {
             ctes.push(reversals_ctes(next));
-            selects.push(acknowledged_rows);
+            selects.push(approved("v", "acknowledged"));
         }
         if selects.is_empty() {
             return String::new();
