@@ -310,14 +310,14 @@ pub enum Write {
     /// writes nothing, and rides in the batch so that it costs a few index
     /// probes instead of a statement and a round trip of its own.
     Find(Find),
-    /// A journalled advice applied to its original ([`apply_advice`]).
+    /// A journalled advice applied to its original (`applies_ctes`).
     Apply(Apply),
-    /// A journalled reversal, decided ([`reverse`]).
+    /// A journalled reversal, decided (`reversals_ctes`).
     Reversal(Reversal),
 }
 
 /// An advice the switch answers itself (a refund, a completion advice),
-/// journalled `received`, to apply to its original: see [`apply_advice`].
+/// journalled `received`, to apply to its original: see `applies_ctes`.
 #[derive(Debug, Clone)]
 pub struct Apply {
     /// The advice's own row.
@@ -788,7 +788,7 @@ static WRITE_SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(||
 
 /// Writes requests' rows and outcomes, reads originals, applies advices and
 /// decides reversals, together in one statement and one commit (group
-/// commit; see [`Shape::sql`]): for each write, in order, what it did. No
+/// commit; see `Shape::sql`): for each write, in order, what it did. No
 /// two writes may share a [`WriteKey`]. A request and its own outcome never
 /// meet in one batch: the outcome comes from the issuer, after the row is
 /// durable.
@@ -1021,7 +1021,7 @@ pub async fn write_many(pool: &PgPool, writes: &[Write]) -> Result<Vec<Wrote>, s
 }
 
 /// A [`write_many`] of one: what the write did.
-async fn write_one(pool: &PgPool, write: Write) -> Result<Option<Wrote>, sqlx::Error> {
+pub(crate) async fn write_one(pool: &PgPool, write: Write) -> Result<Option<Wrote>, sqlx::Error> {
     Ok(write_many(pool, std::slice::from_ref(&write)).await?.pop())
 }
 
@@ -1360,16 +1360,6 @@ fn reversals_ctes(first: usize) -> String {
     numbered(sql, "v", REVERSAL_PARAMS, first)
 }
 
-/// Decides a journalled reversal in one statement (see [`reversals_ctes`]):
-/// a [`write_many`] of one. False when the original was no longer as it
-/// was read.
-pub async fn reverse(pool: &PgPool, reversal: Reversal) -> Result<bool, sqlx::Error> {
-    match write_one(pool, Write::Reversal(reversal)).await? {
-        Some(Wrote::Reversed(approved)) => Ok(approved),
-        _ => Ok(false),
-    }
-}
-
 /// An advice the switch answers itself once journalled (F6 refunds, and
 /// completion advices).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1449,16 +1439,6 @@ fn applies_ctes(first: usize) -> String {
             original_mti, original_stan, original_f7
         FROM approved WHERE issuer IS NOT NULL)";
     numbered(sql, "p", APPLY_PARAMS, first)
-}
-
-/// Applies a journalled (`received`) advice to its original in one
-/// statement (see [`applies_ctes`]): a [`write_many`] of one. False when
-/// the claim was lost.
-pub async fn apply_advice(pool: &PgPool, apply: Apply) -> Result<bool, sqlx::Error> {
-    match write_one(pool, Write::Apply(apply)).await? {
-        Some(Wrote::Applied(applied)) => Ok(applied),
-        _ => Ok(false),
-    }
 }
 
 /// The state of an entry as it is now: a read of its own, after a claim

@@ -192,55 +192,42 @@ impl Writer {
     ) -> Result<Insert, sqlx::Error> {
         match self.submit(Write::Request(Box::new(Row::of(e, d)))).await? {
             Some(Wrote::Request(Some(w))) => Ok(Insert::New(w)),
-            Some(_) => journal::not_inserted(&self.pool, e).await,
-            None => journal::insert(&self.pool, e, d).await,
+            _ => journal::not_inserted(&self.pool, e).await,
         }
     }
 
     /// [`journal::complete`], batched with concurrent outcomes.
     pub async fn complete(&self, completion: Completion) -> Result<Option<String>, sqlx::Error> {
-        let (done, answer) = oneshot::channel();
-        let job = Job {
-            write: Write::Outcome(completion),
-            done,
-        };
-        if let Err(stopped) = self.writes.submit(job) {
-            let Write::Outcome(completion) = stopped.0.write else {
-                unreachable!("an outcome was submitted")
-            };
-            return journal::complete(&self.pool, completion).await;
-        }
-        match answer.await.map_err(|_| stopped())?? {
-            Wrote::Outcome(state) => Ok(state),
+        match self.submit(Write::Outcome(completion)).await? {
+            Some(Wrote::Outcome(state)) => Ok(state),
             _ => Ok(None),
         }
     }
 
-    /// [`journal::reverse`], batched with concurrent writes.
+    /// A journalled reversal decided ([`Write::Reversal`]), batched with
+    /// concurrent writes: false when its original was no longer as read.
     pub async fn reverse(&self, reversal: Reversal) -> Result<bool, sqlx::Error> {
-        match self.submit(Write::Reversal(reversal.clone())).await? {
+        match self.submit(Write::Reversal(reversal)).await? {
             Some(Wrote::Reversed(approved)) => Ok(approved),
-            Some(_) => Ok(false),
-            None => journal::reverse(&self.pool, reversal).await,
+            _ => Ok(false),
         }
     }
 
-    /// [`journal::apply_advice`], batched with concurrent writes.
+    /// A journalled advice applied to its original ([`Write::Apply`]),
+    /// batched with concurrent writes: false when the claim was lost.
     pub async fn apply(&self, apply: Apply) -> Result<bool, sqlx::Error> {
-        match self.submit(Write::Apply(apply.clone())).await? {
+        match self.submit(Write::Apply(apply)).await? {
             Some(Wrote::Applied(applied)) => Ok(applied),
-            Some(_) => Ok(false),
-            None => journal::apply_advice(&self.pool, apply).await,
+            _ => Ok(false),
         }
     }
 
     /// [`journal::find`], in the next batch of writes: the originals a
     /// related request names, newest first.
     pub async fn find(&self, f: Find) -> Result<Vec<Original>, sqlx::Error> {
-        match self.submit(Write::Find(f.clone())).await? {
+        match self.submit(Write::Find(f)).await? {
             Some(Wrote::Found(originals)) => Ok(originals),
-            Some(_) => Ok(Vec::new()),
-            None => journal::find(&self.pool, &f).await,
+            _ => Ok(Vec::new()),
         }
     }
 
@@ -261,14 +248,15 @@ impl Writer {
         answer.await.map_err(|_| stopped())?
     }
 
-    /// Hands a write to the next batch; `None` when the batching task has
-    /// stopped (the runtime is shutting down) and the caller writes alone.
+    /// Hands a write to the next batch and says what it did; when the
+    /// batching task has stopped (the runtime is shutting down), the write
+    /// goes alone, as a batch of one.
     async fn submit(&self, write: Write) -> Result<Option<Wrote>, sqlx::Error> {
         let (done, answer) = oneshot::channel();
-        if self.writes.submit(Job { write, done }).is_err() {
-            return Ok(None);
+        match self.writes.submit(Job { write, done }) {
+            Ok(()) => answer.await.map_err(|_| stopped())?.map(Some),
+            Err(stopped) => journal::write_one(&self.pool, stopped.0.write).await,
         }
-        answer.await.map_err(|_| stopped())?.map(Some)
     }
 }
 
