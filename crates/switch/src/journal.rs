@@ -1154,6 +1154,14 @@ pub async fn give_up(pool: &PgPool, id: i64, reply: &[u8]) -> Result<bool, sqlx:
 /// died between asking the issuer and writing the outcome (a live one gives
 /// up at its own deadline): mark them `unknown` and queue their reversals.
 /// Returns how many.
+///
+/// The sweep runs every second. It reads the partial index of rows in
+/// flight, which keeps an entry for every row that was ever `sent` until
+/// vacuum removes it. A plain index scan marks the entries of completed
+/// rows dead in the index as it passes them, so the next sweep skips them;
+/// the bitmap scan the planner prefers does not, and visited every
+/// completed row since the last vacuum, every second: 34 ms for the
+/// 280,000 rows of 50 s at 6,000/s (0.3 ms as a plain index scan).
 pub async fn recover_forgotten(pool: &PgPool, older_than: Duration) -> Result<u64, sqlx::Error> {
     let sql = format!(
         "WITH ended AS (
@@ -1164,10 +1172,15 @@ pub async fn recover_forgotten(pool: &PgPool, older_than: Duration) -> Result<u6
          queued AS ({QUEUE_REVERSAL})
          SELECT id FROM ended"
     );
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL enable_bitmapscan = off")
+        .execute(&mut *tx)
+        .await?;
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(older_than.as_secs_f64())
-        .fetch_all(pool)
+        .fetch_all(&mut *tx)
         .await?;
+    tx.commit().await?;
     Ok(rows.len() as u64)
 }
 
