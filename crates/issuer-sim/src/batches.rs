@@ -35,6 +35,8 @@ struct FollowOnJob {
 struct Batchers {
     authorisations: Batcher<AuthJob>,
     follow_ons: Batcher<FollowOnJob>,
+    /// The connections the batches go over.
+    connections: PgPool,
 }
 
 /// The batching of new authorisations and of follow-ons, started on first
@@ -60,6 +62,24 @@ impl Batches {
         }
     }
 
+    /// Starts the batching, opens every connection the batches may use and
+    /// plans their statements on each (each run once with no rows), so
+    /// that the first messages after a start wait for neither. Returns how
+    /// many connections were readied.
+    pub(crate) async fn plan(&self, limits: Limits, pool: &PgPool) -> Result<usize, sqlx::Error> {
+        let connections = &self.batchers(limits, pool).connections;
+        let size = connections.options().get_max_connections() as usize;
+        let mut conns = Vec::with_capacity(size);
+        for _ in 0..size {
+            conns.push(connections.acquire().await?);
+        }
+        for conn in &mut conns {
+            books::authorise_many(&mut **conn, &[]).await?;
+            books::follow_on_many(&mut **conn, &[]).await?;
+        }
+        Ok(conns.len())
+    }
+
     fn batchers(&self, limits: Limits, pool: &PgPool) -> &Batchers {
         self.batchers.get_or_init(|| {
             // Two kinds of batches, each with its batches in flight.
@@ -77,14 +97,16 @@ impl Batches {
             // PAN), so two follow-ons of one card may share one: the
             // statement decides the first of them and leaves the others
             // undecided, and they are decided alone ([`Judged::Deferred`]).
+            let b = batches.clone();
             let follow_ons = Batcher::start(
                 limits,
                 |j: &FollowOnJob| j.follow_on.original.clone(),
-                move |jobs| follow_on_many(batches.clone(), jobs),
+                move |jobs| follow_on_many(b.clone(), jobs),
             );
             Batchers {
                 authorisations,
                 follow_ons,
+                connections: batches,
             }
         })
     }

@@ -397,8 +397,8 @@ pub(crate) enum Judged {
 /// is found out here and cannot be left to the batch's key.
 ///
 /// For each, in order, what became of it.
-pub(crate) async fn follow_on_many(
-    pool: &PgPool,
+pub(crate) async fn follow_on_many<'c>(
+    pool: impl sqlx::PgExecutor<'c>,
     follow_ons: &[FollowOn],
 ) -> Result<Vec<Judged>, sqlx::Error> {
     fn col<'r, T>(f: &'r [FollowOn], v: impl Fn(&'r FollowOn) -> T) -> Vec<T> {
@@ -796,8 +796,8 @@ pub(crate) struct NewAuth {
 /// are read and moved. No two may be for one card. For each, in order, the
 /// outcome, or `None` when its key was already taken (a repeat: the caller
 /// takes the one-by-one path, which answers it from the stored posting).
-pub(crate) async fn authorise_many(
-    pool: &PgPool,
+pub(crate) async fn authorise_many<'c>(
+    pool: impl sqlx::PgExecutor<'c>,
     auths: &[NewAuth],
 ) -> Result<Vec<Option<Outcome>>, sqlx::Error> {
     fn col<'r, T>(a: &'r [NewAuth], f: impl Fn(&'r NewAuth) -> T) -> Vec<T> {

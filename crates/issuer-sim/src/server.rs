@@ -79,6 +79,15 @@ impl Issuer {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+
+    /// How its decisions are batched.
+    fn limits(&self) -> group_commit::Limits {
+        group_commit::Limits {
+            max_batch: self.config.limits.max_batch,
+            in_flight: self.config.limits.batches_in_flight,
+            delay: self.config.limits.batch_delay,
+        }
+    }
 }
 
 /// Serves switch connections on `listener` until `shutdown` is cancelled;
@@ -91,6 +100,17 @@ pub async fn run(
 ) -> Result<(), crate::Error> {
     let connections = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(issuer.config.limits.max_connections));
+    let planning = std::time::Instant::now();
+    match issuer.batches.plan(issuer.limits(), &issuer.pool).await {
+        Ok(n) => info!(
+            connections = n,
+            ms = planning.elapsed().as_millis() as u64,
+            "batch statements planned"
+        ),
+        Err(e) => {
+            warn!(error = %e, "could not plan the batch statements ahead; they are planned at first use")
+        }
+    }
     info!(
         addr = %listener.local_addr()?,
         institution = %issuer.config.institution_id,
@@ -369,16 +389,7 @@ async fn answer(issuer: &Issuer, msg: &Message<'_>) -> Result<Option<BytesMut>, 
             }
             match issuer
                 .batches
-                .decide(
-                    group_commit::Limits {
-                        max_batch: issuer.config.limits.max_batch,
-                        in_flight: issuer.config.limits.batches_in_flight,
-                        delay: issuer.config.limits.batch_delay,
-                    },
-                    &issuer.pool,
-                    &issuer.key,
-                    &req,
-                )
+                .decide(issuer.limits(), &issuer.pool, &issuer.key, &req)
                 .await
             {
                 Ok(outcome) => outcome,

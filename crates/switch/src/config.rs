@@ -73,6 +73,9 @@ pub struct Database {
     /// How long a terminal read from the database answers requests before
     /// it is read again (zero: every request reads it).
     pub terminal_cache: Duration,
+    /// Open the batch connections and plan the journal's statements on each
+    /// before serving.
+    pub plan_ahead: bool,
 }
 
 /// `[limits]`: what one connection and the whole listener may take.
@@ -232,6 +235,7 @@ impl Config {
             batches_in_flight: db.int("batches_in_flight", 1, 1..=64) as usize,
             batch_delay: db.duration("batch_delay", Duration::ZERO),
             terminal_cache: db.duration("terminal_cache", Duration::from_secs(10)),
+            plan_ahead: db.bool("plan_ahead", true),
         };
 
         let l = root.section("limits");

@@ -762,29 +762,54 @@ fn finds_ctes(first: usize) -> String {
 /// [`Shape::index`]): a batch without claims, the usual one, takes the
 /// leaner statement, and one that reads no original, applies no advice or
 /// decides no reversal leaves those parts out.
-static WRITE_SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
-    let kinds = [None, Some(Claims::None), Some(Claims::Some)];
-    kinds
-        .iter()
-        .flat_map(|&requests| kinds.iter().map(move |&outcomes| (requests, outcomes)))
-        .flat_map(|(requests, outcomes)| {
-            [false, true].map(move |finds| (requests, outcomes, finds))
-        })
-        .flat_map(|(requests, outcomes, finds)| {
-            [false, true].map(move |applies| (requests, outcomes, finds, applies))
-        })
-        .flat_map(|(requests, outcomes, finds, applies)| {
-            [false, true].map(|reversals| Shape {
-                requests,
-                outcomes,
-                finds,
-                applies,
-                reversals,
+static WRITE_SQL: std::sync::LazyLock<Vec<String>> =
+    std::sync::LazyLock::new(|| Shape::all().map(Shape::sql).collect());
+
+impl Shape {
+    /// Every shape, in the order of [`Shape::index`].
+    fn all() -> impl Iterator<Item = Shape> {
+        let kinds = [None, Some(Claims::None), Some(Claims::Some)];
+        kinds
+            .into_iter()
+            .flat_map(move |requests| kinds.into_iter().map(move |outcomes| (requests, outcomes)))
+            .flat_map(|(requests, outcomes)| {
+                [false, true].map(move |finds| (requests, outcomes, finds))
             })
-        })
-        .map(Shape::sql)
-        .collect()
-});
+            .flat_map(|(requests, outcomes, finds)| {
+                [false, true].map(move |applies| (requests, outcomes, finds, applies))
+            })
+            .flat_map(|(requests, outcomes, finds, applies)| {
+                [false, true].map(|reversals| Shape {
+                    requests,
+                    outcomes,
+                    finds,
+                    applies,
+                    reversals,
+                })
+            })
+    }
+
+    /// Whether a batch can have this shape: it holds at least one write.
+    fn writes(self) -> bool {
+        self.requests.is_some()
+            || self.outcomes.is_some()
+            || self.finds
+            || self.applies
+            || self.reversals
+    }
+}
+
+/// Plans every statement of [`write_many`] on `conn`, each run once with
+/// no rows. PostgreSQL plans a statement on each connection at its first
+/// execution, a few milliseconds for the larger shapes; done before
+/// traffic, the first batches after a start do not queue behind it.
+pub async fn plan_writes(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    let none = Parts::default();
+    for shape in Shape::all().filter(|s| s.writes()) {
+        statement(shape, &none).fetch_all(&mut *conn).await?;
+    }
+    Ok(())
+}
 
 /// Writes requests' rows and outcomes, reads originals, applies advices and
 /// decides reversals, together in one statement and one commit (group
@@ -792,150 +817,166 @@ static WRITE_SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(||
 /// two writes may share a [`WriteKey`]. A request and its own outcome never
 /// meet in one batch: the outcome comes from the issuer, after the row is
 /// durable.
+/// The writes of one batch of [`write_many`], by part of its statement.
+#[derive(Debug, Default)]
+struct Parts<'w> {
+    rows: Vec<&'w Row>,
+    outcomes: Vec<&'w Completion>,
+    finds: Vec<&'w Find>,
+    applies: Vec<&'w Apply>,
+    reversals: Vec<&'w Reversal>,
+}
+
+fn col<'r, T, U>(items: &'r [&'r T], f: impl Fn(&'r T) -> U) -> Vec<U> {
+    items.iter().map(|i| f(i)).collect()
+}
+#[derive(sqlx::FromRow)]
+struct Done {
+    what: String,
+    id: i64,
+    rrn: Option<String>,
+    link_stan: Option<i32>,
+    merchant_id: Option<String>,
+    terminal_id: Option<String>,
+    batch: Option<i32>,
+    stan: Option<i32>,
+    mti_class: Option<i16>,
+    state: Option<String>,
+    claimed: Option<bool>,
+    // Only in a batch that finds originals.
+    #[sqlx(default)]
+    ord: Option<i64>,
+    #[sqlx(default)]
+    kind: Option<String>,
+    #[sqlx(default)]
+    amount: Option<i64>,
+    #[sqlx(default)]
+    refunded_amount: Option<i64>,
+    #[sqlx(default)]
+    business_date: Option<NaiveDate>,
+    #[sqlx(default)]
+    pan_hash: Option<Vec<u8>>,
+    #[sqlx(default)]
+    auth_code: Option<String>,
+    #[sqlx(default)]
+    mti: Option<i16>,
+    #[sqlx(default)]
+    processing_code: Option<String>,
+    #[sqlx(default)]
+    issuer: Option<String>,
+    #[sqlx(default)]
+    link_f7: Option<String>,
+    #[sqlx(default)]
+    original_id: Option<i64>,
+    #[sqlx(default)]
+    received_at: Option<chrono::DateTime<chrono::Utc>>,
+    #[sqlx(default)]
+    family_pending: Option<bool>,
+}
+
+/// `shape`'s statement with the columns of `parts` bound (empty arrays for
+/// a part the shape has and `parts` lacks).
+fn statement<'q>(
+    shape: Shape,
+    parts: &'q Parts<'q>,
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, Done, sqlx::postgres::PgArguments> {
+    let mut q = sqlx::query_as::<_, Done>(sqlx::AssertSqlSafe(WRITE_SQL[shape.index()].as_str()));
+    if shape.requests.is_some() {
+        q = q
+            .bind(col(&parts.rows, |r| r.terminal_id.as_str()))
+            .bind(col(&parts.rows, |r| r.merchant_id.as_str()))
+            .bind(col(&parts.rows, |r| r.batch))
+            .bind(col(&parts.rows, |r| r.stan))
+            .bind(col(&parts.rows, |r| r.mti))
+            .bind(col(&parts.rows, |r| r.processing_code.as_str()))
+            .bind(col(&parts.rows, |r| r.pos_condition.as_str()))
+            .bind(col(&parts.rows, |r| r.kind))
+            .bind(col(&parts.rows, |r| r.amount))
+            .bind(col(&parts.rows, |r| r.pan_hash.as_deref()))
+            .bind(col(&parts.rows, |r| r.pan_masked.as_deref()))
+            .bind(col(&parts.rows, |r| r.digest.as_slice()))
+            .bind(col(&parts.rows, |r| r.state))
+            .bind(col(&parts.rows, |r| r.response_code.as_deref()))
+            .bind(col(&parts.rows, |r| r.issuer.as_deref()))
+            .bind(col(&parts.rows, |r| r.link_f7.as_deref()))
+            .bind(col(&parts.rows, |r| r.business_date))
+            .bind(col(&parts.rows, |r| r.original_id))
+            .bind(col(&parts.rows, |r| r.rule))
+            .bind(col(&parts.rows, |r| r.operator.as_deref()))
+            .bind(col(&parts.rows, |r| r.reversal_reason.as_deref()))
+            .bind(col(&parts.rows, |r| r.original_ref.as_deref()))
+            .bind(col(&parts.rows, |r| r.open_batch))
+            .bind(col(&parts.rows, |r| r.claim));
+    }
+    if shape.outcomes.is_some() {
+        q = q
+            .bind(col(&parts.outcomes, |c| c.id))
+            .bind(col(&parts.outcomes, |c| c.state.as_str()))
+            .bind(col(&parts.outcomes, |c| c.rc.as_str()))
+            .bind(col(&parts.outcomes, |c| c.auth_code.as_deref()))
+            .bind(col(&parts.outcomes, |c| c.reply.as_slice()))
+            .bind(State::Sent.as_str());
+    }
+    if shape.finds {
+        q = q
+            .bind(col(&parts.finds, Find::how))
+            .bind(col(&parts.finds, Find::merchant))
+            .bind(col(&parts.finds, |f| f.by_stan().map(|k| k.0)))
+            .bind(col(&parts.finds, |f| f.by_stan().map(|k| k.1)))
+            .bind(col(&parts.finds, |f| f.by_stan().map(|k| k.2)))
+            .bind(col(&parts.finds, |f| f.by_stan().map(|k| k.3)))
+            .bind(col(&parts.finds, |f| f.rrn().and_then(rrn_id)))
+            .bind(col(&parts.finds, Find::rrn))
+            .bind(col(&parts.finds, |f| f.preauths().map(|p| p.0)))
+            .bind(col(&parts.finds, |f| f.preauths().map(|p| p.1)));
+    }
+    if shape.applies {
+        q = q
+            .bind(col(&parts.applies, |a| a.row_id))
+            .bind(col(&parts.applies, |a| a.original_id))
+            .bind(col(&parts.applies, |a| a.amount))
+            .bind(col(&parts.applies, |a| a.kind.as_str()))
+            .bind(col(&parts.applies, |a| a.reply.as_slice()));
+    }
+    if shape.reversals {
+        q = q
+            .bind(col(&parts.reversals, |r| r.row))
+            .bind(col(&parts.reversals, |r| r.rule))
+            .bind(col(&parts.reversals, |r| r.original))
+            .bind(col(&parts.reversals, |r| r.reply.as_slice()))
+            .bind(col(&parts.reversals, Reversal::step))
+            .bind(col(&parts.reversals, Reversal::network_reason));
+    }
+    q
+}
+
 pub async fn write_many(pool: &PgPool, writes: &[Write]) -> Result<Vec<Wrote>, sqlx::Error> {
-    fn col<'r, T, U>(items: &'r [&'r T], f: impl Fn(&'r T) -> U) -> Vec<U> {
-        items.iter().map(|i| f(i)).collect()
-    }
-    #[derive(sqlx::FromRow)]
-    struct Done {
-        what: String,
-        id: i64,
-        rrn: Option<String>,
-        link_stan: Option<i32>,
-        merchant_id: Option<String>,
-        terminal_id: Option<String>,
-        batch: Option<i32>,
-        stan: Option<i32>,
-        mti_class: Option<i16>,
-        state: Option<String>,
-        claimed: Option<bool>,
-        // Only in a batch that finds originals.
-        #[sqlx(default)]
-        ord: Option<i64>,
-        #[sqlx(default)]
-        kind: Option<String>,
-        #[sqlx(default)]
-        amount: Option<i64>,
-        #[sqlx(default)]
-        refunded_amount: Option<i64>,
-        #[sqlx(default)]
-        business_date: Option<NaiveDate>,
-        #[sqlx(default)]
-        pan_hash: Option<Vec<u8>>,
-        #[sqlx(default)]
-        auth_code: Option<String>,
-        #[sqlx(default)]
-        mti: Option<i16>,
-        #[sqlx(default)]
-        processing_code: Option<String>,
-        #[sqlx(default)]
-        issuer: Option<String>,
-        #[sqlx(default)]
-        link_f7: Option<String>,
-        #[sqlx(default)]
-        original_id: Option<i64>,
-        #[sqlx(default)]
-        received_at: Option<chrono::DateTime<chrono::Utc>>,
-        #[sqlx(default)]
-        family_pending: Option<bool>,
-    }
-    let mut rows: Vec<&Row> = Vec::new();
-    let mut outcomes: Vec<&Completion> = Vec::new();
-    let mut finds: Vec<&Find> = Vec::new();
-    let mut applies: Vec<&Apply> = Vec::new();
-    let mut reversals: Vec<&Reversal> = Vec::new();
+    let mut parts = Parts::default();
     for w in writes {
         match w {
-            Write::Request(r) => rows.push(r),
-            Write::Outcome(c) => outcomes.push(c),
-            Write::Find(f) => finds.push(f),
-            Write::Apply(a) => applies.push(a),
-            Write::Reversal(r) => reversals.push(r),
+            Write::Request(r) => parts.rows.push(r),
+            Write::Outcome(c) => parts.outcomes.push(c),
+            Write::Find(f) => parts.finds.push(f),
+            Write::Apply(a) => parts.applies.push(a),
+            Write::Reversal(r) => parts.reversals.push(r),
         }
     }
     let claims = |any: bool| if any { Claims::Some } else { Claims::None };
     let shape = Shape {
-        requests: (!rows.is_empty()).then(|| claims(rows.iter().any(|r| r.claims()))),
-        outcomes: (!outcomes.is_empty()).then(|| claims(outcomes.iter().any(|c| c.claimed))),
-        finds: !finds.is_empty(),
-        applies: !applies.is_empty(),
-        reversals: !reversals.is_empty(),
+        requests: (!parts.rows.is_empty()).then(|| claims(parts.rows.iter().any(|r| r.claims()))),
+        outcomes: (!parts.outcomes.is_empty())
+            .then(|| claims(parts.outcomes.iter().any(|c| c.claimed))),
+        finds: !parts.finds.is_empty(),
+        applies: !parts.applies.is_empty(),
+        reversals: !parts.reversals.is_empty(),
     };
     if writes.is_empty() {
         return Ok(Vec::new());
     }
-    let sql = &WRITE_SQL[shape.index()];
-    let mut q = sqlx::query_as::<_, Done>(sqlx::AssertSqlSafe(sql.as_str()));
-    if !rows.is_empty() {
-        q = q
-            .bind(col(&rows, |r| r.terminal_id.as_str()))
-            .bind(col(&rows, |r| r.merchant_id.as_str()))
-            .bind(col(&rows, |r| r.batch))
-            .bind(col(&rows, |r| r.stan))
-            .bind(col(&rows, |r| r.mti))
-            .bind(col(&rows, |r| r.processing_code.as_str()))
-            .bind(col(&rows, |r| r.pos_condition.as_str()))
-            .bind(col(&rows, |r| r.kind))
-            .bind(col(&rows, |r| r.amount))
-            .bind(col(&rows, |r| r.pan_hash.as_deref()))
-            .bind(col(&rows, |r| r.pan_masked.as_deref()))
-            .bind(col(&rows, |r| r.digest.as_slice()))
-            .bind(col(&rows, |r| r.state))
-            .bind(col(&rows, |r| r.response_code.as_deref()))
-            .bind(col(&rows, |r| r.issuer.as_deref()))
-            .bind(col(&rows, |r| r.link_f7.as_deref()))
-            .bind(col(&rows, |r| r.business_date))
-            .bind(col(&rows, |r| r.original_id))
-            .bind(col(&rows, |r| r.rule))
-            .bind(col(&rows, |r| r.operator.as_deref()))
-            .bind(col(&rows, |r| r.reversal_reason.as_deref()))
-            .bind(col(&rows, |r| r.original_ref.as_deref()))
-            .bind(col(&rows, |r| r.open_batch))
-            .bind(col(&rows, |r| r.claim));
-    }
-    if !outcomes.is_empty() {
-        q = q
-            .bind(col(&outcomes, |c| c.id))
-            .bind(col(&outcomes, |c| c.state.as_str()))
-            .bind(col(&outcomes, |c| c.rc.as_str()))
-            .bind(col(&outcomes, |c| c.auth_code.as_deref()))
-            .bind(col(&outcomes, |c| c.reply.as_slice()))
-            .bind(State::Sent.as_str());
-    }
-    if !finds.is_empty() {
-        q = q
-            .bind(col(&finds, Find::how))
-            .bind(col(&finds, Find::merchant))
-            .bind(col(&finds, |f| f.by_stan().map(|k| k.0)))
-            .bind(col(&finds, |f| f.by_stan().map(|k| k.1)))
-            .bind(col(&finds, |f| f.by_stan().map(|k| k.2)))
-            .bind(col(&finds, |f| f.by_stan().map(|k| k.3)))
-            .bind(col(&finds, |f| f.rrn().and_then(rrn_id)))
-            .bind(col(&finds, Find::rrn))
-            .bind(col(&finds, |f| f.preauths().map(|p| p.0)))
-            .bind(col(&finds, |f| f.preauths().map(|p| p.1)));
-    }
-    if !applies.is_empty() {
-        q = q
-            .bind(col(&applies, |a| a.row_id))
-            .bind(col(&applies, |a| a.original_id))
-            .bind(col(&applies, |a| a.amount))
-            .bind(col(&applies, |a| a.kind.as_str()))
-            .bind(col(&applies, |a| a.reply.as_slice()));
-    }
-    if !reversals.is_empty() {
-        q = q
-            .bind(col(&reversals, |r| r.row))
-            .bind(col(&reversals, |r| r.rule))
-            .bind(col(&reversals, |r| r.original))
-            .bind(col(&reversals, |r| r.reply.as_slice()))
-            .bind(col(&reversals, Reversal::step))
-            .bind(col(&reversals, Reversal::network_reason));
-    }
-    let done = q.fetch_all(pool).await?;
+    let done = statement(shape, &parts).fetch_all(pool).await?;
     let mut written = std::collections::HashMap::new();
     let mut ended = std::collections::HashMap::new();
-    let mut found: Vec<Vec<Original>> = vec![Vec::new(); finds.len()];
+    let mut found: Vec<Vec<Original>> = vec![Vec::new(); parts.finds.len()];
     let mut approved = std::collections::HashSet::new();
     let mut acknowledged = std::collections::HashSet::new();
     for d in done {

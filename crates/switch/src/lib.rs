@@ -119,6 +119,20 @@ pub async fn start(
         },
         config.database.terminal_cache,
     );
+    if config.database.plan_ahead {
+        let planning = std::time::Instant::now();
+        match writer.plan().await {
+            Ok(n) => tracing::info!(
+                connections = n,
+                ms = planning.elapsed().as_millis() as u64,
+                "journal statements planned"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "could not plan the journal's statements ahead; they are planned at first use"
+            ),
+        }
+    }
     Ok(Arc::new(Switch {
         writer,
         config,

@@ -68,6 +68,7 @@ struct Lookup {
 #[derive(Debug, Clone)]
 pub struct Writer {
     pool: PgPool,
+    batches: PgPool,
     writes: Batcher<Job>,
     answers: Batcher<Answer>,
     lookups: Batcher<Lookup>,
@@ -122,7 +123,7 @@ impl Writer {
             |a: &Answer| a.answered.id,
             move |batch| answer(p.clone(), batch),
         );
-        let p = batches;
+        let p = batches.clone();
         let lookups = Batcher::start(
             limits,
             |l: &Lookup| l.id.clone(),
@@ -130,6 +131,7 @@ impl Writer {
         );
         Writer {
             pool,
+            batches,
             writes,
             answers,
             lookups,
@@ -138,6 +140,22 @@ impl Writer {
                 read: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// Opens every connection the batches may use and plans the journal's
+    /// statements on each ([`journal::plan_writes`]), so that the first
+    /// transactions after a start do not wait for either. Returns how many
+    /// connections were readied.
+    pub async fn plan(&self) -> Result<usize, sqlx::Error> {
+        let size = self.batches.options().get_max_connections() as usize;
+        let mut conns = Vec::with_capacity(size);
+        for _ in 0..size {
+            conns.push(self.batches.acquire().await?);
+        }
+        for conn in &mut conns {
+            journal::plan_writes(conn).await?;
+        }
+        Ok(conns.len())
     }
 
     /// The terminal with its merchant: as read within the cache's time, or

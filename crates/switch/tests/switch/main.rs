@@ -134,6 +134,9 @@ async fn start_issuer(
 
 fn switch_config(issuer_addr: &str, tweak: impl FnOnce(&mut Config)) -> Config {
     let mut config = Config::default();
+    // A second of planning per switch would triple the suite's time; one
+    // test plans ahead.
+    config.database.plan_ahead = false;
     config.rules.issuer_timeout = Duration::from_millis(1500);
     config.advice.retry_initial = Duration::from_millis(100);
     config.advice.retry_max = Duration::from_millis(400);
@@ -331,6 +334,34 @@ async fn a_purchase_is_approved_journalled_and_debited() {
             .unwrap();
     assert_eq!(masked, "622202*********0001");
     assert_eq!(amount, 12_345);
+}
+
+#[tokio::test]
+async fn a_switch_that_plans_ahead_opens_its_batch_connections_before_serving() {
+    let w = world_with(|c| c.database.plan_ahead = true).await;
+    // Each batch connection's last statement is the journal's batch
+    // statement, run with no rows: three batchers (writes, answers,
+    // lookups), two connections each per batch in flight.
+    let planned: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND query LIKE 'WITH req AS%INSERT INTO journal%'",
+    )
+    .fetch_one(&w.pool)
+    .await
+    .unwrap();
+    assert_eq!(planned, 6);
+    let journal: i64 = sqlx::query_scalar("SELECT count(*) FROM journal")
+        .fetch_one(&w.pool)
+        .await
+        .unwrap();
+    assert_eq!(journal, 0, "planning writes nothing");
+    let mut t = w.signed_on("T0000001").await;
+    let stan = t.next_stan();
+    let reply = t
+        .exchange(&t.purchase(stan, CARD, EXPIRY, 100).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(reply.rc(), "00", "{reply:?}");
 }
 
 #[tokio::test]
