@@ -266,8 +266,13 @@ pub mod postgres {
             ("jit", "off"),
             ("statement_timeout", "10s"),
         ]);
+        // Kept open for good: a connection closed for idling or age takes
+        // its plans with it, and the batch that opens its successor plans
+        // again (see `switch`'s plan_ahead).
         pool_options()
             .max_connections(2 * in_flight.max(1) as u32)
+            .idle_timeout(None)
+            .max_lifetime(None)
             .connect_lazy_with(options)
     }
 
