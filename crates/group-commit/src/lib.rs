@@ -238,8 +238,9 @@ pub async fn write_all<C, T, R, E>(
 
 /// Errors of PostgreSQL batches (sqlx).
 pub mod postgres {
-    use sqlx::PgPool;
+    use sqlx::pool::PoolConnection;
     use sqlx::postgres::PgPoolOptions;
+    use sqlx::{PgPool, Postgres};
 
     use super::OnError;
 
@@ -274,6 +275,17 @@ pub mod postgres {
             .idle_timeout(None)
             .max_lifetime(None)
             .connect_lazy_with(options)
+    }
+
+    /// Every connection `batches` may open, opened now and held together
+    /// (so that each is a different one), to ready them before traffic.
+    pub async fn open_all(batches: &PgPool) -> Result<Vec<PoolConnection<Postgres>>, sqlx::Error> {
+        let size = batches.options().get_max_connections() as usize;
+        let mut conns = Vec::with_capacity(size);
+        for _ in 0..size {
+            conns.push(batches.acquire().await?);
+        }
+        Ok(conns)
     }
 
     /// Pool options for a hot path: a connection is handed out without the

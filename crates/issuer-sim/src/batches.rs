@@ -9,7 +9,7 @@
 
 use std::sync::OnceLock;
 
-use group_commit::postgres::{ON_ERROR, batch_pool};
+use group_commit::postgres::{ON_ERROR, batch_pool, open_all};
 use group_commit::{Batcher, Limits, Reply, write_all};
 use sqlx::PgPool;
 use tokio::sync::oneshot;
@@ -67,12 +67,7 @@ impl Batches {
     /// that the first messages after a start wait for neither. Returns how
     /// many connections were readied.
     pub(crate) async fn plan(&self, limits: Limits, pool: &PgPool) -> Result<usize, sqlx::Error> {
-        let connections = &self.batchers(limits, pool).connections;
-        let size = connections.options().get_max_connections() as usize;
-        let mut conns = Vec::with_capacity(size);
-        for _ in 0..size {
-            conns.push(connections.acquire().await?);
-        }
+        let mut conns = open_all(&self.batchers(limits, pool).connections).await?;
         for conn in &mut conns {
             books::authorise_many(&mut **conn, &[]).await?;
             books::follow_on_many(&mut **conn, &[]).await?;

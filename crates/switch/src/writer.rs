@@ -147,11 +147,7 @@ impl Writer {
     /// transactions after a start do not wait for either. Returns how many
     /// connections were readied.
     pub async fn plan(&self) -> Result<usize, sqlx::Error> {
-        let size = self.batches.options().get_max_connections() as usize;
-        let mut conns = Vec::with_capacity(size);
-        for _ in 0..size {
-            conns.push(self.batches.acquire().await?);
-        }
+        let mut conns = group_commit::postgres::open_all(&self.batches).await?;
         for conn in &mut conns {
             journal::plan_writes(conn).await?;
         }
