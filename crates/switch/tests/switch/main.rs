@@ -108,8 +108,10 @@ id = "T0000098"
 merchant = "898310048160002"
 "#;
 
+/// An issuer on `url`, its connections with `settings` (PostgreSQL's).
 async fn start_issuer(
     url: &str,
+    settings: &[(&str, &str)],
 ) -> (
     Arc<issuer_sim::Issuer>,
     issuer_sim::PanKey,
@@ -118,7 +120,10 @@ async fn start_issuer(
     CancellationToken,
 ) {
     let config = issuer_sim::IssuerConfig::from_toml(CARDS, "test-issuer.toml").unwrap();
-    let pool = PgPool::connect(url).await.unwrap();
+    let options = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(url)
+        .unwrap()
+        .options(settings.iter().copied());
+    let pool = PgPool::connect_with(options).await.unwrap();
     issuer_sim::migrate(&pool).await.unwrap();
     let key = issuer_sim::PanKey::random();
     issuer_sim::seed_cards(&pool, &key, &config.cards)
@@ -181,9 +186,15 @@ async fn start_switch(
 }
 
 async fn world_with(tweak: impl FnOnce(&mut Config)) -> World {
+    world_on(tweak, &[]).await
+}
+
+/// A world whose issuer's connections have PostgreSQL `settings`.
+async fn world_on(tweak: impl FnOnce(&mut Config), issuer_settings: &[(&str, &str)]) -> World {
     capture_logs();
     let url = embedded_pg::test_database().await;
-    let (issuer, issuer_key, issuer_addr, issuer_pool, _stop) = start_issuer(&url).await;
+    let (issuer, issuer_key, issuer_addr, issuer_pool, _stop) =
+        start_issuer(&url, issuer_settings).await;
     let shutdown = CancellationToken::new();
     let config = switch_config(&issuer_addr, tweak);
     let (switch, switch_addr, run) =
@@ -840,17 +851,22 @@ fn outcome(id: i64, state: switch::model::State) -> switch::journal::Write {
     })
 }
 
+/// Settings that make PostgreSQL send back the plan of every statement as
+/// a notice, with the rows each node read (a session library: the private
+/// test server's superuser, or DATABASE_URL's role, may load it).
+const AUTO_EXPLAIN: [(&str, &str); 4] = [
+    ("session_preload_libraries", "auto_explain"),
+    ("auto_explain.log_min_duration", "0"),
+    ("auto_explain.log_analyze", "on"),
+    ("auto_explain.log_level", "notice"),
+];
+
 /// One connection with the journal writer's settings that sends back every
 /// plan as a notice, with the rows each node read.
 async fn explained(w: &World) -> PgPool {
     let explained = (*group_commit::postgres::batch_pool(&w.pool, 1).connect_options())
         .clone()
-        .options([
-            ("session_preload_libraries", "auto_explain"),
-            ("auto_explain.log_min_duration", "0"),
-            ("auto_explain.log_analyze", "on"),
-            ("auto_explain.log_level", "notice"),
-        ]);
+        .options(AUTO_EXPLAIN);
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .connect_with(explained)

@@ -1176,3 +1176,37 @@ async fn a_void_of_a_sale_someone_holds_locked_does_not_hold_up_the_journal() {
     assert_eq!(w.journal_state(sale.rrn()).await, "approved");
     assert_eq!(void(&mut t, pan, 700, &sale).await.rc(), "00");
 }
+
+#[tokio::test]
+async fn the_issuer_reads_cards_and_originals_by_key_however_many_postings() {
+    let w = world_on(|_| {}, &AUTO_EXPLAIN).await;
+    let mut t = w.signed_on("T0000001").await;
+    // The issuer planned its batch statements at start, with no postings,
+    // and keeps those plans...
+    purchase(&mut t, CARD, 500).await;
+    // ...while postings pile up.
+    sqlx::query(
+        "INSERT INTO issuer.postings (acquirer, stan, transmitted, mti_class, mti, kind, state, amount)
+         SELECT '00048560000', lpad(g::text, 6, '0'), '0101000000', 2, '0200', 'purchase', 'approved', 100
+         FROM generate_series(1, 3000) g",
+    )
+    .execute(&w.issuer_pool)
+    .await
+    .unwrap();
+    let seen = LOGS.lock().unwrap().len();
+    let sale = purchase(&mut t, CARD, 700).await;
+    assert_eq!(void(&mut t, CARD, 700, &sale).await.rc(), "00");
+    // An authorisation finds its card, a void its original, by key: not
+    // by a pass over the cards or the 3,000 postings.
+    let (probes, read) = rows_read(seen, |l| {
+        l.contains("Scan") && (l.contains(" on postings") || l.contains(" on cards"))
+    });
+    assert!(
+        probes >= 2,
+        "the issuer's plans were sent back ({probes} scans)"
+    );
+    assert!(
+        read <= 10,
+        "{read} cards and postings read for a purchase and its void"
+    );
+}
