@@ -38,8 +38,8 @@ pub struct Limits {
     pub max_batch: usize,
     /// Batches at the database at once.
     pub in_flight: usize,
-    /// How long a batch waits after its first job for more (zero: it goes
-    /// with what is there).
+    /// How long after its first job arrived a batch may wait for more
+    /// (zero: it goes with what is there).
     pub delay: std::time::Duration,
 }
 
@@ -238,6 +238,8 @@ pub async fn write_all<C, T, R, E>(
 
 /// Errors of PostgreSQL batches (sqlx).
 pub mod postgres {
+    use std::time::Duration;
+
     use sqlx::pool::PoolConnection;
     use sqlx::postgres::PgPoolOptions;
     use sqlx::{PgPool, Postgres};
@@ -279,11 +281,21 @@ pub mod postgres {
 
     /// Every connection `batches` may open, opened now and held together
     /// (so that each is a different one), to ready them before traffic.
+    /// Stops at the first that cannot be had within 5 s (the server full,
+    /// say) and returns those opened: the rest open, unreadied, when
+    /// traffic needs them. An error only when not even one opens.
     pub async fn open_all(batches: &PgPool) -> Result<Vec<PoolConnection<Postgres>>, sqlx::Error> {
         let size = batches.options().get_max_connections() as usize;
         let mut conns = Vec::with_capacity(size);
         for _ in 0..size {
-            conns.push(batches.acquire().await?);
+            let opened = tokio::time::timeout(Duration::from_secs(5), batches.acquire())
+                .await
+                .unwrap_or(Err(sqlx::Error::PoolTimedOut));
+            match opened {
+                Ok(conn) => conns.push(conn),
+                Err(e) if conns.is_empty() => return Err(e),
+                Err(_) => break,
+            }
         }
         Ok(conns)
     }

@@ -811,12 +811,6 @@ pub async fn plan_writes(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Erro
     Ok(())
 }
 
-/// Writes requests' rows and outcomes, reads originals, applies advices and
-/// decides reversals, together in one statement and one commit (group
-/// commit; see `Shape::sql`): for each write, in order, what it did. No
-/// two writes may share a [`WriteKey`]. A request and its own outcome never
-/// meet in one batch: the outcome comes from the issuer, after the row is
-/// durable.
 /// The writes of one batch of [`write_many`], by part of its statement.
 #[derive(Debug, Default)]
 struct Parts<'w> {
@@ -950,6 +944,12 @@ fn statement<'q>(
     q
 }
 
+/// Writes requests' rows and outcomes, reads originals, applies advices and
+/// decides reversals, together in one statement and one commit (group
+/// commit; see `Shape::sql`): for each write, in order, what it did. No
+/// two writes may share a [`WriteKey`]. A request and its own outcome never
+/// meet in one batch: the outcome comes from the issuer, after the row is
+/// durable.
 pub async fn write_many(pool: &PgPool, writes: &[Write]) -> Result<Vec<Wrote>, sqlx::Error> {
     let mut parts = Parts::default();
     for w in writes {

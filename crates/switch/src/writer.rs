@@ -148,9 +148,8 @@ impl Writer {
     /// connections were readied.
     pub async fn plan(&self) -> Result<usize, sqlx::Error> {
         let mut conns = group_commit::postgres::open_all(&self.batches).await?;
-        for conn in &mut conns {
-            journal::plan_writes(conn).await?;
-        }
+        // Each connection's server process plans its own: side by side.
+        futures::future::try_join_all(conns.iter_mut().map(|c| journal::plan_writes(c))).await?;
         Ok(conns.len())
     }
 
