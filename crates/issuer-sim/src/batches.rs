@@ -68,10 +68,12 @@ impl Batches {
     /// many connections were readied.
     pub(crate) async fn plan(&self, limits: Limits, pool: &PgPool) -> Result<usize, sqlx::Error> {
         let mut conns = open_all(&self.batchers(limits, pool).connections).await?;
-        for conn in &mut conns {
+        // Each connection's server process plans its own: side by side.
+        futures::future::try_join_all(conns.iter_mut().map(|conn| async move {
             books::authorise_many(&mut **conn, &[]).await?;
-            books::follow_on_many(&mut **conn, &[]).await?;
-        }
+            books::follow_on_many(&mut **conn, &[]).await
+        }))
+        .await?;
         Ok(conns.len())
     }
 
