@@ -420,6 +420,13 @@ impl EmbeddedPg {
         self.port
     }
 
+    /// The server's process id (the postmaster's, the parent of every
+    /// backend), from its `postmaster.pid`; `None` when it is not running.
+    pub fn pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
     /// Where the data lives.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir

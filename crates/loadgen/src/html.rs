@@ -12,6 +12,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use crate::cpu::Usage;
 use crate::machine::Machine;
 use crate::report::KindStats;
 use crate::scenario::{Run, Scenario};
@@ -25,6 +26,8 @@ pub struct Page<'a> {
     pub run: &'a Run,
     /// Where.
     pub machine: &'a Machine,
+    /// Where the CPU went, when it was measured.
+    pub cpu: Option<&'a Usage>,
     /// The switchyard version that played it.
     pub version: &'a str,
     /// When, as people read it.
@@ -127,6 +130,22 @@ pub fn render(page: &Page<'_>) -> String {
         ("switchyard", page.version.to_string()),
         ("run at", page.generated.to_string()),
     ]));
+    if let Some(cpu) = page.cpu {
+        out.push_str("<h2>CPU per transaction</h2>\n");
+        let us = |d: &std::time::Duration| format!("{:.0} µs", d.as_secs_f64() * 1e6);
+        let mut table: Vec<(&str, String)> = cpu
+            .per_transaction
+            .iter()
+            .map(|(part, d)| (part.as_str(), us(d)))
+            .collect();
+        table.push(("elsewhere on the machine", us(&cpu.elsewhere)));
+        table.push(("total", us(&cpu.total())));
+        table.push((
+            "cores busy",
+            format!("{:.2} of {}", cpu.cores_busy, cpu.cores),
+        ));
+        out.push_str(&rows(&table));
+    }
     out.push_str("</body>\n</html>\n");
     out
 }
@@ -604,6 +623,12 @@ mod tests {
             scenario,
             run,
             machine: &machine,
+            cpu: Some(&Usage {
+                per_transaction: vec![("PostgreSQL".into(), Duration::from_micros(196))],
+                elsewhere: Duration::from_micros(4),
+                cores_busy: 1.5,
+                cores: 2,
+            }),
             version: "0.1.0",
             generated: "2026-11-23 09:00:00 +00:00",
         })
@@ -649,6 +674,13 @@ mod tests {
         assert!(page.contains("<td>Test CPU &amp; Co</td>"));
         assert!(page.contains("<td>2.0 GiB</td>") && page.contains("<td>Test OS 1</td>"));
         assert!(page.contains("<td>0.1.0</td>") && page.contains("2026-11-23 09:00:00"));
+        // Where the CPU went.
+        assert!(
+            page.contains("<tr><th>PostgreSQL</th><td>196 µs</td></tr>"),
+            "{page}"
+        );
+        assert!(page.contains("<tr><th>total</th><td>200 µs</td></tr>"));
+        assert!(page.contains("<tr><th>cores busy</th><td>1.50 of 2</td></tr>"));
     }
 
     #[test]

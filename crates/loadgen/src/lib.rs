@@ -5,6 +5,7 @@
 //! report as a self-contained HTML page.
 
 pub mod closed;
+pub mod cpu;
 pub mod html;
 pub mod live;
 pub mod machine;

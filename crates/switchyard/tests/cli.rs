@@ -485,6 +485,12 @@ fn demo_serve_answers_terminals_and_exits_0_on_sigterm() {
             .unwrap()
             > 0.0
     );
+    // Against a switch in another process, the load generator can name
+    // only its own CPU time; the rest of the machine's is "elsewhere".
+    let cpu = &json["cpu"]["per_transaction_us"];
+    assert!(cpu["load generator"].as_f64().is_some(), "{json}");
+    assert_eq!(cpu.as_object().map(|o| o.len()), Some(1), "{json}");
+    assert!(page.contains("<h2>CPU per transaction</h2>"), "{page}");
     std::fs::remove_dir_all(&dir).unwrap();
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -613,6 +619,23 @@ fn a_fault_scenario_still_ends_with_a_passing_money_check() {
     assert_eq!(
         json["report"]["kinds"]["all"]["count"].as_u64(),
         all.split_whitespace().nth(1).and_then(|n| n.parse().ok()),
+        "{json}"
+    );
+    // Where the CPU went, part by part: the database and the switch (a
+    // child process here, killed and started again) both worked.
+    assert!(text.contains("CPU per transaction: PostgreSQL "), "{text}");
+    let cpu = &json["cpu"];
+    let part = |name: &str| cpu["per_transaction_us"][name].as_f64().unwrap_or(-1.0);
+    assert!(part("PostgreSQL") > 0.0, "{json}");
+    assert!(part("switch") > 0.0, "{json}");
+    assert!(
+        part("issuer") >= 0.0 && part("load generator") >= 0.0,
+        "{json}"
+    );
+    let parts = ["PostgreSQL", "switch", "issuer", "load generator"].map(part);
+    let total = cpu["total_us"].as_f64().unwrap();
+    assert!(
+        (parts.iter().sum::<f64>() + cpu["elsewhere_us"].as_f64().unwrap() - total).abs() < 1.0,
         "{json}"
     );
     // The issuer broke: some terminals heard 98 (no answer in time) or 91 (link down).

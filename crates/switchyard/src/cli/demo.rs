@@ -106,6 +106,11 @@ pub struct Stack {
     pg: EmbeddedPg,
 }
 
+/// The threads the issuer and the switch run on, by name (CPU time is
+/// read by thread name: see [`Stack::meter`]).
+const ISSUER_THREAD: &str = "issuer";
+const SWITCH_THREAD: &str = "switch";
+
 /// A part of the demo on a thread of its own, with a single-threaded
 /// runtime: the issuer and the switch each run as they would in a process
 /// of their own (`limits.threads = 1`), so that a message handed from one
@@ -317,6 +322,26 @@ struct Broken {
 }
 
 impl Stack {
+    /// The parts whose CPU time a run reports: the private PostgreSQL, the
+    /// switch (its thread, or its child processes), the issuer's thread,
+    /// and the rest of this process, the load generator.
+    pub fn meter(&self) -> loadgen::cpu::Meter {
+        use loadgen::cpu::Source;
+        let mut parts = Vec::with_capacity(4);
+        if let Some(pid) = self.pg.pid() {
+            parts.push(("PostgreSQL".to_string(), Source::Tree(pid)));
+        }
+        let switch = match (&self.child, self.pg.pid()) {
+            (Some(_), Some(pg)) => Source::Children { except: vec![pg] },
+            (Some(_), None) => Source::Children { except: vec![] },
+            (None, _) => Source::Threads(SWITCH_THREAD.into()),
+        };
+        parts.push(("switch".to_string(), switch));
+        parts.push(("issuer".to_string(), Source::Threads(ISSUER_THREAD.into())));
+        parts.push(("load generator".to_string(), Source::Rest));
+        loadgen::cpu::Meter::new(parts)
+    }
+
     /// Starts PostgreSQL, the issuer and the switch (listening on `listen`):
     /// in this process, or as a child process that can be killed when
     /// `killable`.
@@ -340,7 +365,7 @@ impl Stack {
             .map_err(|e| anyhow!("{e}"))?;
         let issuer_listener = bind("127.0.0.1:0")?;
         let issuer_addr = issuer_listener.local_addr()?.to_string();
-        let issuer_lane = Lane::start("issuer")?;
+        let issuer_lane = Lane::start(ISSUER_THREAD)?;
         let issuer = {
             let (url, key) = (url.clone(), issuer_key.clone());
             issuer_lane
@@ -379,7 +404,7 @@ impl Stack {
             config.seed.terminals = None;
             let listener = bind(listen)?;
             let switch_addr = listener.local_addr()?.to_string();
-            let lane = Lane::start("switch")?;
+            let lane = Lane::start(SWITCH_THREAD)?;
             let (url, shutdown, issuer) = (url.clone(), shutdown.clone(), issuer_addr.clone());
             let run = lane
                 .spawn(async move {
@@ -738,9 +763,10 @@ async fn scripted_day(
         });
     }
     let target = stack.switch_addr.clone();
+    let meter = stack.meter();
     let started = tokio::time::Instant::now();
     let (played, broken) = tokio::join!(
-        super::load::play(&target, scenario, outputs),
+        super::load::play(&target, scenario, outputs, &meter),
         break_on_time(stack, f, started)
     );
     stack.issuer.faults().clear();

@@ -67,17 +67,29 @@ pub struct Outputs<'a> {
 
 /// Plays a scenario and prints its report; an error when a terminal failed
 /// or a settlement did not balance.
+///
+/// `meter` names the parts of the system under test whose CPU time the
+/// report gives per transaction (see [`loadgen::cpu`]).
 pub async fn play(
     target: &str,
     scenario: loadgen::scenario::Scenario,
     outputs: Outputs<'_>,
+    meter: &loadgen::cpu::Meter,
 ) -> Result<(), Failure> {
     let name = scenario.name.clone();
     let count = scenario.count();
     let p99_target = scenario.p99_target;
+    let machine = loadgen::machine::Machine::here();
+    let before = meter.read();
     let run = loadgen::scenario::run(target, scenario.clone())
         .await
         .map_err(|e| Failure::Other(anyhow::anyhow!(e)))?;
+    let cpu = meter.usage(
+        &before,
+        &meter.read(),
+        run.report.total().count(),
+        machine.cpus,
+    );
     println!(
         "scenario {name}: {count} requests scheduled in {:.1} s; {} connection failures; settlements balanced {}/{}",
         run.elapsed.as_secs_f64(),
@@ -116,9 +128,12 @@ pub async fn play(
         }
     }
     print!("{}", run.report.table());
+    if let Some(cpu) = &cpu {
+        println!("{}", cpu.line());
+    }
     if let Some(path) = outputs.json {
         let text = format!(
-            "{{\"scenario\": {name:?}, \"scheduled\": {count}, \"elapsed_s\": {:.3}, \"connection_failures\": {}, \"resets_injected\": {}, \"reconnections\": {}, \"settlements\": {{\"balanced\": {}, \"settled\": {}}}, \"report\": {}, \"seconds\": {}}}\n",
+            "{{\"scenario\": {name:?}, \"scheduled\": {count}, \"elapsed_s\": {:.3}, \"connection_failures\": {}, \"resets_injected\": {}, \"reconnections\": {}, \"settlements\": {{\"balanced\": {}, \"settled\": {}}}, \"report\": {}, \"seconds\": {}, \"cpu\": {}}}\n",
             run.elapsed.as_secs_f64(),
             run.errors,
             run.resets,
@@ -126,7 +141,8 @@ pub async fn play(
             run.balanced.0,
             run.balanced.1,
             run.report.to_json(),
-            run.timeline.to_json()
+            run.timeline.to_json(),
+            cpu.as_ref().map_or("null".to_string(), |c| c.to_json())
         );
         std::fs::write(path, text)
             .map_err(|e| Failure::Other(anyhow::anyhow!("{}: {e}", path.display())))?;
@@ -135,7 +151,8 @@ pub async fn play(
         let page = loadgen::html::render(&loadgen::html::Page {
             scenario: &scenario,
             run: &run,
-            machine: &loadgen::machine::Machine::here(),
+            machine: &machine,
+            cpu: cpu.as_ref(),
             version: env!("CARGO_PKG_VERSION"),
             generated: &chrono::Local::now()
                 .format("%Y-%m-%d %H:%M:%S %:z")
@@ -161,7 +178,15 @@ pub async fn run(args: &LoadArgs) -> Result<(), Failure> {
             json: args.json.as_deref(),
             html: args.html.as_deref(),
         };
-        return play(&args.target, scenario, outputs).await;
+        // The switch is elsewhere, or another process: only this one's
+        // time is its own to name; the rest of the machine is "elsewhere".
+        return play(
+            &args.target,
+            scenario,
+            outputs,
+            &loadgen::cpu::Meter::load_generator(),
+        )
+        .await;
     }
     let outcome = run_plan(Plan {
         target: args.target.clone(),
