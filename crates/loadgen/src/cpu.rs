@@ -37,11 +37,19 @@ pub struct Meter {
 }
 
 /// CPU time so far, in clock ticks: each part's (`None`: unreadable), and
-/// the machine's busy and total.
+/// the machine's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reading {
     parts: Vec<Option<u64>>,
-    machine: Option<(u64, u64)>,
+    machine: Option<Machine>,
+}
+
+/// The machine's CPU time so far, summed over its CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Machine {
+    busy: u64,
+    total: u64,
+    cpus: usize,
 }
 
 /// What a run cost.
@@ -93,9 +101,9 @@ impl Stat {
     }
 }
 
-/// Busy and total ticks of the first (all-CPU) line of `/proc/stat`; idle
-/// and I/O wait are not busy.
-fn machine(proc_stat: &str) -> Option<(u64, u64)> {
+/// Busy and total ticks of the first (all-CPU) line of `/proc/stat`, and
+/// the CPUs it sums (a `cpuN` line each); idle and I/O wait are not busy.
+fn machine(proc_stat: &str) -> Option<Machine> {
     let line = proc_stat.lines().next()?;
     let mut fields = line.split_whitespace();
     if fields.next()? != "cpu" {
@@ -106,7 +114,18 @@ fn machine(proc_stat: &str) -> Option<(u64, u64)> {
     // in user.
     let total: u64 = ticks.iter().take(8).sum();
     let idle = ticks.get(3)? + ticks.get(4).copied().unwrap_or(0);
-    Some((total - idle, total))
+    let cpus = proc_stat
+        .lines()
+        .filter(|l| {
+            l.strip_prefix("cpu")
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .count();
+    Some(Machine {
+        busy: total - idle,
+        total,
+        cpus,
+    })
 }
 
 /// Every process's stat line.
@@ -231,15 +250,9 @@ impl Meter {
 
     /// What happened between two readings, for `transactions`; `None` when
     /// the machine's times cannot be read (not Linux) or nothing was done.
-    pub fn usage(
-        &self,
-        from: &Reading,
-        to: &Reading,
-        transactions: u64,
-        cores: usize,
-    ) -> Option<Usage> {
-        let ((busy0, total0), (busy1, total1)) = (from.machine?, to.machine?);
-        if transactions == 0 || total1 <= total0 || cores == 0 {
+    pub fn usage(&self, from: &Reading, to: &Reading, transactions: u64) -> Option<Usage> {
+        let (a, b) = (from.machine?, to.machine?);
+        if transactions == 0 || b.total <= a.total || b.cpus == 0 {
             return None;
         }
         let per = |ticks: u64| {
@@ -256,13 +269,13 @@ impl Meter {
                 Some((name.clone(), per(ticks)))
             })
             .collect();
-        let busy = busy1.saturating_sub(busy0);
+        let busy = b.busy.saturating_sub(a.busy);
         Some(Usage {
             per_transaction,
             elsewhere: per(busy.saturating_sub(accounted)),
-            // The machine's ticks are summed over its cores.
-            cores_busy: busy as f64 / (total1 - total0) as f64 * cores as f64,
-            cores,
+            // The machine's ticks are summed over its CPUs.
+            cores_busy: busy as f64 / (b.total - a.total) as f64 * b.cpus as f64,
+            cores: b.cpus,
         })
     }
 }
@@ -340,8 +353,16 @@ mod tests {
     #[test]
     fn the_machine_is_busy_when_not_idle_or_waiting_for_io() {
         // user nice system idle iowait irq softirq steal guest guest_nice
-        let stat = "cpu  100 5 50 800 30 2 3 10 7 0\ncpu0 1 2 3 4 5 6 7 8 9 0\n";
-        assert_eq!(machine(stat), Some((170, 1000)));
+        let stat = "cpu  100 5 50 800 30 2 3 10 7 0\ncpu0 1 2 3 4 5 6 7 8 9 0\n\
+                    cpu1 1 2 3 4 5 6 7 8 9 0\nintr 5 6\n";
+        assert_eq!(
+            machine(stat),
+            Some(Machine {
+                busy: 170,
+                total: 1000,
+                cpus: 2
+            })
+        );
         assert_eq!(machine("intr 1 2 3"), None);
     }
 
@@ -401,15 +422,23 @@ mod tests {
         ]);
         let from = Reading {
             parts: vec![Some(1_000), None, Some(50)],
-            machine: Some((2_000, 10_000)),
+            machine: Some(Machine {
+                busy: 2_000,
+                total: 10_000,
+                cpus: 2,
+            }),
         };
         // 10 s on 2 cores (2,000 ticks), 1,500 of them busy: 1,000 the
         // database, 200 the load generator, 300 elsewhere; 10,000 transactions.
         let to = Reading {
             parts: vec![Some(2_000), Some(5), Some(250)],
-            machine: Some((3_500, 12_000)),
+            machine: Some(Machine {
+                busy: 3_500,
+                total: 12_000,
+                cpus: 2,
+            }),
         };
-        let u = meter.usage(&from, &to, 10_000, 2).expect("a usage");
+        let u = meter.usage(&from, &to, 10_000).expect("a usage");
         assert_eq!(
             u.per_transaction,
             vec![
@@ -429,12 +458,12 @@ mod tests {
                 .starts_with("{\"per_transaction_us\": {\"PostgreSQL\": 1000.0, \"load generator\": 200.0}, \"elsewhere_us\": 300.0")
         );
         // Nothing done, or no machine times: nothing to say.
-        assert_eq!(meter.usage(&from, &to, 0, 2), None);
+        assert_eq!(meter.usage(&from, &to, 0), None);
         let blind = Reading {
             machine: None,
             ..to.clone()
         };
-        assert_eq!(meter.usage(&from, &blind, 10, 2), None);
+        assert_eq!(meter.usage(&from, &blind, 10), None);
     }
 
     #[test]
@@ -460,6 +489,10 @@ mod tests {
         };
         std::hint::black_box(x);
         assert!(to.parts[0] > from.parts[0], "the work shows in the reading");
-        assert!(to.machine.expect("the machine's times").1 > from.machine.unwrap().1);
+        let (a, b) = (
+            from.machine.unwrap(),
+            to.machine.expect("the machine's times"),
+        );
+        assert!(b.total > a.total && b.cpus >= 1);
     }
 }

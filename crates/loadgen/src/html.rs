@@ -246,15 +246,28 @@ fn results_table(run: &Run) -> String {
 fn steps_table(run: &Run, p99_target: Duration) -> String {
     let mut out = String::from(
         "<h2>Rate steps</h2>\n<table>\n<tr><th class=\"n\">scheduled /s</th>\
-         <th class=\"n\">achieved /s</th><th class=\"n\">p50 ms</th><th class=\"n\">p99 ms</th></tr>\n",
+         <th class=\"n\">achieved /s</th><th class=\"n\">p50 ms</th><th class=\"n\">p99 ms</th>\
+         <th class=\"n\">CPU µs per transaction</th><th class=\"n\">cores busy</th></tr>\n",
     );
-    for (rate, achieved, p50, p99) in &run.steps {
+    for step in &run.steps {
+        let (cpu, busy) = step
+            .cpu
+            .as_ref()
+            .map_or((String::new(), String::new()), |c| {
+                (
+                    format!("{:.0}", c.total().as_secs_f64() * 1e6),
+                    format!("{:.2} of {}", c.cores_busy, c.cores),
+                )
+            });
         let _ = writeln!(
             out,
-            "<tr><td class=\"n\">{rate:.0}</td><td class=\"n\">{achieved:.0}</td>\
-             <td class=\"n\">{:.2}</td><td class=\"n\">{:.2}</td></tr>",
-            ms(*p50),
-            ms(*p99)
+            "<tr><td class=\"n\">{:.0}</td><td class=\"n\">{:.0}</td>\
+             <td class=\"n\">{:.2}</td><td class=\"n\">{:.2}</td>\
+             <td class=\"n\">{cpu}</td><td class=\"n\">{busy}</td></tr>",
+            step.rate,
+            step.achieved,
+            ms(step.p50),
+            ms(step.p99)
         );
     }
     out.push_str("</table>\n");
@@ -575,6 +588,7 @@ fn nice_step(end: f64) -> f64 {
 mod tests {
     use super::*;
     use crate::report::{Report, Timeline};
+    use crate::scenario::Step;
 
     fn run_of_known_samples() -> Run {
         let mut report = Report::default();
@@ -601,12 +615,13 @@ mod tests {
             resets: 0,
             reconnects: 0,
             elapsed: Duration::from_secs(10),
-            steps: vec![(
-                100.0,
-                100.0,
-                Duration::from_millis(5),
-                Duration::from_millis(200),
-            )],
+            steps: vec![Step {
+                rate: 100.0,
+                achieved: 100.0,
+                p50: Duration::from_millis(5),
+                p99: Duration::from_millis(200),
+                cpu: None,
+            }],
             timeline,
         }
     }
@@ -681,6 +696,45 @@ mod tests {
         );
         assert!(page.contains("<tr><th>total</th><td>200 µs</td></tr>"));
         assert!(page.contains("<tr><th>cores busy</th><td>1.50 of 2</td></tr>"));
+    }
+
+    #[test]
+    fn the_rate_steps_show_where_each_one_saturated_and_what_it_cost() {
+        let mut run = run_of_known_samples();
+        let step = |rate: f64, achieved: f64, p99_ms: u64, cpu: Option<Usage>| Step {
+            rate,
+            achieved,
+            p50: Duration::from_millis(2),
+            p99: Duration::from_millis(p99_ms),
+            cpu,
+        };
+        let cost = Usage {
+            per_transaction: vec![("PostgreSQL".into(), Duration::from_micros(150))],
+            elsewhere: Duration::from_micros(80),
+            cores_busy: 1.38,
+            cores: 2,
+        };
+        run.steps = vec![
+            step(1000.0, 999.0, 5, Some(cost)),
+            // Fast enough, but the rate was not reached.
+            step(2000.0, 1800.0, 6, None),
+            step(3000.0, 2990.0, 25, None),
+        ];
+        assert_eq!(run.saturation(Duration::from_millis(20)), Some(1000.0));
+        let table = steps_table(&run, Duration::from_millis(20));
+        assert!(
+            table.contains(
+                "<td class=\"n\">1000</td><td class=\"n\">999</td><td class=\"n\">2.00</td>\
+                 <td class=\"n\">5.00</td><td class=\"n\">230</td><td class=\"n\">1.38 of 2</td></tr>"
+            ),
+            "{table}"
+        );
+        // A step whose CPU could not be read has empty cells, not zeros.
+        assert!(
+            table.contains("<td class=\"n\"></td><td class=\"n\"></td></tr>"),
+            "{table}"
+        );
+        assert!(table.contains("saturation: 1000/s sustained (p99 under 20 ms)"));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use iso8583::{Dialect, Message};
 use settings::{Problems, Section};
 
+use crate::cpu::{Meter, Usage};
 use crate::live::Live;
 use crate::open::{self, Lane};
 use crate::report::{Report, Timeline};
@@ -923,11 +924,24 @@ pub struct Run {
     pub reconnects: u64,
     /// Wall time.
     pub elapsed: Duration,
-    /// Per rate step: (scheduled rate, achieved rate, p50, p99).
-    pub steps: Vec<(f64, f64, Duration, Duration)>,
+    /// Per rate step, in order.
+    pub steps: Vec<Step>,
     /// Latency by the second each request was due, from the start of the
     /// first step (the 0400s and settlements are not in it).
     pub timeline: Timeline,
+}
+
+/// One rate step of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// The scheduled rate, per second.
+    pub rate: f64,
+    /// The rate achieved: requests answered per second of the step.
+    pub achieved: f64,
+    pub p50: Duration,
+    pub p99: Duration,
+    /// Where the CPU went during the step, when it could be read.
+    pub cpu: Option<Usage>,
 }
 
 impl Run {
@@ -936,14 +950,15 @@ impl Run {
     pub fn saturation(&self, p99_target: Duration) -> Option<f64> {
         self.steps
             .iter()
-            .filter(|(rate, achieved, _, p99)| *achieved >= rate * 0.95 && *p99 <= p99_target)
-            .map(|(rate, ..)| *rate)
+            .filter(|s| s.achieved >= s.rate * 0.95 && s.p99 <= p99_target)
+            .map(|s| s.rate)
             .fold(None, |best, r| Some(best.map_or(r, |b: f64| b.max(r))))
     }
 }
 
-/// Plays a scenario against the switch at `target`.
-pub async fn run(target: &str, scenario: Scenario) -> Result<Run, String> {
+/// Plays a scenario against the switch at `target`; `meter` reads where
+/// the CPU went during each rate step.
+pub async fn run(target: &str, scenario: Scenario, meter: &Meter) -> Result<Run, String> {
     let scenario = Arc::new(scenario);
     let dialect = Arc::new(Dialect::cup_pos());
     let mut players = Vec::with_capacity(scenario.terminals);
@@ -964,7 +979,9 @@ pub async fn run(target: &str, scenario: Scenario) -> Result<Run, String> {
     for rate in rates {
         let count = (rate * scenario.duration.as_secs_f64()).round() as u64;
         let step_started = std::time::Instant::now();
+        let before = meter.read();
         let (back, samples) = open::run(rate, count, players, live.as_mut()).await;
+        let cpu = meter.usage(&before, &meter.read(), count);
         players = back;
         let offset = step_started - started;
         // Every request's latency runs from its scheduled time (a reversal
@@ -976,12 +993,13 @@ pub async fn run(target: &str, scenario: Scenario) -> Result<Run, String> {
         }
         let all = step.total();
         let [p50, _, p99, _, _] = all.percentiles();
-        steps.push((
+        steps.push(Step {
             rate,
-            samples.len() as f64 / step_started.elapsed().as_secs_f64(),
+            achieved: samples.len() as f64 / step_started.elapsed().as_secs_f64(),
             p50,
             p99,
-        ));
+            cpu,
+        });
         report.merge(&step);
     }
     let elapsed = started.elapsed();
@@ -1180,7 +1198,9 @@ mod tests {
             "resets.toml",
         )
         .unwrap();
-        let run = run(&addr, scenario).await.unwrap();
+        let run = run(&addr, scenario, &Meter::load_generator())
+            .await
+            .unwrap();
         assert_eq!((run.resets, run.reconnects, run.errors), (3, 3, 0));
         // The switch sees the resets, not orderly closes (each as its
         // connection's task reads on).

@@ -489,6 +489,13 @@ fn demo_serve_answers_terminals_and_exits_0_on_sigterm() {
     // only its own CPU time; the rest of the machine's is "elsewhere".
     let cpu = &json["cpu"]["per_transaction_us"];
     assert!(cpu["load generator"].as_f64().is_some(), "{json}");
+    // One step, at the scenario's rate, with its own CPU figures.
+    assert_eq!(json["steps"].as_array().map(Vec::len), Some(1), "{json}");
+    assert_eq!(json["steps"][0]["rate"], 30, "{json}");
+    assert!(
+        json["steps"][0]["cpu"]["cores_busy"].as_f64().is_some(),
+        "{json}"
+    );
     assert_eq!(cpu.as_object().map(|o| o.len()), Some(1), "{json}");
     assert!(page.contains("<h2>CPU per transaction</h2>"), "{page}");
     std::fs::remove_dir_all(&dir).unwrap();

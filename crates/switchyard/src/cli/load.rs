@@ -81,15 +81,10 @@ pub async fn play(
     let p99_target = scenario.p99_target;
     let machine = loadgen::machine::Machine::here();
     let before = meter.read();
-    let run = loadgen::scenario::run(target, scenario.clone())
+    let run = loadgen::scenario::run(target, scenario.clone(), meter)
         .await
         .map_err(|e| Failure::Other(anyhow::anyhow!(e)))?;
-    let cpu = meter.usage(
-        &before,
-        &meter.read(),
-        run.report.total().count(),
-        machine.cpus,
-    );
+    let cpu = meter.usage(&before, &meter.read(), run.report.total().count());
     println!(
         "scenario {name}: {count} requests scheduled in {:.1} s; {} connection failures; settlements balanced {}/{}",
         run.elapsed.as_secs_f64(),
@@ -106,14 +101,25 @@ pub async fn play(
     }
     if run.steps.len() > 1 {
         println!(
-            "{:>10} {:>10} {:>9} {:>9}",
-            "scheduled", "achieved", "p50 ms", "p99 ms"
+            "{:>10} {:>10} {:>9} {:>9} {:>12} {:>11}",
+            "scheduled", "achieved", "p50 ms", "p99 ms", "CPU µs/txn", "cores busy"
         );
-        for (rate, achieved, p50, p99) in &run.steps {
+        for step in &run.steps {
+            let (cpu, busy) = step
+                .cpu
+                .as_ref()
+                .map_or((String::new(), String::new()), |c| {
+                    (
+                        format!("{:.0}", c.total().as_secs_f64() * 1e6),
+                        format!("{:.2}", c.cores_busy),
+                    )
+                });
             println!(
-                "{rate:>8.0}/s {achieved:>8.0}/s {:>9.2} {:>9.2}",
-                p50.as_secs_f64() * 1000.0,
-                p99.as_secs_f64() * 1000.0
+                "{:>8.0}/s {:>8.0}/s {:>9.2} {:>9.2} {cpu:>12} {busy:>11}",
+                step.rate,
+                step.achieved,
+                step.p50.as_secs_f64() * 1000.0,
+                step.p99.as_secs_f64() * 1000.0
             );
         }
         match run.saturation(p99_target) {
@@ -133,7 +139,7 @@ pub async fn play(
     }
     if let Some(path) = outputs.json {
         let text = format!(
-            "{{\"scenario\": {name:?}, \"scheduled\": {count}, \"elapsed_s\": {:.3}, \"connection_failures\": {}, \"resets_injected\": {}, \"reconnections\": {}, \"settlements\": {{\"balanced\": {}, \"settled\": {}}}, \"report\": {}, \"seconds\": {}, \"cpu\": {}}}\n",
+            "{{\"scenario\": {name:?}, \"scheduled\": {count}, \"elapsed_s\": {:.3}, \"connection_failures\": {}, \"resets_injected\": {}, \"reconnections\": {}, \"settlements\": {{\"balanced\": {}, \"settled\": {}}}, \"report\": {}, \"seconds\": {}, \"steps\": [{}], \"cpu\": {}}}\n",
             run.elapsed.as_secs_f64(),
             run.errors,
             run.resets,
@@ -142,6 +148,18 @@ pub async fn play(
             run.balanced.1,
             run.report.to_json(),
             run.timeline.to_json(),
+            run.steps
+                .iter()
+                .map(|s| format!(
+                    "{{\"rate\": {:.0}, \"achieved\": {:.1}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}, \"cpu\": {}}}",
+                    s.rate,
+                    s.achieved,
+                    s.p50.as_secs_f64() * 1e3,
+                    s.p99.as_secs_f64() * 1e3,
+                    s.cpu.as_ref().map_or("null".to_string(), |c| c.to_json())
+                ))
+                .collect::<Vec<_>>()
+                .join(", "),
             cpu.as_ref().map_or("null".to_string(), |c| c.to_json())
         );
         std::fs::write(path, text)
