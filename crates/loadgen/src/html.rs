@@ -250,15 +250,7 @@ fn steps_table(run: &Run, p99_target: Duration) -> String {
          <th class=\"n\">CPU µs per transaction</th><th class=\"n\">cores busy</th></tr>\n",
     );
     for step in &run.steps {
-        let (cpu, busy) = step
-            .cpu
-            .as_ref()
-            .map_or((String::new(), String::new()), |c| {
-                (
-                    format!("{:.0}", c.total().as_secs_f64() * 1e6),
-                    format!("{:.2} of {}", c.cores_busy, c.cores),
-                )
-            });
+        let (cpu, busy) = step.cpu_cells();
         let _ = writeln!(
             out,
             "<tr><td class=\"n\">{:.0}</td><td class=\"n\">{:.0}</td>\

@@ -944,6 +944,22 @@ pub struct Step {
     pub cpu: Option<Usage>,
 }
 
+impl Step {
+    /// The step's CPU per transaction in µs (all parts and the rest of the
+    /// machine) and its cores busy (`1.38 of 2`), as the step tables show
+    /// them; both empty when it was not measured.
+    pub fn cpu_cells(&self) -> (String, String) {
+        self.cpu
+            .as_ref()
+            .map_or((String::new(), String::new()), |c| {
+                (
+                    format!("{:.0}", c.total().as_secs_f64() * 1e6),
+                    format!("{:.2} of {}", c.cores_busy, c.cores),
+                )
+            })
+    }
+}
+
 impl Run {
     /// The highest scheduled rate that was sustained: achieved within 5% of
     /// it, p99 under the target.

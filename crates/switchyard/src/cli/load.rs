@@ -101,21 +101,13 @@ pub async fn play(
     }
     if run.steps.len() > 1 {
         println!(
-            "{:>10} {:>10} {:>9} {:>9} {:>12} {:>11}",
+            "{:>10} {:>10} {:>9} {:>9} {:>12} {:>12}",
             "scheduled", "achieved", "p50 ms", "p99 ms", "CPU µs/txn", "cores busy"
         );
         for step in &run.steps {
-            let (cpu, busy) = step
-                .cpu
-                .as_ref()
-                .map_or((String::new(), String::new()), |c| {
-                    (
-                        format!("{:.0}", c.total().as_secs_f64() * 1e6),
-                        format!("{:.2}", c.cores_busy),
-                    )
-                });
+            let (cpu, busy) = step.cpu_cells();
             println!(
-                "{:>8.0}/s {:>8.0}/s {:>9.2} {:>9.2} {cpu:>12} {busy:>11}",
+                "{:>8.0}/s {:>8.0}/s {:>9.2} {:>9.2} {cpu:>12} {busy:>12}",
                 step.rate,
                 step.achieved,
                 step.p50.as_secs_f64() * 1000.0,
