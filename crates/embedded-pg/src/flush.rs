@@ -46,7 +46,7 @@ impl Flusher {
         let synced = Arc::new(AtomicU64::new(0));
         let (s, n, base) = (stop.clone(), synced.clone(), data_dir.join("base"));
         let thread = std::thread::Builder::new()
-            .name("postgres-flush".into())
+            .name(crate::FLUSH_THREAD.into())
             .spawn(move || run(&base, &s, &n))?;
         Ok(Flusher {
             stop,

@@ -84,6 +84,10 @@ pub struct Options {
     pub settings: Vec<String>,
 }
 
+/// The name of the thread that writes a durable server's data files back
+/// ([`flush`]): its CPU time is the server's.
+pub const FLUSH_THREAD: &str = "postgres-flush";
+
 /// A running private PostgreSQL server; stops when dropped.
 #[derive(Debug)]
 pub struct EmbeddedPg {

@@ -22,7 +22,9 @@ pub enum Source {
     Tree(u32),
     /// The children of this process, running or ended, except those named:
     /// a switch run as a child process, including the ones killed and
-    /// started again.
+    /// started again. Every child this process waits for counts, so the
+    /// excepted ones must outlive the measurement (a server stopped within
+    /// it would count here whole).
     Children { except: Vec<u32> },
     /// The threads of this process with this name.
     Threads(String),
@@ -30,7 +32,14 @@ pub enum Source {
     Rest,
 }
 
-/// The parts of a run and where each one's CPU time is read.
+/// The parts of a run and where each one's CPU time is read. Parts of one
+/// name are one part, its time summed over their sources (a server's
+/// processes and a thread of this process that works for it).
+///
+/// A reading is not atomic: a process that ends and is waited for between
+/// the reading of its parent and of the processes may be missed by that
+/// reading, and counted whole in the next. Backends that come and go are
+/// few in a run; the error is theirs alone.
 #[derive(Debug, Clone, Default)]
 pub struct Meter {
     parts: Vec<(String, Source)>,
@@ -102,7 +111,9 @@ impl Stat {
 }
 
 /// Busy and total ticks of the first (all-CPU) line of `/proc/stat`, and
-/// the CPUs it sums (a `cpuN` line each); idle and I/O wait are not busy.
+/// the CPUs it sums (a `cpuN` line each). Idle and I/O wait are not busy,
+/// and neither is steal: time a virtual machine's hypervisor gave to
+/// others, which nothing here used.
 fn machine(proc_stat: &str) -> Option<Machine> {
     let line = proc_stat.lines().next()?;
     let mut fields = line.split_whitespace();
@@ -113,7 +124,8 @@ fn machine(proc_stat: &str) -> Option<Machine> {
     // user nice system idle iowait irq softirq steal; guest time is already
     // in user.
     let total: u64 = ticks.iter().take(8).sum();
-    let idle = ticks.get(3)? + ticks.get(4).copied().unwrap_or(0);
+    let idle =
+        ticks.get(3)? + ticks.get(4).copied().unwrap_or(0) + ticks.get(7).copied().unwrap_or(0);
     let cpus = proc_stat
         .lines()
         .filter(|l| {
@@ -258,16 +270,24 @@ impl Meter {
         let per = |ticks: u64| {
             Duration::from_secs_f64(ticks as f64 / TICKS_PER_SECOND as f64 / transactions as f64)
         };
-        let mut accounted = 0;
-        let per_transaction = self
-            .parts
-            .iter()
-            .zip(from.parts.iter().zip(&to.parts))
-            .filter_map(|((name, _), (a, b))| {
-                let ticks = b.as_ref()?.saturating_sub(*a.as_ref()?);
-                accounted += ticks;
-                Some((name.clone(), per(ticks)))
-            })
+        // Each part's ticks, parts of one name summed, in the order named;
+        // a source unreadable in either reading adds nothing.
+        let mut ticks: Vec<(String, Option<u64>)> = Vec::new();
+        for ((name, _), (a, b)) in self.parts.iter().zip(from.parts.iter().zip(&to.parts)) {
+            let delta = a.zip(*b).map(|(a, b)| b.saturating_sub(a));
+            match ticks.iter_mut().find(|(n, _)| n == name) {
+                Some((_, sum)) => {
+                    if let Some(d) = delta {
+                        *sum = Some(sum.unwrap_or(0) + d);
+                    }
+                }
+                None => ticks.push((name.clone(), delta)),
+            }
+        }
+        let accounted: u64 = ticks.iter().filter_map(|(_, t)| *t).sum();
+        let per_transaction = ticks
+            .into_iter()
+            .filter_map(|(name, t)| Some((name, per(t?))))
             .collect();
         let busy = b.busy.saturating_sub(a.busy);
         Some(Usage {
@@ -358,7 +378,7 @@ mod tests {
         assert_eq!(
             machine(stat),
             Some(Machine {
-                busy: 170,
+                busy: 160,
                 total: 1000,
                 cpus: 2
             })
@@ -419,9 +439,14 @@ mod tests {
             ("PostgreSQL".into(), Source::Tree(10)),
             ("gone".into(), Source::Tree(11)),
             ("load generator".into(), Source::Rest),
+            // A thread of this process that works for the server.
+            (
+                "PostgreSQL".into(),
+                Source::Threads("postgres-flush".into()),
+            ),
         ]);
         let from = Reading {
-            parts: vec![Some(1_000), None, Some(50)],
+            parts: vec![Some(990), None, Some(50), Some(0)],
             machine: Some(Machine {
                 busy: 2_000,
                 total: 10_000,
@@ -431,7 +456,7 @@ mod tests {
         // 10 s on 2 cores (2,000 ticks), 1,500 of them busy: 1,000 the
         // database, 200 the load generator, 300 elsewhere; 10,000 transactions.
         let to = Reading {
-            parts: vec![Some(2_000), Some(5), Some(250)],
+            parts: vec![Some(1_980), Some(5), Some(250), Some(10)],
             machine: Some(Machine {
                 busy: 3_500,
                 total: 12_000,

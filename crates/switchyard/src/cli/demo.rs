@@ -327,9 +327,14 @@ impl Stack {
     /// and the rest of this process, the load generator.
     pub fn meter(&self) -> loadgen::cpu::Meter {
         use loadgen::cpu::Source;
-        let mut parts = Vec::with_capacity(4);
+        let mut parts = Vec::with_capacity(5);
         if let Some(pid) = self.pg.pid() {
             parts.push(("PostgreSQL".to_string(), Source::Tree(pid)));
+            // The thread that writes its data files back works for it too.
+            parts.push((
+                "PostgreSQL".to_string(),
+                Source::Threads(embedded_pg::FLUSH_THREAD.into()),
+            ));
         }
         let switch = match (&self.child, self.pg.pid()) {
             (Some(_), Some(pg)) => Source::Children { except: vec![pg] },
