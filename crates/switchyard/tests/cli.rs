@@ -444,6 +444,25 @@ fn demo_serve_answers_terminals_and_exits_0_on_sigterm() {
     std::fs::write(&scenario, "terminals = 3\nrate = 30\nduration = \"1s\"\nsettle = false\n[mix]\npurchase = 3\nvoid = 1\n").unwrap();
     let json_file = dir.join("report.json");
     let html_file = dir.join("report.html");
+    // A part named by a process that is not there is refused up front.
+    let refused = switchyard(
+        &[
+            "load",
+            scenario.to_str().unwrap(),
+            "--target",
+            &listen,
+            "--cpu",
+            "switch=4294967295",
+        ],
+        None,
+    );
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("no process 4294967295 on this machine"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let server = child.id().to_string();
     let played = switchyard(
         &[
             "load",
@@ -454,6 +473,8 @@ fn demo_serve_answers_terminals_and_exits_0_on_sigterm() {
             json_file.to_str().unwrap(),
             "--html",
             html_file.to_str().unwrap(),
+            "--cpu",
+            &format!("demo={server}"),
         ],
         None,
     );
@@ -485,10 +506,12 @@ fn demo_serve_answers_terminals_and_exits_0_on_sigterm() {
             .unwrap()
             > 0.0
     );
-    // Against a switch in another process, the load generator can name
-    // only its own CPU time; the rest of the machine's is "elsewhere".
+    // Against a switch in another process, the load generator names its own
+    // CPU time and the processes it was given (here the demo, with its
+    // private PostgreSQL under it); the rest of the machine's is "elsewhere".
     let cpu = &json["cpu"]["per_transaction_us"];
     assert!(cpu["load generator"].as_f64().is_some(), "{json}");
+    assert!(cpu["demo"].as_f64().is_some(), "{json}");
     // One step, at the scenario's rate, with its own CPU figures.
     assert_eq!(json["steps"].as_array().map(Vec::len), Some(1), "{json}");
     assert_eq!(json["steps"][0]["rate"], 30, "{json}");
@@ -496,7 +519,7 @@ fn demo_serve_answers_terminals_and_exits_0_on_sigterm() {
         json["steps"][0]["cpu"]["cores_busy"].as_f64().is_some(),
         "{json}"
     );
-    assert_eq!(cpu.as_object().map(|o| o.len()), Some(1), "{json}");
+    assert_eq!(cpu.as_object().map(|o| o.len()), Some(2), "{json}");
     assert!(page.contains("<h2>CPU per transaction</h2>"), "{page}");
     std::fs::remove_dir_all(&dir).unwrap();
     let status = Command::new("kill")

@@ -19,6 +19,12 @@ pub struct LoadArgs {
     /// scenario, the machine, the table, latency charts) to this file.
     #[arg(long, value_name = "FILE", requires = "scenario")]
     pub html: Option<std::path::PathBuf>,
+    /// Also report the CPU time per transaction of a process on this
+    /// machine, with its children (a PostgreSQL postmaster and its
+    /// backends): `NAME=PID`, e.g. `--cpu postgres=4242 --cpu switch=4300`.
+    /// Repeatable. Without it, only the load generator's own time is named.
+    #[arg(long, value_name = "NAME=PID", requires = "scenario", value_parser = parse_part)]
+    pub cpu: Vec<(String, u32)>,
     /// The switch's terminal address.
     #[arg(long, default_value = "127.0.0.1:8583")]
     pub target: String,
@@ -50,6 +56,24 @@ pub enum MixArg {
     Purchases,
     /// Purchase + void, purchase + reversal.
     VoidHeavy,
+}
+
+/// `--cpu NAME=PID`.
+fn parse_part(text: &str) -> Result<(String, u32), String> {
+    let (name, pid) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected NAME=PID, e.g. postgres=4242"))?;
+    let pid = pid
+        .trim()
+        .parse::<u32>()
+        .map_err(|_| format!("{text:?}: {pid:?} is not a process id"))?;
+    if name.trim().is_empty() {
+        return Err(format!("{text:?}: the part needs a name"));
+    }
+    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(format!("{text:?}: no process {pid} on this machine"));
+    }
+    Ok((name.trim().to_string(), pid))
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -188,13 +212,19 @@ pub async fn run(args: &LoadArgs) -> Result<(), Failure> {
             json: args.json.as_deref(),
             html: args.html.as_deref(),
         };
-        // The switch is elsewhere, or another process: only this one's
-        // time is its own to name; the rest of the machine is "elsewhere".
+        // The switch is another process, here or elsewhere: what is not
+        // named (this process, and the processes given) is "elsewhere".
+        let mut parts: Vec<(String, loadgen::cpu::Source)> = args
+            .cpu
+            .iter()
+            .map(|(name, pid)| (name.clone(), loadgen::cpu::Source::Tree(*pid)))
+            .collect();
+        parts.push(("load generator".into(), loadgen::cpu::Source::Rest));
         return play(
             &args.target,
             scenario,
             outputs,
-            &loadgen::cpu::Meter::load_generator(),
+            &loadgen::cpu::Meter::new(parts),
         )
         .await;
     }
