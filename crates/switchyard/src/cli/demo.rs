@@ -328,7 +328,8 @@ impl Stack {
     pub fn meter(&self) -> loadgen::cpu::Meter {
         use loadgen::cpu::Source;
         let mut parts = Vec::with_capacity(5);
-        if let Some(pid) = self.pg.pid() {
+        let pg = self.pg.pid();
+        if let Some(pid) = pg {
             parts.push(("PostgreSQL".to_string(), Source::Tree(pid)));
             // The thread that writes its data files back works for it too.
             parts.push((
@@ -336,7 +337,7 @@ impl Stack {
                 Source::Threads(embedded_pg::FLUSH_THREAD.into()),
             ));
         }
-        let switch = match (&self.child, self.pg.pid()) {
+        let switch = match (&self.child, pg) {
             (Some(_), Some(pg)) => Source::Children { except: vec![pg] },
             (Some(_), None) => Source::Children { except: vec![] },
             (None, _) => Source::Threads(SWITCH_THREAD.into()),

@@ -67,13 +67,21 @@ fn parse_part(text: &str) -> Result<(String, u32), String> {
         .trim()
         .parse::<u32>()
         .map_err(|_| format!("{text:?}: {pid:?} is not a process id"))?;
-    if name.trim().is_empty() {
-        return Err(format!("{text:?}: the part needs a name"));
+    let name = name.trim();
+    // Names go into the JSON report as they are.
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || " _.-".contains(c))
+    {
+        return Err(format!(
+            "{text:?}: a part's name is letters, digits, spaces, '_', '.' or '-'"
+        ));
     }
     if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
         return Err(format!("{text:?}: no process {pid} on this machine"));
     }
-    Ok((name.trim().to_string(), pid))
+    Ok((name.to_string(), pid))
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -260,4 +268,36 @@ pub async fn run(args: &LoadArgs) -> Result<(), Failure> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_part;
+
+    #[test]
+    fn a_cpu_part_is_a_plain_name_and_a_running_process() {
+        let me = std::process::id();
+        assert_eq!(
+            parse_part(&format!("postgres={me}")),
+            Ok(("postgres".to_string(), me))
+        );
+        assert_eq!(
+            parse_part(&format!(" the switch = {me}")),
+            Ok(("the switch".to_string(), me))
+        );
+        for bad in [
+            "postgres".to_string(),
+            "postgres=abc".to_string(),
+            format!("={me}"),
+            format!("a\"b={me}"),
+            "postgres=4294967295".to_string(),
+        ] {
+            assert!(parse_part(&bad).is_err(), "{bad} accepted");
+        }
+        assert!(
+            parse_part("postgres=4294967295")
+                .unwrap_err()
+                .contains("no process 4294967295")
+        );
+    }
 }
