@@ -242,7 +242,9 @@ impl Meter {
             } else {
                 Vec::new()
             },
-            threads: if needs(|s| matches!(s, Source::Threads(_) | Source::Rest)) {
+            // The rest of this process needs the threads only to leave
+            // out named ones.
+            threads: if needs(|s| matches!(s, Source::Threads(_))) {
                 threads()
             } else {
                 Vec::new()
