@@ -28,6 +28,7 @@ use std::future::Future;
 use std::hash::Hash;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -48,6 +49,62 @@ pub struct Limits {
 #[derive(Debug)]
 pub struct Batcher<J> {
     jobs: mpsc::UnboundedSender<Arrived<J>>,
+    counts: Arc<Counts>,
+}
+
+/// What a [`Batcher`]'s batches have been, since it started: how many,
+/// with how many jobs, and how long they took in all (from the moment a
+/// batch left to the moment its jobs were answered). Two readings apart
+/// tell what a stage did between them: its batches' size, how long one
+/// took, and, with one batch in flight, how much of the time the stage was
+/// at the database.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Batches answered.
+    pub batches: u64,
+    /// Jobs in them.
+    pub jobs: u64,
+    /// Their durations, summed.
+    pub busy: std::time::Duration,
+}
+
+impl std::ops::Sub for Stats {
+    type Output = Stats;
+
+    fn sub(self, earlier: Stats) -> Stats {
+        Stats {
+            batches: self.batches.saturating_sub(earlier.batches),
+            jobs: self.jobs.saturating_sub(earlier.jobs),
+            busy: self.busy.saturating_sub(earlier.busy),
+        }
+    }
+}
+
+/// The running totals behind [`Stats`].
+#[derive(Debug, Default)]
+struct Counts {
+    batches: AtomicU64,
+    jobs: AtomicU64,
+    busy_ns: AtomicU64,
+}
+
+impl Counts {
+    fn add(&self, jobs: usize, took: std::time::Duration) {
+        self.jobs.fetch_add(jobs as u64, Ordering::Relaxed);
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.busy_ns.fetch_add(ns, Ordering::Relaxed);
+        // Last, so that a reading never counts a batch without its jobs.
+        self.batches.fetch_add(1, Ordering::Release);
+    }
+
+    fn read(&self) -> Stats {
+        let batches = self.batches.load(Ordering::Acquire);
+        Stats {
+            batches,
+            jobs: self.jobs.load(Ordering::Relaxed),
+            busy: std::time::Duration::from_nanos(self.busy_ns.load(Ordering::Relaxed)),
+        }
+    }
 }
 
 /// A job and when it was handed in.
@@ -61,6 +118,7 @@ impl<J> Clone for Batcher<J> {
     fn clone(&self) -> Batcher<J> {
         Batcher {
             jobs: self.jobs.clone(),
+            counts: self.counts.clone(),
         }
     }
 }
@@ -81,8 +139,14 @@ impl<J: Send + 'static> Batcher<J> {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(gather(limits, rx, key, run));
-        Batcher { jobs: tx }
+        let counts = Arc::new(Counts::default());
+        tokio::spawn(gather(limits, rx, key, run, counts.clone()));
+        Batcher { jobs: tx, counts }
+    }
+
+    /// Its batches so far.
+    pub fn stats(&self) -> Stats {
+        self.counts.read()
     }
 
     /// Hands a job in.
@@ -99,6 +163,7 @@ async fn gather<J, K, F, Fut>(
     mut rx: mpsc::UnboundedReceiver<Arrived<J>>,
     key: impl Fn(&J) -> K,
     run: F,
+    counts: Arc<Counts>,
 ) where
     J: Send + 'static,
     K: Eq + Hash,
@@ -159,9 +224,13 @@ async fn gather<J, K, F, Fut>(
                 deferred.push_back(job);
             }
         }
+        let jobs = batch.len();
+        let left = tokio::time::Instant::now();
         let done = run(batch);
+        let counts = counts.clone();
         tokio::spawn(async move {
             done.await;
+            counts.add(jobs, left.elapsed());
             drop(slot);
         });
     }
@@ -548,6 +617,56 @@ mod tests {
         db.release.add_permits(1);
         slow.await.unwrap();
         quick.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stats_count_the_batches_their_jobs_and_the_time_they_took() {
+        let took = std::time::Duration::from_millis(5);
+        let b = Batcher::start(
+            ONE_SLOT,
+            |j: &Job| j.key,
+            move |jobs: Vec<Job>| async move {
+                tokio::time::sleep(took).await;
+                let n = jobs.len();
+                for j in jobs {
+                    let _ = j.done.send(n);
+                }
+            },
+        );
+        assert_eq!(b.stats(), Stats::default());
+        let first = submit(&b, 0);
+        tokio::task::yield_now().await;
+        tokio::task::yield_now().await;
+        // The first is at the "database"; these wait for the next batch.
+        let rest: Vec<_> = (1..=4).map(|k| submit(&b, k)).collect();
+        assert_eq!(first.await.unwrap(), 1);
+        let before = b.stats();
+        assert_eq!(sizes(rest).await, vec![4; 4]);
+        // The second batch's count lands after its jobs are answered.
+        let after = loop {
+            let s = b.stats();
+            if s.batches == 2 {
+                break s;
+            }
+            tokio::task::yield_now().await;
+        };
+        assert_eq!(
+            after,
+            Stats {
+                batches: 2,
+                jobs: 5,
+                busy: took * 2
+            }
+        );
+        assert_eq!(
+            after - before,
+            Stats {
+                batches: 1,
+                jobs: 4,
+                busy: took
+            }
+        );
+        assert_eq!(before - after, Stats::default(), "never below zero");
     }
 
     /// Items above 100 are refused by the "database"; 7 deadlocks once.

@@ -77,6 +77,14 @@ impl Batches {
         Ok(conns.len())
     }
 
+    /// The authorisations' batches so far.
+    pub(crate) fn authorisation_stats(&self) -> group_commit::Stats {
+        self.batchers
+            .get()
+            .map(|b| b.authorisations.stats())
+            .unwrap_or_default()
+    }
+
     fn batchers(&self, limits: Limits, pool: &PgPool) -> &Batchers {
         self.batchers.get_or_init(|| {
             // Two kinds of batches, each with its batches in flight.

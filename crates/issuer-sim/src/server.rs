@@ -80,6 +80,11 @@ impl Issuer {
         &self.pool
     }
 
+    /// Its batches of new authorisations so far (none before the first).
+    pub fn authorisation_stats(&self) -> group_commit::Stats {
+        self.batches.authorisation_stats()
+    }
+
     /// How its decisions are batched.
     fn limits(&self) -> group_commit::Limits {
         group_commit::Limits {

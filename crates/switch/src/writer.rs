@@ -197,6 +197,12 @@ impl Writer {
         self.terminals.forget(id);
     }
 
+    /// The journal's write batches so far (requests' rows, outcomes and
+    /// what rides with them; not the terminal lookups or advice answers).
+    pub fn stats(&self) -> group_commit::Stats {
+        self.writes.stats()
+    }
+
     /// [`journal::insert`], batched with concurrent requests.
     pub async fn insert(
         &self,
