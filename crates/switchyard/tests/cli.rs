@@ -588,6 +588,20 @@ fn the_demo_plays_the_smoke_scenario_and_the_money_balances() {
     );
     assert!(text.contains("settlements balanced 10/10"), "{text}");
     assert!(text.contains("0 break(s)"), "{text}");
+    // How the writes were grouped: both stages wrote batches, none empty.
+    let grouped = text
+        .lines()
+        .find(|l| l.starts_with("group commit: "))
+        .unwrap_or_else(|| panic!("no group commit line in:\n{text}"));
+    let (journal, issuer) = grouped.split_once("; issuer ").unwrap();
+    for stage in [journal.trim_start_matches("group commit: journal "), issuer] {
+        // "N batches of M writes, ..."
+        let words: Vec<&str> = stage.split_whitespace().collect();
+        let batches: u64 = words[0].parse().unwrap_or(0);
+        let per: f64 = words[3].parse().unwrap_or(0.0);
+        assert_eq!(words[1..3], ["batches", "of"], "{grouped}");
+        assert!(batches > 0 && per >= 1.0, "{grouped}");
+    }
     assert!(
         text.trim_end()
             .ends_with("money check: balanced to the fen"),

@@ -98,6 +98,8 @@ pub struct Stack {
     /// The switch as a child process (`switch_kill_at`); `None`: it runs
     /// in this process.
     child: Option<ChildSwitch>,
+    /// The switch when it runs in this process.
+    switch: Option<Arc<switch::Switch>>,
     issuer_server: Server,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The issuer's thread, and the switch's when it runs in this process.
@@ -321,7 +323,61 @@ struct Broken {
     left_at_issuer: Option<Vec<i64>>,
 }
 
+/// The group-commit batches of the journal (when the switch runs in this
+/// process) and of the issuer's authorisations.
+#[derive(Debug, Clone, Copy)]
+struct Batches {
+    journal: Option<group_commit::Stats>,
+    issuer: group_commit::Stats,
+}
+
+impl std::ops::Sub for Batches {
+    type Output = Batches;
+
+    fn sub(self, earlier: Batches) -> Batches {
+        Batches {
+            journal: self.journal.zip(earlier.journal).map(|(a, b)| a - b),
+            issuer: self.issuer - earlier.issuer,
+        }
+    }
+}
+
+/// How the run's writes were grouped: per stage, its batches, their size,
+/// how long one took, and the share of the run its database spent on them
+/// (with one batch in flight; above 100 % with more).
+fn batches_line(b: Batches, run: Duration) -> String {
+    let part = |s: group_commit::Stats, what: &str| {
+        if s.batches == 0 {
+            return format!("no {what}");
+        }
+        let n = s.batches as f64;
+        format!(
+            "{} batches of {:.1} {what}, {:.2} ms each, busy {:.0} % of the run",
+            s.batches,
+            s.jobs as f64 / n,
+            s.busy.as_secs_f64() * 1e3 / n,
+            100.0 * s.busy.as_secs_f64() / run.as_secs_f64().max(1e-9),
+        )
+    };
+    let journal = match b.journal {
+        Some(s) => part(s, "writes"),
+        None => "not counted (a child process)".to_string(),
+    };
+    format!(
+        "group commit: journal {journal}; issuer {}",
+        part(b.issuer, "authorisations")
+    )
+}
+
 impl Stack {
+    /// The batches so far.
+    fn batches(&self) -> Batches {
+        Batches {
+            journal: self.switch.as_ref().map(|s| s.writer.stats()),
+            issuer: self.issuer.authorisation_stats(),
+        }
+    }
+
     /// The parts whose CPU time a run reports: the private PostgreSQL, the
     /// switch (its thread, or its child processes), the issuer's thread,
     /// and the rest of this process, the load generator.
@@ -391,6 +447,7 @@ impl Stack {
             .store(&pool)
             .await?;
         let mut switch_lane = None;
+        let mut in_process = None;
         let (child, switch_addr) = if killable {
             // A fixed address: the restarted switch listens where terminals redial.
             let listen = match listen.rsplit_once(':') {
@@ -424,10 +481,11 @@ impl Stack {
                     if !switch.links[0].wait_up(Duration::from_secs(10)).await {
                         bail!("the switch could not sign on to the issuer at {issuer}");
                     }
-                    Ok::<_, anyhow::Error>(run)
+                    Ok::<_, anyhow::Error>((run, switch))
                 })
                 .await??;
-            tasks.push(run);
+            tasks.push(run.0);
+            in_process = Some(run.1);
             switch_lane = Some(lane);
             (None, switch_addr)
         };
@@ -440,6 +498,7 @@ impl Stack {
             pool,
             shutdown,
             child,
+            switch: in_process,
             issuer_server,
             tasks,
             issuer_lane,
@@ -770,6 +829,7 @@ async fn scripted_day(
     }
     let target = stack.switch_addr.clone();
     let meter = stack.meter();
+    let batches = stack.batches();
     let started = tokio::time::Instant::now();
     let (played, broken) = tokio::join!(
         super::load::play(&target, scenario, outputs, &meter),
@@ -777,6 +837,10 @@ async fn scripted_day(
     );
     stack.issuer.faults().clear();
     played.map_err(|e| anyhow!("{e}"))?;
+    println!(
+        "{}",
+        batches_line(stack.batches() - batches, started.elapsed())
+    );
     let broken = broken?;
     // The money check is only meaningful once nothing is at the issuer (a
     // killed switch's `sent` rows are reversed by the restarted one's
@@ -877,4 +941,46 @@ async fn scripted_day(
     }
     println!("money check: balanced to the fen");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(batches: u64, jobs: u64, busy_ms: u64) -> group_commit::Stats {
+        group_commit::Stats {
+            batches,
+            jobs,
+            busy: Duration::from_millis(busy_ms),
+        }
+    }
+
+    #[test]
+    fn the_batches_line_gives_size_time_and_share_of_the_run() {
+        let before = Batches {
+            journal: Some(stats(10, 10, 5)),
+            issuer: stats(4, 4, 2),
+        };
+        let after = Batches {
+            journal: Some(stats(110, 410, 505)),
+            issuer: stats(54, 204, 252),
+        };
+        assert_eq!(
+            batches_line(after - before, Duration::from_secs(2)),
+            "group commit: journal 100 batches of 4.0 writes, 5.00 ms each, busy 25 % of the run; \
+             issuer 50 batches of 4.0 authorisations, 5.00 ms each, busy 12 % of the run"
+        );
+    }
+
+    #[test]
+    fn a_switch_in_another_process_or_an_idle_stage_says_so() {
+        let none = Batches {
+            journal: None,
+            issuer: stats(0, 0, 0),
+        };
+        assert_eq!(
+            batches_line(none - none, Duration::from_secs(1)),
+            "group commit: journal not counted (a child process); issuer no authorisations"
+        );
+    }
 }
