@@ -68,6 +68,26 @@ pub struct Stats {
     pub busy: std::time::Duration,
 }
 
+impl Stats {
+    /// One line for a log or a report, the batches of `over` (two readings
+    /// apart): how many, their size in `what`, how long one took, and the
+    /// share of `over` they took together (with one batch in flight, how
+    /// busy the stage kept its database; above 100 % with more).
+    pub fn summary(&self, what: &str, over: std::time::Duration) -> String {
+        if self.batches == 0 {
+            return format!("no {what}");
+        }
+        let n = self.batches as f64;
+        format!(
+            "{} batches of {:.1} {what}, {:.2} ms each, busy {:.0} % of the time",
+            self.batches,
+            self.jobs as f64 / n,
+            self.busy.as_secs_f64() * 1e3 / n,
+            100.0 * self.busy.as_secs_f64() / over.as_secs_f64().max(1e-9),
+        )
+    }
+}
+
 impl std::ops::Sub for Stats {
     type Output = Stats;
 
@@ -667,6 +687,23 @@ mod tests {
             }
         );
         assert_eq!(before - after, Stats::default(), "never below zero");
+    }
+
+    #[test]
+    fn a_summary_gives_size_time_and_share_of_the_time() {
+        let s = Stats {
+            batches: 100,
+            jobs: 410,
+            busy: std::time::Duration::from_millis(500),
+        };
+        assert_eq!(
+            s.summary("writes", std::time::Duration::from_secs(2)),
+            "100 batches of 4.1 writes, 5.00 ms each, busy 25 % of the time"
+        );
+        assert_eq!(
+            Stats::default().summary("writes", std::time::Duration::ZERO),
+            "no writes"
+        );
     }
 
     /// Items above 100 are refused by the "database"; 7 deadlocks once.

@@ -76,6 +76,8 @@ pub struct Database {
     /// Open the batch connections and plan the journal's statements on each
     /// before serving.
     pub plan_ahead: bool,
+    /// How often the journal's batches are logged (zero: never).
+    pub stats_interval: Duration,
 }
 
 /// `[limits]`: what one connection and the whole listener may take.
@@ -236,6 +238,7 @@ impl Config {
             batch_delay: db.duration("batch_delay", Duration::ZERO),
             terminal_cache: db.duration("terminal_cache", Duration::from_secs(10)),
             plan_ahead: db.bool("plan_ahead", true),
+            stats_interval: db.duration("stats_interval", Duration::from_secs(60)),
         };
 
         let l = root.section("limits");

@@ -149,6 +149,37 @@ pub async fn start(
 /// `shutdown`; returns when in-flight requests are answered.
 pub async fn run(listener: TcpListener, switch: Arc<Switch>, shutdown: CancellationToken) {
     let advices = tokio::spawn(advice::run(switch.clone(), shutdown.clone()));
+    let stats = tokio::spawn(log_batches(switch.clone(), shutdown.clone()));
     frontend::serve(listener, switch, shutdown).await;
     let _ = advices.await;
+    let _ = stats.await;
+}
+
+/// Every `database.stats_interval`, one line on how the journal's writes
+/// were grouped since the last (batches, their size, how long one took, how
+/// busy they kept the database: near 100 % the database is what holds the
+/// rate). A quiet switch logs nothing; zero turns it off.
+async fn log_batches(switch: Arc<Switch>, shutdown: CancellationToken) {
+    let every = switch.config.database.stats_interval;
+    if every.is_zero() {
+        return;
+    }
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = (switch.writer.stats(), tokio::time::Instant::now());
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let now = (switch.writer.stats(), tokio::time::Instant::now());
+        let batches = now.0 - last.0;
+        if batches.batches > 0 {
+            tracing::info!(
+                "journal batches, last {every:?}: {}",
+                batches.summary("writes", now.1.duration_since(last.1))
+            );
+        }
+        last = now;
+    }
 }

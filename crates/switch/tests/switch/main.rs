@@ -348,6 +348,52 @@ async fn a_purchase_is_approved_journalled_and_debited() {
 }
 
 #[tokio::test]
+async fn the_switch_logs_how_its_journal_writes_were_batched() {
+    // Other worlds log every 60 s: this one's lines are its own.
+    let every = "journal batches, last 250ms: ";
+    let w = world_with(|c| c.database.stats_interval = Duration::from_millis(250)).await;
+    let mut t = w.signed_on("T0000001").await;
+    for amount in [100, 200, 300] {
+        let stan = t.next_stan();
+        let reply = t
+            .exchange(&t.purchase(stan, CARD, EXPIRY, amount).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(reply.rc(), "00");
+    }
+    // Each purchase is two writes (its row, then its outcome), in one or
+    // more intervals: the lines add up to at least the six.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (mut batches, mut writes) = (0.0, 0.0);
+    while writes < 6.0 - 1e-6 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{writes} writes logged in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let logs = String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned();
+        (batches, writes) = (0.0, 0.0);
+        for line in logs
+            .lines()
+            .filter_map(|l| l.split_once(every).map(|(_, r)| r))
+        {
+            // "N batches of M writes, T ms each, busy P % of the time"
+            let words: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(words[1..3], ["batches", "of"], "{line}");
+            assert_eq!(words[4], "writes,", "{line}");
+            assert!(line.ends_with("% of the time"), "{line}");
+            let n: f64 = words[0].parse().unwrap();
+            let per: f64 = words[3].parse().unwrap();
+            assert!(n >= 1.0 && per >= 1.0, "{line}");
+            batches += n;
+            // The size is rounded to a tenth: a line's writes are whole.
+            writes += (n * per).round();
+        }
+    }
+    assert!(batches <= writes, "{batches} batches of {writes} writes");
+}
+
+#[tokio::test]
 async fn a_switch_that_plans_ahead_opens_its_batch_connections_before_serving() {
     let w = world_with(|c| c.database.plan_ahead = true).await;
     // Each batch connection's last statement is the journal's batch

@@ -343,29 +343,15 @@ impl std::ops::Sub for Batches {
 }
 
 /// How the run's writes were grouped: per stage, its batches, their size,
-/// how long one took, and the share of the run its database spent on them
-/// (with one batch in flight; above 100 % with more).
+/// how long one took, and the share of the run its database spent on them.
 fn batches_line(b: Batches, run: Duration) -> String {
-    let part = |s: group_commit::Stats, what: &str| {
-        if s.batches == 0 {
-            return format!("no {what}");
-        }
-        let n = s.batches as f64;
-        format!(
-            "{} batches of {:.1} {what}, {:.2} ms each, busy {:.0} % of the run",
-            s.batches,
-            s.jobs as f64 / n,
-            s.busy.as_secs_f64() * 1e3 / n,
-            100.0 * s.busy.as_secs_f64() / run.as_secs_f64().max(1e-9),
-        )
-    };
     let journal = match b.journal {
-        Some(s) => part(s, "writes"),
+        Some(s) => s.summary("writes", run),
         None => "not counted (a child process)".to_string(),
     };
     format!(
         "group commit: journal {journal}; issuer {}",
-        part(b.issuer, "authorisations")
+        b.issuer.summary("authorisations", run)
     )
 }
 
@@ -956,7 +942,7 @@ mod tests {
     }
 
     #[test]
-    fn the_batches_line_gives_size_time_and_share_of_the_run() {
+    fn the_batches_line_names_each_stage() {
         let before = Batches {
             journal: Some(stats(10, 10, 5)),
             issuer: stats(4, 4, 2),
@@ -967,8 +953,8 @@ mod tests {
         };
         assert_eq!(
             batches_line(after - before, Duration::from_secs(2)),
-            "group commit: journal 100 batches of 4.0 writes, 5.00 ms each, busy 25 % of the run; \
-             issuer 50 batches of 4.0 authorisations, 5.00 ms each, busy 12 % of the run"
+            "group commit: journal 100 batches of 4.0 writes, 5.00 ms each, busy 25 % of the time; \
+             issuer 50 batches of 4.0 authorisations, 5.00 ms each, busy 12 % of the time"
         );
     }
 
