@@ -14,21 +14,23 @@ use sqlx::PgPool;
 use crate::model::{Kind, ResponseCode, State};
 
 /// The columns of an [`Original`], over a `journal` row; `$f11` is
-/// `'pending'` ([`finds_ctes`]). As a parameter, the generic plan the
-/// writer keeps (made while the advice queue was short, and kept until
-/// the queue's statistics change) cannot choose to read the partial index
-/// of pending advices and filter it by journal id, a pass over the whole
-/// queue for every read of an original: 2,000 advices for each void or
-/// refund while 2,000 reversals wait for an issuer that is down. It probes
-/// `(journal_id, kind)` instead.
+/// `'pending'` ([`finds_ctes`]). The generic plan the writer keeps is made
+/// while the advice queue is short (and kept until its statistics change),
+/// so each advice is looked up by its `(journal_id, kind)`, never by a
+/// pass over the queue: `pending` as a parameter keeps that plan off the
+/// partial index of pending advices, and the follow-ons' advices are a
+/// subquery per follow-on, which a join was not (its plan read every
+/// reversal advice ever queued for each original with a follow-on, 2,000
+/// and growing in a run with an issuer outage).
 macro_rules! original_columns {
     () => {
         "id, rrn, kind, state, amount, refunded_amount, batch, stan, business_date, pan_hash,
         auth_code, mti, processing_code, issuer, link_stan, link_f7, original_id, received_at,
         EXISTS (SELECT 1 FROM advices a WHERE a.journal_id = journal.id
                 AND a.state = $f11 AND a.kind = 'reversal')
-        OR EXISTS (SELECT 1 FROM journal f JOIN advices a ON a.journal_id = f.id
-                   WHERE f.original_id = journal.id AND a.state = $f11 AND a.kind = 'reversal')
+        OR EXISTS (SELECT 1 FROM journal f WHERE f.original_id = journal.id
+                   AND (SELECT a.state = $f11 FROM advices a
+                        WHERE a.journal_id = f.id AND a.kind = 'reversal'))
         AS family_pending"
     };
 }

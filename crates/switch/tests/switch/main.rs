@@ -1054,19 +1054,26 @@ async fn the_writers_reads_and_answers_do_not_grow_with_the_advice_queue() {
     journal::write_many(&one, &find()).await.unwrap();
     journal::answer_advices(&one, &[]).await.unwrap();
     // ...and keeps the plan while 2,000 reversals wait for an issuer that
-    // is down, none of them this sale's.
+    // is down and 2,000 more were delivered, none of them this sale's or
+    // of the refund it has had since.
     sqlx::query(
         "WITH rows AS (
             INSERT INTO journal (id, rrn, terminal_id, merchant_id, batch, stan, mti, mti_class,
-                 processing_code, kind, request_digest, state, business_date)
+                 processing_code, kind, request_digest, state, business_date, original_id)
             SELECT id, lpad((id % 1000000000000)::text, 12, '0'), 'T0000002', $1, 1, g, 200, 2,
-                 '000000', 'purchase', '\\x00', 'unknown', current_date
-            FROM (SELECT g, nextval('journal_id_seq') AS id FROM generate_series(1, 2000) g) n
-            RETURNING id)
-         INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount)
-         SELECT id, 'reversal', 420, 'sim', '000000', '00', 100 FROM rows",
+                 '000000', CASE WHEN g = 0 THEN 'refund' ELSE 'purchase' END, '\\x00',
+                 CASE WHEN g = 0 THEN 'approved' ELSE 'unknown' END, current_date,
+                 CASE WHEN g = 0 THEN $2 END
+            FROM (SELECT g, nextval('journal_id_seq') AS id FROM generate_series(0, 4000) g) n
+            RETURNING id, stan)
+         INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount,
+             state)
+         SELECT id, 'reversal', 420, 'sim', '000000', '00', 100,
+             CASE WHEN stan <= 2000 THEN 'pending' ELSE 'done' END
+         FROM rows WHERE stan > 0",
     )
     .bind(MERCHANT)
+    .bind(sale[0])
     .execute(&w.pool)
     .await
     .unwrap();
@@ -1079,8 +1086,8 @@ async fn the_writers_reads_and_answers_do_not_grow_with_the_advice_queue() {
         }
         other => panic!("one read: {other:?}"),
     }
-    // Whether a reversal of the sale or of its follow-ons is pending is a
-    // probe by journal id: not a pass over every pending advice.
+    // Whether a reversal of the sale or of its refund is pending is a probe
+    // by journal id each: not a pass over the queue.
     let (probes, read) = rows_read(seen, |l| l.contains(" on advices "));
     assert!(probes > 0, "the batch's plan was sent back");
     assert!(read < 20, "{read} advices read to find none pending");
