@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::journal;
-use crate::link::MatchKey;
+use crate::link::{LinkError, MatchKey};
 use crate::router::Switch;
 
 /// An advice taken from the queue.
@@ -75,8 +75,13 @@ pub async fn run(switch: Arc<Switch>, shutdown: CancellationToken) {
             ),
             Err(e) => warn!(error = %e, "recovery sweep failed"),
         }
+        let batch = switch.config.advice.batch as usize;
+        let mut more = false;
         match take_due(&switch).await {
             Ok(due) => {
+                // A full batch: more may be due (a queue that grew while
+                // the issuer was away), taken as soon as there is room.
+                more = due.len() >= batch;
                 for advice in due {
                     let s = switch.clone();
                     sending.spawn(async move { send(&s, advice).await });
@@ -85,6 +90,20 @@ pub async fn run(switch: Arc<Switch>, shutdown: CancellationToken) {
             Err(e) => warn!(error = %e, "reading the advice queue failed"),
         }
         while sending.try_join_next().is_some() {}
+        if more {
+            // At most a batch at the issuer at once; the next goes as soon
+            // as any is answered, not at the next poll.
+            while sending.len() >= batch {
+                tokio::select! {
+                    _ = sending.join_next() => {}
+                    () = shutdown.cancelled() => break,
+                }
+            }
+            if shutdown.is_cancelled() {
+                break;
+            }
+            continue;
+        }
         tokio::select! {
             () = switch.advice_wake.notified() => {
                 tokio::select! {
@@ -102,13 +121,20 @@ pub async fn run(switch: Arc<Switch>, shutdown: CancellationToken) {
 }
 
 /// Takes the due advices, leasing them so no other worker takes them while
-/// they are being sent.
+/// they are being sent. Those for an issuer whose link is down stay queued,
+/// due: they go once it is back, with no attempt spent meanwhile.
 async fn take_due(switch: &Switch) -> Result<Vec<Due>, sqlx::Error> {
     let lease = switch.config.rules.issuer_timeout * 2;
+    let down: Vec<&str> = switch
+        .links
+        .iter()
+        .filter(|l| !l.is_up())
+        .map(|l| l.name())
+        .collect();
     sqlx::query_as::<_, Due>(
         "WITH due AS (
             SELECT a.id FROM advices a JOIN journal j ON j.id = a.journal_id
-            WHERE a.state = 'pending' AND a.next_attempt_at <= now()
+            WHERE a.state = 'pending' AND a.next_attempt_at <= now() AND a.issuer <> ALL($3)
               -- A reversal queued earlier in the same family goes first: a
               -- refund must not reach the issuer before the reversal of the
               -- void that made its sale refundable again.
@@ -129,6 +155,7 @@ async fn take_due(switch: &Switch) -> Result<Vec<Due>, sqlx::Error> {
     )
     .bind(i64::from(switch.config.advice.batch))
     .bind(lease.as_secs_f64())
+    .bind(down)
     .fetch_all(&switch.pool)
     .await
 }
@@ -242,6 +269,13 @@ async fn send(switch: &Switch, advice: Due) {
                 info!(advice = advice.id, journal = advice.journal_id, kind = %advice.kind, rrn = %advice.rrn, rc = %rc, "advice answered");
             }
         }
+        // Never sent: the link is down. Not an attempt (the first one that
+        // reaches the issuer is still the original MTI), and no longer a
+        // wait: the advice goes soon after the link is back, not after a
+        // back-off that doubled all through the outage.
+        Err(e @ LinkError::NotSent) => {
+            retry_soon(switch, &advice, &e.to_string()).await;
+        }
         Err(e) => reschedule(switch, &advice, &e.to_string()).await,
     }
 }
@@ -255,19 +289,31 @@ async fn done(switch: &Switch, advice: &Due, rc: &str) -> Result<(), sqlx::Error
     switch.writer.advice_answered(advice.id, rc).await
 }
 
-/// Schedules the next try: the wait doubles from `retry_initial` to `retry_max`.
+/// Schedules the next try after a failed attempt: the wait doubles from
+/// `retry_initial` to `retry_max`.
 async fn reschedule(switch: &Switch, advice: &Due, error: &str) {
     let cfg = &switch.config.advice;
     let factor = 2u32.saturating_pow(advice.attempts.clamp(0, 20) as u32);
     let wait = cfg.retry_initial.saturating_mul(factor).min(cfg.retry_max);
+    retry_after(switch, advice, error, 1, wait).await;
+}
+
+/// Schedules the next try `retry_initial` from now, without counting an
+/// attempt (the advice never left).
+async fn retry_soon(switch: &Switch, advice: &Due, error: &str) {
+    retry_after(switch, advice, error, 0, switch.config.advice.retry_initial).await;
+}
+
+async fn retry_after(switch: &Switch, advice: &Due, error: &str, attempts: i32, wait: Duration) {
     let result = sqlx::query(
-        "UPDATE advices SET attempts = attempts + 1, last_error = $2,
+        "UPDATE advices SET attempts = attempts + $4, last_error = $2,
              next_attempt_at = now() + make_interval(secs => $3)
          WHERE id = $1 AND state = 'pending'",
     )
     .bind(advice.id)
     .bind(error)
     .bind(wait.as_secs_f64())
+    .bind(attempts)
     .execute(&switch.pool)
     .await;
     if let Err(e) = result {

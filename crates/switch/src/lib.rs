@@ -98,6 +98,9 @@ pub async fn start(
         institution_id: config.institution_id.clone(),
         forwarding_id: config.forwarding_id.clone(),
     };
+    // A link signing on wakes the advice queue: what waited for the issuer
+    // goes at once.
+    let advice_wake = Arc::new(Notify::new());
     let links = config
         .issuers
         .iter()
@@ -106,6 +109,7 @@ pub async fn start(
                 i,
                 network_dialect.clone(),
                 identity.clone(),
+                advice_wake.clone(),
                 shutdown.clone(),
             )
         })
@@ -141,7 +145,7 @@ pub async fn start(
         pool,
         key,
         links,
-        advice_wake: Arc::new(Notify::new()),
+        advice_wake,
     }))
 }
 

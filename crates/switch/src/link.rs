@@ -18,7 +18,7 @@ use futures::StreamExt;
 use iso8583::{Dialect, Frame, FrameCodec, Message, MessageWriter, Mti};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -109,11 +109,14 @@ pub fn transmission_time() -> [u8; 10] {
 }
 
 impl Link {
-    /// Starts the connection tasks of an issuer link.
+    /// Starts the connection tasks of an issuer link; `signed_on` is
+    /// notified each time a connection signs on (the advice queue waiting
+    /// for the issuer to come back).
     pub fn start(
         issuer: &config::Issuer,
         dialect: Arc<Dialect>,
         identity: Identity,
+        signed_on: Arc<Notify>,
         shutdown: CancellationToken,
     ) -> Arc<Link> {
         let connections = (0..issuer.connections)
@@ -129,6 +132,7 @@ impl Link {
                     dialect: dialect.clone(),
                     identity: identity.clone(),
                     up: up.clone(),
+                    signed_on: signed_on.clone(),
                     stan: AtomicU32::new(0),
                 };
                 tokio::spawn(task.run(rx, shutdown.clone()));
@@ -203,6 +207,8 @@ struct ConnectionTask {
     dialect: Arc<Dialect>,
     identity: Identity,
     up: Arc<AtomicBool>,
+    /// Notified at each sign-on.
+    signed_on: Arc<Notify>,
     /// STANs for network management messages (financial ones come from the
     /// database sequence; the MTI class keeps the two apart).
     stan: AtomicU32,
@@ -223,6 +229,7 @@ impl ConnectionTask {
                     backoff = Duration::from_millis(100);
                     info!(link = %self.name, "signed on");
                     self.up.store(true, Ordering::Release);
+                    self.signed_on.notify_one();
                     self.serve(stream, &mut rx, &shutdown).await;
                     self.up.store(false, Ordering::Release);
                     if shutdown.is_cancelled() {
@@ -470,6 +477,7 @@ mod tests {
             &config,
             Arc::new(Dialect::iso87()),
             identity,
+            Arc::new(Notify::new()),
             CancellationToken::new(),
         );
         assert!(link.wait_up(Duration::from_secs(5)).await);

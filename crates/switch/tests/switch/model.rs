@@ -1920,6 +1920,10 @@ mod regressions {
 
     impl Restartable {
         async fn start() -> Restartable {
+            Restartable::start_with(|_| {}).await
+        }
+
+        async fn start_with(tweak: impl FnOnce(&mut Config)) -> Restartable {
             let url = embedded_pg::test_database().await;
             let config = issuer_sim::IssuerConfig::from_toml(CARDS, "test-issuer.toml").unwrap();
             let issuer_pool = PgPool::connect(&url).await.unwrap();
@@ -1943,6 +1947,7 @@ mod regressions {
                 no_cutover(c);
                 c.advice.retry_initial = Duration::from_secs(3);
                 c.advice.retry_max = Duration::from_secs(3);
+                tweak(c);
             });
             let (switch, switch_addr, run) =
                 start_switch(&url, config, PanHashKey::generate(), &shutdown).await;
@@ -2009,12 +2014,14 @@ mod regressions {
         let of_void = t.exchange(&reversal_of(&t, &void, 1_000)).await.unwrap();
         assert_eq!(of_void.rc(), "00", "R2, decided by the switch alone");
         assert_eq!(state(&r.w, &sale).await, "approved");
+        // The reversal advice waits, queued, while the link is down.
         r.w.until(
             Duration::from_secs(5),
-            "a failed attempt of the reversal advice",
-            "SELECT EXISTS (SELECT 1 FROM advices WHERE kind = 'reversal' AND attempts >= 1)",
+            "the reversal advice queued",
+            "SELECT EXISTS (SELECT 1 FROM advices WHERE kind = 'reversal' AND state = 'pending')",
         )
         .await;
+        assert!(!r.w.switch.links[0].is_up(), "the link is down");
         // Its next attempt is due in 3 s; the issuer is back at once.
         sqlx::query("UPDATE advices SET next_attempt_at = now() + interval '3 seconds' WHERE state = 'pending'")
             .execute(&r.w.pool)
@@ -2022,6 +2029,47 @@ mod regressions {
             .unwrap();
         r.restart().await;
         (r, t, sale)
+    }
+
+    /// Advices queued while the issuer is away go as soon as its link signs
+    /// on again, all of them though they are more than a batch, each a
+    /// first send: no attempt is spent on a link that is down, so no
+    /// back-off (30 s here, and the poll as long) outlasts the outage.
+    #[tokio::test]
+    async fn advices_queued_while_the_issuer_is_away_go_as_soon_as_it_is_back() {
+        let mut r = Restartable::start_with(|c| {
+            c.advice.batch = 2;
+            c.advice.retry_initial = Duration::from_secs(30);
+            c.advice.retry_max = Duration::from_secs(30);
+            c.advice.poll_interval = Duration::from_secs(30);
+        })
+        .await;
+        let mut sold = Vec::new();
+        for i in 1..=5 {
+            let mut t = r.w.signed_on(&format!("T{i:07}")).await;
+            let sale = purchase(&mut t, 0, 1_000).await;
+            assert_eq!(sale.reply.rc(), "00");
+            sold.push((t, sale));
+        }
+        r.stop().await;
+        for (t, sale) in &mut sold {
+            let reversed = t.exchange(&reversal_of(t, sale, 1_000)).await.unwrap();
+            assert_eq!(reversed.rc(), "00", "R2, decided by the switch alone");
+        }
+        r.w.until(
+            Duration::from_secs(5),
+            "five reversal advices queued",
+            "SELECT count(*) = 5 FROM advices WHERE kind = 'reversal' AND state = 'pending'",
+        )
+        .await;
+        r.restart().await;
+        drained(&r.w.pool).await.unwrap();
+        let attempts: Vec<i32> = sqlx::query_scalar("SELECT attempts FROM advices ORDER BY id")
+            .fetch_all(&r.w.pool)
+            .await
+            .unwrap();
+        assert_eq!(attempts, [1; 5], "each sent once, when the issuer was back");
+        assert_eq!(journal_net(&r.w).await, issuer_net(&r.w).await);
     }
 
     /// A void while the issuer link is down is answered 91 and claims
