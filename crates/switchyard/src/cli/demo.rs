@@ -832,7 +832,15 @@ async fn scripted_day(
     // killed switch's `sent` rows are reversed by the restarted one's
     // recovery sweep, issuer_timeout + 2 s after they were sent) and the
     // advices have drained. The sweep turns rows into advices, so rows first.
-    let patience = Duration::from_secs(30);
+    // An advice the issuer left unanswered may next go as late as the
+    // switch's longest back-off after its last try.
+    let switch = Config::parse(
+        &switch_toml("127.0.0.1:0", "127.0.0.1:0", None),
+        "(demo switch)",
+    )
+    .map_err(|e| anyhow!("{e}"))?;
+    let patience =
+        (switch.advice.retry_max + switch.rules.issuer_timeout * 2).max(Duration::from_secs(30));
     let deadline = tokio::time::Instant::now() + patience;
     loop {
         let in_flight = switch::reconcile::in_flight(&stack.pool).await?;
