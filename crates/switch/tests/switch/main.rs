@@ -1113,6 +1113,78 @@ async fn the_writers_reads_and_answers_do_not_grow_with_the_advice_queue() {
 }
 
 #[tokio::test]
+async fn taking_due_advices_does_not_grow_with_the_queue() {
+    let w = world().await;
+    let one = explained(&w).await;
+    let lease = Duration::from_secs(10);
+    // Planned while the queue is empty...
+    let taken = switch::advice::take_due_from(&one, 50, lease, &[])
+        .await
+        .unwrap();
+    assert!(taken.is_empty());
+    // ...then 2,000 reversals queued while the issuer was away, and after
+    // them 20 refunds of their sales, each behind its sale's reversal.
+    sqlx::query(
+        "WITH sales AS (
+            INSERT INTO journal (id, rrn, terminal_id, merchant_id, batch, stan, mti, mti_class,
+                 processing_code, kind, request_digest, state, business_date)
+            SELECT id, lpad((id % 1000000000000)::text, 12, '0'), 'T0000002', $1, 1, g, 200, 2,
+                 '000000', 'purchase', '\\x00', 'unknown', current_date
+            FROM (SELECT g, nextval('journal_id_seq') AS id FROM generate_series(1, 2000) g) n
+            RETURNING id)
+         INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount)
+         SELECT id, 'reversal', 420, 'sim', '000000', '00', 100 FROM sales",
+    )
+    .bind(MERCHANT)
+    .execute(&w.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "WITH refunds AS (
+            INSERT INTO journal (id, rrn, terminal_id, merchant_id, batch, stan, mti, mti_class,
+                 processing_code, kind, request_digest, state, business_date, original_id)
+            SELECT id, lpad((id % 1000000000000)::text, 12, '0'), 'T0000003', $1, 1, stan, 220, 2,
+                 '200000', 'refund', '\\x00', 'approved', current_date, sale
+            FROM (SELECT nextval('journal_id_seq') AS id, stan, id AS sale FROM journal
+                  WHERE terminal_id = 'T0000002' AND stan <= 20) s
+            RETURNING id)
+         -- Due before the reversals: only the family rule holds them back.
+         INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount,
+             next_attempt_at)
+         SELECT id, 'refund', 220, 'sim', '200000', '00', 100, now() - interval '1 hour' FROM refunds",
+    )
+    .bind(MERCHANT)
+    .execute(&w.pool)
+    .await
+    .unwrap();
+    let seen = LOGS.lock().unwrap().len();
+    let taken = switch::advice::take_due_from(&one, 50, lease, &[])
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 50);
+    // A refund waits for its sale's reversal.
+    let refunds: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM advices WHERE kind = 'refund' AND next_attempt_at > now()",
+    )
+    .fetch_one(&w.pool)
+    .await
+    .unwrap();
+    assert_eq!(refunds, 0, "a refund overtook its sale's reversal");
+    // Fifty taken, and the twenty held back, by probes from each
+    // candidate's own row: not a pass over the queue of 2,020.
+    let (probes, read) = rows_read(seen, |l| {
+        l.contains(" on advices ") || l.contains(" on journal ")
+    });
+    assert!(probes > 0, "the plan was sent back");
+    assert!(read < 600, "{read} rows read to take 50 advices");
+    // No advice is taken for an issuer whose link is down.
+    let none = switch::advice::take_due_from(&one, 50, lease, &["sim"])
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+}
+
+#[tokio::test]
 async fn of_two_claims_on_one_original_in_one_batch_one_wins() {
     use switch::journal::{self, NewEntry, Row, Write, Wrote};
     use switch::model::{Kind, State};
