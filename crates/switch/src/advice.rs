@@ -76,13 +76,17 @@ pub async fn run(switch: Arc<Switch>, shutdown: CancellationToken) {
             ),
             Err(e) => warn!(error = %e, "recovery sweep failed"),
         }
-        let batch = switch.config.advice.batch as usize;
+        // At most a batch at the issuer at once: what is still being sent
+        // leaves that much less room.
+        while sending.try_join_next().is_some() {}
+        let room = (switch.config.advice.batch as usize).saturating_sub(sending.len());
         let mut more = false;
-        match take_due(&switch).await {
+        match take_due(&switch, room).await {
             Ok(due) => {
-                // A full batch: more may be due (a queue that grew while
-                // the issuer was away), taken as soon as there is room.
-                more = due.len() >= batch;
+                // As many as there was room for: more may be due (a queue
+                // that grew while the issuer was away), taken as soon as
+                // there is room again.
+                more = room > 0 && due.len() >= room;
                 for advice in due {
                     let s = switch.clone();
                     sending.spawn(async move { send(&s, advice).await });
@@ -90,18 +94,12 @@ pub async fn run(switch: Arc<Switch>, shutdown: CancellationToken) {
             }
             Err(e) => warn!(error = %e, "reading the advice queue failed"),
         }
-        while sending.try_join_next().is_some() {}
         if more {
-            // At most a batch at the issuer at once; the next goes as soon
-            // as any is answered, not at the next poll.
-            while sending.len() >= batch {
-                tokio::select! {
-                    _ = sending.join_next() => {}
-                    () = shutdown.cancelled() => break,
-                }
-            }
-            if shutdown.is_cancelled() {
-                break;
+            // The next go as soon as any of these is answered, not at the
+            // next poll.
+            tokio::select! {
+                _ = sending.join_next() => {}
+                () = shutdown.cancelled() => break,
             }
             continue;
         }
@@ -124,7 +122,10 @@ pub async fn run(switch: Arc<Switch>, shutdown: CancellationToken) {
 /// Takes the due advices, leasing them so no other worker takes them while
 /// they are being sent. Those for an issuer whose link is down stay queued,
 /// due: they go once it is back, with no attempt spent meanwhile.
-async fn take_due(switch: &Switch) -> Result<Vec<Due>, sqlx::Error> {
+async fn take_due(switch: &Switch, room: usize) -> Result<Vec<Due>, sqlx::Error> {
+    if room == 0 {
+        return Ok(Vec::new());
+    }
     let down: Vec<&str> = switch
         .links
         .iter()
@@ -133,7 +134,7 @@ async fn take_due(switch: &Switch) -> Result<Vec<Due>, sqlx::Error> {
         .collect();
     take_due_from(
         &switch.pool,
-        switch.config.advice.batch,
+        u32::try_from(room).unwrap_or(u32::MAX),
         switch.config.rules.issuer_timeout * 2,
         &down,
     )

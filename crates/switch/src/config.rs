@@ -313,6 +313,11 @@ impl Config {
             batch: a.int("batch", 50, 1..=10_000) as u32,
             poll_interval: a.duration("poll_interval", Duration::from_secs(1)),
         };
+        if advice.retry_initial.is_zero() {
+            // An advice that fails at once would be tried again at once,
+            // for ever.
+            a.problem("retry_initial", "must be above zero");
+        }
         if advice.retry_max < advice.retry_initial {
             a.problem("retry_max", "must not be below retry_initial");
         }
@@ -418,14 +423,15 @@ mod tests {
 
     #[test]
     fn problems_name_file_line_and_key() {
-        let text = "listen = \"nowhere\"\n[rules]\nissuer_timeout = \"ten\"\ntime_zone = \"Mars/Olympus\"\n[[issuers]]\nbins = [\"62x\"]\nport = 1\n";
+        let text = "listen = \"nowhere\"\n[rules]\nissuer_timeout = \"ten\"\ntime_zone = \"Mars/Olympus\"\n[advice]\nretry_initial = \"0s\"\n[[issuers]]\nbins = [\"62x\"]\nport = 1\n";
         let problems = Config::parse(text, "s.toml").unwrap_err().to_string();
         for expected in [
             "s.toml:1: listen: \"nowhere\" is not an address",
             "s.toml:3: rules.issuer_timeout: \"ten\" is not a duration",
             "s.toml:4: rules.time_zone: \"Mars/Olympus\" is not an IANA time zone",
-            "s.toml:6: issuers[0].bins: \"62x\" is not a PAN prefix",
-            "s.toml:7: issuers[0].port: unknown key",
+            "s.toml:6: advice.retry_initial: must be above zero",
+            "s.toml:8: issuers[0].bins: \"62x\" is not a PAN prefix",
+            "s.toml:9: issuers[0].port: unknown key",
         ] {
             assert!(
                 problems.contains(expected),

@@ -908,16 +908,21 @@ const AUTO_EXPLAIN: [(&str, &str); 4] = [
 ];
 
 /// One connection with the journal writer's settings that sends back every
-/// plan as a notice, with the rows each node read.
-async fn explained(w: &World) -> PgPool {
+/// plan as a notice, with the rows each node read; and, held until the
+/// test ends, the right to read the log of plans: one such test at a
+/// time, so that no other's plans land among its own.
+async fn explained(w: &World) -> (PgPool, tokio::sync::MutexGuard<'static, ()>) {
+    static PLANS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let turn = PLANS.lock().await;
     let explained = (*group_commit::postgres::batch_pool(&w.pool, 1).connect_options())
         .clone()
         .options(AUTO_EXPLAIN);
-    sqlx::postgres::PgPoolOptions::new()
+    let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .connect_with(explained)
         .await
-        .expect("auto_explain is loaded per session, which needs a superuser: the private test server's, or DATABASE_URL's role")
+        .expect("auto_explain is loaded per session, which needs a superuser: the private test server's, or DATABASE_URL's role");
+    (pool, turn)
 }
 
 /// Rows read by the scans of the plans logged since `seen` whose line
@@ -971,7 +976,7 @@ fn purchases(stans: std::ops::RangeInclusive<i32>) -> Vec<switch::journal::Write
 async fn the_cost_of_a_journal_batch_does_not_grow_with_the_journal() {
     use switch::journal::{self, Wrote};
     let w = world().await;
-    let one = explained(&w).await;
+    let (one, _turn) = explained(&w).await;
     let batch = purchases;
     // The writer plans its statement once, while the journal is small...
     let answers = journal::write_many(&one, &batch(1..=20)).await.unwrap();
@@ -1003,7 +1008,7 @@ async fn an_outcome_batch_reads_its_own_rows_however_many_are_in_flight() {
     use switch::journal::{self, Write, Wrote};
     use switch::model::State;
     let w = world().await;
-    let one = explained(&w).await;
+    let (one, _turn) = explained(&w).await;
     let outcomes = |ids: &[i64]| -> Vec<Write> {
         ids.iter().map(|&id| outcome(id, State::Approved)).collect()
     };
@@ -1034,8 +1039,11 @@ async fn an_outcome_batch_reads_its_own_rows_however_many_are_in_flight() {
 async fn the_writers_reads_and_answers_do_not_grow_with_the_advice_queue() {
     use switch::journal::{self, Find, Write, Wrote};
     use switch::model::State;
-    let w = world().await;
-    let one = explained(&w).await;
+    let mut w = world().await;
+    // The queue below is the test's: no live switch sends it meanwhile.
+    w.shutdown.cancel();
+    w.run.take().expect("running").await.unwrap();
+    let (one, _turn) = explained(&w).await;
     let sale = ids(journal::write_many(&one, &purchases(1..=1)).await.unwrap());
     journal::write_many(&one, &[outcome(sale[0], State::Approved)])
         .await
@@ -1114,8 +1122,11 @@ async fn the_writers_reads_and_answers_do_not_grow_with_the_advice_queue() {
 
 #[tokio::test]
 async fn taking_due_advices_does_not_grow_with_the_queue() {
-    let w = world().await;
-    let one = explained(&w).await;
+    let mut w = world().await;
+    // The queue below is the test's: no live switch takes from it meanwhile.
+    w.shutdown.cancel();
+    w.run.take().expect("running").await.unwrap();
+    let (one, _turn) = explained(&w).await;
     let lease = Duration::from_secs(10);
     // Planned while the queue is empty...
     let taken = switch::advice::take_due_from(&one, 50, lease, &[])
