@@ -1035,14 +1035,20 @@ async fn an_outcome_batch_reads_its_own_rows_however_many_are_in_flight() {
     assert!(read <= 20, "{read} journal rows read to record 20 outcomes");
 }
 
+/// A world whose switch has stopped: the advice queue the test fills is
+/// its own, no live advice loop takes from it.
+async fn stopped_world() -> World {
+    let mut w = world().await;
+    w.shutdown.cancel();
+    w.run.take().expect("running").await.unwrap();
+    w
+}
+
 #[tokio::test]
 async fn the_writers_reads_and_answers_do_not_grow_with_the_advice_queue() {
     use switch::journal::{self, Find, Write, Wrote};
     use switch::model::State;
-    let mut w = world().await;
-    // The queue below is the test's: no live switch sends it meanwhile.
-    w.shutdown.cancel();
-    w.run.take().expect("running").await.unwrap();
+    let w = stopped_world().await;
     let (one, _turn) = explained(&w).await;
     let sale = ids(journal::write_many(&one, &purchases(1..=1)).await.unwrap());
     journal::write_many(&one, &[outcome(sale[0], State::Approved)])
@@ -1122,10 +1128,7 @@ async fn the_writers_reads_and_answers_do_not_grow_with_the_advice_queue() {
 
 #[tokio::test]
 async fn taking_due_advices_does_not_grow_with_the_queue() {
-    let mut w = world().await;
-    // The queue below is the test's: no live switch takes from it meanwhile.
-    w.shutdown.cancel();
-    w.run.take().expect("running").await.unwrap();
+    let w = stopped_world().await;
     let (one, _turn) = explained(&w).await;
     let lease = Duration::from_secs(10);
     // Planned while the queue is empty...
