@@ -216,9 +216,26 @@ struct ConnectionTask {
 
 type Pending = HashMap<MatchKey, oneshot::Sender<Result<Bytes, LinkError>>>;
 
+/// The first wait after a failed connect or a short-lived connection; it
+/// doubles up to the issuer's `reconnect_max`.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How long a connection must have served to be dialled again at once when
+/// it is lost.
+const SERVED_A_WHILE: Duration = Duration::from_secs(1);
+
+/// Whether a connection lost after serving for `served` is dialled again at
+/// once. One that served a while was cut by the network or by the issuer's
+/// end of one session: every request meanwhile would be declined 91, and
+/// the issuer is most likely there to answer. One lost young (an issuer
+/// that accepts and drops) waits the first back-off, as before.
+fn dial_at_once(served: Duration) -> bool {
+    served >= SERVED_A_WHILE
+}
+
 impl ConnectionTask {
     async fn run(self, mut rx: mpsc::Receiver<Outgoing>, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = FIRST_BACKOFF;
         loop {
             let connected = tokio::select! {
                 c = self.connect() => c,
@@ -226,16 +243,20 @@ impl ConnectionTask {
             };
             match connected {
                 Ok(stream) => {
-                    backoff = Duration::from_millis(100);
+                    backoff = FIRST_BACKOFF;
                     info!(link = %self.name, "signed on");
                     self.up.store(true, Ordering::Release);
                     self.signed_on.notify_one();
+                    let since = tokio::time::Instant::now();
                     self.serve(stream, &mut rx, &shutdown).await;
                     self.up.store(false, Ordering::Release);
                     if shutdown.is_cancelled() {
                         return;
                     }
                     warn!(link = %self.name, "connection lost");
+                    if dial_at_once(since.elapsed()) {
+                        continue;
+                    }
                 }
                 Err(e) => {
                     debug!(link = %self.name, error = %e, "connect failed");
@@ -482,6 +503,15 @@ mod tests {
         );
         assert!(link.wait_up(Duration::from_secs(5)).await);
         (link, rx)
+    }
+
+    #[test]
+    fn a_connection_that_served_a_while_is_dialled_again_at_once() {
+        assert!(dial_at_once(Duration::from_secs(30)));
+        assert!(dial_at_once(SERVED_A_WHILE));
+        // Accepted and dropped at once: back off, as a failed connect.
+        assert!(!dial_at_once(Duration::from_millis(5)));
+        assert!(!dial_at_once(SERVED_A_WHILE - Duration::from_millis(1)));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
