@@ -255,6 +255,11 @@ impl ConnectionTask {
                     }
                     warn!(link = %self.name, "connection lost");
                     if dial_at_once(since.elapsed()) {
+                        // What was queued for the lost connection was never
+                        // sent: declined now, not sent late on the next one.
+                        while let Ok(out) = rx.try_recv() {
+                            let _ = out.reply.send(Err(LinkError::NotSent));
+                        }
                         continue;
                     }
                 }
