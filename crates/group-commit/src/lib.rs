@@ -88,6 +88,38 @@ impl Stats {
     }
 }
 
+/// Calls `report` every `every` with the batches of that interval (two
+/// readings of `read` apart) and the interval's length, skipping intervals
+/// without a batch, until `stop` completes. With `every` zero it returns at
+/// once. A log line for operators: how a stage's batches went lately.
+pub async fn report_every(
+    every: std::time::Duration,
+    read: impl Fn() -> Stats,
+    report: impl Fn(Stats, std::time::Duration),
+    stop: impl Future<Output = ()>,
+) {
+    if every.is_zero() {
+        return;
+    }
+    let start = tokio::time::Instant::now();
+    let mut ticks = tokio::time::interval_at(start + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = (read(), start);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
+            _ = ticks.tick() => {}
+        }
+        let now = (read(), tokio::time::Instant::now());
+        let batches = now.0 - last.0;
+        if batches.batches > 0 {
+            report(batches, now.1.duration_since(last.1));
+        }
+        last = now;
+    }
+}
+
 impl std::ops::Sub for Stats {
     type Output = Stats;
 
@@ -704,6 +736,50 @@ mod tests {
             Stats::default().summary("writes", std::time::Duration::ZERO),
             "no writes"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reports_come_each_interval_with_its_own_batches_and_none_when_quiet() {
+        let second = std::time::Duration::from_secs(1);
+        let counts = Arc::new(Counts::default());
+        let reports = std::sync::Mutex::new(Vec::new());
+        let stop = tokio::time::sleep(second * 9 / 2);
+        let work = async {
+            counts.add(3, second / 10);
+            tokio::time::sleep(second * 5 / 2).await;
+            // The second interval was quiet; the third has one batch.
+            counts.add(1, second / 5);
+        };
+        tokio::join!(
+            report_every(
+                second,
+                || counts.read(),
+                |s, over| reports.lock().unwrap().push((s, over)),
+                stop,
+            ),
+            work
+        );
+        let reports = reports.into_inner().unwrap();
+        let one = |batches, jobs, busy| Stats {
+            batches,
+            jobs,
+            busy,
+        };
+        assert_eq!(
+            reports,
+            vec![
+                (one(1, 3, second / 10), second),
+                (one(1, 1, second / 5), second)
+            ]
+        );
+        // Zero: no reports, and it returns at once.
+        report_every(
+            std::time::Duration::ZERO,
+            || counts.read(),
+            |_, _| panic!("no report"),
+            std::future::pending(),
+        )
+        .await;
     }
 
     /// Items above 100 are refused by the "database"; 7 deadlocks once.

@@ -67,6 +67,8 @@ pub struct Limits {
     /// Threads the process runs on: 1, one thread (the least CPU per
     /// message, at most one core); 0, one per core.
     pub threads: usize,
+    /// How often the batches of new authorisations are logged (zero: never).
+    pub stats_interval: std::time::Duration,
 }
 
 /// Whether a card may be used, and the decline when it may not.
@@ -314,6 +316,7 @@ fn read(root: &Section<'_, '_>) -> IssuerConfig {
         batches_in_flight: l.int("batches_in_flight", 1, 1..=64) as usize,
         batch_delay: l.duration("batch_delay", std::time::Duration::ZERO),
         threads: l.int("threads", 1, 0..=1024) as usize,
+        stats_interval: l.duration("stats_interval", std::time::Duration::from_secs(60)),
     };
     drop(l);
 
@@ -498,6 +501,7 @@ mod tests {
         assert_eq!(c.faults.late_by, Duration::from_secs(15));
         assert_eq!(c.database.url, None);
         assert_eq!(c.limits.max_in_flight, 256);
+        assert_eq!(c.limits.stats_interval, Duration::from_secs(60));
     }
 
     #[test]
@@ -506,6 +510,13 @@ mod tests {
         let c = IssuerConfig::from_toml(text, "config/issuer-sim.toml").unwrap();
         assert_eq!(c.cards.iter().map(CardRange::len).sum::<u64>(), 10_000 + 4);
         assert_eq!(c.faults, FaultConfig::default());
+        assert_eq!(c.limits.stats_interval, Duration::from_secs(60));
+        let quiet = IssuerConfig::from_toml("[limits]\nstats_interval = \"0s\"\n", "t").unwrap();
+        assert!(quiet.limits.stats_interval.is_zero());
+        let bad = IssuerConfig::from_toml("[limits]\nstats_interval = \"often\"\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("t.toml:2: limits.stats_interval"), "{bad}");
     }
 
     #[test]

@@ -121,6 +121,26 @@ pub async fn run(
         institution = %issuer.config.institution_id,
         "issuer listening"
     );
+    // Every `limits.stats_interval` with traffic, one line on how its new
+    // authorisations were batched, as the switch logs its journal's.
+    let stats = {
+        let (issuer, stop) = (issuer.clone(), shutdown.clone());
+        let every = issuer.config.limits.stats_interval;
+        tokio::spawn(async move {
+            group_commit::report_every(
+                every,
+                || issuer.authorisation_stats(),
+                |batches, over| {
+                    info!(
+                        "authorisation batches, last {every:?}: {}",
+                        batches.summary("authorisations", over)
+                    );
+                },
+                stop.cancelled(),
+            )
+            .await;
+        })
+    };
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -152,6 +172,7 @@ pub async fn run(
     }
     connections.close();
     connections.wait().await;
+    stats.abort();
     info!("issuer stopped");
     Ok(())
 }

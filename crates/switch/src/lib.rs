@@ -165,25 +165,16 @@ pub async fn run(listener: TcpListener, switch: Arc<Switch>, shutdown: Cancellat
 /// rate). A quiet switch logs nothing; zero turns it off.
 async fn log_batches(switch: Arc<Switch>, shutdown: CancellationToken) {
     let every = switch.config.database.stats_interval;
-    if every.is_zero() {
-        return;
-    }
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last = (switch.writer.stats(), tokio::time::Instant::now());
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
-        let now = (switch.writer.stats(), tokio::time::Instant::now());
-        let batches = now.0 - last.0;
-        if batches.batches > 0 {
+    group_commit::report_every(
+        every,
+        || switch.writer.stats(),
+        |batches, over| {
             tracing::info!(
                 "journal batches, last {every:?}: {}",
-                batches.summary("writes", now.1.duration_since(last.1))
+                batches.summary("writes", over)
             );
-        }
-        last = now;
-    }
+        },
+        shutdown.cancelled(),
+    )
+    .await;
 }
