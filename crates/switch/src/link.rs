@@ -216,8 +216,9 @@ struct ConnectionTask {
 
 type Pending = HashMap<MatchKey, oneshot::Sender<Result<Bytes, LinkError>>>;
 
-/// The first wait after a failed connect or a short-lived connection; it
-/// doubles up to the issuer's `reconnect_max`.
+/// The wait after a failed connect, doubled at each further one up to the
+/// issuer's `reconnect_max`; a connection that signs on starts it again
+/// (so a short-lived one waits this long).
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
 /// How long a connection must have served to be dialled again at once when
@@ -237,9 +238,16 @@ impl ConnectionTask {
     async fn run(self, mut rx: mpsc::Receiver<Outgoing>, shutdown: CancellationToken) {
         let mut backoff = FIRST_BACKOFF;
         loop {
-            let connected = tokio::select! {
-                c = self.connect() => c,
-                () = shutdown.cancelled() => return,
+            // Nothing goes out before the connection is signed on: what is
+            // queued meanwhile is declined, not sent late.
+            let connecting = self.connect();
+            tokio::pin!(connecting);
+            let connected = loop {
+                tokio::select! {
+                    c = &mut connecting => break c,
+                    Some(out) = rx.recv() => { let _ = out.reply.send(Err(LinkError::NotSent)); }
+                    () = shutdown.cancelled() => return,
+                }
             };
             match connected {
                 Ok(stream) => {
@@ -255,11 +263,6 @@ impl ConnectionTask {
                     }
                     warn!(link = %self.name, "connection lost");
                     if dial_at_once(since.elapsed()) {
-                        // What was queued for the lost connection was never
-                        // sent: declined now, not sent late on the next one.
-                        while let Ok(out) = rx.try_recv() {
-                            let _ = out.reply.send(Err(LinkError::NotSent));
-                        }
                         continue;
                     }
                 }
@@ -369,6 +372,11 @@ impl ConnectionTask {
                     }
                     out.clear();
                     for o in batch.drain(..) {
+                        // Its caller gave up waiting: not sent at all
+                        // rather than late.
+                        if o.reply.is_closed() {
+                            continue;
+                        }
                         out.extend_from_slice(&o.frame);
                         pending.insert(o.key, o.reply);
                     }
