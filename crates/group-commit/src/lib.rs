@@ -88,6 +88,18 @@ impl Stats {
     }
 }
 
+impl std::ops::Sub for Stats {
+    type Output = Stats;
+
+    fn sub(self, earlier: Stats) -> Stats {
+        Stats {
+            batches: self.batches.saturating_sub(earlier.batches),
+            jobs: self.jobs.saturating_sub(earlier.jobs),
+            busy: self.busy.saturating_sub(earlier.busy),
+        }
+    }
+}
+
 /// Calls `report` every `every` with the batches of that interval (two
 /// readings of `read` apart) and the interval's length, skipping intervals
 /// without a batch, until `stop` completes. With `every` zero it returns at
@@ -117,18 +129,6 @@ pub async fn report_every(
             report(batches, now.1.duration_since(last.1));
         }
         last = now;
-    }
-}
-
-impl std::ops::Sub for Stats {
-    type Output = Stats;
-
-    fn sub(self, earlier: Stats) -> Stats {
-        Stats {
-            batches: self.batches.saturating_sub(earlier.batches),
-            jobs: self.jobs.saturating_sub(earlier.jobs),
-            busy: self.busy.saturating_sub(earlier.busy),
-        }
     }
 }
 

@@ -470,8 +470,9 @@ impl Stack {
                     Ok::<_, anyhow::Error>((run, switch))
                 })
                 .await??;
-            tasks.push(run.0);
-            in_process = Some(run.1);
+            let (run, switch) = run;
+            tasks.push(run);
+            in_process = Some(switch);
             switch_lane = Some(lane);
             (None, switch_addr)
         };
