@@ -53,6 +53,7 @@ const GATHER: Duration = Duration::from_millis(50);
 
 /// Runs the advice queue until shutdown.
 pub async fn run(switch: Arc<Switch>, shutdown: CancellationToken) {
+    warn_of_strays(&switch).await;
     let grace = Duration::from_secs(2);
     let mut sending: JoinSet<()> = JoinSet::new();
     // Looking for what a dead switch left is for the poll, not for every
@@ -119,30 +120,60 @@ pub async fn run(switch: Arc<Switch>, shutdown: CancellationToken) {
     while sending.join_next().await.is_some() {}
 }
 
+/// Says at start-up which stored advices are for an issuer the config no
+/// longer names (`[[issuers]]`): they stay queued, untouched, until it does.
+async fn warn_of_strays(switch: &Switch) {
+    let known: Vec<&str> = switch.links.iter().map(|l| l.name()).collect();
+    let strays: Result<Vec<(String, i64)>, _> = sqlx::query_as(
+        "SELECT issuer, count(*) FROM advices
+         WHERE state = 'pending' AND issuer <> ALL($1)
+         GROUP BY issuer ORDER BY issuer",
+    )
+    .bind(&known)
+    .fetch_all(&switch.pool)
+    .await;
+    match strays {
+        Ok(strays) => {
+            for (issuer, count) in strays {
+                warn!(
+                    issuer,
+                    count,
+                    "stored advices for an issuer not in [[issuers]]: they stay queued until it is configured"
+                );
+            }
+        }
+        Err(e) => warn!(error = %e, "reading the advice queue failed"),
+    }
+}
+
 /// Takes the due advices, leasing them so no other worker takes them while
-/// they are being sent. Those for an issuer whose link is down stay queued,
-/// due: they go once it is back, with no attempt spent meanwhile.
+/// they are being sent. Only those for an issuer whose link is up: the
+/// others stay queued, due, and go once it is back (or, for an issuer the
+/// config does not name, once it does), with no attempt spent meanwhile.
 async fn take_due(switch: &Switch, room: usize) -> Result<Vec<Due>, sqlx::Error> {
     if room == 0 {
         return Ok(Vec::new());
     }
-    let down: Vec<&str> = switch
+    let up: Vec<&str> = switch
         .links
         .iter()
-        .filter(|l| !l.is_up())
+        .filter(|l| l.is_up())
         .map(|l| l.name())
         .collect();
+    if up.is_empty() {
+        return Ok(Vec::new());
+    }
     take_due_from(
         &switch.pool,
         u32::try_from(room).unwrap_or(u32::MAX),
         switch.config.rules.issuer_timeout * 2,
-        &down,
+        &up,
     )
     .await
 }
 
-/// [`take_due`] on `pool`: at most `batch` due advices, none for the
-/// issuers in `down`, each leased for `lease`.
+/// [`take_due`] on `pool`: at most `batch` due advices, only for the
+/// issuers in `up`, each leased for `lease`.
 ///
 /// An advice waits for an older pending one in its family: a reversal
 /// queued earlier goes first (a refund must not reach the issuer before the
@@ -158,12 +189,12 @@ pub async fn take_due_from(
     pool: &PgPool,
     batch: u32,
     lease: Duration,
-    down: &[&str],
+    up: &[&str],
 ) -> Result<Vec<Due>, sqlx::Error> {
     sqlx::query_as::<_, Due>(
         "WITH due AS (
             SELECT a.id FROM advices a JOIN journal j ON j.id = a.journal_id
-            WHERE a.state = 'pending' AND a.next_attempt_at <= now() AND a.issuer <> ALL($3)
+            WHERE a.state = 'pending' AND a.next_attempt_at <= now() AND a.issuer = ANY($3)
               AND NOT 'pending' = ANY (ARRAY(
                 SELECT b.state FROM advices b WHERE b.journal_id = j.original_id AND b.id < a.id))
               AND NOT EXISTS (
@@ -182,7 +213,7 @@ pub async fn take_due_from(
     )
     .bind(i64::from(batch))
     .bind(lease.as_secs_f64())
-    .bind(down)
+    .bind(up)
     .fetch_all(pool)
     .await
 }
@@ -248,8 +279,10 @@ async fn send(switch: &Switch, advice: Due) {
         first.repeat()
     };
     let Some(link) = switch.links.iter().find(|l| l.name() == advice.issuer) else {
+        // Never sent, so not an attempt ([`take_due`] leaves these queued;
+        // [`flush_family`] takes a family's whatever their issuer).
         warn!(advice = advice.id, issuer = %advice.issuer, "no link for this issuer in the config");
-        return reschedule(switch, &advice, "no such issuer in the config").await;
+        return retry_soon(switch, &advice, "no such issuer in the config").await;
     };
     let cfg = &switch.config;
     let mut buf = BytesMut::with_capacity(256);

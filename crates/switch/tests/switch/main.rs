@@ -1132,7 +1132,7 @@ async fn taking_due_advices_does_not_grow_with_the_queue() {
     let (one, _turn) = explained(&w).await;
     let lease = Duration::from_secs(10);
     // Planned while the queue is empty...
-    let taken = switch::advice::take_due_from(&one, 50, lease, &[])
+    let taken = switch::advice::take_due_from(&one, 50, lease, &["sim"])
         .await
         .unwrap();
     assert!(taken.is_empty());
@@ -1172,7 +1172,7 @@ async fn taking_due_advices_does_not_grow_with_the_queue() {
     .await
     .unwrap();
     let seen = LOGS.lock().unwrap().len();
-    let taken = switch::advice::take_due_from(&one, 50, lease, &[])
+    let taken = switch::advice::take_due_from(&one, 50, lease, &["sim"])
         .await
         .unwrap();
     assert_eq!(taken.len(), 50);
@@ -1191,11 +1191,60 @@ async fn taking_due_advices_does_not_grow_with_the_queue() {
     });
     assert!(probes > 0, "the plan was sent back");
     assert!(read < 600, "{read} rows read to take 50 advices");
-    // No advice is taken for an issuer whose link is down.
-    let none = switch::advice::take_due_from(&one, 50, lease, &["sim"])
+    // No advice is taken for an issuer whose link is not up.
+    let none = switch::advice::take_due_from(&one, 50, lease, &["other"])
         .await
         .unwrap();
     assert!(none.is_empty());
+}
+
+#[tokio::test]
+async fn advices_for_an_issuer_not_in_the_config_stay_queued_untouched() {
+    let w = stopped_world().await;
+    // Two reversals queued before a restart: one for the configured issuer,
+    // one for an issuer since removed from `[[issuers]]`.
+    sqlx::query(
+        "WITH rows AS (
+            INSERT INTO journal (id, rrn, terminal_id, merchant_id, batch, stan, mti, mti_class,
+                 processing_code, kind, request_digest, state, business_date)
+            SELECT id, lpad((id % 1000000000000)::text, 12, '0'), 'T0000004', $1, 1, g, 200, 2,
+                 '000000', 'purchase', '\\x00', 'unknown', current_date
+            FROM (SELECT g, nextval('journal_id_seq') AS id FROM generate_series(1, 2) g) n
+            RETURNING id, stan)
+         INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount)
+         SELECT id, 'reversal', 420, CASE stan WHEN 1 THEN 'sim' ELSE 'gone' END, '000000', '00', 100
+         FROM rows",
+    )
+    .bind(MERCHANT)
+    .execute(&w.pool)
+    .await
+    .unwrap();
+    let restart = CancellationToken::new();
+    let config = switch_config(&w.issuer_addr, |_| {});
+    let (_s, _addr, _run) = start_switch(&w.url, config, w.switch.key.clone(), &restart).await;
+    // The configured issuer's advice goes, in the same pass over the queue
+    // that leaves the other...
+    w.until(
+        Duration::from_secs(15),
+        "the configured issuer's advice to be answered",
+        "SELECT state = 'done' FROM advices WHERE issuer = 'sim'",
+    )
+    .await;
+    // ...untouched: no attempt spent, so its first real send is still 0420.
+    let (state, attempts): (String, i32) =
+        sqlx::query_as("SELECT state, attempts FROM advices WHERE issuer = 'gone'")
+            .fetch_one(&w.pool)
+            .await
+            .unwrap();
+    assert_eq!((state.as_str(), attempts), ("pending", 0));
+    // And the operator is told at start-up.
+    let logs = String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("not in [[issuers]]") && l.contains("issuer=\"gone\"")),
+        "no start-up warning for the stray advice"
+    );
+    restart.cancel();
 }
 
 #[tokio::test]
