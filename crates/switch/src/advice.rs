@@ -204,7 +204,8 @@ pub async fn take_due_from(
                     SELECT b.state FROM advices b
                     WHERE b.journal_id = bj.id AND b.kind = 'reversal' AND b.id < a.id)))
             ORDER BY a.next_attempt_at LIMIT $1 FOR UPDATE OF a SKIP LOCKED)
-         UPDATE advices a SET next_attempt_at = now() + make_interval(secs => $2)
+         UPDATE advices a SET next_attempt_at = now() + make_interval(secs => $2),
+             leased_until = now() + make_interval(secs => $2)
          FROM due, journal j
          WHERE a.id = due.id AND j.id = a.journal_id
          RETURNING a.id, a.journal_id, a.kind, a.mti, a.issuer, a.processing_code, a.pos_condition,
@@ -222,7 +223,9 @@ pub async fn take_due_from(
 /// reversal of a void of this sale, say), so that a new request about it
 /// does not overtake them at the issuer. True when none is left pending.
 /// The family is looked at first, so a request about a family with nothing
-/// pending (nearly every one) costs one read.
+/// pending (nearly every one) costs one read. An advice the worker has in
+/// flight (leased) is not sent a second time: until its answer is recorded
+/// the family is not clear, and the request is declined `91`.
 pub(crate) async fn flush_family(switch: &Switch, original: i64) -> Result<bool, sqlx::Error> {
     let clear = || async {
         sqlx::query_scalar::<_, bool>(
@@ -241,8 +244,10 @@ pub(crate) async fn flush_family(switch: &Switch, original: i64) -> Result<bool,
         "WITH due AS (
             SELECT a.id FROM advices a JOIN journal j ON j.id = a.journal_id
             WHERE a.state = 'pending' AND a.kind = 'reversal' AND (j.id = $1 OR j.original_id = $1)
+              AND NOT coalesce(a.leased_until > now(), false)
             ORDER BY a.id FOR UPDATE OF a SKIP LOCKED)
-         UPDATE advices a SET next_attempt_at = now() + make_interval(secs => $2)
+         UPDATE advices a SET next_attempt_at = now() + make_interval(secs => $2),
+             leased_until = now() + make_interval(secs => $2)
          FROM due, journal j
          WHERE a.id = due.id AND j.id = a.journal_id
          RETURNING a.id, a.journal_id, a.kind, a.mti, a.issuer, a.processing_code, a.pos_condition,
@@ -367,7 +372,7 @@ async fn retry_soon(switch: &Switch, advice: &Due, error: &str) {
 async fn retry_after(switch: &Switch, advice: &Due, error: &str, attempts: i32, wait: Duration) {
     let result = sqlx::query(
         "UPDATE advices SET attempts = attempts + $4, last_error = $2,
-             next_attempt_at = now() + make_interval(secs => $3)
+             next_attempt_at = now() + make_interval(secs => $3), leased_until = NULL
          WHERE id = $1 AND state = 'pending'",
     )
     .bind(advice.id)

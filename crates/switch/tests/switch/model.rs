@@ -2109,6 +2109,41 @@ mod regressions {
         );
     }
 
+    /// B6, with the reversal advice in flight: the worker has taken it
+    /// (leased) when a void of the sale comes. The void does not send it a second
+    /// time; it is declined 91 until the worker's try is recorded, and then
+    /// it sends what is still pending first, as always. (A void: a refund
+    /// is answered by the switch and queued behind the reversal instead.)
+    #[tokio::test]
+    async fn b6_a_reversal_the_worker_is_sending_is_not_sent_twice() {
+        let (r, mut t, sale) = void_reversed_while_the_issuer_is_away().await;
+        sqlx::query(
+            "UPDATE advices SET leased_until = now() + interval '1 hour',
+                 next_attempt_at = now() + interval '1 hour' WHERE state = 'pending'",
+        )
+        .execute(&r.w.pool)
+        .await
+        .unwrap();
+        let void = send(&mut t, related(K::Void, &sale, 1_000)).await;
+        assert_eq!(void.reply.rc(), "91", "{:?}", void.reply);
+        let (state, attempts): (String, i32) =
+            sqlx::query_as("SELECT state, attempts FROM advices WHERE kind = 'reversal'")
+                .fetch_one(&r.w.pool)
+                .await
+                .unwrap();
+        assert_eq!((state.as_str(), attempts), ("pending", 0), "not sent");
+        // The worker's try is recorded (no answer): the lease ends, the
+        // advice waits out its back-off, and the void sends it first.
+        sqlx::query("UPDATE advices SET leased_until = NULL WHERE state = 'pending'")
+            .execute(&r.w.pool)
+            .await
+            .unwrap();
+        let void = send(&mut t, related(K::Void, &sale, 1_000)).await;
+        assert_eq!(void.reply.rc(), "00", "{:?}", void.reply);
+        drained(&r.w.pool).await.unwrap();
+        assert_eq!(issuer_net(&r.w).await, journal_net(&r.w).await);
+    }
+
     /// B6, the same race answered to the terminal: a void of the sale goes
     /// to an issuer that has not heard of the reversal yet and says 12.
     #[tokio::test]
