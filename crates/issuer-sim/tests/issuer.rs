@@ -25,6 +25,33 @@ use tokio::task::JoinHandle;
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 
+/// What the issuer logged, every test's (installed by [`capture_logs`]).
+static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct Captured;
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(|| Captured)
+            .with_ansi(false)
+            .init();
+    });
+}
+
 /// Upper bound on any wait; a healthy run takes milliseconds.
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -78,10 +105,16 @@ struct Sim {
 
 impl Sim {
     async fn start() -> Sim {
+        Sim::start_with(CARDS).await
+    }
+
+    /// A sim of its own database with `config` (cards and limits).
+    async fn start_with(config: &str) -> Sim {
         let url = embedded_pg::test_database().await;
         Sim::start_on(
             PgConnectOptions::from_str(&url).expect("a database URL"),
             None,
+            config,
         )
         .await
     }
@@ -92,12 +125,19 @@ impl Sim {
         let url = embedded_pg::test_database().await;
         let options = PgConnectOptions::from_str(&url).expect("a database URL");
         let (relayed, statements) = counting_relay(&options).await;
-        (Sim::start_on(options, Some(relayed)).await, statements)
+        (
+            Sim::start_on(options, Some(relayed), CARDS).await,
+            statements,
+        )
     }
 
     /// The test's own queries go to `options`, the issuer's to `issuer`
     /// when given, else to the same pool.
-    async fn start_on(options: PgConnectOptions, issuer: Option<PgConnectOptions>) -> Sim {
+    async fn start_on(
+        options: PgConnectOptions,
+        issuer: Option<PgConnectOptions>,
+        config: &str,
+    ) -> Sim {
         let pool = PgPoolOptions::new()
             .max_connections(24)
             .connect_with(options)
@@ -112,7 +152,7 @@ impl Sim {
                     .connect_lazy_with(options)
             },
         );
-        let config = IssuerConfig::from_toml(CARDS, "cards.toml").expect("valid config");
+        let config = IssuerConfig::from_toml(config, "cards.toml").expect("valid config");
         let key = PanKey::random();
         let seeded = seed_cards(&pool, &key, &config.cards).await.unwrap();
         assert_eq!(seeded, 102);
@@ -485,6 +525,56 @@ async fn a_purchase_is_approved_debited_and_answered_with_the_contract_fields() 
         (100_000, 87_655, 0)
     );
     assert_eq!(card.pan, "622202*********0001");
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn the_issuer_logs_how_its_authorisations_were_batched() {
+    capture_logs();
+    // Other sims log every 60 s: this one's lines are its own.
+    let every = "authorisation batches, last 250ms: ";
+    let sim =
+        Sim::start_with(&CARDS.replace("[limits]\n", "[limits]\nstats_interval = \"250ms\"\n"))
+            .await;
+    let mut link = sim.connect().await;
+    for (stan, card) in [(1, 1), (2, 2), (3, 3)] {
+        let reply = link.exchange(&purchase(stan, card, 100)).await;
+        assert_eq!(reply.rc(), "00");
+    }
+    // Three authorisations, in one or more intervals: the lines add up to
+    // them.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let (mut batches, mut authorisations) = (0.0, 0.0);
+    while authorisations < 3.0 - 1e-6 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{authorisations} authorisations logged"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let logs = String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned();
+        (batches, authorisations) = (0.0, 0.0);
+        for line in logs
+            .lines()
+            .filter_map(|l| l.split_once(every).map(|(_, r)| r))
+        {
+            // "N batches of M authorisations, T ms each, busy P % of the time"
+            let words: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(words[1..3], ["batches", "of"], "{line}");
+            assert_eq!(words[4], "authorisations,", "{line}");
+            assert!(line.ends_with("% of the time"), "{line}");
+            let n: f64 = words[0].parse().unwrap();
+            let per: f64 = words[3].parse().unwrap();
+            assert!(n >= 1.0 && per >= 1.0, "{line}");
+            batches += n;
+            // The size is rounded to a tenth: a line's authorisations are whole.
+            authorisations += (n * per).round();
+        }
+    }
+    assert_eq!(authorisations, 3.0, "no more than were sent");
+    assert!(
+        batches <= authorisations,
+        "{batches} batches of {authorisations}"
+    );
     sim.stop().await;
 }
 
