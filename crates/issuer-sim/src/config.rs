@@ -195,7 +195,8 @@ impl Default for Latency {
 /// the answer, never the issuer the posting.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FaultConfig {
-    /// Seed of the fault draws; absent: a random one (logged at start).
+    /// Seed of the fault draws; absent: a random one, logged when faults
+    /// that draw come into force.
     pub seed: Option<u64>,
     /// Delay of every reply.
     pub latency: Latency,
@@ -208,6 +209,21 @@ pub struct FaultConfig {
     /// Share of replies of which half the frame is written before the
     /// connection is closed.
     pub close_connection: f64,
+}
+
+impl FaultConfig {
+    /// Whether any reply's fate or delay is drawn at random.
+    pub fn draws(&self) -> bool {
+        let random_latency = match self.latency {
+            Latency::Fixed(_) => false,
+            Latency::Uniform { min, max } => min != max,
+            Latency::LogNormal { sigma, .. } => sigma > 0.0,
+        };
+        random_latency
+            || self.drop_reply > 0.0
+            || self.late_reply > 0.0
+            || self.close_connection > 0.0
+    }
 }
 
 impl Default for FaultConfig {

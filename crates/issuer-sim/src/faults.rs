@@ -43,6 +43,38 @@ pub struct FaultCounts {
 struct State {
     config: FaultConfig,
     rng: StdRng,
+    /// The seed `rng` started from.
+    seed: u64,
+    /// Whether a seed drawn at random has been logged: once, when faults
+    /// that draw first come into force, so that a run can be repeated.
+    announced: bool,
+}
+
+impl State {
+    fn new(config: FaultConfig) -> State {
+        let seed = config.seed.unwrap_or_else(rand::random);
+        let mut state = State {
+            rng: StdRng::seed_from_u64(seed),
+            seed,
+            config,
+            announced: false,
+        };
+        state.announce();
+        state
+    }
+
+    /// Starts the draws again from `seed`.
+    fn reseed(&mut self, seed: u64) {
+        self.seed = seed;
+        self.rng = StdRng::seed_from_u64(seed);
+    }
+
+    fn announce(&mut self) {
+        if self.config.seed.is_none() && self.config.draws() && !self.announced {
+            tracing::info!(seed = self.seed, "fault draws seeded at random");
+            self.announced = true;
+        }
+    }
 }
 
 /// A cloneable handle on the issuer's faults.
@@ -63,25 +95,11 @@ impl std::fmt::Debug for FaultControl {
     }
 }
 
-fn rng_for(config: &FaultConfig) -> StdRng {
-    match config.seed {
-        Some(seed) => StdRng::seed_from_u64(seed),
-        None => {
-            let seed = rand::random();
-            tracing::info!(seed, "fault draws seeded at random");
-            StdRng::seed_from_u64(seed)
-        }
-    }
-}
-
 impl FaultControl {
     /// A handle starting with `config`.
     pub fn new(config: FaultConfig) -> FaultControl {
         FaultControl {
-            state: Arc::new(Mutex::new(State {
-                rng: rng_for(&config),
-                config,
-            })),
+            state: Arc::new(Mutex::new(State::new(config))),
             counts: Arc::new(watch::Sender::new(FaultCounts::default())),
             held: Arc::new(watch::Sender::new(false)),
         }
@@ -131,10 +149,11 @@ impl FaultControl {
     /// restarts the draws from it.
     pub fn set(&self, config: FaultConfig) {
         let mut state = self.lock();
-        if config.seed.is_some() {
-            state.rng = rng_for(&config);
+        if let Some(seed) = config.seed {
+            state.reseed(seed);
         }
         state.config = config;
+        state.announce();
     }
 
     /// Changes some of the faults, e.g. `faults.update(|f| f.drop_reply = 1.0)`.
@@ -143,9 +162,10 @@ impl FaultControl {
         let mut state = self.lock();
         let seed = state.config.seed;
         change(&mut state.config);
-        if state.config.seed.is_some() && state.config.seed != seed {
-            state.rng = rng_for(&state.config);
+        if let Some(new) = state.config.seed.filter(|&new| Some(new) != seed) {
+            state.reseed(new);
         }
+        state.announce();
     }
 
     /// Back to no fault at all (the latency included).
@@ -173,7 +193,7 @@ impl FaultControl {
     pub(crate) fn draw(&self) -> Fate {
         let fate = {
             let mut state = self.lock();
-            let State { config, rng } = &mut *state;
+            let State { config, rng, .. } = &mut *state;
             let latency = sample(&config.latency, rng);
             let u: f64 = rng.random();
             if u < config.close_connection {
@@ -262,6 +282,27 @@ mod tests {
             c.late_reply = 0.3;
         });
         assert!(fates.iter().all(|&fate| fate == again.draw()));
+    }
+
+    #[test]
+    fn a_random_seed_is_told_when_faults_that_draw_come_into_force() {
+        let f = FaultControl::new(FaultConfig::default());
+        assert!(!f.lock().announced, "nothing drawn: nothing to repeat");
+        f.update(|c| c.latency = Latency::Fixed(Duration::from_millis(5)));
+        assert!(!f.lock().announced, "a fixed latency draws nothing");
+        f.update(|c| c.drop_reply = 0.5);
+        assert!(f.lock().announced);
+        // The seed told repeats the draws.
+        let told = f.lock().seed;
+        let fates: Vec<Fate> = (0..50).map(|_| f.draw()).collect();
+        let again = seeded(|c| {
+            c.seed = Some(told);
+            c.latency = Latency::Fixed(Duration::from_millis(5));
+            c.drop_reply = 0.5;
+        });
+        assert!(fates.iter().all(|&fate| fate == again.draw()));
+        // A seed of the config's own is not a random one.
+        assert!(!seeded(|c| c.drop_reply = 0.5).lock().announced);
     }
 
     #[test]
