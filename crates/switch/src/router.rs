@@ -14,7 +14,7 @@ use iso8583::{Dialect, Message, MessageWriter, Mti, Pan, ParseError, ParseErrorK
 use sha2::Digest;
 use sqlx::PgPool;
 use tokio::sync::Notify;
-use tracing::{Instrument, debug, warn};
+use tracing::{Instrument, debug, error, warn};
 
 use crate::config::{Config, DuplicatePolicy};
 use crate::journal::{self, Disposition, Earlier, Insert, NewEntry};
@@ -456,7 +456,10 @@ impl Switch {
             return self.unanswered(req, written, out).await;
         };
         let auth_code = answer.text(38).filter(|_| rc.is_approved());
-        let balance = answer.text(54).filter(|_| rc.is_approved());
+        let balance = answer
+            .text(54)
+            .filter(|_| rc.is_approved())
+            .map(terminal_balance);
         self.reply(
             req,
             out,
@@ -772,8 +775,36 @@ impl Switch {
     }
 
     /// Writes a terminal reply: echoes F3, F4, F11, F25, F41, F42, F49, F60;
-    /// fills F12, F13, F15, F32, F37, F38, F39, F48, F54.
+    /// fills F12, F13, F15, F32, F37, F38, F39, F48, F54. What the issuer
+    /// sent (F38, F54) and the terminal dialect cannot carry is left out,
+    /// rather than a reply sent half built.
     pub(crate) fn reply(&self, req: &Request<'_>, out: &mut BytesMut, f: ReplyFields<'_>) {
+        let Err(e) = self.write_reply(req, out, &f) else {
+            return;
+        };
+        // The issuer's F54 left out, then its F38 too.
+        let without_balance = ReplyFields { balance: None, ..f };
+        let ours = ReplyFields {
+            auth_code: None,
+            ..without_balance
+        };
+        for (fields, left_out) in [(without_balance, "F54"), (ours, "F38 and F54")] {
+            if self.write_reply(req, out, &fields).is_ok() {
+                warn!(error = %e, left_out, "reply does not fit the terminal dialect: sent without the issuer's fields it cannot carry");
+                return;
+            }
+        }
+        // Only the switch's own fields and the request's are left: a dialect
+        // `config check` accepts carries them.
+        error!(error = %e, "reply does not fit the terminal dialect");
+    }
+
+    fn write_reply(
+        &self,
+        req: &Request<'_>,
+        out: &mut BytesMut,
+        f: &ReplyFields<'_>,
+    ) -> Result<(), iso8583::BuildError> {
         out.clear();
         let msg = &req.msg;
         let now = Utc::now();
@@ -817,10 +848,23 @@ impl Switch {
             }
             w.finish().map(|_| ())
         })();
-        if let Err(e) = built {
-            warn!(error = %e, "reply does not fit the terminal dialect");
-        }
+        built
     }
+}
+
+/// The issuer's F54 as the terminal dialect carries it (one amount, `an...20`):
+/// of several amounts (20 characters each: account type, amount type,
+/// currency, sign, amount), the available balance (amount type `02`), else
+/// the first.
+fn terminal_balance(f54: &str) -> &str {
+    const AMOUNT: usize = 20;
+    if f54.len() <= AMOUNT || !f54.is_ascii() {
+        return f54;
+    }
+    (0..f54.len() / AMOUNT)
+        .map(|i| &f54[i * AMOUNT..(i + 1) * AMOUNT])
+        .find(|amount| &amount[2..4] == "02")
+        .unwrap_or(&f54[..AMOUNT])
 }
 
 /// The fields in front of the first bad one, as a frame of their own: the

@@ -714,6 +714,117 @@ async fn sent_rows_of_a_crashed_switch_are_reversed_at_restart() {
     restart.cancel();
 }
 
+/// An issuer that approves every request with `f54` as its F54, and
+/// answers sign-ons and echoes: a reply the simulator never sends.
+async fn approving_issuer(listener: TcpListener, f54: &'static str) {
+    use bytes::BytesMut;
+    use iso8583::{Frame, FrameCodec, Message, MessageWriter};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_util::codec::Decoder;
+    while let Ok((mut stream, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let dialect = Dialect::iso87();
+            let mut codec = FrameCodec::new(&dialect, 65_535);
+            let mut buf = BytesMut::new();
+            while stream.read_buf(&mut buf).await.unwrap_or(0) > 0 {
+                while let Ok(Some(frame)) = codec.decode(&mut buf) {
+                    let Frame::Message(body) = frame else {
+                        continue;
+                    };
+                    let msg = Message::parse(&dialect, &body).unwrap();
+                    let financial = msg.mti().class() != 8;
+                    let mut out = BytesMut::new();
+                    let mut w = MessageWriter::reply(&dialect, &mut out, &msg);
+                    for n in [3, 4, 7, 11] {
+                        w.copy(n, &msg).unwrap();
+                    }
+                    if financial {
+                        w.text(38, "A1B2C3").unwrap();
+                    }
+                    w.text(39, "00").unwrap();
+                    if financial {
+                        w.text(54, f54).unwrap();
+                    }
+                    w.copy(70, &msg).unwrap();
+                    w.finish().unwrap();
+                    if stream.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// A terminal signed on to a switch of its own, whose issuer approves
+/// everything with `f54`, on the terminal dialect `terminal_dialect`.
+async fn beside_an_approving_issuer(
+    f54: &'static str,
+    terminal_dialect: Option<(&str, Dialect)>,
+) -> (Terminal, CancellationToken) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let issuer_addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(approving_issuer(listener, f54));
+    let url = embedded_pg::test_database().await;
+    let shutdown = CancellationToken::new();
+    let (path, dialect) = match terminal_dialect {
+        Some((path, dialect)) => (Some(path.into()), dialect),
+        None => (None, Dialect::cup_pos()),
+    };
+    let config = switch_config(&issuer_addr, |c| c.dialects.terminal = path);
+    let (_switch, addr, _run) = start_switch(&url, config, PanHashKey::generate(), &shutdown).await;
+    let mut t = Terminal::connect(&addr, "T0000001", MERCHANT, Arc::new(dialect))
+        .await
+        .unwrap();
+    assert_eq!(t.sign_on().await.unwrap().rc(), "00");
+    (t, shutdown)
+}
+
+#[tokio::test]
+async fn a_reply_carries_the_available_balance_of_several_the_issuer_sent() {
+    // The ledger balance, then the available one: 40 characters, twice
+    // what a terminal's F54 holds.
+    let (mut t, shutdown) =
+        beside_an_approving_issuer("1001156C0000000200001002156C000000015000", None).await;
+    let stan = t.next_stan();
+    let reply = t
+        .exchange(&t.balance_inquiry(stan, CARD, EXPIRY).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(reply.rc(), "00");
+    assert_eq!(reply.field(54), Some("1002156C000000015000"));
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn what_the_terminal_dialect_cannot_carry_is_left_out_not_sent_half_built() {
+    // A terminal dialect of an operator's whose F54 is shorter than any
+    // balance: the approval is still a whole frame, without F54.
+    let path = std::env::temp_dir().join(format!("switch-short-f54-{}.toml", std::process::id()));
+    let text = include_str!("../../../../config/dialects/cup-pos.toml").replace(
+        r#"54 = { format = "an...20""#,
+        r#"54 = { format = "an...10""#,
+    );
+    assert!(text.contains(r#"54 = { format = "an...10""#));
+    std::fs::write(&path, &text).unwrap();
+    let dialect = Dialect::from_toml(&text, "short-f54.toml").unwrap();
+    let (mut t, shutdown) = beside_an_approving_issuer(
+        "1002156C000000015000",
+        Some((path.to_str().unwrap(), dialect)),
+    )
+    .await;
+    let stan = t.next_stan();
+    let reply = t
+        .exchange(&t.balance_inquiry(stan, CARD, EXPIRY).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(reply.rc(), "00");
+    assert_eq!(reply.field(38), Some("A1B2C3"), "{reply:?}");
+    assert_eq!(reply.field(54), None);
+    shutdown.cancel();
+    let _ = std::fs::remove_file(&path);
+}
+
 #[tokio::test]
 async fn framing_errors_close_the_connection_and_an_oversized_length_is_not_read() {
     let w = world().await;
