@@ -811,44 +811,41 @@ impl Switch {
         let local = now.with_timezone(&self.config.rules.time_zone);
         let settle = business_date(&self.config, now);
         let mut w = MessageWriter::reply(&self.terminal_dialect, out, msg);
-        let built = (|| {
-            for n in [3, 4, 11] {
-                w.copy(n, msg)?;
+        for n in [3, 4, 11] {
+            w.copy(n, msg)?;
+        }
+        w.digits(12, &local.format("%H%M%S").to_string())?;
+        w.digits(13, &local.format("%m%d").to_string())?;
+        w.digits(15, &format!("{:02}{:02}", settle.month(), settle.day()))?;
+        w.copy(25, msg)?;
+        w.digits(32, &self.config.institution_id)?;
+        if let Some(rrn) = f.rrn {
+            w.text(37, rrn)?;
+        }
+        if let Some(auth) = f.auth_code {
+            w.text(38, auth)?;
+        }
+        if let Some(rc) = f.rc {
+            w.text(39, rc.as_str())?;
+        }
+        w.copy(41, msg)?;
+        w.copy(42, msg)?;
+        if let Some(totals) = f.totals {
+            w.digits(48, totals)?;
+        }
+        w.copy(49, msg)?;
+        if let Some(balance) = f.balance {
+            w.text(54, balance)?;
+        }
+        match (f.batch, req.f60.len() >= 8) {
+            (Some(batch), true) => {
+                w.digits(60, &format!("{}{batch:06}{}", &req.f60[..2], &req.f60[8..]))?
             }
-            w.digits(12, &local.format("%H%M%S").to_string())?;
-            w.digits(13, &local.format("%m%d").to_string())?;
-            w.digits(15, &format!("{:02}{:02}", settle.month(), settle.day()))?;
-            w.copy(25, msg)?;
-            w.digits(32, &self.config.institution_id)?;
-            if let Some(rrn) = f.rrn {
-                w.text(37, rrn)?;
+            _ => {
+                w.copy(60, msg)?;
             }
-            if let Some(auth) = f.auth_code {
-                w.text(38, auth)?;
-            }
-            if let Some(rc) = f.rc {
-                w.text(39, rc.as_str())?;
-            }
-            w.copy(41, msg)?;
-            w.copy(42, msg)?;
-            if let Some(totals) = f.totals {
-                w.digits(48, totals)?;
-            }
-            w.copy(49, msg)?;
-            if let Some(balance) = f.balance {
-                w.text(54, balance)?;
-            }
-            match (f.batch, req.f60.len() >= 8) {
-                (Some(batch), true) => {
-                    w.digits(60, &format!("{}{batch:06}{}", &req.f60[..2], &req.f60[8..]))?
-                }
-                _ => {
-                    w.copy(60, msg)?;
-                }
-            }
-            w.finish().map(|_| ())
-        })();
-        built
+        }
+        w.finish().map(|_| ())
     }
 }
 
