@@ -864,26 +864,37 @@ fn terminal_balance(f54: &str) -> &str {
         .unwrap_or(&f54[..AMOUNT])
 }
 
-/// The fields in front of the first bad one, as a frame of their own: the
-/// bad field and everything after it are dropped from the bitmap and the
-/// bytes. `None` when the error is not in a field, or a secondary bitmap
-/// is involved.
+/// What of a malformed frame can be read, as a frame of its own. A field
+/// whose length can be told but whose content is bad (a nibble that is no
+/// digit in F3, say) is cut out, and the fields after it are kept; at any
+/// other error, the fields in front of the bad one, the bad one and
+/// everything after it dropped from the bitmap and the bytes. `None` when
+/// the error is not in a field, or a secondary bitmap is involved.
 fn salvage(dialect: &Dialect, frame: &[u8], error: &ParseError) -> Option<Vec<u8>> {
     let Part::Field(bad) = error.part else {
         return None;
     };
-    let mti_len = dialect.min_frame_len() - dialect.tpdu_len() - dialect.header_len() - 8;
-    let at = dialect.tpdu_len() + dialect.header_len() + mti_len;
+    let at = dialect.min_frame_len() - 8;
     if frame.len() < at + 8 {
         return None;
     }
-    let mut copy = frame.to_vec();
-    let primary = u64::from_be_bytes(copy[at..at + 8].try_into().ok()?);
+    let primary = u64::from_be_bytes(frame[at..at + 8].try_into().ok()?);
     if primary >> 63 == 1 || bad > 64 {
         return None;
     }
-    // Keep fields 1..bad: the top bad-1 bits.
-    let kept = primary & !(u64::MAX >> (bad - 1));
+    let bit = 1u64 << (64 - u32::from(bad));
+    if let Some((start, end)) = content_only(dialect, frame, error) {
+        let mut cut = Vec::with_capacity(frame.len());
+        cut.extend_from_slice(&frame[..start]);
+        cut.extend_from_slice(&frame[end..]);
+        cut[at..at + 8].copy_from_slice(&(primary & !bit).to_be_bytes());
+        if Message::parse(dialect, &cut).is_ok() {
+            return Some(cut);
+        }
+    }
+    // Keep fields 1..bad: the bits above the bad one's.
+    let kept = primary & !(bit | (bit - 1));
+    let mut copy = frame.to_vec();
     copy[at..at + 8].copy_from_slice(&kept.to_be_bytes());
     match Message::parse(dialect, &copy) {
         Ok(_) => Some(copy),
@@ -897,6 +908,46 @@ fn salvage(dialect: &Dialect, frame: &[u8], error: &ParseError) -> Option<Vec<u8
         }
         Err(_) => None,
     }
+}
+
+/// Where the bad field of `error` is on the wire, length prefix included,
+/// when only its content is bad: its bytes mended one by one until the
+/// frame parses, then read from the mended frame.
+fn content_only(dialect: &Dialect, frame: &[u8], error: &ParseError) -> Option<(usize, usize)> {
+    let content = |kind: ParseErrorKind| {
+        matches!(
+            kind,
+            ParseErrorKind::BadNibble { .. }
+                | ParseErrorKind::BadPadding { .. }
+                | ParseErrorKind::BadChar { .. }
+        )
+    };
+    let field = error.part;
+    let mut mended = frame.to_vec();
+    let mut e = *error;
+    // Each round mends one byte: 0x00 is two BCD zeros, then '0' is a
+    // digit in any character field; a field's bytes are at most 999.
+    for _ in 0..2 * 999 {
+        if e.part != field || !content(e.kind) {
+            return None;
+        }
+        let byte = mended.get_mut(e.offset)?;
+        *byte = match *byte {
+            0x00 => b'0',
+            b'0' => return None,
+            _ => 0x00,
+        };
+        match Message::parse(dialect, &mended) {
+            Ok(msg) => {
+                let Part::Field(n) = field else { return None };
+                let wire = msg.wire(usize::from(n))?;
+                let start = wire.as_ptr() as usize - mended.as_ptr() as usize;
+                return Some((start, start + wire.len()));
+            }
+            Err(next) => e = next,
+        }
+    }
+    None
 }
 
 /// F90: the original's MTI, link STAN and F7 as they went on the wire, and

@@ -853,7 +853,7 @@ async fn framing_errors_close_the_connection_and_an_oversized_length_is_not_read
 }
 
 #[tokio::test]
-async fn a_message_with_a_bad_field_after_the_terminal_id_is_answered_30() {
+async fn a_message_with_a_bad_field_is_answered_30_when_its_stan_and_terminal_can_be_read() {
     let w = world().await;
     let mut t = w.signed_on("T0000013").await;
     let stan = t.next_stan();
@@ -875,8 +875,8 @@ async fn a_message_with_a_bad_field_after_the_terminal_id_is_answered_30() {
     assert_eq!(reply.rc(), "30");
     assert_eq!(reply.field(11).unwrap(), format!("{stan:06}"));
     assert_eq!(reply.field(41), Some("T0000013"));
-    // A bad field in front of F41: the terminal cannot be named, so the
-    // connection is closed instead.
+    // Bad content in front of F41, in a field whose length is known: the
+    // field is left out, and the STAN and terminal after it are read.
     let stan = t.next_stan();
     let mut frame = t
         .request(
@@ -888,6 +888,21 @@ async fn a_message_with_a_bad_field_after_the_terminal_id_is_answered_30() {
         )
         .unwrap();
     frame[2 + 5 + 6 + 2 + 8] = 0xAB; // F3's first byte: not BCD
+    let reply = t.exchange(&frame).await.unwrap();
+    assert_eq!(reply.rc(), "30");
+    assert_eq!(reply.field(11).unwrap(), format!("{stan:06}"));
+    assert_eq!(reply.field(41), Some("T0000013"));
+    assert_eq!(reply.field(3), None, "what could not be read is not echoed");
+    // A length in front of F41 that cannot be read: nothing after it can,
+    // the terminal cannot be named, and the connection is closed instead.
+    let stan = t.next_stan();
+    let mut frame = t
+        .request(
+            Mti::FINANCIAL,
+            &[(2, Field::Digits(CARD)), (11, Field::Number(stan.into()))],
+        )
+        .unwrap();
+    frame[2 + 5 + 6 + 2 + 8] = 0xAB; // F2's length prefix: not BCD
     t.send_raw(&frame).await.unwrap();
     assert!(matches!(
         t.recv().await,
