@@ -103,6 +103,9 @@ pub struct Scenario {
     /// Faults the issuer is told to inject while the scenario runs (only
     /// where the runner controls the issuer: `switchyard demo --scenario`).
     pub faults: Faults,
+    /// How long a terminal waits for a reply before it takes it as never
+    /// coming (above the switch's `issuer_timeout`, as a real terminal's).
+    pub reply_timeout: Duration,
 }
 
 /// `[faults]`: what breaks while the scenario runs. The issuer's shares
@@ -240,6 +243,13 @@ impl Scenario {
             },
             p99_target: root.duration("p99_target", Duration::from_millis(20)),
             faults,
+            reply_timeout: {
+                let t = root.duration("reply_timeout", DEFAULT_REPLY_TIMEOUT);
+                if t.is_zero() {
+                    root.problem("reply_timeout", "must be above 0");
+                }
+                t
+            },
         }
     }
 
@@ -280,6 +290,10 @@ impl Dice {
     }
 }
 
+/// A terminal's reply timeout unless the scenario says otherwise: above the
+/// switch's default issuer timeout (10 s), as rules.md T1 assumes.
+pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long a terminal keeps trying to reach the switch again (a switch
 /// restarting) before it gives the request up.
 const RECONNECT_FOR: Duration = Duration::from_secs(10);
@@ -304,9 +318,18 @@ struct Reply {
 }
 
 impl Reply {
-    /// `None` when the frame does not parse.
-    fn read(dialect: &Arc<Dialect>, frame: Bytes) -> Option<Reply> {
+    /// `None` when the frame does not parse, or does not answer `request`
+    /// (length prefix included): a valid reply has the request's MTI + 10
+    /// and echoes its STAN (F11) and terminal (F41).
+    fn read(dialect: &Arc<Dialect>, frame: Bytes, request: &[u8]) -> Option<Reply> {
         let msg = Message::parse(dialect, &frame).ok()?;
+        let req = Message::parse(dialect, request.get(2..)?).ok()?;
+        let answers = msg.mti() == req.mti().reply()
+            && msg.wire(11) == req.wire(11)
+            && msg.wire(41) == req.wire(41);
+        if !answers {
+            return None;
+        }
         let rc = msg
             .field(39)
             .map(|v| v.to_clear_string())
@@ -505,16 +528,23 @@ impl Player {
         }
     }
 
-    /// Sends a frame; `None` when no valid reply came (the caller reverses
-    /// or sends it again). A failed connection is made again first.
+    /// Sends a frame; `None` when no valid reply came within the reply
+    /// timeout (the caller reverses or sends it again), and the connection
+    /// is then made again, as a terminal that gave up on a reply does. A
+    /// failed connection is made again first.
     async fn exchange(&mut self, frame: &[u8]) -> Option<Reply> {
         if self.broken && !self.reconnect().await {
             self.errors += 1;
             return None;
         }
-        let read = match self.terminal.exchange_frame(frame).await {
-            Ok(frame) => Reply::read(self.terminal.dialect(), frame),
-            Err(_) => None,
+        let exchanged = tokio::time::timeout(
+            self.scenario.reply_timeout,
+            self.terminal.exchange_frame(frame),
+        )
+        .await;
+        let read = match exchanged {
+            Ok(Ok(reply)) => Reply::read(self.terminal.dialect(), reply, frame),
+            Ok(Err(_)) | Err(_) => None,
         };
         match read {
             Some(reply) => Some(reply),
@@ -595,13 +625,14 @@ impl Player {
             return;
         };
         let started = std::time::Instant::now();
-        let answered = self.exchange_retrying(&frame).await.is_some();
-        self.timed.push((
-            "reversal",
-            if answered { "00" } else { "--" }.to_string(),
-            started.elapsed(),
-        ));
-        if !answered {
+        let reply = self.exchange_retrying(&frame).await;
+        let rc = reply.as_ref().map_or("--", Reply::rc).to_string();
+        // The switch could not decide it (96: its journal, 91): the record
+        // stands and the reversal goes again. Any other answer is the
+        // switch's decision, which the same frame would only repeat.
+        let done = reply.is_some() && !matches!(rc.as_str(), "96" | "91");
+        self.timed.push(("reversal", rc, started.elapsed()));
+        if !done {
             self.pending = Some(p);
         }
     }
@@ -1026,10 +1057,11 @@ pub async fn run(target: &str, scenario: Scenario, meter: &Meter) -> Result<Run,
     let mut balanced = (0, 0);
     if scenario.settle {
         for p in &mut players {
+            // Unanswered, or answered without totals (96, 77, 30): not
+            // balanced either.
             match p.settle().await.as_deref() {
                 Some("1") => balanced = (balanced.0 + 1, balanced.1 + 1),
-                Some(_) => balanced.1 += 1,
-                None => {}
+                Some(_) | None => balanced.1 += 1,
             }
         }
     }
@@ -1077,15 +1109,16 @@ mod tests {
     #[test]
     fn scenario_problems_name_line_and_key() {
         let problems = Scenario::parse(
-            "rate = -1\n[amount]\nmin = 10\nmax = 5\n[mix]\npurchase = 0\nrefunds = 3\n",
+            "rate = -1\nreply_timeout = \"0s\"\n[amount]\nmin = 10\nmax = 5\n[mix]\npurchase = 0\nrefunds = 3\n",
             "s.toml",
         )
         .unwrap_err()
         .to_string();
         for expected in [
             "s.toml:1: rate: out of range",
-            "s.toml:4: amount.max: must not be below min",
-            "s.toml:7: mix.refunds: unknown key",
+            "s.toml:2: reply_timeout: must be above 0",
+            "s.toml:5: amount.max: must not be below min",
+            "s.toml:8: mix.refunds: unknown key",
         ] {
             assert!(
                 problems.contains(expected),
@@ -1148,8 +1181,27 @@ mod tests {
         reset: Vec<usize>,
     }
 
+    /// How a stand-in switch answers a request.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Answer {
+        /// As a switch does: the reply MTI, F11 and F41 echoed.
+        With(&'static str),
+        /// With another STAN in F11.
+        OtherStan,
+        /// Never.
+        Silence,
+    }
+
     /// A stand-in switch that approves everything it is sent.
     async fn approving_switch() -> (String, Arc<std::sync::Mutex<Seen>>) {
+        stand_in_switch(|_, _| Answer::With("00")).await
+    }
+
+    /// A stand-in switch that answers each request as `answer` says, given
+    /// its MTI and how many of that MTI came before it.
+    async fn stand_in_switch(
+        answer: fn(&str, usize) -> Answer,
+    ) -> (String, Arc<std::sync::Mutex<Seen>>) {
         use futures::StreamExt;
         use iso8583::{Frame, FrameCodec, Message, MessageWriter};
         use tokio::io::AsyncWriteExt;
@@ -1177,21 +1229,34 @@ mod tests {
                             None => return,
                         };
                         let msg = Message::parse(&dialect, &body).unwrap();
-                        log.lock().unwrap().requests.push((
-                            connection,
-                            msg.mti().to_string(),
-                            msg.digits(11).and_then(|d| d.to_u64()).unwrap_or(0) as u32,
-                            msg.text(39).unwrap_or("").to_string(),
-                        ));
+                        let mti = msg.mti().to_string();
+                        let stan = msg.digits(11).and_then(|d| d.to_u64()).unwrap_or(0);
+                        let before = {
+                            let mut log = log.lock().unwrap();
+                            let before = log.requests.iter().filter(|r| r.1 == mti).count();
+                            log.requests.push((
+                                connection,
+                                mti.clone(),
+                                stan as u32,
+                                msg.text(39).unwrap_or("").to_string(),
+                            ));
+                            before
+                        };
+                        let (rc, stan) = match answer(&mti, before) {
+                            Answer::Silence => continue,
+                            Answer::With(rc) => (rc, stan),
+                            Answer::OtherStan => ("00", stan % 999_999 + 1),
+                        };
                         let mut out = bytes::BytesMut::new();
                         let mut w = MessageWriter::reply(&dialect, &mut out, &msg);
-                        for n in [3, 4, 11] {
+                        for n in [3, 4] {
                             w.copy(n, &msg).unwrap();
                         }
+                        w.number(11, stan).unwrap();
                         w.digits(13, "0101").unwrap();
                         w.text(37, "000000000001").unwrap();
                         w.text(38, "123456").unwrap();
-                        w.text(39, "00").unwrap();
+                        w.text(39, rc).unwrap();
                         for n in [41, 42, 60] {
                             w.copy(n, &msg).unwrap();
                         }
@@ -1252,6 +1317,145 @@ mod tests {
         let stans: Vec<u32> = seen.requests.iter().map(|r| r.2).collect();
         assert_eq!(stans[3], stans[1]);
         assert_eq!(stans[6], stans[4]);
+    }
+
+    /// The requests a stand-in switch saw: (connection, MTI, F39).
+    fn requests(seen: &std::sync::Mutex<Seen>) -> Vec<(usize, String, String)> {
+        let seen = seen.lock().unwrap();
+        seen.requests
+            .iter()
+            .map(|(c, mti, _, rc)| (*c, mti.clone(), rc.clone()))
+            .collect()
+    }
+
+    fn owned(expected: &[(usize, &str, &str)]) -> Vec<(usize, String, String)> {
+        expected
+            .iter()
+            .map(|&(c, mti, rc)| (c, mti.to_string(), rc.to_string()))
+            .collect()
+    }
+
+    /// Two purchases from one terminal, no settlement.
+    const TWO_PURCHASES: &str =
+        "terminals = 1\nrate = 100\nduration = \"20ms\"\nsettle = false\n[mix]\npurchase = 1\n";
+
+    #[tokio::test]
+    async fn a_reply_that_does_not_answer_the_request_is_no_reply() {
+        // The first purchase is answered with another STAN.
+        let (addr, seen) = stand_in_switch(|mti, before| match (mti, before) {
+            ("0200", 0) => Answer::OtherStan,
+            _ => Answer::With("00"),
+        })
+        .await;
+        let scenario = Scenario::parse(TWO_PURCHASES, "s.toml").unwrap();
+        let run = run(&addr, scenario, &Meter::load_generator())
+            .await
+            .unwrap();
+        assert_eq!(run.report.kinds["purchase"].codes["--"], 1);
+        // The terminal takes it as no reply: it connects again and reverses
+        // the purchase (98) before the next.
+        assert_eq!(
+            requests(&seen),
+            owned(&[
+                (0, "0800", ""),
+                (0, "0200", ""),
+                (1, "0800", ""),
+                (1, "0400", "98"),
+                (1, "0200", ""),
+            ])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_terminal_gives_up_on_a_reply_after_its_timeout() {
+        let (addr, seen) = stand_in_switch(|mti, before| match (mti, before) {
+            ("0200", 0) => Answer::Silence,
+            _ => Answer::With("00"),
+        })
+        .await;
+        let scenario = Scenario::parse(
+            &format!("reply_timeout = \"300ms\"\n{TWO_PURCHASES}"),
+            "s.toml",
+        )
+        .unwrap();
+        assert_eq!(scenario.reply_timeout, Duration::from_millis(300));
+        // A terminal that waited for ever would never end the run.
+        let run = tokio::time::timeout(
+            Duration::from_secs(20),
+            run(&addr, scenario, &Meter::load_generator()),
+        )
+        .await
+        .expect("the run ends")
+        .unwrap();
+        assert_eq!(run.report.kinds["purchase"].codes["--"], 1);
+        assert_eq!(
+            requests(&seen),
+            owned(&[
+                (0, "0800", ""),
+                (0, "0200", ""),
+                (1, "0800", ""),
+                (1, "0400", "98"),
+                (1, "0200", ""),
+            ])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reversal_the_switch_could_not_decide_is_sent_again_and_reported_as_answered() {
+        // The purchase's reply "never comes" (the reversal op); its first
+        // 0400 is answered 96, the second 00.
+        let (addr, seen) = stand_in_switch(|mti, before| match (mti, before) {
+            ("0400", 0) => Answer::With("96"),
+            _ => Answer::With("00"),
+        })
+        .await;
+        let scenario = Scenario::parse(
+            "terminals = 1\nrate = 100\nduration = \"30ms\"\nsettle = false\n[mix]\nreversal = 1\n",
+            "s.toml",
+        )
+        .unwrap();
+        let run = run(&addr, scenario, &Meter::load_generator())
+            .await
+            .unwrap();
+        let reversals = &run.report.kinds["reversal"].codes;
+        assert_eq!(reversals.get("96"), Some(&1), "{reversals:?}");
+        assert!(!reversals.contains_key("--"), "{reversals:?}");
+        let sent: Vec<(String, String)> = requests(&seen)
+            .into_iter()
+            .filter(|r| r.1 == "0400")
+            .map(|r| (r.1, r.2))
+            .collect();
+        assert!(
+            sent.len() >= 2,
+            "the 96 was not followed by another 0400: {sent:?}"
+        );
+        let stans: Vec<u32> = {
+            let seen = seen.lock().unwrap();
+            seen.requests
+                .iter()
+                .filter(|r| r.1 == "0400")
+                .map(|r| r.2)
+                .collect()
+        };
+        assert_eq!(stans[0], stans[1], "the same reversal, sent again");
+    }
+
+    #[tokio::test]
+    async fn a_settlement_answered_without_totals_does_not_balance() {
+        let (addr, _seen) = stand_in_switch(|mti, _| match mti {
+            "0500" => Answer::With("96"),
+            _ => Answer::With("00"),
+        })
+        .await;
+        let scenario = Scenario::parse(
+            "terminals = 2\nrate = 100\nduration = \"20ms\"\n[mix]\npurchase = 1\n",
+            "s.toml",
+        )
+        .unwrap();
+        let run = run(&addr, scenario, &Meter::load_generator())
+            .await
+            .unwrap();
+        assert_eq!(run.balanced, (0, 2));
     }
 
     #[test]

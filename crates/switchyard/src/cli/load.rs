@@ -97,8 +97,9 @@ pub struct Outputs<'a> {
     pub html: Option<&'a std::path::Path>,
 }
 
-/// Plays a scenario and prints its report; an error when a terminal failed
-/// or a settlement did not balance.
+/// Plays a scenario and prints its report; an error when a settlement did
+/// not balance or was not answered with totals. (Failed connections are
+/// counted in the report: a fault scenario makes them on purpose.)
 ///
 /// `meter` names the parts of the system under test whose CPU time the
 /// report gives per transaction (see [`loadgen::cpu`]).
@@ -205,7 +206,7 @@ pub async fn play(
     }
     if run.balanced.0 != run.balanced.1 {
         return Err(Failure::Other(anyhow::anyhow!(
-            "a settlement did not balance"
+            "a settlement did not balance, or was not answered with totals"
         )));
     }
     Ok(())
