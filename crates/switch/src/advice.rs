@@ -326,12 +326,25 @@ async fn send(switch: &Switch, advice: Due) {
         Ok(reply) => {
             let rc = Message::parse(&switch.network_dialect, &reply)
                 .ok()
-                .and_then(|m| m.text(39).map(str::to_string))
-                .unwrap_or_else(|| "30".into());
-            if let Err(e) = done(switch, &advice, &rc).await {
-                warn!(advice = advice.id, error = %e, "recording an answered advice failed; it will be repeated");
-            } else {
-                info!(advice = advice.id, journal = advice.journal_id, kind = %advice.kind, rrn = %advice.rrn, rc = %rc, "advice answered");
+                .and_then(|m| m.text(39).map(str::to_string));
+            match rc.as_deref() {
+                // Not an answer to the advice: without a code its outcome is
+                // unknown, and 96 or 91 say the issuer could not take it now.
+                // Sent again, as when no reply came.
+                None | Some("96" | "91") => {
+                    let why = rc.map_or("a reply without a response code".into(), |rc| {
+                        format!("the issuer answered {rc}")
+                    });
+                    warn!(advice = advice.id, rrn = %advice.rrn, kind = %advice.kind, "{why}: the advice goes again");
+                    reschedule(switch, &advice, &why).await;
+                }
+                Some(rc) => {
+                    if let Err(e) = done(switch, &advice, rc).await {
+                        warn!(advice = advice.id, error = %e, "recording an answered advice failed; it will be repeated");
+                    } else {
+                        info!(advice = advice.id, journal = advice.journal_id, kind = %advice.kind, rrn = %advice.rrn, rc = %rc, "advice answered");
+                    }
+                }
             }
         }
         // Never sent: the link is down. Not an attempt (the first one that

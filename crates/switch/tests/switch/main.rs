@@ -714,14 +714,24 @@ async fn sent_rows_of_a_crashed_switch_are_reversed_at_restart() {
     restart.cancel();
 }
 
-/// An issuer that approves every request with `f54` as its F54, and
-/// answers sign-ons and echoes: a reply the simulator never sends.
-async fn approving_issuer(listener: TcpListener, f54: &'static str) {
+/// How a stand-in issuer answers a message, given its MTI and how many of
+/// that MTI came before it: its F39, or none at all.
+type IssuerAnswer = fn(&str, usize) -> Option<&'static str>;
+
+/// An issuer that answers every request as `answer` says, approvals with
+/// `f54` as their F54, and sign-ons and echoes with 00: replies the
+/// simulator never sends.
+async fn approving_issuer(listener: TcpListener, f54: &'static str, answer: IssuerAnswer) {
     use bytes::BytesMut;
     use iso8583::{Frame, FrameCodec, Message, MessageWriter};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_util::codec::Decoder;
+    let counts = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        String,
+        usize,
+    >::new()));
     while let Ok((mut stream, _)) = listener.accept().await {
+        let counts = counts.clone();
         tokio::spawn(async move {
             let dialect = Dialect::iso87();
             let mut codec = FrameCodec::new(&dialect, 65_535);
@@ -733,16 +743,31 @@ async fn approving_issuer(listener: TcpListener, f54: &'static str) {
                     };
                     let msg = Message::parse(&dialect, &body).unwrap();
                     let financial = msg.mti().class() != 8;
+                    let mti = msg.mti().to_string();
+                    let before = {
+                        let mut counts = counts.lock().unwrap();
+                        let n = counts.entry(mti.clone()).or_default();
+                        *n += 1;
+                        *n - 1
+                    };
+                    let rc = if financial {
+                        answer(&mti, before)
+                    } else {
+                        Some("00")
+                    };
+                    let approved = financial && rc == Some("00");
                     let mut out = BytesMut::new();
                     let mut w = MessageWriter::reply(&dialect, &mut out, &msg);
                     for n in [3, 4, 7, 11] {
                         w.copy(n, &msg).unwrap();
                     }
-                    if financial {
+                    if approved {
                         w.text(38, "A1B2C3").unwrap();
                     }
-                    w.text(39, "00").unwrap();
-                    if financial {
+                    if let Some(rc) = rc {
+                        w.text(39, rc).unwrap();
+                    }
+                    if approved && !f54.is_empty() {
                         w.text(54, f54).unwrap();
                     }
                     w.copy(70, &msg).unwrap();
@@ -762,9 +787,20 @@ async fn beside_an_approving_issuer(
     f54: &'static str,
     terminal_dialect: Option<(&str, Dialect)>,
 ) -> (Terminal, CancellationToken) {
+    let (t, shutdown, _) = beside_an_issuer(f54, terminal_dialect, |_, _| Some("00")).await;
+    (t, shutdown)
+}
+
+/// As [`beside_an_approving_issuer`], the issuer answering as `answer`
+/// says; with the switch's database.
+async fn beside_an_issuer(
+    f54: &'static str,
+    terminal_dialect: Option<(&str, Dialect)>,
+    answer: IssuerAnswer,
+) -> (Terminal, CancellationToken, PgPool) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let issuer_addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(approving_issuer(listener, f54));
+    tokio::spawn(approving_issuer(listener, f54, answer));
     let url = embedded_pg::test_database().await;
     let shutdown = CancellationToken::new();
     let (path, dialect) = match terminal_dialect {
@@ -772,12 +808,64 @@ async fn beside_an_approving_issuer(
         None => (None, Dialect::cup_pos()),
     };
     let config = switch_config(&issuer_addr, |c| c.dialects.terminal = path);
-    let (_switch, addr, _run) = start_switch(&url, config, PanHashKey::generate(), &shutdown).await;
+    let (switch, addr, _run) = start_switch(&url, config, PanHashKey::generate(), &shutdown).await;
     let mut t = Terminal::connect(&addr, "T0000001", MERCHANT, Arc::new(dialect))
         .await
         .unwrap();
     assert_eq!(t.sign_on().await.unwrap().rc(), "00");
-    (t, shutdown)
+    (t, shutdown, switch.pool.clone())
+}
+
+#[tokio::test]
+async fn an_advice_answered_without_a_code_or_with_96_goes_again() {
+    // The 0420 is answered without F39, its first repeat 96, the next 00.
+    let (_t, shutdown, pool) = beside_an_issuer("", None, |mti, before| match (mti, before) {
+        ("0420", 0) => None,
+        ("0421", 0) => Some("96"),
+        _ => Some("00"),
+    })
+    .await;
+    sqlx::query(
+        "WITH sale AS (
+            INSERT INTO journal (id, rrn, terminal_id, merchant_id, batch, stan, mti, mti_class,
+                 processing_code, kind, request_digest, state, business_date)
+            SELECT id, lpad((id % 1000000000000)::text, 12, '0'), 'T0000002', $1, 1, 1, 200, 2,
+                 '000000', 'purchase', '\\x00', 'unknown', current_date
+            FROM (SELECT nextval('journal_id_seq') AS id) n
+            RETURNING id)
+         INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount)
+         SELECT id, 'reversal', 420, 'sim', '000000', '00', 100 FROM sale",
+    )
+    .bind(MERCHANT)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let (state, attempts, rc, error) = loop {
+        let row: (String, i32, Option<String>, Option<String>) =
+            sqlx::query_as("SELECT state, attempts, response_code, last_error FROM advices")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        if row.0 != "pending" {
+            break row;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still pending: {row:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!((state.as_str(), rc.as_deref()), ("done", Some("00")));
+    assert_eq!(attempts, 3, "sent three times: no code, 96, 00");
+    assert_eq!(error.as_deref(), Some("the issuer answered 96"));
+    let journal: String =
+        sqlx::query_scalar("SELECT state FROM journal WHERE terminal_id = 'T0000002'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(journal, "reversed");
+    shutdown.cancel();
 }
 
 #[tokio::test]
