@@ -1124,8 +1124,8 @@ const UNDO_CLAIM: &str = "
                           AND x.kind = ended.kind AND x.state IN ('sent', 'approved'))
         RETURNING o.id)";
 
-/// The reversal advice queued for rows that end `unknown`, or approved after
-/// a reversal asked for them (R3).
+/// The reversal advice queued for rows that end `unknown` (F39 `68`, no
+/// timely answer), or approved after a reversal asked for them (R3: `06`).
 const QUEUE_REVERSAL: &str = "
     INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount,
         reason, original_mti, original_stan, original_f7)
@@ -1137,7 +1137,7 @@ const QUEUE_REVERSAL: &str = "
 /// The columns `ended` returns for [`UNDO_CLAIM`] and [`QUEUE_REVERSAL`].
 const ENDED: &str =
     "id, original_id, kind, state, issuer, processing_code, pos_condition, amount, mti,
-    link_stan, link_f7, CASE WHEN reversal_requested THEN '06' END AS reason";
+    link_stan, link_f7, CASE WHEN reversal_requested AND state <> 'unknown' THEN '06' END AS reason";
 
 /// Records the outcome of a `sent` row and its reply; gives a claimed
 /// original back when the row did not end approved; and when a reversal

@@ -477,6 +477,59 @@ async fn a_reversal_that_overtakes_its_original_reverses_it_when_the_approval_co
 }
 
 #[tokio::test]
+async fn a_reversal_that_overtakes_an_original_the_issuer_never_answers_tells_it_68() {
+    let w = world().await;
+    w.issuer.faults().update(|f| f.drop_reply = 1.0);
+    let pan = "6222020000000000033";
+    let before = w.balance(pan).await;
+    let mut a = w.signed_on("T0000012").await;
+    let mut b = w.signed_on("T0000012").await;
+    let stan = a.next_stan();
+    a.send_raw(&a.purchase(stan, pan, EXPIRY, 3_400).unwrap())
+        .await
+        .unwrap();
+    w.until(
+        Duration::from_secs(5),
+        "the sale at the issuer",
+        "SELECT EXISTS (SELECT 1 FROM journal WHERE terminal_id = 'T0000012' AND state = 'sent')",
+    )
+    .await;
+    let f60 = a.f60("22");
+    let kept = Kept {
+        batch: a.batch,
+        stan,
+        reply: Reply {
+            mti: iso8583::Mti::FINANCIAL,
+            prefix: vec![],
+            fields: Default::default(),
+            body: Default::default(),
+        },
+    };
+    let r = b
+        .exchange(
+            &b.reversal(&reversed(&kept, pan, 3_400, &f60), "98")
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.rc(), "00");
+    // No answer in time: the sale ends unknown, and the issuer is told
+    // why it is reversed: no timely answer (68), not "other" (06).
+    assert_eq!(a.recv().await.unwrap().rc(), "98");
+    let reason: Option<String> = sqlx::query_scalar(
+        "SELECT a.reason FROM advices a JOIN journal j ON j.id = a.journal_id
+         WHERE j.terminal_id = 'T0000012' AND j.kind = 'purchase'",
+    )
+    .fetch_one(&w.pool)
+    .await
+    .unwrap();
+    assert_eq!(reason.as_deref(), Some("68"));
+    w.issuer.faults().clear();
+    advices_drained(&w).await;
+    assert_eq!(w.balance(pan).await, before);
+}
+
+#[tokio::test]
 async fn a_reversal_of_a_void_restores_the_sale() {
     let w = world().await;
     let mut t = w.signed_on("T0000011").await;
