@@ -752,6 +752,8 @@ impl Player {
                 let Ok(frame) = built else {
                     return (kind, "--".into());
                 };
+                // A cancel is void-type: its reversal carries its F61.
+                let f61 = (op == Op::PreAuthCancel).then(|| format!("000000000000{date}"));
                 self.pending = Some(Pending {
                     pan: hold.pan.clone(),
                     processing_code,
@@ -759,9 +761,9 @@ impl Player {
                     stan,
                     condition: "06",
                     f60: self.terminal.f60(type_code),
-                    f61: None,
+                    f61,
                 });
-                let reply = self.exchange(&frame).await;
+                let reply = self.exchange_reversible(&frame).await;
                 if reply.is_some() {
                     self.pending = None;
                 }
@@ -791,7 +793,7 @@ impl Player {
                     f60: self.terminal.f60("10"),
                     f61: None,
                 });
-                let Some(reply) = self.exchange(&frame).await else {
+                let Some(reply) = self.exchange_reversible(&frame).await else {
                     return ("preauth", "--".into());
                 };
                 self.pending = None;
@@ -1179,6 +1181,8 @@ mod tests {
     struct Seen {
         requests: Vec<(usize, String, u32, String)>,
         reset: Vec<usize>,
+        /// Per request, its MTI, F60.1 (the transaction type), F38 and F61.
+        originals: Vec<(String, String, Option<String>, Option<String>)>,
     }
 
     /// How a stand-in switch answers a request.
@@ -1239,6 +1243,16 @@ mod tests {
                                 mti.clone(),
                                 stan as u32,
                                 msg.text(39).unwrap_or("").to_string(),
+                            ));
+                            let digits = |n| {
+                                msg.digits(n)
+                                    .map(|d| d.iter().map(char::from).collect::<String>())
+                            };
+                            log.originals.push((
+                                mti.clone(),
+                                digits(60).map(|f| f[..2].to_string()).unwrap_or_default(),
+                                msg.text(38).map(str::to_string),
+                                digits(61),
                             ));
                             before
                         };
@@ -1456,6 +1470,45 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(run.balanced, (0, 2));
+    }
+
+    #[tokio::test]
+    async fn voids_name_the_auth_code_and_a_cancels_reversal_its_f61() {
+        // Every cancel's reply "never comes": each is reversed before the
+        // next request.
+        let (addr, seen) = approving_switch().await;
+        let scenario = Scenario::parse(
+            "terminals = 1\nrate = 200\nduration = \"100ms\"\nsettle = false\nseed = 3\n[mix]\npurchase = 1\nvoid = 1\npreauth = 1\npreauth_cancel = 1\n[faults]\nreset_connection = 0.5\n",
+            "s.toml",
+        )
+        .unwrap();
+        run(&addr, scenario, &Meter::load_generator())
+            .await
+            .unwrap();
+        let seen = seen.lock().unwrap();
+        let of = |mti: &str,
+                  type_code: &str|
+         -> Vec<&(String, String, Option<String>, Option<String>)> {
+            seen.originals
+                .iter()
+                .filter(|o| o.0 == mti && o.1 == type_code)
+                .collect()
+        };
+        let voids = of("0200", "23");
+        assert!(!voids.is_empty(), "no void in the run");
+        for v in &voids {
+            assert_eq!(v.2.as_deref(), Some("123456"), "a void without F38: {v:?}");
+        }
+        let cancels = of("0100", "11");
+        let cancel_reversals = of("0400", "11");
+        assert!(
+            !cancel_reversals.is_empty(),
+            "no cancel was reversed: {cancels:?}"
+        );
+        for r in &cancel_reversals {
+            let f61 = r.3.as_deref().expect("a cancel's reversal carries F61");
+            assert!(cancels.iter().any(|c| c.3.as_deref() == Some(f61)), "{r:?}");
+        }
     }
 
     #[test]

@@ -367,7 +367,8 @@ impl Terminal {
         )
     }
 
-    /// A purchase void (0200, F3 200000): the original by F61 (batch, STAN) and F37.
+    /// A purchase void (0200, F3 200000): the original by F61 (batch, STAN),
+    /// F37 and F38.
     pub fn void(
         &self,
         stan: u32,
@@ -391,6 +392,15 @@ impl Terminal {
         original: &Original<'_>,
     ) -> Result<BytesMut, TerminalError> {
         let f61 = format!("{:06}{:06}", original.batch, original.stan);
+        // A purchase void names the sale's auth code too (F38); a
+        // completion void only its F61 and F37.
+        let auth_code = (type_code == "23" && !original.auth_code.is_empty())
+            .then_some((38, Field::Text(original.auth_code)));
+        let fields: Vec<(usize, Field<'_>)> = [Some((37, Field::Text(original.rrn)))]
+            .into_iter()
+            .chain([auth_code, Some((61, Field::Digits(&f61)))])
+            .flatten()
+            .collect();
         self.financial(
             Mti::FINANCIAL,
             "200000",
@@ -399,7 +409,7 @@ impl Terminal {
             stan,
             Some((pan, expiry)),
             Some(amount),
-            &[(37, Field::Text(original.rrn)), (61, Field::Digits(&f61))],
+            &fields,
         )
     }
 
