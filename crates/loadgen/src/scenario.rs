@@ -1044,7 +1044,10 @@ pub async fn run(target: &str, scenario: Scenario, meter: &Meter) -> Result<Run,
         let [p50, _, p99, _, _] = all.percentiles();
         steps.push(Step {
             rate,
-            achieved: samples.len() as f64 / step_started.elapsed().as_secs_f64(),
+            // Only what was answered: a request with no reply (`--`) or
+            // skipped behind an unanswered reversal was not served.
+            achieved: samples.iter().filter(|s| s.rc != "--").count() as f64
+                / step_started.elapsed().as_secs_f64(),
             p50,
             p99,
             cpu,
@@ -1509,6 +1512,26 @@ mod tests {
             let f61 = r.3.as_deref().expect("a cancel's reversal carries F61");
             assert!(cancels.iter().any(|c| c.3.as_deref() == Some(f61)), "{r:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_step_whose_requests_go_unanswered_achieved_nothing() {
+        let (addr, _seen) = stand_in_switch(|mti, _| match mti {
+            "0200" => Answer::Silence,
+            _ => Answer::With("00"),
+        })
+        .await;
+        let scenario = Scenario::parse(
+            "terminals = 2\nsteps = [100]\nduration = \"40ms\"\nsettle = false\nreply_timeout = \"50ms\"\n[mix]\npurchase = 1\n",
+            "s.toml",
+        )
+        .unwrap();
+        let run = run(&addr, scenario, &Meter::load_generator())
+            .await
+            .unwrap();
+        assert_eq!(run.steps.len(), 1);
+        assert_eq!(run.steps[0].achieved, 0.0, "{:?}", run.steps[0]);
+        assert_eq!(run.saturation(Duration::from_secs(60)), None);
     }
 
     #[test]
