@@ -205,7 +205,7 @@ pub async fn take_due_from(
                     WHERE b.journal_id = bj.id AND b.kind = 'reversal' AND b.id < a.id)))
             ORDER BY a.next_attempt_at LIMIT $1 FOR UPDATE OF a SKIP LOCKED)
          UPDATE advices a SET next_attempt_at = now() + make_interval(secs => $2),
-             leased_until = now() + make_interval(secs => $2)
+             leased_until = now() + make_interval(secs => $2), attempts = a.attempts + 1
          FROM due, journal j
          WHERE a.id = due.id AND j.id = a.journal_id
          RETURNING a.id, a.journal_id, a.kind, a.mti, a.issuer, a.processing_code, a.pos_condition,
@@ -247,7 +247,7 @@ pub(crate) async fn flush_family(switch: &Switch, original: i64) -> Result<bool,
               AND NOT coalesce(a.leased_until > now(), false)
             ORDER BY a.id FOR UPDATE OF a SKIP LOCKED)
          UPDATE advices a SET next_attempt_at = now() + make_interval(secs => $2),
-             leased_until = now() + make_interval(secs => $2)
+             leased_until = now() + make_interval(secs => $2), attempts = a.attempts + 1
          FROM due, journal j
          WHERE a.id = due.id AND j.id = a.journal_id
          RETURNING a.id, a.journal_id, a.kind, a.mti, a.issuer, a.processing_code, a.pos_condition,
@@ -278,7 +278,10 @@ fn original_data(advice: &Due, institution: &str, forwarding: &str) -> String {
 
 async fn send(switch: &Switch, advice: Due) {
     let first = Mti::new(advice.mti as u16).unwrap_or(Mti::REVERSAL_ADVICE);
-    let mti = if advice.attempts == 0 {
+    // `attempts` counts this try (taken, it is counted): the first send
+    // is the only one at 1. A try whose end was never recorded (the switch
+    // stopped meanwhile) still counts, so what follows it is a repeat.
+    let mti = if advice.attempts <= 1 {
         first
     } else {
         first.repeat()
@@ -367,21 +370,32 @@ async fn done(switch: &Switch, advice: &Due, rc: &str) -> Result<(), sqlx::Error
     switch.writer.advice_answered(advice.id, rc).await
 }
 
-/// Schedules the next try after a failed attempt: the wait doubles from
-/// `retry_initial` to `retry_max`.
+/// Schedules the next try after a failed attempt (counted when it was
+/// taken): the wait doubles from `retry_initial` to `retry_max`.
 async fn reschedule(switch: &Switch, advice: &Due, error: &str) {
     let cfg = &switch.config.advice;
-    let factor = 2u32.saturating_pow(advice.attempts.clamp(0, 20) as u32);
-    let wait = cfg.retry_initial.saturating_mul(factor).min(cfg.retry_max);
-    retry_after(switch, advice, error, 1, wait).await;
+    let failed_before = (advice.attempts - 1).clamp(0, 20) as u32;
+    let wait = cfg
+        .retry_initial
+        .saturating_mul(2u32.saturating_pow(failed_before))
+        .min(cfg.retry_max);
+    retry_after(switch, advice, error, 0, wait).await;
 }
 
-/// Schedules the next try `retry_initial` from now, without counting an
-/// attempt (the advice never left).
+/// Schedules the next try `retry_initial` from now, and takes back the
+/// attempt counted when it was taken: the advice never left.
 async fn retry_soon(switch: &Switch, advice: &Due, error: &str) {
-    retry_after(switch, advice, error, 0, switch.config.advice.retry_initial).await;
+    retry_after(
+        switch,
+        advice,
+        error,
+        -1,
+        switch.config.advice.retry_initial,
+    )
+    .await;
 }
 
+/// Ends a try: `attempts` moves the count by that much.
 async fn retry_after(switch: &Switch, advice: &Due, error: &str, attempts: i32, wait: Duration) {
     let result = sqlx::query(
         "UPDATE advices SET attempts = attempts + $4, last_error = $2,

@@ -1533,7 +1533,7 @@ pub async fn answer_advices(pool: &PgPool, answered: &[Answered]) -> Result<Vec<
     sqlx::query(
         "WITH a AS (
             UPDATE advices SET state = CASE WHEN u.rc <> '00' AND kind <> 'reversal' THEN 'failed' ELSE 'done' END,
-                response_code = u.rc, done_at = now(), attempts = attempts + 1
+                response_code = u.rc, done_at = now()
             FROM unnest($1::int8[], $2::text[]) AS u(advice_id, rc)
             -- `pending` as a parameter ($3), as in `original_columns!`: not
             -- a pass over the queue's partial index for every batch.

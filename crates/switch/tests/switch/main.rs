@@ -600,8 +600,8 @@ async fn an_issuer_timeout_answers_98_and_the_reversal_is_applied_once_the_issue
     // (0421) is retried until the issuer answers again.
     w.until(
         Duration::from_secs(10),
-        "a first advice attempt",
-        &format!("SELECT EXISTS (SELECT 1 FROM advices a JOIN journal j ON j.id = a.journal_id WHERE j.rrn = '{rrn}' AND a.attempts >= 1)"),
+        "a first advice attempt, failed",
+        &format!("SELECT EXISTS (SELECT 1 FROM advices a JOIN journal j ON j.id = a.journal_id WHERE j.rrn = '{rrn}' AND a.last_error IS NOT NULL)"),
     )
     .await;
     w.issuer.faults().clear();
@@ -817,6 +817,75 @@ async fn beside_an_issuer(
 }
 
 #[tokio::test]
+async fn an_advice_a_stopped_switch_had_taken_goes_again_as_a_repeat() {
+    // The issuer declines a 0420 for good (12) and approves a 0421: which
+    // one the advice ends with tells which was sent.
+    let (_t, shutdown, pool) = beside_an_issuer("", None, |mti, _| match mti {
+        "0420" => Some("12"),
+        _ => Some("00"),
+    })
+    .await;
+    // Queued for an issuer this switch does not serve, so that its worker
+    // leaves it alone while another switch takes it, as a switch that
+    // stops before it records the answer does.
+    sqlx::query(
+        "WITH sale AS (
+            INSERT INTO journal (id, rrn, terminal_id, merchant_id, batch, stan, mti, mti_class,
+                 processing_code, kind, request_digest, state, business_date)
+            SELECT id, lpad((id % 1000000000000)::text, 12, '0'), 'T0000003', $1, 1, 1, 200, 2,
+                 '000000', 'purchase', '\\x00', 'unknown', current_date
+            FROM (SELECT nextval('journal_id_seq') AS id) n
+            RETURNING id)
+         INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount)
+         SELECT id, 'reversal', 420, 'elsewhere', '000000', '00', 100 FROM sale",
+    )
+    .bind(MERCHANT)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let taken = switch::advice::take_due_from(&pool, 1, Duration::from_millis(1), &["elsewhere"])
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+    // That switch is gone; the issuer is this one's now.
+    sqlx::query("UPDATE advices SET issuer = 'sim'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (state, attempts) = until_decided(&pool).await;
+    let rc: Option<String> = sqlx::query_scalar("SELECT response_code FROM advices")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (state.as_str(), rc.as_deref()),
+        ("done", Some("00")),
+        "the try after a taken one is a repeat (0421)"
+    );
+    assert_eq!(attempts, 2);
+    shutdown.cancel();
+}
+
+/// Waits until the one advice is no longer pending; its state and attempts.
+async fn until_decided(pool: &PgPool) -> (String, i32) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let row: (String, i32) = sqlx::query_as("SELECT state, attempts FROM advices")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        if row.0 != "pending" {
+            return row;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still pending: {row:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
 async fn an_advice_answered_without_a_code_or_with_96_goes_again() {
     // The 0420 is answered without F39, its first repeat 96, the next 00.
     let (_t, shutdown, pool) = beside_an_issuer("", None, |mti, before| match (mti, before) {
@@ -840,22 +909,12 @@ async fn an_advice_answered_without_a_code_or_with_96_goes_again() {
     .execute(&pool)
     .await
     .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    let (state, attempts, rc, error) = loop {
-        let row: (String, i32, Option<String>, Option<String>) =
-            sqlx::query_as("SELECT state, attempts, response_code, last_error FROM advices")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-        if row.0 != "pending" {
-            break row;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still pending: {row:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (state, attempts) = until_decided(&pool).await;
+    let (rc, error): (Option<String>, Option<String>) =
+        sqlx::query_as("SELECT response_code, last_error FROM advices")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!((state.as_str(), rc.as_deref()), ("done", Some("00")));
     assert_eq!(attempts, 3, "sent three times: no code, 96, 00");
     assert_eq!(error.as_deref(), Some("the issuer answered 96"));
