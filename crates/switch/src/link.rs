@@ -119,6 +119,9 @@ impl Link {
         signed_on: Arc<Notify>,
         shutdown: CancellationToken,
     ) -> Arc<Link> {
+        // One STAN counter for the link's own messages (sign-on, echo): no
+        // two connections sign on with the same F11.
+        let stan = Arc::new(AtomicU32::new(0));
         let connections = (0..issuer.connections)
             .map(|i| {
                 let (tx, rx) = mpsc::channel(4096);
@@ -133,7 +136,7 @@ impl Link {
                     identity: identity.clone(),
                     up: up.clone(),
                     signed_on: signed_on.clone(),
-                    stan: AtomicU32::new(0),
+                    stan: stan.clone(),
                 };
                 tokio::spawn(task.run(rx, shutdown.clone()));
                 Connection { tx, up }
@@ -211,7 +214,7 @@ struct ConnectionTask {
     signed_on: Arc<Notify>,
     /// STANs for network management messages (financial ones come from the
     /// database sequence; the MTI class keeps the two apart).
-    stan: AtomicU32,
+    stan: Arc<AtomicU32>,
 }
 
 type Pending = HashMap<MatchKey, oneshot::Sender<Result<Bytes, LinkError>>>;
@@ -445,7 +448,12 @@ mod tests {
     /// (F7, F11, F39 `00`), the replies of one read in reverse order, and
     /// reports what it read.
     async fn issuer(listener: TcpListener, seen: mpsc::UnboundedSender<(Mti, u32, u16)>) {
-        let (mut stream, _) = listener.accept().await.unwrap();
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(answer(stream, seen.clone()));
+        }
+    }
+
+    async fn answer(mut stream: TcpStream, seen: mpsc::UnboundedSender<(Mti, u32, u16)>) {
         let dialect = Dialect::iso87();
         let mut codec = FrameCodec::new(&dialect, 65_535);
         let mut buf = BytesMut::new();
@@ -490,6 +498,13 @@ mod tests {
     async fn start(
         echo_interval: Duration,
     ) -> (Arc<Link>, mpsc::UnboundedReceiver<(Mti, u32, u16)>) {
+        start_with(echo_interval, 1).await
+    }
+
+    async fn start_with(
+        echo_interval: Duration,
+        connections: usize,
+    ) -> (Arc<Link>, mpsc::UnboundedReceiver<(Mti, u32, u16)>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -498,7 +513,7 @@ mod tests {
             name: "test".into(),
             bins: vec!["622202".into()],
             address,
-            connections: 1,
+            connections,
             echo_interval,
             connect_timeout: Duration::from_secs(5),
             reconnect_max: Duration::from_secs(1),
@@ -516,6 +531,20 @@ mod tests {
         );
         assert!(link.wait_up(Duration::from_secs(5)).await);
         (link, rx)
+    }
+
+    #[tokio::test]
+    async fn the_connections_of_a_link_sign_on_with_stans_of_their_own() {
+        let (_link, mut seen) = start_with(Duration::from_secs(60), 3).await;
+        let mut stans = Vec::new();
+        while stans.len() < 3 {
+            let (mti, stan, code) = seen.recv().await.unwrap();
+            assert_eq!((mti, code), (Mti::NETWORK, 1), "a sign-on");
+            stans.push(stan);
+        }
+        stans.sort_unstable();
+        stans.dedup();
+        assert_eq!(stans.len(), 3, "two sign-ons with one F11: {stans:?}");
     }
 
     #[test]
