@@ -10,7 +10,7 @@
 //! RRN the two must agree to the fen. Anything else is a break of the money
 //! invariant.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use chrono::NaiveDate;
 use sqlx::PgPool;
@@ -72,6 +72,28 @@ impl std::fmt::Display for Break {
     }
 }
 
+impl Break {
+    /// The RRN it is about.
+    pub fn rrn(&self) -> &str {
+        match self {
+            Break::MissingAtIssuer { rrn, .. }
+            | Break::MissingInJournal { rrn, .. }
+            | Break::AmountDiffers { rrn, .. } => rrn,
+        }
+    }
+
+    /// What the journal expects and what the issuer posted, in fen.
+    fn sides(&self) -> (i64, i64) {
+        match *self {
+            Break::MissingAtIssuer { expected, .. } => (expected, 0),
+            Break::MissingInJournal { posted, .. } => (0, posted),
+            Break::AmountDiffers {
+                expected, posted, ..
+            } => (expected, posted),
+        }
+    }
+}
+
 /// The result of a comparison.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reconciliation {
@@ -83,13 +105,57 @@ pub struct Reconciliation {
     pub issuer_total: i64,
     /// Every disagreement.
     pub breaks: Vec<Break>,
+    /// Disagreements of a day's check that are the day's edge, not the
+    /// money's ([`Reconciliation::carry`]).
+    pub carried: Vec<Break>,
 }
 
 impl Reconciliation {
-    /// True when the money invariant holds.
+    /// True when the money invariant holds: no break, and the totals agree
+    /// but for what was carried over.
     pub fn balanced(&self) -> bool {
-        self.breaks.is_empty() && self.journal_total == self.issuer_total
+        let (expected, posted) = self
+            .carried
+            .iter()
+            .map(Break::sides)
+            .fold((0, 0), |(e, p), (de, dp)| (e + de, p + dp));
+        self.breaks.is_empty() && self.journal_total - expected == self.issuer_total - posted
     }
+
+    /// Sets aside, as carried over, the breaks on `rrns`.
+    pub fn carry(&mut self, rrns: &HashSet<String>) {
+        let (carried, breaks) = std::mem::take(&mut self.breaks)
+            .into_iter()
+            .partition(|b| rrns.contains(b.rrn()));
+        self.breaks = breaks;
+        self.carried = carried;
+    }
+}
+
+/// Of `rrns`, those whose postings a check of `date` (UTC) cannot see whole:
+/// the entry was received on another day, or the issuer heard of it after
+/// the day ended (its outcome, or an advice answered later or not yet), so
+/// its postings are in two days' clearing files. Their breaks on `date` are
+/// the day's edge; the check of the next day, or one of all days, settles
+/// them.
+pub async fn across_midnight(
+    pool: &PgPool,
+    date: NaiveDate,
+    rrns: &[&str],
+) -> Result<HashSet<String>, sqlx::Error> {
+    let rows: Vec<String> = sqlx::query_scalar(
+        "SELECT j.rrn FROM journal j
+         WHERE j.rrn = ANY($1) AND (
+            (j.received_at AT TIME ZONE 'UTC')::date <> $2
+            OR (j.completed_at AT TIME ZONE 'UTC')::date > $2
+            OR EXISTS (SELECT 1 FROM advices a WHERE a.journal_id = j.id
+                       AND (a.done_at IS NULL OR (a.done_at AT TIME ZONE 'UTC')::date > $2)))",
+    )
+    .bind(rrns)
+    .bind(date)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
 }
 
 /// Compares what the journal expects per RRN with what the issuer posted.

@@ -1472,6 +1472,93 @@ async fn taking_due_advices_does_not_grow_with_the_queue() {
 }
 
 #[tokio::test]
+async fn a_days_check_carries_over_what_crosses_midnight_and_still_finds_breaks() {
+    use switch::reconcile::{self, Break};
+    let w = stopped_world().await;
+    let day = chrono::NaiveDate::from_ymd_opt(2026, 3, 14).unwrap();
+    // (terminal, stan, amount, received, completed), approved purchases:
+    // posted before midnight; received before and answered after it; one
+    // the issuer never posted; and one of the day before, reversed on the
+    // day (its reversal advice answered then).
+    for (stan, amount, received, completed) in [
+        (1, 700, "2026-03-14 10:00:00", "2026-03-14 10:00:01"),
+        (2, 500, "2026-03-14 23:59:59.5", "2026-03-15 00:00:00.3"),
+        (3, 300, "2026-03-14 12:00:00", "2026-03-14 12:00:01"),
+        (4, 200, "2026-03-13 23:00:00", "2026-03-13 23:00:01"),
+    ] {
+        sqlx::query(
+            "INSERT INTO journal (id, rrn, terminal_id, merchant_id, batch, stan, mti, mti_class,
+                 processing_code, kind, amount, request_digest, state, issuer, business_date,
+                 received_at, completed_at)
+             SELECT id, 'R' || lpad($2::text, 11, '0'), 'T0000005', $1, 1, $2, 200, 2, '000000',
+                 'purchase', $3, '\\x00', CASE WHEN $2 = 4 THEN 'reversed' ELSE 'approved' END,
+                 'sim', $4::timestamptz::date, $4::timestamptz, $5::timestamptz
+             FROM (SELECT nextval('journal_id_seq') AS id) n",
+        )
+        .bind(MERCHANT)
+        .bind(stan)
+        .bind(amount)
+        .bind(format!("{received}+00"))
+        .bind(format!("{completed}+00"))
+        .execute(&w.pool)
+        .await
+        .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount,
+             state, response_code, done_at)
+         SELECT id, 'reversal', 420, 'sim', '000000', '00', 200, 'done', '00',
+             '2026-03-14 09:00:00+00' FROM journal WHERE stan = 4 AND terminal_id = 'T0000005'",
+    )
+    .execute(&w.pool)
+    .await
+    .unwrap();
+    // The issuer's file of the day: the first purchase, and the reversal of
+    // the day before's.
+    let clearing = [
+        ("R00000000001".to_string(), -700),
+        ("R00000000004".to_string(), 200),
+    ];
+    let journal = reconcile::journal_effects(&w.pool, Some(day))
+        .await
+        .unwrap();
+    let mut result = reconcile::compare(&journal, &clearing);
+    let rrns: Vec<&str> = result.breaks.iter().map(Break::rrn).collect();
+    let across = reconcile::across_midnight(&w.pool, day, &rrns)
+        .await
+        .unwrap();
+    result.carry(&across);
+    let carried: Vec<&str> = result.carried.iter().map(Break::rrn).collect();
+    assert_eq!(carried, ["R00000000002", "R00000000004"]);
+    // The one the issuer never posted is a break all the same.
+    assert_eq!(
+        result.breaks,
+        [Break::MissingAtIssuer {
+            rrn: "R00000000003".into(),
+            expected: -300
+        }]
+    );
+    assert!(!result.balanced());
+    // Without it, the day balances but for what it carried over.
+    sqlx::query("UPDATE journal SET state = 'declined' WHERE rrn = 'R00000000003'")
+        .execute(&w.pool)
+        .await
+        .unwrap();
+    let journal = reconcile::journal_effects(&w.pool, Some(day))
+        .await
+        .unwrap();
+    let mut result = reconcile::compare(&journal, &clearing);
+    let rrns: Vec<&str> = result.breaks.iter().map(Break::rrn).collect();
+    result.carry(
+        &reconcile::across_midnight(&w.pool, day, &rrns)
+            .await
+            .unwrap(),
+    );
+    assert!(result.breaks.is_empty());
+    assert!(result.balanced(), "{result:?}");
+}
+
+#[tokio::test]
 async fn advices_for_an_issuer_not_in_the_config_stay_queued_untouched() {
     let w = stopped_world().await;
     // Two reversals queued before a restart: one for the configured issuer,

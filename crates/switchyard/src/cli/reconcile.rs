@@ -47,17 +47,30 @@ pub async fn run(args: &ReconcileArgs) -> Result<(), Failure> {
     let journal = reconcile::journal_effects(&pool, args.date)
         .await
         .context("reading the journal")?;
-    let result = reconcile::compare(&journal, &issuer);
+    let mut result = reconcile::compare(&journal, &issuer);
+    if let Some(date) = args.date {
+        // A day's file cannot see the whole of an entry whose postings
+        // cross midnight: those breaks are the next day's to settle.
+        let rrns: Vec<&str> = result.breaks.iter().map(reconcile::Break::rrn).collect();
+        let across = reconcile::across_midnight(&pool, date, &rrns)
+            .await
+            .context("reading the journal")?;
+        result.carry(&across);
+    }
     println!(
-        "matched {} rrns; journal net {} fen, issuer net {} fen; {} break(s); {} advice(s) pending",
+        "matched {} rrns; journal net {} fen, issuer net {} fen; {} break(s); {} carried over; {} advice(s) pending",
         result.matched,
         result.journal_total,
         result.issuer_total,
         result.breaks.len(),
+        result.carried.len(),
         pending
     );
     for b in &result.breaks {
         println!("  {b}");
+    }
+    for b in &result.carried {
+        println!("  carried over (its postings cross midnight): {b}");
     }
     if pending > 0 {
         return Err(Failure::Other(anyhow!(
