@@ -1356,40 +1356,12 @@ mod tests {
     const TWO_PURCHASES: &str =
         "terminals = 1\nrate = 100\nduration = \"20ms\"\nsettle = false\n[mix]\npurchase = 1\n";
 
-    #[tokio::test]
-    async fn a_reply_that_does_not_answer_the_request_is_no_reply() {
-        // The first purchase is answered with another STAN.
-        let (addr, seen) = stand_in_switch(|mti, before| match (mti, before) {
-            ("0200", 0) => Answer::OtherStan,
-            _ => Answer::With("00"),
-        })
-        .await;
-        let scenario = Scenario::parse(TWO_PURCHASES, "s.toml").unwrap();
-        let run = run(&addr, scenario, &Meter::load_generator())
-            .await
-            .unwrap();
-        assert_eq!(run.report.kinds["purchase"].codes["--"], 1);
-        // The terminal takes it as no reply: it connects again and reverses
-        // the purchase (98) before the next.
-        assert_eq!(
-            requests(&seen),
-            owned(&[
-                (0, "0800", ""),
-                (0, "0200", ""),
-                (1, "0800", ""),
-                (1, "0400", "98"),
-                (1, "0200", ""),
-            ])
-        );
-    }
-
-    #[tokio::test]
-    async fn a_terminal_gives_up_on_a_reply_after_its_timeout() {
-        let (addr, seen) = stand_in_switch(|mti, before| match (mti, before) {
-            ("0200", 0) => Answer::Silence,
-            _ => Answer::With("00"),
-        })
-        .await;
+    /// Two purchases of one terminal, answered as `answer` says (the first
+    /// not validly), with a reply timeout of 300 ms: the terminal takes the
+    /// first as unanswered, connects again and reverses it (98) before the
+    /// second.
+    async fn first_purchase_unanswered(answer: fn(&str, usize) -> Answer) {
+        let (addr, seen) = stand_in_switch(answer).await;
         let scenario = Scenario::parse(
             &format!("reply_timeout = \"300ms\"\n{TWO_PURCHASES}"),
             "s.toml",
@@ -1415,6 +1387,25 @@ mod tests {
                 (1, "0200", ""),
             ])
         );
+    }
+
+    #[tokio::test]
+    async fn a_reply_that_does_not_answer_the_request_is_no_reply() {
+        // The first purchase is answered with another STAN.
+        first_purchase_unanswered(|mti, before| match (mti, before) {
+            ("0200", 0) => Answer::OtherStan,
+            _ => Answer::With("00"),
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_terminal_gives_up_on_a_reply_after_its_timeout() {
+        first_purchase_unanswered(|mti, before| match (mti, before) {
+            ("0200", 0) => Answer::Silence,
+            _ => Answer::With("00"),
+        })
+        .await;
     }
 
     #[tokio::test]

@@ -219,6 +219,16 @@ async fn world() -> World {
 }
 
 impl World {
+    /// Another switch on this world's database, issuer and key, with the
+    /// tests' config; stops when the token is cancelled.
+    async fn another_switch(&self) -> (Arc<Switch>, String, CancellationToken) {
+        let shutdown = CancellationToken::new();
+        let config = switch_config(&self.issuer_addr, |_| {});
+        let (switch, addr, _run) =
+            start_switch(&self.url, config, self.switch.key.clone(), &shutdown).await;
+        (switch, addr, shutdown)
+    }
+
     async fn terminal(&self, id: &str) -> Terminal {
         Terminal::connect(&self.switch_addr, id, MERCHANT, self.dialect.clone())
             .await
@@ -278,21 +288,26 @@ impl World {
 
     /// Waits (up to `limit`) until `query` returns true.
     async fn until(&self, limit: Duration, what: &str, query: &str) {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let done: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(query.to_string()))
-                .fetch_one(&self.pool)
-                .await
-                .unwrap();
-            if done {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        until(&self.pool, limit, what, query).await;
+    }
+}
+
+/// Waits (up to `limit`) until `query` returns true on `pool`.
+async fn until(pool: &PgPool, limit: Duration, what: &str, query: &str) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let done: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(query.to_string()))
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        if done {
+            return;
         }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -559,10 +574,7 @@ async fn two_switch_processes_on_one_database_ask_the_issuer_once() {
     w.issuer
         .faults()
         .update(|f| f.latency = issuer_sim::Latency::Fixed(Duration::from_millis(200)));
-    let other_shutdown = CancellationToken::new();
-    let config = switch_config(&w.issuer_addr, |_| {});
-    let (_other, other_addr, _run) =
-        start_switch(&w.url, config, w.switch.key.clone(), &other_shutdown).await;
+    let (_other, other_addr, other_shutdown) = w.another_switch().await;
     let pan = "6222020000000000008";
     let before = w.balance(pan).await;
     let mut a = w.signed_on("T0000008").await;
@@ -697,9 +709,7 @@ async fn sent_rows_of_a_crashed_switch_are_reversed_at_restart() {
         .await
         .unwrap();
     w.issuer.faults().clear();
-    let restart = CancellationToken::new();
-    let config = switch_config(&w.issuer_addr, |_| {});
-    let (_s, _addr, _run) = start_switch(&w.url, config, w.switch.key.clone(), &restart).await;
+    let (_s, _addr, restart) = w.another_switch().await;
     w.until(
         Duration::from_secs(15),
         "recovery to reverse the sent row",
@@ -828,21 +838,7 @@ async fn an_advice_a_stopped_switch_had_taken_goes_again_as_a_repeat() {
     // Queued for an issuer this switch does not serve, so that its worker
     // leaves it alone while another switch takes it, as a switch that
     // stops before it records the answer does.
-    sqlx::query(
-        "WITH sale AS (
-            INSERT INTO journal (id, rrn, terminal_id, merchant_id, batch, stan, mti, mti_class,
-                 processing_code, kind, request_digest, state, business_date)
-            SELECT id, lpad((id % 1000000000000)::text, 12, '0'), 'T0000003', $1, 1, 1, 200, 2,
-                 '000000', 'purchase', '\\x00', 'unknown', current_date
-            FROM (SELECT nextval('journal_id_seq') AS id) n
-            RETURNING id)
-         INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount)
-         SELECT id, 'reversal', 420, 'elsewhere', '000000', '00', 100 FROM sale",
-    )
-    .bind(MERCHANT)
-    .execute(&pool)
-    .await
-    .unwrap();
+    queue_reversals(&pool, "T0000003", &["elsewhere"]).await;
     let taken = switch::advice::take_due_from(&pool, 1, Duration::from_millis(1), &["elsewhere"])
         .await
         .unwrap();
@@ -866,23 +862,43 @@ async fn an_advice_a_stopped_switch_had_taken_goes_again_as_a_repeat() {
     shutdown.cancel();
 }
 
+/// Queues, for each of `issuers`, a reversal of a purchase of `terminal`
+/// that ended unknown (STANs 1 upwards), as a switch that gave up on it
+/// leaves it.
+async fn queue_reversals(pool: &PgPool, terminal: &str, issuers: &[&str]) {
+    sqlx::query(
+        "WITH sales AS (
+            INSERT INTO journal (id, rrn, terminal_id, merchant_id, batch, stan, mti, mti_class,
+                 processing_code, kind, request_digest, state, business_date)
+            SELECT id, lpad((id % 1000000000000)::text, 12, '0'), $2, $1, 1, stan, 200, 2,
+                 '000000', 'purchase', '\\x00', 'unknown', current_date
+            FROM (SELECT nextval('journal_id_seq') AS id, stan::int, issuer
+                  FROM unnest($3::text[]) WITH ORDINALITY AS i(issuer, stan)) n
+            RETURNING id, stan)
+         INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount)
+         SELECT s.id, 'reversal', 420, ($3::text[])[s.stan], '000000', '00', 100 FROM sales s",
+    )
+    .bind(MERCHANT)
+    .bind(terminal)
+    .bind(issuers)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 /// Waits until the one advice is no longer pending; its state and attempts.
 async fn until_decided(pool: &PgPool) -> (String, i32) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let row: (String, i32) = sqlx::query_as("SELECT state, attempts FROM advices")
-            .fetch_one(pool)
-            .await
-            .unwrap();
-        if row.0 != "pending" {
-            return row;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still pending: {row:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until(
+        pool,
+        Duration::from_secs(15),
+        "the advice to be decided",
+        "SELECT state <> 'pending' FROM advices",
+    )
+    .await;
+    sqlx::query_as("SELECT state, attempts FROM advices")
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -894,21 +910,7 @@ async fn an_advice_answered_without_a_code_or_with_96_goes_again() {
         _ => Some("00"),
     })
     .await;
-    sqlx::query(
-        "WITH sale AS (
-            INSERT INTO journal (id, rrn, terminal_id, merchant_id, batch, stan, mti, mti_class,
-                 processing_code, kind, request_digest, state, business_date)
-            SELECT id, lpad((id % 1000000000000)::text, 12, '0'), 'T0000002', $1, 1, 1, 200, 2,
-                 '000000', 'purchase', '\\x00', 'unknown', current_date
-            FROM (SELECT nextval('journal_id_seq') AS id) n
-            RETURNING id)
-         INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount)
-         SELECT id, 'reversal', 420, 'sim', '000000', '00', 100 FROM sale",
-    )
-    .bind(MERCHANT)
-    .execute(&pool)
-    .await
-    .unwrap();
+    queue_reversals(&pool, "T0000002", &["sim"]).await;
     let (state, attempts) = until_decided(&pool).await;
     let (rc, error): (Option<String>, Option<String>) =
         sqlx::query_as("SELECT response_code, last_error FROM advices")
@@ -1563,25 +1565,8 @@ async fn advices_for_an_issuer_not_in_the_config_stay_queued_untouched() {
     let w = stopped_world().await;
     // Two reversals queued before a restart: one for the configured issuer,
     // one for an issuer since removed from `[[issuers]]`.
-    sqlx::query(
-        "WITH rows AS (
-            INSERT INTO journal (id, rrn, terminal_id, merchant_id, batch, stan, mti, mti_class,
-                 processing_code, kind, request_digest, state, business_date)
-            SELECT id, lpad((id % 1000000000000)::text, 12, '0'), 'T0000004', $1, 1, g, 200, 2,
-                 '000000', 'purchase', '\\x00', 'unknown', current_date
-            FROM (SELECT g, nextval('journal_id_seq') AS id FROM generate_series(1, 2) g) n
-            RETURNING id, stan)
-         INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount)
-         SELECT id, 'reversal', 420, CASE stan WHEN 1 THEN 'sim' ELSE 'gone' END, '000000', '00', 100
-         FROM rows",
-    )
-    .bind(MERCHANT)
-    .execute(&w.pool)
-    .await
-    .unwrap();
-    let restart = CancellationToken::new();
-    let config = switch_config(&w.issuer_addr, |_| {});
-    let (_s, _addr, _run) = start_switch(&w.url, config, w.switch.key.clone(), &restart).await;
+    queue_reversals(&w.pool, "T0000004", &["sim", "gone"]).await;
+    let (_s, _addr, restart) = w.another_switch().await;
     // The configured issuer's advice goes, in the same pass over the queue
     // that leaves the other...
     w.until(

@@ -427,23 +427,27 @@ async fn reversal_rules_r3_r4_r5() {
     assert_eq!(w.journal_state(other.rrn()).await, "approved");
 }
 
-#[tokio::test]
-async fn a_reversal_that_overtakes_its_original_reverses_it_when_the_approval_comes() {
-    let w = world().await;
-    w.issuer
-        .faults()
-        .update(|f| f.latency = issuer_sim::Latency::Fixed(Duration::from_millis(600)));
-    let pan = "6222020000000000031";
-    let before = w.balance(pan).await;
-    let mut a = w.signed_on("T0000010").await;
-    let mut b = w.signed_on("T0000010").await;
+/// A purchase of `amount` sent from one connection of `terminal` and, while
+/// it is at the issuer, its reversal (98) from another, answered 00 (R3).
+/// Returns the first connection, its purchase's reply still to come.
+async fn reversed_while_at_the_issuer(
+    w: &World,
+    terminal: &str,
+    pan: &str,
+    amount: u64,
+) -> Terminal {
+    let mut a = w.signed_on(terminal).await;
+    let mut b = w.signed_on(terminal).await;
     let stan = a.next_stan();
-    let sale_frame = a.purchase(stan, pan, EXPIRY, 3_300).unwrap();
-    a.send_raw(&sale_frame).await.unwrap();
+    a.send_raw(&a.purchase(stan, pan, EXPIRY, amount).unwrap())
+        .await
+        .unwrap();
     w.until(
         Duration::from_secs(5),
         "the sale at the issuer",
-        "SELECT EXISTS (SELECT 1 FROM journal WHERE terminal_id = 'T0000010' AND state = 'sent')",
+        &format!(
+            "SELECT EXISTS (SELECT 1 FROM journal WHERE terminal_id = '{terminal}' AND state = 'sent')"
+        ),
     )
     .await;
     let f60 = a.f60("22");
@@ -459,12 +463,24 @@ async fn a_reversal_that_overtakes_its_original_reverses_it_when_the_approval_co
     };
     let r = b
         .exchange(
-            &b.reversal(&reversed(&kept, pan, 3_300, &f60), "98")
+            &b.reversal(&reversed(&kept, pan, amount, &f60), "98")
                 .unwrap(),
         )
         .await
         .unwrap();
     assert_eq!(r.rc(), "00");
+    a
+}
+
+#[tokio::test]
+async fn a_reversal_that_overtakes_its_original_reverses_it_when_the_approval_comes() {
+    let w = world().await;
+    w.issuer
+        .faults()
+        .update(|f| f.latency = issuer_sim::Latency::Fixed(Duration::from_millis(600)));
+    let pan = "6222020000000000031";
+    let before = w.balance(pan).await;
+    let mut a = reversed_while_at_the_issuer(&w, "T0000010", pan, 3_300).await;
     let sale = a.recv().await.unwrap();
     w.issuer.faults().clear();
     assert_eq!(
@@ -482,37 +498,7 @@ async fn a_reversal_that_overtakes_an_original_the_issuer_never_answers_tells_it
     w.issuer.faults().update(|f| f.drop_reply = 1.0);
     let pan = "6222020000000000033";
     let before = w.balance(pan).await;
-    let mut a = w.signed_on("T0000012").await;
-    let mut b = w.signed_on("T0000012").await;
-    let stan = a.next_stan();
-    a.send_raw(&a.purchase(stan, pan, EXPIRY, 3_400).unwrap())
-        .await
-        .unwrap();
-    w.until(
-        Duration::from_secs(5),
-        "the sale at the issuer",
-        "SELECT EXISTS (SELECT 1 FROM journal WHERE terminal_id = 'T0000012' AND state = 'sent')",
-    )
-    .await;
-    let f60 = a.f60("22");
-    let kept = Kept {
-        batch: a.batch,
-        stan,
-        reply: Reply {
-            mti: iso8583::Mti::FINANCIAL,
-            prefix: vec![],
-            fields: Default::default(),
-            body: Default::default(),
-        },
-    };
-    let r = b
-        .exchange(
-            &b.reversal(&reversed(&kept, pan, 3_400, &f60), "98")
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.rc(), "00");
+    let mut a = reversed_while_at_the_issuer(&w, "T0000012", pan, 3_400).await;
     // No answer in time: the sale ends unknown, and the issuer is told
     // why it is reversed: no timely answer (68), not "other" (06).
     assert_eq!(a.recv().await.unwrap().rc(), "98");
@@ -942,10 +928,7 @@ async fn the_history_of_a_sale_shows_every_related_attempt_with_its_rule() {
 #[tokio::test]
 async fn two_switch_processes_racing_voids_and_refunds_give_one_winner() {
     let w = world().await;
-    let other_shutdown = CancellationToken::new();
-    let config = switch_config(&w.issuer_addr, |_| {});
-    let (_other, other_addr, _run) =
-        start_switch(&w.url, config, w.switch.key.clone(), &other_shutdown).await;
+    let (_other, other_addr, other_shutdown) = w.another_switch().await;
     let pan = "6222020000000000039";
     let mut t = w.signed_on("T0000018").await;
     let sale = purchase(&mut t, pan, 2_000).await;
@@ -979,10 +962,7 @@ async fn two_switch_processes_racing_voids_and_refunds_give_one_winner() {
 #[tokio::test]
 async fn a_batch_another_switch_settled_takes_nothing_more_from_this_one() {
     let w = world().await;
-    let other_shutdown = CancellationToken::new();
-    let config = switch_config(&w.issuer_addr, |_| {});
-    let (_other, other_addr, _run) =
-        start_switch(&w.url, config, w.switch.key.clone(), &other_shutdown).await;
+    let (_other, other_addr, other_shutdown) = w.another_switch().await;
     let pan = "6222020000000000041";
     let before = w.balance(pan).await;
     // This switch reads the terminal and its open batch (and keeps them).
