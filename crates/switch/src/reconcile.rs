@@ -105,15 +105,22 @@ pub struct Reconciliation {
     pub issuer_total: i64,
     /// Every disagreement.
     pub breaks: Vec<Break>,
-    /// Disagreements of a day's check that are the day's edge, not the
-    /// money's ([`Reconciliation::carry`]).
+    /// Disagreements of a day's check on entries whose postings cross the
+    /// day's edge ([`Reconciliation::carry`]): the day's file cannot tell
+    /// whether they are the money's.
     pub carried: Vec<Break>,
 }
 
 impl Reconciliation {
-    /// True when the money invariant holds: no break, and the totals agree
-    /// but for what was carried over.
+    /// True when the money invariant holds.
     pub fn balanced(&self) -> bool {
+        self.breaks.is_empty() && self.carried.is_empty() && self.journal_total == self.issuer_total
+    }
+
+    /// True when nothing but carried-over entries stands in the way: the
+    /// day shows no break of its own, and the totals agree but for them. The
+    /// check is not final: a check of all days (no `--date`) decides them.
+    pub fn balanced_but_carried(&self) -> bool {
         let (expected, posted) = self
             .carried
             .iter()
@@ -135,9 +142,8 @@ impl Reconciliation {
 /// Of `rrns`, those whose postings a check of `date` (UTC) cannot see whole:
 /// the entry was received on another day, or the issuer heard of it after
 /// the day ended (its outcome, or an advice answered later or not yet), so
-/// its postings are in two days' clearing files. Their breaks on `date` are
-/// the day's edge; the check of the next day, or one of all days, settles
-/// them.
+/// its postings are in two days' clearing files. A day's file cannot
+/// decide their breaks; a check of all days can.
 pub async fn across_midnight(
     pool: &PgPool,
     date: NaiveDate,

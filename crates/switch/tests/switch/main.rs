@@ -1540,8 +1540,9 @@ async fn a_days_check_carries_over_what_crosses_midnight_and_still_finds_breaks(
             expected: -300
         }]
     );
-    assert!(!result.balanced());
-    // Without it, the day balances but for what it carried over.
+    assert!(!result.balanced_but_carried());
+    // Without it, the day balances but for what it carried over, which a
+    // day's file cannot decide: not balanced, and no break of its own.
     sqlx::query("UPDATE journal SET state = 'declined' WHERE rrn = 'R00000000003'")
         .execute(&w.pool)
         .await
@@ -1557,7 +1558,8 @@ async fn a_days_check_carries_over_what_crosses_midnight_and_still_finds_breaks(
             .unwrap(),
     );
     assert!(result.breaks.is_empty());
-    assert!(result.balanced(), "{result:?}");
+    assert!(result.balanced_but_carried(), "{result:?}");
+    assert!(!result.balanced());
 }
 
 #[tokio::test]

@@ -77,8 +77,14 @@ pub async fn run(args: &ReconcileArgs) -> Result<(), Failure> {
             "{pending} advice(s) not answered yet: the check is not final"
         )));
     }
-    if !result.balanced() {
+    if !result.balanced_but_carried() {
         return Err(Failure::Other(anyhow!("the money invariant is broken")));
+    }
+    if !result.carried.is_empty() {
+        return Err(Failure::Other(anyhow!(
+            "{} entries cross midnight: the check is not final; run it without --date, on a file of all days, to decide them",
+            result.carried.len()
+        )));
     }
     println!("money check: balanced to the fen");
     Ok(())
