@@ -569,6 +569,10 @@ impl Switch {
     fn replay(&self, req: &Request<'_>, body: &[u8], out: &mut BytesMut) {
         let d = &*self.terminal_dialect;
         out.clear();
+        if body.is_empty() {
+            // The earlier request got no reply ([`Switch::reply`]): nor does this.
+            return;
+        }
         let mut prefix = vec![0u8; d.tpdu_len() + d.header_len()];
         let (tpdu, header) = prefix.split_at_mut(d.tpdu_len());
         d.reply_tpdu(req.msg.tpdu(), tpdu);
@@ -579,10 +583,12 @@ impl Switch {
         out.extend_from_slice(body);
     }
 
-    /// The reply from its MTI on (what is stored for duplicates).
+    /// The reply from its MTI on (what is stored for duplicates); empty
+    /// when there is none.
     pub(crate) fn body<'b>(&self, out: &'b BytesMut) -> &'b [u8] {
         let d = &*self.terminal_dialect;
-        &out[2 + d.tpdu_len() + d.header_len()..]
+        out.get(2 + d.tpdu_len() + d.header_len()..)
+            .unwrap_or_default()
     }
 
     pub(crate) async fn store_reply(&self, id: i64, out: &BytesMut) {
@@ -795,8 +801,10 @@ impl Switch {
             }
         }
         // Only the switch's own fields and the request's are left: a dialect
-        // `config check` accepts carries them.
-        error!(error = %e, "reply does not fit the terminal dialect");
+        // `config check` accepts carries them. Should it not, nothing is sent
+        // rather than a broken frame: the terminal, unanswered, reverses.
+        error!(error = %e, "reply does not fit the terminal dialect: nothing sent");
+        out.clear();
     }
 
     fn write_reply(
