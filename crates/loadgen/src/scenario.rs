@@ -462,7 +462,10 @@ impl Player {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         terminal.set_stan((now.as_millis() % 999_999) as u32 + index as u32 * 7);
-        let signed = terminal.sign_on().await.map_err(|e| format!("{id}: {e}"))?;
+        let signed = tokio::time::timeout(scenario.reply_timeout, terminal.sign_on())
+            .await
+            .map_err(|_| format!("{id}: no sign-on reply within {:?}", scenario.reply_timeout))?
+            .map_err(|e| format!("{id}: {e}"))?;
         if signed.rc() != "00" {
             return Err(format!("{id}: sign-on answered {}", signed.rc()));
         }
@@ -514,7 +517,9 @@ impl Player {
         let mut backoff = Duration::from_millis(50);
         loop {
             if self.terminal.reconnect(&self.target).await.is_ok()
-                && self.terminal.sign_on().await.is_ok_and(|r| r.rc() == "00")
+                && tokio::time::timeout(self.scenario.reply_timeout, self.terminal.sign_on())
+                    .await
+                    .is_ok_and(|signed| signed.is_ok_and(|r| r.rc() == "00"))
             {
                 self.broken = false;
                 self.reconnects += 1;
@@ -1406,6 +1411,30 @@ mod tests {
             _ => Answer::With("00"),
         })
         .await;
+    }
+
+    #[tokio::test]
+    async fn a_terminal_gives_up_on_a_sign_on_after_its_timeout() {
+        let (addr, _seen) = stand_in_switch(|mti, _| match mti {
+            "0800" => Answer::Silence,
+            _ => Answer::With("00"),
+        })
+        .await;
+        let scenario = Scenario::parse(
+            &format!("reply_timeout = \"200ms\"\n{TWO_PURCHASES}"),
+            "s.toml",
+        )
+        .unwrap();
+        let run = tokio::time::timeout(
+            Duration::from_secs(20),
+            run(&addr, scenario, &Meter::load_generator()),
+        )
+        .await
+        .expect("the run ends");
+        let Err(e) = run else {
+            panic!("no terminal signed on, yet the run went on");
+        };
+        assert!(e.contains("no sign-on reply"), "{e}");
     }
 
     #[tokio::test]
