@@ -316,8 +316,11 @@ async fn send(switch: &Switch, advice: Due) {
         w.finish()
     })();
     if let Err(e) = built {
+        // Never sent, so not an attempt; the dialect will not change until
+        // the switch restarts: tried again at the longest wait.
         warn!(advice = advice.id, error = %e, "advice does not fit the network dialect");
-        return reschedule(switch, &advice, &e.to_string()).await;
+        let wait = switch.config.advice.retry_max;
+        return retry_after(switch, &advice, &e.to_string(), -1, wait).await;
     }
     let frame = buf.freeze();
     let key = Message::parse(&switch.network_dialect, &frame[2..])
