@@ -43,7 +43,8 @@ pub struct FaultCounts {
 struct State {
     config: FaultConfig,
     rng: StdRng,
-    /// The seed `rng` started from.
+    /// The seed `rng` started from (0 before any fault draws, with no
+    /// seed configured).
     seed: u64,
     /// Whether a seed drawn at random has been logged: once, when faults
     /// that draw first come into force, so that a run can be repeated.
@@ -52,7 +53,7 @@ struct State {
 
 impl State {
     fn new(config: FaultConfig) -> State {
-        let seed = config.seed.unwrap_or_else(rand::random);
+        let seed = config.seed.unwrap_or_default();
         let mut state = State {
             rng: StdRng::seed_from_u64(seed),
             seed,
@@ -69,8 +70,12 @@ impl State {
         self.rng = StdRng::seed_from_u64(seed);
     }
 
+    /// Draws start again from a seed of their own, told, the moment faults
+    /// that draw first come into force: replies before it drew from the
+    /// generator too, so the seed it started with would not repeat them.
     fn announce(&mut self) {
         if self.config.seed.is_none() && self.config.draws() && !self.announced {
+            self.reseed(rand::random());
             tracing::info!(seed = self.seed, "fault draws seeded at random");
             self.announced = true;
         }
@@ -290,6 +295,11 @@ mod tests {
         assert!(!f.lock().announced, "nothing drawn: nothing to repeat");
         f.update(|c| c.latency = Latency::Fixed(Duration::from_millis(5)));
         assert!(!f.lock().announced, "a fixed latency draws nothing");
+        // Replies answered before the faults came: the seed told must
+        // repeat what follows all the same.
+        for _ in 0..5 {
+            assert_eq!(f.draw(), Fate::Answer(Duration::from_millis(5)));
+        }
         f.update(|c| c.drop_reply = 0.5);
         assert!(f.lock().announced);
         // The seed told repeats the draws.
