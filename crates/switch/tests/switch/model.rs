@@ -2004,6 +2004,19 @@ mod regressions {
     /// the switch has the sale approved again, the issuer still has it
     /// voided until the stored reversal advice reaches it.
     async fn void_reversed_while_the_issuer_is_away() -> (Restartable, Terminal, Sent) {
+        let (mut r, t, sale) = void_reversed_while_the_switch_is_stopped().await;
+        // Its next attempt is due in 3 s; the issuer is back at once.
+        sqlx::query("UPDATE advices SET next_attempt_at = now() + interval '3 seconds' WHERE state = 'pending'")
+            .execute(&r.w.pool)
+            .await
+            .unwrap();
+        r.restart().await;
+        (r, t, sale)
+    }
+
+    /// As [`void_reversed_while_the_issuer_is_away`], the switch not yet
+    /// restarted.
+    async fn void_reversed_while_the_switch_is_stopped() -> (Restartable, Terminal, Sent) {
         let mut r = Restartable::start().await;
         let mut t = r.w.signed_on(TERMINAL).await;
         let sale = purchase(&mut t, 0, 1_000).await;
@@ -2022,12 +2035,6 @@ mod regressions {
         )
         .await;
         assert!(!r.w.switch.links[0].is_up(), "the link is down");
-        // Its next attempt is due in 3 s; the issuer is back at once.
-        sqlx::query("UPDATE advices SET next_attempt_at = now() + interval '3 seconds' WHERE state = 'pending'")
-            .execute(&r.w.pool)
-            .await
-            .unwrap();
-        r.restart().await;
         (r, t, sale)
     }
 
@@ -2116,7 +2123,8 @@ mod regressions {
     /// is answered by the switch and queued behind the reversal instead.)
     #[tokio::test]
     async fn b6_a_reversal_the_worker_is_sending_is_not_sent_twice() {
-        let (r, mut t, sale) = void_reversed_while_the_issuer_is_away().await;
+        let (mut r, mut t, sale) = void_reversed_while_the_switch_is_stopped().await;
+        // Leased before the switch is back, so its worker cannot take it.
         sqlx::query(
             "UPDATE advices SET leased_until = now() + interval '1 hour',
                  next_attempt_at = now() + interval '1 hour' WHERE state = 'pending'",
@@ -2124,6 +2132,7 @@ mod regressions {
         .execute(&r.w.pool)
         .await
         .unwrap();
+        r.restart().await;
         let void = send(&mut t, related(K::Void, &sale, 1_000)).await;
         assert_eq!(void.reply.rc(), "91", "{:?}", void.reply);
         let (state, attempts): (String, i32) =
