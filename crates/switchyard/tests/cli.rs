@@ -331,24 +331,27 @@ fn config_check_lists_every_problem_with_file_line_and_key() {
 #[test]
 fn demo_serve_answers_terminals_and_exits_0_on_sigterm() {
     use std::io::BufRead;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+    // Port 0: the demo says which port it got. (A port found free here and
+    // handed over could be taken meanwhile by a server another test starts.)
+    let errors = std::env::temp_dir().join(format!("sy-serve-{}.err", std::process::id()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["demo", "--serve", "--listen", &listen])
+        .args(["demo", "--serve", "--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&errors).unwrap())
         .spawn()
         .unwrap();
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = lines.next().expect("a first line").unwrap();
-    assert_eq!(
-        first,
-        format!("switchyard demo: terminals connect to {listen} (cup-pos)")
-    );
+    let Some(Ok(first)) = lines.next() else {
+        let log = std::fs::read_to_string(&errors).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        panic!("the demo ended before serving:\n{}", tail.join("\n"));
+    };
+    let listen = first
+        .strip_prefix("switchyard demo: terminals connect to 127.0.0.1:")
+        .and_then(|rest| rest.strip_suffix(" (cup-pos)"))
+        .and_then(|port| port.parse::<u16>().ok())
+        .map(|port| format!("127.0.0.1:{port}"))
+        .unwrap_or_else(|| panic!("not the first line of demo --serve: {first}"));
     // A real terminal exchange through the running demo.
     let load = switchyard(
         &[
@@ -529,6 +532,7 @@ fn demo_serve_answers_terminals_and_exits_0_on_sigterm() {
     assert!(status.success());
     let exit = child.wait().unwrap();
     assert_eq!(exit.code(), Some(0), "graceful shutdown exits 0");
+    let _ = std::fs::remove_file(&errors);
 }
 
 #[tokio::test]
