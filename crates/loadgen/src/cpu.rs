@@ -501,8 +501,9 @@ mod tests {
         let meter = Meter::load_generator();
         let from = meter.read();
         assert!(from.parts[0].is_some(), "this process's times");
-        // Work until the process's time moves by a tick (10 ms of CPU),
-        // for as long as that takes on a busy machine.
+        // Work until the process's time moves by a tick (10 ms of CPU), and
+        // the machine's (each CPU's counters move at its own tick), for as
+        // long as that takes on a busy machine.
         let give_up = std::time::Instant::now() + Duration::from_secs(30);
         let mut x = 0u64;
         let to = loop {
@@ -510,7 +511,13 @@ mod tests {
                 x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
             }
             let now = meter.read();
-            if now.parts[0] > from.parts[0] || std::time::Instant::now() > give_up {
+            let machine_moved = match (&from.machine, &now.machine) {
+                (Some(a), Some(b)) => b.total > a.total,
+                _ => true,
+            };
+            if (now.parts[0] > from.parts[0] && machine_moved)
+                || std::time::Instant::now() > give_up
+            {
                 break now;
             }
         };
