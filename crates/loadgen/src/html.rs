@@ -603,6 +603,7 @@ mod tests {
         Run {
             report,
             balanced: (1, 1),
+            unbalanced: Vec::new(),
             errors: 0,
             resets: 0,
             reconnects: 0,

@@ -402,13 +402,15 @@ struct Pending {
     f61: Option<String>,
 }
 
-/// What one terminal totals for its settlement.
-#[derive(Debug, Clone, Copy, Default)]
-struct Totals {
-    debit: u64,
-    debits: u64,
-    credit: u64,
-    credits: u64,
+/// A transaction the terminal counts in its batch: what its settlement
+/// totals and, when the settlement does not balance, what it uploads.
+#[derive(Debug, Clone)]
+struct Counted {
+    stan: u32,
+    pan: String,
+    amount: u64,
+    /// A void or refund; otherwise a purchase or completion.
+    credit: bool,
 }
 
 /// One simulated terminal playing the scenario.
@@ -425,7 +427,8 @@ pub struct Player {
     sales: Vec<Sale>,
     holds: Vec<Hold>,
     pending: Option<Pending>,
-    totals: Totals,
+    /// The batch: every approved purchase, completion, void and refund.
+    counted: Vec<Counted>,
     /// What it timed itself (its 0400s and its settlement): kind, response
     /// code, latency. Kept as a list and recorded into the run's report at
     /// the end: a report of its own per terminal would be a histogram of
@@ -480,7 +483,7 @@ impl Player {
             sales: Vec::new(),
             holds: Vec::new(),
             pending: None,
-            totals: Totals::default(),
+            counted: Vec::new(),
             timed: Vec::new(),
             errors: 0,
             resets: 0,
@@ -691,8 +694,7 @@ impl Player {
                     }
                     if rc == "00" {
                         self.sales.remove(i);
-                        self.totals.credit += sale.amount;
-                        self.totals.credits += 1;
+                        self.count(stan, &sale.pan, sale.amount, true);
                     }
                     ("void", rc)
                 } else {
@@ -714,8 +716,7 @@ impl Player {
                         if self.sales[i].refunded >= self.sales[i].amount {
                             self.sales.remove(i);
                         }
-                        self.totals.credit += part;
-                        self.totals.credits += 1;
+                        self.count(stan, &sale.pan, part, true);
                     }
                     ("refund", rc)
                 }
@@ -778,8 +779,7 @@ impl Player {
                 if rc == "00" {
                     self.holds.remove(i);
                     if op == Op::Completion {
-                        self.totals.debit += amount;
-                        self.totals.debits += 1;
+                        self.count(stan, &hold.pan, amount, false);
                     }
                 }
                 (kind, rc)
@@ -906,8 +906,7 @@ impl Player {
     }
 
     fn keep(&mut self, stan: u32, pan: String, amount: u64, reply: Reply) {
-        self.totals.debit += amount;
-        self.totals.debits += 1;
+        self.count(stan, &pan, amount, false);
         self.sales.push(Sale {
             stan,
             pan,
@@ -917,17 +916,43 @@ impl Player {
         });
     }
 
+    fn count(&mut self, stan: u32, pan: &str, amount: u64, credit: bool) {
+        self.counted.push(Counted {
+            stan,
+            pan: pan.to_string(),
+            amount,
+            credit,
+        });
+    }
+
+    /// The terminal's id.
+    pub fn id(&self) -> &str {
+        &self.terminal.id
+    }
+
+    /// The open batch.
+    pub fn batch(&self) -> u32 {
+        self.terminal.batch
+    }
+
     /// Reverses what is left to reverse and settles the batch with the
     /// terminal's own totals; returns the reconciliation code (1 balanced).
+    /// When the switch's figures differ (2), the terminal uploads its batch,
+    /// as rule S1 says, so the switch can tell which transactions differ.
     pub async fn settle(&mut self) -> Option<String> {
         self.reverse_pending().await;
-        let t = self.totals;
+        let (mut debit, mut debits, mut credit, mut credits) = (0, 0, 0, 0);
+        for c in &self.counted {
+            if c.credit {
+                (credit, credits) = (credit + c.amount, credits + 1);
+            } else {
+                (debit, debits) = (debit + c.amount, debits + 1);
+            }
+        }
         let totals = format!(
-            "{:012}{:03}{:012}{:03}0{}",
-            t.debit,
-            t.debits % 1000,
-            t.credit,
-            t.credits % 1000,
+            "{debit:012}{:03}{credit:012}{:03}0{}",
+            debits % 1000,
+            credits % 1000,
             "0".repeat(31)
         );
         let stan = self.terminal.next_stan();
@@ -936,7 +961,41 @@ impl Player {
         let reply = self.exchange_retrying(&frame).await?;
         self.timed
             .push(("settlement", reply.rc().to_string(), started.elapsed()));
-        reply.field(48).get(30..31).map(str::to_string)
+        let code = reply.field(48).get(30..31).map(str::to_string);
+        if code.as_deref() == Some("2") {
+            self.upload().await;
+        }
+        code
+    }
+
+    /// The batch upload (0320): every counted transaction, eight a message,
+    /// then the upload's end. Stops at the first message not approved.
+    async fn upload(&mut self) {
+        let batch = self.terminal.batch;
+        let counted = std::mem::take(&mut self.counted);
+        let chunks = counted.chunks(8).map(Some).chain([None]);
+        for chunk in chunks {
+            let records: Vec<(u32, &str, u64)> = chunk
+                .unwrap_or_default()
+                .iter()
+                .map(|c| (c.stan, c.pan.as_str(), c.amount))
+                .collect();
+            let stan = self.terminal.next_stan();
+            let Ok(frame) = self.terminal.batch_upload(stan, batch, &records) else {
+                break;
+            };
+            let started = std::time::Instant::now();
+            let rc = self
+                .exchange_retrying(&frame)
+                .await
+                .map_or("--".to_string(), |r| r.rc().to_string());
+            let approved = rc == "00";
+            self.timed.push(("batch_upload", rc, started.elapsed()));
+            if !approved {
+                break;
+            }
+        }
+        self.counted = counted;
     }
 }
 
@@ -954,6 +1013,9 @@ pub struct Run {
     pub report: Report,
     /// Terminals whose settlement balanced, and all that settled.
     pub balanced: (usize, usize),
+    /// The terminals whose settlement did not balance or was not answered
+    /// with totals, with their batch (`switchyard settlement report`).
+    pub unbalanced: Vec<(String, u32)>,
     /// Connection failures (the resets the terminals made on purpose excluded).
     pub errors: u64,
     /// Connections the terminals reset on purpose (`reset_connection`).
@@ -1065,13 +1127,17 @@ pub async fn run(target: &str, scenario: Scenario, meter: &Meter) -> Result<Run,
     }
     // The 0400s themselves and the settlements are added as the terminals timed them.
     let mut balanced = (0, 0);
+    let mut unbalanced = Vec::new();
     if scenario.settle {
         for p in &mut players {
             // Unanswered, or answered without totals (96, 77, 30): not
             // balanced either.
             match p.settle().await.as_deref() {
                 Some("1") => balanced = (balanced.0 + 1, balanced.1 + 1),
-                Some(_) | None => balanced.1 += 1,
+                Some(_) | None => {
+                    balanced.1 += 1;
+                    unbalanced.push((p.id().to_string(), p.batch()));
+                }
             }
         }
     }
@@ -1084,6 +1150,7 @@ pub async fn run(target: &str, scenario: Scenario, meter: &Meter) -> Result<Run,
     Ok(Run {
         report,
         balanced,
+        unbalanced,
         errors,
         resets: players.iter().map(|p| p.resets).sum(),
         reconnects: players.iter().map(|p| p.reconnects).sum(),
@@ -1191,6 +1258,8 @@ mod tests {
         reset: Vec<usize>,
         /// Per request, its MTI, F60.1 (the transaction type), F38 and F61.
         originals: Vec<(String, String, Option<String>, Option<String>)>,
+        /// Per request, its F4, F48 and F60.3 (the network code).
+        amounts: Vec<(Option<u64>, Option<String>, String)>,
     }
 
     /// How a stand-in switch answers a request.
@@ -1202,6 +1271,9 @@ mod tests {
         OtherStan,
         /// Never.
         Silence,
+        /// A settlement's reply: approved, the terminal's totals echoed
+        /// with this reconciliation code.
+        Totals(char),
     }
 
     /// A stand-in switch that approves everything it is sent.
@@ -1262,12 +1334,27 @@ mod tests {
                                 msg.text(38).map(str::to_string),
                                 digits(61),
                             ));
+                            log.amounts.push((
+                                msg.digits(4).and_then(|d| d.to_u64()),
+                                digits(48),
+                                digits(60).map(|f| f[8..].to_string()).unwrap_or_default(),
+                            ));
                             before
                         };
+                        let mut totals = None;
                         let (rc, stan) = match answer(&mti, before) {
                             Answer::Silence => continue,
                             Answer::With(rc) => (rc, stan),
                             Answer::OtherStan => ("00", stan % 999_999 + 1),
+                            Answer::Totals(code) => {
+                                let mut f48: String = msg
+                                    .digits(48)
+                                    .map(|d| d.iter().map(char::from).collect())
+                                    .unwrap_or_default();
+                                f48.replace_range(30..31, &code.to_string());
+                                totals = Some(f48);
+                                ("00", stan)
+                            }
                         };
                         let mut out = bytes::BytesMut::new();
                         let mut w = MessageWriter::reply(&dialect, &mut out, &msg);
@@ -1279,9 +1366,13 @@ mod tests {
                         w.text(37, "000000000001").unwrap();
                         w.text(38, "123456").unwrap();
                         w.text(39, rc).unwrap();
-                        for n in [41, 42, 60] {
+                        for n in [41, 42] {
                             w.copy(n, &msg).unwrap();
                         }
+                        if let Some(f48) = &totals {
+                            w.digits(48, f48).unwrap();
+                        }
+                        w.copy(60, &msg).unwrap();
                         w.finish().unwrap();
                         if framed.get_mut().write_all(&out).await.is_err() {
                             return;
@@ -1493,6 +1584,91 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(run.balanced, (0, 2));
+    }
+
+    /// What a terminal uploaded after its settlement: (STAN, amount) of
+    /// every record, and whether the upload's end came last.
+    fn uploaded(seen: &Seen) -> (Vec<(u32, u64)>, bool) {
+        let uploads: Vec<_> = seen
+            .amounts
+            .iter()
+            .zip(&seen.requests)
+            .filter(|(_, r)| r.1 == "0320")
+            .map(|(a, _)| a)
+            .collect();
+        let mut records = Vec::new();
+        for (_, f48, _) in uploads.iter().filter(|u| u.2 == "201") {
+            let f48 = f48.as_deref().unwrap();
+            let count: usize = f48[..2].parse().unwrap();
+            assert!((1..=8).contains(&count), "{f48}");
+            assert_eq!(f48.len(), 2 + count * 40);
+            for r in f48.as_bytes()[2..].chunks(40) {
+                let r = std::str::from_utf8(r).unwrap();
+                records.push((r[2..8].parse().unwrap(), r[28..40].parse().unwrap()));
+            }
+        }
+        let ended = uploads.last().is_some_and(|u| u.2 == "202");
+        (records, ended)
+    }
+
+    #[tokio::test]
+    async fn a_terminal_whose_settlement_does_not_balance_uploads_its_batch() {
+        let (addr, seen) = stand_in_switch(|mti, _| match mti {
+            "0500" => Answer::Totals('2'),
+            _ => Answer::With("00"),
+        })
+        .await;
+        let scenario = Scenario::parse(
+            "terminals = 1\nrate = 100\nduration = \"100ms\"\n[mix]\npurchase = 1\n",
+            "s.toml",
+        )
+        .unwrap();
+        let run = run(&addr, scenario, &Meter::load_generator())
+            .await
+            .unwrap();
+        assert_eq!(run.balanced, (0, 1));
+        // The stand-in echoes the sign-on's F60, batch 000000.
+        assert_eq!(run.unbalanced, vec![("T0000001".to_string(), 0)]);
+        let seen = seen.lock().unwrap();
+        // Every approved purchase, by its STAN and amount, in uploads of at
+        // most eight records, then the end.
+        let sold: Vec<(u32, u64)> = seen
+            .requests
+            .iter()
+            .zip(&seen.amounts)
+            .filter(|(r, _)| r.1 == "0200")
+            .map(|(r, a)| (r.2, a.0.unwrap()))
+            .collect();
+        assert_eq!(sold.len(), 10);
+        let (records, ended) = uploaded(&seen);
+        assert_eq!(records, sold);
+        assert!(ended, "the upload's end (F60.3 202) comes last");
+        assert_eq!(
+            seen.requests.iter().filter(|r| r.1 == "0320").count(),
+            3,
+            "10 records: 8 and 2, then the end"
+        );
+        assert_eq!(run.report.kinds["batch_upload"].count(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_terminal_whose_settlement_balances_uploads_nothing() {
+        let (addr, seen) = stand_in_switch(|mti, _| match mti {
+            "0500" => Answer::Totals('1'),
+            _ => Answer::With("00"),
+        })
+        .await;
+        let scenario = Scenario::parse(
+            "terminals = 1\nrate = 100\nduration = \"50ms\"\n[mix]\npurchase = 1\n",
+            "s.toml",
+        )
+        .unwrap();
+        let run = run(&addr, scenario, &Meter::load_generator())
+            .await
+            .unwrap();
+        assert_eq!(run.balanced, (1, 1));
+        assert!(run.unbalanced.is_empty());
+        assert_eq!(uploaded(&seen.lock().unwrap()), (vec![], false));
     }
 
     #[tokio::test]

@@ -337,6 +337,15 @@ impl SettlementReport {
 
     /// For people.
     pub fn to_text(&self) -> String {
+        self.text(true)
+    }
+
+    /// For people, the matched transactions only counted: what differs.
+    pub fn differences(&self) -> String {
+        self.text(false)
+    }
+
+    fn text(&self, matched: bool) -> String {
         let mut out = format!("terminal {} batch {:06}\n", self.terminal_id, self.batch);
         match &self.settlement {
             Some((t, s, b)) => out.push_str(&format!(
@@ -346,7 +355,7 @@ impl SettlementReport {
             None => out.push_str("settlement: none yet\n"),
         }
         out.push_str(&format!("matched: {}\n", self.matched.len()));
-        for (s, a, k) in &self.matched {
+        for (s, a, k) in self.matched.iter().filter(|_| matched) {
             out.push_str(&format!("  stan {s:06} {:>12} {k}\n", fen(*a)));
         }
         out.push_str(&format!(

@@ -823,7 +823,9 @@ async fn scripted_day(
         break_on_time(stack, f, started)
     );
     stack.issuer.faults().clear();
-    played.map_err(|e| anyhow!("{e}"))?;
+    // A batch that did not balance fails the demo after the money check,
+    // which tells more about it.
+    let unbalanced = played.map_err(|e| anyhow!("{e}"))?;
     println!(
         "{}",
         batches_line(stack.batches() - batches, started.elapsed())
@@ -931,11 +933,18 @@ async fn scripted_day(
     for b in &result.breaks {
         println!("  {b}");
     }
+    // What the terminals' uploads and the journal differ on, for the first
+    // few batches that did not balance.
+    for (terminal, batch) in unbalanced.iter().take(3) {
+        let report = switch::audit::settlement_report(&stack.pool, terminal, *batch as i32).await?;
+        println!();
+        print!("{}", report.differences());
+    }
     if !result.balanced() || totals.balance - totals.opening != result.journal_total {
         bail!("money check FAILED: the issuer's balances and the journal disagree");
     }
     println!("money check: balanced to the fen");
-    Ok(())
+    super::load::all_balanced(&unbalanced).map_err(|e| anyhow!("{e}"))
 }
 
 #[cfg(test)]

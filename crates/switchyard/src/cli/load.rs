@@ -97,9 +97,10 @@ pub struct Outputs<'a> {
     pub html: Option<&'a std::path::Path>,
 }
 
-/// Plays a scenario and prints its report; an error when a settlement did
-/// not balance or was not answered with totals. (Failed connections are
-/// counted in the report: a fault scenario makes them on purpose.)
+/// Plays a scenario and prints its report; returns the batches whose
+/// settlement did not balance or was not answered with totals (see
+/// [`all_balanced`]). (Failed connections are counted in the report: a fault
+/// scenario makes them on purpose.)
 ///
 /// `meter` names the parts of the system under test whose CPU time the
 /// report gives per transaction (see [`loadgen::cpu`]).
@@ -108,7 +109,7 @@ pub async fn play(
     scenario: loadgen::scenario::Scenario,
     outputs: Outputs<'_>,
     meter: &loadgen::cpu::Meter,
-) -> Result<(), Failure> {
+) -> Result<Vec<(String, u32)>, Failure> {
     let name = scenario.name.clone();
     let count = scenario.count();
     let p99_target = scenario.p99_target;
@@ -164,13 +165,18 @@ pub async fn play(
     }
     if let Some(path) = outputs.json {
         let text = format!(
-            "{{\"scenario\": {name:?}, \"scheduled\": {count}, \"elapsed_s\": {:.3}, \"connection_failures\": {}, \"resets_injected\": {}, \"reconnections\": {}, \"settlements\": {{\"balanced\": {}, \"settled\": {}}}, \"report\": {}, \"seconds\": {}, \"steps\": [{}], \"cpu\": {}}}\n",
+            "{{\"scenario\": {name:?}, \"scheduled\": {count}, \"elapsed_s\": {:.3}, \"connection_failures\": {}, \"resets_injected\": {}, \"reconnections\": {}, \"settlements\": {{\"balanced\": {}, \"settled\": {}, \"unbalanced\": [{}]}}, \"report\": {}, \"seconds\": {}, \"steps\": [{}], \"cpu\": {}}}\n",
             run.elapsed.as_secs_f64(),
             run.errors,
             run.resets,
             run.reconnects,
             run.balanced.0,
             run.balanced.1,
+            run.unbalanced
+                .iter()
+                .map(|(t, b)| format!("{{\"terminal\": {t:?}, \"batch\": {b}}}"))
+                .collect::<Vec<_>>()
+                .join(", "),
             run.report.to_json(),
             run.timeline.to_json(),
             run.steps
@@ -204,12 +210,30 @@ pub async fn play(
         std::fs::write(path, page)
             .map_err(|e| Failure::Other(anyhow::anyhow!("{}: {e}", path.display())))?;
     }
-    if run.balanced.0 != run.balanced.1 {
-        return Err(Failure::Other(anyhow::anyhow!(
-            "a settlement did not balance, or was not answered with totals"
-        )));
-    }
-    Ok(())
+    Ok(run.unbalanced)
+}
+
+/// An error for settlements that did not balance: which batches, and the
+/// command that shows what the terminal and the switch differ on.
+pub fn all_balanced(batches: &[(String, u32)]) -> Result<(), Failure> {
+    let Some((terminal, batch)) = batches.first() else {
+        return Ok(());
+    };
+    let shown: Vec<String> = batches
+        .iter()
+        .take(5)
+        .map(|(terminal, batch)| format!("{terminal} batch {batch:06}"))
+        .collect();
+    let more = match batches.len().saturating_sub(shown.len()) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    Err(Failure::Other(anyhow::anyhow!(
+        "{} settlement(s) did not balance, or were not answered with totals: {}{more}; \
+         `switchyard settlement report --terminal {terminal} --batch {batch}` lists what the terminal uploaded and the journal counted",
+        batches.len(),
+        shown.join(", ")
+    )))
 }
 
 /// `switchyard load`.
@@ -229,13 +253,14 @@ pub async fn run(args: &LoadArgs) -> Result<(), Failure> {
             .map(|(name, pid)| (name.clone(), loadgen::cpu::Source::Tree(*pid)))
             .collect();
         parts.push(("load generator".into(), loadgen::cpu::Source::Rest));
-        return play(
+        let unbalanced = play(
             &args.target,
             scenario,
             outputs,
             &loadgen::cpu::Meter::new(parts),
         )
-        .await;
+        .await?;
+        return all_balanced(&unbalanced);
     }
     let outcome = run_plan(Plan {
         target: args.target.clone(),
@@ -273,7 +298,31 @@ pub async fn run(args: &LoadArgs) -> Result<(), Failure> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_part;
+    use super::{all_balanced, parse_part};
+
+    #[test]
+    fn unbalanced_settlements_are_named_with_the_command_that_shows_them() {
+        assert!(all_balanced(&[]).is_ok());
+        let batches: Vec<(String, u32)> = (1..=7).map(|i| (format!("T000000{i}"), 3)).collect();
+        let message = all_balanced(&batches).unwrap_err().to_string();
+        assert!(
+            message.starts_with("7 settlement(s) did not balance"),
+            "{message}"
+        );
+        assert!(
+            message.contains("T0000001 batch 000003, T0000002 batch 000003"),
+            "{message}"
+        );
+        assert!(
+            message.contains("T0000005 batch 000003 and 2 more"),
+            "{message}"
+        );
+        assert!(!message.contains("T0000006"), "{message}");
+        assert!(
+            message.contains("`switchyard settlement report --terminal T0000001 --batch 3`"),
+            "{message}"
+        );
+    }
 
     #[test]
     fn a_cpu_part_is_a_plain_name_and_a_running_process() {
