@@ -5,8 +5,9 @@
 //! keeps a reversal record before every reversible request and, when no
 //! valid reply came, sends the 0400 (reason 98) before its next transaction
 //! (retrying it until answered), voids and refunds its own earlier sales,
-//! cancels or completes its own open pre-authorisations, and settles its
-//! batch at the end with its own totals. Requests are
+//! cancels or completes its own open pre-authorisations and voids its
+//! completions, and settles its batch at the end with its own totals
+//! (uploading the batch when the switch's figures differ). Requests are
 //! scheduled open loop (`crate::open`), latency from the scheduled time.
 
 use std::path::Path;
@@ -45,6 +46,8 @@ pub enum Op {
     /// A completion request (0200) of one of its open pre-authorisations,
     /// for at most the amount held: the debit.
     Completion,
+    /// A void of one of its approved completions.
+    CompletionVoid,
 }
 
 impl Op {
@@ -59,7 +62,7 @@ impl Op {
 /// `config/load/smoke.toml`, embedded: what `switchyard demo` plays.
 pub const SMOKE: &str = include_str!("../../../config/load/smoke.toml");
 
-const OPS: [(&str, Op); 9] = [
+const OPS: [(&str, Op); 10] = [
     ("purchase", Op::Purchase),
     ("balance_inquiry", Op::BalanceInquiry),
     ("void", Op::Void),
@@ -69,6 +72,7 @@ const OPS: [(&str, Op); 9] = [
     ("preauth", Op::PreAuth),
     ("preauth_cancel", Op::PreAuthCancel),
     ("completion", Op::Completion),
+    ("completion_void", Op::CompletionVoid),
 ];
 
 /// A scenario file.
@@ -426,6 +430,8 @@ pub struct Player {
     broken: bool,
     sales: Vec<Sale>,
     holds: Vec<Hold>,
+    /// Approved completions, to void one later.
+    completions: Vec<Hold>,
     pending: Option<Pending>,
     /// The batch: every approved purchase, completion, void and refund.
     counted: Vec<Counted>,
@@ -483,6 +489,7 @@ impl Player {
             sales: Vec::new(),
             holds: Vec::new(),
             pending: None,
+            completions: Vec::new(),
             counted: Vec::new(),
             timed: Vec::new(),
             errors: 0,
@@ -780,9 +787,59 @@ impl Player {
                     self.holds.remove(i);
                     if op == Op::Completion {
                         self.count(stan, &hold.pan, amount, false);
+                        if let Some(reply) = reply {
+                            self.completions.push(Hold {
+                                stan,
+                                pan: hold.pan,
+                                amount,
+                                reply: reply.kept(),
+                            });
+                        }
                     }
                 }
                 (kind, rc)
+            }
+            Op::CompletionVoid if !self.completions.is_empty() => {
+                let i = self.dice.below(self.completions.len() as u64) as usize;
+                let done = self.completions[i].clone();
+                let (rrn, auth_code, date) = (
+                    done.reply.field(37),
+                    done.reply.field(38),
+                    done.reply.field(13),
+                );
+                let original = Original {
+                    batch: self.terminal.batch,
+                    stan: done.stan,
+                    rrn: &rrn,
+                    auth_code: &auth_code,
+                    date: &date,
+                };
+                let stan = self.terminal.next_stan();
+                let Ok(frame) =
+                    self.terminal
+                        .completion_void(stan, &done.pan, expiry, done.amount, &original)
+                else {
+                    return ("completion_void", "--".into());
+                };
+                self.pending = Some(Pending {
+                    pan: done.pan.clone(),
+                    processing_code: "200000",
+                    amount: done.amount,
+                    stan,
+                    condition: "06",
+                    f60: self.terminal.f60("21"),
+                    f61: Some(format!("{:06}{:06}", original.batch, original.stan)),
+                });
+                let reply = self.exchange_reversible(&frame).await;
+                if reply.is_some() {
+                    self.pending = None;
+                }
+                let rc = reply.as_ref().map_or("--", Reply::rc).to_string();
+                if rc == "00" {
+                    self.completions.remove(i);
+                    self.count(stan, &done.pan, done.amount, true);
+                }
+                ("completion_void", rc)
             }
             Op::PreAuth => {
                 let (pan, amount, stan) = (self.card(), self.amount(), self.terminal.next_stan());
@@ -1175,6 +1232,8 @@ mod tests {
         // every kind.
         for op in [Op::PreAuth, Op::Completion, Op::PreAuthCancel] {
             assert!(mixed.mix.iter().any(|(o, _)| *o == op), "{op:?}");
+        }
+        for (_, op) in OPS {
             assert!(smoke.mix.iter().any(|(o, _)| *o == op), "{op:?}");
         }
         let peak = Scenario::load(&dir.join("peak.toml")).unwrap();
@@ -1708,6 +1767,84 @@ mod tests {
             let f61 = r.3.as_deref().expect("a cancel's reversal carries F61");
             assert!(cancels.iter().any(|c| c.3.as_deref() == Some(f61)), "{r:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_completion_void_names_its_completion_and_counts_as_a_credit() {
+        let (addr, seen) = stand_in_switch(|mti, _| match mti {
+            "0500" => Answer::Totals('2'),
+            _ => Answer::With("00"),
+        })
+        .await;
+        let scenario = Scenario::parse(
+            "terminals = 1\nrate = 200\nduration = \"200ms\"\nseed = 5\n[mix]\npreauth = 2\ncompletion = 2\ncompletion_void = 1\n",
+            "s.toml",
+        )
+        .unwrap();
+        run(&addr, scenario, &Meter::load_generator())
+            .await
+            .unwrap();
+        let seen = seen.lock().unwrap();
+        // Per 0200: its STAN, F60.1, F38, F61 and F4.
+        let financial: Vec<_> = seen
+            .requests
+            .iter()
+            .zip(&seen.originals)
+            .zip(&seen.amounts)
+            .filter(|((r, _), _)| r.1 == "0200")
+            .map(|((r, o), a)| (r.2, o.1.as_str(), o.2.clone(), o.3.clone(), a.0.unwrap()))
+            .collect();
+        let completions: Vec<_> = financial.iter().filter(|f| f.1 == "20").collect();
+        let voids: Vec<_> = financial.iter().filter(|f| f.1 == "21").collect();
+        assert!(
+            !voids.is_empty(),
+            "no completion void in the run: {financial:?}"
+        );
+        let mut voided = Vec::new();
+        for v in &voids {
+            assert_eq!(v.2, None, "a completion void names no auth code: {v:?}");
+            let f61 = v.3.as_deref().expect("F61 names the completion");
+            let c = completions
+                .iter()
+                .find(|c| f61 == format!("000000{:06}", c.0))
+                .unwrap_or_else(|| panic!("{v:?} names no completion of {completions:?}"));
+            assert_eq!(v.4, c.4, "a void is for the completion's amount");
+            assert!(!voided.contains(&c.0), "completion {} voided twice", c.0);
+            voided.push(c.0);
+        }
+        // The settlement: completions debit (with the purchases sent while
+        // nothing was open to complete or void), their voids credit; the
+        // upload lists them all.
+        let debits: Vec<_> = financial
+            .iter()
+            .filter(|f| f.1 == "20" || f.1 == "22")
+            .collect();
+        assert!(debits.len() > completions.len());
+        let settlement = seen
+            .requests
+            .iter()
+            .zip(&seen.amounts)
+            .find(|(r, _)| r.1 == "0500")
+            .and_then(|(_, a)| a.1.clone())
+            .unwrap();
+        let debit: u64 = debits.iter().map(|c| c.4).sum();
+        let credit: u64 = voids.iter().map(|v| v.4).sum();
+        assert_eq!(
+            &settlement[..30],
+            format!(
+                "{debit:012}{:03}{credit:012}{:03}",
+                debits.len(),
+                voids.len()
+            )
+        );
+        let (records, ended) = uploaded(&seen);
+        let mut expected: Vec<(u32, u64)> =
+            debits.iter().chain(&voids).map(|f| (f.0, f.4)).collect();
+        expected.sort();
+        let mut records = records;
+        records.sort();
+        assert_eq!(records, expected);
+        assert!(ended);
     }
 
     #[tokio::test]
