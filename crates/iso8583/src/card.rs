@@ -46,6 +46,115 @@ pub(crate) fn write_masked_track(chars: &[u8], f: &mut impl fmt::Write) -> fmt::
     Ok(())
 }
 
+/// Writes batch upload records (the terminal dialect's F48 in a 0320: a
+/// count n2, then per record card type n2, STAN n6, PAN n20 zero-padded on
+/// the left, amount n12) with each record's PAN masked as
+/// [`write_masked_pan`], its padding kept. Fails closed: every 40-digit slot
+/// after the count is taken for a record, whatever the count says, and a
+/// record cut short has all it holds of its PAN masked. A count of `00` (the
+/// upload's end, or settlement totals in the same field) is shown as it is.
+pub(crate) fn write_masked_records(chars: &[u8], f: &mut impl fmt::Write) -> fmt::Result {
+    const RECORD: usize = 40;
+    const PAN: std::ops::Range<usize> = 8..28;
+    let write = |f: &mut dyn fmt::Write, part: &[u8]| -> fmt::Result {
+        part.iter().try_for_each(|&c| f.write_char(c as char))
+    };
+    let (count, records) = chars.split_at(chars.len().min(2));
+    write(f, count)?;
+    if count.iter().all(|&c| c == b'0') {
+        return write(f, records);
+    }
+    for record in records.chunks(RECORD) {
+        write(f, &record[..record.len().min(PAN.start)])?;
+        if record.len() < PAN.end {
+            for _ in PAN.start..record.len().max(PAN.start) {
+                f.write_char('*')?;
+            }
+            continue;
+        }
+        let pan = &record[PAN];
+        let padding = pan.iter().take_while(|&&c| c == b'0').count();
+        write(f, &pan[..padding])?;
+        write_masked_pan(&pan[padding..], f)?;
+        write(f, &record[PAN.end..])?;
+    }
+    Ok(())
+}
+
+/// EMV tags whose values are cardholder data: the PAN (5A), track 1 and 2
+/// equivalents (56, 57, 9F6B), their discretionary data (9F1F, 9F20), the
+/// cardholder's name (5F20), the expiry (5F24) and the service code (5F30).
+const EMV_CARD_TAGS: [&[u8]; 9] = [
+    &[0x5A],
+    &[0x56],
+    &[0x57],
+    &[0x9F, 0x6B],
+    &[0x9F, 0x1F],
+    &[0x9F, 0x20],
+    &[0x5F, 0x20],
+    &[0x5F, 0x24],
+    &[0x5F, 0x30],
+];
+
+/// Writes EMV data (BER-TLV, the IC card data of F55) as uppercase hex with
+/// the values of [`EMV_CARD_TAGS`] masked, inside constructed tags too. What
+/// cannot be read as TLV is masked to its end.
+pub(crate) fn write_masked_emv(bytes: &[u8], f: &mut impl fmt::Write) -> fmt::Result {
+    let mut at = 0;
+    while at < bytes.len() {
+        let Some((tag, value)) = tlv(bytes, at) else {
+            break;
+        };
+        for b in &bytes[at..value.start] {
+            write!(f, "{b:02X}")?;
+        }
+        let constructed = bytes[at] & 0x20 != 0;
+        if constructed {
+            write_masked_emv(&bytes[value.clone()], f)?;
+        } else if EMV_CARD_TAGS.contains(&&bytes[tag]) {
+            for _ in value.clone() {
+                f.write_str("**")?;
+            }
+        } else {
+            for b in &bytes[value.clone()] {
+                write!(f, "{b:02X}")?;
+            }
+        }
+        at = value.end;
+    }
+    for _ in at..bytes.len() {
+        f.write_str("**")?;
+    }
+    Ok(())
+}
+
+/// The tag and value of the TLV at `at`, as ranges of `bytes`; `None` when
+/// it does not fit (padding bytes `00` and `FF` are one-byte tags of no value).
+fn tlv(bytes: &[u8], at: usize) -> Option<(std::ops::Range<usize>, std::ops::Range<usize>)> {
+    let first = *bytes.get(at)?;
+    if first == 0x00 || first == 0xFF {
+        return Some((at..at + 1, at + 1..at + 1));
+    }
+    let mut end = at + 1;
+    if first & 0x1F == 0x1F {
+        while bytes.get(end)? & 0x80 != 0 {
+            end += 1;
+        }
+        end += 1;
+    }
+    let tag = at..end;
+    let (len, start) = match *bytes.get(end)? {
+        n if n < 0x80 => (usize::from(n), end + 1),
+        0x81 => (usize::from(*bytes.get(end + 1)?), end + 2),
+        0x82 => (
+            usize::from(*bytes.get(end + 1)?) << 8 | usize::from(*bytes.get(end + 2)?),
+            end + 3,
+        ),
+        _ => return None,
+    };
+    (start + len <= bytes.len()).then_some((tag, start..start + len))
+}
+
 /// A primary account number: 12 to 19 digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Pan {
@@ -231,6 +340,76 @@ mod tests {
             track.with_separator(b'=').expose(),
             "6222020000000000123=30121011234"
         );
+    }
+
+    fn records(chars: &str) -> String {
+        let mut s = String::new();
+        write_masked_records(chars.as_bytes(), &mut s).unwrap();
+        s
+    }
+
+    #[test]
+    fn batch_upload_records_show_each_pan_masked() {
+        // Card type, STAN, PAN (zero-padded to 20), amount.
+        let one = format!("00{:06}{:0>20}{:012}", 4, "6222020000000000001", 10_000);
+        let two = format!("00{:06}{:0>20}{:012}", 5, "6217000010000000", 2_550);
+        let (one_masked, two_masked) = (
+            format!("00{:06}0622202*********0001{:012}", 4, 10_000),
+            format!("00{:06}0000621700******0000{:012}", 5, 2_550),
+        );
+        assert_eq!(
+            records(&format!("02{one}{two}")),
+            format!("02{one_masked}{two_masked}")
+        );
+        // A record cut short: what it holds of its PAN is masked.
+        assert_eq!(
+            records(&format!("01{}", &one[..20])),
+            "0100000004************"
+        );
+        // A count that understates the records masks them all the same.
+        assert_eq!(
+            records(&format!("01{one}{two}")),
+            format!("01{one_masked}{two_masked}")
+        );
+        // Settlement totals and the upload's end are shown as they are.
+        let totals = "00000016332100700000003376000500000000000000000000000000000000";
+        assert_eq!(records(totals), totals);
+        assert_eq!(records("0000"), "0000");
+        assert_eq!(records("0"), "0");
+    }
+
+    fn emv(hex_text: &str) -> String {
+        let mut s = String::new();
+        write_masked_emv(&hex::decode(hex_text).unwrap(), &mut s).unwrap();
+        s
+    }
+
+    #[test]
+    fn emv_data_shows_its_tags_with_card_data_masked() {
+        // 9F26 (the cryptogram) stays; 5A (the PAN), 57 (track 2) and 5F24
+        // (the expiry) are masked; inside a constructed tag (70) too.
+        let data = "9F2608A1B2C3D4E5F60718\
+                    5A086222020000000001\
+                    570B6222020000000001D3012F\
+                    5F2403301231\
+                    70045A021234\
+                    9F100100";
+        let masked = format!(
+            "9F2608A1B2C3D4E5F60718\
+             5A08{}570B{}5F2403{}\
+             70045A02{}\
+             9F100100",
+            "*".repeat(16),
+            "*".repeat(22),
+            "*".repeat(6),
+            "*".repeat(4)
+        );
+        assert_eq!(emv(data), masked);
+        // Unreadable from some point on: masked from there.
+        assert_eq!(emv("9F020100"), "9F020100");
+        assert_eq!(emv("9F0201005A"), "9F020100**");
+        assert_eq!(emv("5A0962220200"), "*".repeat(12));
+        assert_eq!(emv("9F0283000000"), "*".repeat(12));
     }
 
     #[test]

@@ -104,6 +104,27 @@ pub enum Sensitivity {
     Track,
     /// PIN block or other secret: never shown.
     Secret,
+    /// Batch upload records (n2 count, then card type n2, STAN n6, PAN n20,
+    /// amount n12 each): each record's PAN shown as for [`Sensitivity::Pan`].
+    Records,
+    /// EMV data (BER-TLV): the values of the tags that carry card data
+    /// (PAN, track equivalents, name, expiry) never shown.
+    Emv,
+}
+
+impl Sensitivity {
+    /// How a field is shown when its dialect does not say: the fields that
+    /// carry card data in every ISO 8583 dialect are masked all the same, so
+    /// that a dialect file cannot leak them by leaving a key out.
+    pub fn of_field(number: usize) -> Sensitivity {
+        match number {
+            2 => Sensitivity::Pan,
+            35 | 36 => Sensitivity::Track,
+            45 | 52 => Sensitivity::Secret,
+            55 => Sensitivity::Emv,
+            _ => Sensitivity::None,
+        }
+    }
 }
 
 /// How the reply's TPDU is made from the request's.

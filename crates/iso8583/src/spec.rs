@@ -18,6 +18,8 @@ const SENSITIVITY: &[(&str, Sensitivity)] = &[
     ("pan", Sensitivity::Pan),
     ("track", Sensitivity::Track),
     ("secret", Sensitivity::Secret),
+    ("records", Sensitivity::Records),
+    ("emv", Sensitivity::Emv),
 ];
 const TPDU_REPLIES: &[(&str, TpduReply)] = &[
     ("echo", TpduReply::Echo),
@@ -140,7 +142,7 @@ fn read(root: &Section<'_, '_>) -> Dialect {
             table.problem(&key, "fields above 64 need `bitmap.secondary = true`");
         }
         // A field with a wrong number is still read, for its own problems.
-        let spec = field(&entry, defaults);
+        let spec = field(&entry, defaults, number.unwrap_or(0));
         if let (Some(number), Some(spec)) = (number, spec) {
             fields[number] = Some(FieldSpec {
                 number: number as u8,
@@ -163,8 +165,10 @@ fn read(root: &Section<'_, '_>) -> Dialect {
 }
 
 /// One `[fields]` entry, e.g. `22 = { format = "n3", name = "POS entry mode",
-/// align = "left" }`; `None` when its format is wrong. The number is the caller's.
-fn field(f: &Section<'_, '_>, defaults: Defaults) -> Option<FieldSpec> {
+/// align = "left" }`; `None` when its format is wrong. The number is the
+/// caller's to set; it decides how the field is shown when `sensitive` is
+/// not given ([`Sensitivity::of_field`]).
+fn field(f: &Section<'_, '_>, defaults: Defaults, number: usize) -> Option<FieldSpec> {
     require(f, "format");
     require(f, "name");
     let format = f.str("format");
@@ -189,7 +193,7 @@ fn field(f: &Section<'_, '_>, defaults: Defaults) -> Option<FieldSpec> {
         _ => defaults.variable_align,
     };
     let align = f.choice("align", default_align, ALIGNS);
-    let sensitive = f.choice("sensitive", Sensitivity::None, SENSITIVITY);
+    let sensitive = f.choice("sensitive", Sensitivity::of_field(number), SENSITIVITY);
     let (ty, length, max) = parsed?;
     if counts == Counts::Bytes
         && digits == DigitEncoding::Bcd
@@ -262,6 +266,9 @@ mod tests {
         assert_eq!(cup.field(3).unwrap().align, Align::Right);
         assert_eq!(cup.field(2).unwrap().to_string(), "n..19");
         assert_eq!(cup.field(2).unwrap().sensitive, Sensitivity::Pan);
+        assert_eq!(cup.field(48).unwrap().sensitive, Sensitivity::Records);
+        assert_eq!(cup.field(55).unwrap().sensitive, Sensitivity::Emv);
+        assert_eq!(cup.field(62).unwrap().sensitive, Sensitivity::Secret);
         let iso = Dialect::iso87();
         assert!(iso.has_secondary_bitmap());
         assert_eq!(iso.field(90).unwrap().to_string(), "n42");
@@ -357,6 +364,27 @@ mod tests {
             found,
             [format!("d.toml:{line}: fields.2.colour: unknown key")]
         );
+    }
+
+    #[test]
+    fn card_data_fields_are_masked_when_a_dialect_leaves_sensitive_out() {
+        let text = crate::dialect::CUP_POS_TOML
+            .replace(r#", sensitive = "pan""#, "")
+            .replace(r#", sensitive = "track""#, "")
+            .replace(r#", sensitive = "secret""#, "")
+            .replace(r#", sensitive = "emv""#, "");
+        assert!(!text.contains(r#""pan""#) && !text.contains(r#""emv""#));
+        let dialect = Dialect::from_toml(&text, "d.toml").unwrap();
+        for (n, shown) in [
+            (2, Sensitivity::Pan),
+            (35, Sensitivity::Track),
+            (36, Sensitivity::Track),
+            (52, Sensitivity::Secret),
+            (55, Sensitivity::Emv),
+            (3, Sensitivity::None),
+        ] {
+            assert_eq!(dialect.field(n).unwrap().sensitive, shown, "field {n}");
+        }
     }
 
     /// The line of the first line of `text` that starts with `start`.

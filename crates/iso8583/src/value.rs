@@ -4,7 +4,9 @@
 
 use std::fmt::{self, Write as _};
 
-use crate::card::{Pan, Track, write_masked_pan, write_masked_track};
+use crate::card::{
+    Pan, Track, write_masked_emv, write_masked_pan, write_masked_records, write_masked_track,
+};
 use crate::chars::ascii_digits_only;
 use crate::dialect::Sensitivity;
 
@@ -308,13 +310,15 @@ impl<'a> Binary<'a> {
 
 impl fmt::Display for Binary<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.sensitive == Sensitivity::None {
-            for b in self.bytes {
-                write!(f, "{b:02X}")?;
+        match self.sensitive {
+            Sensitivity::None => {
+                for b in self.bytes {
+                    write!(f, "{b:02X}")?;
+                }
+                Ok(())
             }
-            Ok(())
-        } else {
-            (0..self.bytes.len() * 2).try_for_each(|_| f.write_char('*'))
+            Sensitivity::Emv => write_masked_emv(self.bytes, f),
+            _ => (0..self.bytes.len() * 2).try_for_each(|_| f.write_char('*')),
         }
     }
 }
@@ -330,7 +334,9 @@ fn write_shown(chars: &[u8], sensitive: Sensitivity, f: &mut impl fmt::Write) ->
         Sensitivity::None => chars.iter().try_for_each(|&c| f.write_char(c as char)),
         Sensitivity::Pan => write_masked_pan(chars, f),
         Sensitivity::Track => write_masked_track(chars, f),
-        Sensitivity::Secret => chars.iter().try_for_each(|_| f.write_char('*')),
+        Sensitivity::Records => write_masked_records(chars, f),
+        // EMV data written as characters (hex, say) is not read as TLV.
+        Sensitivity::Secret | Sensitivity::Emv => chars.iter().try_for_each(|_| f.write_char('*')),
     }
 }
 

@@ -108,6 +108,52 @@ fn decode_masks_card_data_unless_revealed() {
 }
 
 #[test]
+fn decode_masks_the_pans_of_batch_upload_records_and_emv_card_tags() {
+    let decode = |hex: &str| -> serde_json::Value {
+        let out = stdout(&switchyard(
+            &["decode", "--dialect", "cup-pos", "--hex", hex.trim()],
+            None,
+        ));
+        serde_json::from_str(&out).unwrap()
+    };
+    let upload =
+        std::fs::read_to_string(fixture_dir("cup-pos").join("batch-upload.request.hex")).unwrap();
+    assert_eq!(
+        decode(&upload)["fields"]["48"],
+        "02000000040622202*********0001000000001000000000050000621700******0000000000002550"
+    );
+    // Settlement totals in the same field are shown as they are.
+    let settlement =
+        std::fs::read_to_string(fixture_dir("cup-pos").join("settlement.request.hex")).unwrap();
+    let totals: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_dir("cup-pos").join("settlement.request.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(decode(&settlement)["fields"]["48"], totals["fields"]["48"]);
+    // A chip purchase whose F55 carries the PAN (5A) and track 2 (57):
+    // the cryptogram stays readable, the card data does not.
+    let mut chip: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_dir("cup-pos").join("purchase.request.json")).unwrap(),
+    )
+    .unwrap();
+    chip["fields"]["55"] =
+        "9F26088A1F2E3D4C5B6A795A086222020000000001570B6222020000000001D2912F".into();
+    let frame = stdout(&switchyard(
+        &["encode", "--dialect", "cup-pos"],
+        Some(&chip.to_string()),
+    ));
+    let f55 = decode(&frame)["fields"]["55"].as_str().unwrap().to_string();
+    assert_eq!(
+        f55,
+        format!(
+            "9F26088A1F2E3D4C5B6A795A08{}570B{}",
+            "*".repeat(16),
+            "*".repeat(22)
+        )
+    );
+}
+
+#[test]
 fn a_malformed_frame_exits_2_with_one_line_naming_field_and_offset() {
     let hex = std::fs::read_to_string(fixture_dir("cup-pos").join("purchase.request.hex")).unwrap();
     let mut bytes = hex::decode(hex.trim()).unwrap();
