@@ -284,13 +284,18 @@ impl<'c, 't> Section<'c, 't> {
         }
     }
 
-    /// A duration written as `250ms`, `10s`, `5m`, `1h`, or `default`.
+    /// A duration written as `250ms`, `10s`, `5m`, `1h`, or `default`; at
+    /// most [`LONGEST`], so that no deadline computed from it overflows.
     pub fn duration(&self, key: &str, default: Duration) -> Duration {
         let Some(text) = self.str(key) else {
             return default;
         };
         match parse_duration(&text) {
-            Some(d) => d,
+            Some(d) if d <= LONGEST => d,
+            Some(_) => {
+                self.problem(key, format!("{text:?} is longer than a year (8760h)"));
+                default
+            }
             None => {
                 self.problem(
                     key,
@@ -446,7 +451,24 @@ impl Drop for Section<'_, '_> {
     }
 }
 
-/// `250ms`, `10s`, `5m`, `1h` (a whole number and a unit).
+/// The longest duration a config may give: a year.
+pub const LONGEST: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The keys at the top of a TOML text (tables included), sorted, or `None`
+/// when it is not TOML: what tells one kind of config file from another.
+pub fn top_level_keys(text: &str) -> Option<Vec<String>> {
+    let root = DeTable::parse(text).ok()?;
+    let mut keys: Vec<String> = root
+        .get_ref()
+        .keys()
+        .map(|k| k.get_ref().to_string())
+        .collect();
+    keys.sort();
+    Some(keys)
+}
+
+/// `250ms`, `10s`, `5m`, `1h` (a whole number and a unit); `None` past
+/// what a duration holds.
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit())?;
@@ -455,8 +477,8 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     match unit.trim() {
         "ms" => Some(Duration::from_millis(n)),
         "s" => Some(Duration::from_secs(n)),
-        "m" | "min" => Some(Duration::from_secs(n * 60)),
-        "h" => Some(Duration::from_secs(n * 3600)),
+        "m" | "min" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
         _ => None,
     }
 }
@@ -546,6 +568,35 @@ mod tests {
     }
 
     #[test]
+    fn a_duration_is_at_most_a_year() {
+        let got = parse("a = \"8760h\"\nb = \"8761h\"\n", "d.toml", |r| {
+            (
+                r.duration("a", Duration::ZERO),
+                r.duration("b", Duration::ZERO),
+            )
+        });
+        assert_eq!(
+            got.unwrap_err().to_string(),
+            "d.toml:2: b: \"8761h\" is longer than a year (8760h)"
+        );
+        assert_eq!(
+            parse("a = \"8760h\"\n", "d.toml", |r| r
+                .duration("a", Duration::ZERO))
+            .unwrap(),
+            LONGEST
+        );
+    }
+
+    #[test]
+    fn top_level_keys_name_tables_too() {
+        assert_eq!(
+            top_level_keys("name = \"x\"\n[mix]\na = 1\n[[cards]]\nb = 2\n"),
+            Some(vec!["cards".into(), "mix".into(), "name".into()])
+        );
+        assert_eq!(top_level_keys("[broken\n"), None);
+    }
+
+    #[test]
     fn number_arrays() {
         let got = parse(
             "steps = [50, 100.5, 1_000]\nbad = [1, \"x\"]\n",
@@ -570,5 +621,8 @@ mod tests {
         assert_eq!(parse_duration("10"), None);
         assert_eq!(parse_duration("s"), None);
         assert_eq!(parse_duration("1.5s"), None);
+        // Past u64 seconds: not a duration, rather than a wrapped one.
+        assert_eq!(parse_duration("307445734561825861m"), None);
+        assert_eq!(parse_duration("5124095576030432h"), None);
     }
 }

@@ -328,6 +328,44 @@ fn config_check_passes_every_shipped_config() {
 }
 
 #[test]
+fn config_check_tells_the_kind_from_the_keys_not_the_path() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config");
+    // Copied under names and folders that say something else.
+    let dir = std::env::temp_dir().join(format!("sy-kind-{}", std::process::id()));
+    let load = dir.join("downloads/load");
+    std::fs::create_dir_all(&load).unwrap();
+    for (shipped, copy, kind) in [
+        ("switchyard.toml", "issuer-old.toml", "a switch config"),
+        ("issuer-sim.toml", "terminals.toml", "an issuer config"),
+        ("terminals.toml", "switchyard.toml", "a terminals file"),
+        ("dialects/iso87.toml", "network.toml", "a dialect table"),
+        ("load/smoke.toml", "smoke.toml", "a load scenario"),
+    ] {
+        let text = std::fs::read_to_string(root.join(shipped)).unwrap();
+        // The switch config's terminals file is read from the copy's folder:
+        // point it back at the shipped one.
+        let text = text.replace(
+            "= \"terminals.toml\"",
+            &format!("= \"{}/terminals.toml\"", root.display()),
+        );
+        let path = load.join(copy);
+        std::fs::write(&path, text).unwrap();
+        let out = switchyard(&["config", "check", path.to_str().unwrap()], None);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{shipped} as {copy}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains(&format!("ok (read as {kind}; --kind to say otherwise)")),
+            "{shipped} as {copy}: {stdout}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn every_config_docker_compose_names_is_shipped() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let compose = std::fs::read_to_string(root.join("docker-compose.yml")).unwrap();

@@ -24,11 +24,24 @@ pub enum Kind {
     Scenario,
 }
 
+impl Kind {
+    /// What a file of this kind is, for people.
+    fn noun(self) -> &'static str {
+        match self {
+            Kind::Switch => "a switch config",
+            Kind::Issuer => "an issuer config",
+            Kind::Terminals => "a terminals file",
+            Kind::Dialect => "a dialect table",
+            Kind::Scenario => "a load scenario",
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     /// The file to check.
     pub file: PathBuf,
-    /// What the file is; guessed from its path when not given.
+    /// What the file is; told from its keys (or its name) when not given.
     #[arg(long, value_enum)]
     pub kind: Option<Kind>,
 }
@@ -43,16 +56,42 @@ pub struct ImportArgs {
     pub config: Option<PathBuf>,
 }
 
-/// The kind of config file at `path`, from its name.
+/// The kind of config file at `path`: from the keys at its top (a dialect
+/// has `[fields]`, a scenario `[mix]` or `steps`, the issuer's `[[cards]]`,
+/// the terminals' `[[merchants]]`), else from its file name.
 pub fn guess(path: &Path) -> Kind {
-    let text = path.to_string_lossy();
+    let keys = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| settings::top_level_keys(&text))
+        .unwrap_or_default();
+    let has = |key: &str| keys.iter().any(|k| k == key);
+    if has("fields") {
+        return Kind::Dialect;
+    }
+    if has("mix") || has("steps") {
+        return Kind::Scenario;
+    }
+    if has("cards") || has("faults") {
+        return Kind::Issuer;
+    }
+    if has("merchants") {
+        return Kind::Terminals;
+    }
+    if has("issuers") || has("rules") || has("advice") || has("dialects") {
+        return Kind::Switch;
+    }
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
-    if text.contains("dialects") {
+    let parent = path
+        .parent()
+        .and_then(Path::file_name)
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    if parent == "dialects" {
         Kind::Dialect
-    } else if text.contains("load") {
+    } else if parent == "load" {
         Kind::Scenario
     } else if name.contains("issuer") {
         Kind::Issuer
@@ -112,15 +151,19 @@ pub fn problems(path: &Path, kind: Kind) -> Vec<String> {
 pub fn check(args: &CheckArgs) -> Result<(), Failure> {
     let kind = args.kind.unwrap_or_else(|| guess(&args.file));
     let found = problems(&args.file, kind);
+    let read_as = match args.kind {
+        Some(_) => format!("read as {}", kind.noun()),
+        None => format!("read as {}; --kind to say otherwise", kind.noun()),
+    };
     if found.is_empty() {
-        println!("{}: ok ({kind:?})", args.file.display());
+        println!("{}: ok ({read_as})", args.file.display());
         Ok(())
     } else {
         for p in &found {
             println!("{p}");
         }
         Err(Failure::Input(anyhow!(
-            "{} problem(s) in {}",
+            "{} problem(s) in {} ({read_as})",
             found.len(),
             args.file.display()
         )))
