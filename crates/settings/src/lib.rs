@@ -284,6 +284,17 @@ impl<'c, 't> Section<'c, 't> {
         }
     }
 
+    /// As [`Section::duration`], for a duration that cannot be zero (a
+    /// timeout, or the period of something repeated).
+    pub fn duration_above_zero(&self, key: &str, default: Duration) -> Duration {
+        let d = self.duration(key, default);
+        if d.is_zero() {
+            self.problem(key, "must be above zero");
+            return default;
+        }
+        d
+    }
+
     /// A duration written as `250ms`, `10s`, `5m`, `1h`, or `default`; at
     /// most [`LONGEST`], so that no deadline computed from it overflows.
     pub fn duration(&self, key: &str, default: Duration) -> Duration {

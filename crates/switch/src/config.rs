@@ -245,8 +245,8 @@ impl Config {
         let limits = Limits {
             max_connections: l.int("max_connections", 10_000, 1..=1_000_000) as usize,
             max_in_flight: l.int("max_in_flight_per_connection", 8, 1..=1024) as usize,
-            idle_timeout: l.duration("idle_timeout", Duration::from_secs(300)),
-            frame_timeout: l.duration("frame_timeout", Duration::from_secs(10)),
+            idle_timeout: l.duration_above_zero("idle_timeout", Duration::from_secs(300)),
+            frame_timeout: l.duration_above_zero("frame_timeout", Duration::from_secs(10)),
             max_frame: l.int("max_frame", 2048, 64..=65535) as usize,
             shutdown_grace: l.duration("shutdown_grace", Duration::from_secs(15)),
             threads: l.int("threads", 1, 0..=1024) as usize,
@@ -286,7 +286,7 @@ impl Config {
                     ("reject", DuplicatePolicy::Reject),
                 ],
             ),
-            issuer_timeout: r.duration("issuer_timeout", Duration::from_secs(10)),
+            issuer_timeout: r.duration_above_zero("issuer_timeout", Duration::from_secs(10)),
             time_zone,
             cutover,
             void_last_only: r.bool("void_last_only", false),
@@ -302,22 +302,16 @@ impl Config {
             preauth_valid_days: r.int("preauth_valid_days", 30, 1..=365) as u32,
             completion_tolerance_percent: r.int("completion_tolerance_percent", 15, 0..=100) as u32,
         };
-        if rules.issuer_timeout.is_zero() {
-            r.problem("issuer_timeout", "must be above zero");
-        }
 
         let a = root.section("advice");
         let advice = Advice {
-            retry_initial: a.duration("retry_initial", Duration::from_secs(1)),
-            retry_max: a.duration("retry_max", Duration::from_secs(60)),
-            batch: a.int("batch", 50, 1..=10_000) as u32,
-            poll_interval: a.duration("poll_interval", Duration::from_secs(1)),
-        };
-        if advice.retry_initial.is_zero() {
             // An advice that fails at once would be tried again at once,
             // for ever.
-            a.problem("retry_initial", "must be above zero");
-        }
+            retry_initial: a.duration_above_zero("retry_initial", Duration::from_secs(1)),
+            retry_max: a.duration("retry_max", Duration::from_secs(60)),
+            batch: a.int("batch", 50, 1..=10_000) as u32,
+            poll_interval: a.duration_above_zero("poll_interval", Duration::from_secs(1)),
+        };
         if advice.retry_max < advice.retry_initial {
             a.problem("retry_max", "must not be below retry_initial");
         }
@@ -327,6 +321,8 @@ impl Config {
             terminals: s.path("terminals"),
         };
 
+        // Each issuer's name and BINs, to refuse a second issuer of either.
+        let mut named: Vec<(String, Vec<String>)> = Vec::new();
         let issuers: Vec<Issuer> = root
             .sections("issuers")
             .iter()
@@ -344,17 +340,40 @@ impl Config {
                     }
                 }
                 let address = i.string("address", "127.0.0.1:9583");
-                if !address.contains(':') {
-                    i.problem("address", format!("{address:?} is not host:port"));
+                let port = address
+                    .rsplit_once(':')
+                    .filter(|(host, _)| !host.is_empty())
+                    .and_then(|(_, port)| port.parse::<u16>().ok());
+                if port.is_none_or(|p| p == 0) {
+                    i.problem(
+                        "address",
+                        format!("{address:?} is not host:port, like \"127.0.0.1:9583\" (port 1 to 65535)"),
+                    );
                 }
+                let name = i.string("name", "issuer");
+                if named.iter().any(|(n, _)| *n == name) {
+                    i.problem("name", format!("{name:?} names an issuer above already"));
+                }
+                for b in &bins {
+                    if let Some((other, _)) = named.iter().find(|(_, bs)| bs.contains(b)) {
+                        i.problem(
+                            "bins",
+                            format!("{b:?} is issuer {other:?}'s already: a card must have one issuer"),
+                        );
+                    }
+                }
+                named.push((name.clone(), bins.clone()));
                 Issuer {
-                    name: i.string("name", "issuer"),
+                    name,
                     bins,
                     address,
                     connections: i.int("connections", 1, 1..=64) as usize,
-                    echo_interval: i.duration("echo_interval", Duration::from_secs(30)),
-                    connect_timeout: i.duration("connect_timeout", Duration::from_secs(3)),
-                    reconnect_max: i.duration("reconnect_max", Duration::from_secs(10)),
+                    echo_interval: i.duration_above_zero("echo_interval", Duration::from_secs(30)),
+                    connect_timeout: i.duration_above_zero(
+                        "connect_timeout",
+                        Duration::from_secs(3),
+                    ),
+                    reconnect_max: i.duration_above_zero("reconnect_max", Duration::from_secs(10)),
                 }
             })
             .collect();
@@ -432,6 +451,25 @@ mod tests {
             "s.toml:6: advice.retry_initial: must be above zero",
             "s.toml:8: issuers[0].bins: \"62x\" is not a PAN prefix",
             "s.toml:9: issuers[0].port: unknown key",
+        ] {
+            assert!(
+                problems.contains(expected),
+                "{expected:?} missing from\n{problems}"
+            );
+        }
+    }
+
+    #[test]
+    fn issuers_have_their_own_names_bins_and_a_usable_address() {
+        let text = "[limits]\nidle_timeout = \"0s\"\n[[issuers]]\nname = \"a\"\nbins = [\"622202\"]\naddress = \"127.0.0.1:70000\"\n[[issuers]]\nname = \"a\"\nbins = [\"621700\", \"622202\"]\naddress = \":9583\"\necho_interval = \"0s\"\n";
+        let problems = Config::parse(text, "s.toml").unwrap_err().to_string();
+        for expected in [
+            "s.toml:2: limits.idle_timeout: must be above zero",
+            "s.toml:6: issuers[0].address: \"127.0.0.1:70000\" is not host:port",
+            "s.toml:8: issuers[1].name: \"a\" names an issuer above already",
+            "s.toml:9: issuers[1].bins: \"622202\" is issuer \"a\"'s already",
+            "s.toml:10: issuers[1].address: \":9583\" is not host:port",
+            "s.toml:11: issuers[1].echo_interval: must be above zero",
         ] {
             assert!(
                 problems.contains(expected),

@@ -7,6 +7,7 @@
 pub mod advice;
 pub mod audit;
 pub mod config;
+pub mod dialects;
 pub mod frontend;
 pub mod journal;
 pub mod keys;
@@ -50,6 +51,9 @@ pub enum StartError {
     /// The terminals file.
     #[error("{0}")]
     Terminals(#[from] settings::Problems),
+    /// A dialect that does not carry what the switch reads or writes.
+    #[error("{}", .0.join("\n"))]
+    DialectFit(Vec<String>),
 }
 
 /// A pool on `url` whose connections work in the `switch` schema (created
@@ -75,6 +79,32 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }
 
+/// The config's terminal and network dialects (the embedded ones when it
+/// names none), refused when they do not carry what the switch reads and
+/// writes ([`dialects::problems`]).
+pub fn load_dialects(config: &Config) -> Result<(Arc<Dialect>, Arc<Dialect>), StartError> {
+    let load = |path: &Option<std::path::PathBuf>, embedded: fn() -> Dialect, name: &str| {
+        Ok::<_, StartError>(match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).ok();
+                (Dialect::load(path)?, path.display().to_string(), text)
+            }
+            None => (embedded(), format!("(embedded {name})"), None),
+        })
+    };
+    let (terminal, t_origin, t_text) =
+        load(&config.dialects.terminal, Dialect::cup_pos, "cup-pos")?;
+    let (network, n_origin, n_text) = load(&config.dialects.network, Dialect::iso87, "iso87")?;
+    let found = dialects::problems(
+        (&terminal, &t_origin, t_text.as_deref()),
+        (&network, &n_origin, n_text.as_deref()),
+    );
+    if !found.is_empty() {
+        return Err(StartError::DialectFit(found));
+    }
+    Ok((Arc::new(terminal), Arc::new(network)))
+}
+
 /// Loads the dialects, seeds the terminals file, and starts the issuer links.
 pub async fn start(
     config: Arc<Config>,
@@ -82,14 +112,7 @@ pub async fn start(
     key: PanHashKey,
     shutdown: &CancellationToken,
 ) -> Result<Arc<Switch>, StartError> {
-    let terminal_dialect = Arc::new(match &config.dialects.terminal {
-        Some(path) => Dialect::load(path)?,
-        None => Dialect::cup_pos(),
-    });
-    let network_dialect = Arc::new(match &config.dialects.network {
-        Some(path) => Dialect::load(path)?,
-        None => Dialect::iso87(),
-    });
+    let (terminal_dialect, network_dialect) = load_dialects(&config)?;
     migrate(&pool).await?;
     if let Some(path) = &config.seed.terminals {
         terminals::Fleet::load(path)?.store(&pool).await?;

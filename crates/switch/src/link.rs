@@ -287,27 +287,31 @@ impl ConnectionTask {
         }
     }
 
-    fn network_message(&self, code: u16) -> (Bytes, MatchKey) {
+    /// A network management request (0800, F70 `code`); an error when the
+    /// network dialect cannot carry it (which `load_dialects` refuses
+    /// before a link starts).
+    fn network_message(&self, code: u16) -> Result<(Bytes, MatchKey), String> {
         let stan = self.stan.fetch_add(1, Ordering::Relaxed) % 999_999 + 1;
         let f7 = transmission_time();
         let mut buf = BytesMut::with_capacity(64);
-        let mut w = MessageWriter::new(&self.dialect, &mut buf, Mti::NETWORK, &[], &[])
-            .expect("no tpdu or header in iso87");
         let f7s = std::str::from_utf8(&f7).expect("digits");
-        let ok = w
-            .digits(7, f7s)
-            .and_then(|()| w.number(11, u64::from(stan)))
-            .and_then(|()| w.digits(32, &self.identity.institution_id))
-            .and_then(|()| w.digits(33, &self.identity.forwarding_id))
-            .and_then(|()| w.number(70, u64::from(code)))
-            .and_then(|()| w.finish().map(|_| ()));
-        ok.expect("network management message fits the dialect");
+        let built = MessageWriter::new(&self.dialect, &mut buf, Mti::NETWORK, &[], &[]).and_then(
+            |mut w| {
+                w.digits(7, f7s)?;
+                w.number(11, u64::from(stan))?;
+                w.digits(32, &self.identity.institution_id)?;
+                w.digits(33, &self.identity.forwarding_id)?;
+                w.number(70, u64::from(code))?;
+                w.finish()
+            },
+        );
+        built.map_err(|e| format!("the network dialect cannot carry an 0800: {e}"))?;
         let key = MatchKey {
             class: Mti::NETWORK.class(),
             stan,
             f7,
         };
-        (buf.freeze(), key)
+        Ok((buf.freeze(), key))
     }
 
     /// Connects and signs on.
@@ -326,7 +330,7 @@ impl ConnectionTask {
     }
 
     async fn sign_on(&self, stream: &mut TcpStream) -> Result<(), String> {
-        let (frame, key) = self.network_message(1);
+        let (frame, key) = self.network_message(1)?;
         stream.write_all(&frame).await.map_err(|e| e.to_string())?;
         // Nothing is read past the sign-on reply: the issuer sends nothing unasked.
         let mut reader = FramedRead::new(stream, FrameCodec::new(&self.dialect, 65_535));
@@ -418,7 +422,10 @@ impl ConnectionTask {
                         echo_timer.as_mut().reset(echo_due);
                         continue;
                     }
-                    let (frame, key) = self.network_message(301);
+                    let Ok((frame, key)) = self.network_message(301) else {
+                        // Sign-on built the same message: not reached.
+                        return;
+                    };
                     if write.write_all(&frame).await.is_err() {
                         return;
                     }

@@ -366,6 +366,36 @@ fn config_check_tells_the_kind_from_the_keys_not_the_path() {
 }
 
 #[test]
+fn config_check_refuses_a_dialect_without_a_field_the_switch_writes() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config");
+    let dir = std::env::temp_dir().join(format!("sy-fit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let iso87 = std::fs::read_to_string(root.join("dialects/iso87.toml")).unwrap();
+    let without_70: String = iso87
+        .lines()
+        .filter(|l| !l.starts_with("70 "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(dir.join("network.toml"), &without_70).unwrap();
+    let config = dir.join("switch.toml");
+    std::fs::write(
+        &config,
+        "[dialects]\nnetwork = \"network.toml\"\n[[issuers]]\nname = \"sim\"\nbins = [\"622202\"]\n",
+    )
+    .unwrap();
+    let out = switchyard(&["config", "check", config.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let fields = without_70.lines().position(|l| l == "[fields]").unwrap() + 1;
+    let expected = format!(
+        "{}:{fields}: fields.70: the switch reads and writes the network management code here on the network side (a number): ",
+        dir.join("network.toml").display()
+    );
+    assert!(stdout.contains(&expected), "{expected}\nnot in\n{stdout}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn every_config_docker_compose_names_is_shipped() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let compose = std::fs::read_to_string(root.join("docker-compose.yml")).unwrap();

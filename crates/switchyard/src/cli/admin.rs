@@ -114,11 +114,22 @@ pub fn problems(path: &Path, kind: Kind) -> Vec<String> {
                 if let Some(t) = &config.seed.terminals {
                     found.extend(problems(t, Kind::Terminals));
                 }
+                let mut dialects_read = true;
                 for d in [&config.dialects.terminal, &config.dialects.network]
                     .into_iter()
                     .flatten()
                 {
-                    found.extend(problems(d, Kind::Dialect));
+                    let of_file = problems(d, Kind::Dialect);
+                    dialects_read &= of_file.is_empty();
+                    found.extend(of_file);
+                }
+                // Dialects that read: do they carry what the switch needs?
+                if dialects_read {
+                    if let Err(switch::StartError::DialectFit(misfits)) =
+                        switch::load_dialects(&config)
+                    {
+                        found.extend(misfits);
+                    }
                 }
                 if let Some(k) = &config.keys.pan_hash_key_file {
                     if let Err(e) = switch::PanHashKey::load(Some(k)) {
