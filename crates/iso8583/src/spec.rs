@@ -61,15 +61,23 @@ fn required_choice<T: Copy>(
     section.choice(key, placeholder, choices)
 }
 
-/// A TPDU or header length, 0 to `max` bytes (0 when it is wrong).
-fn length(section: &Section<'_, '_>, key: &str, max: i64) -> usize {
-    require(section, key);
-    let v = section.int(key, 0, i64::MIN..=i64::MAX);
+/// A TPDU or header length, 0 to `max` bytes (`None` when it is wrong or
+/// missing, which is reported).
+fn length(section: &Section<'_, '_>, key: &str, max: i64) -> Option<usize> {
+    if !section.has(key) {
+        require(section, key);
+        return None;
+    }
+    // Not an integer: reported as such, and the sentinel comes back.
+    let v = section.int(key, i64::MIN, i64::MIN..=i64::MAX);
+    if v == i64::MIN {
+        return None;
+    }
     if !(0..=max).contains(&v) {
         section.problem(key, format!("must be 0 to {max}"));
-        return 0;
+        return None;
     }
-    v as usize
+    Some(v as usize)
 }
 
 /// The dialect-wide choices every field takes unless it makes its own.
@@ -89,14 +97,16 @@ fn read(root: &Section<'_, '_>) -> Dialect {
     let name = root.string("name", "");
 
     let frame = root.section("frame");
-    let tpdu_len = length(&frame, "tpdu", 64);
-    let header_len = length(&frame, "header", 64);
+    // A length that is wrong is reported once, not again by the replies.
+    let tpdu = length(&frame, "tpdu", 64);
+    let header = length(&frame, "header", 64);
+    let (tpdu_len, header_len) = (tpdu.unwrap_or(0), header.unwrap_or(0));
     let tpdu_reply = required_choice(&frame, "tpdu_reply", TpduReply::Echo, TPDU_REPLIES);
-    if tpdu_reply == TpduReply::SwapAddresses && tpdu_len != 5 {
+    if tpdu_reply == TpduReply::SwapAddresses && tpdu.is_some_and(|n| n != 5) {
         frame.problem("tpdu_reply", "swap-addresses needs a 5-byte TPDU");
     }
     let header_reply = required_choice(&frame, "header_reply", HeaderReply::Echo, HEADER_REPLIES);
-    if header_reply == HeaderReply::ClearProcessingRequirement && header_len < 3 {
+    if header_reply == HeaderReply::ClearProcessingRequirement && header.is_some_and(|n| n < 3) {
         frame.problem(
             "header_reply",
             "clear-processing-requirement needs a header of at least 3 bytes",
@@ -127,9 +137,17 @@ fn read(root: &Section<'_, '_>) -> Dialect {
     require(root, "fields");
     let table = root.section("fields");
     let mut fields: Vec<Option<FieldSpec>> = vec![None; MAX_FIELD + 1];
+    let mut keys: Vec<(usize, String)> = Vec::new();
     for (key, entry) in table.entries() {
         let number = match key.parse::<usize>() {
-            Ok(n) if (2..=MAX_FIELD).contains(&n) => Some(n),
+            Ok(n) if (2..=MAX_FIELD).contains(&n) => {
+                // "3" and "03" are two TOML keys for one field.
+                if let Some((_, other)) = keys.iter().find(|(k, _)| *k == n) {
+                    table.problem(&key, format!("field {n} is defined already, as {other:?}"));
+                }
+                keys.push((n, key.to_string()));
+                Some(n)
+            }
             _ => {
                 table.problem(
                     &key,
@@ -367,6 +385,30 @@ mod tests {
     }
 
     #[test]
+    fn a_field_given_twice_and_a_wrong_tpdu_are_reported_once() {
+        let text = crate::dialect::CUP_POS_TOML
+            .replace(
+                "3  = { format = \"n6\"",
+                "03 = { format = \"an2\", name = \"x\" }\n3  = { format = \"n6\"",
+            )
+            .replace("tpdu = 5 ", "tpdu = \"5\" ");
+        let found = problems(&text);
+        assert_eq!(
+            found,
+            [
+                format!(
+                    "d.toml:{}: frame.tpdu: expected an integer, found string",
+                    line_of(&text, "tpdu = ")
+                ),
+                format!(
+                    "d.toml:{}: fields.3: field 3 is defined already, as \"03\"",
+                    line_of(&text, "3  = ")
+                ),
+            ]
+        );
+    }
+
+    #[test]
     fn card_data_fields_are_masked_when_a_dialect_leaves_sensitive_out() {
         let text = crate::dialect::CUP_POS_TOML
             .replace(r#", sensitive = "pan""#, "")
@@ -423,15 +465,9 @@ mod tests {
         for e in &expected {
             assert!(found.contains(e), "missing {e:?} in {found:?}");
         }
-        // The missing header also makes clear-processing-requirement wrong.
-        assert!(
-            found.contains(&format!(
-                "d.toml:{}: frame.header_reply: clear-processing-requirement needs a header of at least 3 bytes",
-                line_of(&text, "header_reply")
-            )),
-            "{found:?}"
-        );
-        assert_eq!(found.len(), expected.len() + 1, "{found:?}");
+        // The missing header is reported once, not again by the reply that
+        // needs one.
+        assert_eq!(found.len(), expected.len(), "{found:?}");
     }
 
     #[test]
@@ -442,18 +478,27 @@ mod tests {
         let found = problems(&text);
         let tpdu = line_of(&text, "tpdu =");
         let header = line_of(&text, "header =");
-        let tpdu_reply = line_of(&text, "tpdu_reply");
-        let header_reply = line_of(&text, "header_reply");
         assert_eq!(
             found,
             [
                 format!("d.toml:{tpdu}: frame.tpdu: must be 0 to 64"),
                 format!("d.toml:{header}: frame.header: expected an integer, found string"),
+            ]
+        );
+        // Lengths that read but do not suit the replies.
+        let text = crate::dialect::CUP_POS_TOML
+            .replace("tpdu = 5 ", "tpdu = 4 ")
+            .replace("header = 6 ", "header = 2 ");
+        assert_eq!(
+            problems(&text),
+            [
                 format!(
-                    "d.toml:{tpdu_reply}: frame.tpdu_reply: swap-addresses needs a 5-byte TPDU"
+                    "d.toml:{}: frame.tpdu_reply: swap-addresses needs a 5-byte TPDU",
+                    line_of(&text, "tpdu_reply")
                 ),
                 format!(
-                    "d.toml:{header_reply}: frame.header_reply: clear-processing-requirement needs a header of at least 3 bytes"
+                    "d.toml:{}: frame.header_reply: clear-processing-requirement needs a header of at least 3 bytes",
+                    line_of(&text, "header_reply")
                 ),
             ]
         );

@@ -266,7 +266,8 @@ pub enum ConfigError {
 }
 
 impl IssuerConfig {
-    /// Reads the config file at `path`.
+    /// Reads the config file at `path`. A relative key file path is
+    /// relative to the file's directory, as in the switch's config.
     pub fn load(path: impl AsRef<Path>) -> Result<IssuerConfig, ConfigError> {
         let path = path.as_ref();
         let origin = path.display().to_string();
@@ -274,7 +275,16 @@ impl IssuerConfig {
             path: origin.clone(),
             source,
         })?;
-        IssuerConfig::from_toml(&text, &origin)
+        let mut config = IssuerConfig::from_toml(&text, &origin)?;
+        if let Some(key) = config
+            .keys
+            .pan_key_file
+            .as_mut()
+            .filter(|k| k.is_relative())
+        {
+            *key = path.parent().unwrap_or(Path::new(".")).join(&*key);
+        }
+        Ok(config)
     }
 
     /// Reads config text; `origin` names it in every problem.
@@ -408,9 +418,11 @@ fn read_cards(root: &Section<'_, '_>) -> Vec<CardRange> {
         if let Some(i) = ranges.iter().position(|r| overlap(r, &range)) {
             c.problem(
                 "first",
+                // The PANs masked would hide where the ranges meet: by count.
                 format!(
-                    "the range overlaps cards[{i}] ({}..{})",
-                    ranges[i].first, ranges[i].last
+                    "the range shares cards with cards[{i}] ({} cards from {})",
+                    ranges[i].len(),
+                    ranges[i].first
                 ),
             );
             continue;
@@ -631,7 +643,10 @@ bogus = 1
         );
         assert_eq!(found.len(), 2, "{found:#?}");
         assert!(found[0].starts_with("i.toml:3: faults.close_connection: drop_reply + late_reply"));
-        assert!(found[1].starts_with("i.toml:8: cards[1].first: the range overlaps cards[0]"));
+        assert_eq!(
+            found[1],
+            "i.toml:8: cards[1].first: the range shares cards with cards[0] (100 cards from 622202*********0001)"
+        );
     }
 
     #[test]

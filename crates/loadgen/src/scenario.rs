@@ -216,7 +216,7 @@ impl Scenario {
         if faults.issuer_down_for.is_zero() || faults.issuer_down_for > Duration::from_secs(60) {
             f.problem("issuer_down_for", "must be above 0 and at most 60s");
         }
-        let duration = root.duration("duration", Duration::from_secs(5));
+        let duration = root.duration_above_zero("duration", Duration::from_secs(5));
         let steps = root.numbers("steps");
         // A fault timed after the last request would break nothing.
         let run_length = duration * steps.len().max(1) as u32;
@@ -231,7 +231,17 @@ impl Scenario {
         Scenario {
             name: root.string("name", "scenario"),
             terminals: root.int("terminals", 10, 1..=9_999_999) as usize,
-            merchant: root.string("merchant", "898310048160001"),
+            merchant: {
+                let merchant = root.string("merchant", "898310048160001");
+                // F42, ans15.
+                if merchant.len() != 15 || !merchant.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+                    root.problem(
+                        "merchant",
+                        format!("{merchant:?} is not a merchant id of 15 characters (F42)"),
+                    );
+                }
+                merchant
+            },
             rate,
             duration,
             cards: root.int("cards", 100, 1..=10_000_000) as u64,
@@ -1245,7 +1255,7 @@ mod tests {
     #[test]
     fn scenario_problems_name_line_and_key() {
         let problems = Scenario::parse(
-            "rate = -1\nreply_timeout = \"0s\"\n[amount]\nmin = 10\nmax = 5\n[mix]\npurchase = 0\nrefunds = 3\n",
+            "rate = -1\nreply_timeout = \"0s\"\nduration = \"0s\"\nmerchant = \"nope\"\n[amount]\nmin = 10\nmax = 5\n[mix]\npurchase = 0\nrefunds = 3\n",
             "s.toml",
         )
         .unwrap_err()
@@ -1253,8 +1263,10 @@ mod tests {
         for expected in [
             "s.toml:1: rate: out of range",
             "s.toml:2: reply_timeout: must be above 0",
-            "s.toml:5: amount.max: must not be below min",
-            "s.toml:8: mix.refunds: unknown key",
+            "s.toml:3: duration: must be above zero",
+            "s.toml:4: merchant: \"nope\" is not a merchant id of 15 characters (F42)",
+            "s.toml:7: amount.max: must not be below min",
+            "s.toml:10: mix.refunds: unknown key",
         ] {
             assert!(
                 problems.contains(expected),

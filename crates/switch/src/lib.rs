@@ -113,6 +113,11 @@ pub async fn start(
     shutdown: &CancellationToken,
 ) -> Result<Arc<Switch>, StartError> {
     let (terminal_dialect, network_dialect) = load_dialects(&config)?;
+    if config.issuers.is_empty() {
+        tracing::warn!(
+            "no [[issuers]] in the config: every card is declined 91 (no issuer to route it to)"
+        );
+    }
     migrate(&pool).await?;
     if let Some(path) = &config.seed.terminals {
         terminals::Fleet::load(path)?.store(&pool).await?;

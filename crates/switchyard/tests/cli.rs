@@ -396,6 +396,36 @@ fn config_check_refuses_a_dialect_without_a_field_the_switch_writes() {
 }
 
 #[test]
+fn a_key_file_that_cannot_be_read_is_named_with_the_config_line() {
+    let dir = std::env::temp_dir().join(format!("sy-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let issuer = dir.join("issuer.toml");
+    std::fs::write(
+        &issuer,
+        "listen = \"127.0.0.1:0\"\n[keys]\npan_key_file = \"nokey.key\"\n[[cards]]\nfirst = \"6222020000000000001\"\nlast = \"6222020000000000002\"\n",
+    )
+    .unwrap();
+    let out = switchyard(&["config", "check", issuer.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // Read from beside the config, not from where the command runs.
+    let expected = format!(
+        "{}:3: keys.pan_key_file: {}",
+        issuer.display(),
+        dir.join("nokey.key").display()
+    );
+    assert!(
+        stdout.starts_with(&expected),
+        "{expected}\nnot in\n{stdout}"
+    );
+    // A key beside it, in the right shape, passes.
+    std::fs::write(dir.join("nokey.key"), format!("{}\n", "ab".repeat(32))).unwrap();
+    let out = switchyard(&["config", "check", issuer.to_str().unwrap()], None);
+    assert!(out.status.success(), "{out:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn every_config_docker_compose_names_is_shipped() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let compose = std::fs::read_to_string(root.join("docker-compose.yml")).unwrap();

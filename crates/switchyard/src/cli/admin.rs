@@ -133,7 +133,7 @@ pub fn problems(path: &Path, kind: Kind) -> Vec<String> {
                 }
                 if let Some(k) = &config.keys.pan_hash_key_file {
                     if let Err(e) = switch::PanHashKey::load(Some(k)) {
-                        found.push(format!("{}: keys.pan_hash_key_file: {e}", path.display()));
+                        found.push(key_problem(path, "pan_hash_key_file", true, e));
                     }
                 }
                 found
@@ -141,7 +141,13 @@ pub fn problems(path: &Path, kind: Kind) -> Vec<String> {
         },
         Kind::Issuer => match issuer_sim::IssuerConfig::load(path) {
             Err(e) => lines(e.to_string()),
-            Ok(_) => Vec::new(),
+            Ok(config) => match &config.keys.pan_key_file {
+                Some(_) => match issuer_sim::PanKey::load(&config.keys) {
+                    Err(e) => vec![key_problem(path, "pan_key_file", true, e)],
+                    Ok(_) => Vec::new(),
+                },
+                None => Vec::new(),
+            },
         },
         Kind::Terminals => match Fleet::load(path) {
             Err(p) => lines(p.to_string()),
@@ -156,6 +162,35 @@ pub fn problems(path: &Path, kind: Kind) -> Vec<String> {
             Ok(_) => Vec::new(),
         },
     }
+}
+
+/// A key file's problem as a config problem: `file:line: keys.KEY: error`
+/// when the config names the file, else the error alone (it names the
+/// environment variable).
+pub fn key_problem(config: &Path, key: &str, named: bool, error: impl std::fmt::Display) -> String {
+    if named {
+        format!(
+            "{}:{}: keys.{key}: {error}",
+            config.display(),
+            line_of_key(config, key)
+        )
+    } else {
+        error.to_string()
+    }
+}
+
+/// The line of `key = ...` in the file at `path` (1 when it cannot be found).
+fn line_of_key(path: &Path, key: &str) -> usize {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| {
+            text.lines().position(|l| {
+                l.trim_start()
+                    .strip_prefix(key)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+            })
+        })
+        .map_or(1, |i| i + 1)
 }
 
 /// `switchyard config check`.

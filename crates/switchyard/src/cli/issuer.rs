@@ -51,7 +51,13 @@ pub fn threads(args: &IssuerArgs) -> usize {
 /// `switchyard issuer`.
 pub async fn run(args: &IssuerArgs) -> Result<(), Failure> {
     let config = load(&args.config)?;
-    let key = PanKey::load(&config.keys).map_err(|e| anyhow!("{e}"))?;
+    let key = PanKey::load(&config.keys).map_err(|e| {
+        let named = config.keys.pan_key_file.is_some();
+        Failure::Input(anyhow!(
+            "{}",
+            super::admin::key_problem(&args.config, "pan_key_file", named, e)
+        ))
+    })?;
     let database = db::open(config.database.url.as_deref(), None, "switchyard").await?;
     let pool = issuer_sim::connect(&database.url)
         .await

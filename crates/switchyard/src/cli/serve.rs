@@ -76,8 +76,13 @@ pub async fn serve(args: &ServeArgs) -> Result<(), Failure> {
     if let Some(listen) = &args.listen {
         config.listen.clone_from(listen);
     }
-    let key =
-        PanHashKey::load(config.keys.pan_hash_key_file.as_deref()).map_err(anyhow::Error::from)?;
+    let key = PanHashKey::load(config.keys.pan_hash_key_file.as_deref()).map_err(|e| {
+        let named = config.keys.pan_hash_key_file.is_some();
+        Failure::Input(anyhow::anyhow!(
+            "{}",
+            super::admin::key_problem(&args.config, "pan_hash_key_file", named, e)
+        ))
+    })?;
     let database = db::open(
         config.database.url.as_deref(),
         config.database.embedded_data_dir.as_deref(),
