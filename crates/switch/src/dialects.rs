@@ -93,12 +93,8 @@ const TERMINAL: &[(usize, Use, &str, Sample)] = &[
         "settlement totals (62 digits)",
         Sample::Digits("00000000010000000100000000000000000000000000000000000000000000"),
     ),
-    (
-        54,
-        Use::Writes,
-        "the balance (20 characters)",
-        Sample::Text("1002156C000000010000"),
-    ),
+    // F54, the issuer's balance, is left out of a reply whose dialect
+    // cannot carry it (`Switch::reply`): not required.
     (
         60,
         Use::Both,

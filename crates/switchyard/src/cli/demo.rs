@@ -838,7 +838,8 @@ async fn scripted_day(
     // An advice the issuer left unanswered may next go as late as the
     // switch's longest back-off after its last try.
     let switch = Config::parse(
-        &switch_toml("127.0.0.1:0", "127.0.0.1:0", None),
+        // Read for its advice timing only: the addresses are placeholders.
+        &switch_toml("127.0.0.1:0", "127.0.0.1:9583", None),
         "(demo switch)",
     )
     .map_err(|e| anyhow!("{e}"))?;
