@@ -1321,6 +1321,12 @@ mod tests {
         assert!(!fine.faults.issuer_replies());
     }
 
+    /// Plays `scenario` (TOML) against the switch at `addr`.
+    async fn play(addr: &str, scenario: &str) -> Run {
+        let scenario = Scenario::parse(scenario, "s.toml").unwrap();
+        run(addr, scenario, &Meter::load_generator()).await.unwrap()
+    }
+
     /// What a stand-in switch saw: per request, its connection, MTI, F11 and
     /// F39; per connection, whether it ended with a reset.
     #[derive(Debug, Default)]
@@ -1458,14 +1464,7 @@ mod tests {
     #[tokio::test]
     async fn a_terminal_that_resets_its_connection_signs_on_again_and_reverses_first() {
         let (addr, seen) = approving_switch().await;
-        let scenario = Scenario::parse(
-            "terminals = 1\nrate = 100\nduration = \"30ms\"\nsettle = false\n[mix]\npurchase = 1\n[faults]\nreset_connection = 1.0\n",
-            "resets.toml",
-        )
-        .unwrap();
-        let run = run(&addr, scenario, &Meter::load_generator())
-            .await
-            .unwrap();
+        let run = play(&addr, "terminals = 1\nrate = 100\nduration = \"30ms\"\nsettle = false\n[mix]\npurchase = 1\n[faults]\nreset_connection = 1.0\n").await;
         assert_eq!((run.resets, run.reconnects, run.errors), (3, 3, 0));
         // The switch sees the resets, not orderly closes (each as its
         // connection's task reads on).
@@ -1608,14 +1607,11 @@ mod tests {
             _ => Answer::With("00"),
         })
         .await;
-        let scenario = Scenario::parse(
+        let run = play(
+            &addr,
             "terminals = 1\nrate = 100\nduration = \"30ms\"\nsettle = false\n[mix]\nreversal = 1\n",
-            "s.toml",
         )
-        .unwrap();
-        let run = run(&addr, scenario, &Meter::load_generator())
-            .await
-            .unwrap();
+        .await;
         let reversals = &run.report.kinds["reversal"].codes;
         assert_eq!(reversals.get("96"), Some(&1), "{reversals:?}");
         assert!(!reversals.contains_key("--"), "{reversals:?}");
@@ -1646,14 +1642,11 @@ mod tests {
             _ => Answer::With("00"),
         })
         .await;
-        let scenario = Scenario::parse(
+        let run = play(
+            &addr,
             "terminals = 2\nrate = 100\nduration = \"20ms\"\n[mix]\npurchase = 1\n",
-            "s.toml",
         )
-        .unwrap();
-        let run = run(&addr, scenario, &Meter::load_generator())
-            .await
-            .unwrap();
+        .await;
         assert_eq!(run.balanced, (0, 2));
     }
 
@@ -1689,14 +1682,11 @@ mod tests {
             _ => Answer::With("00"),
         })
         .await;
-        let scenario = Scenario::parse(
+        let run = play(
+            &addr,
             "terminals = 1\nrate = 100\nduration = \"100ms\"\n[mix]\npurchase = 1\n",
-            "s.toml",
         )
-        .unwrap();
-        let run = run(&addr, scenario, &Meter::load_generator())
-            .await
-            .unwrap();
+        .await;
         assert_eq!(run.balanced, (0, 1));
         // The stand-in echoes the sign-on's F60, batch 000000.
         assert_eq!(run.unbalanced, vec![("T0000001".to_string(), 0)]);
@@ -1729,14 +1719,11 @@ mod tests {
             _ => Answer::With("00"),
         })
         .await;
-        let scenario = Scenario::parse(
+        let run = play(
+            &addr,
             "terminals = 1\nrate = 100\nduration = \"50ms\"\n[mix]\npurchase = 1\n",
-            "s.toml",
         )
-        .unwrap();
-        let run = run(&addr, scenario, &Meter::load_generator())
-            .await
-            .unwrap();
+        .await;
         assert_eq!(run.balanced, (1, 1));
         assert!(run.unbalanced.is_empty());
         assert_eq!(uploaded(&seen.lock().unwrap()), (vec![], false));
@@ -1747,14 +1734,7 @@ mod tests {
         // Every cancel's reply "never comes": each is reversed before the
         // next request.
         let (addr, seen) = approving_switch().await;
-        let scenario = Scenario::parse(
-            "terminals = 1\nrate = 200\nduration = \"100ms\"\nsettle = false\nseed = 3\n[mix]\npurchase = 1\nvoid = 1\npreauth = 1\npreauth_cancel = 1\n[faults]\nreset_connection = 0.5\n",
-            "s.toml",
-        )
-        .unwrap();
-        run(&addr, scenario, &Meter::load_generator())
-            .await
-            .unwrap();
+        play(&addr, "terminals = 1\nrate = 200\nduration = \"100ms\"\nsettle = false\nseed = 3\n[mix]\npurchase = 1\nvoid = 1\npreauth = 1\npreauth_cancel = 1\n[faults]\nreset_connection = 0.5\n").await;
         let seen = seen.lock().unwrap();
         let of = |mti: &str,
                   type_code: &str|
@@ -1788,14 +1768,7 @@ mod tests {
             _ => Answer::With("00"),
         })
         .await;
-        let scenario = Scenario::parse(
-            "terminals = 1\nrate = 200\nduration = \"200ms\"\nseed = 5\n[mix]\npreauth = 2\ncompletion = 2\ncompletion_void = 1\n",
-            "s.toml",
-        )
-        .unwrap();
-        run(&addr, scenario, &Meter::load_generator())
-            .await
-            .unwrap();
+        play(&addr, "terminals = 1\nrate = 200\nduration = \"200ms\"\nseed = 5\n[mix]\npreauth = 2\ncompletion = 2\ncompletion_void = 1\n").await;
         let seen = seen.lock().unwrap();
         // Per 0200: its STAN, F60.1, F38, F61 and F4.
         let financial: Vec<_> = seen
@@ -1866,14 +1839,7 @@ mod tests {
             _ => Answer::With("00"),
         })
         .await;
-        let scenario = Scenario::parse(
-            "terminals = 2\nsteps = [100]\nduration = \"40ms\"\nsettle = false\nreply_timeout = \"50ms\"\n[mix]\npurchase = 1\n",
-            "s.toml",
-        )
-        .unwrap();
-        let run = run(&addr, scenario, &Meter::load_generator())
-            .await
-            .unwrap();
+        let run = play(&addr, "terminals = 2\nsteps = [100]\nduration = \"40ms\"\nsettle = false\nreply_timeout = \"50ms\"\n[mix]\npurchase = 1\n").await;
         assert_eq!(run.steps.len(), 1);
         assert_eq!(run.steps[0].achieved, 0.0, "{:?}", run.steps[0]);
         assert_eq!(run.saturation(Duration::from_secs(60)), None);
