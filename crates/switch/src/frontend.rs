@@ -23,8 +23,13 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::router::{Outcome, Switch};
 
 /// Accepts terminal connections until `shutdown`, then waits for the
-/// connections' in-flight requests to finish.
-pub async fn serve(listener: TcpListener, switch: Arc<Switch>, shutdown: CancellationToken) {
+/// connections' in-flight requests to finish, for at most
+/// `limits.shutdown_grace`; false when the grace ran out first.
+pub async fn serve(
+    listener: TcpListener,
+    switch: Arc<Switch>,
+    shutdown: CancellationToken,
+) -> bool {
     let limits = switch.config.limits.clone();
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let tracker = TaskTracker::new();
@@ -62,7 +67,9 @@ pub async fn serve(listener: TcpListener, switch: Arc<Switch>, shutdown: Cancell
         .is_err()
     {
         warn!("shutdown grace over with requests still in flight");
+        return false;
     }
+    true
 }
 
 async fn session(

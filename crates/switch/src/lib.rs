@@ -21,6 +21,7 @@ pub mod writer;
 
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use iso8583::Dialect;
 use sqlx::PgPool;
@@ -129,6 +130,21 @@ pub async fn start(
     // A link signing on wakes the advice queue: what waited for the issuer
     // goes at once.
     let advice_wake = Arc::new(Notify::new());
+    // The links outlive `shutdown` until `run` has let what is in flight
+    // finish. Should `run` not end it (never called, or stuck), the links
+    // close a little after the grace.
+    let links_stop = CancellationToken::new();
+    {
+        let (shutdown, links_stop) = (shutdown.clone(), links_stop.clone());
+        let grace = config.limits.shutdown_grace + Duration::from_secs(5);
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            tokio::select! {
+                () = tokio::time::sleep(grace) => links_stop.cancel(),
+                () = links_stop.cancelled() => {}
+            }
+        });
+    }
     let links = config
         .issuers
         .iter()
@@ -138,7 +154,7 @@ pub async fn start(
                 network_dialect.clone(),
                 identity.clone(),
                 advice_wake.clone(),
-                shutdown.clone(),
+                links_stop.clone(),
             )
         })
         .collect();
@@ -174,17 +190,33 @@ pub async fn start(
         key,
         links,
         advice_wake,
+        links_stop,
     }))
 }
 
 /// Serves terminals on `listener` and runs the advice queue until
-/// `shutdown`; returns when in-flight requests are answered.
-pub async fn run(listener: TcpListener, switch: Arc<Switch>, shutdown: CancellationToken) {
+/// `shutdown`. Then takes no new connection, request or advice, lets what
+/// is in flight finish (the issuer links stay up for it) for at most
+/// `limits.shutdown_grace`, and closes the links. True when everything in
+/// flight was answered; false when the grace ran out first (what was left
+/// at the issuer is reversed by the next start).
+pub async fn run(listener: TcpListener, switch: Arc<Switch>, shutdown: CancellationToken) -> bool {
     let advices = tokio::spawn(advice::run(switch.clone(), shutdown.clone()));
     let stats = tokio::spawn(log_batches(switch.clone(), shutdown.clone()));
-    frontend::serve(listener, switch, shutdown).await;
-    let _ = advices.await;
+    let frontend = tokio::spawn(frontend::serve(listener, switch.clone(), shutdown.clone()));
+    shutdown.cancelled().await;
+    let deadline = tokio::time::Instant::now() + switch.config.limits.shutdown_grace;
+    let drained = frontend.await.unwrap_or(false);
+    let advices_done = match tokio::time::timeout_at(deadline, advices).await {
+        Ok(_) => true,
+        Err(_) => {
+            tracing::warn!("shutdown grace over with advices still at the issuer");
+            false
+        }
+    };
     let _ = stats.await;
+    switch.links_stop.cancel();
+    drained && advices_done
 }
 
 /// Every `database.stats_interval`, one line on how the journal's writes

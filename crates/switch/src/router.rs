@@ -14,6 +14,7 @@ use iso8583::{Dialect, Message, MessageWriter, Mti, Pan, ParseError, ParseErrorK
 use sha2::Digest;
 use sqlx::PgPool;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, warn};
 
 use crate::config::{Config, DuplicatePolicy};
@@ -42,6 +43,10 @@ pub struct Switch {
     pub links: Vec<Arc<Link>>,
     /// Woken when an advice is queued.
     pub advice_wake: Arc<Notify>,
+    /// Closes the issuer links: cancelled by [`crate::run`] once what was
+    /// in flight at shutdown is answered, so that a stop does not cut off
+    /// requests at the issuer.
+    pub links_stop: CancellationToken,
 }
 
 /// What the connection does after a request.

@@ -31,7 +31,7 @@ struct World {
     switch: Arc<Switch>,
     dialect: Arc<Dialect>,
     shutdown: CancellationToken,
-    run: Option<tokio::task::JoinHandle<()>>,
+    run: Option<tokio::task::JoinHandle<bool>>,
 }
 
 /// Every log line of every test in this binary, at debug level, so a test
@@ -165,7 +165,7 @@ async fn start_switch(
     config: Config,
     key: PanHashKey,
     shutdown: &CancellationToken,
-) -> (Arc<Switch>, String, tokio::task::JoinHandle<()>) {
+) -> (Arc<Switch>, String, tokio::task::JoinHandle<bool>) {
     let pool = switch::connect(url, 8).await.unwrap();
     let switch = switch::start(Arc::new(config), pool.clone(), key, shutdown)
         .await
@@ -590,6 +590,53 @@ async fn two_switch_processes_on_one_database_ask_the_issuer_once() {
     assert_eq!(ra.body, rb.body);
     assert_eq!(w.balance(pan).await, before - 800);
     other_shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_stop_lets_a_request_at_the_issuer_get_the_issuers_answer() {
+    let w = world().await;
+    w.issuer
+        .faults()
+        .update(|f| f.latency = issuer_sim::Latency::Fixed(Duration::from_millis(400)));
+    let shutdown = CancellationToken::new();
+    let config = switch_config(&w.issuer_addr, |_| {});
+    let (_other, addr, run) = start_switch(&w.url, config, w.switch.key.clone(), &shutdown).await;
+    let pan = "6222020000000000016";
+    let before = w.balance(pan).await;
+    let mut t = Terminal::connect(&addr, "T0000016", MERCHANT, w.dialect.clone())
+        .await
+        .unwrap();
+    assert_eq!(t.sign_on().await.unwrap().rc(), "00");
+    let stan = t.next_stan();
+    t.send_raw(&t.purchase(stan, pan, EXPIRY, 1_600).unwrap())
+        .await
+        .unwrap();
+    w.until(
+        Duration::from_secs(5),
+        "the purchase at the issuer",
+        "SELECT EXISTS (SELECT 1 FROM journal WHERE terminal_id = 'T0000016' AND state = 'sent')",
+    )
+    .await;
+    // SIGTERM now: the link stays up until the answer is in.
+    shutdown.cancel();
+    let reply = t.recv().await.unwrap();
+    assert_eq!(reply.rc(), "00", "the issuer's approval, not 98");
+    assert!(run.await.unwrap(), "everything in flight was answered");
+    w.issuer.faults().clear();
+    assert_eq!(w.balance(pan).await, before - 1_600);
+    let advices: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM advices a JOIN journal j ON j.id = a.journal_id WHERE j.terminal_id = 'T0000016'",
+    )
+    .fetch_one(&w.pool)
+    .await
+    .unwrap();
+    assert_eq!(advices, 0, "nothing to reverse");
+    // Stopped: no new connection is taken.
+    assert!(
+        Terminal::connect(&addr, "T0000016", MERCHANT, w.dialect.clone())
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test]

@@ -463,7 +463,10 @@ impl Stack {
                             .await
                             .map_err(|e| anyhow!("{e}"))?;
                     let listener = TcpListener::from_std(listener)?;
-                    let run = tokio::spawn(switch::run(listener, switch.clone(), shutdown));
+                    let serving = switch.clone();
+                    let run = tokio::spawn(async move {
+                        switch::run(listener, serving, shutdown).await;
+                    });
                     if !switch.links[0].wait_up(Duration::from_secs(10)).await {
                         bail!("the switch could not sign on to the issuer at {issuer}");
                     }

@@ -113,9 +113,39 @@ pub async fn serve(args: &ServeArgs) -> Result<(), Failure> {
         "switchyard listening on {} (terminals, cup-pos)",
         listener.local_addr().map_err(anyhow::Error::from)?
     );
-    switch::run(listener, switch, shutdown).await;
+    // A second signal while in flight requests finish: stop at once.
+    tokio::spawn(exit_on_second_signal(shutdown.clone()));
+    let drained = switch::run(listener, switch, shutdown).await;
     drop(database);
+    if !drained {
+        return Err(Failure::Other(anyhow::anyhow!(
+            "stopped with requests still in flight after limits.shutdown_grace: the next start reverses what they left at the issuer"
+        )));
+    }
+    tracing::info!("switch stopped: everything in flight was answered");
     Ok(())
+}
+
+/// After `shutdown`, a second SIGTERM or SIGINT ends the process at once
+/// (exit 130), as an operator who presses Ctrl-C twice expects. Nothing is
+/// lost: the next start reverses what was left at the issuer.
+async fn exit_on_second_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    shutdown.cancelled().await;
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::warn!(
+        "second signal: stopping at once; the next start reverses what is left at the issuer"
+    );
+    std::process::exit(130);
 }
 
 /// A small pool on the config's database with the switch schema up to date
