@@ -36,7 +36,13 @@ pub use server::{Issuer, run};
 
 /// A pool on `url` for the issuer: its connections are not pinged before
 /// every use (see [`group_commit::postgres::pool_options`]).
+///
+/// A first connection is made directly, so that a server or database that
+/// is not there is said at once with its cause (a pool would wait out its
+/// acquire timeout and say only that).
 pub async fn connect(url: &str) -> Result<sqlx::PgPool, sqlx::Error> {
+    use sqlx::Connection;
+    sqlx::PgConnection::connect(url).await?.close().await?;
     group_commit::postgres::pool_options()
         .max_connections(10)
         .connect(url)

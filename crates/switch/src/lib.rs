@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use iso8583::Dialect;
 use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -59,16 +59,17 @@ pub enum StartError {
 
 /// A pool on `url` whose connections work in the `switch` schema (created
 /// when missing).
+///
+/// The first connection is made directly, not through a pool: a server that
+/// is not there, or a database that is not, is said at once with its cause,
+/// where a pool waits out its acquire timeout (30 s) to say only that it
+/// timed out.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    use sqlx::{Connection, Executor};
     let options = PgConnectOptions::from_str(url)?;
-    let setup = PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(options.clone())
-        .await?;
-    sqlx::query("CREATE SCHEMA IF NOT EXISTS switch")
-        .execute(&setup)
-        .await?;
-    setup.close().await;
+    let mut setup = sqlx::PgConnection::connect_with(&options).await?;
+    setup.execute("CREATE SCHEMA IF NOT EXISTS switch").await?;
+    setup.close().await?;
     group_commit::postgres::pool_options()
         .max_connections(max_connections)
         .connect_with(options.options([("search_path", "switch")]))
@@ -78,6 +79,20 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
 /// Applies the switch's migrations.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
+}
+
+/// Where a database URL points, for messages: `host:port/database`, the
+/// user and password left out.
+pub fn database_at(url: &str) -> String {
+    match PgConnectOptions::from_str(url) {
+        Ok(o) => format!(
+            "{}:{}/{}",
+            o.get_host(),
+            o.get_port(),
+            o.get_database().unwrap_or("(default)")
+        ),
+        Err(_) => "(a URL that cannot be read)".to_string(),
+    }
 }
 
 /// The config's terminal and network dialects (the embedded ones when it

@@ -240,6 +240,9 @@ fn dial_at_once(served: Duration) -> bool {
 impl ConnectionTask {
     async fn run(self, mut rx: mpsc::Receiver<Outgoing>, shutdown: CancellationToken) {
         let mut backoff = FIRST_BACKOFF;
+        // The last failure warned of: the same one again is told at debug
+        // level only, so a long outage is one line, not one per try.
+        let mut told: Option<String> = None;
         loop {
             // Nothing goes out before the connection is signed on: what is
             // queued meanwhile is declined, not sent late.
@@ -255,6 +258,7 @@ impl ConnectionTask {
             match connected {
                 Ok(stream) => {
                     backoff = FIRST_BACKOFF;
+                    told = None;
                     info!(link = %self.name, "signed on");
                     self.up.store(true, Ordering::Release);
                     self.signed_on.notify_one();
@@ -269,8 +273,17 @@ impl ConnectionTask {
                         continue;
                     }
                 }
-                Err(e) => {
+                Err(e) if told.as_ref() == Some(&e) => {
                     debug!(link = %self.name, error = %e, "connect failed");
+                }
+                Err(e) => {
+                    warn!(
+                        link = %self.name,
+                        address = %self.address,
+                        error = %e,
+                        "cannot connect and sign on; requests for this issuer are declined 91 until it can"
+                    );
+                    told = Some(e);
                 }
             }
             // Down: whatever is queued was never sent.

@@ -593,6 +593,55 @@ async fn two_switch_processes_on_one_database_ask_the_issuer_once() {
 }
 
 #[tokio::test]
+async fn an_issuer_that_cannot_be_reached_is_warned_of_once_with_its_address() {
+    capture_logs();
+    let url = embedded_pg::test_database().await;
+    // A port nothing listens on.
+    let address = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let shutdown = CancellationToken::new();
+    let config = switch_config(&address, |c| c.issuers[0].name = "unreachable".into());
+    let pool = switch::connect(&url, 4).await.unwrap();
+    let _switch = switch::start(Arc::new(config), pool, PanHashKey::generate(), &shutdown)
+        .await
+        .unwrap();
+    let lines = || -> Vec<String> {
+        String::from_utf8_lossy(&LOGS.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains("link=unreachable#0"))
+            .map(str::to_string)
+            .collect()
+    };
+    // Three tries at least (100, 200 ms apart): the first warned of, the
+    // same failure again at debug level.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while lines()
+        .iter()
+        .filter(|l| l.contains("connect failed"))
+        .count()
+        < 2
+    {
+        assert!(std::time::Instant::now() < deadline, "{:#?}", lines());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let warned: Vec<String> = lines()
+        .into_iter()
+        .filter(|l| l.contains(" WARN "))
+        .collect();
+    assert_eq!(warned.len(), 1, "{warned:#?}");
+    assert!(
+        warned[0].contains(&format!("address={address}"))
+            && warned[0].contains("declined 91")
+            && warned[0].contains("error="),
+        "{warned:#?}"
+    );
+    shutdown.cancel();
+}
+
+#[tokio::test]
 async fn a_stop_lets_a_request_at_the_issuer_get_the_issuers_answer() {
     let w = world().await;
     w.issuer

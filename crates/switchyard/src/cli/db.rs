@@ -46,3 +46,8 @@ pub async fn open(
         _server: Some(pg),
     })
 }
+
+/// The context of a failed connection: where to, the user and password left out.
+pub fn connecting(url: &str) -> String {
+    format!("connecting to the database at {}", switch::database_at(url))
+}

@@ -53,7 +53,7 @@ pub async fn run(args: &IssuerArgs) -> Result<(), Failure> {
     let config = load(&args.config)?;
     let key = PanKey::load(&config.keys).map_err(|e| {
         let named = config.keys.pan_key_file.is_some();
-        Failure::Input(anyhow!(
+        Failure::Other(anyhow!(
             "{}",
             super::admin::key_problem(&args.config, "pan_key_file", named, e)
         ))
@@ -61,7 +61,7 @@ pub async fn run(args: &IssuerArgs) -> Result<(), Failure> {
     let database = db::open(config.database.url.as_deref(), None, "switchyard").await?;
     let pool = issuer_sim::connect(&database.url)
         .await
-        .context("connecting to the database")?;
+        .with_context(|| db::connecting(&database.url))?;
     issuer_sim::migrate(&pool)
         .await
         .map_err(|e| anyhow!("issuer migrations: {e}"))?;

@@ -30,15 +30,46 @@ impl Failure {
 }
 
 impl std::fmt::Display for Failure {
+    /// The error and its causes, `: ` between them; a cause whose text the
+    /// one before it already ends with (sqlx's I/O errors print their
+    /// source themselves) is not said twice.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Failure::Input(e) | Failure::Other(e) => write!(f, "{e:#}"),
+        let (Failure::Input(e) | Failure::Other(e)) = self;
+        let mut said = String::new();
+        for cause in e.chain() {
+            let text = cause.to_string();
+            if said.ends_with(&text) {
+                continue;
+            }
+            if !said.is_empty() {
+                said.push_str(": ");
+            }
+            said.push_str(&text);
         }
+        f.write_str(&said)
     }
 }
 
 impl From<anyhow::Error> for Failure {
     fn from(e: anyhow::Error) -> Self {
         Failure::Other(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Failure;
+
+    #[test]
+    fn a_cause_already_said_is_not_said_again() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e =
+            anyhow::Error::new(sqlx::Error::Io(io)).context("connecting to the database at h:1/d");
+        assert_eq!(
+            Failure::Other(e).to_string(),
+            "connecting to the database at h:1/d: error communicating with database: refused"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(Failure::Other(plain).to_string(), "outer: inner");
     }
 }

@@ -63,7 +63,7 @@ pub async fn journal_pool(
     let database = db::open(Some(&url), None, "switchyard").await?;
     let pool = switch::connect(&database.url, 2)
         .await
-        .context("connecting to the database")?;
+        .with_context(|| db::connecting(&database.url))?;
     Ok((pool, database))
 }
 

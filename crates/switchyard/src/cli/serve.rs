@@ -78,7 +78,7 @@ pub async fn serve(args: &ServeArgs) -> Result<(), Failure> {
     }
     let key = PanHashKey::load(config.keys.pan_hash_key_file.as_deref()).map_err(|e| {
         let named = config.keys.pan_hash_key_file.is_some();
-        Failure::Input(anyhow::anyhow!(
+        Failure::Other(anyhow::anyhow!(
             "{}",
             super::admin::key_problem(&args.config, "pan_hash_key_file", named, e)
         ))
@@ -91,7 +91,7 @@ pub async fn serve(args: &ServeArgs) -> Result<(), Failure> {
     .await?;
     let pool = switch::connect(&database.url, config.database.max_connections)
         .await
-        .context("connecting to the database")?;
+        .with_context(|| db::connecting(&database.url))?;
     let shutdown = shutdown_on_signals();
     let listener = TcpListener::bind(&config.listen)
         .await
@@ -159,7 +159,7 @@ pub async fn migrated_pool(config: &Config) -> Result<(sqlx::PgPool, db::Databas
     .await?;
     let pool = switch::connect(&database.url, 2)
         .await
-        .context("connecting to the database")?;
+        .with_context(|| db::connecting(&database.url))?;
     switch::migrate(&pool)
         .await
         .context("applying migrations")?;
