@@ -921,7 +921,26 @@ impl Player {
                         }
                         ("duplicate", b.rc().to_string())
                     }
-                    (Some(_), Some(_)) => ("duplicate", "XX".into()),
+                    // Declined both times, in other words (the switch's own
+                    // 96 carries no RRN, the issuer's stored one does).
+                    (Some(a), Some(b)) if a.rc() == b.rc() && a.rc() != "00" => {
+                        ("duplicate", b.rc().to_string())
+                    }
+                    // Two answers that disagree (or two approvals that are
+                    // not one reply): the terminal cannot tell whether it
+                    // sold, so it reverses, as for no answer.
+                    (Some(_), Some(_)) => {
+                        self.pending = Some(Pending {
+                            pan,
+                            processing_code: "000000",
+                            condition: "00",
+                            amount,
+                            stan,
+                            f60: self.terminal.f60("22"),
+                            f61: None,
+                        });
+                        ("duplicate", "XX".into())
+                    }
                     // One copy answered (the connection failed for the
                     // other): that answer is the terminal's.
                     (Some(r), None) | (None, Some(r)) => {
@@ -1633,6 +1652,33 @@ mod tests {
                 .collect()
         };
         assert_eq!(stans[0], stans[1], "the same reversal, sent again");
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_answered_two_ways_is_reversed() {
+        // The first copy approved, the repeat 96: the terminal cannot tell
+        // whether it sold, and reverses before its next request.
+        let (addr, seen) = stand_in_switch(|mti, before| match (mti, before) {
+            ("0200", 1) => Answer::With("96"),
+            _ => Answer::With("00"),
+        })
+        .await;
+        let run = play(
+            &addr,
+            "terminals = 1\nrate = 100\nduration = \"30ms\"\nsettle = false\n[mix]\nduplicate = 1\n",
+        )
+        .await;
+        assert_eq!(run.report.kinds["duplicate"].codes.get("XX"), Some(&1));
+        let seen = seen.lock().unwrap();
+        let stans = |mti: &str| -> Vec<u32> {
+            seen.requests
+                .iter()
+                .filter(|r| r.1 == mti)
+                .map(|r| r.2)
+                .collect()
+        };
+        let (sales, reversals) = (stans("0200"), stans("0400"));
+        assert_eq!(reversals, [sales[0]], "{sales:?} {reversals:?}");
     }
 
     #[tokio::test]
