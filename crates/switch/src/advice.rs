@@ -73,7 +73,7 @@ pub async fn run(switch: Arc<Switch>, shutdown: CancellationToken) {
             Ok(0) => {}
             Ok(n) => info!(
                 count = n,
-                "reversing transactions a stopped switch left at the issuer"
+                "reversing transactions left `sent` at the issuer without an outcome (a switch stopped, or the journal failed)"
             ),
             Err(e) => warn!(error = %e, "recovery sweep failed"),
         }

@@ -206,6 +206,7 @@ pub async fn start(
         links,
         advice_wake,
         links_stop,
+        abandoned: Default::default(),
     }))
 }
 

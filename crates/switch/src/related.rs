@@ -464,38 +464,48 @@ impl Switch {
             Ok(w) => w,
             Err(answered) => return answered,
         };
-        // The approved reply is stored by the statement that approves it.
-        self.reply_code(req, out, ResponseCode::APPROVED, Some(&written.rrn));
-        let reply = self.body(out).to_vec();
-        let apply = journal::Apply {
-            row_id: written.id,
-            original_id: original.id,
-            amount: entry.amount,
-            kind,
-            reply,
-        };
-        match self.writer.apply(apply).await {
-            Ok(true) => {
-                self.advice_wake.notify_one();
-                None
-            }
-            Ok(false) => {
-                // The claim is lost either way; a failed read only blurs why.
-                let now = journal::state_of(&self.pool, original.id)
-                    .await
-                    .unwrap_or_else(|e| {
-                        warn!(error = %e, "journal read failed");
-                        None
-                    });
-                let (rule, code) = lost(now.as_deref().unwrap_or(""));
-                self.decided(req, written.id, &written.rrn, rule, code, out)
-                    .await
-            }
-            Err(e) => {
-                warn!(error = %e, "journal write failed");
-                Some(ResponseCode::SYSTEM_ERROR)
+        // A row left `received` without a reply (the journal failed under
+        // it) is one a repeat may take over at once (`Switch::adopt`).
+        let held = written.id;
+        let result = async {
+            // The approved reply is stored by the statement that approves it.
+            self.reply_code(req, out, ResponseCode::APPROVED, Some(&written.rrn));
+            let reply = self.body(out).to_vec();
+            let apply = journal::Apply {
+                row_id: written.id,
+                original_id: original.id,
+                amount: entry.amount,
+                kind,
+                reply,
+            };
+            match self.writer.apply(apply).await {
+                Ok(true) => {
+                    self.advice_wake.notify_one();
+                    None
+                }
+                Ok(false) => {
+                    // The claim is lost either way; a failed read only blurs why.
+                    let now = journal::state_of(&self.pool, original.id)
+                        .await
+                        .unwrap_or_else(|e| {
+                            warn!(error = %e, "journal read failed");
+                            None
+                        });
+                    let (rule, code) = lost(now.as_deref().unwrap_or(""));
+                    self.decided(req, written.id, &written.rrn, rule, code, out)
+                        .await
+                }
+                Err(e) => {
+                    warn!(error = %e, "journal write failed");
+                    Some(ResponseCode::SYSTEM_ERROR)
+                }
             }
         }
+        .await;
+        if result.is_some() {
+            self.abandoned(held);
+        }
+        result
     }
 
     /// P1-P3: a pre-authorisation cancel, completion or completion advice.
@@ -648,103 +658,114 @@ impl Switch {
             Ok(w) => w,
             Err(answered) => return answered,
         };
-        // The approved reply is stored by the statement that approves it.
-        self.reply_code(req, out, ResponseCode::APPROVED, Some(&written.rrn));
-        let reply = self.body(out).to_vec();
-        let decided = |rule, original: Option<&Original>, step| journal::Reversal {
-            row: written.id,
-            rule,
-            original: original.map(|o| o.id),
-            reply: reply.clone(),
-            step,
-        };
-        // Read after the reversal's row is durable, never in its statement:
-        // an original written in the same batch would not see this row,
-        // nor this read the original.
-        let named = Find::ByStan {
-            merchant_id: req.merchant_id.to_string(),
-            terminal_id: req.terminal_id.to_string(),
-            batch,
-            stan: req.stan as i32,
-            mti_class: class,
-        };
-        for _ in 0..3 {
-            let found = self.writer.find(named.clone()).await;
-            // Refunds and advices are not reversible (they are retried instead).
-            let original = match found {
-                Ok(o) => o.into_iter().next().filter(|o| {
-                    o.processing_code == p.processing_code && REVERSIBLE.contains(&o.kind.as_str())
-                }),
-                Err(e) => {
-                    warn!(error = %e, "journal read failed");
-                    return Some(ResponseCode::SYSTEM_ERROR);
-                }
+        // A row left `received` without a reply (the journal failed under
+        // it) is one a repeat may take over at once (`Switch::adopt`).
+        let held = written.id;
+        let result = async {
+            // The approved reply is stored by the statement that approves it.
+            self.reply_code(req, out, ResponseCode::APPROVED, Some(&written.rrn));
+            let reply = self.body(out).to_vec();
+            let decided = |rule, original: Option<&Original>, step| journal::Reversal {
+                row: written.id,
+                rule,
+                original: original.map(|o| o.id),
+                reply: reply.clone(),
+                step,
             };
-            let reversal = match &original {
-                // R3: nothing (yet) to reverse; this row is the marker an
-                // original arriving later is checked against.
-                None => decided("R3", None, ReversalStep::Approve),
-                Some(o) if o.amount != p.amount as i64 => {
-                    return self
-                        .decided(
-                            req,
-                            written.id,
-                            &written.rrn,
-                            "R4",
-                            ResponseCode::AMOUNT_MISMATCH,
-                            out,
-                        )
-                        .await;
-                }
-                Some(o) if o.business_date != p.today => {
-                    return self
-                        .decided(
-                            req,
-                            written.id,
-                            &written.rrn,
-                            "R5",
-                            ResponseCode::INVALID_TRANSACTION,
-                            out,
-                        )
-                        .await;
-                }
-                Some(o) => match o.state.as_str() {
-                    "sent" => decided("R3", Some(o), ReversalStep::Mark),
-                    "approved" => decided("R2", Some(o), ReversalStep::Reverse(network_reason)),
-                    "declined" | "reversed" | "unknown" => {
-                        decided("R3", Some(o), ReversalStep::Approve)
+            // Read after the reversal's row is durable, never in its statement:
+            // an original written in the same batch would not see this row,
+            // nor this read the original.
+            let named = Find::ByStan {
+                merchant_id: req.merchant_id.to_string(),
+                terminal_id: req.terminal_id.to_string(),
+                batch,
+                stan: req.stan as i32,
+                mti_class: class,
+            };
+            for _ in 0..3 {
+                let found = self.writer.find(named.clone()).await;
+                // Refunds and advices are not reversible (they are retried instead).
+                let original = match found {
+                    Ok(o) => o.into_iter().next().filter(|o| {
+                        o.processing_code == p.processing_code
+                            && REVERSIBLE.contains(&o.kind.as_str())
+                    }),
+                    Err(e) => {
+                        warn!(error = %e, "journal read failed");
+                        return Some(ResponseCode::SYSTEM_ERROR);
                     }
-                    // Voided, refunded, completed or cancelled since: the
-                    // later transaction has to be undone first.
-                    _ => {
+                };
+                let reversal = match &original {
+                    // R3: nothing (yet) to reverse; this row is the marker an
+                    // original arriving later is checked against.
+                    None => decided("R3", None, ReversalStep::Approve),
+                    Some(o) if o.amount != p.amount as i64 => {
                         return self
                             .decided(
                                 req,
                                 written.id,
                                 &written.rrn,
-                                "R2",
+                                "R4",
+                                ResponseCode::AMOUNT_MISMATCH,
+                                out,
+                            )
+                            .await;
+                    }
+                    Some(o) if o.business_date != p.today => {
+                        return self
+                            .decided(
+                                req,
+                                written.id,
+                                &written.rrn,
+                                "R5",
                                 ResponseCode::INVALID_TRANSACTION,
                                 out,
                             )
                             .await;
                     }
-                },
-            };
-            match self.writer.reverse(reversal).await {
-                Ok(true) => {
-                    // `out` still holds the approved reply built above.
-                    self.advice_wake.notify_one();
-                    return None;
-                }
-                // The original's state changed under us: look again.
-                Ok(false) => continue,
-                Err(e) => {
-                    warn!(error = %e, "journal write failed");
-                    return Some(ResponseCode::SYSTEM_ERROR);
+                    Some(o) => match o.state.as_str() {
+                        "sent" => decided("R3", Some(o), ReversalStep::Mark),
+                        "approved" => decided("R2", Some(o), ReversalStep::Reverse(network_reason)),
+                        "declined" | "reversed" | "unknown" => {
+                            decided("R3", Some(o), ReversalStep::Approve)
+                        }
+                        // Voided, refunded, completed or cancelled since: the
+                        // later transaction has to be undone first.
+                        _ => {
+                            return self
+                                .decided(
+                                    req,
+                                    written.id,
+                                    &written.rrn,
+                                    "R2",
+                                    ResponseCode::INVALID_TRANSACTION,
+                                    out,
+                                )
+                                .await;
+                        }
+                    },
+                };
+                match self.writer.reverse(reversal).await {
+                    Ok(true) => {
+                        // `out` still holds the approved reply built above.
+                        self.advice_wake.notify_one();
+                        return None;
+                    }
+                    // The original's state changed under us: look again.
+                    Ok(false) => continue,
+                    Err(e) => {
+                        warn!(error = %e, "journal write failed");
+                        return Some(ResponseCode::SYSTEM_ERROR);
+                    }
                 }
             }
+            Some(ResponseCode::SYSTEM_ERROR)
         }
-        Some(ResponseCode::SYSTEM_ERROR)
+        .await;
+        if result.is_some() {
+            self.abandoned(held);
+        }
+        result
     }
 
     /// S1: settlement. The terminal's F48 totals against the journal's; the
@@ -777,63 +798,73 @@ impl Switch {
             Ok(w) => w,
             Err(answered) => return answered,
         };
-        let ours = match journal::batch_totals(&self.pool, req.terminal_id, batch).await {
-            Ok(t) => t,
-            Err(e) => {
-                warn!(error = %e, "journal read failed");
-                return Some(ResponseCode::SYSTEM_ERROR);
-            }
-        };
-        // Compare the figures, not the reconciliation codes (digits 30 and 61).
-        let figures = |t: &str| format!("{}{}", &t[..30], &t[31..61]);
-        let balanced = figures(&given) == figures(&ours);
-        let reply_totals = if balanced {
-            format!("{}1{}1", &given[..30], &given[31..61])
-        } else {
-            format!("{}2{}2", &ours[..30], &ours[31..61])
-        };
-        self.reply(
-            req,
-            out,
-            ReplyFields {
-                rc: Some(ResponseCode::APPROVED),
-                rrn: Some(&written.rrn),
-                totals: Some(&reply_totals),
-                ..Default::default()
-            },
-        );
-        let settlement = journal::Settlement {
-            row_id: written.id,
-            terminal_id: req.terminal_id,
-            merchant_id: req.merchant_id,
-            batch,
-            terminal_totals: &given,
-            switch_totals: &ours,
-            balanced,
-            operator: req.operator(),
-            reply: self.body(out),
-        };
-        let closed = journal::settle(&self.pool, &settlement).await;
-        self.writer.forget_terminal(req.terminal_id);
-        match closed {
-            Ok(true) => None,
-            // Another switch process closed the batch since it was read.
-            Ok(false) => {
-                self.decided(
-                    req,
-                    written.id,
-                    &written.rrn,
-                    "S1",
-                    ResponseCode::BATCH_MISMATCH,
-                    out,
-                )
-                .await
-            }
-            Err(e) => {
-                warn!(error = %e, "closing the batch failed");
-                Some(ResponseCode::SYSTEM_ERROR)
+        // A row left `received` without a reply (the journal failed under
+        // it) is one a repeat may take over at once (`Switch::adopt`).
+        let held = written.id;
+        let result = async {
+            let ours = match journal::batch_totals(&self.pool, req.terminal_id, batch).await {
+                Ok(t) => t,
+                Err(e) => {
+                    warn!(error = %e, "journal read failed");
+                    return Some(ResponseCode::SYSTEM_ERROR);
+                }
+            };
+            // Compare the figures, not the reconciliation codes (digits 30 and 61).
+            let figures = |t: &str| format!("{}{}", &t[..30], &t[31..61]);
+            let balanced = figures(&given) == figures(&ours);
+            let reply_totals = if balanced {
+                format!("{}1{}1", &given[..30], &given[31..61])
+            } else {
+                format!("{}2{}2", &ours[..30], &ours[31..61])
+            };
+            self.reply(
+                req,
+                out,
+                ReplyFields {
+                    rc: Some(ResponseCode::APPROVED),
+                    rrn: Some(&written.rrn),
+                    totals: Some(&reply_totals),
+                    ..Default::default()
+                },
+            );
+            let settlement = journal::Settlement {
+                row_id: written.id,
+                terminal_id: req.terminal_id,
+                merchant_id: req.merchant_id,
+                batch,
+                terminal_totals: &given,
+                switch_totals: &ours,
+                balanced,
+                operator: req.operator(),
+                reply: self.body(out),
+            };
+            let closed = journal::settle(&self.pool, &settlement).await;
+            self.writer.forget_terminal(req.terminal_id);
+            match closed {
+                Ok(true) => None,
+                // Another switch process closed the batch since it was read.
+                Ok(false) => {
+                    self.decided(
+                        req,
+                        written.id,
+                        &written.rrn,
+                        "S1",
+                        ResponseCode::BATCH_MISMATCH,
+                        out,
+                    )
+                    .await
+                }
+                Err(e) => {
+                    warn!(error = %e, "closing the batch failed");
+                    Some(ResponseCode::SYSTEM_ERROR)
+                }
             }
         }
+        .await;
+        if result.is_some() {
+            self.abandoned(held);
+        }
+        result
     }
 
     /// Batch upload (0320 201) records and its end (202), for the settled batch.

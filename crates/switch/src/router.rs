@@ -47,6 +47,10 @@ pub struct Switch {
     /// in flight at shutdown is answered, so that a stop does not cut off
     /// requests at the issuer.
     pub links_stop: CancellationToken,
+    /// Rows this process held for deciding and gave up on (the journal
+    /// failed under them): still `received` without a reply, and no live
+    /// switch deciding them, so a repeat takes them over at once.
+    pub(crate) abandoned: std::sync::Mutex<std::collections::HashSet<i64>>,
 }
 
 /// What the connection does after a request.
@@ -496,7 +500,11 @@ impl Switch {
             Err(e) => {
                 // The outcome is not durable, so the terminal must not hear
                 // "approved"; the row stays `sent` and recovery reverses it.
-                warn!(error = %e, rrn = %written.rrn, "journal write of the outcome failed");
+                warn!(
+                    error = %e,
+                    rrn = %written.rrn,
+                    "journal write of the outcome failed: the terminal hears 96 and the transaction is reversed at the issuer"
+                );
                 Some(ResponseCode::SYSTEM_ERROR)
             }
         }
@@ -646,7 +654,16 @@ impl Switch {
     /// decided anew, as if just written. `None`: it got its reply meanwhile,
     /// or another repeat took it over; answer as a duplicate.
     async fn adopt(&self, earlier: &Earlier) -> Option<journal::Written> {
-        let stale = self.config.rules.issuer_timeout + Duration::from_secs(2);
+        let given_up = self
+            .abandoned
+            .lock()
+            .map(|mut ids| ids.remove(&earlier.id))
+            .unwrap_or(false);
+        let stale = if given_up {
+            Duration::ZERO
+        } else {
+            self.config.rules.issuer_timeout + Duration::from_secs(2)
+        };
         let deadline = tokio::time::Instant::now() + stale + Duration::from_secs(1);
         while tokio::time::Instant::now() < deadline {
             match journal::adopt(&self.pool, earlier.id, stale).await {
@@ -676,6 +693,18 @@ impl Switch {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         None
+    }
+
+    /// Notes a row held for deciding that this process gave up on (see
+    /// `abandoned`). The set is bounded: past 10,000 it starts again, and
+    /// a row forgotten is taken over after the usual wait.
+    pub(crate) fn abandoned(&self, id: i64) {
+        if let Ok(mut ids) = self.abandoned.lock() {
+            if ids.len() >= 10_000 {
+                ids.clear();
+            }
+            ids.insert(id);
+        }
     }
 
     /// Ends a journalled row the switch decided itself (a rule broken, a

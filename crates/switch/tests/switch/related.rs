@@ -337,6 +337,64 @@ async fn a_reversal_undoes_the_purchase_once_however_often_it_is_sent() {
 }
 
 #[tokio::test]
+async fn a_reversal_the_journal_failed_under_is_taken_over_by_its_repeat_at_once() {
+    let w = world().await;
+    // A switch whose connections give up on a lock after 300 ms, and that
+    // would wait 32 s (issuer_timeout + 2 s) for a row another switch may
+    // still be deciding.
+    let db: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&w.pool)
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE \"{db}\" SET lock_timeout = '300ms'"
+    )))
+    .execute(&w.pool)
+    .await
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let config = switch_config(&w.issuer_addr, |c| {
+        c.rules.issuer_timeout = Duration::from_secs(30);
+    });
+    let (_switch, addr, _run) = start_switch(&w.url, config, w.switch.key.clone(), &shutdown).await;
+    let mut t = Terminal::connect(&addr, "T0000010", MERCHANT, w.dialect.clone())
+        .await
+        .unwrap();
+    assert_eq!(t.sign_on().await.unwrap().rc(), "00");
+    let pan = "6222020000000000032";
+    let sale = purchase(&mut t, pan, 3_300).await;
+    let f60 = t.f60("22");
+    let frame = t
+        .reversal(&reversed(&sale, pan, 3_300, &f60), "98")
+        .unwrap();
+    // The reversal's row is written; reading its original then fails (the
+    // advices, which the read looks at, are locked away).
+    let mut lock = w.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE advices IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    assert_eq!(t.exchange(&frame).await.unwrap().rc(), "96");
+    lock.commit().await.unwrap();
+    let state: String = sqlx::query_scalar(
+        "SELECT state FROM journal WHERE kind = 'reversal' AND terminal_id = 'T0000010'",
+    )
+    .fetch_one(&w.pool)
+    .await
+    .unwrap();
+    assert_eq!(state, "received", "left undecided by the failed read");
+    // The repeat: this switch gave the row up, so it is taken over now,
+    // not after 32 s.
+    let again = tokio::time::timeout(Duration::from_secs(10), t.exchange(&frame))
+        .await
+        .expect("answered without waiting out issuer_timeout")
+        .unwrap();
+    assert_eq!(again.rc(), "00");
+    assert_eq!(w.journal_state(sale.rrn()).await, "reversed");
+    shutdown.cancel();
+}
+
+#[tokio::test]
 async fn a_reversal_its_switch_died_deciding_is_taken_over_by_the_repeat() {
     let w = world().await;
     let mut t = w.signed_on("T0000009").await;
