@@ -66,6 +66,9 @@ pub struct Stats {
     pub jobs: u64,
     /// Their durations, summed.
     pub busy: std::time::Duration,
+    /// Jobs dropped unsent for waiting longer than the batcher's
+    /// `max_wait` ([`Batcher::start_waiting_at_most`]).
+    pub expired: u64,
 }
 
 impl Stats {
@@ -78,8 +81,12 @@ impl Stats {
             return format!("no {what}");
         }
         let n = self.batches as f64;
+        let expired = match self.expired {
+            0 => String::new(),
+            e => format!("; {e} {what} dropped unsent, kept waiting too long"),
+        };
         format!(
-            "{} batches of {:.1} {what}, {:.2} ms each, busy {:.0} % of the time",
+            "{} batches of {:.1} {what}, {:.2} ms each, busy {:.0} % of the time{expired}",
             self.batches,
             self.jobs as f64 / n,
             self.busy.as_secs_f64() * 1e3 / n,
@@ -96,6 +103,7 @@ impl std::ops::Sub for Stats {
             batches: self.batches.saturating_sub(earlier.batches),
             jobs: self.jobs.saturating_sub(earlier.jobs),
             busy: self.busy.saturating_sub(earlier.busy),
+            expired: self.expired.saturating_sub(earlier.expired),
         }
     }
 }
@@ -138,6 +146,7 @@ struct Counts {
     batches: AtomicU64,
     jobs: AtomicU64,
     busy_ns: AtomicU64,
+    expired: AtomicU64,
 }
 
 impl Counts {
@@ -155,6 +164,7 @@ impl Counts {
             batches,
             jobs: self.jobs.load(Ordering::Relaxed),
             busy: std::time::Duration::from_nanos(self.busy_ns.load(Ordering::Relaxed)),
+            expired: self.expired.load(Ordering::Relaxed),
         }
     }
 }
@@ -190,9 +200,28 @@ impl<J: Send + 'static> Batcher<J> {
         F: Fn(Vec<J>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        Self::start_waiting_at_most(limits, None, key, run)
+    }
+
+    /// As [`Batcher::start`]; a job that has waited longer than `max_wait`
+    /// for a batch (the batches in flight stuck, the database away) is
+    /// dropped instead of sent, so that whoever waits for it hears it
+    /// failed (its reply channel closes) rather than wait on, and is told
+    /// later than any use. The drops are counted in [`Stats::expired`].
+    pub fn start_waiting_at_most<K, F, Fut>(
+        limits: Limits,
+        max_wait: Option<std::time::Duration>,
+        key: impl Fn(&J) -> K + Send + 'static,
+        run: F,
+    ) -> Self
+    where
+        K: Eq + Hash + Send + 'static,
+        F: Fn(Vec<J>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let (tx, rx) = mpsc::unbounded_channel();
         let counts = Arc::new(Counts::default());
-        tokio::spawn(gather(limits, rx, key, run, counts.clone()));
+        tokio::spawn(gather(limits, max_wait, rx, key, run, counts.clone()));
         Batcher { jobs: tx, counts }
     }
 
@@ -212,6 +241,7 @@ impl<J: Send + 'static> Batcher<J> {
 
 async fn gather<J, K, F, Fut>(
     limits: Limits,
+    max_wait: Option<std::time::Duration>,
     mut rx: mpsc::UnboundedReceiver<Arrived<J>>,
     key: impl Fn(&J) -> K,
     run: F,
@@ -226,16 +256,29 @@ async fn gather<J, K, F, Fut>(
     let slots = Arc::new(Semaphore::new(limits.in_flight.max(1)));
     // Jobs that met a job with their key in the batch being gathered.
     let mut deferred: VecDeque<Arrived<J>> = VecDeque::new();
+    // Whether a job waited too long to be sent (it is dropped and counted).
+    let expired = |job: &Arrived<J>| {
+        let late = max_wait.is_some_and(|w| job.at.elapsed() > w);
+        if late {
+            counts.expired.fetch_add(1, Ordering::Relaxed);
+        }
+        late
+    };
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let first = match deferred.pop_front() {
-            Some(job) => job,
-            None => match rx.recv().await {
+        let first = loop {
+            let job = match deferred.pop_front() {
                 Some(job) => job,
-                None => return,
-            },
+                None => match rx.recv().await {
+                    Some(job) => job,
+                    None => return,
+                },
+            };
+            if !expired(&job) {
+                break job;
+            }
         };
         let leaves = first.at + limits.delay;
         let mut keys = HashSet::new();
@@ -245,6 +288,9 @@ async fn gather<J, K, F, Fut>(
             let Some(job) = deferred.pop_front() else {
                 break;
             };
+            if expired(&job) {
+                continue;
+            }
             if batch.len() < max_batch && keys.insert(key(&job.job)) {
                 batch.push(job.job);
             } else {
@@ -270,6 +316,9 @@ async fn gather<J, K, F, Fut>(
                     Ok(None) | Err(_) => break,
                 },
             };
+            if expired(&job) {
+                continue;
+            }
             if keys.insert(key(&job.job)) {
                 batch.push(job.job);
             } else {
@@ -383,7 +432,9 @@ pub mod postgres {
     /// tiny table) costs a plan 10^10, far past the JIT threshold, and
     /// compiling a batch's expressions costs more than running them.
     /// A connection is not pinged before each batch (see [`pool_options`]).
-    pub fn batch_pool(pool: &PgPool, in_flight: usize) -> PgPool {
+    /// A batch waits at most `acquire` for a connection (the database
+    /// away), then fails.
+    pub fn batch_pool(pool: &PgPool, in_flight: usize, acquire: Duration) -> PgPool {
         let options = (*pool.connect_options()).clone().options([
             ("plan_cache_mode", "force_generic_plan"),
             ("enable_seqscan", "off"),
@@ -395,6 +446,7 @@ pub mod postgres {
         // again (see `switch`'s plan_ahead).
         pool_options()
             .max_connections(2 * in_flight.max(1) as u32)
+            .acquire_timeout(acquire)
             .idle_timeout(None)
             .max_lifetime(None)
             .connect_lazy_with(options)
@@ -470,14 +522,22 @@ mod tests {
     }
 
     fn start(limits: Limits) -> (Arc<Database>, Batcher<Job>) {
+        start_waiting_at_most(limits, None)
+    }
+
+    fn start_waiting_at_most(
+        limits: Limits,
+        max_wait: Option<std::time::Duration>,
+    ) -> (Arc<Database>, Batcher<Job>) {
         let db = Arc::new(Database {
             batches: Mutex::new(Vec::new()),
             started: AtomicUsize::new(0),
             release: Semaphore::new(0),
         });
         let shared = db.clone();
-        let batcher = Batcher::start(
+        let batcher = Batcher::start_waiting_at_most(
             limits,
+            max_wait,
             |j: &Job| j.key,
             move |jobs: Vec<Job>| {
                 let db = shared.clone();
@@ -526,6 +586,25 @@ mod tests {
         max_batch: 100,
         in_flight: 1,
     };
+
+    #[tokio::test(start_paused = true)]
+    async fn jobs_kept_waiting_past_max_wait_are_dropped_unsent() {
+        let second = std::time::Duration::from_secs(1);
+        let (db, b) = start_waiting_at_most(ONE_SLOT, Some(second));
+        // The one slot is stuck (the database away) while three wait.
+        let first = occupy(&db, &b, 0).await;
+        let stale: Vec<_> = (1..=3).map(|k| submit(&b, k)).collect();
+        tokio::time::advance(second * 2).await;
+        let fresh = submit(&b, 4);
+        db.release.add_permits(2);
+        assert_eq!(first.await.unwrap(), 1);
+        for rx in stale {
+            assert!(rx.await.is_err(), "dropped: its waiter hears it failed");
+        }
+        assert_eq!(fresh.await.unwrap(), 1, "the fresh one goes alone");
+        assert_eq!(*db.batches.lock().unwrap(), vec![vec![0], vec![4]]);
+        assert_eq!(b.stats().expired, 3);
+    }
 
     #[tokio::test]
     async fn jobs_that_arrive_while_the_slot_is_busy_share_the_next_batch() {
@@ -707,7 +786,8 @@ mod tests {
             Stats {
                 batches: 2,
                 jobs: 5,
-                busy: took * 2
+                busy: took * 2,
+                expired: 0,
             }
         );
         assert_eq!(
@@ -715,7 +795,8 @@ mod tests {
             Stats {
                 batches: 1,
                 jobs: 4,
-                busy: took
+                busy: took,
+                expired: 0,
             }
         );
         assert_eq!(before - after, Stats::default(), "never below zero");
@@ -727,10 +808,15 @@ mod tests {
             batches: 100,
             jobs: 410,
             busy: std::time::Duration::from_millis(500),
+            expired: 0,
         };
         assert_eq!(
             s.summary("writes", std::time::Duration::from_secs(2)),
             "100 batches of 4.1 writes, 5.00 ms each, busy 25 % of the time"
+        );
+        assert_eq!(
+            Stats { expired: 7, ..s }.summary("writes", std::time::Duration::from_secs(2)),
+            "100 batches of 4.1 writes, 5.00 ms each, busy 25 % of the time; 7 writes dropped unsent, kept waiting too long"
         );
         assert_eq!(
             Stats::default().summary("writes", std::time::Duration::ZERO),
@@ -764,6 +850,7 @@ mod tests {
             batches,
             jobs,
             busy,
+            expired: 0,
         };
         assert_eq!(
             reports,

@@ -88,7 +88,11 @@ impl Batches {
     fn batchers(&self, limits: Limits, pool: &PgPool) -> &Batchers {
         self.batchers.get_or_init(|| {
             // Two kinds of batches, each with its batches in flight.
-            let batches = batch_pool(pool, 2 * limits.in_flight);
+            let batches = batch_pool(
+                pool,
+                2 * limits.in_flight,
+                std::time::Duration::from_secs(30),
+            );
             let p = batches.clone();
             let authorisations = Batcher::start(
                 limits,

@@ -181,6 +181,8 @@ pub async fn start(
             delay: config.database.batch_delay,
         },
         config.database.terminal_cache,
+        // A request waits for the journal at most as long as for the issuer.
+        config.rules.issuer_timeout,
     );
     if config.database.plan_ahead {
         let planning = std::time::Instant::now();

@@ -107,25 +107,37 @@ impl TerminalCache {
 impl Writer {
     /// Starts the batching tasks on the current runtime. The batches go
     /// over connections of their own, opened as needed with the options of
-    /// `pool`, one per batch in flight.
-    pub fn start(pool: PgPool, limits: Limits, terminal_cache: Duration) -> Writer {
+    /// `pool`, one per batch in flight. A write, read or lookup that waits
+    /// longer than `max_wait` for its batch to leave (the database away or
+    /// stuck) fails unsent, rather than be done after its request gave up
+    /// (rule T2: the request hears 96 and is not forwarded); so does a
+    /// batch that cannot get a connection in that time.
+    pub fn start(
+        pool: PgPool,
+        limits: Limits,
+        terminal_cache: Duration,
+        max_wait: Duration,
+    ) -> Writer {
         // Three stages, each with its batches in flight.
-        let batches = batch_pool(&pool, 3 * limits.in_flight);
+        let batches = batch_pool(&pool, 3 * limits.in_flight, max_wait);
         let p = batches.clone();
-        let writes = Batcher::start(
+        let writes = Batcher::start_waiting_at_most(
             limits,
+            Some(max_wait),
             |j: &Job| j.write.key(),
             move |batch| write(p.clone(), batch),
         );
         let p = batches.clone();
-        let answers = Batcher::start(
+        let answers = Batcher::start_waiting_at_most(
             limits,
+            Some(max_wait),
             |a: &Answer| a.answered.id,
             move |batch| answer(p.clone(), batch),
         );
         let p = batches.clone();
-        let lookups = Batcher::start(
+        let lookups = Batcher::start_waiting_at_most(
             limits,
+            Some(max_wait),
             |l: &Lookup| l.id.clone(),
             move |batch| look_up(p.clone(), batch),
         );
@@ -279,8 +291,13 @@ impl Writer {
     }
 }
 
+/// A job whose batch never answered it: the database kept it waiting
+/// past the writer's `max_wait` (it was dropped unsent), or the writer
+/// stopped.
 fn stopped() -> sqlx::Error {
-    sqlx::Error::WorkerCrashed
+    sqlx::Error::Protocol(
+        "not written: the database kept the write waiting too long (or the writer stopped)".into(),
+    )
 }
 
 async fn write(pool: PgPool, batch: Vec<Job>) {

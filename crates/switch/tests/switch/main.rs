@@ -642,6 +642,51 @@ async fn an_issuer_that_cannot_be_reached_is_warned_of_once_with_its_address() {
 }
 
 #[tokio::test]
+async fn a_request_the_journal_kept_waiting_past_the_issuer_timeout_is_declined_unsent() {
+    let w = world().await;
+    let (pan1, pan2) = ("6222020000000000017", "6222020000000000018");
+    let before = w.balance(pan2).await;
+    let mut t1 = w.signed_on("T0000017").await;
+    let mut t2 = w.signed_on("T0000018").await;
+    // The journal locked away: the first request's batch is stuck on it.
+    let mut lock = w.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE journal IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let stan1 = t1.next_stan();
+    t1.send_raw(&t1.purchase(stan1, pan1, EXPIRY, 1_700).unwrap())
+        .await
+        .unwrap();
+    w.until_a_lock_is_awaited("the first batch stuck").await;
+    // The second waits behind it for longer than issuer_timeout (1.5 s
+    // here): the length of the outage is what is tested.
+    let stan2 = t2.next_stan();
+    t2.send_raw(&t2.purchase(stan2, pan2, EXPIRY, 1_800).unwrap())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    lock.commit().await.unwrap();
+    assert_eq!(
+        t1.recv().await.unwrap().rc(),
+        "00",
+        "the stuck batch goes on"
+    );
+    // T2: never written, never forwarded; the terminal hears 96.
+    assert_eq!(t2.recv().await.unwrap().rc(), "96");
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM journal WHERE terminal_id = 'T0000018' AND stan = $1",
+    )
+    .bind(stan2 as i32)
+    .fetch_one(&w.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows, 0, "not written after its terminal was answered");
+    assert_eq!(w.balance(pan2).await, before, "not forwarded");
+    assert!(w.switch.writer.stats().expired >= 1);
+}
+
+#[tokio::test]
 async fn a_stop_lets_a_request_at_the_issuer_get_the_issuers_answer() {
     let w = world().await;
     w.issuer
@@ -1294,9 +1339,10 @@ const AUTO_EXPLAIN: [(&str, &str); 4] = [
 async fn explained(w: &World) -> (PgPool, tokio::sync::MutexGuard<'static, ()>) {
     static PLANS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let turn = PLANS.lock().await;
-    let explained = (*group_commit::postgres::batch_pool(&w.pool, 1).connect_options())
-        .clone()
-        .options(AUTO_EXPLAIN);
+    let explained = (*group_commit::postgres::batch_pool(&w.pool, 1, Duration::from_secs(30))
+        .connect_options())
+    .clone()
+    .options(AUTO_EXPLAIN);
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .connect_with(explained)

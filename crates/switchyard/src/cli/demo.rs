@@ -960,6 +960,7 @@ mod tests {
             batches,
             jobs,
             busy: Duration::from_millis(busy_ms),
+            expired: 0,
         }
     }
 
