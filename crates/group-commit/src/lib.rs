@@ -483,6 +483,42 @@ pub mod postgres {
         PgPoolOptions::new().test_before_acquire(false)
     }
 
+    /// Whether a batch failed because its connection was lost (PostgreSQL
+    /// restarted or ended the session, the socket broke) rather than for
+    /// its rows: the other idle connections are likely dead too.
+    pub fn lost_connection(e: &sqlx::Error) -> bool {
+        match e {
+            sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+            // Operator intervention (57P01 admin shutdown, 57P02 crash
+            // shutdown, 57P03 cannot connect now) and connection exceptions.
+            sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|c| c.starts_with("57P") || c.starts_with("08")),
+            _ => false,
+        }
+    }
+
+    /// Pings every idle connection of `batches` and closes those that do
+    /// not answer; returns how many. Connections are not pinged before
+    /// each batch ([`pool_options`]), so after PostgreSQL restarts each
+    /// dead one would fail a batch of its own; called once a batch failed
+    /// for its connection, only the one batch fails.
+    pub async fn drop_dead(batches: &PgPool) -> usize {
+        use sqlx::Connection;
+        let mut idle = Vec::new();
+        while let Some(conn) = batches.try_acquire() {
+            idle.push(conn);
+        }
+        let mut dropped = 0;
+        for mut conn in idle {
+            if conn.ping().await.is_err() {
+                let _ = conn.close().await;
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
     /// Deadlocks and serialization failures are retried three times;
     /// data exceptions (class 22) and constraint violations (class 23)
     /// belong to one row and split the batch; anything else (the

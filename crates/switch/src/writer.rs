@@ -309,6 +309,19 @@ async fn write(pool: PgPool, batch: Vec<Job>) {
     .await;
     if let Some(e) = split {
         warn!(error = %e, "a batch of journal writes failed");
+        after_failure(&pool, &e).await;
+    }
+}
+
+/// After a batch failed for its connection: the other idle ones are
+/// checked, so that a PostgreSQL restart fails one batch, not one per
+/// connection left from before it.
+async fn after_failure(pool: &PgPool, e: &sqlx::Error) {
+    if group_commit::postgres::lost_connection(e) {
+        let dropped = group_commit::postgres::drop_dead(pool).await;
+        if dropped > 0 {
+            warn!(dropped, "closed journal connections the database had ended");
+        }
     }
 }
 
@@ -321,13 +334,17 @@ async fn answer(pool: PgPool, batch: Vec<Answer>) {
     .await;
     if let Some(e) = split {
         warn!(error = %e, "a batch of advice answers failed");
+        after_failure(&pool, &e).await;
     }
 }
 
 async fn look_up(pool: PgPool, batch: Vec<Lookup>) {
     let (ids, dones): (Vec<String>, Vec<_>) = batch.into_iter().map(|l| (l.id, l.done)).unzip();
-    write_all(&pool, ids, dones, ON_ERROR, |pool, ids| {
+    let failed = write_all(&pool, ids, dones, ON_ERROR, |pool, ids| {
         Box::pin(terminals::find_many(pool, ids))
     })
     .await;
+    if let Some(e) = failed {
+        after_failure(&pool, &e).await;
+    }
 }

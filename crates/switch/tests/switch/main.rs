@@ -687,6 +687,48 @@ async fn a_request_the_journal_kept_waiting_past_the_issuer_timeout_is_declined_
 }
 
 #[tokio::test]
+async fn connections_postgresql_ended_are_found_and_closed_together() {
+    let w = world().await;
+    let batches = group_commit::postgres::batch_pool(&w.pool, 2, Duration::from_secs(5));
+    let mut conns = group_commit::postgres::open_all(&batches).await.unwrap();
+    assert_eq!(conns.len(), 4);
+    let mut pids = Vec::new();
+    for c in &mut conns {
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut **c)
+            .await
+            .unwrap();
+        pids.push(pid);
+    }
+    drop(conns);
+    // PostgreSQL ends three of them, as a restart ends them all.
+    for pid in &pids[..3] {
+        sqlx::query("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .execute(&w.pool)
+            .await
+            .unwrap();
+    }
+    let ended = format!(
+        "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid IN ({}, {}, {}))",
+        pids[0], pids[1], pids[2]
+    );
+    w.until(Duration::from_secs(10), "the backends gone", &ended)
+        .await;
+    assert_eq!(group_commit::postgres::drop_dead(&batches).await, 3);
+    // What is left serves: the survivor, and new connections for the rest.
+    for _ in 0..4 {
+        sqlx::query("SELECT 1").execute(&batches).await.unwrap();
+    }
+    assert!(group_commit::postgres::lost_connection(&sqlx::Error::Io(
+        std::io::ErrorKind::BrokenPipe.into()
+    )));
+    assert!(!group_commit::postgres::lost_connection(
+        &sqlx::Error::RowNotFound
+    ));
+}
+
+#[tokio::test]
 async fn a_stop_lets_a_request_at_the_issuer_get_the_issuers_answer() {
     let w = world().await;
     w.issuer
