@@ -519,6 +519,16 @@ pub mod postgres {
         dropped
     }
 
+    /// After a batch of `batches` failed with `failed`: when it failed for
+    /// its connection, [`drop_dead`]; returns how many were closed.
+    pub async fn close_dead_after(batches: &PgPool, failed: &sqlx::Error) -> usize {
+        if lost_connection(failed) {
+            drop_dead(batches).await
+        } else {
+            0
+        }
+    }
+
     /// Deadlocks and serialization failures are retried three times;
     /// data exceptions (class 22) and constraint violations (class 23)
     /// belong to one row and split the batch; anything else (the

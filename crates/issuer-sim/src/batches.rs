@@ -193,6 +193,7 @@ async fn authorise_many(pool: PgPool, jobs: Vec<AuthJob>) {
     .await;
     if let Some(e) = split {
         warn!(error = %e, "a batch of authorisations failed");
+        closed_dead(&pool, &e).await;
     }
 }
 
@@ -205,5 +206,15 @@ async fn follow_on_many(pool: PgPool, jobs: Vec<FollowOnJob>) {
     .await;
     if let Some(e) = split {
         warn!(error = %e, "a batch of follow-ons failed");
+        closed_dead(&pool, &e).await;
+    }
+}
+
+/// After a batch failed for its connection (PostgreSQL restarted), the
+/// other dead connections go too, so that one batch fails, not one each.
+async fn closed_dead(pool: &PgPool, e: &sqlx::Error) {
+    let dropped = group_commit::postgres::close_dead_after(pool, e).await;
+    if dropped > 0 {
+        warn!(dropped, "closed connections the database had ended");
     }
 }

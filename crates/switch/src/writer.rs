@@ -317,11 +317,9 @@ async fn write(pool: PgPool, batch: Vec<Job>) {
 /// checked, so that a PostgreSQL restart fails one batch, not one per
 /// connection left from before it.
 async fn after_failure(pool: &PgPool, e: &sqlx::Error) {
-    if group_commit::postgres::lost_connection(e) {
-        let dropped = group_commit::postgres::drop_dead(pool).await;
-        if dropped > 0 {
-            warn!(dropped, "closed journal connections the database had ended");
-        }
+    let dropped = group_commit::postgres::close_dead_after(pool, e).await;
+    if dropped > 0 {
+        warn!(dropped, "closed journal connections the database had ended");
     }
 }
 
