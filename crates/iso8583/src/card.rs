@@ -51,19 +51,21 @@ pub(crate) fn write_masked_track(chars: &[u8], f: &mut impl fmt::Write) -> fmt::
 /// the left, amount n12) with each record's PAN masked as
 /// [`write_masked_pan`], its padding kept. Fails closed: every 40-digit slot
 /// after the count is taken for a record, whatever the count says, and a
-/// record cut short has all it holds of its PAN masked. A count of `00` (the
-/// upload's end, or settlement totals in the same field) is shown as it is.
+/// record cut short has all it holds of its PAN masked. Only what cannot
+/// hold a PAN is shown as it is: the upload's end (n4, a record count) and
+/// settlement totals (62 digits: never a count and whole records).
 pub(crate) fn write_masked_records(chars: &[u8], f: &mut impl fmt::Write) -> fmt::Result {
+    const TOTALS: usize = 62;
     const RECORD: usize = 40;
     const PAN: std::ops::Range<usize> = 8..28;
     let write = |f: &mut dyn fmt::Write, part: &[u8]| -> fmt::Result {
         part.iter().try_for_each(|&c| f.write_char(c as char))
     };
-    let (count, records) = chars.split_at(chars.len().min(2));
-    write(f, count)?;
-    if count.iter().all(|&c| c == b'0') {
-        return write(f, records);
+    if chars.len() <= 4 || chars.len() == TOTALS {
+        return write(f, chars);
     }
+    let (count, records) = chars.split_at(2);
+    write(f, count)?;
     for record in records.chunks(RECORD) {
         write(f, &record[..record.len().min(PAN.start)])?;
         if record.len() < PAN.end {
@@ -370,6 +372,11 @@ mod tests {
         assert_eq!(
             records(&format!("01{one}{two}")),
             format!("01{one_masked}{two_masked}")
+        );
+        // A count of 00 hides nothing.
+        assert_eq!(
+            records(&format!("00{one}{two}")),
+            format!("00{one_masked}{two_masked}")
         );
         // Settlement totals and the upload's end are shown as they are.
         let totals = "00000016332100700000003376000500000000000000000000000000000000";
