@@ -362,7 +362,8 @@ pub struct OnError<E> {
 }
 
 /// Runs `write` on the whole batch and answers each job, handling errors as
-/// `on_error` says. Returns the error that split the batch or failed it.
+/// `on_error` says. Returns the error that split the batch or failed it
+/// (for a batch of one, only an error that is not the item's own).
 pub async fn write_all<C, T, R, E>(
     ctx: &C,
     items: Vec<T>,
@@ -384,10 +385,16 @@ pub async fn write_all<C, T, R, E>(
         }
     };
     if items.len() == 1 {
-        if let Some(reply) = replies.into_iter().next() {
+        let reply = replies.into_iter().next()?;
+        // The item's own fault: it has its error, there is nothing more to
+        // say. Otherwise (the connection, the pool) the caller hears it too,
+        // as from a batch of many.
+        if (on_error.split)(&failed) {
             let _ = reply.send(Err(failed));
+            return None;
         }
-        return None;
+        let _ = reply.send(Err((on_error.copy)(&failed)));
+        return Some(failed);
     }
     if !(on_error.split)(&failed) {
         for reply in replies {
@@ -503,20 +510,29 @@ pub mod postgres {
     /// each batch ([`pool_options`]), so after PostgreSQL restarts each
     /// dead one would fail a batch of its own; called once a batch failed
     /// for its connection, only the one batch fails.
+    ///
+    /// The pings go side by side, a second at most each (a half-open socket
+    /// answers nothing), so the pool is short of its idle connections for
+    /// at most that long.
     pub async fn drop_dead(batches: &PgPool) -> usize {
         use sqlx::Connection;
         let mut idle = Vec::new();
         while let Some(conn) = batches.try_acquire() {
             idle.push(conn);
         }
-        let mut dropped = 0;
+        let mut pings = tokio::task::JoinSet::new();
         for mut conn in idle {
-            if conn.ping().await.is_err() {
-                let _ = conn.close().await;
-                dropped += 1;
-            }
+            pings.spawn(async move {
+                let ping = tokio::time::timeout(Duration::from_secs(1), conn.ping()).await;
+                let alive = matches!(ping, Ok(Ok(())));
+                if !alive {
+                    // Closed, not handed back: the pool opens a new one.
+                    conn.close_on_drop();
+                }
+                usize::from(!alive)
+            });
         }
-        dropped
+        pings.join_all().await.into_iter().sum()
     }
 
     /// After a batch of `batches` failed with `failed`: when it failed for
@@ -967,6 +983,16 @@ mod tests {
         assert_eq!(split.as_deref(), Some("connection lost"));
         assert_eq!(got, vec![Err("connection lost".to_string()); 3]);
         assert_eq!(calls, 1, "no item is tried again alone");
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_one_says_a_lost_connection_but_not_its_own_fault() {
+        let (_, split, got) = write(vec![404]).await;
+        assert_eq!(split.as_deref(), Some("connection lost"));
+        assert_eq!(got, vec![Err("connection lost".to_string())]);
+        let (_, split, got) = write(vec![200]).await;
+        assert_eq!(split, None);
+        assert_eq!(got, vec![Err("200 refused".to_string())]);
     }
 
     #[tokio::test]
