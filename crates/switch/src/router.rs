@@ -657,10 +657,14 @@ impl Switch {
         let given_up = self
             .abandoned
             .lock()
-            .map(|mut ids| ids.remove(&earlier.id))
+            .map(|ids| ids.contains(&earlier.id))
             .unwrap_or(false);
+        // A row this switch gave up: no one decides it, unless another
+        // repeat (here, or on another switch after the usual wait) took it
+        // over meanwhile, which moved its time on; two seconds give that
+        // one time to decide.
         let stale = if given_up {
-            Duration::ZERO
+            Duration::from_secs(2)
         } else {
             self.config.rules.issuer_timeout + Duration::from_secs(2)
         };
@@ -668,6 +672,9 @@ impl Switch {
         while tokio::time::Instant::now() < deadline {
             match journal::adopt(&self.pool, earlier.id, stale).await {
                 Ok(true) => {
+                    if let Ok(mut ids) = self.abandoned.lock() {
+                        ids.remove(&earlier.id);
+                    }
                     warn!(rrn = %earlier.rrn, "taking over a request its switch left undecided");
                     return Some(journal::Written {
                         id: earlier.id,
