@@ -24,6 +24,23 @@ enum Use {
     Both,
 }
 
+/// A batch upload's F48 at its longest: 8 records of 40 digits.
+const UPLOAD: &str = concat!(
+    "08",
+    "0000000106222020000000000001000000010000",
+    "0000000206222020000000000002000000010000",
+    "0000000306222020000000000003000000010000",
+    "0000000406222020000000000004000000010000",
+    "0000000506222020000000000005000000010000",
+    "0000000606222020000000000006000000010000",
+    "0000000706222020000000000007000000010000",
+    "0000000806222020000000000008000000010000",
+);
+
+/// IC card data as long as a terminal's F55 may be (`b...255`): what the
+/// switch copies into the network request.
+const CHIP: &[u8] = &[0x9F; 255];
+
 /// The terminal side: what requests carry and replies get.
 const TERMINAL: &[(usize, Use, &str, Sample)] = &[
     (
@@ -90,11 +107,13 @@ const TERMINAL: &[(usize, Use, &str, Sample)] = &[
     (
         48,
         Use::Both,
-        "settlement totals (62 digits)",
-        Sample::Digits("00000000010000000100000000000000000000000000000000000000000000"),
+        "settlement totals and batch upload records (up to 322 digits)",
+        Sample::Digits(UPLOAD),
     ),
+    (52, Use::Reads, "the PIN block", Sample::Bytes(&[0; 8])),
     // F54, the issuer's balance, is left out of a reply whose dialect
     // cannot carry it (`Switch::reply`): not required.
+    (55, Use::Reads, "the IC card data", Sample::Bytes(CHIP)),
     (
         60,
         Use::Both,
@@ -193,6 +212,7 @@ const NETWORK: &[(usize, Use, &str, Sample)] = &[
     ),
     (49, Use::Writes, "the currency code", Sample::Digits("156")),
     (52, Use::Writes, "the PIN block", Sample::Bytes(&[0; 8])),
+    (55, Use::Writes, "the IC card data", Sample::Bytes(CHIP)),
     (
         54,
         Use::Reads,
@@ -330,6 +350,20 @@ mod tests {
             )),
             "{found:#?}"
         );
+    }
+
+    #[test]
+    fn a_network_f55_smaller_than_the_terminals_is_refused() {
+        let text = iso8583::dialect::ISO87_TOML.replace(
+            r#"55 = { format = "b...255""#,
+            r#"55 = { format = "b...64""#,
+        );
+        assert!(text.contains(r#""b...64""#));
+        let network = Dialect::from_toml(&text, "n.toml").unwrap();
+        let found = problems_of(&network, false);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert_eq!(found[0].0, 55);
+        assert!(found[0].1.contains("(255 bytes)"), "{found:#?}");
     }
 
     #[test]
