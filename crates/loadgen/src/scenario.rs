@@ -911,7 +911,17 @@ impl Player {
                 });
                 let first = self.exchange(&frame).await;
                 let again = self.exchange(&frame).await;
-                if first.is_some() || again.is_some() {
+                // Settled by an approval, or by both copies' answers; one
+                // decline with the other copy unanswered settles nothing
+                // (the unanswered copy may have sold), so the record stands.
+                let settled = match (&first, &again) {
+                    (Some(a), Some(_)) | (Some(a), None) | (None, Some(a)) if a.rc() == "00" => {
+                        true
+                    }
+                    (Some(_), Some(_)) => true,
+                    _ => false,
+                };
+                if settled {
                     self.pending = None;
                 }
                 match (first, again) {
@@ -1340,6 +1350,15 @@ mod tests {
         assert!(!fine.faults.issuer_replies());
     }
 
+    /// The STANs of the requests of `mti` a stand-in switch saw, in order.
+    fn sent(seen: &Seen, mti: &str) -> Vec<u32> {
+        seen.requests
+            .iter()
+            .filter(|r| r.1 == mti)
+            .map(|r| r.2)
+            .collect()
+    }
+
     /// Plays `scenario` (TOML) against the switch at `addr`.
     async fn play(addr: &str, scenario: &str) -> Run {
         let scenario = Scenario::parse(scenario, "s.toml").unwrap();
@@ -1670,15 +1689,31 @@ mod tests {
         .await;
         assert_eq!(run.report.kinds["duplicate"].codes.get("XX"), Some(&1));
         let seen = seen.lock().unwrap();
-        let stans = |mti: &str| -> Vec<u32> {
-            seen.requests
-                .iter()
-                .filter(|r| r.1 == mti)
-                .map(|r| r.2)
-                .collect()
-        };
-        let (sales, reversals) = (stans("0200"), stans("0400"));
+        let (sales, reversals) = (sent(&seen, "0200"), sent(&seen, "0400"));
         assert_eq!(reversals, [sales[0]], "{sales:?} {reversals:?}");
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_declined_once_and_unanswered_once_is_reversed() {
+        // The first copy never answered (it may have sold), the repeat 96.
+        let (addr, seen) = stand_in_switch(|mti, before| match (mti, before) {
+            ("0200", 0) => Answer::Silence,
+            ("0200", 1) => Answer::With("96"),
+            _ => Answer::With("00"),
+        })
+        .await;
+        play(
+            &addr,
+            "terminals = 1\nrate = 100\nduration = \"30ms\"\nsettle = false\nreply_timeout = \"100ms\"\n[mix]\nduplicate = 1\n",
+        )
+        .await;
+        let seen = seen.lock().unwrap();
+        let (sales, reversals) = (sent(&seen, "0200"), sent(&seen, "0400"));
+        assert_eq!(
+            reversals.first(),
+            Some(&sales[0]),
+            "{sales:?} {reversals:?}"
+        );
     }
 
     #[tokio::test]
