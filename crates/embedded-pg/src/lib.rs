@@ -298,6 +298,10 @@ impl EmbeddedPg {
                 .arg(format!("--regid={gid}"))
                 .arg("--clear-groups");
         }
+        // A process group of its own: a Ctrl-C at the terminal reaches the
+        // switch, which drains what is in flight (writing outcomes to this
+        // server), not the server itself, which would stop at once.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         // Fast shutdown when whoever started it goes away.
         cmd.arg("--pdeathsig=INT")
             .arg("--")

@@ -113,9 +113,20 @@ pub async fn serve(args: &ServeArgs) -> Result<(), Failure> {
         "switchyard listening on {} (terminals, cup-pos)",
         listener.local_addr().map_err(anyhow::Error::from)?
     );
-    // A second signal while in flight requests finish: stop at once.
-    tokio::spawn(exit_on_second_signal(shutdown.clone()));
-    let drained = switch::run(listener, switch, shutdown).await;
+    // A second signal while in flight requests finish: stop at once (the
+    // private PostgreSQL, if any, still stopped and removed on the way out).
+    let drained = tokio::select! {
+        drained = switch::run(listener, switch, shutdown.clone()) => drained,
+        () = second_signal(shutdown) => {
+            tracing::warn!(
+                "second signal: stopping at once; the next start reverses what is left at the issuer"
+            );
+            drop(database);
+            return Err(Failure::Other(anyhow::anyhow!(
+                "stopped at once by a second signal: the next start reverses what was left at the issuer"
+            )));
+        }
+    };
     drop(database);
     if !drained {
         return Err(Failure::Other(anyhow::anyhow!(
@@ -126,26 +137,22 @@ pub async fn serve(args: &ServeArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// After `shutdown`, a second SIGTERM or SIGINT ends the process at once
-/// (exit 130), as an operator who presses Ctrl-C twice expects. Nothing is
-/// lost: the next start reverses what was left at the issuer.
-async fn exit_on_second_signal(shutdown: CancellationToken) {
+/// A SIGTERM or SIGINT after `shutdown`: an operator who presses Ctrl-C
+/// twice wants it stopped now. Nothing is lost by it: the next start
+/// reverses what was left at the issuer.
+async fn second_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     shutdown.cancelled().await;
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
     ) else {
-        return;
+        return std::future::pending().await;
     };
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    tracing::warn!(
-        "second signal: stopping at once; the next start reverses what is left at the issuer"
-    );
-    std::process::exit(130);
 }
 
 /// A small pool on the config's database with the switch schema up to date
