@@ -181,8 +181,10 @@ pub async fn start(
             delay: config.database.batch_delay,
         },
         config.database.terminal_cache,
-        // A request waits for the journal at most as long as for the issuer.
-        config.rules.issuer_timeout,
+        // Half the issuer timeout, for the wait to be sent and again for
+        // the batch's connection: a request hears 96 from a journal that is
+        // away within the issuer timeout, below the terminal's own (T1).
+        config.rules.issuer_timeout / 2,
     );
     if config.database.plan_ahead {
         let planning = std::time::Instant::now();

@@ -111,7 +111,8 @@ impl Writer {
     /// longer than `max_wait` for its batch to leave (the database away or
     /// stuck) fails unsent, rather than be done after its request gave up
     /// (rule T2: the request hears 96 and is not forwarded); so does a
-    /// batch that cannot get a connection in that time.
+    /// batch that cannot get a connection in that time. A write waits at
+    /// most twice `max_wait` in all: to leave, and for a connection.
     pub fn start(
         pool: PgPool,
         limits: Limits,

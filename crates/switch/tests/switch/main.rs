@@ -642,7 +642,7 @@ async fn an_issuer_that_cannot_be_reached_is_warned_of_once_with_its_address() {
 }
 
 #[tokio::test]
-async fn a_request_the_journal_kept_waiting_past_the_issuer_timeout_is_declined_unsent() {
+async fn a_request_the_journal_kept_waiting_too_long_is_declined_unsent() {
     let w = world().await;
     let (pan1, pan2) = ("6222020000000000017", "6222020000000000018");
     let before = w.balance(pan2).await;
@@ -659,8 +659,8 @@ async fn a_request_the_journal_kept_waiting_past_the_issuer_timeout_is_declined_
         .await
         .unwrap();
     w.until_a_lock_is_awaited("the first batch stuck").await;
-    // The second waits behind it for longer than issuer_timeout (1.5 s
-    // here): the length of the outage is what is tested.
+    // The second waits behind it for longer than half the issuer timeout
+    // (1.5 s here): the length of the outage is what is tested.
     let stan2 = t2.next_stan();
     t2.send_raw(&t2.purchase(stan2, pan2, EXPIRY, 1_800).unwrap())
         .await
