@@ -43,6 +43,21 @@ fn mmdd(date: NaiveDate) -> String {
 }
 
 impl Switch {
+    /// Decides a row held for deciding; when that ends without a reply
+    /// (`Some` code: the journal failed under it), the row is noted as
+    /// given up, for a repeat to take over ([`Switch::abandoned`]).
+    async fn holding(
+        &self,
+        id: i64,
+        deciding: impl std::future::Future<Output = Option<ResponseCode>>,
+    ) -> Option<ResponseCode> {
+        let result = deciding.await;
+        if result.is_some() {
+            self.abandoned(id);
+        }
+        result
+    }
+
     /// A request about `original` must not overtake a reversal still on its
     /// way to the issuer (the reversal of an earlier void of this sale):
     /// those are sent first. `Some(answer)` when they cannot be (`91`:
@@ -465,9 +480,8 @@ impl Switch {
             Err(answered) => return answered,
         };
         // A row left `received` without a reply (the journal failed under
-        // it) is one a repeat may take over at once (`Switch::adopt`).
-        let held = written.id;
-        let result = async {
+        // it) is one a repeat may take over soon (`Switch::adopt`).
+        self.holding(written.id, async {
             // The approved reply is stored by the statement that approves it.
             self.reply_code(req, out, ResponseCode::APPROVED, Some(&written.rrn));
             let reply = self.body(out).to_vec();
@@ -500,12 +514,8 @@ impl Switch {
                     Some(ResponseCode::SYSTEM_ERROR)
                 }
             }
-        }
-        .await;
-        if result.is_some() {
-            self.abandoned(held);
-        }
-        result
+        })
+        .await
     }
 
     /// P1-P3: a pre-authorisation cancel, completion or completion advice.
@@ -659,9 +669,8 @@ impl Switch {
             Err(answered) => return answered,
         };
         // A row left `received` without a reply (the journal failed under
-        // it) is one a repeat may take over at once (`Switch::adopt`).
-        let held = written.id;
-        let result = async {
+        // it) is one a repeat may take over soon (`Switch::adopt`).
+        self.holding(written.id, async {
             // The approved reply is stored by the statement that approves it.
             self.reply_code(req, out, ResponseCode::APPROVED, Some(&written.rrn));
             let reply = self.body(out).to_vec();
@@ -760,12 +769,8 @@ impl Switch {
                 }
             }
             Some(ResponseCode::SYSTEM_ERROR)
-        }
-        .await;
-        if result.is_some() {
-            self.abandoned(held);
-        }
-        result
+        })
+        .await
     }
 
     /// S1: settlement. The terminal's F48 totals against the journal's; the
@@ -799,9 +804,8 @@ impl Switch {
             Err(answered) => return answered,
         };
         // A row left `received` without a reply (the journal failed under
-        // it) is one a repeat may take over at once (`Switch::adopt`).
-        let held = written.id;
-        let result = async {
+        // it) is one a repeat may take over soon (`Switch::adopt`).
+        self.holding(written.id, async {
             let ours = match journal::batch_totals(&self.pool, req.terminal_id, batch).await {
                 Ok(t) => t,
                 Err(e) => {
@@ -859,12 +863,8 @@ impl Switch {
                     Some(ResponseCode::SYSTEM_ERROR)
                 }
             }
-        }
-        .await;
-        if result.is_some() {
-            self.abandoned(held);
-        }
-        result
+        })
+        .await
     }
 
     /// Batch upload (0320 201) records and its end (202), for the settled batch.
