@@ -1351,7 +1351,7 @@ mod tests {
     }
 
     /// The STANs of the requests of `mti` a stand-in switch saw, in order.
-    fn sent(seen: &Seen, mti: &str) -> Vec<u32> {
+    fn stans_of(seen: &Seen, mti: &str) -> Vec<u32> {
         seen.requests
             .iter()
             .filter(|r| r.1 == mti)
@@ -1662,14 +1662,7 @@ mod tests {
             sent.len() >= 2,
             "the 96 was not followed by another 0400: {sent:?}"
         );
-        let stans: Vec<u32> = {
-            let seen = seen.lock().unwrap();
-            seen.requests
-                .iter()
-                .filter(|r| r.1 == "0400")
-                .map(|r| r.2)
-                .collect()
-        };
+        let stans = stans_of(&seen.lock().unwrap(), "0400");
         assert_eq!(stans[0], stans[1], "the same reversal, sent again");
     }
 
@@ -1689,7 +1682,7 @@ mod tests {
         .await;
         assert_eq!(run.report.kinds["duplicate"].codes.get("XX"), Some(&1));
         let seen = seen.lock().unwrap();
-        let (sales, reversals) = (sent(&seen, "0200"), sent(&seen, "0400"));
+        let (sales, reversals) = (stans_of(&seen, "0200"), stans_of(&seen, "0400"));
         assert_eq!(reversals, [sales[0]], "{sales:?} {reversals:?}");
     }
 
@@ -1708,7 +1701,7 @@ mod tests {
         )
         .await;
         let seen = seen.lock().unwrap();
-        let (sales, reversals) = (sent(&seen, "0200"), sent(&seen, "0400"));
+        let (sales, reversals) = (stans_of(&seen, "0200"), stans_of(&seen, "0400"));
         assert_eq!(
             reversals.first(),
             Some(&sales[0]),
