@@ -680,6 +680,29 @@ fn demo_serve_answers_terminals_and_exits_0_on_sigterm() {
 }
 
 #[tokio::test]
+async fn a_database_error_is_said_by_its_message_and_sqlstate() {
+    let url = embedded_pg::test_database().await;
+    // The same server, a database that is not there.
+    let (server, _) = url.rsplit_once('/').unwrap();
+    let missing = format!("{server}/no_such_db");
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["migrate"])
+        .env("DATABASE_URL", &missing)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/no_such_db: database \"no_such_db\" does not exist (SQLSTATE 3D000)"),
+        "{err}"
+    );
+    assert!(
+        !err.contains(" at line "),
+        "PostgreSQL's source line: {err}"
+    );
+}
+
+#[tokio::test]
 async fn terminals_import_loads_a_csv_fleet_and_names_bad_rows() {
     let url = embedded_pg::test_database().await;
     let dir = std::env::temp_dir().join(format!("sy-import-{}", std::process::id()));

@@ -30,15 +30,29 @@ impl Failure {
 }
 
 impl std::fmt::Display for Failure {
-    /// The error and its causes, `: ` between them; a cause whose text the
-    /// one before it already ends with (sqlx's I/O errors print their
-    /// source themselves) is not said twice.
+    /// The error and its causes, `: ` between them. A cause is not said
+    /// twice: sqlx's I/O errors print their source themselves, and a
+    /// PostgreSQL error, said by its message and SQLSTATE, has itself for
+    /// a source in sqlx's words, "MESSAGE at line N" (the line of
+    /// PostgreSQL's C source that raised it, which tells an operator
+    /// nothing).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (Failure::Input(e) | Failure::Other(e)) = self;
         let mut said = String::new();
         for cause in e.chain() {
-            let text = cause.to_string();
-            if said.ends_with(&text) {
+            let text = match cause.downcast_ref::<sqlx::Error>() {
+                Some(sqlx::Error::Database(db)) => format!(
+                    "{} (SQLSTATE {})",
+                    db.message(),
+                    db.code().as_deref().unwrap_or("?")
+                ),
+                _ => cause.to_string(),
+            };
+            let bare = text
+                .rsplit_once(" at line ")
+                .filter(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                .map_or(text.as_str(), |(message, _)| message);
+            if said.ends_with(&text) || said.contains(&format!("{bare} (SQLSTATE ")) {
                 continue;
             }
             if !said.is_empty() {
