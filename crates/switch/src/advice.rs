@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::config::Config;
 use crate::journal;
 use crate::link::{LinkError, MatchKey};
 use crate::router::Switch;
@@ -37,12 +38,20 @@ pub struct Due {
     original_mti: Option<i16>,
     original_stan: Option<i32>,
     original_f7: Option<String>,
+    /// F32 and F33 the original was sent with (none for one journalled
+    /// before they were kept: the config's).
+    original_institution_id: Option<String>,
+    original_forwarding_id: Option<String>,
     link_stan: i32,
     link_f7: String,
     attempts: i32,
     rrn: String,
     terminal_id: String,
     merchant_id: String,
+    /// F32 and F33 of the advice's own row, as every message of it carries
+    /// them (none for a row journalled before they were kept).
+    institution_id: Option<String>,
+    forwarding_id: Option<String>,
 }
 
 /// How long the worker lets advices gather after it is woken, so that one
@@ -209,8 +218,9 @@ pub async fn take_due_from(
          FROM due, journal j
          WHERE a.id = due.id AND j.id = a.journal_id
          RETURNING a.id, a.journal_id, a.kind, a.mti, a.issuer, a.processing_code, a.pos_condition,
-             a.amount, a.reason, a.original_mti, a.original_stan, a.original_f7, a.link_stan,
-             a.link_f7, a.attempts, j.rrn, j.terminal_id, j.merchant_id",
+             a.amount, a.reason, a.original_mti, a.original_stan, a.original_f7,
+             a.original_institution_id, a.original_forwarding_id, a.link_stan, a.link_f7,
+             a.attempts, j.rrn, j.terminal_id, j.merchant_id, j.institution_id, j.forwarding_id",
     )
     .bind(i64::from(batch))
     .bind(lease.as_secs_f64())
@@ -251,8 +261,9 @@ pub(crate) async fn flush_family(switch: &Switch, original: i64) -> Result<bool,
          FROM due, journal j
          WHERE a.id = due.id AND j.id = a.journal_id
          RETURNING a.id, a.journal_id, a.kind, a.mti, a.issuer, a.processing_code, a.pos_condition,
-             a.amount, a.reason, a.original_mti, a.original_stan, a.original_f7, a.link_stan,
-             a.link_f7, a.attempts, j.rrn, j.terminal_id, j.merchant_id",
+             a.amount, a.reason, a.original_mti, a.original_stan, a.original_f7,
+             a.original_institution_id, a.original_forwarding_id, a.link_stan, a.link_f7,
+             a.attempts, j.rrn, j.terminal_id, j.merchant_id, j.institution_id, j.forwarding_id",
     )
     .bind(original)
     .bind(lease.as_secs_f64())
@@ -264,15 +275,22 @@ pub(crate) async fn flush_family(switch: &Switch, original: i64) -> Result<bool,
     clear().await
 }
 
-/// F90: original MTI, F11, F7, F32, F33.
-fn original_data(advice: &Due, institution: &str, forwarding: &str) -> String {
+/// F90: original MTI, F11, F7, F32, F33, the last two as the original was
+/// sent with them.
+fn original_data(advice: &Due, config: &Config) -> String {
     format!(
         "{:04}{:06}{:0>10}{:0>11}{:0>11}",
         advice.original_mti.unwrap_or(0),
         advice.original_stan.unwrap_or(0),
         advice.original_f7.as_deref().unwrap_or(""),
-        institution,
-        forwarding
+        advice
+            .original_institution_id
+            .as_deref()
+            .unwrap_or(&config.institution_id),
+        advice
+            .original_forwarding_id
+            .as_deref()
+            .unwrap_or(&config.forwarding_id),
     )
 }
 
@@ -301,18 +319,28 @@ async fn send(switch: &Switch, advice: Due) {
         w.digits(7, &advice.link_f7)?;
         w.number(11, advice.link_stan as u64)?;
         w.digits(25, &advice.pos_condition)?;
-        w.digits(32, &cfg.institution_id)?;
-        w.digits(33, &cfg.forwarding_id)?;
+        // Every try as the first: the issuer keys a message by its F32.
+        w.digits(
+            32,
+            advice
+                .institution_id
+                .as_deref()
+                .unwrap_or(&cfg.institution_id),
+        )?;
+        w.digits(
+            33,
+            advice
+                .forwarding_id
+                .as_deref()
+                .unwrap_or(&cfg.forwarding_id),
+        )?;
         w.text(37, &advice.rrn)?;
         if let Some(reason) = &advice.reason {
             w.text(39, reason)?;
         }
         w.text(41, &advice.terminal_id)?;
         w.text(42, &advice.merchant_id)?;
-        w.digits(
-            90,
-            &original_data(&advice, &cfg.institution_id, &cfg.forwarding_id),
-        )?;
+        w.digits(90, &original_data(&advice, cfg))?;
         w.finish()
     })();
     if let Err(e) = built {

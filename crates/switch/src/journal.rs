@@ -25,7 +25,8 @@ use crate::model::{Kind, ResponseCode, State};
 macro_rules! original_columns {
     () => {
         "id, rrn, kind, state, amount, refunded_amount, batch, stan, business_date, pan_hash,
-        auth_code, mti, processing_code, issuer, link_stan, link_f7, original_id, received_at,
+        auth_code, mti, processing_code, issuer, link_stan, link_f7, institution_id, forwarding_id,
+        original_id, received_at,
         EXISTS (SELECT 1 FROM advices a WHERE a.journal_id = journal.id
                 AND a.state = $f11 AND a.kind = 'reversal')
         OR EXISTS (SELECT 1 FROM journal f WHERE f.original_id = journal.id
@@ -84,6 +85,11 @@ pub struct NewEntry<'a> {
     /// more ([`Insert::BatchClosed`]). Settlements, uploads and reversals,
     /// which check their batch themselves, do not ask for it.
     pub open_batch: bool,
+    /// F32 of its messages to the issuer (the config's `institution_id`),
+    /// kept so that a follow-on's F90 names it as it was sent.
+    pub institution_id: &'a str,
+    /// F33 of its messages (`forwarding_id`).
+    pub forwarding_id: &'a str,
 }
 
 /// Where the request goes.
@@ -251,6 +257,10 @@ pub struct Row {
     pub open_batch: bool,
     /// The original's new state when this request claims it ([`NewEntry::claim`]).
     pub claim: Option<&'static str>,
+    /// F32 of its messages ([`NewEntry::institution_id`]).
+    pub institution_id: String,
+    /// F33 of its messages.
+    pub forwarding_id: String,
 }
 
 impl Row {
@@ -303,6 +313,8 @@ impl Row {
             original_ref: e.original_ref.clone(),
             open_batch: e.open_batch,
             claim: e.claim,
+            institution_id: e.institution_id.to_string(),
+            forwarding_id: e.forwarding_id.to_string(),
         }
     }
 }
@@ -488,7 +500,7 @@ impl Find {
     }
 }
 
-/// The requests' rows: `INSERT ... SELECT FROM unnest($1 .. $24)` as the
+/// The requests' rows: `INSERT ... SELECT FROM unnest($1 .. $26)` as the
 /// CTE `new`, and, when `claims`, the claims of those written as the CTE
 /// `claimed` (a batch without a claim leaves those CTEs out: every CTE
 /// that writes the journal is a node PostgreSQL starts, and opens the
@@ -508,22 +520,25 @@ fn requests_cte(claims: bool) -> String {
         SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::int2[], $6::text[],
                              $7::text[], $8::text[], $9::int8[], $10::bytea[], $11::text[], $12::bytea[],
                              $13::text[], $14::text[], $15::text[], $16::text[], $17::date[], $18::int8[],
-                             $19::text[], $20::text[], $21::text[], $22::text[], $23::bool[], $24::text[])
+                             $19::text[], $20::text[], $21::text[], $22::text[], $23::bool[], $24::text[],
+                             $25::text[], $26::text[])
               AS r(terminal_id, merchant_id, batch, stan, mti, processing_code, pos_condition, kind,
                    amount, pan_hash, pan_masked, digest, state, rc, issuer, f7, business_date,
-                   original_id, rule, operator, reversal_reason, original_ref, open_batch, claim)),
+                   original_id, rule, operator, reversal_reason, original_ref, open_batch, claim,
+                   institution_id, forwarding_id)),
      new AS (
         INSERT INTO journal (id, rrn, terminal_id, merchant_id, batch, stan, mti, mti_class, processing_code,
             pos_condition, kind, amount, pan_hash, pan_masked, request_digest, state, response_code,
             issuer, link_stan, link_f7, business_date, sent_at, completed_at,
-            original_id, rule, operator, reversal_reason, original_ref, reversal_requested)
+            original_id, rule, operator, reversal_reason, original_ref, reversal_requested,
+            institution_id, forwarding_id)
          SELECT r.id, lpad((r.id % 1000000000000)::text, 12, '0'),
             r.terminal_id, r.merchant_id, r.batch, r.stan, r.mti, r.mti / 100, r.processing_code,
             r.pos_condition, r.kind, r.amount, r.pan_hash, r.pan_masked, r.digest, r.state, r.rc,
             r.issuer, CASE WHEN r.state = 'sent' THEN nextval('link_stan')::int END, r.f7, r.business_date,
             CASE WHEN r.state = 'sent' THEN now() END, CASE WHEN r.state <> 'sent' THEN now() END,
             r.original_id, r.rule, r.operator, r.reversal_reason, r.original_ref,
-            r3.reversed IS NOT NULL
+            r3.reversed IS NOT NULL, r.institution_id, r.forwarding_id
          -- The id drawn once per row, and the RRN (F37) made of it (see
          -- `migrations/switch/0006`).
          FROM (SELECT *, nextval('journal_id_seq') AS id FROM req) r
@@ -629,7 +644,7 @@ enum Claims {
 }
 
 /// The parameters of each part of [`write_many`]'s statement.
-const REQUEST_PARAMS: usize = 24;
+const REQUEST_PARAMS: usize = 26;
 const OUTCOME_PARAMS: usize = 6;
 const FIND_PARAMS: usize = 11;
 const APPLY_PARAMS: usize = 5;
@@ -662,13 +677,14 @@ impl Shape {
             } else if found {
                 ", ord, kind, amount::int8 AS amount, refunded_amount::int8 AS refunded_amount,
                  business_date, pan_hash, auth_code, mti, processing_code, issuer, link_f7,
-                 original_id, received_at, family_pending"
+                 institution_id, forwarding_id, original_id, received_at, family_pending"
                     .to_string()
             } else {
                 ", NULL::int8 AS ord, NULL::text AS kind, NULL::int8 AS amount,
                  NULL::int8 AS refunded_amount, NULL::date AS business_date, NULL::bytea AS pan_hash,
                  NULL::text AS auth_code, NULL::int2 AS mti, NULL::text AS processing_code,
-                 NULL::text AS issuer, NULL::text AS link_f7, NULL::int8 AS original_id,
+                 NULL::text AS issuer, NULL::text AS link_f7, NULL::text AS institution_id,
+                 NULL::text AS forwarding_id, NULL::int8 AS original_id,
                  NULL::timestamptz AS received_at, NULL::bool AS family_pending"
                     .to_string()
             }
@@ -870,6 +886,10 @@ struct Done {
     #[sqlx(default)]
     link_f7: Option<String>,
     #[sqlx(default)]
+    institution_id: Option<String>,
+    #[sqlx(default)]
+    forwarding_id: Option<String>,
+    #[sqlx(default)]
     original_id: Option<i64>,
     #[sqlx(default)]
     received_at: Option<chrono::DateTime<chrono::Utc>>,
@@ -909,7 +929,9 @@ fn statement<'q>(
             .bind(col(&parts.rows, |r| r.reversal_reason.as_deref()))
             .bind(col(&parts.rows, |r| r.original_ref.as_deref()))
             .bind(col(&parts.rows, |r| r.open_batch))
-            .bind(col(&parts.rows, |r| r.claim));
+            .bind(col(&parts.rows, |r| r.claim))
+            .bind(col(&parts.rows, |r| r.institution_id.as_str()))
+            .bind(col(&parts.rows, |r| r.forwarding_id.as_str()));
     }
     if shape.outcomes.is_some() {
         q = q
@@ -1030,6 +1052,8 @@ pub async fn write_many(pool: &PgPool, writes: &[Write]) -> Result<Vec<Wrote>, s
                     issuer: d.issuer,
                     link_stan: d.link_stan,
                     link_f7: d.link_f7,
+                    institution_id: d.institution_id,
+                    forwarding_id: d.forwarding_id,
                     original_id: d.original_id,
                     received_at: d.received_at.unwrap_or_default(),
                     family_pending: d.family_pending.unwrap_or(false),
@@ -1128,16 +1152,17 @@ const UNDO_CLAIM: &str = "
 /// timely answer), or approved after a reversal asked for them (R3: `06`).
 const QUEUE_REVERSAL: &str = "
     INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount,
-        reason, original_mti, original_stan, original_f7)
+        reason, original_mti, original_stan, original_f7, original_institution_id,
+        original_forwarding_id)
     SELECT id, 'reversal', 420, issuer, processing_code, pos_condition, amount,
-        coalesce(reason, '68'), mti, link_stan, link_f7
+        coalesce(reason, '68'), mti, link_stan, link_f7, institution_id, forwarding_id
     FROM ended WHERE state IN ('unknown', 'reversed') AND issuer IS NOT NULL
     ON CONFLICT (journal_id, kind) DO NOTHING";
 
 /// The columns `ended` returns for [`UNDO_CLAIM`] and [`QUEUE_REVERSAL`].
 const ENDED: &str =
     "id, original_id, kind, state, issuer, processing_code, pos_condition, amount, mti,
-    link_stan, link_f7, CASE WHEN reversal_requested AND state <> 'unknown' THEN '06' END AS reason";
+    link_stan, link_f7, institution_id, forwarding_id, CASE WHEN reversal_requested AND state <> 'unknown' THEN '06' END AS reason";
 
 /// Records the outcome of a `sent` row and its reply; gives a claimed
 /// original back when the row did not end approved; and when a reversal
@@ -1298,6 +1323,10 @@ pub struct Original {
     pub link_stan: Option<i32>,
     /// F7 on the issuer link.
     pub link_f7: Option<String>,
+    /// F32 it was sent with (none for a row written before they were kept).
+    pub institution_id: Option<String>,
+    /// F33 it was sent with.
+    pub forwarding_id: Option<String>,
     /// What it refers to in turn (the purchase of a void).
     pub original_id: Option<i64>,
     /// When it arrived.
@@ -1399,7 +1428,8 @@ fn reversals_ctes(first: usize) -> String {
         WHERE v.step = 'reverse' AND o.id = v.original_id AND o.state = 'approved'
           AND o.id IN (SELECT id FROM reversal_originals)
         RETURNING v.row_id, v.reason, o.id, o.original_id, o.kind, o.issuer, o.processing_code,
-            o.pos_condition, o.amount, o.mti, o.link_stan, o.link_f7),
+            o.pos_condition, o.amount, o.mti, o.link_stan, o.link_f7, o.institution_id,
+            o.forwarding_id),
      restored AS (
         UPDATE journal p SET state = 'approved'
         FROM reversed r
@@ -1408,9 +1438,10 @@ fn reversals_ctes(first: usize) -> String {
                                     WHEN 'preauth_cancel' THEN 'cancelled' WHEN 'completion' THEN 'completed' END),
      unwound AS (
         INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount,
-            reason, original_mti, original_stan, original_f7)
+            reason, original_mti, original_stan, original_f7, original_institution_id,
+            original_forwarding_id)
         SELECT id, 'reversal', 420, issuer, processing_code, pos_condition, amount, reason, mti,
-            link_stan, link_f7
+            link_stan, link_f7, institution_id, forwarding_id
         FROM reversed WHERE issuer IS NOT NULL
         ON CONFLICT (journal_id, kind) DO NOTHING),
      acknowledged AS (
@@ -1481,13 +1512,15 @@ fn applies_ctes(first: usize) -> String {
                 WHEN 'refund' THEN o.state IN ('approved', 'partially_refunded')
                                    AND o.refunded_amount + a.amount <= o.amount
                 ELSE o.state = 'approved' AND a.amount > 0 END
-        RETURNING a.row_id, o.id, o.issuer, o.mti, o.link_stan, o.link_f7),
+        RETURNING a.row_id, o.id, o.issuer, o.mti, o.link_stan, o.link_f7, o.institution_id,
+            o.forwarding_id),
      -- The original as the issuer knows it: an online request by its own
      -- link STAN and F7, an advice (a completion advice) by its advice's.
      origin AS (
         SELECT c.row_id, c.issuer,
             CASE WHEN c.link_stan IS NULL THEN d.mti ELSE c.mti END AS mti,
-            coalesce(c.link_stan, d.link_stan) AS link_stan, coalesce(c.link_f7, d.link_f7) AS link_f7
+            coalesce(c.link_stan, d.link_stan) AS link_stan, coalesce(c.link_f7, d.link_f7) AS link_f7,
+            c.institution_id, c.forwarding_id
         FROM applied c LEFT JOIN advices d ON d.journal_id = c.id AND d.kind IN ('completion', 'refund')),
      approved AS (
         UPDATE journal r SET state = 'approved', response_code = '00', issuer = origin.issuer,
@@ -1495,12 +1528,16 @@ fn applies_ctes(first: usize) -> String {
         FROM origin JOIN applies a ON a.row_id = origin.row_id
         WHERE r.id = origin.row_id AND r.state = 'received'
         RETURNING r.id, r.issuer, r.processing_code, r.pos_condition, r.amount, a.advice,
-            origin.mti AS original_mti, origin.link_stan AS original_stan, origin.link_f7 AS original_f7),
+            origin.mti AS original_mti, origin.link_stan AS original_stan, origin.link_f7 AS original_f7,
+            origin.institution_id AS original_institution_id,
+            origin.forwarding_id AS original_forwarding_id),
      advised AS (
         INSERT INTO advices (journal_id, kind, mti, issuer, processing_code, pos_condition, amount,
-            original_mti, original_stan, original_f7)
+            original_mti, original_stan, original_f7, original_institution_id,
+            original_forwarding_id)
         SELECT id, advice, 220, issuer, processing_code, pos_condition, amount,
-            original_mti, original_stan, original_f7
+            original_mti, original_stan, original_f7, original_institution_id,
+            original_forwarding_id
         FROM approved WHERE issuer IS NOT NULL)";
     numbered(sql, "p", APPLY_PARAMS, first)
 }

@@ -121,7 +121,7 @@ impl Switch {
     }
 
     fn entry<'a>(
-        &self,
+        &'a self,
         req: &'a Request<'_>,
         kind: Kind,
         batch: i32,
@@ -153,6 +153,8 @@ impl Switch {
                 kind,
                 Kind::Settlement | Kind::BatchUpload | Kind::BatchUploadEnd | Kind::Reversal
             ),
+            institution_id: &self.config.institution_id,
+            forwarding_id: &self.config.forwarding_id,
         }
     }
 

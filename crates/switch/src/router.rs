@@ -334,6 +334,8 @@ impl Switch {
             original_ref: original_ref(req),
             claim: related.and_then(|r| r.claim),
             open_batch: true,
+            institution_id: &self.config.institution_id,
+            forwarding_id: &self.config.forwarding_id,
         };
 
         let link = self.config.issuer_for(pan.expose()).map(|i| &self.links[i]);
@@ -999,16 +1001,19 @@ fn content_only(dialect: &Dialect, frame: &[u8], error: &ParseError) -> Option<(
     None
 }
 
-/// F90: the original's MTI, link STAN and F7 as they went on the wire, and
-/// our F32 and F33, zero-padded.
+/// F90: the original's MTI, link STAN, F7, F32 and F33 as they went on the
+/// wire (F32 and F33 of a row journalled before they were kept: the
+/// config's), zero-padded.
 pub(crate) fn original_data(o: &journal::Original, config: &Config) -> String {
     format!(
         "{:04}{:06}{:0>10}{:0>11}{:0>11}",
         o.mti,
         o.link_stan.unwrap_or(0),
         o.link_f7.as_deref().unwrap_or(""),
-        config.institution_id,
-        config.forwarding_id
+        o.institution_id
+            .as_deref()
+            .unwrap_or(&config.institution_id),
+        o.forwarding_id.as_deref().unwrap_or(&config.forwarding_id),
     )
 }
 

@@ -222,8 +222,16 @@ impl World {
     /// Another switch on this world's database, issuer and key, with the
     /// tests' config; stops when the token is cancelled.
     async fn another_switch(&self) -> (Arc<Switch>, String, CancellationToken) {
+        self.another_switch_with(|_| {}).await
+    }
+
+    /// [`World::another_switch`] with the tests' config changed by `tweak`.
+    async fn another_switch_with(
+        &self,
+        tweak: impl FnOnce(&mut Config),
+    ) -> (Arc<Switch>, String, CancellationToken) {
         let shutdown = CancellationToken::new();
-        let config = switch_config(&self.issuer_addr, |_| {});
+        let config = switch_config(&self.issuer_addr, tweak);
         let (switch, addr, _run) =
             start_switch(&self.url, config, self.switch.key.clone(), &shutdown).await;
         (switch, addr, shutdown)
@@ -254,6 +262,15 @@ impl World {
     async fn journal_state(&self, rrn: &str) -> String {
         sqlx::query_scalar("SELECT state FROM journal WHERE rrn = $1")
             .bind(rrn)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// The state of a terminal's only row.
+    async fn journal_state_of(&self, terminal: &str) -> String {
+        sqlx::query_scalar("SELECT state FROM journal WHERE terminal_id = $1")
+            .bind(terminal)
             .fetch_one(&self.pool)
             .await
             .unwrap()
@@ -913,6 +930,63 @@ async fn sent_rows_of_a_crashed_switch_are_reversed_at_restart() {
     restart.cancel();
 }
 
+#[tokio::test]
+async fn a_reversal_after_the_institution_id_changed_names_the_original_as_it_was_sent() {
+    let mut w = world().await;
+    let pan = "6222020000000000012";
+    let before = w.balance(pan).await;
+    let mut t = w.signed_on("T0000012").await;
+    w.issuer
+        .faults()
+        .update(|f| f.latency = issuer_sim::Latency::Fixed(Duration::from_millis(800)));
+    let stan = t.next_stan();
+    let frame = t.purchase(stan, pan, EXPIRY, 1_200).unwrap();
+    t.send_raw(&frame).await.unwrap();
+    w.until(
+        Duration::from_secs(5),
+        "the sent row",
+        "SELECT EXISTS (SELECT 1 FROM journal WHERE terminal_id = 'T0000012' AND state = 'sent')",
+    )
+    .await;
+    w.shutdown.cancel();
+    w.run.take().expect("running").await.unwrap();
+    sqlx::query("UPDATE journal SET state = 'sent', reply = NULL, sent_at = now() - interval '1 hour' WHERE terminal_id = 'T0000012'")
+        .execute(&w.pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM advices")
+        .execute(&w.pool)
+        .await
+        .unwrap();
+    w.issuer.faults().clear();
+    // The operator gives the acquirer a new institution id before the
+    // restart: the issuer keeps the sale under the one it was sent with.
+    let (_s, _addr, restart) = w
+        .another_switch_with(|c| {
+            c.institution_id = "48569999".into();
+            c.forwarding_id = "48569998".into();
+        })
+        .await;
+    w.until(
+        Duration::from_secs(15),
+        "the reversal answered",
+        "SELECT NOT EXISTS (SELECT 1 FROM advices WHERE state = 'pending')
+            AND EXISTS (SELECT 1 FROM advices)",
+    )
+    .await;
+    assert_eq!(
+        w.journal_state_of("T0000012").await,
+        "reversed",
+        "the sale's row"
+    );
+    assert_eq!(
+        w.balance(pan).await,
+        before,
+        "the issuer found the sale under its old institution id and reversed it"
+    );
+    restart.cancel();
+}
+
 /// How a stand-in issuer answers a message, given its MTI and how many of
 /// that MTI came before it: its F39, or none at all.
 type IssuerAnswer = fn(&str, usize) -> Option<&'static str>;
@@ -1350,6 +1424,8 @@ fn purchase(stan: i32) -> switch::journal::NewEntry<'static> {
         original_ref: None,
         claim: None,
         open_batch: true,
+        institution_id: "48560000",
+        forwarding_id: "48561000",
     }
 }
 

@@ -1301,3 +1301,46 @@ async fn the_issuer_reads_cards_and_originals_by_key_however_many_postings() {
         "{read} cards and postings read for a purchase and its void"
     );
 }
+
+#[tokio::test]
+async fn follow_ons_after_the_institution_id_changed_name_the_sale_as_it_was_sent() {
+    let mut w = world().await;
+    let pan = "6222020000000000042";
+    let before = w.balance(pan).await;
+    let mut t = w.signed_on("T0000019").await;
+    let refunded = purchase(&mut t, pan, 3_000).await;
+    let voided = purchase(&mut t, pan, 2_000).await;
+    w.shutdown.cancel();
+    w.run.take().expect("running").await.unwrap();
+    // The operator gives the acquirer a new institution id: the issuer
+    // keeps the sales under the one they were sent with.
+    let (_s, addr, restart) = w
+        .another_switch_with(|c| {
+            c.institution_id = "48569999".into();
+            c.forwarding_id = "48569998".into();
+        })
+        .await;
+    let mut t = Terminal::connect(&addr, "T0000019", MERCHANT, w.dialect.clone())
+        .await
+        .unwrap();
+    t.batch = refunded.batch;
+    // The terminal's STANs go on from where they were.
+    for _ in 0..voided.stan {
+        t.next_stan();
+    }
+    assert_eq!(void(&mut t, pan, 2_000, &voided).await.rc(), "00");
+    assert_eq!(refund(&mut t, pan, 3_000, &refunded).await.rc(), "00");
+    advices_drained(&w).await;
+    let answered: Vec<String> =
+        sqlx::query_scalar("SELECT response_code FROM advices WHERE kind = 'refund'")
+            .fetch_all(&w.pool)
+            .await
+            .unwrap();
+    assert_eq!(answered, ["00"], "the issuer applied the refund advice");
+    assert_eq!(
+        w.balance(pan).await,
+        before,
+        "voided and refunded at the issuer"
+    );
+    restart.cancel();
+}
