@@ -553,8 +553,32 @@ pub mod postgres {
         retry: |e| code(e).is_some_and(|c| c == "40P01" || c == "40001"),
         retries: 3,
         split: |e| code(e).is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
-        copy: |e| sqlx::Error::Protocol(format!("the batch failed: {e}")),
+        // Said plainly: sqlx's `Protocol` would prefix "encountered
+        // unexpected or invalid data", which sent operators looking for bad
+        // data during a database outage.
+        copy: |e| sqlx::Error::InvalidArgument(format!("the batch failed: {}", Said(e))),
     };
+
+    /// A sqlx error as an operator reads it in a log line: a PostgreSQL
+    /// error by its message and SQLSTATE (sqlx's own words add "at line N",
+    /// the line of PostgreSQL's C source that raised it, which tells an
+    /// operator nothing), anything else as sqlx says it.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Said<'a>(pub &'a sqlx::Error);
+
+    impl std::fmt::Display for Said<'_> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self.0 {
+                sqlx::Error::Database(db) => write!(
+                    f,
+                    "{} (SQLSTATE {})",
+                    db.message(),
+                    db.code().as_deref().unwrap_or("?")
+                ),
+                e => e.fmt(f),
+            }
+        }
+    }
 
     fn code(e: &sqlx::Error) -> Option<String> {
         match e {

@@ -9,7 +9,7 @@
 
 use std::sync::OnceLock;
 
-use group_commit::postgres::{ON_ERROR, batch_pool, open_all};
+use group_commit::postgres::{ON_ERROR, Said, batch_pool, open_all};
 use group_commit::{Batcher, Limits, Reply, write_all};
 use sqlx::PgPool;
 use tokio::sync::oneshot;
@@ -192,7 +192,7 @@ async fn authorise_many(pool: PgPool, jobs: Vec<AuthJob>) {
     })
     .await;
     if let Some(e) = split {
-        warn!(error = %e, "a batch of authorisations failed");
+        warn!(error = %Said(&e), "a batch of authorisations failed");
         closed_dead(&pool, &e).await;
     }
 }
@@ -205,7 +205,7 @@ async fn follow_on_many(pool: PgPool, jobs: Vec<FollowOnJob>) {
     })
     .await;
     if let Some(e) = split {
-        warn!(error = %e, "a batch of follow-ons failed");
+        warn!(error = %Said(&e), "a batch of follow-ons failed");
         closed_dead(&pool, &e).await;
     }
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
+use group_commit::postgres::Said;
 use iso8583::framing::DEFAULT_MAX_FRAME;
 use iso8583::{BuildError, Dialect, Frame, FrameCodec, Message, MessageWriter};
 use sqlx::PgPool;
@@ -113,7 +114,7 @@ pub async fn run(
             "batch statements planned"
         ),
         Err(e) => {
-            warn!(error = %e, "could not plan the batch statements ahead; they are planned at first use")
+            warn!(error = %Said(&e), "could not plan the batch statements ahead; they are planned at first use")
         }
     }
     info!(
@@ -421,11 +422,11 @@ async fn answer(issuer: &Issuer, msg: &Message<'_>) -> Result<Option<BytesMut>, 
                 Ok(outcome) => outcome,
                 Err(e) if req.is_advice() => {
                     // Not recorded: stay silent, so the switch sends it again.
-                    error!(error = %e, "cannot record the advice; not answered");
+                    error!(error = %Said(&e), "cannot record the advice; not answered");
                     return Ok(None);
                 }
                 Err(e) => {
-                    error!(error = %e, "cannot decide the request; answering 96");
+                    error!(error = %Said(&e), "cannot decide the request; answering 96");
                     Outcome::code_only(code::SYSTEM_ERROR)
                 }
             }

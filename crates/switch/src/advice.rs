@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::journal;
 use crate::link::{LinkError, MatchKey};
 use crate::router::Switch;
+use group_commit::postgres::Said;
 
 /// An advice taken from the queue.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -84,7 +85,7 @@ pub async fn run(switch: Arc<Switch>, shutdown: CancellationToken) {
                 count = n,
                 "reversing transactions left `sent` at the issuer without an outcome (a switch stopped, or the journal failed)"
             ),
-            Err(e) => warn!(error = %e, "recovery sweep failed"),
+            Err(e) => warn!(error = %Said(&e), "recovery sweep failed"),
         }
         // At most a batch at the issuer at once: what is still being sent
         // leaves that much less room.
@@ -102,7 +103,7 @@ pub async fn run(switch: Arc<Switch>, shutdown: CancellationToken) {
                     sending.spawn(async move { send(&s, advice).await });
                 }
             }
-            Err(e) => warn!(error = %e, "reading the advice queue failed"),
+            Err(e) => warn!(error = %Said(&e), "reading the advice queue failed"),
         }
         if more {
             // The next go as soon as any of these is answered, not at the
@@ -151,7 +152,7 @@ async fn warn_of_strays(switch: &Switch) {
                 );
             }
         }
-        Err(e) => warn!(error = %e, "reading the advice queue failed"),
+        Err(e) => warn!(error = %Said(&e), "reading the advice queue failed"),
     }
 }
 
@@ -374,7 +375,7 @@ async fn send(switch: &Switch, advice: Due) {
                 }
                 Some(rc) => {
                     if let Err(e) = done(switch, &advice, rc).await {
-                        warn!(advice = advice.id, error = %e, "recording an answered advice failed; it will be repeated");
+                        warn!(advice = advice.id, error = %Said(&e), "recording an answered advice failed; it will be repeated");
                     } else {
                         info!(advice = advice.id, journal = advice.journal_id, kind = %advice.kind, rrn = %advice.rrn, rc = %rc, "advice answered");
                     }
@@ -440,6 +441,6 @@ async fn retry_after(switch: &Switch, advice: &Due, error: &str, attempts: i32, 
     .execute(&switch.pool)
     .await;
     if let Err(e) = result {
-        warn!(advice = advice.id, error = %e, "rescheduling an advice failed; its lease will expire");
+        warn!(advice = advice.id, error = %Said(&e), "rescheduling an advice failed; its lease will expire");
     }
 }

@@ -195,7 +195,7 @@ pub async fn start(
                 "journal statements planned"
             ),
             Err(e) => tracing::warn!(
-                error = %e,
+                error = %group_commit::postgres::Said(&e),
                 "could not plan the journal's statements ahead; they are planned at first use"
             ),
         }

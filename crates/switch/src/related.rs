@@ -14,6 +14,7 @@ use crate::journal::{self, Disposition, Find, NewEntry, Original, ReversalStep};
 use crate::model::{Kind, ResponseCode, State};
 use crate::router::{Related, ReplyFields, Request, Switch, business_date, request_digest};
 use crate::terminals::Terminal;
+use group_commit::postgres::Said;
 
 /// What a request carries that the journal keeps.
 struct Parts {
@@ -70,7 +71,7 @@ impl Switch {
             Ok(true) => None,
             Ok(false) => Some(Some(ResponseCode::ISSUER_UNAVAILABLE)),
             Err(e) => {
-                warn!(error = %e, "advice queue read failed");
+                warn!(error = %Said(&e), "advice queue read failed");
                 Some(Some(ResponseCode::SYSTEM_ERROR))
             }
         }
@@ -267,7 +268,7 @@ impl Switch {
         let original = match self.writer.find(named).await {
             Ok(o) => o.into_iter().next(),
             Err(e) => {
-                warn!(error = %e, "journal read failed");
+                warn!(error = %Said(&e), "journal read failed");
                 return Some(ResponseCode::SYSTEM_ERROR);
             }
         };
@@ -339,7 +340,7 @@ impl Switch {
                         .await;
                 }
                 Err(e) => {
-                    warn!(error = %e, "journal read failed");
+                    warn!(error = %Said(&e), "journal read failed");
                     return Some(ResponseCode::SYSTEM_ERROR);
                 }
             }
@@ -377,7 +378,7 @@ impl Switch {
         let original = match self.writer.find(named).await {
             Ok(o) => o.into_iter().next(),
             Err(e) => {
-                warn!(error = %e, "journal read failed");
+                warn!(error = %Said(&e), "journal read failed");
                 return Some(ResponseCode::SYSTEM_ERROR);
             }
         };
@@ -504,7 +505,7 @@ impl Switch {
                     let now = journal::state_of(&self.pool, original.id)
                         .await
                         .unwrap_or_else(|e| {
-                            warn!(error = %e, "journal read failed");
+                            warn!(error = %Said(&e), "journal read failed");
                             None
                         });
                     let (rule, code) = lost(now.as_deref().unwrap_or(""));
@@ -512,7 +513,7 @@ impl Switch {
                         .await
                 }
                 Err(e) => {
-                    warn!(error = %e, "journal write failed");
+                    warn!(error = %Said(&e), "journal write failed");
                     Some(ResponseCode::SYSTEM_ERROR)
                 }
             }
@@ -542,7 +543,7 @@ impl Switch {
         let candidates = match self.writer.find(named).await {
             Ok(c) => c,
             Err(e) => {
-                warn!(error = %e, "journal read failed");
+                warn!(error = %Said(&e), "journal read failed");
                 return Some(ResponseCode::SYSTEM_ERROR);
             }
         };
@@ -702,7 +703,7 @@ impl Switch {
                             && REVERSIBLE.contains(&o.kind.as_str())
                     }),
                     Err(e) => {
-                        warn!(error = %e, "journal read failed");
+                        warn!(error = %Said(&e), "journal read failed");
                         return Some(ResponseCode::SYSTEM_ERROR);
                     }
                 };
@@ -765,7 +766,7 @@ impl Switch {
                     // The original's state changed under us: look again.
                     Ok(false) => continue,
                     Err(e) => {
-                        warn!(error = %e, "journal write failed");
+                        warn!(error = %Said(&e), "journal write failed");
                         return Some(ResponseCode::SYSTEM_ERROR);
                     }
                 }
@@ -811,7 +812,7 @@ impl Switch {
             let ours = match journal::batch_totals(&self.pool, req.terminal_id, batch).await {
                 Ok(t) => t,
                 Err(e) => {
-                    warn!(error = %e, "journal read failed");
+                    warn!(error = %Said(&e), "journal read failed");
                     return Some(ResponseCode::SYSTEM_ERROR);
                 }
             };
@@ -861,7 +862,7 @@ impl Switch {
                     .await
                 }
                 Err(e) => {
-                    warn!(error = %e, "closing the batch failed");
+                    warn!(error = %Said(&e), "closing the batch failed");
                     Some(ResponseCode::SYSTEM_ERROR)
                 }
             }
@@ -904,7 +905,7 @@ impl Switch {
             if let Err(e) =
                 journal::store_uploads(&self.pool, req.terminal_id, batch, &records).await
             {
-                warn!(error = %e, "storing batch upload records failed");
+                warn!(error = %Said(&e), "storing batch upload records failed");
                 return Some(ResponseCode::SYSTEM_ERROR);
             }
         }

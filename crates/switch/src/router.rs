@@ -23,6 +23,7 @@ use crate::keys::PanHashKey;
 use crate::link::{Link, LinkError, MatchKey, transmission_time};
 use crate::model::{Kind, ResponseCode, State};
 use crate::terminals::{self, Terminal};
+use group_commit::postgres::Said;
 
 /// Everything a request needs, shared by all connections.
 #[derive(Debug)]
@@ -269,7 +270,7 @@ impl Switch {
             Ok(Some(t)) if t.enabled => t,
             Ok(_) => return Err(ResponseCode::UNKNOWN_TERMINAL),
             Err(e) => {
-                warn!(error = %e, "terminal lookup failed");
+                warn!(error = %Said(&e), "terminal lookup failed");
                 return Err(ResponseCode::SYSTEM_ERROR);
             }
         };
@@ -444,7 +445,7 @@ impl Switch {
         let body = self.body(out).to_vec();
         let outcome = written.outcome(State::Declined, rc, None, body);
         if let Err(e) = self.writer.complete(outcome).await {
-            warn!(error = %e, "journal write failed");
+            warn!(error = %Said(&e), "journal write failed");
         }
         None
     }
@@ -503,7 +504,7 @@ impl Switch {
                 // The outcome is not durable, so the terminal must not hear
                 // "approved"; the row stays `sent` and recovery reverses it.
                 warn!(
-                    error = %e,
+                    error = %Said(&e),
                     rrn = %written.rrn,
                     "journal write of the outcome failed: the terminal hears 96 and the transaction is reversed at the issuer"
                 );
@@ -522,7 +523,7 @@ impl Switch {
         let body = self.body(out).to_vec();
         match journal::give_up(&self.pool, written.id, &body).await {
             Ok(_) => self.advice_wake.notify_one(),
-            Err(e) => warn!(error = %e, "journal write failed; recovery will reverse it"),
+            Err(e) => warn!(error = %Said(&e), "journal write failed; recovery will reverse it"),
         }
         None
     }
@@ -554,7 +555,7 @@ impl Switch {
                     earlier_reply = reply;
                 }
                 Err(e) => {
-                    warn!(error = %e, "reading the earlier request failed");
+                    warn!(error = %Said(&e), "reading the earlier request failed");
                     return Some(ResponseCode::SYSTEM_ERROR);
                 }
             }
@@ -608,7 +609,7 @@ impl Switch {
 
     pub(crate) async fn store_reply(&self, id: i64, out: &BytesMut) {
         if let Err(e) = journal::store_reply(&self.pool, id, self.body(out)).await {
-            warn!(error = %e, "storing a reply failed");
+            warn!(error = %Said(&e), "storing a reply failed");
         }
     }
 
@@ -642,7 +643,7 @@ impl Switch {
                 Err(Some(ResponseCode::BATCH_MISMATCH))
             }
             Err(e) => {
-                warn!(error = %e, "journal write failed");
+                warn!(error = %Said(&e), "journal write failed");
                 Err(Some(ResponseCode::SYSTEM_ERROR))
             }
         }
@@ -687,7 +688,7 @@ impl Switch {
                 }
                 Ok(false) => {}
                 Err(e) => {
-                    warn!(error = %e, "reading the earlier request failed");
+                    warn!(error = %Said(&e), "reading the earlier request failed");
                     return None;
                 }
             }
@@ -695,7 +696,7 @@ impl Switch {
                 Ok((state, _, reply)) if reply.is_some() || state != "received" => return None,
                 Ok(_) => {}
                 Err(e) => {
-                    warn!(error = %e, "reading the earlier request failed");
+                    warn!(error = %Said(&e), "reading the earlier request failed");
                     return None;
                 }
             }
@@ -736,9 +737,9 @@ impl Switch {
             Ok(false) => match journal::outcome(&self.pool, id).await {
                 Ok((_, _, Some(stored))) => self.replay(req, &stored, out),
                 Ok(_) => {}
-                Err(e) => warn!(error = %e, "reading the decided request failed"),
+                Err(e) => warn!(error = %Said(&e), "reading the decided request failed"),
             },
-            Err(e) => warn!(error = %e, "journal write failed"),
+            Err(e) => warn!(error = %Said(&e), "journal write failed"),
         }
         None
     }

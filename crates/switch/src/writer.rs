@@ -28,7 +28,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use group_commit::postgres::{ON_ERROR, batch_pool};
+use group_commit::postgres::{ON_ERROR, Said, batch_pool};
 use group_commit::{Batcher, Limits, write_all};
 use sqlx::PgPool;
 use tokio::sync::oneshot;
@@ -296,7 +296,7 @@ impl Writer {
 /// past the writer's `max_wait` (it was dropped unsent), or the writer
 /// stopped.
 fn stopped() -> sqlx::Error {
-    sqlx::Error::Protocol(
+    sqlx::Error::InvalidArgument(
         "not written: the database kept the write waiting too long (or the writer stopped)".into(),
     )
 }
@@ -309,7 +309,7 @@ async fn write(pool: PgPool, batch: Vec<Job>) {
     })
     .await;
     if let Some(e) = split {
-        warn!(error = %e, "a batch of journal writes failed");
+        warn!(error = %Said(&e), "a batch of journal writes failed");
         after_failure(&pool, &e).await;
     }
 }
@@ -332,7 +332,7 @@ async fn answer(pool: PgPool, batch: Vec<Answer>) {
     })
     .await;
     if let Some(e) = split {
-        warn!(error = %e, "a batch of advice answers failed");
+        warn!(error = %Said(&e), "a batch of advice answers failed");
         after_failure(&pool, &e).await;
     }
 }

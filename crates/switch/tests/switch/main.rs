@@ -752,6 +752,26 @@ async fn connections_postgresql_ended_are_found_and_closed_together() {
 }
 
 #[tokio::test]
+async fn database_errors_are_said_by_their_message_and_sqlstate() {
+    let w = world().await;
+    let e = sqlx::query("SELECT 1 / 0")
+        .execute(&w.pool)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains(" at line "), "sqlx's own words: {e}");
+    let said = group_commit::postgres::Said(&e).to_string();
+    assert_eq!(said, "division by zero (SQLSTATE 22012)");
+    // What each write of a failed batch is answered, and logs.
+    let copy = (group_commit::postgres::ON_ERROR.copy)(&e).to_string();
+    assert_eq!(copy, "the batch failed: division by zero (SQLSTATE 22012)");
+    let copy = (group_commit::postgres::ON_ERROR.copy)(&sqlx::Error::PoolTimedOut).to_string();
+    assert_eq!(
+        copy,
+        "the batch failed: pool timed out while waiting for an open connection"
+    );
+}
+
+#[tokio::test]
 async fn a_stop_lets_a_request_at_the_issuer_get_the_issuers_answer() {
     let w = world().await;
     w.issuer

@@ -41,12 +41,8 @@ impl std::fmt::Display for Failure {
         let mut said = String::new();
         for cause in e.chain() {
             let text = match cause.downcast_ref::<sqlx::Error>() {
-                Some(sqlx::Error::Database(db)) => format!(
-                    "{} (SQLSTATE {})",
-                    db.message(),
-                    db.code().as_deref().unwrap_or("?")
-                ),
-                _ => cause.to_string(),
+                Some(e) => group_commit::postgres::Said(e).to_string(),
+                None => cause.to_string(),
             };
             let bare = text
                 .rsplit_once(" at line ")
