@@ -15,6 +15,7 @@ pub mod link;
 pub mod model;
 pub mod reconcile;
 mod related;
+pub mod repeated;
 pub mod router;
 pub mod terminals;
 pub mod writer;

@@ -12,6 +12,7 @@ use tracing::{debug, warn};
 use crate::config::SameDayRefund;
 use crate::journal::{self, Disposition, Find, NewEntry, Original, ReversalStep};
 use crate::model::{Kind, ResponseCode, State};
+use crate::repeated::warn_repeated;
 use crate::router::{Related, ReplyFields, Request, Switch, business_date, request_digest};
 use crate::terminals::Terminal;
 use group_commit::postgres::Said;
@@ -268,7 +269,7 @@ impl Switch {
         let original = match self.writer.find(named).await {
             Ok(o) => o.into_iter().next(),
             Err(e) => {
-                warn!(error = %Said(&e), "journal read failed");
+                warn_repeated!(error = %Said(&e), "journal read failed");
                 return Some(ResponseCode::SYSTEM_ERROR);
             }
         };
@@ -340,7 +341,7 @@ impl Switch {
                         .await;
                 }
                 Err(e) => {
-                    warn!(error = %Said(&e), "journal read failed");
+                    warn_repeated!(error = %Said(&e), "journal read failed");
                     return Some(ResponseCode::SYSTEM_ERROR);
                 }
             }
@@ -378,7 +379,7 @@ impl Switch {
         let original = match self.writer.find(named).await {
             Ok(o) => o.into_iter().next(),
             Err(e) => {
-                warn!(error = %Said(&e), "journal read failed");
+                warn_repeated!(error = %Said(&e), "journal read failed");
                 return Some(ResponseCode::SYSTEM_ERROR);
             }
         };
@@ -505,7 +506,7 @@ impl Switch {
                     let now = journal::state_of(&self.pool, original.id)
                         .await
                         .unwrap_or_else(|e| {
-                            warn!(error = %Said(&e), "journal read failed");
+                            warn_repeated!(error = %Said(&e), "journal read failed");
                             None
                         });
                     let (rule, code) = lost(now.as_deref().unwrap_or(""));
@@ -513,7 +514,7 @@ impl Switch {
                         .await
                 }
                 Err(e) => {
-                    warn!(error = %Said(&e), "journal write failed");
+                    warn_repeated!(error = %Said(&e), "journal write failed");
                     Some(ResponseCode::SYSTEM_ERROR)
                 }
             }
@@ -543,7 +544,7 @@ impl Switch {
         let candidates = match self.writer.find(named).await {
             Ok(c) => c,
             Err(e) => {
-                warn!(error = %Said(&e), "journal read failed");
+                warn_repeated!(error = %Said(&e), "journal read failed");
                 return Some(ResponseCode::SYSTEM_ERROR);
             }
         };
@@ -703,7 +704,7 @@ impl Switch {
                             && REVERSIBLE.contains(&o.kind.as_str())
                     }),
                     Err(e) => {
-                        warn!(error = %Said(&e), "journal read failed");
+                        warn_repeated!(error = %Said(&e), "journal read failed");
                         return Some(ResponseCode::SYSTEM_ERROR);
                     }
                 };
@@ -766,7 +767,7 @@ impl Switch {
                     // The original's state changed under us: look again.
                     Ok(false) => continue,
                     Err(e) => {
-                        warn!(error = %Said(&e), "journal write failed");
+                        warn_repeated!(error = %Said(&e), "journal write failed");
                         return Some(ResponseCode::SYSTEM_ERROR);
                     }
                 }
@@ -812,7 +813,7 @@ impl Switch {
             let ours = match journal::batch_totals(&self.pool, req.terminal_id, batch).await {
                 Ok(t) => t,
                 Err(e) => {
-                    warn!(error = %Said(&e), "journal read failed");
+                    warn_repeated!(error = %Said(&e), "journal read failed");
                     return Some(ResponseCode::SYSTEM_ERROR);
                 }
             };

@@ -22,6 +22,7 @@ use crate::journal::{self, Disposition, Earlier, Insert, NewEntry};
 use crate::keys::PanHashKey;
 use crate::link::{Link, LinkError, MatchKey, transmission_time};
 use crate::model::{Kind, ResponseCode, State};
+use crate::repeated::warn_repeated;
 use crate::terminals::{self, Terminal};
 use group_commit::postgres::Said;
 
@@ -270,7 +271,7 @@ impl Switch {
             Ok(Some(t)) if t.enabled => t,
             Ok(_) => return Err(ResponseCode::UNKNOWN_TERMINAL),
             Err(e) => {
-                warn!(error = %Said(&e), "terminal lookup failed");
+                warn_repeated!(error = %Said(&e), "terminal lookup failed");
                 return Err(ResponseCode::SYSTEM_ERROR);
             }
         };
@@ -445,7 +446,7 @@ impl Switch {
         let body = self.body(out).to_vec();
         let outcome = written.outcome(State::Declined, rc, None, body);
         if let Err(e) = self.writer.complete(outcome).await {
-            warn!(error = %Said(&e), "journal write failed");
+            warn_repeated!(error = %Said(&e), "journal write failed");
         }
         None
     }
@@ -523,7 +524,9 @@ impl Switch {
         let body = self.body(out).to_vec();
         match journal::give_up(&self.pool, written.id, &body).await {
             Ok(_) => self.advice_wake.notify_one(),
-            Err(e) => warn!(error = %Said(&e), "journal write failed; recovery will reverse it"),
+            Err(e) => {
+                warn!(rrn = %written.rrn, error = %Said(&e), "journal write failed; recovery will reverse it")
+            }
         }
         None
     }
@@ -643,7 +646,7 @@ impl Switch {
                 Err(Some(ResponseCode::BATCH_MISMATCH))
             }
             Err(e) => {
-                warn!(error = %Said(&e), "journal write failed");
+                warn_repeated!(error = %Said(&e), "journal write failed");
                 Err(Some(ResponseCode::SYSTEM_ERROR))
             }
         }
@@ -739,7 +742,7 @@ impl Switch {
                 Ok(_) => {}
                 Err(e) => warn!(error = %Said(&e), "reading the decided request failed"),
             },
-            Err(e) => warn!(error = %Said(&e), "journal write failed"),
+            Err(e) => warn_repeated!(error = %Said(&e), "journal write failed"),
         }
         None
     }
