@@ -644,7 +644,11 @@ impl Switch {
         out: &mut BytesMut,
     ) -> Option<ResponseCode> {
         let p = self.parts(req);
-        let mut entry = self.entry(req, Kind::Reversal, terminal.batch, &p);
+        let batch = req.batch().unwrap_or(terminal.batch);
+        // Journalled under the batch it names, as D1 keys it: a reversal
+        // refused for naming a settled batch must not hold its STAN in the
+        // terminal's new batch, where the same STAN names another sale.
+        let mut entry = self.entry(req, Kind::Reversal, batch, &p);
         let reason = req.msg.text(39).unwrap_or("06").to_string();
         entry.reversal_reason = Some(reason.clone());
         let network_reason = if reason == "98" { "68" } else { "06" };
@@ -654,7 +658,6 @@ impl Switch {
         } else {
             2
         };
-        let batch = req.batch().unwrap_or(terminal.batch);
         if batch != terminal.batch {
             // S1: a settled batch takes no reversal.
             return self

@@ -337,6 +337,56 @@ async fn a_reversal_undoes_the_purchase_once_however_often_it_is_sent() {
 }
 
 #[tokio::test]
+async fn a_reversal_into_a_settled_batch_leaves_its_stan_free_in_the_next() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000014").await;
+    let pan = "6222020000000000035";
+    let before = w.balance(pan).await;
+    let sale = purchase(&mut t, pan, 1_000).await;
+    let totals = format!("{:012}{:03}{:012}{:03}0{}", 1_000, 1, 0, 0, "0".repeat(31));
+    let stan = t.next_stan();
+    let settled = t
+        .exchange(&t.settlement(stan, &totals).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(settled.rc(), "00");
+    // S1: the settled sale cannot be reversed any more.
+    let old_f60 = t.f60("22");
+    let late = t
+        .reversal(&reversed(&sale, pan, 1_000, &old_f60), "98")
+        .unwrap();
+    assert_eq!(t.exchange(&late).await.unwrap().rc(), "12");
+    // The next batch's transaction of the same STAN is a new one, and its
+    // reversal is not the refused one repeated (D1's key holds the batch).
+    let signed = t.sign_on().await.unwrap();
+    assert_eq!(signed.rc(), "00");
+    let reply = t
+        .exchange(&t.purchase(sale.stan, pan, EXPIRY, 700).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(reply.rc(), "00");
+    let next = Kept {
+        batch: t.batch,
+        stan: sale.stan,
+        reply,
+    };
+    let f60 = t.f60("22");
+    let reversal = t.reversal(&reversed(&next, pan, 700, &f60), "98").unwrap();
+    let r = t.exchange(&reversal).await.unwrap();
+    assert_eq!(r.rc(), "00", "{r:?}");
+    assert_eq!(r.field(60).map(|f| &f[2..8]), Some(&f60[2..8]));
+    assert_eq!(w.journal_state(next.rrn()).await, "reversed");
+    // The refused one, repeated, is still refused.
+    assert_eq!(t.exchange(&late).await.unwrap().rc(), "12");
+    advices_drained(&w).await;
+    assert_eq!(
+        w.balance(pan).await,
+        before - 1_000,
+        "the settled sale stands"
+    );
+}
+
+#[tokio::test]
 async fn a_reversal_the_journal_failed_under_is_taken_over_by_its_repeat_at_once() {
     let w = world().await;
     // A switch whose connections give up on a lock after 300 ms, and that
