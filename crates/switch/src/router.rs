@@ -922,17 +922,32 @@ fn terminal_balance(f54: &str) -> &str {
 /// What of a malformed frame can be read, as a frame of its own. A field
 /// whose length can be told but whose content is bad (a nibble that is no
 /// digit in F3, say) is cut out, and the fields after it are kept; at any
-/// other error, the fields in front of the bad one, the bad one and
-/// everything after it dropped from the bitmap and the bytes. `None` when
-/// the error is not in a field, or a secondary bitmap is involved.
+/// other error in a field, the bad one and everything after it dropped
+/// from the bitmap and the bytes. Bytes after the last field are dropped;
+/// bit 1 set in a dialect without a secondary bitmap is read as clear.
+/// `None` when the error is elsewhere (the MTI, a bitmap cut short), or a
+/// secondary bitmap is involved.
 fn salvage(dialect: &Dialect, frame: &[u8], error: &ParseError) -> Option<Vec<u8>> {
-    let Part::Field(bad) = error.part else {
-        return None;
-    };
     let at = dialect.min_frame_len() - 8;
     if frame.len() < at + 8 {
         return None;
     }
+    let bad = match (error.part, error.kind) {
+        (Part::Field(bad), _) => bad,
+        (Part::End, _) => {
+            let cut = frame.get(..error.offset)?.to_vec();
+            return Message::parse(dialect, &cut).is_ok().then_some(cut);
+        }
+        (Part::Bitmap, ParseErrorKind::SecondaryBitmap) => {
+            let mut copy = frame.to_vec();
+            copy[at] &= 0x7F;
+            return match Message::parse(dialect, &copy) {
+                Ok(_) => Some(copy),
+                Err(e) => salvage(dialect, &copy, &e),
+            };
+        }
+        _ => return None,
+    };
     let primary = u64::from_be_bytes(frame[at..at + 8].try_into().ok()?);
     if primary >> 63 == 1 || bad > 64 {
         return None;

@@ -1287,6 +1287,32 @@ async fn a_message_with_a_bad_field_is_answered_30_when_its_stan_and_terminal_ca
     assert_eq!(reply.field(11).unwrap(), format!("{stan:06}"));
     assert_eq!(reply.field(41), Some("T0000013"));
     assert_eq!(reply.field(3), None, "what could not be read is not echoed");
+    // Bytes after the last field, counted by the length prefix; then bit 1
+    // (a secondary bitmap) set in a dialect that has none: the frame can be
+    // framed and its STAN and terminal read, so the answer is 30 too.
+    let (stan, stan2) = (t.next_stan(), t.next_stan());
+    let request = |stan: u32| {
+        t.request(
+            Mti::FINANCIAL,
+            &[
+                (3, Field::Digits("000000")),
+                (11, Field::Number(stan.into())),
+            ],
+        )
+        .unwrap()
+    };
+    let mut frame = request(stan);
+    frame.extend_from_slice(&[0xDE, 0xAD]);
+    let len = u16::try_from(frame.len() - 2).unwrap();
+    frame[..2].copy_from_slice(&len.to_be_bytes());
+    let mut secondary = request(stan2);
+    secondary[2 + 5 + 6 + 2] |= 0x80;
+    for (frame, stan) in [(frame, stan), (secondary, stan2)] {
+        let reply = t.exchange(&frame).await.unwrap();
+        assert_eq!(reply.rc(), "30");
+        assert_eq!(reply.field(11).unwrap(), format!("{stan:06}"));
+        assert_eq!(reply.field(41), Some("T0000013"));
+    }
     // A length in front of F41 that cannot be read: nothing after it can,
     // the terminal cannot be named, and the connection is closed instead.
     let stan = t.next_stan();
