@@ -931,7 +931,8 @@ impl Model {
 
     /// R1-R5.
     fn reversal(&mut self, p: &Plan, h: &Head) -> Expected {
-        let key = (self.batch, p.stan, 4);
+        // Keyed by the batch it names, settled or not (D1).
+        let key = (p.batch, p.stan, 4);
         if let Some(dup) = self.duplicate(key, h) {
             return dup;
         }
