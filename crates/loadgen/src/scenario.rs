@@ -1057,11 +1057,18 @@ impl Player {
         let reply = self.exchange_retrying(&frame).await?;
         self.timed
             .push(("settlement", reply.rc().to_string(), started.elapsed()));
-        let code = reply.field(48).get(30..31).map(str::to_string);
-        if code.as_deref() == Some("2") {
+        // A code each for domestic and foreign cards (digits 30 and 61):
+        // balanced (1) only when both are.
+        let f48 = reply.field(48);
+        let codes = [f48.get(30..31), f48.get(61..62)];
+        if codes.contains(&Some("2")) {
             self.upload().await;
         }
-        code
+        codes
+            .into_iter()
+            .find(|c| *c != Some("1"))
+            .unwrap_or(Some("1"))
+            .map(str::to_string)
     }
 
     /// The batch upload (0320): every counted transaction, eight a message,
@@ -1387,7 +1394,8 @@ mod tests {
         /// Never.
         Silence,
         /// A settlement's reply: approved, the terminal's totals echoed
-        /// with this reconciliation code.
+        /// with this reconciliation code for domestic cards (and `1`, they
+        /// match, for foreign cards, of which terminals here have none).
         Totals(char),
     }
 
@@ -1467,6 +1475,7 @@ mod tests {
                                     .map(|d| d.iter().map(char::from).collect())
                                     .unwrap_or_default();
                                 f48.replace_range(30..31, &code.to_string());
+                                f48.replace_range(61..62, "1");
                                 totals = Some(f48);
                                 ("00", stan)
                             }

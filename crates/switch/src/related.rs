@@ -820,14 +820,7 @@ impl Switch {
                     return Some(ResponseCode::SYSTEM_ERROR);
                 }
             };
-            // Compare the figures, not the reconciliation codes (digits 30 and 61).
-            let figures = |t: &str| format!("{}{}", &t[..30], &t[31..61]);
-            let balanced = figures(&given) == figures(&ours);
-            let reply_totals = if balanced {
-                format!("{}1{}1", &given[..30], &given[31..61])
-            } else {
-                format!("{}2{}2", &ours[..30], &ours[31..61])
-            };
+            let (reply_totals, balanced) = reconciled(&given, &ours);
             self.reply(
                 req,
                 out,
@@ -925,4 +918,22 @@ impl Switch {
         )
         .await
     }
+}
+
+/// S1's reply to a settlement's F48 totals `given`, against the journal's
+/// `ours`, and whether the batch balanced. Each part (domestic cards, then
+/// foreign, 31 digits each) has its own reconciliation code (digits 30 and
+/// 61): the terminal's figures with `1` where they match the journal's,
+/// else the journal's with `2`. The terminal's own codes are not compared.
+pub(crate) fn reconciled(given: &str, ours: &str) -> (String, bool) {
+    let part = |figures: std::ops::Range<usize>| {
+        if given.get(figures.clone()) == ours.get(figures.clone()) {
+            (given.get(figures).unwrap_or(""), '1')
+        } else {
+            (ours.get(figures).unwrap_or(""), '2')
+        }
+    };
+    let (domestic, d) = part(0..30);
+    let (foreign, f) = part(31..61);
+    (format!("{domestic}{d}{foreign}{f}"), d == '1' && f == '1')
 }

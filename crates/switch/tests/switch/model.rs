@@ -1000,12 +1000,15 @@ impl Model {
             unreachable!("a settlement")
         };
         let ours = self.totals(self.batch);
-        let figures = |t: &str| format!("{}{}", &t[..30], &t[31..61]);
-        let totals = if figures(given) == figures(&ours) {
-            format!("{}1{}1", &given[..30], &given[31..61])
-        } else {
-            format!("{}2{}2", &ours[..30], &ours[31..61])
+        // Each part its own code: 1 with the terminal's figures, 2 with ours.
+        let part = |r: std::ops::Range<usize>| {
+            if given[r.clone()] == ours[r.clone()] {
+                format!("{}1", &given[r])
+            } else {
+                format!("{}2", &ours[r])
+            }
         };
+        let totals = format!("{}{}", part(0..30), part(31..61));
         self.batch += 1;
         Expected {
             totals: Some(totals),

@@ -917,7 +917,8 @@ async fn settlement_balances_or_not_closes_the_batch_and_upload_is_recorded() {
     assert_eq!(s.rc(), "00");
     assert_eq!(
         s.field(48).unwrap(),
-        format!("{:012}{:03}{:012}{:03}2{}2", 700, 1, 0, 0, "0".repeat(30))
+        format!("{:012}{:03}{:012}{:03}2{}1", 700, 1, 0, 0, "0".repeat(30)),
+        "the domestic part the journal's figures and 2; the foreign, which match, 1"
     );
     let balanced: Vec<bool> = sqlx::query_scalar(
         "SELECT balanced FROM settlements WHERE terminal_id = 'T0000015' ORDER BY batch",
