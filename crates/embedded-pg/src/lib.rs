@@ -46,11 +46,11 @@ pub enum Error {
         /// Its output, or the error.
         detail: String,
     },
-    /// The server did not accept connections in time.
-    #[error("PostgreSQL did not accept connections within {secs} s; its log {log}:\n{tail}")]
+    /// The server stopped as it started, or did not accept connections in time.
+    #[error("PostgreSQL {why}; its log {log}:\n{tail}")]
     NotReady {
-        /// Seconds waited.
-        secs: u64,
+        /// What happened.
+        why: &'static str,
         /// Where the server log is.
         log: String,
         /// The end of the log.
@@ -193,7 +193,13 @@ impl EmbeddedPg {
             None
         };
         let (data_dir, temporary) = match &options.data_dir {
-            Some(dir) => (dir.clone(), false),
+            // Absolute: the server runs in its data directory, and reads the
+            // socket directory (the same) from there.
+            Some(dir) => (
+                std::path::absolute(dir)
+                    .map_err(|e| step(format!("finding {}", dir.display()), e))?,
+                false,
+            ),
             None => {
                 remove_stale_temporary_dirs();
                 let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -405,7 +411,11 @@ impl EmbeddedPg {
                 // for whoever reads the error); dropping removes it.
                 self.halt();
                 return Err(Error::NotReady {
-                    secs: 30,
+                    why: if exited.load(Ordering::Acquire) {
+                        "stopped as it started"
+                    } else {
+                        "did not accept connections within 30 s"
+                    },
                     log: self.log_path().display().to_string(),
                     tail: self.log_tail(),
                 });
@@ -435,6 +445,22 @@ impl EmbeddedPg {
         text.lines().next()?.trim().parse().ok()
     }
 
+    /// The port of a server already running on `data_dir` (another
+    /// command's, say `switchyard serve`'s), from its `postmaster.pid`, when
+    /// its process is alive.
+    pub fn running_on(data_dir: &Path) -> Option<u16> {
+        let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+        let mut lines = text.lines();
+        let pid: u32 = lines.next()?.trim().parse().ok()?;
+        let port = lines.nth(2)?.trim().parse().ok()?;
+        Path::new(&format!("/proc/{pid}")).exists().then_some(port)
+    }
+
+    /// The URL of database `db` on a server of this kind on `port`.
+    pub fn url_on(port: u16, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{port}/{db}")
+    }
+
     /// Where the data lives.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
@@ -442,7 +468,7 @@ impl EmbeddedPg {
 
     /// The connection URL of database `db`.
     pub fn url(&self, db: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+        EmbeddedPg::url_on(self.port, db)
     }
 
     /// Creates database `name` (when it does not exist) and returns its URL.
@@ -593,6 +619,29 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(tables, 0);
+    }
+
+    #[tokio::test]
+    async fn a_relative_data_dir_is_found_by_another_command_while_it_runs() {
+        // Relative to the working directory, as `--config` paths often are.
+        let dir = PathBuf::from(format!(
+            "../../target/switchyard-pg-rel-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let pg = EmbeddedPg::start(Options {
+            data_dir: Some(dir.clone()),
+            ..Options::default()
+        })
+        .await
+        .unwrap();
+        assert!(pg.data_dir().is_absolute());
+        assert_eq!(EmbeddedPg::running_on(&dir), Some(pg.port()));
+        let url = pg.create_database("found").await.unwrap();
+        assert_eq!(url, EmbeddedPg::url_on(pg.port(), "found"));
+        drop(pg);
+        assert_eq!(EmbeddedPg::running_on(&dir), None, "stopped");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]
