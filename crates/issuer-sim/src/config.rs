@@ -33,11 +33,14 @@ pub struct IssuerConfig {
 /// `[database]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DatabaseConfig {
-    /// The PostgreSQL URL. Absent: `DATABASE_URL`, else an embedded server
-    /// (the binary decides).
+    /// The PostgreSQL URL. Absent: `DATABASE_URL`, else a private server
+    /// kept in `embedded_data_dir`.
     pub url: Option<String>,
     /// Connections in the pool.
     pub max_connections: u32,
+    /// Data directory of a private PostgreSQL started by the binary when no
+    /// URL is given (relative to the file's directory).
+    pub embedded_data_dir: Option<std::path::PathBuf>,
 }
 
 /// `[keys]`.
@@ -276,13 +279,16 @@ impl IssuerConfig {
             source,
         })?;
         let mut config = IssuerConfig::from_toml(&text, &origin)?;
-        if let Some(key) = config
-            .keys
-            .pan_key_file
-            .as_mut()
-            .filter(|k| k.is_relative())
+        for p in [
+            &mut config.keys.pan_key_file,
+            &mut config.database.embedded_data_dir,
+        ]
+        .into_iter()
+        .flatten()
         {
-            *key = path.parent().unwrap_or(Path::new(".")).join(&*key);
+            if p.is_relative() {
+                *p = path.parent().unwrap_or(Path::new(".")).join(&*p);
+            }
         }
         Ok(config)
     }
@@ -325,6 +331,7 @@ fn read(root: &Section<'_, '_>) -> IssuerConfig {
     let database = DatabaseConfig {
         url: db.str("url"),
         max_connections: db.int("max_connections", 16, 1..=1000) as u32,
+        embedded_data_dir: db.path("embedded_data_dir"),
     };
     drop(db);
 

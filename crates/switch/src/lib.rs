@@ -78,8 +78,17 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
 }
 
 /// Applies the switch's migrations.
-pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    MIGRATOR.run(pool).await
+pub async fn migrate(pool: &PgPool) -> Result<usize, sqlx::migrate::MigrateError> {
+    let applied = || async {
+        // No table yet: none applied.
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM _sqlx_migrations WHERE success")
+            .fetch_one(pool)
+            .await
+            .unwrap_or(0)
+    };
+    let before = applied().await;
+    MIGRATOR.run(pool).await?;
+    Ok(usize::try_from(applied().await - before).unwrap_or(0))
 }
 
 /// Where a database URL points, for messages: `host:port/database`, the

@@ -889,3 +889,75 @@ fn a_fault_scenario_still_ends_with_a_passing_money_check() {
         "{text}"
     );
 }
+
+#[test]
+fn commands_that_keep_state_refuse_a_database_thrown_away_on_exit() {
+    let dir = std::env::temp_dir().join(format!("sy-nodb-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // No database.url, no database.embedded_data_dir, no DATABASE_URL.
+    let switch = dir.join("switchyard.toml");
+    std::fs::write(&switch, "institution_id = \"48560000\"\n").unwrap();
+    let issuer = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/issuer-sim.toml");
+    let (switch, issuer) = (switch.to_str().unwrap(), issuer.to_str().unwrap());
+    for args in [
+        vec!["migrate", "--config", switch],
+        vec!["txn", "show", "--rrn", "000000000001", "--config", switch],
+        vec!["issuer", "--config", issuer],
+        vec![
+            "issuer",
+            "--config",
+            issuer,
+            "clearing",
+            "--date",
+            "2026-12-07",
+        ],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(&args)
+            .env_remove("DATABASE_URL")
+            .env("SWITCHYARD_ISSUER_PAN_KEY", "11".repeat(32))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("no database: set database.url in the config, DATABASE_URL, or database.embedded_data_dir"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            !err.contains("private PostgreSQL started"),
+            "{args:?}: {err}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_data_dir_relative_to_a_relative_config_keeps_the_journal() {
+    let dir = std::env::temp_dir().join(format!("sy-datadir-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("conf")).unwrap();
+    std::fs::write(
+        dir.join("conf/switchyard.toml"),
+        "[database]\nembedded_data_dir = \"pgdata\"\n",
+    )
+    .unwrap();
+    let migrate = || {
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["migrate", "--config", "conf/switchyard.toml"])
+            .current_dir(&dir)
+            .env_remove("DATABASE_URL")
+            .output()
+            .unwrap()
+    };
+    let first = stdout(&migrate());
+    assert!(first.starts_with("applied "), "{first}");
+    assert!(
+        dir.join("conf/pgdata/PG_VERSION").is_file(),
+        "kept beside the config"
+    );
+    // A second command finds the same journal, migrated already.
+    let second = stdout(&migrate());
+    assert!(second.contains("nothing to apply"), "{second}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,10 +1,13 @@
 //! Where the database is: `DATABASE_URL`, else the config's URL, else a
-//! private PostgreSQL started from the local binaries for as long as the
-//! command runs.
+//! private PostgreSQL started from the local binaries in the config's
+//! `embedded_data_dir`, for as long as the command runs. Never a private
+//! server thrown away on exit: the switch's journal and the issuer's books
+//! must outlive the process (`switchyard demo` has a throw-away stack of
+//! its own).
 
 use std::path::Path;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use embedded_pg::{EmbeddedPg, Options};
 
 /// A database URL, and the private server behind it when there is one.
@@ -16,11 +19,14 @@ pub struct Database {
     _server: Option<EmbeddedPg>,
 }
 
-/// Resolves the database; `name` is the database created on a private server.
+/// Resolves the database; `name` is the database created on a private
+/// server, and `keeps` what the database holds, for the refusal when
+/// there is none.
 pub async fn open(
     configured: Option<&str>,
     data_dir: Option<&Path>,
     name: &str,
+    keeps: &str,
 ) -> anyhow::Result<Database> {
     if let Ok(url) = std::env::var("DATABASE_URL") {
         return Ok(Database { url, _server: None });
@@ -31,14 +37,37 @@ pub async fn open(
             _server: None,
         });
     }
+    let Some(data_dir) = data_dir else {
+        bail!(
+            "no database: set database.url in the config, DATABASE_URL, or \
+             database.embedded_data_dir (a private PostgreSQL that keeps its data in that \
+             folder); a database thrown away on exit would lose {keeps}"
+        );
+    };
+    // Another command's server (`serve`'s, while `txn show` reads the
+    // journal): used, not started twice.
+    if let Some(port) = EmbeddedPg::running_on(data_dir) {
+        let url = embedded_pg::create_database(&EmbeddedPg::url_on(port, "postgres"), name)
+            .await
+            .with_context(|| {
+                format!(
+                    "using the private PostgreSQL already running in {} (database.embedded_data_dir)",
+                    data_dir.display()
+                )
+            })?;
+        return Ok(Database { url, _server: None });
+    }
     let pg = EmbeddedPg::start(Options {
-        data_dir: data_dir.map(Path::to_path_buf),
+        data_dir: Some(data_dir.to_path_buf()),
         ..Options::default()
     })
     .await
-    .context(
-        "no database.url in the config and no DATABASE_URL, so a private PostgreSQL is needed",
-    )?;
+    .with_context(|| {
+        format!(
+            "starting the private PostgreSQL in {} (database.embedded_data_dir)",
+            data_dir.display()
+        )
+    })?;
     tracing::info!(port = pg.port(), dir = %pg.data_dir().display(), "private PostgreSQL started");
     let url = pg.create_database(name).await?;
     Ok(Database {

@@ -58,7 +58,13 @@ pub async fn run(args: &IssuerArgs) -> Result<(), Failure> {
             super::admin::key_problem(&args.config, "pan_key_file", named, e)
         ))
     })?;
-    let database = db::open(config.database.url.as_deref(), None, "switchyard").await?;
+    let database = db::open(
+        config.database.url.as_deref(),
+        config.database.embedded_data_dir.as_deref(),
+        "switchyard",
+        "the issuer's books (the card balances and postings)",
+    )
+    .await?;
     let pool = issuer_sim::connect(&database.url)
         .await
         .with_context(|| db::connecting(&database.url))?;

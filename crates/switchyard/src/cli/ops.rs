@@ -47,20 +47,24 @@ pub struct ReportArgs {
     pub config: PathBuf,
 }
 
-/// The journal's database: `DATABASE_URL`, else the config's `database.url`.
+/// The journal's database: `DATABASE_URL`, else the config's `database.url`,
+/// else the private server in its `database.embedded_data_dir`.
 pub async fn journal_pool(
     config: &std::path::Path,
 ) -> Result<(sqlx::PgPool, db::Database), Failure> {
-    let url = match std::env::var("DATABASE_URL") {
-        Ok(url) => url,
-        Err(_) => load_config(config)?.database.url.ok_or_else(|| {
-            Failure::Other(anyhow!(
-                "no database: set database.url in {} or DATABASE_URL (the switch's journal is there)",
-                config.display()
-            ))
-        })?,
+    let database = match std::env::var("DATABASE_URL") {
+        Ok(url) => db::open(Some(&url), None, "switchyard", "").await?,
+        Err(_) => {
+            let config = load_config(config)?;
+            db::open(
+                config.database.url.as_deref(),
+                config.database.embedded_data_dir.as_deref(),
+                "switchyard",
+                "the journal",
+            )
+            .await?
+        }
     };
-    let database = db::open(Some(&url), None, "switchyard").await?;
     let pool = switch::connect(&database.url, 2)
         .await
         .with_context(|| db::connecting(&database.url))?;

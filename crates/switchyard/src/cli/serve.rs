@@ -87,6 +87,7 @@ pub async fn serve(args: &ServeArgs) -> Result<(), Failure> {
         config.database.url.as_deref(),
         config.database.embedded_data_dir.as_deref(),
         "switchyard",
+        "the journal (and with it what the switch left at the issuer)",
     )
     .await?;
     let pool = switch::connect(&database.url, config.database.max_connections)
@@ -158,24 +159,33 @@ async fn second_signal(shutdown: CancellationToken) {
 /// A small pool on the config's database with the switch schema up to date
 /// (and the private server behind it, when there is one).
 pub async fn migrated_pool(config: &Config) -> Result<(sqlx::PgPool, db::Database), Failure> {
+    migrated(config).await.map(|(pool, db, _)| (pool, db))
+}
+
+/// [`migrated_pool`], and how many migrations it applied.
+async fn migrated(config: &Config) -> Result<(sqlx::PgPool, db::Database, usize), Failure> {
     let database = db::open(
         config.database.url.as_deref(),
         config.database.embedded_data_dir.as_deref(),
         "switchyard",
+        "the journal (and with it what the switch left at the issuer)",
     )
     .await?;
     let pool = switch::connect(&database.url, 2)
         .await
         .with_context(|| db::connecting(&database.url))?;
-    switch::migrate(&pool)
+    let applied = switch::migrate(&pool)
         .await
         .context("applying migrations")?;
-    Ok((pool, database))
+    Ok((pool, database, applied))
 }
 
 /// `switchyard migrate`.
 pub async fn migrate(args: &MigrateArgs) -> Result<(), Failure> {
-    let _db = migrated_pool(&config_or_default(args.config.as_deref())?).await?;
-    println!("switch schema is up to date");
+    let (_, _db, applied) = migrated(&config_or_default(args.config.as_deref())?).await?;
+    match applied {
+        0 => println!("the switch schema was up to date: nothing to apply"),
+        n => println!("applied {n} migrations: the switch schema is up to date"),
+    }
     Ok(())
 }
