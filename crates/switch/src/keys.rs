@@ -85,6 +85,14 @@ impl PanHashKey {
         hex::encode(self.0)
     }
 
+    /// A value that tells this key from another without giving it away
+    /// (an HMAC of a fixed text), kept in the journal's database.
+    pub fn check_value(&self) -> [u8; 32] {
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0).expect("any key length");
+        mac.update(b"switchyard pan hash key check");
+        mac.finalize().into_bytes().into()
+    }
+
     /// HMAC-SHA-256 of the PAN's digits.
     pub fn hash(&self, pan: &Pan) -> [u8; 32] {
         let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0).expect("any key length");

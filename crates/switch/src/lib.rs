@@ -56,6 +56,13 @@ pub enum StartError {
     /// A dialect that does not carry what the switch reads or writes.
     #[error("{}", .0.join("\n"))]
     DialectFit(Vec<String>),
+    /// A PAN hash key other than the one the journal was written with.
+    #[error(
+        "the PAN hash key (keys.pan_hash_key_file or SWITCHYARD_PAN_HASH_KEY) is not the one \
+         this journal was written with: under another key no void, refund, completion or \
+         repeat would find its original's card"
+    )]
+    KeyMismatch,
 }
 
 /// A pool on `url` whose connections work in the `switch` schema (created
@@ -89,6 +96,26 @@ pub async fn migrate(pool: &PgPool) -> Result<usize, sqlx::migrate::MigrateError
     let before = applied().await;
     MIGRATOR.run(pool).await?;
     Ok(usize::try_from(applied().await - before).unwrap_or(0))
+}
+
+/// Records the PAN hash key's check value when the journal has none, and
+/// refuses a key other than the one recorded.
+pub async fn check_key(pool: &PgPool, key: &PanHashKey) -> Result<(), StartError> {
+    let check = key.check_value().to_vec();
+    sqlx::query("INSERT INTO meta (key_check) VALUES ($1) ON CONFLICT (id) DO NOTHING")
+        .bind(&check)
+        .execute(pool)
+        .await?;
+    // A statement of its own: it sees the row another switch starting at
+    // the same moment committed.
+    let stored: Vec<u8> = sqlx::query_scalar("SELECT key_check FROM meta")
+        .fetch_one(pool)
+        .await?;
+    if stored == check {
+        Ok(())
+    } else {
+        Err(StartError::KeyMismatch)
+    }
 }
 
 /// Where a database URL points, for messages: `host:port/database`, the
@@ -145,6 +172,7 @@ pub async fn start(
         );
     }
     migrate(&pool).await?;
+    check_key(&pool, &key).await?;
     if let Some(path) = &config.seed.terminals {
         terminals::Fleet::load(path)?.store(&pool).await?;
     }

@@ -752,6 +752,28 @@ async fn connections_postgresql_ended_are_found_and_closed_together() {
 }
 
 #[tokio::test]
+async fn a_switch_with_another_pan_hash_key_is_refused_by_the_journal() {
+    let w = world().await;
+    let other = PanHashKey::generate();
+    let refused = switch::check_key(&w.pool, &other).await.unwrap_err();
+    assert!(
+        matches!(refused, switch::StartError::KeyMismatch),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("SWITCHYARD_PAN_HASH_KEY"));
+    let started = switch::start(
+        Arc::new(switch_config(&w.issuer_addr, |_| {})),
+        w.pool.clone(),
+        other,
+        &CancellationToken::new(),
+    )
+    .await;
+    assert!(matches!(started, Err(switch::StartError::KeyMismatch)));
+    // The journal's own key passes, however often.
+    switch::check_key(&w.pool, &w.switch.key).await.unwrap();
+}
+
+#[tokio::test]
 async fn database_errors_are_said_by_their_message_and_sqlstate() {
     let w = world().await;
     let e = sqlx::query("SELECT 1 / 0")
