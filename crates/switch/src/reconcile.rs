@@ -97,8 +97,12 @@ impl Break {
 /// The result of a comparison.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reconciliation {
-    /// RRNs on which both sides agree (zero-effect ones included).
+    /// RRNs the issuer posted and the journal agrees with (zero-effect
+    /// ones included).
     pub matched: usize,
+    /// Journal entries the issuer was sent but posted nothing for, rightly:
+    /// nothing was due (the request never reached it, say).
+    pub nothing_due: usize,
     /// Net balance change the journal expects, fen.
     pub journal_total: i64,
     /// Net balance change the issuer posted, fen.
@@ -187,7 +191,7 @@ pub fn compare(journal: &[(String, i64)], issuer: &[(String, i64)]) -> Reconcili
                 expected: e,
                 posted: p,
             }),
-            None if e == 0 => r.matched += 1,
+            None if e == 0 => r.nothing_due += 1,
             None => r.breaks.push(Break::MissingAtIssuer {
                 rrn: rrn.to_string(),
                 expected: e,
@@ -243,6 +247,28 @@ pub async fn in_flight(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
         .await
 }
 
+/// The days (UTC) of the postings of a clearing file, from its `time`
+/// column (RFC 3339); none when it has no such column.
+pub fn posting_days(text: &str) -> std::collections::BTreeSet<NaiveDate> {
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
+    let Some(time) = reader
+        .headers()
+        .ok()
+        .and_then(|h| h.iter().position(|h| h == "time"))
+    else {
+        return Default::default();
+    };
+    reader
+        .records()
+        .filter_map(Result::ok)
+        .filter_map(|r| {
+            chrono::DateTime::parse_from_rfc3339(r.get(time)?)
+                .ok()
+                .map(|t| t.with_timezone(&chrono::Utc).date_naive())
+        })
+        .collect()
+}
+
 /// Reads the issuer's clearing file: per posting, its RRN and balance change.
 pub fn read_clearing(text: &str, origin: &str) -> Result<Vec<(String, i64)>, String> {
     let mut reader = csv::Reader::from_reader(text.as_bytes());
@@ -287,6 +313,27 @@ mod tests {
         let r = compare(&journal, &issuer);
         assert!(r.balanced(), "{r:?}");
         assert_eq!(r.matched, 4);
+        // An entry the issuer never saw, with nothing due: no break, and
+        // not counted as matched (a file of no postings matches nothing).
+        let r = compare(&rows(&[("5", 0)]), &[]);
+        assert!(r.balanced());
+        assert_eq!((r.matched, r.nothing_due), (0, 1));
+    }
+
+    #[test]
+    fn the_days_of_a_clearing_file_come_from_its_time_column() {
+        let csv = "posting_id,time,rrn,balance_change
+\
+                   1,2026-12-07T23:59:59.900Z,000000000001,-500
+\
+                   2,2026-12-08T00:00:00.100Z,000000000002,-700
+";
+        let days: Vec<_> = posting_days(csv).into_iter().collect();
+        assert_eq!(
+            days,
+            ["2026-12-07", "2026-12-08"].map(|d| d.parse::<NaiveDate>().unwrap())
+        );
+        assert!(posting_days("rrn,balance_change\n1,0\n").is_empty());
     }
 
     #[test]

@@ -961,3 +961,45 @@ fn a_data_dir_relative_to_a_relative_config_keeps_the_journal() {
     assert!(second.contains("nothing to apply"), "{second}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn reconcile_refuses_to_call_nothing_balanced_or_another_days_file() {
+    let url = embedded_pg::test_database().await;
+    let dir = std::env::temp_dir().join(format!("sy-reconcile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(args)
+            .env("DATABASE_URL", &url)
+            .output()
+            .unwrap()
+    };
+    stdout(&run(&["migrate"]));
+    let header = "posting_id,time,acquirer,stan,transmitted,mti,processing_code,kind,pan,amount,effect,auth_code,response_code,rrn,terminal,merchant,original,reversed,state,balance_change,hold_change,note\n";
+    let empty = dir.join("empty.csv");
+    std::fs::write(&empty, header).unwrap();
+    let out = run(&["reconcile", "--clearing-file", empty.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("nothing to check"), "{err}");
+    let day = dir.join("day.csv");
+    std::fs::write(
+        &day,
+        format!("{header}1,2026-12-07T17:23:45.551Z,00048560000,000001,1207172345,0200,000000,purchase,622202*********0092,7858,debit,007932,00,000000000001,T0000001,898310048160001,,false,approved,-7858,0,\n"),
+    )
+    .unwrap();
+    let out = run(&[
+        "reconcile",
+        "--clearing-file",
+        day.to_str().unwrap(),
+        "--date",
+        "2026-12-08",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("holds postings of 2026-12-07 (UTC days), none of --date 2026-12-08"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

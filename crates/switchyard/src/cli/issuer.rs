@@ -26,7 +26,7 @@ pub struct IssuerArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum IssuerCommand {
-    /// Write one business day's postings as CSV.
+    /// Write one day's postings as CSV (a UTC day, as `reconcile --date` counts).
     Clearing {
         /// The day, YYYY-MM-DD.
         #[arg(long)]

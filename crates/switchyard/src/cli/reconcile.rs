@@ -16,7 +16,8 @@ pub struct ReconcileArgs {
     /// The issuer's clearing file (`switchyard issuer clearing --date D --out F`).
     #[arg(long)]
     pub clearing_file: PathBuf,
-    /// The day (UTC, as the clearing file counts days); all entries when absent.
+    /// The day (UTC, as the clearing file counts days, not the business day
+    /// `txn show` gives); all entries when absent.
     #[arg(long)]
     pub date: Option<chrono::NaiveDate>,
     /// Wait this long for unanswered advices to drain first (e.g. 60s).
@@ -42,11 +43,27 @@ pub async fn run(args: &ReconcileArgs) -> Result<(), Failure> {
     };
     let text = std::fs::read_to_string(&args.clearing_file)
         .with_context(|| format!("cannot read {}", args.clearing_file.display()))?;
-    let issuer = reconcile::read_clearing(&text, &args.clearing_file.display().to_string())
-        .map_err(|e| Failure::Input(anyhow!(e)))?;
+    let file = args.clearing_file.display().to_string();
+    let issuer = reconcile::read_clearing(&text, &file).map_err(|e| Failure::Input(anyhow!(e)))?;
+    let days = reconcile::posting_days(&text);
+    if let Some(date) = args.date.filter(|d| !days.is_empty() && !days.contains(d)) {
+        let days: Vec<String> = days.iter().map(ToString::to_string).collect();
+        return Err(Failure::Input(anyhow!(
+            "{file} holds postings of {} (UTC days), none of --date {date}: the file of that day is `switchyard issuer clearing --date {date}`",
+            days.join(", ")
+        )));
+    }
     let journal = reconcile::journal_effects(&pool, args.date)
         .await
         .context("reading the journal")?;
+    if journal.is_empty() && issuer.is_empty() {
+        let day = args
+            .date
+            .map_or(String::new(), |d| format!(" received on {d} (a UTC day)"));
+        return Err(Failure::Other(anyhow!(
+            "nothing to check: no journal entry{day} went to the issuer, and {file} holds no posting"
+        )));
+    }
     let mut result = reconcile::compare(&journal, &issuer);
     if let Some(date) = args.date {
         // A day's file cannot see the whole of an entry whose postings
@@ -58,8 +75,9 @@ pub async fn run(args: &ReconcileArgs) -> Result<(), Failure> {
         result.carry(&across);
     }
     println!(
-        "matched {} rrns; journal net {} fen, issuer net {} fen; {} break(s); {} carried over; {} advice(s) pending",
+        "matched {} rrns ({} more with nothing due and nothing posted); journal net {} fen, issuer net {} fen; {} break(s); {} carried over; {} advice(s) pending",
         result.matched,
+        result.nothing_due,
         result.journal_total,
         result.issuer_total,
         result.breaks.len(),
