@@ -24,6 +24,13 @@ enum Use {
     Both,
 }
 
+/// The largest amount (fen) a terminal's F4 carries, n12: a field that
+/// holds only a smaller one would fail the large sales alone.
+const AMOUNT: u64 = 999_999_999_999;
+
+/// The largest STAN (n6), a terminal's and the issuer link's.
+const STAN: u64 = 999_999;
+
 /// A batch upload's F48 at its longest: 8 records of 40 digits.
 const UPLOAD: &str = concat!(
     "08",
@@ -55,8 +62,8 @@ const TERMINAL: &[(usize, Use, &str, Sample)] = &[
         "the processing code",
         Sample::Digits("000000"),
     ),
-    (4, Use::Both, "the amount in fen", Sample::Number(100)),
-    (11, Use::Both, "the STAN", Sample::Number(1)),
+    (4, Use::Both, "the amount in fen", Sample::Number(AMOUNT)),
+    (11, Use::Both, "the STAN", Sample::Number(STAN)),
     (
         12,
         Use::Writes,
@@ -142,14 +149,14 @@ const NETWORK: &[(usize, Use, &str, Sample)] = &[
         "the processing code",
         Sample::Digits("000000"),
     ),
-    (4, Use::Writes, "the amount in fen", Sample::Number(100)),
+    (4, Use::Writes, "the amount in fen", Sample::Number(AMOUNT)),
     (
         7,
         Use::Both,
         "the transmission time MMDDhhmmss",
         Sample::Digits("1231235959"),
     ),
-    (11, Use::Both, "the STAN", Sample::Number(1)),
+    (11, Use::Both, "the STAN", Sample::Number(STAN)),
     (
         12,
         Use::Writes,
@@ -364,6 +371,23 @@ mod tests {
         assert_eq!(found.len(), 1, "{found:#?}");
         assert_eq!(found[0].0, 55);
         assert!(found[0].1.contains("(255 bytes)"), "{found:#?}");
+    }
+
+    #[test]
+    fn a_stan_or_amount_field_too_short_for_the_largest_is_refused() {
+        let text = iso8583::dialect::CUP_POS_TOML
+            .replace(r#"11 = { format = "n6""#, r#"11 = { format = "n4""#)
+            .replace(r#"4  = { format = "n12""#, r#"4  = { format = "n10""#);
+        let terminal = Dialect::from_toml(&text, "t.toml").unwrap();
+        let found: Vec<usize> = problems_of(&terminal, true)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(
+            found,
+            [4, 11],
+            "STAN 999999 and 12-digit amounts do not fit"
+        );
     }
 
     #[test]
