@@ -64,8 +64,9 @@ pub struct DemoArgs {
     /// Keep running for terminals until SIGTERM instead of running the scripted day.
     #[arg(long)]
     pub serve: bool,
-    /// Where terminals connect.
-    #[arg(long, default_value = "127.0.0.1:8583")]
+    /// Where terminals connect (with --serve; the scripted day listens on
+    /// a port of its own).
+    #[arg(long, default_value = "127.0.0.1:8583", requires = "serve")]
     pub listen: String,
     /// The scenario to play after the scripted day (default: the embedded
     /// config/load/smoke.toml); its [faults] are applied to the demo's issuer.
@@ -187,13 +188,10 @@ struct Server {
 }
 
 impl Server {
-    fn start(
-        lane: &Lane,
-        listener: std::net::TcpListener,
-        issuer: Arc<Issuer>,
-        shutdown: &CancellationToken,
-    ) -> Server {
-        let stop = shutdown.child_token();
+    /// Serves until [`Server::stop`]: not on the demo's shutdown, which
+    /// the switch drains on, its issuer links still up, first.
+    fn start(lane: &Lane, listener: std::net::TcpListener, issuer: Arc<Issuer>) -> Server {
+        let stop = CancellationToken::new();
         let s = stop.clone();
         let task = lane.spawn(async move {
             let served = match TcpListener::from_std(listener) {
@@ -423,7 +421,7 @@ impl Stack {
                 })
                 .await??
         };
-        let issuer_server = Server::start(&issuer_lane, issuer_listener, issuer.clone(), &shutdown);
+        let issuer_server = Server::start(&issuer_lane, issuer_listener, issuer.clone());
 
         let mut tasks = Vec::new();
         let pool = switch::connect(&url, 16).await?;
@@ -503,12 +501,7 @@ impl Stack {
         self.issuer_server.stop().await;
         tokio::time::sleep(down_for).await;
         let listener = bind(&self.issuer_addr).context("listening again")?;
-        self.issuer_server = Server::start(
-            &self.issuer_lane,
-            listener,
-            self.issuer.clone(),
-            &self.shutdown,
-        );
+        self.issuer_server = Server::start(&self.issuer_lane, listener, self.issuer.clone());
         Ok(())
     }
 

@@ -91,7 +91,9 @@ pub async fn show(args: &ShowArgs) -> Result<(), Failure> {
         .await
         .context("reading the journal")?;
     let Some(history) = history else {
-        return Err(Failure::Input(anyhow!("no such transaction")));
+        return Err(Failure::Input(anyhow!(
+            "no such transaction (an RRN is the 12 digits of F37 in the reply; `txn show --terminal T --batch B --stan S` finds one by the terminal's numbers)"
+        )));
     };
     if args.json {
         println!(
