@@ -268,6 +268,28 @@ pub struct SettlementReport {
     pub only_switch: Vec<(i32, i64, String)>,
 }
 
+/// Settlement F48 totals for people: each part's debits, credits and
+/// reconciliation code; as given when they cannot be read so.
+fn totals(f48: &str) -> String {
+    let part = |p: &str| -> Option<String> {
+        let n = |r: std::ops::Range<usize>| p.get(r)?.parse::<i64>().ok();
+        Some(format!(
+            "debits {} fen ({}), credits {} fen ({}), code {}",
+            n(0..12)?,
+            n(12..15)?,
+            n(15..27)?,
+            n(27..30)?,
+            p.get(30..31)?
+        ))
+    };
+    match (f48.get(..31).and_then(part), f48.get(31..62).and_then(part)) {
+        (Some(domestic), Some(foreign)) if f48.len() == 62 => {
+            format!("domestic {domestic}; foreign {foreign}")
+        }
+        _ => f48.to_string(),
+    }
+}
+
 /// Compares a batch's upload with the journal entries its settlement counted.
 pub async fn settlement_report(
     pool: &PgPool,
@@ -349,10 +371,25 @@ impl SettlementReport {
         let mut out = format!("terminal {} batch {:06}\n", self.terminal_id, self.batch);
         match &self.settlement {
             Some((t, s, b)) => out.push_str(&format!(
-                "settlement: {}\n  terminal {t}\n  switch   {s}\n",
-                if *b { "balanced" } else { "NOT balanced" }
+                "settlement: {}\n  terminal {}\n  switch   {}\n",
+                if *b { "balanced" } else { "NOT balanced" },
+                totals(t),
+                totals(s)
             )),
             None => out.push_str("settlement: none yet\n"),
+        }
+        let uploaded = self.matched.len() + self.only_terminal.len();
+        if uploaded == 0 {
+            let why = match &self.settlement {
+                Some((_, _, true)) => "none was due: the settlement balanced",
+                Some(_) => "none yet: the terminal sends it after an unbalanced settlement",
+                None => "none yet",
+            };
+            out.push_str(&format!(
+                "batch upload: {why}; the journal counted {} transactions\n",
+                self.only_switch.len()
+            ));
+            return out;
         }
         out.push_str(&format!("matched: {}\n", self.matched.len()));
         for (s, a, k) in self.matched.iter().filter(|_| matched) {
@@ -373,5 +410,58 @@ impl SettlementReport {
             out.push_str(&format!("  stan {s:06} {:>12} {k}\n", fen(*a)));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(balanced: bool, uploaded: bool) -> SettlementReport {
+        let ours = format!(
+            "{:012}{:03}{:012}{:03}1{}1",
+            2_500,
+            2,
+            500,
+            1,
+            "0".repeat(30)
+        );
+        SettlementReport {
+            terminal_id: "T0000001".into(),
+            batch: 7,
+            settlement: Some((ours.clone(), ours, balanced)),
+            matched: if uploaded {
+                vec![(1, 2_000, "purchase".into())]
+            } else {
+                Vec::new()
+            },
+            only_terminal: Vec::new(),
+            only_switch: vec![(2, 500, "purchase".into()), (3, 500, "refund".into())],
+        }
+    }
+
+    #[test]
+    fn a_settlement_report_reads_the_totals_and_says_why_nothing_was_uploaded() {
+        let text = report(true, false).to_text();
+        assert!(
+            text.contains(
+                "terminal domestic debits 2500 fen (2), credits 500 fen (1), code 1; foreign debits 0 fen (0), credits 0 fen (0), code 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("batch upload: none was due: the settlement balanced; the journal counted 2 transactions"),
+            "{text}"
+        );
+        assert!(!text.contains("only the switch had"), "{text}");
+        let text = report(false, false).to_text();
+        assert!(
+            text.contains("batch upload: none yet: the terminal sends it"),
+            "{text}"
+        );
+        let text = report(false, true).to_text();
+        assert!(text.contains("matched: 1\n"), "{text}");
+        assert!(text.contains("only the switch had: 2\n"), "{text}");
+        assert_eq!(totals("12x"), "12x", "unreadable totals as given");
     }
 }

@@ -112,6 +112,16 @@ pub async fn report(args: &ReportArgs) -> Result<(), Failure> {
     let report = audit::settlement_report(&pool, &args.terminal, args.batch)
         .await
         .context("reading the journal")?;
+    let empty = report.matched.is_empty()
+        && report.only_terminal.is_empty()
+        && report.only_switch.is_empty();
+    if report.settlement.is_none() && empty {
+        return Err(Failure::Input(anyhow!(
+            "terminal {} has no settlement and no transaction in batch {:06}",
+            args.terminal,
+            args.batch
+        )));
+    }
     if args.json {
         println!(
             "{}",
