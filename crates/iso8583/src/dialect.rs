@@ -115,13 +115,17 @@ pub enum Sensitivity {
 impl Sensitivity {
     /// How a field is shown when its dialect does not say: the fields that
     /// carry card data in every ISO 8583 dialect are masked all the same, so
-    /// that a dialect file cannot leak them by leaving a key out.
+    /// that a dialect file cannot leak them by leaving a key out. F48 is
+    /// read as UnionPay's batch upload records (their PANs masked): where
+    /// it holds other data, the middle of each 40 characters is masked too,
+    /// which hides more than needed and never a PAN less.
     pub fn of_field(number: usize) -> Sensitivity {
         match number {
             2 => Sensitivity::Pan,
             35 | 36 => Sensitivity::Track,
             45 | 52 => Sensitivity::Secret,
             55 => Sensitivity::Emv,
+            48 => Sensitivity::Records,
             _ => Sensitivity::None,
         }
     }

@@ -414,8 +414,10 @@ mod tests {
             .replace(r#", sensitive = "pan""#, "")
             .replace(r#", sensitive = "track""#, "")
             .replace(r#", sensitive = "secret""#, "")
-            .replace(r#", sensitive = "emv""#, "");
+            .replace(r#", sensitive = "emv""#, "")
+            .replace(r#", sensitive = "records""#, "");
         assert!(!text.contains(r#""pan""#) && !text.contains(r#""emv""#));
+        assert!(!text.contains(r#""records""#));
         let dialect = Dialect::from_toml(&text, "d.toml").unwrap();
         for (n, shown) in [
             (2, Sensitivity::Pan),
@@ -423,6 +425,7 @@ mod tests {
             (36, Sensitivity::Track),
             (52, Sensitivity::Secret),
             (55, Sensitivity::Emv),
+            (48, Sensitivity::Records),
             (3, Sensitivity::None),
         ] {
             assert_eq!(dialect.field(n).unwrap().sensitive, shown, "field {n}");
