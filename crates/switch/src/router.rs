@@ -223,6 +223,11 @@ impl Switch {
         let Some(kind) = kind else {
             return Some(ResponseCode::INVALID_TRANSACTION);
         };
+        if req.batch().is_none() && !matches!(kind, Kind::SignOn | Kind::SignOff | Kind::Echo) {
+            // F60.2 names the batch of every transaction and settlement: a
+            // request without it is malformed (30), not of another batch (77).
+            return Some(ResponseCode::FORMAT_ERROR);
+        }
         match kind {
             Kind::SignOn => match terminals::sign_on(&self.pool, req.terminal_id).await {
                 Ok(signed) => {

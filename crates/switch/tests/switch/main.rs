@@ -1269,6 +1269,36 @@ async fn framing_errors_close_the_connection_and_an_oversized_length_is_not_read
 }
 
 #[tokio::test]
+async fn a_transaction_without_its_batch_is_answered_30_not_77() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000014").await;
+    let stan = t.next_stan();
+    let frame = t
+        .request(
+            Mti::FINANCIAL,
+            &[
+                (2, Field::Digits(CARD)),
+                (3, Field::Digits("000000")),
+                (4, Field::Number(100)),
+                (11, Field::Number(stan.into())),
+                (14, Field::Digits(EXPIRY)),
+                (22, Field::Digits("021")),
+                (25, Field::Digits("00")),
+                (49, Field::Text("156")),
+            ],
+        )
+        .unwrap();
+    let reply = t.exchange(&frame).await.unwrap();
+    assert_eq!(reply.rc(), "30", "F60 missing: {reply:?}");
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM journal WHERE terminal_id = 'T0000014'")
+            .fetch_one(&w.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, 0, "nothing journalled, nothing forwarded");
+}
+
+#[tokio::test]
 async fn a_message_with_a_bad_field_is_answered_30_when_its_stan_and_terminal_can_be_read() {
     let w = world().await;
     let mut t = w.signed_on("T0000013").await;
