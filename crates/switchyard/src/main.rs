@@ -83,9 +83,28 @@ enum TerminalsCommand {
     Import(cli::admin::ImportArgs),
 }
 
+/// Of a `SWITCHYARD_LOG` value, a directive that is neither a level nor
+/// `target=level`: `EnvFilter` reads a bare word as a target to show, so
+/// `verbose` would show nothing at all.
+fn unreadable_log_directive(value: &str) -> Option<&str> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    value.split(',').map(str::trim).find(|d| {
+        !d.is_empty() && !d.contains('=') && !LEVELS.contains(&d.to_ascii_lowercase().as_str())
+    })
+}
+
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    const DEFAULT: &str = "info,sqlx=warn";
+    let set = std::env::var("SWITCHYARD_LOG").ok();
+    let unreadable = set
+        .as_deref()
+        .and_then(unreadable_log_directive)
+        .map(str::to_string);
+    let filter = match (&set, &unreadable) {
+        (Some(value), None) => tracing_subscriber::EnvFilter::try_new(value).ok(),
+        _ => None,
+    }
+    .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(DEFAULT));
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let writer = if terminal {
         tracing_subscriber::fmt::writer::BoxMakeWriter::new(|| ClearingLine {
@@ -101,6 +120,11 @@ fn init_logging() {
         .with_target(false)
         .with_ansi(terminal)
         .init();
+    if let Some(directive) = unreadable {
+        tracing::warn!(
+            "SWITCHYARD_LOG: {directive:?} is neither a level (trace, debug, info, warn, error, off) nor target=level; logging at the default ({DEFAULT})"
+        );
+    }
 }
 
 /// Stderr on a terminal, where a log line first clears the line it lands
@@ -190,5 +214,18 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(e.exit_code())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unreadable_log_directive;
+
+    #[test]
+    fn a_log_directive_that_is_no_level_is_found() {
+        assert_eq!(unreadable_log_directive("verbose"), Some("verbose"));
+        assert_eq!(unreadable_log_directive("debug,chatty"), Some("chatty"));
+        assert_eq!(unreadable_log_directive("DEBUG,sqlx=warn"), None);
+        assert_eq!(unreadable_log_directive("switch::link=trace"), None);
     }
 }
