@@ -1,6 +1,7 @@
 //! Terminals and merchants: in PostgreSQL, seeded from `config/terminals.toml`
 //! and imported in bulk from CSV (`switchyard terminals import`).
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use settings::{Problems, Section};
@@ -59,7 +60,7 @@ pub async fn find_many(
     .bind(ids)
     .fetch_all(pool)
     .await?;
-    let mut found: std::collections::HashMap<String, Terminal> = rows
+    let mut found: HashMap<String, Terminal> = rows
         .into_iter()
         .map(|row| (row.0.clone(), terminal(row)))
         .collect();
@@ -80,28 +81,29 @@ pub async fn sign_on(pool: &PgPool, id: &str) -> Result<Terminal, sqlx::Error> {
     .map(terminal)
 }
 
-/// A merchant to load.
+/// A merchant to load. A value left `None` is one the file does not give:
+/// a stored merchant keeps its own, a new merchant takes the default.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MerchantRow {
     /// F42, 15 characters.
     pub id: String,
-    /// Name.
-    pub name: String,
-    /// MCC, 4 digits.
-    pub mcc: String,
-    /// May transact.
-    pub enabled: bool,
+    /// Name (default empty).
+    pub name: Option<String>,
+    /// MCC, 4 digits (default 5999).
+    pub mcc: Option<String>,
+    /// May transact (default true).
+    pub enabled: Option<bool>,
 }
 
-/// A terminal to load.
+/// A terminal to load; `enabled` as in [`MerchantRow`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TerminalRow {
     /// F41, 8 characters.
     pub id: String,
     /// Its merchant.
     pub merchant_id: String,
-    /// May transact.
-    pub enabled: bool,
+    /// May transact (default true).
+    pub enabled: Option<bool>,
 }
 
 /// The contents of a terminals file.
@@ -132,6 +134,10 @@ fn expand_range(first: &str, last: &str) -> Option<Vec<String>> {
     Some((a..=b).map(|n| format!("{p1}{n:0width$}")).collect())
 }
 
+fn is_mcc(mcc: &str) -> bool {
+    mcc.len() == 4 && mcc.bytes().all(|b| b.is_ascii_digit())
+}
+
 fn check_id(s: &Section<'_, '_>, key: &str, id: &str, len: usize, what: &str) {
     if id.len() != len || !id.bytes().all(|b| (0x21..=0x7E).contains(&b)) {
         s.problem(
@@ -158,8 +164,8 @@ impl Fleet {
         for m in root.sections("merchants") {
             let id = m.string("id", "");
             check_id(&m, "id", &id, 15, "merchant id");
-            let mcc = m.string("mcc", "5999");
-            if mcc.len() != 4 || !mcc.bytes().all(|b| b.is_ascii_digit()) {
+            let mcc = m.str("mcc");
+            if let Some(mcc) = mcc.as_ref().filter(|mcc| !is_mcc(mcc)) {
                 m.problem(
                     "mcc",
                     format!("{mcc:?} is not a 4-digit merchant category code"),
@@ -167,9 +173,9 @@ impl Fleet {
             }
             fleet.merchants.push(MerchantRow {
                 id,
-                name: m.string("name", ""),
+                name: m.str("name"),
                 mcc,
-                enabled: m.bool("enabled", true),
+                enabled: m.has("enabled").then(|| m.bool("enabled", true)),
             });
         }
         for t in root.sections("terminals") {
@@ -180,7 +186,7 @@ impl Fleet {
                     format!("{merchant_id:?} is not one of the [[merchants]]"),
                 );
             }
-            let enabled = t.bool("enabled", true);
+            let enabled = t.has("enabled").then(|| t.bool("enabled", true));
             let ids = match (t.str("id"), t.str("first"), t.str("last")) {
                 (Some(id), None, None) => vec![id],
                 (None, Some(first), Some(last)) => {
@@ -211,8 +217,10 @@ impl Fleet {
         fleet
     }
 
-    /// Reads a CSV of terminals: a header row `terminal_id,merchant_id,merchant_name,mcc,enabled`
-    /// (mcc and enabled optional per row). Errors name the line.
+    /// Reads a CSV of terminals: a header row `terminal_id,merchant_id`, and
+    /// optionally `merchant_name`, `mcc`, `enabled`. A column left out, or
+    /// an empty cell, gives nothing: what is stored stays as it is (see
+    /// [`Fleet::store`]). Errors name the line.
     pub fn from_csv(text: &str, origin: &str) -> Result<Fleet, Problems> {
         let mut fleet = Fleet::default();
         let mut problems = Vec::new();
@@ -238,6 +246,7 @@ impl Fleet {
             )]));
         };
         let (name, mcc, enabled) = (col("merchant_name"), col("mcc"), col("enabled"));
+        let mut merchant_at: HashMap<String, usize> = HashMap::new();
         for record in reader.records() {
             let record = match record {
                 Ok(r) => r,
@@ -265,37 +274,42 @@ impl Fleet {
                     format!("{merchant_id:?} is not 15 characters"),
                 ));
             }
-            let mcc_value = Some(get(mcc))
-                .filter(|m| !m.is_empty())
-                .unwrap_or_else(|| "5999".into());
-            if mcc_value.len() != 4 || !mcc_value.bytes().all(|b| b.is_ascii_digit()) {
-                problems.push(problem(
-                    line,
-                    "mcc",
-                    format!("{mcc_value:?} is not 4 digits"),
-                ));
+            // An empty cell gives nothing, as a missing column does.
+            let given = |i: Option<usize>| Some(get(i)).filter(|v| !v.is_empty());
+            let mcc_value = given(mcc);
+            if let Some(m) = mcc_value.as_ref().filter(|m| !is_mcc(m)) {
+                problems.push(problem(line, "mcc", format!("{m:?} is not 4 digits")));
             }
             let enabled_value = match get(enabled).as_str() {
-                "" | "true" | "1" | "yes" => true,
-                "false" | "0" | "no" => false,
+                "" => None,
+                "true" | "1" | "yes" => Some(true),
+                "false" | "0" | "no" => Some(false),
                 other => {
                     problems.push(problem(
                         line,
                         "enabled",
                         format!("{other:?} is not true or false"),
                     ));
-                    true
+                    None
                 }
             };
-            if !fleet.merchants.iter().any(|m| m.id == merchant_id) {
-                fleet.merchants.push(MerchantRow {
-                    id: merchant_id.clone(),
-                    name: Some(get(name))
-                        .filter(|n| !n.is_empty())
-                        .unwrap_or_else(|| merchant_id.clone()),
-                    mcc: mcc_value,
-                    enabled: true,
-                });
+            // A merchant's name and category may be on any of its rows.
+            let name_value = given(name);
+            match merchant_at.get(&merchant_id) {
+                Some(&i) => {
+                    let m = &mut fleet.merchants[i];
+                    m.name = m.name.take().or(name_value);
+                    m.mcc = m.mcc.take().or(mcc_value);
+                }
+                None => {
+                    merchant_at.insert(merchant_id.clone(), fleet.merchants.len());
+                    fleet.merchants.push(MerchantRow {
+                        id: merchant_id.clone(),
+                        name: name_value,
+                        mcc: mcc_value,
+                        enabled: None,
+                    });
+                }
             }
             fleet.terminals.push(TerminalRow {
                 id: terminal_id,
@@ -310,30 +324,80 @@ impl Fleet {
         }
     }
 
-    /// Writes the fleet: merchants and terminals are inserted or updated
-    /// (name, category, enabled); a terminal keeps its open batch.
+    /// Writes the fleet in one transaction. What the fleet gives is
+    /// written; what it leaves `None` keeps the stored value, and a new
+    /// merchant or terminal takes the default. A terminal keeps its open
+    /// batch.
     pub async fn store(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
+        // New rows first, then every row takes what is given: one upsert
+        // cannot do it, as `excluded` holds a defaulted value and not whether
+        // one was given. Rows that would not change are not rewritten (the
+        // seed runs at every start).
         let mut tx = pool.begin().await?;
-        let col = |f: fn(&MerchantRow) -> String| self.merchants.iter().map(f).collect::<Vec<_>>();
+        let merchants = |f: fn(&MerchantRow) -> Option<String>| {
+            self.merchants.iter().map(f).collect::<Vec<_>>()
+        };
+        let (ids, names, mccs) = (
+            merchants(|m| Some(m.id.clone())),
+            merchants(|m| m.name.clone()),
+            merchants(|m| m.mcc.clone()),
+        );
+        let enabled: Vec<_> = self.merchants.iter().map(|m| m.enabled).collect();
         sqlx::query(
             "INSERT INTO merchants (id, name, mcc, enabled)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[])
-             ON CONFLICT (id) DO UPDATE SET name = excluded.name, mcc = excluded.mcc, enabled = excluded.enabled",
+             SELECT id, coalesce(name, ''), coalesce(mcc, '5999'), coalesce(enabled, true)
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[]) AS g(id, name, mcc, enabled)
+             ON CONFLICT (id) DO NOTHING",
         )
-        .bind(col(|m| m.id.clone()))
-        .bind(col(|m| m.name.clone()))
-        .bind(col(|m| m.mcc.clone()))
-        .bind(self.merchants.iter().map(|m| m.enabled).collect::<Vec<_>>())
+        .bind(&ids)
+        .bind(&names)
+        .bind(&mccs)
+        .bind(&enabled)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "INSERT INTO terminals (id, merchant_id, enabled)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::bool[])
-             ON CONFLICT (id) DO UPDATE SET merchant_id = excluded.merchant_id, enabled = excluded.enabled",
+            "UPDATE merchants m
+             SET name = coalesce(g.name, m.name), mcc = coalesce(g.mcc, m.mcc),
+                 enabled = coalesce(g.enabled, m.enabled)
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[]) AS g(id, name, mcc, enabled)
+             WHERE m.id = g.id
+               AND (coalesce(g.name, m.name), coalesce(g.mcc, m.mcc), coalesce(g.enabled, m.enabled))
+                   IS DISTINCT FROM (m.name, m.mcc, m.enabled)",
         )
-        .bind(self.terminals.iter().map(|t| t.id.clone()).collect::<Vec<_>>())
-        .bind(self.terminals.iter().map(|t| t.merchant_id.clone()).collect::<Vec<_>>())
-        .bind(self.terminals.iter().map(|t| t.enabled).collect::<Vec<_>>())
+        .bind(&ids)
+        .bind(&names)
+        .bind(&mccs)
+        .bind(&enabled)
+        .execute(&mut *tx)
+        .await?;
+        let ids: Vec<_> = self.terminals.iter().map(|t| t.id.clone()).collect();
+        let merchant_ids: Vec<_> = self
+            .terminals
+            .iter()
+            .map(|t| t.merchant_id.clone())
+            .collect();
+        let enabled: Vec<_> = self.terminals.iter().map(|t| t.enabled).collect();
+        sqlx::query(
+            "INSERT INTO terminals (id, merchant_id, enabled)
+             SELECT id, merchant_id, coalesce(enabled, true)
+             FROM unnest($1::text[], $2::text[], $3::bool[]) AS g(id, merchant_id, enabled)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&ids)
+        .bind(&merchant_ids)
+        .bind(&enabled)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE terminals t
+             SET merchant_id = g.merchant_id, enabled = coalesce(g.enabled, t.enabled)
+             FROM unnest($1::text[], $2::text[], $3::bool[]) AS g(id, merchant_id, enabled)
+             WHERE t.id = g.id
+               AND (g.merchant_id, coalesce(g.enabled, t.enabled)) IS DISTINCT FROM (t.merchant_id, t.enabled)",
+        )
+        .bind(&ids)
+        .bind(&merchant_ids)
+        .bind(&enabled)
         .execute(&mut *tx)
         .await?;
         tx.commit().await
@@ -359,7 +423,10 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/terminals.toml");
         let fleet = Fleet::load(&path).unwrap();
         assert_eq!(fleet.terminals.len(), 100);
-        assert_eq!(fleet.merchants[0].name, "Switchyard Demo Store");
+        assert_eq!(
+            fleet.merchants[0].name.as_deref(),
+            Some("Switchyard Demo Store")
+        );
     }
 
     #[test]
@@ -400,6 +467,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.terminals.len(), 1);
-        assert_eq!(ok.merchants[0].mcc, "5999");
+        // Nothing given: the default is for a new merchant only.
+        assert_eq!(ok.merchants[0].mcc, None);
     }
 }

@@ -748,6 +748,68 @@ async fn terminals_import_loads_a_csv_fleet_and_names_bad_rows() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `switchyard terminals import FILE` on the database at `url`.
+fn import(url: &str, file: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["terminals", "import", file.to_str().unwrap()])
+        .env("DATABASE_URL", url)
+        .output()
+        .unwrap()
+}
+
+/// A directory of its own for one test's files.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sy-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn terminals_import_writes_only_the_columns_the_csv_has() {
+    let url = embedded_pg::test_database().await;
+    let dir = scratch("import-columns");
+    let full = dir.join("full.csv");
+    std::fs::write(
+        &full,
+        "terminal_id,merchant_id,merchant_name,mcc,enabled\n\
+         P0000001,898310048169999,Fleet Store,5812,true\n\
+         P0000002,898310048169999,Fleet Store,5812,false\n",
+    )
+    .unwrap();
+    stdout(&import(&url, &full));
+    // The documented two columns, for a terminal more: the merchant keeps
+    // its name and category (F18 goes to the issuer), the disabled terminal
+    // stays disabled, the new one may transact.
+    let ids = dir.join("ids.csv");
+    std::fs::write(
+        &ids,
+        "terminal_id,merchant_id\nP0000001,898310048169999\nP0000002,898310048169999\nP0000003,898310048169999\n",
+    )
+    .unwrap();
+    stdout(&import(&url, &ids));
+    let pool = switch::connect(&url, 1).await.unwrap();
+    let merchant: (String, String, bool) =
+        sqlx::query_as("SELECT name, mcc, enabled FROM merchants WHERE id = '898310048169999'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(merchant, ("Fleet Store".into(), "5812".into(), true));
+    let enabled: Vec<(String, bool)> =
+        sqlx::query_as("SELECT id, enabled FROM terminals ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        enabled,
+        [
+            ("P0000001".into(), true),
+            ("P0000002".into(), false),
+            ("P0000003".into(), true)
+        ]
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn the_demo_plays_the_smoke_scenario_and_the_money_balances() {
     // The README's first command.

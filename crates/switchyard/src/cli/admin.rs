@@ -49,6 +49,7 @@ pub struct CheckArgs {
 #[derive(Debug, Args)]
 pub struct ImportArgs {
     /// CSV with a header row: terminal_id,merchant_id[,merchant_name,mcc,enabled].
+    /// A column left out (or an empty cell) keeps what is stored.
     pub file: PathBuf,
     /// The switch's config file (for the database); default
     /// config/switchyard.toml when it exists.
