@@ -247,6 +247,9 @@ impl Fleet {
         };
         let (name, mcc, enabled) = (col("merchant_name"), col("mcc"), col("enabled"));
         let mut merchant_at: HashMap<String, usize> = HashMap::new();
+        // The line each terminal is first on: twice in one file is a mistake
+        // to show, not one to let the database refuse without a line.
+        let mut terminal_line: HashMap<String, usize> = HashMap::new();
         for record in reader.records() {
             let record = match record {
                 Ok(r) => r,
@@ -260,6 +263,16 @@ impl Fleet {
             let get = |i: Option<usize>| i.and_then(|i| record.get(i)).unwrap_or("").to_string();
             let terminal_id = get(Some(tid));
             let merchant_id = get(Some(mid));
+            match terminal_line.get(&terminal_id) {
+                Some(first) => problems.push(problem(
+                    line,
+                    "terminal_id",
+                    format!("{terminal_id:?} is also on line {first}"),
+                )),
+                None => {
+                    terminal_line.insert(terminal_id.clone(), line);
+                }
+            }
             if terminal_id.len() != 8 {
                 problems.push(problem(
                     line,
@@ -460,6 +473,12 @@ mod tests {
         assert!(
             problems.contains("f.csv:3: enabled: \"maybe\" is not true or false"),
             "{problems}"
+        );
+        let twice = "terminal_id,merchant_id\nT0000001,898310048160001\nT0000002,898310048160001\nT0000001,898310048160002\n";
+        let problems = Fleet::from_csv(twice, "f.csv").unwrap_err().to_string();
+        assert_eq!(
+            problems,
+            "f.csv:4: terminal_id: \"T0000001\" is also on line 2"
         );
         let ok = Fleet::from_csv(
             "terminal_id,merchant_id\nT0000001,898310048160001\n",

@@ -810,6 +810,42 @@ async fn terminals_import_writes_only_the_columns_the_csv_has() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[tokio::test]
+async fn terminals_import_refuses_a_terminal_listed_twice_before_writing() {
+    let url = embedded_pg::test_database().await;
+    let dir = scratch("import-twice");
+    let first = dir.join("first.csv");
+    std::fs::write(
+        &first,
+        "terminal_id,merchant_id,merchant_name,mcc\nP0000001,898310048169999,Fleet Store,5812\n",
+    )
+    .unwrap();
+    stdout(&import(&url, &first));
+    let twice = dir.join("twice.csv");
+    std::fs::write(
+        &twice,
+        "terminal_id,merchant_id,merchant_name,mcc\n\
+         P0000001,898310048169999,Fleet Store,5411\n\
+         P0000002,898310048169999,Fleet Store,5411\n\
+         P0000001,898310048169999,Fleet Store,5411\n",
+    )
+    .unwrap();
+    let out = import(&url, &twice);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("twice.csv:4: terminal_id: \"P0000001\" is also on line 2"),
+        "{err}"
+    );
+    let pool = switch::connect(&url, 1).await.unwrap();
+    let mcc: String = sqlx::query_scalar("SELECT mcc FROM merchants WHERE id = '898310048169999'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(mcc, "5812", "nothing of a refused file is written");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn the_demo_plays_the_smoke_scenario_and_the_money_balances() {
     // The README's first command.
