@@ -161,9 +161,19 @@ impl Fleet {
 
     fn read(root: &Section<'_, '_>) -> Fleet {
         let mut fleet = Fleet::default();
-        for m in root.sections("merchants") {
+        // Where each id was first given, to name it when given again: the
+        // database would refuse the file at start without a line.
+        let mut merchant_in: HashMap<String, String> = HashMap::new();
+        let mut terminal_in: HashMap<String, usize> = HashMap::new();
+        for (i, m) in root.sections("merchants").into_iter().enumerate() {
             let id = m.string("id", "");
             check_id(&m, "id", &id, 15, "merchant id");
+            match merchant_in.get(&id) {
+                Some(first) => m.problem("id", format!("{id:?} is also {first}")),
+                None => {
+                    merchant_in.insert(id.clone(), format!("merchants[{i}] (line {})", m.line()));
+                }
+            }
             let mcc = m.str("mcc");
             if let Some(mcc) = mcc.as_ref().filter(|mcc| !is_mcc(mcc)) {
                 m.problem(
@@ -178,7 +188,8 @@ impl Fleet {
                 enabled: m.has("enabled").then(|| m.bool("enabled", true)),
             });
         }
-        for t in root.sections("terminals") {
+        let terminals = root.sections("terminals");
+        for (i, t) in terminals.iter().enumerate() {
             let merchant_id = t.string("merchant", "");
             if !fleet.merchants.iter().any(|m| m.id == merchant_id) {
                 t.problem(
@@ -205,8 +216,36 @@ impl Fleet {
                     Vec::new()
                 }
             };
+            // A range may overlap an id or another range on many terminals:
+            // one problem per earlier [[terminals]], with its first terminal.
+            let mut overlaps: Vec<(usize, &str, usize)> = Vec::new();
+            for id in &ids {
+                match terminal_in.get(id) {
+                    Some(&j) => match overlaps.iter_mut().find(|o| o.0 == j) {
+                        Some(o) => o.2 += 1,
+                        None => overlaps.push((j, id, 1)),
+                    },
+                    None => {
+                        terminal_in.insert(id.clone(), i);
+                    }
+                }
+            }
+            for (j, id, count) in overlaps {
+                let these = match count {
+                    1 => format!("{id:?} is"),
+                    n => format!("{id:?} and {} more are", n - 1),
+                };
+                let key = if t.has("id") { "id" } else { "first" };
+                t.problem(
+                    key,
+                    format!(
+                        "{these} also in terminals[{j}] (line {})",
+                        terminals[j].line()
+                    ),
+                );
+            }
             for id in ids {
-                check_id(&t, "id", &id, 8, "terminal id");
+                check_id(t, "id", &id, 8, "terminal id");
                 fleet.terminals.push(TerminalRow {
                     id,
                     merchant_id: merchant_id.clone(),
@@ -455,6 +494,42 @@ mod tests {
                 "t.toml:9: terminals[1].merchant: \"nobody\" is not one of the [[merchants]]"
             ),
             "{problems}"
+        );
+    }
+
+    #[test]
+    fn an_id_given_twice_in_a_terminals_file_is_named_with_both_places() {
+        let text = r#"[[merchants]]
+id = "898310048160001"
+
+[[merchants]]
+id = "898310048160002"
+
+[[merchants]]
+id = "898310048160001"
+
+[[terminals]]
+first = "T0000001"
+last = "T0000100"
+merchant = "898310048160001"
+
+[[terminals]]
+id = "T0000050"
+merchant = "898310048160002"
+
+[[terminals]]
+first = "T0000091"
+last = "T0000110"
+merchant = "898310048160002"
+"#;
+        let problems = Fleet::parse(text, "t.toml").unwrap_err().to_string();
+        assert_eq!(
+            problems.lines().collect::<Vec<_>>(),
+            [
+                "t.toml:8: merchants[2].id: \"898310048160001\" is also merchants[0] (line 1)",
+                "t.toml:16: terminals[1].id: \"T0000050\" is also in terminals[0] (line 10)",
+                "t.toml:20: terminals[2].first: \"T0000091\" and 9 more are also in terminals[0] (line 10)",
+            ]
         );
     }
 

@@ -473,6 +473,34 @@ fn config_check_lists_every_problem_with_file_line_and_key() {
 }
 
 #[test]
+fn config_check_names_a_terminal_or_merchant_given_twice() {
+    // Found at serve only, before, by PostgreSQL refusing the seed.
+    let dir = scratch("check-twice");
+    let fleet = dir.join("terminals.toml");
+    std::fs::write(
+        &fleet,
+        "[[merchants]]\nid = \"898310048160001\"\n[[merchants]]\nid = \"898310048160001\"\n\
+         [[terminals]]\nfirst = \"T0000001\"\nlast = \"T0000100\"\nmerchant = \"898310048160001\"\n\
+         [[terminals]]\nid = \"T0000007\"\nmerchant = \"898310048160001\"\n",
+    )
+    .unwrap();
+    let out = switchyard(&["config", "check", fleet.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let file = fleet.display().to_string();
+    for expected in [
+        format!("{file}:4: merchants[1].id: \"898310048160001\" is also merchants[0] (line 1)"),
+        format!("{file}:10: terminals[1].id: \"T0000007\" is also in terminals[0] (line 5)"),
+    ] {
+        assert!(
+            text.contains(&expected),
+            "{expected:?} missing from:\n{text}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn demo_serve_answers_terminals_and_exits_0_on_sigterm() {
     use std::io::BufRead;
     // Port 0: the demo says which port it got. (A port found free here and
