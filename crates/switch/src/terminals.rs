@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use settings::{Problems, Section};
+use settings::{Problem, Problems, Section};
 use sqlx::PgPool;
 
 /// A terminal with its merchant, as a request needs them.
@@ -93,6 +93,8 @@ pub struct MerchantRow {
     pub mcc: Option<String>,
     /// May transact (default true).
     pub enabled: Option<bool>,
+    /// The line of its file that gives it first, for problems.
+    pub line: usize,
 }
 
 /// A terminal to load; `enabled` as in [`MerchantRow`].
@@ -186,6 +188,7 @@ impl Fleet {
                 name: m.str("name"),
                 mcc,
                 enabled: m.has("enabled").then(|| m.bool("enabled", true)),
+                line: m.line(),
             });
         }
         let terminals = root.sections("terminals");
@@ -259,14 +262,15 @@ impl Fleet {
     /// Reads a CSV of terminals: a header row `terminal_id,merchant_id`, and
     /// optionally `merchant_name`, `mcc`, `enabled`. A column left out, or
     /// an empty cell, gives nothing: what is stored stays as it is (see
-    /// [`Fleet::store`]). Errors name the line.
+    /// [`Fleet::store`]). A merchant without a name must be one the switch
+    /// knows ([`Fleet::unknown_merchants`]). Errors name the line.
     pub fn from_csv(text: &str, origin: &str) -> Result<Fleet, Problems> {
         let mut fleet = Fleet::default();
         let mut problems = Vec::new();
         let mut reader = csv::ReaderBuilder::new()
             .trim(csv::Trim::All)
             .from_reader(text.as_bytes());
-        let problem = |line: usize, key: &str, message: String| settings::Problem {
+        let problem = |line: usize, key: &str, message: String| Problem {
             origin: origin.to_string(),
             line,
             key: key.to_string(),
@@ -360,6 +364,7 @@ impl Fleet {
                         name: name_value,
                         mcc: mcc_value,
                         enabled: None,
+                        line,
                     });
                 }
             }
@@ -374,6 +379,38 @@ impl Fleet {
         } else {
             Err(Problems(problems))
         }
+    }
+
+    /// The merchants of a CSV fleet that the switch does not know and the
+    /// file does not name, as problems at the line first giving each. An
+    /// import adds a merchant only when a row gives its `merchant_name`: a
+    /// mistyped merchant id is then refused, not a new merchant under
+    /// category 5999 that the issuer sees in F18.
+    pub async fn unknown_merchants(
+        &self,
+        pool: &PgPool,
+        origin: &str,
+    ) -> Result<Vec<Problem>, sqlx::Error> {
+        let unnamed: Vec<&MerchantRow> =
+            self.merchants.iter().filter(|m| m.name.is_none()).collect();
+        let ids: Vec<&str> = unnamed.iter().map(|m| m.id.as_str()).collect();
+        let known: Vec<String> = sqlx::query_scalar("SELECT id FROM merchants WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(pool)
+            .await?;
+        Ok(unnamed
+            .into_iter()
+            .filter(|m| !known.contains(&m.id))
+            .map(|m| Problem {
+                origin: origin.to_string(),
+                line: m.line,
+                key: "merchant_id".into(),
+                message: format!(
+                    "{:?} is not a merchant the switch knows (give its merchant_name to add it)",
+                    m.id
+                ),
+            })
+            .collect())
     }
 
     /// Writes the fleet in one transaction. What the fleet gives is

@@ -874,6 +874,59 @@ async fn terminals_import_refuses_a_terminal_listed_twice_before_writing() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[tokio::test]
+async fn terminals_import_adds_a_merchant_only_when_the_csv_names_it() {
+    let url = embedded_pg::test_database().await;
+    let dir = scratch("import-merchant");
+    let known = dir.join("known.csv");
+    std::fs::write(
+        &known,
+        "terminal_id,merchant_id,merchant_name,mcc\nP0000001,898310048169999,Fleet Store,5812\n",
+    )
+    .unwrap();
+    stdout(&import(&url, &known));
+    // A merchant id with a typo, on the second row: refused, and the first
+    // row, good as it is, is not written either.
+    let typo = dir.join("typo.csv");
+    std::fs::write(
+        &typo,
+        "terminal_id,merchant_id,merchant_name\n\
+         P0000002,898310048169999,\n\
+         P0000003,898310048196999,\n",
+    )
+    .unwrap();
+    let out = import(&url, &typo);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains(
+            "typo.csv:3: merchant_id: \"898310048196999\" is not a merchant the switch knows"
+        ),
+        "{err}"
+    );
+    let pool = switch::connect(&url, 1).await.unwrap();
+    let terminals: i64 = sqlx::query_scalar("SELECT count(*) FROM terminals")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(terminals, 1);
+    // Named, a new merchant is what the file asks for.
+    let named = dir.join("named.csv");
+    std::fs::write(
+        &named,
+        "terminal_id,merchant_id,merchant_name\nP0000003,898310048160077,Night Market\n",
+    )
+    .unwrap();
+    stdout(&import(&url, &named));
+    let merchant: (String, String) =
+        sqlx::query_as("SELECT name, mcc FROM merchants WHERE id = '898310048160077'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(merchant, ("Night Market".into(), "5999".into()));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn the_demo_plays_the_smoke_scenario_and_the_money_balances() {
     // The README's first command.
