@@ -349,13 +349,30 @@ impl Fleet {
                     None
                 }
             };
-            // A merchant's name and category may be on any of its rows.
+            // A merchant's name and category may be on any of its rows, but
+            // two rows may not say different things.
             let name_value = given(name);
             match merchant_at.get(&merchant_id) {
                 Some(&i) => {
                     let m = &mut fleet.merchants[i];
-                    m.name = m.name.take().or(name_value);
-                    m.mcc = m.mcc.take().or(mcc_value);
+                    for (key, had, given) in [
+                        ("merchant_name", &mut m.name, name_value),
+                        ("mcc", &mut m.mcc, mcc_value),
+                    ] {
+                        match (had.as_ref(), given) {
+                            (Some(had), Some(given)) if *had != given => {
+                                problems.push(problem(
+                                    line,
+                                    key,
+                                    format!(
+                                        "{given:?} differs from {had:?}, given earlier for merchant {merchant_id:?}"
+                                    ),
+                                ));
+                            }
+                            (None, given) => *had = given,
+                            _ => {}
+                        }
+                    }
                 }
                 None => {
                     merchant_at.insert(merchant_id.clone(), fleet.merchants.len());
@@ -591,6 +608,12 @@ merchant = "898310048160002"
         assert_eq!(
             problems,
             "f.csv:4: terminal_id: \"T0000001\" is also on line 2"
+        );
+        let differ = "terminal_id,merchant_id,merchant_name,mcc\nT0000001,898310048160001,,5411\nT0000002,898310048160001,Shop,5812\nT0000003,898310048160001,Shop,\n";
+        let problems = Fleet::from_csv(differ, "f.csv").unwrap_err().to_string();
+        assert_eq!(
+            problems,
+            "f.csv:3: mcc: \"5812\" differs from \"5411\", given earlier for merchant \"898310048160001\""
         );
         let ok = Fleet::from_csv(
             "terminal_id,merchant_id\nT0000001,898310048160001\n",
