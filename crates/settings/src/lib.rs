@@ -167,6 +167,12 @@ impl<'c, 't> Section<'c, 't> {
             .map(|(_, v)| v)
     }
 
+    /// The 1-based line where this section starts, to name it in a
+    /// problem found elsewhere (an id given twice).
+    pub fn line(&self) -> usize {
+        self.ctx.line(self.at)
+    }
+
     /// True when the key is present.
     pub fn has(&self, key: &str) -> bool {
         self.table

@@ -1,9 +1,10 @@
 //! Terminals and merchants: in PostgreSQL, seeded from `config/terminals.toml`
 //! and imported in bulk from CSV (`switchyard terminals import`).
 
+use std::collections::HashMap;
 use std::path::Path;
 
-use settings::{Problems, Section};
+use settings::{Problem, Problems, Section};
 use sqlx::PgPool;
 
 /// A terminal with its merchant, as a request needs them.
@@ -59,7 +60,7 @@ pub async fn find_many(
     .bind(ids)
     .fetch_all(pool)
     .await?;
-    let mut found: std::collections::HashMap<String, Terminal> = rows
+    let mut found: HashMap<String, Terminal> = rows
         .into_iter()
         .map(|row| (row.0.clone(), terminal(row)))
         .collect();
@@ -80,28 +81,31 @@ pub async fn sign_on(pool: &PgPool, id: &str) -> Result<Terminal, sqlx::Error> {
     .map(terminal)
 }
 
-/// A merchant to load.
+/// A merchant to load. A value left `None` is one the file does not give:
+/// a stored merchant keeps its own, a new merchant takes the default.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MerchantRow {
     /// F42, 15 characters.
     pub id: String,
-    /// Name.
-    pub name: String,
-    /// MCC, 4 digits.
-    pub mcc: String,
-    /// May transact.
-    pub enabled: bool,
+    /// Name (default empty).
+    pub name: Option<String>,
+    /// MCC, 4 digits (default 5999).
+    pub mcc: Option<String>,
+    /// May transact (default true).
+    pub enabled: Option<bool>,
+    /// The line of its file that gives it first, for problems.
+    pub line: usize,
 }
 
-/// A terminal to load.
+/// A terminal to load; `enabled` as in [`MerchantRow`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TerminalRow {
     /// F41, 8 characters.
     pub id: String,
     /// Its merchant.
     pub merchant_id: String,
-    /// May transact.
-    pub enabled: bool,
+    /// May transact (default true).
+    pub enabled: Option<bool>,
 }
 
 /// The contents of a terminals file.
@@ -132,6 +136,10 @@ fn expand_range(first: &str, last: &str) -> Option<Vec<String>> {
     Some((a..=b).map(|n| format!("{p1}{n:0width$}")).collect())
 }
 
+fn is_mcc(mcc: &str) -> bool {
+    mcc.len() == 4 && mcc.bytes().all(|b| b.is_ascii_digit())
+}
+
 fn check_id(s: &Section<'_, '_>, key: &str, id: &str, len: usize, what: &str) {
     if id.len() != len || !id.bytes().all(|b| (0x21..=0x7E).contains(&b)) {
         s.problem(
@@ -155,11 +163,21 @@ impl Fleet {
 
     fn read(root: &Section<'_, '_>) -> Fleet {
         let mut fleet = Fleet::default();
-        for m in root.sections("merchants") {
+        // Where each id was first given, to name it when given again: the
+        // database would refuse the file at start without a line.
+        let mut merchant_in: HashMap<String, String> = HashMap::new();
+        let mut terminal_in: HashMap<String, usize> = HashMap::new();
+        for (i, m) in root.sections("merchants").into_iter().enumerate() {
             let id = m.string("id", "");
             check_id(&m, "id", &id, 15, "merchant id");
-            let mcc = m.string("mcc", "5999");
-            if mcc.len() != 4 || !mcc.bytes().all(|b| b.is_ascii_digit()) {
+            match merchant_in.get(&id) {
+                Some(first) => m.problem("id", format!("{id:?} is also {first}")),
+                None => {
+                    merchant_in.insert(id.clone(), format!("merchants[{i}] (line {})", m.line()));
+                }
+            }
+            let mcc = m.str("mcc");
+            if let Some(mcc) = mcc.as_ref().filter(|mcc| !is_mcc(mcc)) {
                 m.problem(
                     "mcc",
                     format!("{mcc:?} is not a 4-digit merchant category code"),
@@ -167,12 +185,14 @@ impl Fleet {
             }
             fleet.merchants.push(MerchantRow {
                 id,
-                name: m.string("name", ""),
+                name: m.str("name"),
                 mcc,
-                enabled: m.bool("enabled", true),
+                enabled: m.has("enabled").then(|| m.bool("enabled", true)),
+                line: m.line(),
             });
         }
-        for t in root.sections("terminals") {
+        let terminals = root.sections("terminals");
+        for (i, t) in terminals.iter().enumerate() {
             let merchant_id = t.string("merchant", "");
             if !fleet.merchants.iter().any(|m| m.id == merchant_id) {
                 t.problem(
@@ -180,7 +200,7 @@ impl Fleet {
                     format!("{merchant_id:?} is not one of the [[merchants]]"),
                 );
             }
-            let enabled = t.bool("enabled", true);
+            let enabled = t.has("enabled").then(|| t.bool("enabled", true));
             let ids = match (t.str("id"), t.str("first"), t.str("last")) {
                 (Some(id), None, None) => vec![id],
                 (None, Some(first), Some(last)) => {
@@ -199,8 +219,36 @@ impl Fleet {
                     Vec::new()
                 }
             };
+            // A range may overlap an id or another range on many terminals:
+            // one problem per earlier [[terminals]], with its first terminal.
+            let mut overlaps: Vec<(usize, &str, usize)> = Vec::new();
+            for id in &ids {
+                match terminal_in.get(id) {
+                    Some(&j) => match overlaps.iter_mut().find(|o| o.0 == j) {
+                        Some(o) => o.2 += 1,
+                        None => overlaps.push((j, id, 1)),
+                    },
+                    None => {
+                        terminal_in.insert(id.clone(), i);
+                    }
+                }
+            }
+            for (j, id, count) in overlaps {
+                let these = match count {
+                    1 => format!("{id:?} is"),
+                    n => format!("{id:?} and {} more are", n - 1),
+                };
+                let key = if t.has("id") { "id" } else { "first" };
+                t.problem(
+                    key,
+                    format!(
+                        "{these} also in terminals[{j}] (line {})",
+                        terminals[j].line()
+                    ),
+                );
+            }
             for id in ids {
-                check_id(&t, "id", &id, 8, "terminal id");
+                check_id(t, "id", &id, 8, "terminal id");
                 fleet.terminals.push(TerminalRow {
                     id,
                     merchant_id: merchant_id.clone(),
@@ -211,15 +259,18 @@ impl Fleet {
         fleet
     }
 
-    /// Reads a CSV of terminals: a header row `terminal_id,merchant_id,merchant_name,mcc,enabled`
-    /// (mcc and enabled optional per row). Errors name the line.
+    /// Reads a CSV of terminals: a header row `terminal_id,merchant_id`, and
+    /// optionally `merchant_name`, `mcc`, `enabled`. A column left out, or
+    /// an empty cell, gives nothing: what is stored stays as it is (see
+    /// [`Fleet::store`]). A merchant without a name must be one the switch
+    /// knows ([`Fleet::unknown_merchants`]). Errors name the line.
     pub fn from_csv(text: &str, origin: &str) -> Result<Fleet, Problems> {
         let mut fleet = Fleet::default();
         let mut problems = Vec::new();
         let mut reader = csv::ReaderBuilder::new()
             .trim(csv::Trim::All)
             .from_reader(text.as_bytes());
-        let problem = |line: usize, key: &str, message: String| settings::Problem {
+        let problem = |line: usize, key: &str, message: String| Problem {
             origin: origin.to_string(),
             line,
             key: key.to_string(),
@@ -238,6 +289,10 @@ impl Fleet {
             )]));
         };
         let (name, mcc, enabled) = (col("merchant_name"), col("mcc"), col("enabled"));
+        let mut merchant_at: HashMap<String, usize> = HashMap::new();
+        // The line each terminal is first on: twice in one file is a mistake
+        // to show, not one to let the database refuse without a line.
+        let mut terminal_line: HashMap<String, usize> = HashMap::new();
         for record in reader.records() {
             let record = match record {
                 Ok(r) => r,
@@ -251,6 +306,16 @@ impl Fleet {
             let get = |i: Option<usize>| i.and_then(|i| record.get(i)).unwrap_or("").to_string();
             let terminal_id = get(Some(tid));
             let merchant_id = get(Some(mid));
+            match terminal_line.get(&terminal_id) {
+                Some(first) => problems.push(problem(
+                    line,
+                    "terminal_id",
+                    format!("{terminal_id:?} is also on line {first}"),
+                )),
+                None => {
+                    terminal_line.insert(terminal_id.clone(), line);
+                }
+            }
             if terminal_id.len() != 8 {
                 problems.push(problem(
                     line,
@@ -265,37 +330,60 @@ impl Fleet {
                     format!("{merchant_id:?} is not 15 characters"),
                 ));
             }
-            let mcc_value = Some(get(mcc))
-                .filter(|m| !m.is_empty())
-                .unwrap_or_else(|| "5999".into());
-            if mcc_value.len() != 4 || !mcc_value.bytes().all(|b| b.is_ascii_digit()) {
-                problems.push(problem(
-                    line,
-                    "mcc",
-                    format!("{mcc_value:?} is not 4 digits"),
-                ));
+            // An empty cell gives nothing, as a missing column does.
+            let given = |i: Option<usize>| Some(get(i)).filter(|v| !v.is_empty());
+            let mcc_value = given(mcc);
+            if let Some(m) = mcc_value.as_ref().filter(|m| !is_mcc(m)) {
+                problems.push(problem(line, "mcc", format!("{m:?} is not 4 digits")));
             }
             let enabled_value = match get(enabled).as_str() {
-                "" | "true" | "1" | "yes" => true,
-                "false" | "0" | "no" => false,
+                "" => None,
+                "true" | "1" | "yes" => Some(true),
+                "false" | "0" | "no" => Some(false),
                 other => {
                     problems.push(problem(
                         line,
                         "enabled",
                         format!("{other:?} is not true or false"),
                     ));
-                    true
+                    None
                 }
             };
-            if !fleet.merchants.iter().any(|m| m.id == merchant_id) {
-                fleet.merchants.push(MerchantRow {
-                    id: merchant_id.clone(),
-                    name: Some(get(name))
-                        .filter(|n| !n.is_empty())
-                        .unwrap_or_else(|| merchant_id.clone()),
-                    mcc: mcc_value,
-                    enabled: true,
-                });
+            // A merchant's name and category may be on any of its rows, but
+            // two rows may not say different things.
+            let name_value = given(name);
+            match merchant_at.get(&merchant_id) {
+                Some(&i) => {
+                    let m = &mut fleet.merchants[i];
+                    for (key, had, given) in [
+                        ("merchant_name", &mut m.name, name_value),
+                        ("mcc", &mut m.mcc, mcc_value),
+                    ] {
+                        match (had.as_ref(), given) {
+                            (Some(had), Some(given)) if *had != given => {
+                                problems.push(problem(
+                                    line,
+                                    key,
+                                    format!(
+                                        "{given:?} differs from {had:?}, given earlier for merchant {merchant_id:?}"
+                                    ),
+                                ));
+                            }
+                            (None, given) => *had = given,
+                            _ => {}
+                        }
+                    }
+                }
+                None => {
+                    merchant_at.insert(merchant_id.clone(), fleet.merchants.len());
+                    fleet.merchants.push(MerchantRow {
+                        id: merchant_id.clone(),
+                        name: name_value,
+                        mcc: mcc_value,
+                        enabled: None,
+                        line,
+                    });
+                }
             }
             fleet.terminals.push(TerminalRow {
                 id: terminal_id,
@@ -310,30 +398,112 @@ impl Fleet {
         }
     }
 
-    /// Writes the fleet: merchants and terminals are inserted or updated
-    /// (name, category, enabled); a terminal keeps its open batch.
+    /// The merchants of a CSV fleet that the switch does not know and the
+    /// file does not name, as problems at the line first giving each. An
+    /// import adds a merchant only when a row gives its `merchant_name`: a
+    /// mistyped merchant id is then refused, not a new merchant under
+    /// category 5999 that the issuer sees in F18.
+    pub async fn unknown_merchants(
+        &self,
+        pool: &PgPool,
+        origin: &str,
+    ) -> Result<Vec<Problem>, sqlx::Error> {
+        let unnamed: Vec<&MerchantRow> =
+            self.merchants.iter().filter(|m| m.name.is_none()).collect();
+        let ids: Vec<&str> = unnamed.iter().map(|m| m.id.as_str()).collect();
+        let known: Vec<String> = sqlx::query_scalar("SELECT id FROM merchants WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(pool)
+            .await?;
+        Ok(unnamed
+            .into_iter()
+            .filter(|m| !known.contains(&m.id))
+            .map(|m| Problem {
+                origin: origin.to_string(),
+                line: m.line,
+                key: "merchant_id".into(),
+                message: format!(
+                    "{:?} is not a merchant the switch knows (give its merchant_name to add it)",
+                    m.id
+                ),
+            })
+            .collect())
+    }
+
+    /// Writes the fleet in one transaction. What the fleet gives is
+    /// written; what it leaves `None` keeps the stored value, and a new
+    /// merchant or terminal takes the default. A terminal keeps its open
+    /// batch.
     pub async fn store(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
+        // New rows first, then every row takes what is given: one upsert
+        // cannot do it, as `excluded` holds a defaulted value and not whether
+        // one was given. Rows that would not change are not rewritten (the
+        // seed runs at every start).
         let mut tx = pool.begin().await?;
-        let col = |f: fn(&MerchantRow) -> String| self.merchants.iter().map(f).collect::<Vec<_>>();
+        let merchants = |f: fn(&MerchantRow) -> Option<String>| {
+            self.merchants.iter().map(f).collect::<Vec<_>>()
+        };
+        let (ids, names, mccs) = (
+            merchants(|m| Some(m.id.clone())),
+            merchants(|m| m.name.clone()),
+            merchants(|m| m.mcc.clone()),
+        );
+        let enabled: Vec<_> = self.merchants.iter().map(|m| m.enabled).collect();
         sqlx::query(
             "INSERT INTO merchants (id, name, mcc, enabled)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[])
-             ON CONFLICT (id) DO UPDATE SET name = excluded.name, mcc = excluded.mcc, enabled = excluded.enabled",
+             SELECT id, coalesce(name, ''), coalesce(mcc, '5999'), coalesce(enabled, true)
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[]) AS g(id, name, mcc, enabled)
+             ON CONFLICT (id) DO NOTHING",
         )
-        .bind(col(|m| m.id.clone()))
-        .bind(col(|m| m.name.clone()))
-        .bind(col(|m| m.mcc.clone()))
-        .bind(self.merchants.iter().map(|m| m.enabled).collect::<Vec<_>>())
+        .bind(&ids)
+        .bind(&names)
+        .bind(&mccs)
+        .bind(&enabled)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "INSERT INTO terminals (id, merchant_id, enabled)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::bool[])
-             ON CONFLICT (id) DO UPDATE SET merchant_id = excluded.merchant_id, enabled = excluded.enabled",
+            "UPDATE merchants m
+             SET name = coalesce(g.name, m.name), mcc = coalesce(g.mcc, m.mcc),
+                 enabled = coalesce(g.enabled, m.enabled)
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[]) AS g(id, name, mcc, enabled)
+             WHERE m.id = g.id
+               AND (coalesce(g.name, m.name), coalesce(g.mcc, m.mcc), coalesce(g.enabled, m.enabled))
+                   IS DISTINCT FROM (m.name, m.mcc, m.enabled)",
         )
-        .bind(self.terminals.iter().map(|t| t.id.clone()).collect::<Vec<_>>())
-        .bind(self.terminals.iter().map(|t| t.merchant_id.clone()).collect::<Vec<_>>())
-        .bind(self.terminals.iter().map(|t| t.enabled).collect::<Vec<_>>())
+        .bind(&ids)
+        .bind(&names)
+        .bind(&mccs)
+        .bind(&enabled)
+        .execute(&mut *tx)
+        .await?;
+        let ids: Vec<_> = self.terminals.iter().map(|t| t.id.clone()).collect();
+        let merchant_ids: Vec<_> = self
+            .terminals
+            .iter()
+            .map(|t| t.merchant_id.clone())
+            .collect();
+        let enabled: Vec<_> = self.terminals.iter().map(|t| t.enabled).collect();
+        sqlx::query(
+            "INSERT INTO terminals (id, merchant_id, enabled)
+             SELECT id, merchant_id, coalesce(enabled, true)
+             FROM unnest($1::text[], $2::text[], $3::bool[]) AS g(id, merchant_id, enabled)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&ids)
+        .bind(&merchant_ids)
+        .bind(&enabled)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE terminals t
+             SET merchant_id = g.merchant_id, enabled = coalesce(g.enabled, t.enabled)
+             FROM unnest($1::text[], $2::text[], $3::bool[]) AS g(id, merchant_id, enabled)
+             WHERE t.id = g.id
+               AND (g.merchant_id, coalesce(g.enabled, t.enabled)) IS DISTINCT FROM (t.merchant_id, t.enabled)",
+        )
+        .bind(&ids)
+        .bind(&merchant_ids)
+        .bind(&enabled)
         .execute(&mut *tx)
         .await?;
         tx.commit().await
@@ -359,7 +529,10 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/terminals.toml");
         let fleet = Fleet::load(&path).unwrap();
         assert_eq!(fleet.terminals.len(), 100);
-        assert_eq!(fleet.merchants[0].name, "Switchyard Demo Store");
+        assert_eq!(
+            fleet.merchants[0].name.as_deref(),
+            Some("Switchyard Demo Store")
+        );
     }
 
     #[test]
@@ -379,6 +552,42 @@ mod tests {
     }
 
     #[test]
+    fn an_id_given_twice_in_a_terminals_file_is_named_with_both_places() {
+        let text = r#"[[merchants]]
+id = "898310048160001"
+
+[[merchants]]
+id = "898310048160002"
+
+[[merchants]]
+id = "898310048160001"
+
+[[terminals]]
+first = "T0000001"
+last = "T0000100"
+merchant = "898310048160001"
+
+[[terminals]]
+id = "T0000050"
+merchant = "898310048160002"
+
+[[terminals]]
+first = "T0000091"
+last = "T0000110"
+merchant = "898310048160002"
+"#;
+        let problems = Fleet::parse(text, "t.toml").unwrap_err().to_string();
+        assert_eq!(
+            problems.lines().collect::<Vec<_>>(),
+            [
+                "t.toml:8: merchants[2].id: \"898310048160001\" is also merchants[0] (line 1)",
+                "t.toml:16: terminals[1].id: \"T0000050\" is also in terminals[0] (line 10)",
+                "t.toml:20: terminals[2].first: \"T0000091\" and 9 more are also in terminals[0] (line 10)",
+            ]
+        );
+    }
+
+    #[test]
     fn csv_rows_with_problems_name_their_line() {
         let text = "terminal_id,merchant_id,merchant_name,mcc,enabled\nT0000001,898310048160001,Shop,5411,true\nT2,898310048160001,Shop,54x1,maybe\n";
         let problems = Fleet::from_csv(text, "f.csv").unwrap_err().to_string();
@@ -394,12 +603,25 @@ mod tests {
             problems.contains("f.csv:3: enabled: \"maybe\" is not true or false"),
             "{problems}"
         );
+        let twice = "terminal_id,merchant_id\nT0000001,898310048160001\nT0000002,898310048160001\nT0000001,898310048160002\n";
+        let problems = Fleet::from_csv(twice, "f.csv").unwrap_err().to_string();
+        assert_eq!(
+            problems,
+            "f.csv:4: terminal_id: \"T0000001\" is also on line 2"
+        );
+        let differ = "terminal_id,merchant_id,merchant_name,mcc\nT0000001,898310048160001,,5411\nT0000002,898310048160001,Shop,5812\nT0000003,898310048160001,Shop,\n";
+        let problems = Fleet::from_csv(differ, "f.csv").unwrap_err().to_string();
+        assert_eq!(
+            problems,
+            "f.csv:3: mcc: \"5812\" differs from \"5411\", given earlier for merchant \"898310048160001\""
+        );
         let ok = Fleet::from_csv(
             "terminal_id,merchant_id\nT0000001,898310048160001\n",
             "g.csv",
         )
         .unwrap();
         assert_eq!(ok.terminals.len(), 1);
-        assert_eq!(ok.merchants[0].mcc, "5999");
+        // Nothing given: the default is for a new merchant only.
+        assert_eq!(ok.merchants[0].mcc, None);
     }
 }

@@ -473,6 +473,34 @@ fn config_check_lists_every_problem_with_file_line_and_key() {
 }
 
 #[test]
+fn config_check_names_a_terminal_or_merchant_given_twice() {
+    // Found at serve only, before, by PostgreSQL refusing the seed.
+    let dir = scratch("check-twice");
+    let fleet = dir.join("terminals.toml");
+    std::fs::write(
+        &fleet,
+        "[[merchants]]\nid = \"898310048160001\"\n[[merchants]]\nid = \"898310048160001\"\n\
+         [[terminals]]\nfirst = \"T0000001\"\nlast = \"T0000100\"\nmerchant = \"898310048160001\"\n\
+         [[terminals]]\nid = \"T0000007\"\nmerchant = \"898310048160001\"\n",
+    )
+    .unwrap();
+    let out = switchyard(&["config", "check", fleet.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let file = fleet.display().to_string();
+    for expected in [
+        format!("{file}:4: merchants[1].id: \"898310048160001\" is also merchants[0] (line 1)"),
+        format!("{file}:10: terminals[1].id: \"T0000007\" is also in terminals[0] (line 5)"),
+    ] {
+        assert!(
+            text.contains(&expected),
+            "{expected:?} missing from:\n{text}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn demo_serve_answers_terminals_and_exits_0_on_sigterm() {
     use std::io::BufRead;
     // Port 0: the demo says which port it got. (A port found free here and
@@ -745,6 +773,157 @@ async fn terminals_import_loads_a_csv_fleet_and_names_bad_rows() {
         err.contains("bad.csv:3: terminal_id: \"SHORT\" is not 8 characters"),
         "{err}"
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `switchyard terminals import FILE` on the database at `url`.
+fn import(url: &str, file: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["terminals", "import", file.to_str().unwrap()])
+        .env("DATABASE_URL", url)
+        .output()
+        .unwrap()
+}
+
+/// A directory of its own for one test's files.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sy-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn terminals_import_writes_only_the_columns_the_csv_has() {
+    let url = embedded_pg::test_database().await;
+    let dir = scratch("import-columns");
+    let full = dir.join("full.csv");
+    std::fs::write(
+        &full,
+        "terminal_id,merchant_id,merchant_name,mcc,enabled\n\
+         P0000001,898310048169999,Fleet Store,5812,true\n\
+         P0000002,898310048169999,Fleet Store,5812,false\n",
+    )
+    .unwrap();
+    stdout(&import(&url, &full));
+    // The documented two columns, for a terminal more: the merchant keeps
+    // its name and category (F18 goes to the issuer), the disabled terminal
+    // stays disabled, the new one may transact.
+    let ids = dir.join("ids.csv");
+    std::fs::write(
+        &ids,
+        "terminal_id,merchant_id\nP0000001,898310048169999\nP0000002,898310048169999\nP0000003,898310048169999\n",
+    )
+    .unwrap();
+    stdout(&import(&url, &ids));
+    let pool = switch::connect(&url, 1).await.unwrap();
+    let merchant: (String, String, bool) =
+        sqlx::query_as("SELECT name, mcc, enabled FROM merchants WHERE id = '898310048169999'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(merchant, ("Fleet Store".into(), "5812".into(), true));
+    let enabled: Vec<(String, bool)> =
+        sqlx::query_as("SELECT id, enabled FROM terminals ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        enabled,
+        [
+            ("P0000001".into(), true),
+            ("P0000002".into(), false),
+            ("P0000003".into(), true)
+        ]
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn terminals_import_refuses_a_terminal_listed_twice_before_writing() {
+    let url = embedded_pg::test_database().await;
+    let dir = scratch("import-twice");
+    let first = dir.join("first.csv");
+    std::fs::write(
+        &first,
+        "terminal_id,merchant_id,merchant_name,mcc\nP0000001,898310048169999,Fleet Store,5812\n",
+    )
+    .unwrap();
+    stdout(&import(&url, &first));
+    let twice = dir.join("twice.csv");
+    std::fs::write(
+        &twice,
+        "terminal_id,merchant_id,merchant_name,mcc\n\
+         P0000001,898310048169999,Fleet Store,5411\n\
+         P0000002,898310048169999,Fleet Store,5411\n\
+         P0000001,898310048169999,Fleet Store,5411\n",
+    )
+    .unwrap();
+    let out = import(&url, &twice);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("twice.csv:4: terminal_id: \"P0000001\" is also on line 2"),
+        "{err}"
+    );
+    let pool = switch::connect(&url, 1).await.unwrap();
+    let mcc: String = sqlx::query_scalar("SELECT mcc FROM merchants WHERE id = '898310048169999'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(mcc, "5812", "nothing of a refused file is written");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn terminals_import_adds_a_merchant_only_when_the_csv_names_it() {
+    let url = embedded_pg::test_database().await;
+    let dir = scratch("import-merchant");
+    let known = dir.join("known.csv");
+    std::fs::write(
+        &known,
+        "terminal_id,merchant_id,merchant_name,mcc\nP0000001,898310048169999,Fleet Store,5812\n",
+    )
+    .unwrap();
+    stdout(&import(&url, &known));
+    // A merchant id with a typo, on the second row: refused, and the first
+    // row, good as it is, is not written either.
+    let typo = dir.join("typo.csv");
+    std::fs::write(
+        &typo,
+        "terminal_id,merchant_id,merchant_name\n\
+         P0000002,898310048169999,\n\
+         P0000003,898310048196999,\n",
+    )
+    .unwrap();
+    let out = import(&url, &typo);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains(
+            "typo.csv:3: merchant_id: \"898310048196999\" is not a merchant the switch knows"
+        ),
+        "{err}"
+    );
+    let pool = switch::connect(&url, 1).await.unwrap();
+    let terminals: i64 = sqlx::query_scalar("SELECT count(*) FROM terminals")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(terminals, 1);
+    // Named, a new merchant is what the file asks for.
+    let named = dir.join("named.csv");
+    std::fs::write(
+        &named,
+        "terminal_id,merchant_id,merchant_name\nP0000003,898310048160077,Night Market\n",
+    )
+    .unwrap();
+    stdout(&import(&url, &named));
+    let merchant: (String, String) =
+        sqlx::query_as("SELECT name, mcc FROM merchants WHERE id = '898310048160077'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(merchant, ("Night Market".into(), "5999".into()));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -49,6 +49,8 @@ pub struct CheckArgs {
 #[derive(Debug, Args)]
 pub struct ImportArgs {
     /// CSV with a header row: terminal_id,merchant_id[,merchant_name,mcc,enabled].
+    /// A column left out (or an empty cell) keeps what is stored. A merchant
+    /// the switch does not know is added only when its merchant_name is given.
     pub file: PathBuf,
     /// The switch's config file (for the database); default
     /// config/switchyard.toml when it exists.
@@ -223,6 +225,13 @@ pub async fn import(args: &ImportArgs) -> Result<(), Failure> {
     let fleet = Fleet::from_csv(&text, &args.file.display().to_string())
         .map_err(|p| Failure::Input(anyhow!("{p}")))?;
     let (pool, _db) = migrated_pool(&config_or_default(args.config.as_deref())?).await?;
+    let unknown = fleet
+        .unknown_merchants(&pool, &args.file.display().to_string())
+        .await
+        .context("looking up the merchants")?;
+    if !unknown.is_empty() {
+        return Err(Failure::Input(anyhow!("{}", settings::Problems(unknown))));
+    }
     fleet.store(&pool).await.context("storing the terminals")?;
     println!(
         "imported {} terminals of {} merchants",
