@@ -26,6 +26,8 @@ pub(crate) enum Answer {
     OtherStan,
     /// Never.
     Silence,
+    /// Never, and the connection is closed: a switch stopped mid-run.
+    Hangup,
     /// A settlement's reply: approved, the terminal's totals echoed
     /// with this reconciliation code for domestic cards (and `1`, they
     /// match, for foreign cards, of which terminals here have none).
@@ -100,6 +102,7 @@ pub(crate) async fn stand_in_switch(
                     let mut totals = None;
                     let (rc, stan) = match answer(&mti, before) {
                         Answer::Silence => continue,
+                        Answer::Hangup => return,
                         Answer::With(rc) => (rc, stan),
                         Answer::OtherStan => ("00", stan % 999_999 + 1),
                         Answer::Totals(code) => {

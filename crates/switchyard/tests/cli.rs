@@ -510,7 +510,7 @@ fn demo_serve_answers_terminals_and_exits_0_on_sigterm() {
         None,
     );
     let report = stdout(&load);
-    assert!(report.contains("errors 0"), "{report}");
+    assert!(report.contains("failed 0"), "{report}");
     // The operator looks a transaction up in the demo's journal.
     let second = lines.next().expect("a second line").unwrap();
     let url = second
