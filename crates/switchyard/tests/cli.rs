@@ -889,3 +889,33 @@ fn a_fault_scenario_still_ends_with_a_passing_money_check() {
         "{text}"
     );
 }
+
+#[test]
+fn load_against_a_dead_target_names_the_cause_once_with_its_terminals() {
+    // A port nothing listens on any more.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = listener.local_addr().unwrap().to_string();
+    drop(listener);
+    let out = switchyard(
+        &[
+            "load",
+            "--target",
+            &target,
+            "--terminals",
+            "2",
+            "--duration",
+            "1s",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains(&format!(
+            "error: 2 of 2 terminals stopped early:\n  T0000001, T0000002: cannot connect to {target}: connection refused\n"
+        )),
+        "{err}"
+    );
+    let report = String::from_utf8(out.stdout).unwrap();
+    assert!(report.contains("requests        0"), "{report}");
+}
