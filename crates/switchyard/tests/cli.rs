@@ -919,3 +919,29 @@ fn load_against_a_dead_target_names_the_cause_once_with_its_terminals() {
     let report = String::from_utf8(out.stdout).unwrap();
     assert!(report.contains("requests        0"), "{report}");
 }
+
+#[test]
+fn load_refuses_closed_loop_flags_with_a_scenario_file() {
+    let smoke = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/load/smoke.toml");
+    let out = switchyard(
+        &[
+            "load",
+            smoke.to_str().unwrap(),
+            "--terminals",
+            "3",
+            "--duration",
+            "1s",
+            "--mix",
+            "void-heavy",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.starts_with("error: --terminals, --duration, --mix belong to the closed loop"),
+        "{err}"
+    );
+    assert!(err.contains("smoke.toml sets its terminals"), "{err}");
+    assert!(out.stdout.is_empty());
+}

@@ -55,6 +55,25 @@ pub struct LoadArgs {
     pub reply_timeout: Option<Duration>,
 }
 
+impl LoadArgs {
+    /// The closed loop's flags that were given: a scenario file sets its
+    /// terminals, duration, mix and the rest itself.
+    fn closed_loop_flags(&self) -> Vec<&'static str> {
+        [
+            ("--terminals", self.terminals.is_some()),
+            ("--merchant", self.merchant.is_some()),
+            ("--duration", self.duration.is_some()),
+            ("--cards", self.cards.is_some()),
+            ("--amount", self.amount.is_some()),
+            ("--mix", self.mix.is_some()),
+            ("--reply-timeout", self.reply_timeout.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect()
+    }
+}
+
 /// `--mix`.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum MixArg {
@@ -245,6 +264,15 @@ pub fn all_balanced(batches: &[(String, u32)]) -> Result<(), Failure> {
 /// `switchyard load`.
 pub async fn run(args: &LoadArgs) -> Result<(), Failure> {
     if let Some(path) = &args.scenario {
+        let given = args.closed_loop_flags();
+        if !given.is_empty() {
+            return Err(Failure::Input(anyhow::anyhow!(
+                "{} belong to the closed loop (no scenario file); {} sets its terminals, \
+                 duration, mix, merchant, cards, amounts and reply_timeout itself: change them there",
+                given.join(", "),
+                path.display()
+            )));
+        }
         let scenario = loadgen::scenario::Scenario::load(path)
             .map_err(|p| Failure::Input(anyhow::anyhow!("{p}")))?;
         let outputs = Outputs {
