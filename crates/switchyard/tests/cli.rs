@@ -945,3 +945,57 @@ fn load_refuses_closed_loop_flags_with_a_scenario_file() {
     assert!(err.contains("smoke.toml sets its terminals"), "{err}");
     assert!(out.stdout.is_empty());
 }
+
+/// A pipe whose reader is gone, as `| head -1` leaves it once head exits.
+fn closed_pipe() -> Stdio {
+    let mut reader = Command::new("true").stdin(Stdio::piped()).spawn().unwrap();
+    let writer = reader.stdin.take().unwrap();
+    reader.wait().unwrap();
+    Stdio::from(writer)
+}
+
+#[test]
+fn a_closed_stdout_ends_a_command_quietly_with_the_status_of_a_broken_pipe() {
+    let hex = std::fs::read_to_string(fixture_dir("cup-pos").join("purchase.request.hex")).unwrap();
+    // decode writes its JSON itself; encode prints it (`println!`).
+    let decode = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["decode", "--dialect", "cup-pos", "--hex", hex.trim()])
+        .stdout(closed_pipe())
+        .output()
+        .unwrap();
+    let json = stdout(&switchyard(
+        &[
+            "decode",
+            "--dialect",
+            "cup-pos",
+            "--reveal",
+            "--hex",
+            hex.trim(),
+        ],
+        None,
+    ));
+    let mut encode = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["encode", "--dialect", "cup-pos"])
+        .stdin(Stdio::piped())
+        .stdout(closed_pipe())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    encode
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(json.as_bytes())
+        .unwrap();
+    let encode = encode.wait_with_output().unwrap();
+    for (name, out) in [("decode", decode), ("encode", encode)] {
+        assert_eq!(
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).as_ref()
+            ),
+            (Some(141), ""),
+            "{name}"
+        );
+    }
+}
