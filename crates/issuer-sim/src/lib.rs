@@ -70,3 +70,18 @@ pub enum Error {
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
 }
+
+impl Error {
+    /// The I/O error underneath, when there is one: a clearing file whose
+    /// reader went away (`| head`) is told from one that could not be made.
+    pub fn io(&self) -> Option<&std::io::Error> {
+        match self {
+            Error::Io(e) => Some(e),
+            Error::Csv(e) => match e.kind() {
+                csv::ErrorKind::Io(e) => Some(e),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}

@@ -12,6 +12,8 @@ pub mod machine;
 pub mod open;
 pub mod report;
 pub mod scenario;
+#[cfg(test)]
+mod stand_in;
 pub mod terminal;
 
 pub use terminal::{Field, Original, Reply, Reversed, Terminal};

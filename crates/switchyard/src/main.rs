@@ -174,9 +174,52 @@ fn runtime(command: &Command) -> tokio::runtime::Runtime {
     builder.enable_all().build().expect("a tokio runtime")
 }
 
+/// Whether a panic is `println!`'s on a standard output its reader closed
+/// (`switchyard load smoke.toml | head -1`): std panics "failed printing to
+/// stdout: Broken pipe (os error 32)".
+fn stdout_closed(payload: &(dyn std::any::Any + Send)) -> bool {
+    let text = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("");
+    text.strip_prefix("failed printing to stdout: ")
+        .is_some_and(|cause| cause.starts_with("Broken pipe"))
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
-    let result = match args.command {
+    // Every command prints with `println!`, which panics when its reader
+    // has gone: here, in one place, that panic says nothing, unwinds (a
+    // private PostgreSQL is stopped on the way) and ends the command as a
+    // closed standard output does.
+    let said = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !stdout_closed(info.payload()) {
+            said(info);
+        }
+    }));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| command(args)))
+        .unwrap_or_else(|panic| {
+            if stdout_closed(panic.as_ref()) {
+                Err(cli::Failure::StdoutClosed)
+            } else {
+                std::panic::resume_unwind(panic)
+            }
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(cli::Failure::StdoutClosed) => ExitCode::from(cli::STDOUT_CLOSED),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// Runs one command.
+fn command(args: Args) -> Result<(), cli::Failure> {
+    match args.command {
         Command::Decode(a) => cli::wire::decode(&a),
         Command::Encode(a) => cli::wire::encode(&a),
         Command::Config {
@@ -206,13 +249,6 @@ fn main() -> ExitCode {
                     }
                 }
             })
-        }
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -538,7 +538,7 @@ fn demo_serve_answers_terminals_and_exits_0_on_sigterm() {
         None,
     );
     let report = stdout(&load);
-    assert!(report.contains("errors 0"), "{report}");
+    assert!(report.contains("failed 0"), "{report}");
     // The operator looks a transaction up in the demo's journal.
     let second = lines.next().expect("a second line").unwrap();
     let url = second
@@ -608,7 +608,8 @@ fn demo_serve_answers_terminals_and_exits_0_on_sigterm() {
         "1",
     ]));
     assert!(
-        report.contains("settlement: none yet") && report.contains("only the switch had:"),
+        report.contains("settlement: none yet")
+            && report.contains("batch upload: none yet; the journal counted "),
         "{report}"
     );
     // A scenario file against the running switch, with the report as JSON
@@ -1181,4 +1182,114 @@ async fn reconcile_refuses_to_call_nothing_balanced_or_another_days_file() {
         "{err}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn load_against_a_dead_target_names_the_cause_once_with_its_terminals() {
+    // A port nothing listens on any more.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = listener.local_addr().unwrap().to_string();
+    drop(listener);
+    let out = switchyard(
+        &[
+            "load",
+            "--target",
+            &target,
+            "--terminals",
+            "2",
+            "--duration",
+            "1s",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains(&format!(
+            "error: 2 of 2 terminals stopped early:\n  T0000001, T0000002: cannot connect to {target}: connection refused\n"
+        )),
+        "{err}"
+    );
+    let report = String::from_utf8(out.stdout).unwrap();
+    assert!(report.contains("requests        0"), "{report}");
+}
+
+#[test]
+fn load_refuses_closed_loop_flags_with_a_scenario_file() {
+    let smoke = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/load/smoke.toml");
+    let out = switchyard(
+        &[
+            "load",
+            smoke.to_str().unwrap(),
+            "--terminals",
+            "3",
+            "--duration",
+            "1s",
+            "--mix",
+            "void-heavy",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.starts_with("error: --terminals, --duration, --mix belong to the closed loop"),
+        "{err}"
+    );
+    assert!(err.contains("smoke.toml sets its terminals"), "{err}");
+    assert!(out.stdout.is_empty());
+}
+
+/// A pipe whose reader is gone, as `| head -1` leaves it once head exits.
+fn closed_pipe() -> Stdio {
+    let mut reader = Command::new("true").stdin(Stdio::piped()).spawn().unwrap();
+    let writer = reader.stdin.take().unwrap();
+    reader.wait().unwrap();
+    Stdio::from(writer)
+}
+
+#[test]
+fn a_closed_stdout_ends_a_command_quietly_with_the_status_of_a_broken_pipe() {
+    let hex = std::fs::read_to_string(fixture_dir("cup-pos").join("purchase.request.hex")).unwrap();
+    // decode writes its JSON itself; encode prints it (`println!`).
+    let decode = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["decode", "--dialect", "cup-pos", "--hex", hex.trim()])
+        .stdout(closed_pipe())
+        .output()
+        .unwrap();
+    let json = stdout(&switchyard(
+        &[
+            "decode",
+            "--dialect",
+            "cup-pos",
+            "--reveal",
+            "--hex",
+            hex.trim(),
+        ],
+        None,
+    ));
+    let mut encode = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["encode", "--dialect", "cup-pos"])
+        .stdin(Stdio::piped())
+        .stdout(closed_pipe())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    encode
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(json.as_bytes())
+        .unwrap();
+    let encode = encode.wait_with_output().unwrap();
+    for (name, out) in [("decode", decode), ("encode", encode)] {
+        assert_eq!(
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).as_ref()
+            ),
+            (Some(141), ""),
+            "{name}"
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! `switchyard issuer`: the simulated issuer as a server of its own, and
 //! `switchyard issuer clearing --date D`.
 
+use std::io::ErrorKind::BrokenPipe;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -48,6 +49,19 @@ pub fn threads(args: &IssuerArgs) -> usize {
     IssuerConfig::load(&args.config).map_or(1, |c| c.limits.threads)
 }
 
+/// A clearing file that could not be written, said once: a CSV error says
+/// "writing the clearing file" itself. On standard output, its reader
+/// closing it (`| head`) is no failure to say.
+fn clearing_failure(e: issuer_sim::Error, to_stdout: bool) -> Failure {
+    if to_stdout && e.io().is_some_and(|io| io.kind() == BrokenPipe) {
+        return Failure::StdoutClosed;
+    }
+    match e {
+        issuer_sim::Error::Csv(_) => Failure::Other(anyhow!("{e}")),
+        e => Failure::Other(anyhow!("writing the clearing file: {e}")),
+    }
+}
+
 /// `switchyard issuer`.
 pub async fn run(args: &IssuerArgs) -> Result<(), Failure> {
     let config = load(&args.config)?;
@@ -80,8 +94,9 @@ pub async fn run(args: &IssuerArgs) -> Result<(), Failure> {
             }
             None => issuer_sim::clearing(&pool, *date, std::io::stdout().lock()).await,
         };
-        result.map_err(|e| anyhow!("writing the clearing file: {e}"))?;
-        return Ok(());
+        return result
+            .map(|_| ())
+            .map_err(|e| clearing_failure(e, out.is_none()));
     }
     let seeded = issuer_sim::seed_cards(&pool, &key, &config.cards)
         .await
@@ -104,4 +119,60 @@ pub async fn run(args: &IssuerArgs) -> Result<(), Failure> {
         .map_err(|e| anyhow!("{e}"))?;
     drop(database);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Failure, clearing_failure};
+
+    /// A CSV writer's error, as the clearing file meets it.
+    fn csv_error(kind: std::io::ErrorKind) -> issuer_sim::Error {
+        struct Failing(std::io::ErrorKind);
+        impl std::io::Write for Failing {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(self.0.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Err(self.0.into())
+            }
+        }
+        let mut csv = csv::WriterBuilder::new()
+            .buffer_capacity(1)
+            .from_writer(Failing(kind));
+        issuer_sim::Error::Csv(csv.write_record(["a", "b"]).unwrap_err())
+    }
+
+    #[test]
+    fn a_clearing_file_that_cannot_be_written_is_said_once() {
+        let said = clearing_failure(csv_error(std::io::ErrorKind::StorageFull), false).to_string();
+        assert_eq!(
+            said.matches("writing the clearing file").count(),
+            1,
+            "{said}"
+        );
+        let said = clearing_failure(issuer_sim::Error::Database(sqlx::Error::PoolTimedOut), true)
+            .to_string();
+        assert!(
+            said.starts_with("writing the clearing file: database: "),
+            "{said}"
+        );
+    }
+
+    #[test]
+    fn a_clearing_file_whose_reader_went_away_is_no_failure_to_say() {
+        let pipe = std::io::ErrorKind::BrokenPipe;
+        assert!(matches!(
+            clearing_failure(csv_error(pipe), true),
+            Failure::StdoutClosed
+        ));
+        assert!(matches!(
+            clearing_failure(issuer_sim::Error::Io(pipe.into()), true),
+            Failure::StdoutClosed
+        ));
+        // To a file (--out), a broken pipe is a failure like any other.
+        assert!(matches!(
+            clearing_failure(csv_error(pipe), false),
+            Failure::Other(_)
+        ));
+    }
 }

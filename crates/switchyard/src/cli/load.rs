@@ -28,25 +28,50 @@ pub struct LoadArgs {
     /// The switch's terminal address.
     #[arg(long, default_value = "127.0.0.1:8583")]
     pub target: String,
-    /// Terminals (T0000001 upwards), each with one purchase in flight.
-    #[arg(long, default_value_t = 16)]
-    pub terminals: usize,
-    /// Their merchant.
-    #[arg(long, default_value = "898310048160001")]
-    pub merchant: String,
-    /// How long, e.g. 10s.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    pub duration: Duration,
-    /// Cards used round robin, 6222020000000000001 upwards.
-    #[arg(long, default_value_t = 10_000)]
-    pub cards: u64,
-    /// Fen per purchase.
-    #[arg(long, default_value_t = 100)]
-    pub amount: u64,
+    /// The closed loop's terminals (T0000001 upwards), each with one
+    /// request in flight [default: 16].
+    #[arg(long)]
+    pub terminals: Option<usize>,
+    /// Their merchant [default: 898310048160001].
+    #[arg(long)]
+    pub merchant: Option<String>,
+    /// How long the closed loop sends, e.g. 10s [default: 10s].
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Cards used round robin, 6222020000000000001 upwards [default: 10000].
+    #[arg(long)]
+    pub cards: Option<u64>,
+    /// Fen per purchase [default: 100].
+    #[arg(long)]
+    pub amount: Option<u64>,
     /// What each terminal sends: purchases, or void-heavy (a purchase and
-    /// its void, a purchase and its reversal).
-    #[arg(long, value_enum, default_value = "purchases")]
-    pub mix: MixArg,
+    /// its void, a purchase and its reversal) [default: purchases].
+    #[arg(long, value_enum)]
+    pub mix: Option<MixArg>,
+    /// How long a terminal waits for its connection and sign-on, and for
+    /// each reply, before it stops and says so; the run ends at most this
+    /// long after its duration [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub reply_timeout: Option<Duration>,
+}
+
+impl LoadArgs {
+    /// The closed loop's flags that were given: a scenario file sets its
+    /// terminals, duration, mix and the rest itself.
+    fn closed_loop_flags(&self) -> Vec<&'static str> {
+        [
+            ("--terminals", self.terminals.is_some()),
+            ("--merchant", self.merchant.is_some()),
+            ("--duration", self.duration.is_some()),
+            ("--cards", self.cards.is_some()),
+            ("--amount", self.amount.is_some()),
+            ("--mix", self.mix.is_some()),
+            ("--reply-timeout", self.reply_timeout.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect()
+    }
 }
 
 /// `--mix`.
@@ -239,6 +264,15 @@ pub fn all_balanced(batches: &[(String, u32)]) -> Result<(), Failure> {
 /// `switchyard load`.
 pub async fn run(args: &LoadArgs) -> Result<(), Failure> {
     if let Some(path) = &args.scenario {
+        let given = args.closed_loop_flags();
+        if !given.is_empty() {
+            return Err(Failure::Input(anyhow::anyhow!(
+                "{} belong to the closed loop (no scenario file); {} sets its terminals, \
+                 duration, mix, merchant, cards, amounts and reply_timeout itself: change them there",
+                given.join(", "),
+                path.display()
+            )));
+        }
         let scenario = loadgen::scenario::Scenario::load(path)
             .map_err(|p| Failure::Input(anyhow::anyhow!("{p}")))?;
         let outputs = Outputs {
@@ -262,38 +296,73 @@ pub async fn run(args: &LoadArgs) -> Result<(), Failure> {
         .await?;
         return all_balanced(&unbalanced);
     }
+    let terminals = args.terminals.unwrap_or(16);
     let outcome = run_plan(Plan {
         target: args.target.clone(),
-        terminals: args.terminals,
-        merchant: args.merchant.clone(),
-        duration: args.duration,
-        cards: args.cards,
-        amount: args.amount,
-        mix: match args.mix {
+        terminals,
+        merchant: args
+            .merchant
+            .clone()
+            .unwrap_or_else(|| "898310048160001".into()),
+        duration: args.duration.unwrap_or(Duration::from_secs(10)),
+        cards: args.cards.unwrap_or(10_000),
+        amount: args.amount.unwrap_or(100),
+        mix: match args.mix.unwrap_or(MixArg::Purchases) {
             MixArg::Purchases => Mix::Purchases,
             MixArg::VoidHeavy => Mix::VoidHeavy,
         },
+        reply_timeout: args
+            .reply_timeout
+            .unwrap_or(loadgen::scenario::DEFAULT_REPLY_TIMEOUT),
     })
     .await;
     let ms = |q: f64| outcome.latency.value_at_quantile(q) as f64 / 1000.0;
     println!(
-        "terminals {:>3}  requests {:>8}  approved {:>8}  errors {}  rate {:>8.0}/s  p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
-        args.terminals,
+        "terminals {:>3}  requests {:>8}  approved {:>8}  failed {}  rate {:>8.0}/s  p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        terminals,
         outcome.answered,
         outcome.approved,
-        outcome.errors,
+        outcome.failures.len(),
         outcome.rate(),
         ms(0.5),
         ms(0.99),
         outcome.latency.max() as f64 / 1000.0
     );
-    if outcome.errors > 0 {
-        return Err(Failure::Other(anyhow::anyhow!(
-            "{} terminals failed",
-            outcome.errors
-        )));
+    if !outcome.codes.is_empty() {
+        println!("response codes  {}", outcome.codes_line());
     }
-    Ok(())
+    verdict(&outcome, terminals)
+}
+
+/// The run fails when a terminal stopped early (each cause said once, with
+/// its terminals), or when requests were answered and none approved.
+fn verdict(outcome: &loadgen::closed::Outcome, terminals: usize) -> Result<(), Failure> {
+    let mut problems = Vec::new();
+    if !outcome.failures.is_empty() {
+        let mut said = format!(
+            "{} of {terminals} terminals stopped early:",
+            outcome.failures.len()
+        );
+        for (cause, ids) in outcome.causes() {
+            let more = match ids.len().saturating_sub(4) {
+                0 => String::new(),
+                n => format!(" and {n} more"),
+            };
+            let shown: Vec<&str> = ids.iter().take(4).copied().collect();
+            said.push_str(&format!("\n  {}{more}: {cause}", shown.join(", ")));
+        }
+        problems.push(said);
+    }
+    if let Some(nothing) = outcome.nothing_approved() {
+        problems.push(format!(
+            "{nothing}: the switch refused the terminals, merchant or cards \
+             (e.g. 97 terminal disabled, 03 merchant unknown); the rate above is of refusals"
+        ));
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(Failure::Other(anyhow::anyhow!("{}", problems.join("\n"))))
 }
 
 #[cfg(test)]

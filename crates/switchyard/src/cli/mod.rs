@@ -17,14 +17,32 @@ pub enum Failure {
     Input(anyhow::Error),
     /// Anything else (unreadable file, bad config): exit status 1.
     Other(anyhow::Error),
+    /// Standard output was closed by its reader (`| head -1`): nothing to
+    /// say, and the exit status of a program that wrote into a closed pipe.
+    StdoutClosed,
+}
+
+/// 128 + SIGPIPE: what the shell shows for any program that writes into a
+/// pipe its reader closed (`yes | head -1`).
+pub const STDOUT_CLOSED: u8 = 141;
+
+/// A failed write to standard output: its reader closing it is
+/// [`Failure::StdoutClosed`], anything else is said.
+pub fn writing_stdout(e: std::io::Error) -> Failure {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        return Failure::StdoutClosed;
+    }
+    Failure::Other(anyhow::Error::new(e).context("writing to standard output"))
 }
 
 impl Failure {
-    /// 2 for malformed input, 1 otherwise.
+    /// 2 for malformed input, [`STDOUT_CLOSED`] for a closed standard
+    /// output, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
             Failure::Input(_) => 2,
             Failure::Other(_) => 1,
+            Failure::StdoutClosed => STDOUT_CLOSED,
         }
     }
 }
@@ -37,7 +55,9 @@ impl std::fmt::Display for Failure {
     /// PostgreSQL's C source that raised it, which tells an operator
     /// nothing).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (Failure::Input(e) | Failure::Other(e)) = self;
+        let (Failure::Input(e) | Failure::Other(e)) = self else {
+            return f.write_str("standard output closed");
+        };
         let mut said = String::new();
         for cause in e.chain() {
             let text = match cause.downcast_ref::<sqlx::Error>() {

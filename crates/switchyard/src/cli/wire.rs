@@ -155,8 +155,7 @@ pub fn decode(args: &DecodeArgs) -> Result<(), Failure> {
     out.push(b'\n');
     std::io::stdout()
         .write_all(&out)
-        .map_err(anyhow::Error::from)?;
-    Ok(())
+        .map_err(super::writing_stdout)
 }
 
 /// `switchyard encode`.
