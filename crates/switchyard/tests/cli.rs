@@ -1293,3 +1293,18 @@ fn a_closed_stdout_ends_a_command_quietly_with_the_status_of_a_broken_pipe() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_clearing_file_needs_no_pan_key() {
+    let url = embedded_pg::test_database().await;
+    let issuer = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/issuer-sim.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["issuer", "--config", issuer.to_str().unwrap()])
+        .args(["clearing", "--date", "2026-12-07"])
+        .env("DATABASE_URL", &url)
+        .env_remove("SWITCHYARD_ISSUER_PAN_KEY")
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(text.starts_with("posting_id,time,"), "{text}");
+}

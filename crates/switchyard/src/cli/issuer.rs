@@ -62,30 +62,12 @@ fn clearing_failure(e: issuer_sim::Error, to_stdout: bool) -> Failure {
     }
 }
 
-/// `switchyard issuer`.
+/// `switchyard issuer`: serves, or with `clearing`, writes a day's postings.
 pub async fn run(args: &IssuerArgs) -> Result<(), Failure> {
     let config = load(&args.config)?;
-    let key = PanKey::load(&config.keys).map_err(|e| {
-        let named = config.keys.pan_key_file.is_some();
-        Failure::Other(anyhow!(
-            "{}",
-            super::admin::key_problem(&args.config, "pan_key_file", named, e)
-        ))
-    })?;
-    let database = db::open(
-        config.database.url.as_deref(),
-        config.database.embedded_data_dir.as_deref(),
-        "switchyard",
-        "the issuer's books (the card balances and postings)",
-    )
-    .await?;
-    let pool = issuer_sim::connect(&database.url)
-        .await
-        .with_context(|| db::connecting(&database.url))?;
-    issuer_sim::migrate(&pool)
-        .await
-        .map_err(|e| anyhow!("issuer migrations: {e}"))?;
     if let Some(IssuerCommand::Clearing { date, out }) = &args.command {
+        // Postings hold masked PANs only: the clearing file needs no key.
+        let (pool, _database) = books(&config).await?;
         let result = match out {
             Some(path) => {
                 let file = std::fs::File::create(path)
@@ -98,6 +80,14 @@ pub async fn run(args: &IssuerArgs) -> Result<(), Failure> {
             .map(|_| ())
             .map_err(|e| clearing_failure(e, out.is_none()));
     }
+    let key = PanKey::load(&config.keys).map_err(|e| {
+        let named = config.keys.pan_key_file.is_some();
+        Failure::Other(anyhow!(
+            "{}",
+            super::admin::key_problem(&args.config, "pan_key_file", named, e)
+        ))
+    })?;
+    let (pool, database) = books(&config).await?;
     let seeded = issuer_sim::seed_cards(&pool, &key, &config.cards)
         .await
         .map_err(|e| anyhow!("seeding cards: {e}"))?;
@@ -119,6 +109,25 @@ pub async fn run(args: &IssuerArgs) -> Result<(), Failure> {
         .map_err(|e| anyhow!("{e}"))?;
     drop(database);
     Ok(())
+}
+
+/// The issuer's books, migrated (and the private server behind them, when
+/// there is one).
+async fn books(config: &IssuerConfig) -> Result<(sqlx::PgPool, db::Database), Failure> {
+    let database = db::open(
+        config.database.url.as_deref(),
+        config.database.embedded_data_dir.as_deref(),
+        "switchyard",
+        "the issuer's books (the card balances and postings)",
+    )
+    .await?;
+    let pool = issuer_sim::connect(&database.url)
+        .await
+        .with_context(|| db::connecting(&database.url))?;
+    issuer_sim::migrate(&pool)
+        .await
+        .map_err(|e| anyhow!("issuer migrations: {e}"))?;
+    Ok((pool, database))
 }
 
 #[cfg(test)]
