@@ -1308,3 +1308,29 @@ async fn the_clearing_file_needs_no_pan_key() {
     let text = stdout(&out);
     assert!(text.starts_with("posting_id,time,"), "{text}");
 }
+
+#[test]
+fn config_check_names_missing_files_at_their_keys_beside_other_problems() {
+    let dir = std::env::temp_dir().join(format!("sy-named-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("sw.toml");
+    std::fs::write(
+        &config,
+        "[keys]\npan_hash_key_file = \"missing.key\"\n[seed]\nterminals = \"terminalz.toml\"\n[dialects]\nterminal = \"cup.toml\"\n[limits]\nmax_frame = \"2k\"\n",
+    )
+    .unwrap();
+    let out = switchyard(&["config", "check", config.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(2));
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let at = |line: usize, key: &str| format!("{}:{line}: {key}: ", config.display());
+    for expected in [
+        at(8, "limits.max_frame"),
+        at(4, "seed.terminals") + &dir.join("terminalz.toml").display().to_string(),
+        at(6, "dialects.terminal") + &dir.join("cup.toml").display().to_string(),
+        at(2, "keys.pan_hash_key_file"),
+    ] {
+        assert!(text.contains(&expected), "{expected:?} in {text}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

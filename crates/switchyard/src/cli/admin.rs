@@ -108,41 +108,50 @@ pub fn guess(path: &Path) -> Kind {
 pub fn problems(path: &Path, kind: Kind) -> Vec<String> {
     let lines = |text: String| text.lines().map(str::to_string).collect::<Vec<_>>();
     match kind {
-        Kind::Switch => match switch::Config::load(path) {
-            Err(p) => lines(p.to_string()),
-            Ok(config) => {
-                // The files it names must be usable too.
-                let mut found = Vec::new();
-                if let Some(t) = &config.seed.terminals {
-                    found.extend(problems(t, Kind::Terminals));
+        Kind::Switch => {
+            // The files it names are checked even when the config itself
+            // has problems, so that one check lists them all.
+            let (mut found, dialects_read) = named_files_problems(path);
+            match switch::Config::load(path) {
+                Err(p) => {
+                    let mut own = lines(p.to_string());
+                    own.append(&mut found);
+                    own
                 }
-                let mut dialects_read = true;
-                for d in [&config.dialects.terminal, &config.dialects.network]
-                    .into_iter()
-                    .flatten()
-                {
-                    let of_file = problems(d, Kind::Dialect);
-                    dialects_read &= of_file.is_empty();
-                    found.extend(of_file);
-                }
-                // Dialects that read: do they carry what the switch needs?
-                if dialects_read {
-                    if let Err(switch::StartError::DialectFit(misfits)) =
-                        switch::load_dialects(&config)
-                    {
-                        found.extend(misfits);
+                Ok(config) => {
+                    // Dialects that read: do they carry what the switch needs?
+                    if dialects_read {
+                        if let Err(switch::StartError::DialectFit(misfits)) =
+                            switch::load_dialects(&config)
+                        {
+                            found.extend(misfits);
+                        }
                     }
+                    found
                 }
-                if let Some(k) = &config.keys.pan_hash_key_file {
-                    if let Err(e) = switch::PanHashKey::load(Some(k)) {
-                        found.push(key_problem(path, "pan_hash_key_file", true, e));
-                    }
+            }
+        }
+        Kind::Issuer => match issuer_sim::IssuerConfig::load(path) {
+            Err(e) => {
+                // Its key file too, as written, so that one check lists both.
+                let mut found = lines(e.to_string());
+                let key_file = std::fs::read_to_string(path)
+                    .ok()
+                    .and_then(|text| text.parse::<toml::Table>().ok())
+                    .and_then(|root| {
+                        let file = root.get("keys")?.get("pan_key_file")?.as_str()?.to_string();
+                        Some(path.parent().unwrap_or(Path::new(".")).join(file))
+                    });
+                if let Some(file) = key_file.filter(|f| std::fs::metadata(f).is_err()) {
+                    found.push(key_problem(
+                        path,
+                        "pan_key_file",
+                        true,
+                        format!("{}: cannot read", file.display()),
+                    ));
                 }
                 found
             }
-        },
-        Kind::Issuer => match issuer_sim::IssuerConfig::load(path) {
-            Err(e) => lines(e.to_string()),
             Ok(config) => match &config.keys.pan_key_file {
                 Some(_) => match issuer_sim::PanKey::load(&config.keys) {
                     Err(e) => vec![key_problem(path, "pan_key_file", true, e)],
@@ -164,6 +173,52 @@ pub fn problems(path: &Path, kind: Kind) -> Vec<String> {
             Ok(_) => Vec::new(),
         },
     }
+}
+
+/// The problems of the files a switch config names (its terminals file,
+/// dialects and key file), read from its TOML as written, relative to its
+/// folder; a file that cannot be read is said at the key that names it.
+/// Also whether every dialect it names read.
+fn named_files_problems(path: &Path) -> (Vec<String>, bool) {
+    let root = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .unwrap_or_default();
+    let base = path.parent().unwrap_or(Path::new("."));
+    let named = |table: &str, key: &str| root.get(table)?.get(key)?.as_str().map(|p| base.join(p));
+    let unreadable = |table: &str, key: &str, file: &Path| {
+        std::fs::metadata(file).err().map(|e| {
+            format!(
+                "{}:{}: {table}.{key}: {}: cannot read: {e}",
+                path.display(),
+                line_of_key(path, key),
+                file.display()
+            )
+        })
+    };
+    let mut found = Vec::new();
+    let mut dialects_read = true;
+    for (table, key, kind) in [
+        ("seed", "terminals", Kind::Terminals),
+        ("dialects", "terminal", Kind::Dialect),
+        ("dialects", "network", Kind::Dialect),
+    ] {
+        let Some(file) = named(table, key) else {
+            continue;
+        };
+        let of_file = match unreadable(table, key, &file) {
+            Some(problem) => vec![problem],
+            None => problems(&file, kind),
+        };
+        dialects_read &= kind != Kind::Dialect || of_file.is_empty();
+        found.extend(of_file);
+    }
+    if let Some(file) = named("keys", "pan_hash_key_file") {
+        if let Err(e) = switch::PanHashKey::load(Some(&file)) {
+            found.push(key_problem(path, "pan_hash_key_file", true, e));
+        }
+    }
+    (found, dialects_read)
 }
 
 /// A key file's problem as a config problem: `file:line: keys.KEY: error`
