@@ -112,7 +112,16 @@ pub fn parse<T>(
         Ok(root) => root,
         Err(e) => {
             let at = e.span().map_or(0, |s| s.start);
-            ctx.report(at, "(syntax)", e.message().replace('\n', " "));
+            let mut message = e.message().replace('\n', " ");
+            // "duplicate key" alone does not say which.
+            if let Some(key) = e
+                .span()
+                .filter(|_| message.starts_with("duplicate key"))
+                .and_then(|s| text.get(s))
+            {
+                message = format!("{message} {:?}", key.trim());
+            }
+            ctx.report(at, "(syntax)", message);
             return Err(Problems(ctx.problems.into_inner()));
         }
     };
@@ -582,6 +591,12 @@ mod tests {
     fn syntax_errors_have_a_line() {
         let problems = read("listen = \"x\"\n[rules\n").unwrap_err();
         assert_eq!(problems.0[0].line, 2, "{problems}");
+        let problems = read("[fields]\n3 = 1\n03 = 2\n3 = 4\n").unwrap_err();
+        assert!(
+            problems.0[0].message.ends_with("duplicate key \"3\""),
+            "{problems}"
+        );
+        assert_eq!(problems.0[0].line, 4, "{problems}");
     }
 
     #[test]

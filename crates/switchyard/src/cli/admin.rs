@@ -254,8 +254,14 @@ fn line_of_key(path: &Path, key: &str) -> usize {
 pub fn check(args: &CheckArgs) -> Result<(), Failure> {
     let kind = args.kind.unwrap_or_else(|| guess(&args.file));
     let found = problems(&args.file, kind);
+    let parses = std::fs::read_to_string(&args.file)
+        .ok()
+        .and_then(|text| settings::top_level_keys(&text))
+        .is_some();
     let read_as = match args.kind {
         Some(_) => format!("read as {}", kind.noun()),
+        // Its keys unknown, its kind was only guessed from its name.
+        None if !parses => "not TOML that parses, so of no kind yet".to_string(),
         None => format!("read as {}; --kind to say otherwise", kind.noun()),
     };
     if found.is_empty() {
