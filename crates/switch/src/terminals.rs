@@ -435,10 +435,10 @@ impl Fleet {
     /// merchant or terminal takes the default. A terminal keeps its open
     /// batch.
     pub async fn store(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
-        // New rows first, then every row takes what is given: one upsert
-        // cannot do it, as `excluded` holds a defaulted value and not whether
-        // one was given. Rows that would not change are not rewritten (the
-        // seed runs at every start).
+        // An upsert cannot do it, as `excluded` holds a defaulted value and
+        // not whether one was given: new rows are inserted with the
+        // defaults, stored ones take what is given. Rows that would not
+        // change are not rewritten (the seed runs at every start).
         let mut tx = pool.begin().await?;
         let merchants = |f: fn(&MerchantRow) -> Option<String>| {
             self.merchants.iter().map(f).collect::<Vec<_>>()
@@ -449,23 +449,19 @@ impl Fleet {
             merchants(|m| m.mcc.clone()),
         );
         let enabled: Vec<_> = self.merchants.iter().map(|m| m.enabled).collect();
+        // New rows take the defaults; the UPDATE cannot see them (one
+        // snapshot), so it changes the stored rows only.
         sqlx::query(
-            "INSERT INTO merchants (id, name, mcc, enabled)
-             SELECT id, coalesce(name, ''), coalesce(mcc, '5999'), coalesce(enabled, true)
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[]) AS g(id, name, mcc, enabled)
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&ids)
-        .bind(&names)
-        .bind(&mccs)
-        .bind(&enabled)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE merchants m
+            "WITH g AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[])
+                        AS g(id, name, mcc, enabled)),
+                  added AS (INSERT INTO merchants (id, name, mcc, enabled)
+                            SELECT id, coalesce(name, ''), coalesce(mcc, '5999'), coalesce(enabled, true)
+                            FROM g
+                            ON CONFLICT (id) DO NOTHING)
+             UPDATE merchants m
              SET name = coalesce(g.name, m.name), mcc = coalesce(g.mcc, m.mcc),
                  enabled = coalesce(g.enabled, m.enabled)
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[]) AS g(id, name, mcc, enabled)
+             FROM g
              WHERE m.id = g.id
                AND (coalesce(g.name, m.name), coalesce(g.mcc, m.mcc), coalesce(g.enabled, m.enabled))
                    IS DISTINCT FROM (m.name, m.mcc, m.enabled)",
@@ -484,20 +480,14 @@ impl Fleet {
             .collect();
         let enabled: Vec<_> = self.terminals.iter().map(|t| t.enabled).collect();
         sqlx::query(
-            "INSERT INTO terminals (id, merchant_id, enabled)
-             SELECT id, merchant_id, coalesce(enabled, true)
-             FROM unnest($1::text[], $2::text[], $3::bool[]) AS g(id, merchant_id, enabled)
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&ids)
-        .bind(&merchant_ids)
-        .bind(&enabled)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE terminals t
+            "WITH g AS (SELECT * FROM unnest($1::text[], $2::text[], $3::bool[])
+                        AS g(id, merchant_id, enabled)),
+                  added AS (INSERT INTO terminals (id, merchant_id, enabled)
+                            SELECT id, merchant_id, coalesce(enabled, true) FROM g
+                            ON CONFLICT (id) DO NOTHING)
+             UPDATE terminals t
              SET merchant_id = g.merchant_id, enabled = coalesce(g.enabled, t.enabled)
-             FROM unnest($1::text[], $2::text[], $3::bool[]) AS g(id, merchant_id, enabled)
+             FROM g
              WHERE t.id = g.id
                AND (g.merchant_id, coalesce(g.enabled, t.enabled)) IS DISTINCT FROM (t.merchant_id, t.enabled)",
         )
