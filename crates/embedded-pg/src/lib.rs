@@ -446,14 +446,19 @@ impl EmbeddedPg {
     }
 
     /// The port of a server already running on `data_dir` (another
-    /// command's, say `switchyard serve`'s), from its `postmaster.pid`, when
-    /// its process is alive.
+    /// command's, say `switchyard serve`'s), from its `postmaster.pid`:
+    /// when the process it names is a `postgres` and the file says it is
+    /// ready. A file a crash left (its process id since reused, or gone)
+    /// names none, and starting a server there lets PostgreSQL clear it.
     pub fn running_on(data_dir: &Path) -> Option<u16> {
         let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
-        let mut lines = text.lines();
-        let pid: u32 = lines.next()?.trim().parse().ok()?;
-        let port = lines.nth(2)?.trim().parse().ok()?;
-        Path::new(&format!("/proc/{pid}")).exists().then_some(port)
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        let pid: u32 = lines.first()?.parse().ok()?;
+        let port = lines.get(3)?.parse().ok()?;
+        let ready = lines.get(7) == Some(&"ready");
+        let postgres = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|name| name.trim() == "postgres");
+        (ready && postgres).then_some(port)
     }
 
     /// The URL of database `db` on a server of this kind on `port`.

@@ -21,12 +21,15 @@ pub struct Database {
 
 /// Resolves the database; `name` is the database created on a private
 /// server, and `keeps` what the database holds, for the refusal when
-/// there is none.
+/// there is none. A command that serves until stopped (`lasting`: `serve`,
+/// `issuer`) runs its own private server: one another command started
+/// stops when that command ends.
 pub async fn open(
     configured: Option<&str>,
     data_dir: Option<&Path>,
     name: &str,
     keeps: &str,
+    lasting: bool,
 ) -> anyhow::Result<Database> {
     if let Ok(url) = std::env::var("DATABASE_URL") {
         return Ok(Database { url, _server: None });
@@ -47,6 +50,15 @@ pub async fn open(
     // Another command's server (`serve`'s, while `txn show` reads the
     // journal): used, not started twice.
     if let Some(port) = EmbeddedPg::running_on(data_dir) {
+        if lasting {
+            bail!(
+                "the private PostgreSQL in {} (database.embedded_data_dir) is already running, on \
+                 port {port}, started by another command that stops it when it ends: stop that \
+                 command first (a serving command starts its own), or give this one a \
+                 database.url",
+                data_dir.display()
+            );
+        }
         let url = embedded_pg::create_database(&EmbeddedPg::url_on(port, "postgres"), name)
             .await
             .with_context(|| {
@@ -79,4 +91,37 @@ pub async fn open(
 /// The context of a failed connection: where to, the user and password left out.
 pub fn connecting(url: &str) -> String {
     format!("connecting to the database at {}", switch::database_at(url))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_serving_command_never_leans_on_a_server_another_command_runs() {
+        if std::env::var("DATABASE_URL").is_ok() {
+            // It wins over any data dir: nothing here to try.
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("sy-db-lean-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let other = EmbeddedPg::start(Options {
+            data_dir: Some(dir.clone()),
+            ..Options::default()
+        })
+        .await
+        .unwrap();
+        let refused = open(None, Some(&dir), "lean", "the journal", true)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("is already running"), "{refused}");
+        let brief = open(None, Some(&dir), "lean", "the journal", false)
+            .await
+            .unwrap();
+        assert_eq!(brief.url, EmbeddedPg::url_on(other.port(), "lean"));
+        drop(brief);
+        drop(other);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -67,7 +67,7 @@ pub async fn run(args: &IssuerArgs) -> Result<(), Failure> {
     let config = load(&args.config)?;
     if let Some(IssuerCommand::Clearing { date, out }) = &args.command {
         // Postings hold masked PANs only: the clearing file needs no key.
-        let (pool, _database) = books(&config).await?;
+        let (pool, _database) = books(&config, false).await?;
         let result = match out {
             Some(path) => {
                 let file = std::fs::File::create(path)
@@ -87,7 +87,7 @@ pub async fn run(args: &IssuerArgs) -> Result<(), Failure> {
             super::admin::key_problem(&args.config, "pan_key_file", named, e)
         ))
     })?;
-    let (pool, database) = books(&config).await?;
+    let (pool, database) = books(&config, true).await?;
     let seeded = issuer_sim::seed_cards(&pool, &key, &config.cards)
         .await
         .map_err(|e| anyhow!("seeding cards: {e}"))?;
@@ -112,13 +112,17 @@ pub async fn run(args: &IssuerArgs) -> Result<(), Failure> {
 }
 
 /// The issuer's books, migrated (and the private server behind them, when
-/// there is one).
-async fn books(config: &IssuerConfig) -> Result<(sqlx::PgPool, db::Database), Failure> {
+/// there is one); `serving` as [`db::open`]'s `lasting`.
+async fn books(
+    config: &IssuerConfig,
+    serving: bool,
+) -> Result<(sqlx::PgPool, db::Database), Failure> {
     let database = db::open(
         config.database.url.as_deref(),
         config.database.embedded_data_dir.as_deref(),
         "switchyard",
         "the issuer's books (the card balances and postings)",
+        serving,
     )
     .await?;
     let pool = issuer_sim::connect(&database.url)

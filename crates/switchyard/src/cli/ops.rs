@@ -53,7 +53,7 @@ pub async fn journal_pool(
     config: &std::path::Path,
 ) -> Result<(sqlx::PgPool, db::Database), Failure> {
     let database = match std::env::var("DATABASE_URL") {
-        Ok(url) => db::open(Some(&url), None, "switchyard", "").await?,
+        Ok(url) => db::open(Some(&url), None, "switchyard", "", false).await?,
         Err(_) => {
             let config = load_config(config)?;
             db::open(
@@ -61,6 +61,7 @@ pub async fn journal_pool(
                 config.database.embedded_data_dir.as_deref(),
                 "switchyard",
                 "the journal",
+                false,
             )
             .await?
         }

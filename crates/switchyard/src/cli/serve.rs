@@ -88,6 +88,7 @@ pub async fn serve(args: &ServeArgs) -> Result<(), Failure> {
         config.database.embedded_data_dir.as_deref(),
         "switchyard",
         "the journal (and with it what the switch left at the issuer)",
+        true,
     )
     .await?;
     let pool = switch::connect(&database.url, config.database.max_connections)
@@ -169,6 +170,7 @@ async fn migrated(config: &Config) -> Result<(sqlx::PgPool, db::Database, usize)
         config.database.embedded_data_dir.as_deref(),
         "switchyard",
         "the journal (and with it what the switch left at the issuer)",
+        false,
     )
     .await?;
     let pool = switch::connect(&database.url, 2)
