@@ -102,10 +102,26 @@ pub async fn migrate(pool: &PgPool) -> Result<usize, sqlx::migrate::MigrateError
 /// refuses a key other than the one recorded.
 pub async fn check_key(pool: &PgPool, key: &PanHashKey) -> Result<(), StartError> {
     let check = key.check_value().to_vec();
-    sqlx::query("INSERT INTO meta (key_check) VALUES ($1) ON CONFLICT (id) DO NOTHING")
-        .bind(&check)
-        .execute(pool)
-        .await?;
+    let recorded =
+        sqlx::query("INSERT INTO meta (key_check) VALUES ($1) ON CONFLICT (id) DO NOTHING")
+            .bind(&check)
+            .execute(pool)
+            .await?
+            .rows_affected();
+    if recorded > 0 {
+        let written: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM journal)")
+            .fetch_one(pool)
+            .await?;
+        if written {
+            // A journal from before the check: its key cannot be checked,
+            // only taken. Said, so that a wrong one is noticed now.
+            tracing::warn!(
+                "the journal had no PAN hash key check yet: this key is now the journal's, and \
+                 every other is refused; if its rows were written under another key, stop and \
+                 start with that one (matching by card would find nothing)"
+            );
+        }
+    }
     // A statement of its own: it sees the row another switch starting at
     // the same moment committed.
     let stored: Vec<u8> = sqlx::query_scalar("SELECT key_check FROM meta")
@@ -116,6 +132,56 @@ pub async fn check_key(pool: &PgPool, key: &PanHashKey) -> Result<(), StartError
     } else {
         Err(StartError::KeyMismatch)
     }
+}
+
+/// Once, at the first start that keeps F32 and F33 per row (migration
+/// 0010): the rows journalled before it that a later message may still
+/// name (received within the refund and pre-authorisation windows, still
+/// `sent`, or with an advice pending) take the config's, as they were sent
+/// with them; otherwise a change of `institution_id` afterwards would name
+/// them by the new one. Returns how many rows and advices were given them.
+pub async fn keep_acquirer_of_older_rows(
+    pool: &PgPool,
+    config: &Config,
+) -> Result<u64, sqlx::Error> {
+    let days = config
+        .rules
+        .refund_window_days
+        .max(config.rules.preauth_valid_days)
+        + 1;
+    let mut tx = pool.begin().await?;
+    let kept: Option<bool> = sqlx::query_scalar("SELECT acquirer_kept FROM meta FOR UPDATE")
+        .fetch_optional(&mut *tx)
+        .await?;
+    if kept != Some(false) {
+        return Ok(0);
+    }
+    let rows = sqlx::query(
+        "UPDATE journal j SET institution_id = $1, forwarding_id = $2
+         WHERE j.institution_id IS NULL
+           AND (j.received_at > now() - make_interval(days => $3) OR j.state = 'sent'
+                OR EXISTS (SELECT 1 FROM advices a WHERE a.journal_id = j.id AND a.state = 'pending'))",
+    )
+    .bind(&config.institution_id)
+    .bind(&config.forwarding_id)
+    .bind(days as i32)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    let advices = sqlx::query(
+        "UPDATE advices SET original_institution_id = $1, original_forwarding_id = $2
+         WHERE original_institution_id IS NULL AND state = 'pending'",
+    )
+    .bind(&config.institution_id)
+    .bind(&config.forwarding_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    sqlx::query("UPDATE meta SET acquirer_kept = true")
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(rows + advices)
 }
 
 /// Where a database URL points, for messages: `host:port/database`, the
@@ -173,6 +239,15 @@ pub async fn start(
     }
     migrate(&pool).await?;
     check_key(&pool, &key).await?;
+    let kept = keep_acquirer_of_older_rows(&pool, &config).await?;
+    if kept > 0 {
+        tracing::info!(
+            rows = kept,
+            institution_id = %config.institution_id,
+            forwarding_id = %config.forwarding_id,
+            "rows journalled before F32 and F33 were kept now keep the config's"
+        );
+    }
     if let Some(path) = &config.seed.terminals {
         terminals::Fleet::load(path)?.store(&pool).await?;
     }

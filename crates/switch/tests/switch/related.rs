@@ -1395,3 +1395,58 @@ async fn follow_ons_after_the_institution_id_changed_name_the_sale_as_it_was_sen
     );
     restart.cancel();
 }
+
+#[tokio::test]
+async fn a_sale_journalled_before_f32_was_kept_takes_the_ids_of_the_first_start_that_keeps_them() {
+    let mut w = world().await;
+    let pan = "6222020000000000043";
+    let before = w.balance(pan).await;
+    let mut t = w.signed_on("T0000020").await;
+    let sale = purchase(&mut t, pan, 4_000).await;
+    w.shutdown.cancel();
+    w.run.take().expect("running").await.unwrap();
+    // As a switch from before migration 0010 left it.
+    sqlx::query("UPDATE journal SET institution_id = NULL, forwarding_id = NULL")
+        .execute(&w.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE meta SET acquirer_kept = false")
+        .execute(&w.pool)
+        .await
+        .unwrap();
+    // The upgrade's first start, with the ids the sale was sent with.
+    let (_s, _addr, upgraded) = w.another_switch().await;
+    upgraded.cancel();
+    let kept: (Option<String>, Option<String>) =
+        sqlx::query_as("SELECT institution_id, forwarding_id FROM journal WHERE kind = 'purchase'")
+            .fetch_one(&w.pool)
+            .await
+            .unwrap();
+    let defaults = switch::Config::default();
+    assert_eq!(
+        kept,
+        (Some(defaults.institution_id), Some(defaults.forwarding_id))
+    );
+    assert_eq!(
+        switch::keep_acquirer_of_older_rows(&w.pool, &switch::Config::default())
+            .await
+            .unwrap(),
+        0,
+        "once"
+    );
+    // Later the institution id changes; the refund still names the sale.
+    let (_s, addr, changed) = w
+        .another_switch_with(|c| c.institution_id = "48569999".into())
+        .await;
+    let mut t = Terminal::connect(&addr, "T0000020", MERCHANT, w.dialect.clone())
+        .await
+        .unwrap();
+    t.batch = sale.batch;
+    for _ in 0..sale.stan {
+        t.next_stan();
+    }
+    assert_eq!(refund(&mut t, pan, 4_000, &sale).await.rc(), "00");
+    advices_drained(&w).await;
+    assert_eq!(w.balance(pan).await, before, "refunded at the issuer");
+    changed.cancel();
+}
