@@ -230,6 +230,18 @@ pub async fn journal_effects(
     .await
 }
 
+/// How many entries that went to the issuer have `date` for their
+/// business day: a check of the UTC day `date` that finds none of them
+/// was likely given a business day.
+pub async fn of_business_day(pool: &PgPool, date: NaiveDate) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM journal WHERE issuer IS NOT NULL AND business_date = $1",
+    )
+    .bind(date)
+    .fetch_one(pool)
+    .await
+}
+
 /// Advices not answered yet (the check is only meaningful once they drain).
 pub async fn pending_advices(pool: &PgPool) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT count(*) FROM advices WHERE state = 'pending'")

@@ -1143,7 +1143,7 @@ fn a_data_dir_relative_to_a_relative_config_keeps_the_journal() {
 }
 
 #[tokio::test]
-async fn reconcile_refuses_to_call_nothing_balanced_or_another_days_file() {
+async fn reconcile_says_why_it_found_nothing_and_refuses_another_days_file() {
     let url = embedded_pg::test_database().await;
     let dir = std::env::temp_dir().join(format!("sy-reconcile-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -1158,10 +1158,39 @@ async fn reconcile_refuses_to_call_nothing_balanced_or_another_days_file() {
     let header = "posting_id,time,acquirer,stan,transmitted,mti,processing_code,kind,pan,amount,effect,auth_code,response_code,rrn,terminal,merchant,original,reversed,state,balance_change,hold_change,note\n";
     let empty = dir.join("empty.csv");
     std::fs::write(&empty, header).unwrap();
-    let out = run(&["reconcile", "--clearing-file", empty.to_str().unwrap()]);
+    // A day without traffic: nothing to check, said as such, and no failure.
+    let out = stdout(&run(&[
+        "reconcile",
+        "--clearing-file",
+        empty.to_str().unwrap(),
+    ]));
+    assert!(out.starts_with("nothing to check"), "{out}");
+    // An entry of business day 12-08 received on UTC day 12-07 (past the
+    // 23:00 cut-over in Shanghai): a check of "12-08" finds nothing, and
+    // says why rather than calling it balanced.
+    let pool = switch::connect(&url, 1).await.unwrap();
+    sqlx::query(
+        "INSERT INTO journal (rrn, terminal_id, merchant_id, batch, stan, mti, mti_class,
+             processing_code, kind, amount, request_digest, state, issuer, business_date, received_at)
+         VALUES ('000000000001', 'T0000001', '898310048160001', 1, 1, 200, 2, '000000', 'purchase',
+             7858, '\\x00', 'approved', 'sim', '2026-12-08', '2026-12-07T17:23:45Z')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let out = run(&[
+        "reconcile",
+        "--clearing-file",
+        empty.to_str().unwrap(),
+        "--date",
+        "2026-12-08",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("nothing to check"), "{err}");
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("no journal entry was received on 2026-12-08 (a UTC day), but 1 have 2026-12-08 for their business day"),
+        "{err}"
+    );
     let day = dir.join("day.csv");
     std::fs::write(
         &day,
