@@ -208,6 +208,12 @@ impl Switch {
                 .map(|d| d.iter().map(char::from).collect::<String>())
                 .unwrap_or_default()
         };
+        // Every message of the terminal dialect carries F60 (its type and,
+        // for all but the network messages, its batch): without it, the
+        // message is malformed (K2), whatever else it says.
+        if req.f60.is_empty() {
+            return Some(ResponseCode::FORMAT_ERROR);
+        }
         let kind = Kind::classify(mti, &text(3), &text(25), req.f60_part(8, 11));
         // These decide by the open batch themselves (S1): the terminal as the
         // database has it now, not as read a moment ago.
@@ -225,7 +231,8 @@ impl Switch {
         };
         if req.batch().is_none() && !matches!(kind, Kind::SignOn | Kind::SignOff | Kind::Echo) {
             // F60.2 names the batch of every transaction and settlement: a
-            // request without it is malformed (30), not of another batch (77).
+            // request whose F60 stops short of it is malformed (30), not of
+            // another batch (77).
             return Some(ResponseCode::FORMAT_ERROR);
         }
         match kind {

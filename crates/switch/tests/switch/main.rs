@@ -1291,6 +1291,9 @@ async fn a_transaction_without_its_batch_is_answered_30_not_77() {
         .unwrap();
     let reply = t.exchange(&frame).await.unwrap();
     assert_eq!(reply.rc(), "30", "F60 missing: {reply:?}");
+    // A sign-on without it too (its F60.3 says what it is), not 12.
+    let frame = t.request(Mti::NETWORK, &[(11, Field::Number(9))]).unwrap();
+    assert_eq!(t.exchange(&frame).await.unwrap().rc(), "30");
     let rows: i64 =
         sqlx::query_scalar("SELECT count(*) FROM journal WHERE terminal_id = 'T0000014'")
             .fetch_one(&w.pool)
