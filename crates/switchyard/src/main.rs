@@ -84,9 +84,9 @@ enum TerminalsCommand {
 }
 
 /// Of a `SWITCHYARD_LOG` value, a directive that is neither a level nor
-/// `target=level`: `EnvFilter` reads a bare word as a target to show, so
-/// `verbose` would show nothing at all.
-fn unreadable_log_directive(value: &str) -> Option<&str> {
+/// `target=level`: `EnvFilter` reads a bare word as a target to show (at
+/// every level) and shows nothing else, so `verbose` shows nothing at all.
+fn bare_log_target(value: &str) -> Option<&str> {
     const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
     value.split(',').map(str::trim).find(|d| {
         !d.is_empty() && !d.contains('=') && !LEVELS.contains(&d.to_ascii_lowercase().as_str())
@@ -96,15 +96,16 @@ fn unreadable_log_directive(value: &str) -> Option<&str> {
 fn init_logging() {
     const DEFAULT: &str = "info,sqlx=warn";
     let set = std::env::var("SWITCHYARD_LOG").ok();
-    let unreadable = set
-        .as_deref()
-        .and_then(unreadable_log_directive)
-        .map(str::to_string);
-    let filter = match (&set, &unreadable) {
-        (Some(value), None) => tracing_subscriber::EnvFilter::try_new(value).ok(),
-        _ => None,
+    if let Some(target) = set.as_deref().and_then(bare_log_target) {
+        // Said on stderr itself: the filter asked for may hide any log line.
+        eprintln!(
+            "SWITCHYARD_LOG: {target:?} is no level (trace, debug, info, warn, error, off): it is read as a module whose lines alone are shown, at every level"
+        );
     }
-    .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(DEFAULT));
+    let filter = set
+        .as_deref()
+        .and_then(|value| tracing_subscriber::EnvFilter::try_new(value).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(DEFAULT));
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let writer = if terminal {
         tracing_subscriber::fmt::writer::BoxMakeWriter::new(|| ClearingLine {
@@ -120,11 +121,6 @@ fn init_logging() {
         .with_target(false)
         .with_ansi(terminal)
         .init();
-    if let Some(directive) = unreadable {
-        tracing::warn!(
-            "SWITCHYARD_LOG: {directive:?} is neither a level (trace, debug, info, warn, error, off) nor target=level; logging at the default ({DEFAULT})"
-        );
-    }
 }
 
 /// Stderr on a terminal, where a log line first clears the line it lands
@@ -255,13 +251,13 @@ fn command(args: Args) -> Result<(), cli::Failure> {
 
 #[cfg(test)]
 mod tests {
-    use super::unreadable_log_directive;
+    use super::bare_log_target;
 
     #[test]
     fn a_log_directive_that_is_no_level_is_found() {
-        assert_eq!(unreadable_log_directive("verbose"), Some("verbose"));
-        assert_eq!(unreadable_log_directive("debug,chatty"), Some("chatty"));
-        assert_eq!(unreadable_log_directive("DEBUG,sqlx=warn"), None);
-        assert_eq!(unreadable_log_directive("switch::link=trace"), None);
+        assert_eq!(bare_log_target("verbose"), Some("verbose"));
+        assert_eq!(bare_log_target("debug,chatty"), Some("chatty"));
+        assert_eq!(bare_log_target("DEBUG,sqlx=warn"), None);
+        assert_eq!(bare_log_target("switch::link=trace"), None);
     }
 }
