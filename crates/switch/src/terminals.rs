@@ -136,6 +136,12 @@ fn expand_range(first: &str, last: &str) -> Option<Vec<String>> {
     Some((a..=b).map(|n| format!("{p1}{n:0width$}")).collect())
 }
 
+/// The first id given a second time.
+fn given_twice<'a>(ids: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let mut seen = std::collections::HashSet::new();
+    ids.into_iter().find(|id| !seen.insert(*id))
+}
+
 fn is_mcc(mcc: &str) -> bool {
     mcc.len() == 4 && mcc.bytes().all(|b| b.is_ascii_digit())
 }
@@ -439,6 +445,15 @@ impl Fleet {
         // not whether one was given: new rows are inserted with the
         // defaults, stored ones take what is given. Rows that would not
         // change are not rewritten (the seed runs at every start).
+        // Given twice, the update would take either row: refused, as both
+        // files' readers refuse it with its lines.
+        if let Some(id) = given_twice(self.merchants.iter().map(|m| m.id.as_str()))
+            .or_else(|| given_twice(self.terminals.iter().map(|t| t.id.as_str())))
+        {
+            return Err(sqlx::Error::InvalidArgument(format!(
+                "{id:?} is given twice in the fleet"
+            )));
+        }
         let mut tx = pool.begin().await?;
         let merchants = |f: fn(&MerchantRow) -> Option<String>| {
             self.merchants.iter().map(f).collect::<Vec<_>>()

@@ -90,3 +90,21 @@ async fn a_new_merchant_and_terminal_take_the_defaults() {
         (true, "", "5999", true)
     );
 }
+
+#[tokio::test]
+async fn a_fleet_built_in_code_with_a_terminal_twice_is_refused_unwritten() {
+    let pool = empty().await;
+    let mut fleet = Fleet::parse(
+        "[[merchants]]\nid = \"898310048160001\"\n[[terminals]]\nid = \"T0000001\"\nmerchant = \"898310048160001\"\n",
+        "terminals.toml",
+    )
+    .unwrap();
+    fleet.terminals.push(fleet.terminals[0].clone());
+    let refused = fleet.store(&pool).await.unwrap_err().to_string();
+    assert!(refused.contains("\"T0000001\" is given twice"), "{refused}");
+    let merchants: i64 = sqlx::query_scalar("SELECT count(*) FROM merchants")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(merchants, 0, "nothing written");
+}
