@@ -259,20 +259,29 @@ impl Switch {
         ) else {
             return Some(ResponseCode::FORMAT_ERROR);
         };
-        let named = Find::ByStan {
+        let named = |mti_class| Find::ByStan {
             merchant_id: req.merchant_id.to_string(),
             terminal_id: req.terminal_id.to_string(),
             batch,
             stan,
-            mti_class: 2,
+            mti_class,
         };
-        let original = match self.writer.find(named).await {
-            Ok(o) => o.into_iter().next(),
-            Err(e) => {
-                warn_repeated!(error = %Said(&e), "journal read failed");
-                return Some(ResponseCode::SYSTEM_ERROR);
+        // V1 names a transaction by batch and STAN, whatever its class: a
+        // purchase or completion (0200), else a pre-authorisation or its
+        // cancel (0100), which is there but of the wrong kind (V5, 12).
+        let mut original = None;
+        for class in [2, 1] {
+            match self.writer.find(named(class)).await {
+                Ok(found) => original = found.into_iter().next(),
+                Err(e) => {
+                    warn_repeated!(error = %Said(&e), "journal read failed");
+                    return Some(ResponseCode::SYSTEM_ERROR);
+                }
             }
-        };
+            if original.is_some() {
+                break;
+            }
+        }
         let rrn_given = req.msg.text(37).filter(|r| !r.trim().is_empty());
         let Some(o) = original.filter(|o| rrn_given.is_none_or(|r| r == o.rrn)) else {
             return self

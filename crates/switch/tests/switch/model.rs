@@ -831,10 +831,11 @@ impl Model {
 
     /// V1-V5 (V6 is off).
     fn void(&mut self, key: Key, h: &Head, of: &Named) -> Expected {
-        let found = self
-            .keys
-            .get(&(of.batch, of.stan, 2))
-            .copied()
+        // By batch and STAN whatever the class: a pre-authorisation (0100)
+        // found there is the wrong kind (V5), not missing.
+        let found = [2, 1]
+            .into_iter()
+            .find_map(|class| self.keys.get(&(of.batch, of.stan, class)).copied())
             .filter(|&o| self.rows[o].rrn == of.rrn);
         let Some(o) = found else {
             return self.answer(key, h, St::Declined, "25", None, "V1");

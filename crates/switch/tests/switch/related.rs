@@ -684,6 +684,14 @@ async fn preauth_cancel_completion_and_their_rules() {
         stan,
         reply: pa,
     };
+    // V5: a purchase void whose F61 names the pre-authorisation names a
+    // transaction, of the wrong kind: 12, not 25 (V1 keys by batch and STAN).
+    let r = void(&mut t, pan, 10_000, &pa).await;
+    assert_eq!(r.rc(), "12", "{r:?}");
+    assert_eq!(
+        rule_of(&w, r.field(37).unwrap()).await.1.as_deref(),
+        Some("V5")
+    );
     // P3: a completion may exceed the pre-auth by the tolerance (15%), not more.
     let stan = t.next_stan();
     let over = t
