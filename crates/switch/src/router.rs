@@ -222,18 +222,32 @@ impl Switch {
             Some(Kind::Settlement | Kind::BatchUpload | Kind::BatchUploadEnd | Kind::Reversal)
         );
         // K1 before the message's own sense (12).
-        let terminal = match self.terminal(req, fresh).await {
+        let mut terminal = match self.terminal(req, fresh).await {
             Ok(t) => t,
             Err(rc) => return Some(rc),
         };
         let Some(kind) = kind else {
             return Some(ResponseCode::INVALID_TRANSACTION);
         };
-        if req.batch().is_none() && !matches!(kind, Kind::SignOn | Kind::SignOff | Kind::Echo) {
+        let network = matches!(kind, Kind::SignOn | Kind::SignOff | Kind::Echo);
+        if req.batch().is_none() && !network {
             // F60.2 names the batch of every transaction and settlement: a
             // request whose F60 stops short of it is malformed (30), not of
             // another batch (77).
             return Some(ResponseCode::FORMAT_ERROR);
+        }
+        if !terminal.signed_on && !network && !fresh {
+            // Read a moment ago: it may have signed on since (on another
+            // switch process, whose reply this one's cache never saw).
+            terminal = match self.terminal(req, true).await {
+                Ok(t) => t,
+                Err(rc) => return Some(rc),
+            };
+        }
+        if !terminal.signed_on && !network {
+            // The switch assigns the batch at sign-on: a terminal that never
+            // signed on names none it was given (sign on again).
+            return Some(ResponseCode::BATCH_MISMATCH);
         }
         match kind {
             Kind::SignOn => match terminals::sign_on(&self.pool, req.terminal_id).await {

@@ -24,6 +24,9 @@ pub struct Terminal {
     pub mcc: String,
     /// Whether the merchant may transact.
     pub merchant_enabled: bool,
+    /// Whether it ever signed on: the switch assigns the batch at sign-on,
+    /// so before it the terminal has none to name.
+    pub signed_on: bool,
 }
 
 /// Looks a terminal up with its merchant.
@@ -32,10 +35,10 @@ pub async fn find(pool: &PgPool, id: &str) -> Result<Option<Terminal>, sqlx::Err
 }
 
 /// A terminal joined with its merchant, as the statements below read it.
-type Joined = (String, bool, i32, String, String, String, bool);
+type Joined = (String, bool, i32, String, String, String, bool, bool);
 
 fn terminal(row: Joined) -> Terminal {
-    let (id, enabled, batch, merchant_id, merchant_name, mcc, merchant_enabled) = row;
+    let (id, enabled, batch, merchant_id, merchant_name, mcc, merchant_enabled, signed_on) = row;
     Terminal {
         id,
         enabled,
@@ -44,6 +47,7 @@ fn terminal(row: Joined) -> Terminal {
         merchant_name,
         mcc,
         merchant_enabled,
+        signed_on,
     }
 }
 
@@ -54,7 +58,7 @@ pub async fn find_many(
     ids: &[String],
 ) -> Result<Vec<Option<Terminal>>, sqlx::Error> {
     let rows: Vec<Joined> = sqlx::query_as(
-        "SELECT t.id, t.enabled, t.batch, m.id, m.name, m.mcc, m.enabled
+        "SELECT t.id, t.enabled, t.batch, m.id, m.name, m.mcc, m.enabled, t.signed_on_at IS NOT NULL
          FROM terminals t JOIN merchants m ON m.id = t.merchant_id WHERE t.id = ANY($1)",
     )
     .bind(ids)
@@ -73,7 +77,7 @@ pub async fn sign_on(pool: &PgPool, id: &str) -> Result<Terminal, sqlx::Error> {
     sqlx::query_as(
         "UPDATE terminals t SET signed_on_at = now() FROM merchants m
          WHERE t.id = $1 AND m.id = t.merchant_id
-         RETURNING t.id, t.enabled, t.batch, m.id, m.name, m.mcc, m.enabled",
+         RETURNING t.id, t.enabled, t.batch, m.id, m.name, m.mcc, m.enabled, true",
     )
     .bind(id)
     .fetch_one(pool)

@@ -347,6 +347,34 @@ async fn sign_on_returns_the_open_batch() {
 }
 
 #[tokio::test]
+async fn a_terminal_that_never_signed_on_is_told_to_sign_on() {
+    let w = world().await;
+    let mut t = w.terminal("T0000003").await;
+    // Batch 1 is what an unsigned terminal's row holds; it was never given.
+    t.batch = 1;
+    let stan = t.next_stan();
+    let reply = t
+        .exchange(&t.purchase(stan, CARD, EXPIRY, 100).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(reply.rc(), "77", "sign on again: {reply:?}");
+    // Signed on (through another switch process: this one's cache has the
+    // terminal as unsigned), it transacts.
+    let (_other, other_addr, other_stop) = w.another_switch().await;
+    let mut elsewhere = Terminal::connect(&other_addr, "T0000003", MERCHANT, w.dialect.clone())
+        .await
+        .unwrap();
+    assert_eq!(elsewhere.sign_on().await.unwrap().rc(), "00");
+    let stan = t.next_stan();
+    let reply = t
+        .exchange(&t.purchase(stan, CARD, EXPIRY, 100).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(reply.rc(), "00");
+    other_stop.cancel();
+}
+
+#[tokio::test]
 async fn a_purchase_is_approved_journalled_and_debited() {
     let w = world().await;
     let mut t = w.signed_on("T0000001").await;
