@@ -249,6 +249,11 @@ impl Switch {
             // signed on names none it was given (sign on again).
             return Some(ResponseCode::BATCH_MISMATCH);
         }
+        if cards_differ(&req.msg) {
+            // F2 and the card the track was read from are one card, or the
+            // message is not to be trusted with either.
+            return Some(ResponseCode::INVALID_CARD);
+        }
         match kind {
             Kind::SignOn => match terminals::sign_on(&self.pool, req.terminal_id).await {
                 Ok(signed) => {
@@ -928,6 +933,16 @@ impl Switch {
         }
         w.finish().map(|_| ())
     }
+}
+
+/// Whether F2 and the PAN of track 2 (F35) are both there and differ.
+fn cards_differ(msg: &Message<'_>) -> bool {
+    let f2 = msg.digits(2).and_then(|d| d.to_pan());
+    let track = msg
+        .digits(35)
+        .and_then(|d| d.to_track())
+        .and_then(|t| t.pan());
+    matches!((f2, track), (Some(a), Some(b)) if a != b)
 }
 
 /// The issuer's F54 as the terminal dialect carries it (one amount, `an...20`):

@@ -375,6 +375,46 @@ async fn a_terminal_that_never_signed_on_is_told_to_sign_on() {
 }
 
 #[tokio::test]
+async fn a_purchase_whose_f2_and_track_name_two_cards_is_declined_14_unsent() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000004").await;
+    let other = "6222020000000000002";
+    let before = (w.balance(CARD).await, w.balance(other).await);
+    let stan = t.next_stan();
+    let f60 = t.f60("22");
+    let track = format!("{other}D{EXPIRY}1011234");
+    let frame = t
+        .request(
+            Mti::FINANCIAL,
+            &[
+                (2, Field::Digits(CARD)),
+                (3, Field::Digits("000000")),
+                (4, Field::Number(100)),
+                (11, Field::Number(stan.into())),
+                (14, Field::Digits(EXPIRY)),
+                (22, Field::Digits("021")),
+                (25, Field::Digits("00")),
+                (35, Field::Digits(&track)),
+                (49, Field::Text("156")),
+                (60, Field::Digits(&f60)),
+            ],
+        )
+        .unwrap();
+    assert_eq!(t.exchange(&frame).await.unwrap().rc(), "14");
+    assert_eq!(
+        (w.balance(CARD).await, w.balance(other).await),
+        before,
+        "neither card charged"
+    );
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM journal WHERE terminal_id = 'T0000004'")
+            .fetch_one(&w.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, 0, "not forwarded");
+}
+
+#[tokio::test]
 async fn a_purchase_is_approved_journalled_and_debited() {
     let w = world().await;
     let mut t = w.signed_on("T0000001").await;
