@@ -93,14 +93,21 @@ fn bare_log_target(value: &str) -> Option<&str> {
     })
 }
 
+/// A line on stderr, lost when stderr's reader is gone (where `eprintln!`
+/// would panic).
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 fn init_logging() {
     const DEFAULT: &str = "info,sqlx=warn";
     let set = std::env::var("SWITCHYARD_LOG").ok();
     if let Some(target) = set.as_deref().and_then(bare_log_target) {
         // Said on stderr itself: the filter asked for may hide any log line.
-        eprintln!(
+        say(format_args!(
             "SWITCHYARD_LOG: {target:?} is no level (trace, debug, info, warn, error, off): it is read as a module whose lines alone are shown, at every level"
-        );
+        ));
     }
     let filter = set
         .as_deref()
@@ -120,6 +127,12 @@ fn init_logging() {
         .with_writer(writer)
         .with_target(false)
         .with_ansi(terminal)
+        // A log line that cannot be written (stderr's reader gone) is lost,
+        // nothing more. Said, it would be said on that same stderr, and
+        // `eprintln!` panics there: in whichever task logged, the signal
+        // handler or an issuer link, so that SIGTERM no longer stopped the
+        // switch and a link never came back.
+        .log_internal_errors(false)
         .init();
 }
 
@@ -207,7 +220,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(cli::Failure::StdoutClosed) => ExitCode::from(cli::STDOUT_CLOSED),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            say(format_args!("error: {e:#}"));
             ExitCode::from(e.exit_code())
         }
     }

@@ -1363,3 +1363,55 @@ fn config_check_names_missing_files_at_their_keys_beside_other_problems() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_switch_whose_log_reader_is_gone_still_serves_and_stops_on_sigterm() {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["demo", "--serve", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The log collector goes away at once: every log line meets a closed pipe.
+    drop(child.stderr.take());
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("a first line").unwrap();
+    let listen = first
+        .strip_prefix("switchyard demo: terminals connect to ")
+        .and_then(|rest| rest.strip_suffix(" (cup-pos)"))
+        .unwrap_or_else(|| panic!("not the first line of demo --serve: {first}"))
+        .to_string();
+    let load = switchyard(
+        &[
+            "load",
+            "--target",
+            &listen,
+            "--terminals",
+            "2",
+            "--duration",
+            "1s",
+        ],
+        None,
+    );
+    let report = stdout(&load);
+    assert!(report.contains("failed 0"), "{report}");
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Bounded: a switch that ignores SIGTERM fails the test, not the suite.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("SIGTERM did not stop the switch within 30 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(exit.code(), Some(0), "stopped by SIGTERM");
+}
