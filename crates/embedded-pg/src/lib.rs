@@ -461,6 +461,25 @@ impl EmbeddedPg {
         (ready && postgres).then_some(port)
     }
 
+    /// The process that started the server running on `data_dir` (the
+    /// postmaster's parent), as its id and command line.
+    pub fn started_by(data_dir: &Path) -> Option<(u32, String)> {
+        let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+        let pid: u32 = text.lines().next()?.trim().parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // After the command name in parentheses: state, then the parent's id.
+        let parent: u32 = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        let line = std::fs::read(format!("/proc/{parent}/cmdline")).ok()?;
+        let line = String::from_utf8_lossy(&line).replace('\0', " ");
+        Some((parent, line.trim().to_string()))
+    }
+
     /// The URL of database `db` on a server of this kind on `port`.
     pub fn url_on(port: u16, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{port}/{db}")

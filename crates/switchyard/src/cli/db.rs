@@ -51,11 +51,12 @@ pub async fn open(
     // journal): used, not started twice.
     if let Some(port) = EmbeddedPg::running_on(data_dir) {
         if lasting {
+            let by = EmbeddedPg::started_by(data_dir)
+                .map_or(String::new(), |(pid, line)| format!(" (pid {pid}: {line})"));
             bail!(
                 "the private PostgreSQL in {} (database.embedded_data_dir) is already running, on \
-                 port {port}, started by another command that stops it when it ends: stop that \
-                 command first (a serving command starts its own), or give this one a \
-                 database.url",
+                 port {port}, started by another command{by} that stops it when it ends: let that \
+                 command end first (a serving command starts its own)",
                 data_dir.display()
             );
         }
@@ -116,6 +117,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(refused.contains("is already running"), "{refused}");
+        // Named: here the test binary itself started it.
+        let me = format!("(pid {}: ", std::process::id());
+        assert!(refused.contains(&me), "{refused}");
         let brief = open(None, Some(&dir), "lean", "the journal", false)
             .await
             .unwrap();
