@@ -15,6 +15,9 @@ use embedded_pg::{EmbeddedPg, Options};
 pub struct Database {
     /// The URL to connect to.
     pub url: String,
+    /// Where the URL came from, for the log line that says which database
+    /// a serving command uses.
+    pub from: &'static str,
     /// The private server, held so that it stops when this is dropped.
     _server: Option<EmbeddedPg>,
 }
@@ -32,11 +35,21 @@ pub async fn open(
     lasting: bool,
 ) -> anyhow::Result<Database> {
     if let Ok(url) = std::env::var("DATABASE_URL") {
-        return Ok(Database { url, _server: None });
+        let from = if configured.is_some() || data_dir.is_some() {
+            "DATABASE_URL, over the config's database"
+        } else {
+            "DATABASE_URL"
+        };
+        return Ok(Database {
+            url,
+            from,
+            _server: None,
+        });
     }
     if let Some(url) = configured {
         return Ok(Database {
             url: url.to_string(),
+            from: "database.url",
             _server: None,
         });
     }
@@ -68,7 +81,11 @@ pub async fn open(
                     data_dir.display()
                 )
             })?;
-        return Ok(Database { url, _server: None });
+        return Ok(Database {
+            url,
+            from: "database.embedded_data_dir, the server another command started",
+            _server: None,
+        });
     }
     let pg = EmbeddedPg::start(Options {
         data_dir: Some(data_dir.to_path_buf()),
@@ -85,8 +102,21 @@ pub async fn open(
     let url = pg.create_database(name).await?;
     Ok(Database {
         url,
+        from: "database.embedded_data_dir",
         _server: Some(pg),
     })
+}
+
+impl Database {
+    /// Logs which database a serving command uses and why (a stray
+    /// `DATABASE_URL` in the shell means another journal).
+    pub fn say(&self, keeps: &str) {
+        tracing::info!(
+            "{keeps} at {} (from {})",
+            switch::database_at(&self.url),
+            self.from
+        );
+    }
 }
 
 /// The context of a failed connection: where to, the user and password left out.

@@ -88,6 +88,7 @@ pub async fn run(args: &IssuerArgs) -> Result<(), Failure> {
         ))
     })?;
     let (pool, database) = books(&config, true).await?;
+    database.say("the issuer's books");
     let seeded = issuer_sim::seed_cards(&pool, &key, &config.cards)
         .await
         .map_err(|e| anyhow!("seeding cards: {e}"))?;

@@ -91,6 +91,7 @@ pub async fn serve(args: &ServeArgs) -> Result<(), Failure> {
         true,
     )
     .await?;
+    database.say("the journal");
     let pool = switch::connect(&database.url, config.database.max_connections)
         .await
         .with_context(|| db::connecting(&database.url))?;
