@@ -355,8 +355,9 @@ fn verdict(outcome: &loadgen::closed::Outcome, terminals: usize) -> Result<(), F
     }
     if let Some(nothing) = outcome.nothing_approved() {
         problems.push(format!(
-            "{nothing}: the switch refused the terminals, merchant or cards \
-             (e.g. 97 terminal disabled, 03 merchant unknown); the rate above is of refusals"
+            "{nothing}: every request was refused (97 terminal disabled, 03 merchant unknown, \
+             91 issuer unavailable, 14 or 54 the cards, ...; the codes above say which); the \
+             rate above is of refusals"
         ));
     }
     if problems.is_empty() {
