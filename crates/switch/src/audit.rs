@@ -189,7 +189,7 @@ impl History {
         for e in &self.entries {
             let mark = if e.id == self.id { "▶" } else { " " };
             out.push_str(&format!(
-                "{mark} {} {:<17} {:<18} {:>12} CNY  rrn {}  rc {}  auth {}\n",
+                "{mark} {} UTC {:<17} {:<18} {:>12} CNY  rrn {}  rc {}  auth {}\n",
                 e.received_at.format("%Y-%m-%d %H:%M:%S"),
                 e.kind,
                 e.state,
@@ -199,13 +199,14 @@ impl History {
                 e.auth_code.as_deref().unwrap_or("------"),
             ));
             out.push_str(&format!(
-                "    terminal {} merchant {} batch {:06} stan {:06} mti {:04} card {}\n",
+                "    terminal {} merchant {} batch {:06} stan {:06} mti {:04} card {} business day {}\n",
                 e.terminal_id,
                 e.merchant_id,
                 e.batch,
                 e.stan,
                 e.mti,
-                e.pan_masked.as_deref().unwrap_or("-")
+                e.pan_masked.as_deref().unwrap_or("-"),
+                e.business_date
             ));
             let mut notes = Vec::new();
             if let Some(o) = e.original_id {

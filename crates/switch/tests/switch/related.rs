@@ -1025,6 +1025,8 @@ async fn the_history_of_a_sale_shows_every_related_attempt_with_its_rule() {
             .all(|e| e.terminal_id == "T0000017" && e.merchant_id == MERCHANT)
     );
     let text = history.to_text();
+    assert!(text.contains(" UTC purchase "), "{text}");
+    assert!(text.contains(" business day 20"), "{text}");
     assert!(
         text.contains("rule V3") && text.contains("refers to #"),
         "{text}"
