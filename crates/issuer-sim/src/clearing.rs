@@ -81,19 +81,22 @@ fn effect(balance: i64, hold: i64) -> &'static str {
     }
 }
 
-/// Writes the postings of `date` (UTC) to `out`; returns how many.
-pub async fn clearing(pool: &PgPool, date: NaiveDate, out: impl Write) -> Result<u64, Error> {
-    let start = date
-        .and_hms_opt(0, 0, 0)
-        .expect("midnight exists")
-        .and_utc();
-    let end = start + chrono::Duration::days(1);
+/// Writes the postings of `date` (UTC), or of every day when `None`, to
+/// `out`; returns how many.
+pub async fn clearing(
+    pool: &PgPool,
+    date: Option<NaiveDate>,
+    out: impl Write,
+) -> Result<u64, Error> {
+    let start = date.map(|d| d.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
+    let end = start.map(|s| s + chrono::Duration::days(1));
     let mut lines = sqlx::query_as::<_, Line>(
         "SELECT id, created_at, acquirer, stan, transmitted, mti, processing_code, kind, pan_masked,
                 amount, balance_change, hold_change, auth_code, response_code, rrn, terminal, merchant,
                 original_ref, reversed, state, note
          FROM issuer.postings
-         WHERE kind <> 'awaited' AND created_at >= $1 AND created_at < $2
+         WHERE kind <> 'awaited' AND ($1::timestamptz IS NULL OR created_at >= $1)
+           AND ($2::timestamptz IS NULL OR created_at < $2)
          ORDER BY id",
     )
     .bind(start)

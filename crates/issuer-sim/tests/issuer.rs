@@ -1109,7 +1109,7 @@ async fn the_clearing_file_lists_the_day_with_rrn_amount_and_final_state() {
     }
     let today = chrono::Utc::now().date_naive();
     let mut out = Vec::new();
-    let n = clearing(&sim.pool, today, &mut out).await.unwrap();
+    let n = clearing(&sim.pool, Some(today), &mut out).await.unwrap();
     assert_eq!(n, 7);
     let text = String::from_utf8(out).unwrap();
     for card in 1..=4 {
@@ -1244,7 +1244,7 @@ async fn the_clearing_file_lists_the_day_with_rrn_amount_and_final_state() {
 
     let mut out = Vec::new();
     let yesterday = today.pred_opt().unwrap();
-    assert_eq!(clearing(&sim.pool, yesterday, &mut out).await.unwrap(), 0);
+    assert_eq!(clearing(&sim.pool, Some(yesterday), &mut out).await.unwrap(), 0);
     assert_eq!(
         String::from_utf8(out).unwrap().lines().count(),
         1,

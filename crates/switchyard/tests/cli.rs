@@ -1191,6 +1191,11 @@ async fn reconcile_says_why_it_found_nothing_and_refuses_another_days_file() {
         err.contains("no journal entry was received on 2026-12-08 (a UTC day), but 1 have 2026-12-08 for their business day"),
         "{err}"
     );
+    // All days against a file of none: a break, and the file named.
+    let out = run(&["reconcile", "--clearing-file", empty.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("empty.csv holds no posting"), "{err}");
     let day = dir.join("day.csv");
     std::fs::write(
         &day,
@@ -1327,15 +1332,18 @@ fn a_closed_stdout_ends_a_command_quietly_with_the_status_of_a_broken_pipe() {
 async fn the_clearing_file_needs_no_pan_key() {
     let url = embedded_pg::test_database().await;
     let issuer = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/issuer-sim.toml");
-    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["issuer", "--config", issuer.to_str().unwrap()])
-        .args(["clearing", "--date", "2026-12-07"])
-        .env("DATABASE_URL", &url)
-        .env_remove("SWITCHYARD_ISSUER_PAN_KEY")
-        .output()
-        .unwrap();
-    let text = stdout(&out);
-    assert!(text.starts_with("posting_id,time,"), "{text}");
+    // A day's, and (without --date) every day's.
+    for days in [&["--date", "2026-12-07"][..], &[]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["issuer", "--config", issuer.to_str().unwrap(), "clearing"])
+            .args(days)
+            .env("DATABASE_URL", &url)
+            .env_remove("SWITCHYARD_ISSUER_PAN_KEY")
+            .output()
+            .unwrap();
+        let text = stdout(&out);
+        assert!(text.starts_with("posting_id,time,"), "{text}");
+    }
 }
 
 #[test]

@@ -969,7 +969,7 @@ async fn after_a_mixed_day_the_issuer_and_the_journal_agree_to_the_fen() {
     let mut clearing = Vec::new();
     issuer_sim::clearing(
         &w.issuer_pool,
-        chrono::Utc::now().date_naive(),
+        Some(chrono::Utc::now().date_naive()),
         &mut clearing,
     )
     .await

@@ -897,13 +897,10 @@ async fn scripted_day(
         );
     }
     let mut clearing = Vec::new();
-    issuer_sim::clearing(
-        &stack.issuer_pool,
-        chrono::Utc::now().date_naive(),
-        &mut clearing,
-    )
-    .await
-    .map_err(|e| anyhow!("{e}"))?;
+    // Every day's: a demo may run across midnight (UTC).
+    issuer_sim::clearing(&stack.issuer_pool, None, &mut clearing)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
     let issuer =
         switch::reconcile::read_clearing(&String::from_utf8_lossy(&clearing), "(clearing)")
             .map_err(|e| anyhow!(e))?;

@@ -27,11 +27,12 @@ pub struct IssuerArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum IssuerCommand {
-    /// Write one day's postings as CSV (a UTC day, as `reconcile --date` counts).
+    /// Write one day's postings as CSV (a UTC day, as `reconcile --date`
+    /// counts), or every day's.
     Clearing {
-        /// The day, YYYY-MM-DD.
+        /// The day, YYYY-MM-DD; every day when absent.
         #[arg(long)]
-        date: chrono::NaiveDate,
+        date: Option<chrono::NaiveDate>,
         /// Write here instead of standard output.
         #[arg(long)]
         out: Option<PathBuf>,

@@ -108,7 +108,14 @@ pub async fn run(args: &ReconcileArgs) -> Result<(), Failure> {
         )));
     }
     if !result.balanced_but_carried() {
-        return Err(Failure::Other(anyhow!("the money invariant is broken")));
+        let hint = if issuer.is_empty() {
+            format!(" ({file} holds no posting: is it the issuer's file of these days?)")
+        } else {
+            String::new()
+        };
+        return Err(Failure::Other(anyhow!(
+            "the money invariant is broken{hint}"
+        )));
     }
     if !result.carried.is_empty() {
         return Err(Failure::Other(anyhow!(
