@@ -1244,7 +1244,12 @@ async fn the_clearing_file_lists_the_day_with_rrn_amount_and_final_state() {
 
     let mut out = Vec::new();
     let yesterday = today.pred_opt().unwrap();
-    assert_eq!(clearing(&sim.pool, Some(yesterday), &mut out).await.unwrap(), 0);
+    assert_eq!(
+        clearing(&sim.pool, Some(yesterday), &mut out)
+            .await
+            .unwrap(),
+        0
+    );
     assert_eq!(
         String::from_utf8(out).unwrap().lines().count(),
         1,
