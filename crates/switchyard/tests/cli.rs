@@ -1423,3 +1423,18 @@ fn a_switch_whose_log_reader_is_gone_still_serves_and_stops_on_sigterm() {
     };
     assert_eq!(exit.code(), Some(0), "stopped by SIGTERM");
 }
+
+#[test]
+fn a_report_file_that_cannot_be_written_is_refused_before_the_run() {
+    let nowhere = std::env::temp_dir()
+        .join(format!("sy-no-such-folder-{}", std::process::id()))
+        .join("run.json");
+    let out = switchyard(&["demo", "--json", nowhere.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--json ") && err.contains("run.json"), "{err}");
+    assert!(
+        !err.contains("private PostgreSQL started"),
+        "refused before the run: {err}"
+    );
+}

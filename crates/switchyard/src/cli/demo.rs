@@ -672,12 +672,13 @@ pub async fn run(args: &DemoArgs) -> Result<(), Failure> {
             scenario.terminals
         )));
     }
-    let killable = scenario.faults.switch_kill_at.is_some();
-    let mut stack = Stack::start("127.0.0.1:0", CancellationToken::new(), killable).await?;
     let outputs = super::load::Outputs {
         json: args.json.as_deref(),
         html: args.html.as_deref(),
     };
+    outputs.writable()?;
+    let killable = scenario.faults.switch_kill_at.is_some();
+    let mut stack = Stack::start("127.0.0.1:0", CancellationToken::new(), killable).await?;
     let result = scripted_day(&mut stack, scenario, outputs).await;
     stack.stop().await;
     result.map_err(Failure::Other)

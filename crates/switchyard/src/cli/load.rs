@@ -122,6 +122,22 @@ pub struct Outputs<'a> {
     pub html: Option<&'a std::path::Path>,
 }
 
+impl Outputs<'_> {
+    /// Refuses, before a run, a report file that could not be written after
+    /// it (a folder that is not there, a file not ours to write).
+    pub fn writable(&self) -> Result<(), Failure> {
+        for (flag, path) in [("--json", self.json), ("--html", self.html)] {
+            let Some(path) = path else { continue };
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(path)
+                .map_err(|e| Failure::Input(anyhow::anyhow!("{flag} {}: {e}", path.display())))?;
+        }
+        Ok(())
+    }
+}
+
 /// Plays a scenario and prints its report; returns the batches whose
 /// settlement did not balance or was not answered with totals (see
 /// [`all_balanced`]). (Failed connections are counted in the report: a fault
@@ -279,6 +295,7 @@ pub async fn run(args: &LoadArgs) -> Result<(), Failure> {
             json: args.json.as_deref(),
             html: args.html.as_deref(),
         };
+        outputs.writable()?;
         // The switch is another process, here or elsewhere: what is not
         // named (this process, and the processes given) is "elsewhere".
         let mut parts: Vec<(String, loadgen::cpu::Source)> = args
