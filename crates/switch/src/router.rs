@@ -208,10 +208,12 @@ impl Switch {
                 .map(|d| d.iter().map(char::from).collect::<String>())
                 .unwrap_or_default()
         };
-        // Every message of the terminal dialect carries F60 (its type and,
-        // for all but the network messages, its batch): without it, the
-        // message is malformed (K2), whatever else it says.
-        if req.f60.is_empty() {
+        // Every message of the terminal dialect carries F60: its type, the
+        // batch (F60.2) and, for the network messages after it, what they
+        // are (F60.3). One without it, or whose F60 stops short of the
+        // batch, is malformed (K2: 30), not of another batch (77) nor of no
+        // known kind (12), whatever else it says.
+        if req.batch().is_none() {
             return Some(ResponseCode::FORMAT_ERROR);
         }
         let kind = Kind::classify(mti, &text(3), &text(25), req.f60_part(8, 11));
@@ -229,14 +231,12 @@ impl Switch {
         let Some(kind) = kind else {
             return Some(ResponseCode::INVALID_TRANSACTION);
         };
-        let network = matches!(kind, Kind::SignOn | Kind::SignOff | Kind::Echo);
-        if req.batch().is_none() && !network {
-            // F60.2 names the batch of every transaction and settlement: a
-            // request whose F60 stops short of it is malformed (30), not of
-            // another batch (77).
-            return Some(ResponseCode::FORMAT_ERROR);
-        }
-        if !terminal.signed_on && !network && !fresh {
+        // Sign-on, sign-off and echo need no batch; reversals, settlements
+        // and uploads check the batch they name themselves, and a reversal
+        // is always heard (R2, R3): a terminal that transacted before the
+        // switch asked for a sign-on (an upgrade) still reverses and settles.
+        let unbatched = matches!(kind, Kind::SignOn | Kind::SignOff | Kind::Echo) || fresh;
+        if !terminal.signed_on && !unbatched {
             // Read a moment ago: it may have signed on since (on another
             // switch process, whose reply this one's cache never saw).
             terminal = match self.terminal(req, true).await {
@@ -244,7 +244,7 @@ impl Switch {
                 Err(rc) => return Some(rc),
             };
         }
-        if !terminal.signed_on && !network {
+        if !terminal.signed_on && !unbatched {
             // The switch assigns the batch at sign-on: a terminal that never
             // signed on names none it was given (sign on again).
             return Some(ResponseCode::BATCH_MISMATCH);

@@ -1460,3 +1460,38 @@ async fn a_sale_journalled_before_f32_was_kept_takes_the_ids_of_the_first_start_
     assert_eq!(w.balance(pan).await, before, "refunded at the issuer");
     changed.cancel();
 }
+
+#[tokio::test]
+async fn a_terminal_unsigned_since_an_upgrade_still_reverses_and_settles() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000011").await;
+    let pan = "6222020000000000044";
+    let before = w.balance(pan).await;
+    let sale = purchase(&mut t, pan, 2_500).await;
+    // As a terminal that transacted before the switch asked for sign-ons.
+    sqlx::query("UPDATE terminals SET signed_on_at = NULL WHERE id = 'T0000011'")
+        .execute(&w.pool)
+        .await
+        .unwrap();
+    let f60 = t.f60("22");
+    let frame = t
+        .reversal(&reversed(&sale, pan, 2_500, &f60), "98")
+        .unwrap();
+    assert_eq!(t.exchange(&frame).await.unwrap().rc(), "00", "R2");
+    advices_drained(&w).await;
+    assert_eq!(w.balance(pan).await, before, "reversed at the issuer");
+    let totals = format!("{:012}{:03}{:012}{:03}0{}", 0, 0, 0, 0, "0".repeat(31));
+    let stan = t.next_stan();
+    let settled = t
+        .exchange(&t.settlement(stan, &totals).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(settled.rc(), "00", "S1");
+    // A purchase is told to sign on first.
+    let stan = t.next_stan();
+    let reply = t
+        .exchange(&t.purchase(stan, pan, EXPIRY, 100).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(reply.rc(), "77");
+}
