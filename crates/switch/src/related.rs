@@ -269,10 +269,17 @@ impl Switch {
         // V1 names a transaction by batch and STAN, whatever its class: a
         // purchase or completion (0200), else a pre-authorisation or its
         // cancel (0100), which is there but of the wrong kind (V5, 12).
+        let rrn_given = req.msg.text(37).filter(|r| !r.trim().is_empty());
         let mut original = None;
         for class in [2, 1] {
             match self.writer.find(named(class)).await {
-                Ok(found) => original = found.into_iter().next(),
+                // F37, when given, cross-checks the one found.
+                Ok(found) => {
+                    original = found
+                        .into_iter()
+                        .next()
+                        .filter(|o| rrn_given.is_none_or(|r| r == o.rrn));
+                }
                 Err(e) => {
                     warn_repeated!(error = %Said(&e), "journal read failed");
                     return Some(ResponseCode::SYSTEM_ERROR);
@@ -282,8 +289,7 @@ impl Switch {
                 break;
             }
         }
-        let rrn_given = req.msg.text(37).filter(|r| !r.trim().is_empty());
-        let Some(o) = original.filter(|o| rrn_given.is_none_or(|r| r == o.rrn)) else {
+        let Some(o) = original else {
             return self
                 .reject(req, entry, None, "V1", ResponseCode::NOT_FOUND, out)
                 .await;

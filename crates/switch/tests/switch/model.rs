@@ -833,10 +833,12 @@ impl Model {
     fn void(&mut self, key: Key, h: &Head, of: &Named) -> Expected {
         // By batch and STAN whatever the class: a pre-authorisation (0100)
         // found there is the wrong kind (V5), not missing.
-        let found = [2, 1]
-            .into_iter()
-            .find_map(|class| self.keys.get(&(of.batch, of.stan, class)).copied())
-            .filter(|&o| self.rows[o].rrn == of.rrn);
+        let found = [2, 1].into_iter().find_map(|class| {
+            self.keys
+                .get(&(of.batch, of.stan, class))
+                .copied()
+                .filter(|&o| self.rows[o].rrn == of.rrn)
+        });
         let Some(o) = found else {
             return self.answer(key, h, St::Declined, "25", None, "V1");
         };
