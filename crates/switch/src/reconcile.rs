@@ -273,16 +273,29 @@ pub fn posting_days(text: &str) -> std::collections::BTreeSet<NaiveDate> {
     reader
         .records()
         .filter_map(Result::ok)
-        .filter_map(|r| {
-            chrono::DateTime::parse_from_rfc3339(r.get(time)?)
-                .ok()
-                .map(|t| t.with_timezone(&chrono::Utc).date_naive())
-        })
+        .filter_map(|r| day_of(&r, time))
         .collect()
+}
+
+/// The day (UTC) of a clearing record's `time`, column `time`.
+fn day_of(record: &csv::StringRecord, time: usize) -> Option<NaiveDate> {
+    chrono::DateTime::parse_from_rfc3339(record.get(time)?)
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc).date_naive())
 }
 
 /// Reads the issuer's clearing file: per posting, its RRN and balance change.
 pub fn read_clearing(text: &str, origin: &str) -> Result<Vec<(String, i64)>, String> {
+    read_clearing_on(text, origin, None)
+}
+
+/// [`read_clearing`], of the postings of `day` (UTC, from the `time`
+/// column) only when given: a file of every day checked for one.
+pub fn read_clearing_on(
+    text: &str,
+    origin: &str,
+    day: Option<NaiveDate>,
+) -> Result<Vec<(String, i64)>, String> {
     let mut reader = csv::Reader::from_reader(text.as_bytes());
     let headers = reader
         .headers()
@@ -295,9 +308,13 @@ pub fn read_clearing(text: &str, origin: &str) -> Result<Vec<(String, i64)>, Str
             .ok_or_else(|| format!("{origin}: no column {name:?} in the header"))
     };
     let (rrn, change) = (col("rrn")?, col("balance_change")?);
+    let time = col("time").ok();
     let mut out = Vec::new();
     for record in reader.records() {
         let record = record.map_err(|e| format!("{origin}: {e}"))?;
+        if day.is_some() && time.is_some_and(|t| day_of(&record, t) != day) {
+            continue;
+        }
         let line = record.position().map_or(0, |p| p.line());
         let amount: i64 =
             record.get(change).unwrap_or("").parse().map_err(|_| {
@@ -346,6 +363,10 @@ mod tests {
             ["2026-12-07", "2026-12-08"].map(|d| d.parse::<NaiveDate>().unwrap())
         );
         assert!(posting_days("rrn,balance_change\n1,0\n").is_empty());
+        // A file of every day, checked for one.
+        let on = |d: &str| read_clearing_on(csv, "c.csv", Some(d.parse().unwrap())).unwrap();
+        assert_eq!(on("2026-12-07"), rows(&[("000000000001", -500)]));
+        assert_eq!(on("2026-12-08"), rows(&[("000000000002", -700)]));
     }
 
     #[test]

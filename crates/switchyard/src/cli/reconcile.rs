@@ -13,7 +13,8 @@ use super::ops::journal_pool;
 
 #[derive(Debug, Args)]
 pub struct ReconcileArgs {
-    /// The issuer's clearing file (`switchyard issuer clearing --date D --out F`).
+    /// The issuer's clearing file (`switchyard issuer clearing [--date D] --out F`;
+    /// with --date, only its postings of that day are compared).
     #[arg(long)]
     pub clearing_file: PathBuf,
     /// The day (UTC, as the clearing file counts days, not the business day
@@ -44,7 +45,8 @@ pub async fn run(args: &ReconcileArgs) -> Result<(), Failure> {
     let text = std::fs::read_to_string(&args.clearing_file)
         .with_context(|| format!("cannot read {}", args.clearing_file.display()))?;
     let file = args.clearing_file.display().to_string();
-    let issuer = reconcile::read_clearing(&text, &file).map_err(|e| Failure::Input(anyhow!(e)))?;
+    let issuer = reconcile::read_clearing_on(&text, &file, args.date)
+        .map_err(|e| Failure::Input(anyhow!(e)))?;
     let days = reconcile::posting_days(&text);
     if let Some(date) = args.date.filter(|d| !days.is_empty() && !days.contains(d)) {
         let days: Vec<String> = days.iter().map(ToString::to_string).collect();
