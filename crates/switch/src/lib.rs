@@ -140,48 +140,85 @@ pub async fn check_key(pool: &PgPool, key: &PanHashKey) -> Result<(), StartError
 /// `sent`, or with an advice pending) take the config's, as they were sent
 /// with them; otherwise a change of `institution_id` afterwards would name
 /// them by the new one. Returns how many rows and advices were given them.
+///
+/// The journal is walked back from its newest row by id, a chunk a
+/// transaction (a large journal is not held in one), until a chunk holds
+/// nothing received within the windows; the flag is set last, so a start
+/// stopped half way does the rest next time. Every switch on the database
+/// is upgraded together: an older one still writing would leave its new
+/// rows without them.
 pub async fn keep_acquirer_of_older_rows(
     pool: &PgPool,
     config: &Config,
 ) -> Result<u64, sqlx::Error> {
+    const CHUNK: i64 = 50_000;
     let days = config
         .rules
         .refund_window_days
         .max(config.rules.preauth_valid_days)
         + 1;
-    let mut tx = pool.begin().await?;
-    let kept: Option<bool> = sqlx::query_scalar("SELECT acquirer_kept FROM meta FOR UPDATE")
-        .fetch_optional(&mut *tx)
+    let kept: Option<bool> = sqlx::query_scalar("SELECT acquirer_kept FROM meta")
+        .fetch_optional(pool)
         .await?;
     if kept != Some(false) {
         return Ok(0);
     }
-    let rows = sqlx::query(
+    let ids = (&config.institution_id, &config.forwarding_id);
+    // Rows any later message may name whatever their age, and advices.
+    let mut given = sqlx::query(
         "UPDATE journal j SET institution_id = $1, forwarding_id = $2
          WHERE j.institution_id IS NULL
-           AND (j.received_at > now() - make_interval(days => $3) OR j.state = 'sent'
-                OR EXISTS (SELECT 1 FROM advices a WHERE a.journal_id = j.id AND a.state = 'pending'))",
+           AND (j.state = 'sent'
+                OR j.id IN (SELECT journal_id FROM advices WHERE state = 'pending'))",
     )
-    .bind(&config.institution_id)
-    .bind(&config.forwarding_id)
-    .bind(days as i32)
-    .execute(&mut *tx)
+    .bind(ids.0)
+    .bind(ids.1)
+    .execute(pool)
     .await?
     .rows_affected();
-    let advices = sqlx::query(
+    given += sqlx::query(
         "UPDATE advices SET original_institution_id = $1, original_forwarding_id = $2
          WHERE original_institution_id IS NULL AND state = 'pending'",
     )
-    .bind(&config.institution_id)
-    .bind(&config.forwarding_id)
-    .execute(&mut *tx)
+    .bind(ids.0)
+    .bind(ids.1)
+    .execute(pool)
     .await?
     .rows_affected();
-    sqlx::query("UPDATE meta SET acquirer_kept = true")
-        .execute(&mut *tx)
+    // The rows of the windows, newest first, by ranges of the primary key.
+    let mut below: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) + 1 FROM journal")
+        .fetch_one(pool)
         .await?;
-    tx.commit().await?;
-    Ok(rows + advices)
+    while below > 1 {
+        let (changed, any, recent): (i64, bool, bool) = sqlx::query_as(
+            "WITH chunk AS (SELECT id, received_at FROM journal WHERE id < $3 AND id >= $3 - $4),
+                  given AS (UPDATE journal j SET institution_id = $1, forwarding_id = $2
+                            FROM chunk c
+                            WHERE j.id = c.id AND j.institution_id IS NULL
+                              AND c.received_at > now() - make_interval(days => $5)
+                            RETURNING j.id)
+             SELECT (SELECT count(*) FROM given), EXISTS (SELECT 1 FROM chunk),
+                    EXISTS (SELECT 1 FROM chunk WHERE received_at > now() - make_interval(days => $5))",
+        )
+        .bind(ids.0)
+        .bind(ids.1)
+        .bind(below)
+        .bind(CHUNK)
+        .bind(days as i32)
+        .fetch_one(pool)
+        .await?;
+        given += changed as u64;
+        below -= CHUNK;
+        // Ids are drawn in time order: a chunk of rows all older than the
+        // windows ends the walk (an empty one, ids burned by conflicts, does not).
+        if any && !recent {
+            break;
+        }
+    }
+    sqlx::query("UPDATE meta SET acquirer_kept = true")
+        .execute(pool)
+        .await?;
+    Ok(given)
 }
 
 /// Where a database URL points, for messages: `host:port/database`, the

@@ -1412,11 +1412,18 @@ async fn a_sale_journalled_before_f32_was_kept_takes_the_ids_of_the_first_start_
     let pan = "6222020000000000043";
     let before = w.balance(pan).await;
     let mut t = w.signed_on("T0000020").await;
+    let old = purchase(&mut t, pan, 100).await;
     let sale = purchase(&mut t, pan, 4_000).await;
     w.shutdown.cancel();
     w.run.take().expect("running").await.unwrap();
-    // As a switch from before migration 0010 left it.
+    // As a switch from before migration 0010 left it; one sale long past
+    // every window (no message can name it any more).
     sqlx::query("UPDATE journal SET institution_id = NULL, forwarding_id = NULL")
+        .execute(&w.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE journal SET received_at = now() - interval '400 days' WHERE rrn = $1")
+        .bind(old.rrn())
         .execute(&w.pool)
         .await
         .unwrap();
@@ -1428,10 +1435,18 @@ async fn a_sale_journalled_before_f32_was_kept_takes_the_ids_of_the_first_start_
     let (_s, _addr, upgraded) = w.another_switch().await;
     upgraded.cancel();
     let kept: (Option<String>, Option<String>) =
-        sqlx::query_as("SELECT institution_id, forwarding_id FROM journal WHERE kind = 'purchase'")
+        sqlx::query_as("SELECT institution_id, forwarding_id FROM journal WHERE rrn = $1")
+            .bind(sale.rrn())
             .fetch_one(&w.pool)
             .await
             .unwrap();
+    let untouched: Option<String> =
+        sqlx::query_scalar("SELECT institution_id FROM journal WHERE rrn = $1")
+            .bind(old.rrn())
+            .fetch_one(&w.pool)
+            .await
+            .unwrap();
+    assert_eq!(untouched, None, "past every window: left as it was");
     let defaults = switch::Config::default();
     assert_eq!(
         kept,
@@ -1457,7 +1472,7 @@ async fn a_sale_journalled_before_f32_was_kept_takes_the_ids_of_the_first_start_
     }
     assert_eq!(refund(&mut t, pan, 4_000, &sale).await.rc(), "00");
     advices_drained(&w).await;
-    assert_eq!(w.balance(pan).await, before, "refunded at the issuer");
+    assert_eq!(w.balance(pan).await, before - 100, "refunded at the issuer");
     changed.cancel();
 }
 
