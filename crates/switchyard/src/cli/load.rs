@@ -128,11 +128,16 @@ impl Outputs<'_> {
     pub fn writable(&self) -> Result<(), Failure> {
         for (flag, path) in [("--json", self.json), ("--html", self.html)] {
             let Some(path) = path else { continue };
+            let there = path.exists();
             std::fs::OpenOptions::new()
                 .append(true)
                 .create(true)
                 .open(path)
                 .map_err(|e| Failure::Input(anyhow::anyhow!("{flag} {}: {e}", path.display())))?;
+            if !there {
+                // Tried, not kept: a run that fails leaves no empty report.
+                let _ = std::fs::remove_file(path);
+            }
         }
         Ok(())
     }
