@@ -383,23 +383,11 @@ async fn a_purchase_whose_f2_and_track_name_two_cards_is_declined_14_unsent() {
     let stan = t.next_stan();
     let f60 = t.f60("22");
     let track = format!("{other}D{EXPIRY}1011234");
-    let frame = t
-        .request(
-            Mti::FINANCIAL,
-            &[
-                (2, Field::Digits(CARD)),
-                (3, Field::Digits("000000")),
-                (4, Field::Number(100)),
-                (11, Field::Number(stan.into())),
-                (14, Field::Digits(EXPIRY)),
-                (22, Field::Digits("021")),
-                (25, Field::Digits("00")),
-                (35, Field::Digits(&track)),
-                (49, Field::Text("156")),
-                (60, Field::Digits(&f60)),
-            ],
-        )
-        .unwrap();
+    let frame = hand_made_purchase(
+        &t,
+        stan,
+        &[(35, Field::Digits(&track)), (60, Field::Digits(&f60))],
+    );
     assert_eq!(t.exchange(&frame).await.unwrap().rc(), "14");
     assert_eq!(
         (w.balance(CARD).await, w.balance(other).await),
@@ -1337,26 +1325,30 @@ async fn framing_errors_close_the_connection_and_an_oversized_length_is_not_read
     assert_eq!(reply.rc(), "00");
 }
 
+/// A purchase of 100 fen on [`CARD`], field by field and without F35 or
+/// F60 unless `extra` gives them: frames a terminal of ours would not send.
+fn hand_made_purchase(t: &Terminal, stan: u32, extra: &[(usize, Field<'_>)]) -> bytes::BytesMut {
+    let mut fields = vec![
+        (2, Field::Digits(CARD)),
+        (3, Field::Digits("000000")),
+        (4, Field::Number(100)),
+        (11, Field::Number(stan.into())),
+        (14, Field::Digits(EXPIRY)),
+        (22, Field::Digits("021")),
+        (25, Field::Digits("00")),
+        (49, Field::Text("156")),
+    ];
+    fields.extend_from_slice(extra);
+    fields.sort_by_key(|(n, _)| *n);
+    t.request(Mti::FINANCIAL, &fields).unwrap()
+}
+
 #[tokio::test]
 async fn a_transaction_without_its_batch_is_answered_30_not_77() {
     let w = world().await;
     let mut t = w.signed_on("T0000014").await;
     let stan = t.next_stan();
-    let frame = t
-        .request(
-            Mti::FINANCIAL,
-            &[
-                (2, Field::Digits(CARD)),
-                (3, Field::Digits("000000")),
-                (4, Field::Number(100)),
-                (11, Field::Number(stan.into())),
-                (14, Field::Digits(EXPIRY)),
-                (22, Field::Digits("021")),
-                (25, Field::Digits("00")),
-                (49, Field::Text("156")),
-            ],
-        )
-        .unwrap();
+    let frame = hand_made_purchase(&t, stan, &[]);
     let reply = t.exchange(&frame).await.unwrap();
     assert_eq!(reply.rc(), "30", "F60 missing: {reply:?}");
     // A sign-on without it too (its F60.3 says what it is), not 12.
