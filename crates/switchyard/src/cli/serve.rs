@@ -83,14 +83,7 @@ pub async fn serve(args: &ServeArgs) -> Result<(), Failure> {
             super::admin::key_problem(&args.config, "pan_hash_key_file", named, e)
         ))
     })?;
-    let database = db::open(
-        config.database.url.as_deref(),
-        config.database.embedded_data_dir.as_deref(),
-        "switchyard",
-        "the journal (and with it what the switch left at the issuer)",
-        true,
-    )
-    .await?;
+    let database = journal(&config, true).await?;
     database.say("the journal");
     let pool = switch::connect(&database.url, config.database.max_connections)
         .await
@@ -158,6 +151,19 @@ async fn second_signal(shutdown: CancellationToken) {
     }
 }
 
+/// The journal's database as the config names it; `lasting` as
+/// [`db::open`]'s.
+async fn journal(config: &Config, lasting: bool) -> anyhow::Result<db::Database> {
+    db::open(
+        config.database.url.as_deref(),
+        config.database.embedded_data_dir.as_deref(),
+        "switchyard",
+        "the journal (and with it what the switch left at the issuer)",
+        lasting,
+    )
+    .await
+}
+
 /// A small pool on the config's database with the switch schema up to date
 /// (and the private server behind it, when there is one).
 pub async fn migrated_pool(config: &Config) -> Result<(sqlx::PgPool, db::Database), Failure> {
@@ -166,14 +172,7 @@ pub async fn migrated_pool(config: &Config) -> Result<(sqlx::PgPool, db::Databas
 
 /// [`migrated_pool`], and how many migrations it applied.
 async fn migrated(config: &Config) -> Result<(sqlx::PgPool, db::Database, usize), Failure> {
-    let database = db::open(
-        config.database.url.as_deref(),
-        config.database.embedded_data_dir.as_deref(),
-        "switchyard",
-        "the journal (and with it what the switch left at the issuer)",
-        false,
-    )
-    .await?;
+    let database = journal(config, false).await?;
     let pool = switch::connect(&database.url, 2)
         .await
         .with_context(|| db::connecting(&database.url))?;
