@@ -54,17 +54,7 @@ pub async fn journal_pool(
 ) -> Result<(sqlx::PgPool, db::Database), Failure> {
     let database = match std::env::var("DATABASE_URL") {
         Ok(url) => db::open(Some(&url), None, "switchyard", "", false).await?,
-        Err(_) => {
-            let config = load_config(config)?;
-            db::open(
-                config.database.url.as_deref(),
-                config.database.embedded_data_dir.as_deref(),
-                "switchyard",
-                "the journal",
-                false,
-            )
-            .await?
-        }
+        Err(_) => super::serve::journal(&load_config(config)?, false).await?,
     };
     let pool = switch::connect(&database.url, 2)
         .await

@@ -153,7 +153,7 @@ async fn second_signal(shutdown: CancellationToken) {
 
 /// The journal's database as the config names it; `lasting` as
 /// [`db::open`]'s.
-async fn journal(config: &Config, lasting: bool) -> anyhow::Result<db::Database> {
+pub async fn journal(config: &Config, lasting: bool) -> anyhow::Result<db::Database> {
     db::open(
         config.database.url.as_deref(),
         config.database.embedded_data_dir.as_deref(),
