@@ -219,6 +219,23 @@ impl Switch {
         .await
     }
 
+    /// A request about an original whose F2 and track 2 name two cards:
+    /// journalled refused (14), under the batch it names, so that the
+    /// audit trail has it and a repeat gets the same answer.
+    pub(crate) async fn refuse_two_cards(
+        &self,
+        req: &Request<'_>,
+        kind: Kind,
+        terminal: &Terminal,
+        out: &mut BytesMut,
+    ) -> Option<ResponseCode> {
+        let p = self.parts(req);
+        let batch = req.batch().unwrap_or(terminal.batch);
+        let entry = self.entry(req, kind, batch, &p);
+        self.reject(req, entry, None, "F2-F35", ResponseCode::INVALID_CARD, out)
+            .await
+    }
+
     /// Everything that refers to an earlier transaction, and settlement.
     pub(crate) async fn related(
         &self,

@@ -251,8 +251,17 @@ impl Switch {
         }
         if cards_differ(&req.msg) {
             // F2 and the card the track was read from are one card, or the
-            // message is not to be trusted with either.
-            return Some(ResponseCode::INVALID_CARD);
+            // message is not to be trusted with either. A request about an
+            // original is journalled refused, for its audit trail.
+            return match kind {
+                Kind::Void
+                | Kind::CompletionVoid
+                | Kind::Refund
+                | Kind::PreAuthCancel
+                | Kind::Completion
+                | Kind::CompletionAdvice => self.refuse_two_cards(req, kind, &terminal, out).await,
+                _ => Some(ResponseCode::INVALID_CARD),
+            };
         }
         match kind {
             Kind::SignOn => match terminals::sign_on(&self.pool, req.terminal_id).await {

@@ -1510,3 +1510,45 @@ async fn a_terminal_unsigned_since_an_upgrade_still_reverses_and_settles() {
         .unwrap();
     assert_eq!(reply.rc(), "77");
 }
+
+#[tokio::test]
+async fn a_void_whose_f2_and_track_name_two_cards_is_refused_14_and_journalled() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000009").await;
+    let pan = "6222020000000000045";
+    let sale = purchase(&mut t, pan, 1_500).await;
+    let stan = t.next_stan();
+    let track = format!("6222020000000000046D{EXPIRY}1011234");
+    let (f60, f61) = (t.f60("23"), format!("{:06}{:06}", sale.batch, sale.stan));
+    let frame = t
+        .request(
+            Mti::FINANCIAL,
+            &[
+                (2, loadgen::Field::Digits(pan)),
+                (3, loadgen::Field::Digits("200000")),
+                (4, loadgen::Field::Number(1_500)),
+                (11, loadgen::Field::Number(stan.into())),
+                (14, loadgen::Field::Digits(EXPIRY)),
+                (22, loadgen::Field::Digits("021")),
+                (25, loadgen::Field::Digits("00")),
+                (35, loadgen::Field::Digits(&track)),
+                (37, loadgen::Field::Text(sale.rrn())),
+                (49, loadgen::Field::Text("156")),
+                (60, loadgen::Field::Digits(&f60)),
+                (61, loadgen::Field::Digits(&f61)),
+            ],
+        )
+        .unwrap();
+    let r = t.exchange(&frame).await.unwrap();
+    assert_eq!(r.rc(), "14", "{r:?}");
+    let (state, rule, _) = rule_of(&w, r.field(37).expect("journalled: an RRN")).await;
+    assert_eq!(
+        (state.as_str(), rule.as_deref()),
+        ("declined", Some("F2-F35"))
+    );
+    assert_eq!(
+        w.journal_state(sale.rrn()).await,
+        "approved",
+        "the sale stands"
+    );
+}
