@@ -1669,14 +1669,38 @@ pub struct Settlement<'a> {
     pub reply: &'a [u8],
 }
 
+/// What [`settle`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// The batch closed, the settlement recorded and its row approved.
+    Closed,
+    /// Not closed: a request of the batch is still at the issuer or being
+    /// decided, and would be left out of the totals (`force` was false).
+    InFlight,
+    /// Not closed: another switch process closed the batch since it was read.
+    Elsewhere,
+}
+
 /// S1: closes the batch (the next one opens), records the settlement, and
-/// approves its journal row with its reply, in one statement. False when
-/// the batch was no longer open: of two racing settlements of one batch,
-/// one closes it.
-pub async fn settle(pool: &PgPool, s: &Settlement<'_>) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "WITH closed AS (
-            UPDATE terminals SET batch = batch % 999999 + 1 WHERE id = $1 AND batch = $3 RETURNING id),
+/// approves its journal row with its reply, in one statement; unless,
+/// without `force`, a request of the batch received within `in_flight` is
+/// still `sent` or `received` (its outcome would be missing from the
+/// totals the reply carries).
+pub async fn settle(
+    pool: &PgPool,
+    s: &Settlement<'_>,
+    force: bool,
+    in_flight: Duration,
+) -> Result<Settled, sqlx::Error> {
+    let (answered, busy): (bool, bool) = sqlx::query_as(
+        "WITH busy AS (
+            SELECT EXISTS (SELECT 1 FROM journal
+                WHERE merchant_id = $2 AND terminal_id = $1 AND batch = $3 AND id <> $8
+                  AND state IN ('sent', 'received')
+                  AND received_at > now() - make_interval(secs => $11)) AS b),
+         closed AS (
+            UPDATE terminals SET batch = batch % 999999 + 1
+            WHERE id = $1 AND batch = $3 AND ($10 OR NOT (SELECT b FROM busy)) RETURNING id),
          recorded AS (
             INSERT INTO settlements (terminal_id, batch, merchant_id, terminal_totals, switch_totals,
                 balanced, operator)
@@ -1686,7 +1710,7 @@ pub async fn settle(pool: &PgPool, s: &Settlement<'_>) -> Result<bool, sqlx::Err
             UPDATE journal SET state = 'approved', response_code = '00', reply = $9, completed_at = now()
             FROM closed WHERE journal.id = $8 AND journal.state = 'received'
             RETURNING journal.id)
-         SELECT EXISTS (SELECT 1 FROM answered)",
+         SELECT EXISTS (SELECT 1 FROM answered), (SELECT b FROM busy)",
     )
     .bind(s.terminal_id)
     .bind(s.merchant_id)
@@ -1697,8 +1721,15 @@ pub async fn settle(pool: &PgPool, s: &Settlement<'_>) -> Result<bool, sqlx::Err
     .bind(s.operator.as_deref())
     .bind(s.row_id)
     .bind(s.reply)
+    .bind(force)
+    .bind(in_flight.as_secs_f64())
     .fetch_one(pool)
-    .await
+    .await?;
+    Ok(match (answered, busy && !force) {
+        (true, _) => Settled::Closed,
+        (false, true) => Settled::InFlight,
+        (false, false) => Settled::Elsewhere,
+    })
 }
 
 /// One batch upload record (the PAN masked; the clear one is never kept).

@@ -4,6 +4,8 @@
 //! rules of rules.md (V1-V6, R1-R5, F1-F6, P1-P3, S1); a rejected attempt is
 //! journalled too, with the original it matched and the rule that decided.
 
+use std::time::Duration;
+
 use bytes::BytesMut;
 use chrono::{Datelike, NaiveDate, Utc};
 use iso8583::Pan;
@@ -845,54 +847,71 @@ impl Switch {
         // A row left `received` without a reply (the journal failed under
         // it) is one a repeat may take over soon (`Switch::adopt`).
         self.holding(written.id, async {
-            let ours = match journal::batch_totals(&self.pool, req.terminal_id, batch).await {
-                Ok(t) => t,
-                Err(e) => {
-                    warn_repeated!(error = %Said(&e), "journal read failed");
-                    return Some(ResponseCode::SYSTEM_ERROR);
-                }
-            };
-            let (reply_totals, balanced) = reconciled(&given, &ours);
-            self.reply(
-                req,
-                out,
-                ReplyFields {
-                    rc: Some(ResponseCode::APPROVED),
-                    rrn: Some(&written.rrn),
-                    totals: Some(&reply_totals),
-                    ..Default::default()
-                },
-            );
-            let settlement = journal::Settlement {
-                row_id: written.id,
-                terminal_id: req.terminal_id,
-                merchant_id: req.merchant_id,
-                batch,
-                terminal_totals: &given,
-                switch_totals: &ours,
-                balanced,
-                operator: req.operator(),
-                reply: self.body(out),
-            };
-            let closed = journal::settle(&self.pool, &settlement).await;
-            self.writer.forget_terminal(req.terminal_id);
-            match closed {
-                Ok(true) => None,
-                // Another switch process closed the batch since it was read.
-                Ok(false) => {
-                    self.decided(
-                        req,
-                        written.id,
-                        &written.rrn,
-                        "S1",
-                        ResponseCode::BATCH_MISMATCH,
-                        out,
-                    )
-                    .await
-                }
-                Err(e) => {
-                    warn!(error = %Said(&e), "closing the batch failed");
-                    Some(ResponseCode::SYSTEM_ERROR)
+            // The totals are the journal's once nothing of the batch is still
+            // at the issuer or being decided (a request of another
+            // connection of the terminal, say): its outcome would be left
+            // out. That waits at most what an answer may take, and the
+            // recovery sweep's margin; then the batch closes as it is.
+            let in_flight = self.config.rules.issuer_timeout + Duration::from_secs(2);
+            let until = tokio::time::Instant::now() + in_flight;
+            loop {
+                let ours = match journal::batch_totals(&self.pool, req.terminal_id, batch).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        warn_repeated!(error = %Said(&e), "journal read failed");
+                        return Some(ResponseCode::SYSTEM_ERROR);
+                    }
+                };
+                let (reply_totals, balanced) = reconciled(&given, &ours);
+                self.reply(
+                    req,
+                    out,
+                    ReplyFields {
+                        rc: Some(ResponseCode::APPROVED),
+                        rrn: Some(&written.rrn),
+                        totals: Some(&reply_totals),
+                        ..Default::default()
+                    },
+                );
+                let settlement = journal::Settlement {
+                    row_id: written.id,
+                    terminal_id: req.terminal_id,
+                    merchant_id: req.merchant_id,
+                    batch,
+                    terminal_totals: &given,
+                    switch_totals: &ours,
+                    balanced,
+                    operator: req.operator(),
+                    reply: self.body(out),
+                };
+                let force = tokio::time::Instant::now() >= until;
+                let closed = journal::settle(&self.pool, &settlement, force, in_flight).await;
+                match closed {
+                    Ok(journal::Settled::Closed) => {
+                        self.writer.forget_terminal(req.terminal_id);
+                        return None;
+                    }
+                    Ok(journal::Settled::InFlight) => {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    // Another switch process closed the batch since it was read.
+                    Ok(journal::Settled::Elsewhere) => {
+                        self.writer.forget_terminal(req.terminal_id);
+                        return self
+                            .decided(
+                                req,
+                                written.id,
+                                &written.rrn,
+                                "S1",
+                                ResponseCode::BATCH_MISMATCH,
+                                out,
+                            )
+                            .await;
+                    }
+                    Err(e) => {
+                        warn!(error = %Said(&e), "closing the batch failed");
+                        return Some(ResponseCode::SYSTEM_ERROR);
+                    }
                 }
             }
         })

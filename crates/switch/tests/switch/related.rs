@@ -1552,3 +1552,45 @@ async fn a_void_whose_f2_and_track_name_two_cards_is_refused_14_and_journalled()
         "the sale stands"
     );
 }
+
+#[tokio::test]
+async fn a_settlement_waits_for_a_sale_of_its_batch_still_at_the_issuer() {
+    let w = world().await;
+    let mut a = w.signed_on("T0000008").await;
+    let pan = "6222020000000000047";
+    purchase(&mut a, pan, 1_000).await;
+    // Another connection of the terminal sells while the issuer is slow.
+    w.issuer
+        .faults()
+        .update(|f| f.latency = issuer_sim::Latency::Fixed(Duration::from_millis(300)));
+    let mut b = Terminal::connect(&w.switch_addr, "T0000008", MERCHANT, w.dialect.clone())
+        .await
+        .unwrap();
+    b.batch = a.batch;
+    for _ in 0..50 {
+        b.next_stan();
+    }
+    let stan = b.next_stan();
+    b.send_raw(&b.purchase(stan, pan, EXPIRY, 999).unwrap())
+        .await
+        .unwrap();
+    w.until(
+        Duration::from_secs(5),
+        "the sale at the issuer",
+        "SELECT EXISTS (SELECT 1 FROM journal WHERE amount = 999 AND state = 'sent')",
+    )
+    .await;
+    // The terminal settles what it saw on its own connection.
+    let totals = format!("{:012}{:03}{:012}{:03}0{}", 1_000, 1, 0, 0, "0".repeat(31));
+    let stan = a.next_stan();
+    let settled = a
+        .exchange(&a.settlement(stan, &totals).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(b.recv().await.unwrap().rc(), "00", "the sale approved");
+    assert_eq!(
+        settled.field(48).map(|f| &f[..31]),
+        Some(format!("{:012}{:03}{:012}{:03}2", 1_999, 2, 0, 0).as_str()),
+        "the journal's totals count the sale that was at the issuer"
+    );
+}
