@@ -131,14 +131,30 @@ pub async fn history(pool: &PgPool, selector: &Selector) -> Result<Option<Histor
     let Some(id) = id else {
         return Ok(None);
     };
+    // A reversal that came before its original (R3) names none: it is of
+    // the family of the request of its key (terminal, batch, STAN), which
+    // it reversed on arrival, both ways.
     let entries: Vec<Entry> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "WITH RECURSIVE up AS (
-            SELECT id, original_id FROM journal WHERE id = $1
+        "WITH RECURSIVE start AS (
+            SELECT coalesce((
+                SELECT o.id FROM journal r JOIN journal o
+                    ON o.merchant_id = r.merchant_id AND o.terminal_id = r.terminal_id
+                   AND o.batch = r.batch AND o.stan = r.stan AND o.mti_class <> 4
+                WHERE r.id = $1 AND r.mti_class = 4 AND r.original_id IS NULL
+                ORDER BY o.id LIMIT 1), $1) AS id),
+         up AS (
+            SELECT id, original_id FROM journal WHERE id = (SELECT id FROM start)
             UNION SELECT j.id, j.original_id FROM journal j JOIN up ON j.id = up.original_id),
          down AS (
             SELECT id FROM up WHERE original_id IS NULL
-            UNION SELECT j.id FROM journal j JOIN down ON j.original_id = down.id)
-         {ENTRY} WHERE id IN (SELECT id FROM down) OR id = $1 ORDER BY id"
+            UNION SELECT j.id FROM journal j JOIN down ON j.original_id = down.id),
+         markers AS (
+            SELECT r.id FROM journal d JOIN journal r
+                ON r.merchant_id = d.merchant_id AND r.terminal_id = d.terminal_id
+               AND r.batch = d.batch AND r.stan = d.stan AND r.mti_class = 4
+            WHERE d.id IN (SELECT id FROM down) AND d.mti_class <> 4 AND r.original_id IS NULL)
+         {ENTRY} WHERE id IN (SELECT id FROM down) OR id IN (SELECT id FROM markers) OR id = $1
+         ORDER BY id"
     )))
     .bind(id)
     .fetch_all(pool)

@@ -1594,3 +1594,46 @@ async fn a_settlement_waits_for_a_sale_of_its_batch_still_at_the_issuer() {
         "the journal's totals count the sale that was at the issuer"
     );
 }
+
+#[tokio::test]
+async fn a_reversal_that_came_before_its_sale_is_in_the_sales_history_and_back() {
+    let w = world().await;
+    let pan = "6222020000000000048";
+    let mut t = w.signed_on("T0000013").await;
+    let stan = t.next_stan();
+    let f60 = t.f60("22");
+    let unsent = Kept {
+        batch: t.batch,
+        stan,
+        reply: Reply {
+            mti: iso8583::Mti::FINANCIAL,
+            prefix: vec![],
+            fields: Default::default(),
+            body: Default::default(),
+        },
+    };
+    // R3: the 0400 first (nothing to reverse yet), then the sale it names.
+    let marker = t
+        .exchange(
+            &t.reversal(&reversed(&unsent, pan, 600, &f60), "98")
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(marker.rc(), "00");
+    let sale = t
+        .exchange(&t.purchase(stan, pan, EXPIRY, 600).unwrap())
+        .await
+        .unwrap();
+    let sale_rrn = sale.field(37).unwrap();
+    assert_eq!(w.journal_state(sale_rrn).await, "reversed");
+    let marker_rrn = marker.field(37).unwrap();
+    for rrn in [sale_rrn, marker_rrn] {
+        let history = switch::audit::history(&w.pool, &switch::audit::Selector::Rrn(rrn.into()))
+            .await
+            .unwrap()
+            .unwrap();
+        let rrns: Vec<&str> = history.entries.iter().map(|e| e.rrn.as_str()).collect();
+        assert_eq!(rrns, [marker_rrn, sale_rrn], "by {rrn}: the whole history");
+    }
+}
