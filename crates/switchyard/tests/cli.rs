@@ -24,6 +24,31 @@ fn switchyard(args: &[&str], stdin: Option<&str>) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// A child process killed when the test ends, however it ends: a failed
+/// assertion would otherwise leave a serving demo (and its PostgreSQL)
+/// running after the suite.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Running {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
 fn fixture_dir(dialect: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../iso8583/tests/fixtures")
@@ -506,12 +531,14 @@ fn demo_serve_answers_terminals_and_exits_0_on_sigterm() {
     // Port 0: the demo says which port it got. (A port found free here and
     // handed over could be taken meanwhile by a server another test starts.)
     let errors = std::env::temp_dir().join(format!("sy-serve-{}.err", std::process::id()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["demo", "--serve", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&errors).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = Running(
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["demo", "--serve", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&errors).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let Some(Ok(first)) = lines.next() else {
         let log = std::fs::read_to_string(&errors).unwrap_or_default();
@@ -1375,12 +1402,14 @@ fn config_check_names_missing_files_at_their_keys_beside_other_problems() {
 #[test]
 fn a_switch_whose_log_reader_is_gone_still_serves_and_stops_on_sigterm() {
     use std::io::BufRead;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["demo", "--serve", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Running(
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["demo", "--serve", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     // The log collector goes away at once: every log line meets a closed pipe.
     drop(child.stderr.take());
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
