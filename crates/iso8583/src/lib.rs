@@ -17,6 +17,7 @@ pub mod dialect;
 pub mod error;
 pub mod framing;
 pub mod json;
+pub mod keys;
 pub mod mac;
 pub mod message;
 pub mod mti;
