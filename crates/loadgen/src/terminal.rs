@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
+use iso8583::keys::{MasterKey, WorkingKeys};
+use iso8583::mac::{MAC_LEN, MacKey, cup_pos_mac};
 use iso8583::{Dialect, Frame, FrameCodec, Message, MessageWriter, Mti, Value};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
@@ -38,6 +40,9 @@ pub enum TerminalError {
     /// A field value does not fit.
     #[error("cannot build the request: {0}")]
     Build(#[from] iso8583::BuildError),
+    /// The sign-on reply's working keys cannot be taken.
+    #[error("sign-on: {0}")]
+    Keys(String),
 }
 
 /// A reply as the terminal reads it: MTI and field values as text (digits,
@@ -52,6 +57,10 @@ pub struct Reply {
     pub fields: BTreeMap<usize, String>,
     /// The frame from the MTI on.
     pub body: Bytes,
+    /// Whether its F64 is the MAC of the rest under the terminal's MAC key:
+    /// `None` when the terminal holds none or the reply is of a network
+    /// management message (08xx), which carries none.
+    pub mac_valid: Option<bool>,
 }
 
 impl Reply {
@@ -68,6 +77,7 @@ impl Reply {
             prefix: frame[..body_at].to_vec(),
             fields,
             body: Bytes::copy_from_slice(&frame[body_at..]),
+            mac_valid: None,
         })
     }
 
@@ -78,6 +88,7 @@ impl Reply {
             prefix: Vec::new(),
             fields: BTreeMap::new(),
             body: Bytes::new(),
+            mac_valid: None,
         }
     }
 
@@ -90,6 +101,18 @@ impl Reply {
     pub fn field(&self, n: usize) -> Option<&str> {
         self.fields.get(&n).map(String::as_str)
     }
+}
+
+/// Bytes of a binary field as the reply shows it (uppercase hex).
+fn iso8583_hex(text: &str) -> Option<Vec<u8>> {
+    (text.len() % 2 == 0)
+        .then(|| {
+            (0..text.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+                .collect()
+        })
+        .flatten()
 }
 
 /// A simulated terminal.
@@ -108,6 +131,15 @@ pub struct Terminal {
     pub tpdu: [u8; 5],
     /// Header of every request.
     pub header: [u8; 6],
+    /// Its master key (TMK), when it was loaded with one.
+    master_key: Option<MasterKey>,
+    /// The MAC key of its last sign-on.
+    mac_key: Option<MacKey>,
+}
+
+/// Whether messages of `mti` carry a MAC: all but network management (08xx).
+pub fn mac_carried(mti: Mti) -> bool {
+    mti.value() / 100 != 8
 }
 
 impl Terminal {
@@ -130,7 +162,22 @@ impl Terminal {
             stan: 0,
             tpdu: [0x60, 0x00, 0x03, 0x00, 0x00],
             header: [0x60, 0x31, 0x00, 0x00, 0x00, 0x00],
+            master_key: None,
+            mac_key: None,
         })
+    }
+
+    /// Loads a master key (TMK): each sign-on then takes its working keys
+    /// from F62, and every request but 08xx carries a MAC (F64). `None`
+    /// makes it a terminal without keys.
+    pub fn set_master_key(&mut self, key: Option<MasterKey>) {
+        self.master_key = key;
+        self.mac_key = None;
+    }
+
+    /// Whether it holds a MAC key from a sign-on.
+    pub fn holds_mac_key(&self) -> bool {
+        self.mac_key.is_some()
     }
 
     /// Replaces the connection with a new one to `addr` (the terminal keeps
@@ -201,7 +248,19 @@ impl Terminal {
         if !identity_written {
             write_identity(&mut w)?;
         }
+        let mac_key = self.mac_key.as_ref().filter(|_| mac_carried(mti));
+        if mac_key.is_some() {
+            w.binary(64, &[0; MAC_LEN])?;
+        }
         w.finish()?;
+        if let Some(key) = mac_key {
+            // The MAC covers the MTI to the end of F63, the bitmap as sent
+            // (bit 64 set): the placeholder written above is replaced.
+            let body = 2 + self.dialect.tpdu_len() + self.dialect.header_len();
+            let end = buf.len() - MAC_LEN;
+            let mac = cup_pos_mac(key, &buf[body..end]);
+            buf[end..].copy_from_slice(&mac);
+        }
         Ok(buf)
     }
 
@@ -215,7 +274,16 @@ impl Terminal {
     /// Reads the next reply.
     pub async fn recv(&mut self) -> Result<Reply, TerminalError> {
         let frame = self.recv_frame().await?;
-        Reply::parse(&self.dialect, &frame)
+        let mut reply = Reply::parse(&self.dialect, &frame)?;
+        if let Some(key) = self.mac_key.as_ref().filter(|_| mac_carried(reply.mti)) {
+            reply.mac_valid = Some(
+                reply.fields.contains_key(&64) && {
+                    let (block, mac) = reply.body.split_at(reply.body.len() - MAC_LEN);
+                    iso8583::mac::verify(&cup_pos_mac(key, block), mac)
+                },
+            );
+        }
+        Ok(reply)
     }
 
     /// Reads the next reply frame (length prefix excluded) as it came,
@@ -274,6 +342,16 @@ impl Terminal {
             .and_then(|b| b.parse().ok())
         {
             self.batch = batch;
+        }
+        if let (Some(tmk), "00") = (&self.master_key, reply.rc()) {
+            // A terminal loaded with a master key takes its working keys
+            // from every sign-on, and cannot transact without them.
+            let f62 = reply.field(62).and_then(iso8583_hex).ok_or_else(|| {
+                TerminalError::Keys("the reply carries no working keys (F62)".into())
+            })?;
+            let keys =
+                WorkingKeys::from_f62(tmk, &f62).map_err(|e| TerminalError::Keys(e.to_string()))?;
+            self.mac_key = Some(keys.mac_key());
         }
         Ok(reply)
     }
