@@ -116,6 +116,10 @@ pub struct Keys {
     /// File holding the PAN hash key (64 hex characters); otherwise
     /// `SWITCHYARD_PAN_HASH_KEY`.
     pub pan_hash_key_file: Option<PathBuf>,
+    /// File holding the terminal master derivation key (32 hex
+    /// characters); otherwise `SWITCHYARD_TERMINAL_MASTER_DERIVATION_KEY`.
+    /// With neither, no terminal gets working keys and no MAC is checked.
+    pub terminal_master_derivation_key_file: Option<PathBuf>,
 }
 
 /// `[rules]`: the windows and policies of rules.md.
@@ -200,6 +204,7 @@ impl Config {
             &mut config.dialects.terminal,
             &mut config.dialects.network,
             &mut config.keys.pan_hash_key_file,
+            &mut config.keys.terminal_master_derivation_key_file,
             &mut config.database.embedded_data_dir,
         ]
         .into_iter()
@@ -261,6 +266,7 @@ impl Config {
         let k = root.section("keys");
         let keys = Keys {
             pan_hash_key_file: k.path("pan_hash_key_file"),
+            terminal_master_derivation_key_file: k.path("terminal_master_derivation_key_file"),
         };
 
         let r = root.section("rules");

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use hmac::{KeyInit, Mac};
 use iso8583::Pan;
+use iso8583::keys::DerivationKey;
 
 /// Environment variable holding the key as 64 hex characters.
 pub const ENV: &str = "SWITCHYARD_PAN_HASH_KEY";
@@ -99,6 +100,66 @@ impl PanHashKey {
         mac.update(pan.expose().as_bytes());
         mac.finalize().into_bytes().into()
     }
+}
+
+/// Environment variable holding the terminal master derivation key as 32
+/// hex characters.
+pub const TERMINAL_ENV: &str = "SWITCHYARD_TERMINAL_MASTER_DERIVATION_KEY";
+
+/// Why the terminal master derivation key could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum TerminalKeyError {
+    /// The key file cannot be read.
+    #[error("{path}: cannot read the terminal master derivation key: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not 32 hex characters.
+    #[error(
+        "{origin}: the terminal master derivation key must be 32 hex characters (16 bytes, a double-length DES key)"
+    )]
+    Malformed {
+        /// Where it came from.
+        origin: String,
+    },
+}
+
+/// The terminal master derivation key from its key file when one is
+/// configured, else from [`TERMINAL_ENV`]; `None` when neither is given:
+/// the switch then hands out no working keys and checks no MAC.
+pub fn terminal_derivation_key(
+    file: Option<&Path>,
+) -> Result<Option<DerivationKey>, TerminalKeyError> {
+    let (text, origin) = match file {
+        Some(path) => (
+            std::fs::read_to_string(path).map_err(|source| TerminalKeyError::Read {
+                path: path.display().to_string(),
+                source,
+            })?,
+            path.display().to_string(),
+        ),
+        None => match std::env::var(TERMINAL_ENV) {
+            Ok(text) => (text, TERMINAL_ENV.to_string()),
+            Err(_) => return Ok(None),
+        },
+    };
+    derivation_key_from_hex(&text, &origin).map(Some)
+}
+
+/// A terminal master derivation key from 32 hex characters.
+pub fn derivation_key_from_hex(
+    text: &str,
+    origin: &str,
+) -> Result<DerivationKey, TerminalKeyError> {
+    let malformed = || TerminalKeyError::Malformed {
+        origin: origin.into(),
+    };
+    let bytes = hex::decode(text.trim()).map_err(|_| malformed())?;
+    let key: [u8; 16] = bytes.try_into().map_err(|_| malformed())?;
+    Ok(DerivationKey::new(&key))
 }
 
 #[cfg(test)]

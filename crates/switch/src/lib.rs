@@ -10,6 +10,7 @@ pub mod config;
 pub mod dialects;
 pub mod frontend;
 pub mod journal;
+pub mod k3;
 pub mod keys;
 pub mod link;
 pub mod model;
@@ -32,6 +33,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
+pub use iso8583::keys::DerivationKey;
 pub use keys::PanHashKey;
 pub use router::Switch;
 
@@ -63,6 +65,14 @@ pub enum StartError {
          repeat would find its original's card"
     )]
     KeyMismatch,
+    /// A terminal master derivation key other than the one the terminals'
+    /// working keys are under.
+    #[error(
+        "the terminal master derivation key (keys.terminal_master_derivation_key_file or \
+         SWITCHYARD_TERMINAL_MASTER_DERIVATION_KEY) is not the one the terminals' working keys \
+         were handed out under: every MAC would be wrong and every terminal answered A0"
+    )]
+    TerminalKeyMismatch,
 }
 
 /// A pool on `url` whose connections work in the `switch` schema (created
@@ -266,6 +276,7 @@ pub async fn start(
     config: Arc<Config>,
     pool: PgPool,
     key: PanHashKey,
+    terminal_keys: Option<DerivationKey>,
     shutdown: &CancellationToken,
 ) -> Result<Arc<Switch>, StartError> {
     let (terminal_dialect, network_dialect) = load_dialects(&config)?;
@@ -276,6 +287,25 @@ pub async fn start(
     }
     migrate(&pool).await?;
     check_key(&pool, &key).await?;
+    let terminal_keys = terminal_keys.map(k3::TerminalKeys::new);
+    match &terminal_keys {
+        Some(keys) => {
+            if !k3::check_derivation_key(&pool, keys).await? {
+                return Err(StartError::TerminalKeyMismatch);
+            }
+        }
+        None => {
+            let keyed = k3::keyed_terminals(&pool).await?;
+            if keyed > 0 {
+                tracing::warn!(
+                    terminals = keyed,
+                    "terminals hold working keys from an earlier sign-on, but no terminal master \
+                     derivation key is configured: their MACs are not checked and their replies \
+                     carry none until they sign on again (and then get no keys)"
+                );
+            }
+        }
+    }
     let kept = keep_acquirer_of_older_rows(&pool, &config).await?;
     if kept > 0 {
         tracing::info!(
@@ -357,6 +387,7 @@ pub async fn start(
         network_dialect,
         pool,
         key,
+        terminal_keys,
         links,
         advice_wake,
         links_stop,

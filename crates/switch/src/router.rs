@@ -41,6 +41,8 @@ pub struct Switch {
     pub writer: crate::writer::Writer,
     /// The PAN hash key.
     pub key: PanHashKey,
+    /// K3: the terminals' working keys, when the switch hands them out.
+    pub terminal_keys: Option<crate::k3::TerminalKeys>,
     /// One link per `[[issuers]]` entry, in config order.
     pub links: Vec<Arc<Link>>,
     /// Woken when an advice is queued.
@@ -77,6 +79,8 @@ pub(crate) struct ReplyFields<'a> {
     pub(crate) batch: Option<i32>,
     /// F48 of a settlement reply.
     pub(crate) totals: Option<&'a str>,
+    /// F62 of a sign-on reply: the working keys.
+    pub(crate) keys: Option<&'a [u8]>,
 }
 
 /// The request's identity, once MTI, STAN and terminal decode.
@@ -190,17 +194,49 @@ impl Switch {
             self.reply_code(req, out, ResponseCode::FORMAT_ERROR, None);
             return Outcome::Reply;
         }
-        let rc = self.dispatch(req, out).await;
+        let mut seal = None;
+        let rc = self.dispatch(req, &mut seal, out).await;
         if let Some(rc) = rc {
             debug!(rc = %rc, "answered by the switch");
             self.reply_code(req, out, rc, None);
         }
+        if let Some(key) = seal {
+            crate::k3::seal(&self.terminal_dialect, out, &key);
+        }
         Outcome::Reply
+    }
+
+    /// K3: the MAC key the reply is sealed with, when the terminal holds
+    /// one and the message carries a MAC; `Err` when the request's F64 is
+    /// missing or is not the MAC of the request under that key.
+    fn mac_key(
+        &self,
+        req: &Request<'_>,
+        terminal: &Terminal,
+    ) -> Result<Option<iso8583::mac::MacKey>, Option<iso8583::mac::MacKey>> {
+        if terminal.working_keys.is_none() || !crate::k3::mac_carried(req.msg.mti()) {
+            return Ok(None);
+        }
+        let Some(keys) = &self.terminal_keys else {
+            // Keys from a sign-on under a derivation key this switch was
+            // not given (said at start): nothing to check them with.
+            return Ok(None);
+        };
+        let key = keys.mac_key(terminal);
+        match &key {
+            Some(k) if crate::k3::mac_valid(&req.msg, k) => Ok(key),
+            _ => Err(key),
+        }
     }
 
     /// Returns a response code when the switch answers without more ado;
     /// otherwise it has written the reply itself.
-    async fn dispatch(&self, req: &Request<'_>, out: &mut BytesMut) -> Option<ResponseCode> {
+    async fn dispatch(
+        &self,
+        req: &Request<'_>,
+        seal: &mut Option<iso8583::mac::MacKey>,
+        out: &mut BytesMut,
+    ) -> Option<ResponseCode> {
         let mti = req.msg.mti().value();
         let text = |n| {
             req.msg
@@ -227,6 +263,32 @@ impl Switch {
         let mut terminal = match self.terminal(req, fresh).await {
             Ok(t) => t,
             Err(rc) => return Some(rc),
+        };
+        // K3, before the message is taken at its word in anything.
+        *seal = match self.mac_key(req, &terminal) {
+            Ok(key) => key,
+            Err(_) => {
+                // Read a moment ago: it may have signed on since, with new
+                // keys (on another switch process).
+                terminal = match self.terminal(req, true).await {
+                    Ok(t) => t,
+                    Err(rc) => return Some(rc),
+                };
+                match self.mac_key(req, &terminal) {
+                    Ok(key) => key,
+                    Err(key) => {
+                        warn_repeated!(
+                            terminal = req.terminal_id,
+                            mti = %req.msg.mti(),
+                            stan = req.stan,
+                            f64 = if req.msg.has(64) { "wrong" } else { "missing" },
+                            "MAC check failed: answered A0"
+                        );
+                        *seal = key;
+                        return Some(ResponseCode::MAC_FAILURE);
+                    }
+                }
+            }
         };
         let Some(kind) = kind else {
             return Some(ResponseCode::INVALID_TRANSACTION);
@@ -264,28 +326,37 @@ impl Switch {
             };
         }
         match kind {
-            Kind::SignOn => match terminals::sign_on(&self.pool, req.terminal_id).await {
-                Ok(signed) => {
-                    // Read by the sign-on itself: the terminal's first
-                    // request needs no lookup of its own.
-                    let batch = signed.batch;
-                    self.writer.keep_terminal(signed);
-                    self.reply(
-                        req,
-                        out,
-                        ReplyFields {
-                            rc: Some(ResponseCode::APPROVED),
-                            batch: Some(batch),
-                            ..Default::default()
-                        },
-                    );
-                    None
+            Kind::SignOn => {
+                // K3: fresh working keys at every sign-on, when the switch
+                // hands them out; none, and the old ones void, when not.
+                let keys = self
+                    .terminal_keys
+                    .as_ref()
+                    .and_then(|k| k.issue(req.terminal_id, req.f60_part(8, 11)));
+                match terminals::sign_on(&self.pool, req.terminal_id, keys.as_deref()).await {
+                    Ok(signed) => {
+                        // Read by the sign-on itself: the terminal's first
+                        // request needs no lookup of its own.
+                        let batch = signed.batch;
+                        self.writer.keep_terminal(signed);
+                        self.reply(
+                            req,
+                            out,
+                            ReplyFields {
+                                rc: Some(ResponseCode::APPROVED),
+                                batch: Some(batch),
+                                keys: keys.as_deref(),
+                                ..Default::default()
+                            },
+                        );
+                        None
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "sign-on failed");
+                        Some(ResponseCode::SYSTEM_ERROR)
+                    }
                 }
-                Err(e) => {
-                    warn!(error = %e, "sign-on failed");
-                    Some(ResponseCode::SYSTEM_ERROR)
-                }
-            },
+            }
             Kind::SignOff | Kind::Echo => Some(ResponseCode::APPROVED),
             // These name a batch that may just have closed: they check it themselves.
             Kind::Settlement | Kind::BatchUpload | Kind::BatchUploadEnd | Kind::Reversal => {
@@ -939,6 +1010,9 @@ impl Switch {
             _ => {
                 w.copy(60, msg)?;
             }
+        }
+        if let Some(keys) = f.keys {
+            w.binary(62, keys)?;
         }
         w.finish().map(|_| ())
     }

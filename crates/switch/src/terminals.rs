@@ -27,6 +27,9 @@ pub struct Terminal {
     /// Whether it ever signed on: the switch assigns the batch at sign-on,
     /// so before it the terminal has none to name.
     pub signed_on: bool,
+    /// The working keys of its last sign-on as F62 carried them (under its
+    /// master key, with check values): `None` when it holds none (K3).
+    pub working_keys: Option<Vec<u8>>,
 }
 
 /// Looks a terminal up with its merchant.
@@ -35,10 +38,30 @@ pub async fn find(pool: &PgPool, id: &str) -> Result<Option<Terminal>, sqlx::Err
 }
 
 /// A terminal joined with its merchant, as the statements below read it.
-type Joined = (String, bool, i32, String, String, String, bool, bool);
+type Joined = (
+    String,
+    bool,
+    i32,
+    String,
+    String,
+    String,
+    bool,
+    bool,
+    Option<Vec<u8>>,
+);
 
 fn terminal(row: Joined) -> Terminal {
-    let (id, enabled, batch, merchant_id, merchant_name, mcc, merchant_enabled, signed_on) = row;
+    let (
+        id,
+        enabled,
+        batch,
+        merchant_id,
+        merchant_name,
+        mcc,
+        merchant_enabled,
+        signed_on,
+        working_keys,
+    ) = row;
     Terminal {
         id,
         enabled,
@@ -48,6 +71,7 @@ fn terminal(row: Joined) -> Terminal {
         mcc,
         merchant_enabled,
         signed_on,
+        working_keys,
     }
 }
 
@@ -58,7 +82,8 @@ pub async fn find_many(
     ids: &[String],
 ) -> Result<Vec<Option<Terminal>>, sqlx::Error> {
     let rows: Vec<Joined> = sqlx::query_as(
-        "SELECT t.id, t.enabled, t.batch, m.id, m.name, m.mcc, m.enabled, t.signed_on_at IS NOT NULL
+        "SELECT t.id, t.enabled, t.batch, m.id, m.name, m.mcc, m.enabled, t.signed_on_at IS NOT NULL,
+                t.working_keys
          FROM terminals t JOIN merchants m ON m.id = t.merchant_id WHERE t.id = ANY($1)",
     )
     .bind(ids)
@@ -71,15 +96,22 @@ pub async fn find_many(
     Ok(ids.iter().map(|id| found.remove(id)).collect())
 }
 
-/// Records a sign-on; returns the terminal with its merchant as they are
-/// now (the open batch is what the sign-on reply carries).
-pub async fn sign_on(pool: &PgPool, id: &str) -> Result<Terminal, sqlx::Error> {
+/// Records a sign-on and the working keys it hands out (`None`: none, and
+/// the terminal's earlier ones are void); returns the terminal with its
+/// merchant as they are now (the open batch is what the sign-on reply
+/// carries).
+pub async fn sign_on(
+    pool: &PgPool,
+    id: &str,
+    working_keys: Option<&[u8]>,
+) -> Result<Terminal, sqlx::Error> {
     sqlx::query_as(
-        "UPDATE terminals t SET signed_on_at = now() FROM merchants m
+        "UPDATE terminals t SET signed_on_at = now(), working_keys = $2 FROM merchants m
          WHERE t.id = $1 AND m.id = t.merchant_id
-         RETURNING t.id, t.enabled, t.batch, m.id, m.name, m.mcc, m.enabled, true",
+         RETURNING t.id, t.enabled, t.batch, m.id, m.name, m.mcc, m.enabled, true, t.working_keys",
     )
     .bind(id)
+    .bind(working_keys)
     .fetch_one(pool)
     .await
     .map(terminal)

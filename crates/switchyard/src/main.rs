@@ -81,6 +81,8 @@ enum SettlementCommand {
 enum TerminalsCommand {
     /// Load terminals and merchants from a CSV file.
     Import(cli::admin::ImportArgs),
+    /// Print terminals' master keys (TMK) with check values, for the key-loading device.
+    MasterKey(cli::admin::MasterKeyArgs),
 }
 
 /// Of a `SWITCHYARD_LOG` value, a directive that is neither a level nor
@@ -253,6 +255,9 @@ fn command(args: Args) -> Result<(), cli::Failure> {
                     Command::Terminals {
                         command: TerminalsCommand::Import(a),
                     } => cli::admin::import(&a).await,
+                    Command::Terminals {
+                        command: TerminalsCommand::MasterKey(a),
+                    } => cli::admin::master_key(&a),
                     Command::Decode(_) | Command::Encode(_) | Command::Config { .. } => {
                         unreachable!("handled above")
                     }

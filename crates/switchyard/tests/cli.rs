@@ -55,6 +55,10 @@ fn fixture_dir(dialect: &str) -> PathBuf {
         .join(dialect)
 }
 
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
 fn stdout(o: &Output) -> String {
     assert!(
         o.status.success(),
@@ -1466,4 +1470,75 @@ fn a_report_file_that_cannot_be_written_is_refused_before_the_run() {
         !err.contains("private PostgreSQL started"),
         "refused before the run: {err}"
     );
+}
+
+#[test]
+fn terminals_master_key_prints_each_terminals_key_as_the_switch_derives_it() {
+    let dir = std::env::temp_dir().join(format!("sy-tmk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("sw.toml");
+    std::fs::write(
+        &config,
+        "[keys]\nterminal_master_derivation_key_file = \"tmdk.key\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("tmdk.key"), "0123456789ABCDEFFEDCBA9876543210\n").unwrap();
+    let out = switchyard(
+        &[
+            "terminals",
+            "master-key",
+            "T0000001",
+            "T0000002",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let kdk = iso8583::keys::DerivationKey::new(&[
+        0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF, 0xFE, 0xDC, 0xBA, 0x98, 0x76, 0x54, 0x32,
+        0x10,
+    ]);
+    let lines: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for (line, id) in lines.iter().zip(["T0000001", "T0000002"]) {
+        let tmk = kdk.master_key(id).clear();
+        let check = iso8583::keys::check_value(&tmk);
+        assert_eq!(
+            *line,
+            format!(
+                "{id} {} check value {}",
+                hex::encode_upper(tmk),
+                hex::encode_upper(&check[..3])
+            )
+        );
+    }
+    // A key file that is no key is named at its key, by config check too.
+    std::fs::write(dir.join("tmdk.key"), "not a key\n").unwrap();
+    let out = switchyard(
+        &[
+            "terminals",
+            "master-key",
+            "T0000001",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let expected = format!(
+        "{}:2: keys.terminal_master_derivation_key_file: ",
+        config.display()
+    );
+    assert!(stderr(&out).contains(&expected), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("32 hex characters"),
+        "{}",
+        stderr(&out)
+    );
+    let out = switchyard(&["config", "check", config.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &stderr(&out);
+    assert!(text.contains(&expected), "{expected:?} in {text}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

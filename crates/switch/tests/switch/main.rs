@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod fleet;
+mod k3;
 mod model;
 mod related;
 
@@ -167,8 +168,20 @@ async fn start_switch(
     key: PanHashKey,
     shutdown: &CancellationToken,
 ) -> (Arc<Switch>, String, tokio::task::JoinHandle<bool>) {
+    start_switch_keyed(url, config, key, None, shutdown).await
+}
+
+/// [`start_switch`] handing out terminal working keys derived from
+/// `terminal_keys` (K3).
+async fn start_switch_keyed(
+    url: &str,
+    config: Config,
+    key: PanHashKey,
+    terminal_keys: Option<switch::DerivationKey>,
+    shutdown: &CancellationToken,
+) -> (Arc<Switch>, String, tokio::task::JoinHandle<bool>) {
     let pool = switch::connect(url, 8).await.unwrap();
-    let switch = switch::start(Arc::new(config), pool.clone(), key, shutdown)
+    let switch = switch::start(Arc::new(config), pool.clone(), key, terminal_keys, shutdown)
         .await
         .unwrap();
     switch::terminals::Fleet::parse(FLEET, "fleet.toml")
@@ -679,9 +692,15 @@ async fn an_issuer_that_cannot_be_reached_is_warned_of_once_with_its_address() {
     let shutdown = CancellationToken::new();
     let config = switch_config(&address, |c| c.issuers[0].name = "unreachable".into());
     let pool = switch::connect(&url, 4).await.unwrap();
-    let _switch = switch::start(Arc::new(config), pool, PanHashKey::generate(), &shutdown)
-        .await
-        .unwrap();
+    let _switch = switch::start(
+        Arc::new(config),
+        pool,
+        PanHashKey::generate(),
+        None,
+        &shutdown,
+    )
+    .await
+    .unwrap();
     let lines = || -> Vec<String> {
         String::from_utf8_lossy(&LOGS.lock().unwrap())
             .lines()
@@ -822,6 +841,7 @@ async fn a_switch_with_another_pan_hash_key_is_refused_by_the_journal() {
         Arc::new(switch_config(&w.issuer_addr, |_| {})),
         w.pool.clone(),
         other,
+        None,
         &CancellationToken::new(),
     )
     .await;

@@ -503,6 +503,7 @@ async fn reversal_rules_r3_r4_r5() {
             prefix: vec![],
             fields: Default::default(),
             body: Default::default(),
+            mac_valid: None,
         },
     };
     let r = t
@@ -567,6 +568,7 @@ async fn reversed_while_at_the_issuer(
             prefix: vec![],
             fields: Default::default(),
             body: Default::default(),
+            mac_valid: None,
         },
     };
     let r = b
@@ -1610,6 +1612,7 @@ async fn a_reversal_that_came_before_its_sale_is_in_the_sales_history_and_back()
             prefix: vec![],
             fields: Default::default(),
             body: Default::default(),
+            mac_valid: None,
         },
     };
     // R3: the 0400 first (nothing to reverse yet), then the sale it names.

@@ -58,6 +58,69 @@ pub struct ImportArgs {
     pub config: Option<PathBuf>,
 }
 
+/// `switchyard terminals master-key`.
+#[derive(clap::Args)]
+pub struct MasterKeyArgs {
+    /// Terminal ids (F41).
+    #[arg(required = true)]
+    pub terminals: Vec<String>,
+    /// The switch's config file (for keys.terminal_master_derivation_key_file);
+    /// default config/switchyard.toml when it exists; else
+    /// SWITCHYARD_TERMINAL_MASTER_DERIVATION_KEY.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+/// Prints each terminal's master key (TMK) and its check value, for the
+/// key-loading device (K3). The TMK is derived from the switch's terminal
+/// master derivation key and the terminal id, as the switch derives it.
+pub fn master_key(args: &MasterKeyArgs) -> Result<(), Failure> {
+    let default = PathBuf::from("config/switchyard.toml");
+    let path = args
+        .config
+        .clone()
+        .or_else(|| default.exists().then_some(default));
+    let config = super::serve::config_or_default(path.as_deref())?;
+    let file = config.keys.terminal_master_derivation_key_file.as_deref();
+    let key = switch::keys::terminal_derivation_key(file)
+        .map_err(|e| {
+            let shown = path.as_deref().unwrap_or(Path::new("(no config)"));
+            Failure::Input(anyhow!(
+                "{}",
+                key_problem(
+                    shown,
+                    "terminal_master_derivation_key_file",
+                    file.is_some(),
+                    e
+                )
+            ))
+        })?
+        .ok_or_else(|| {
+            Failure::Input(anyhow!(
+                "no terminal master derivation key: set keys.terminal_master_derivation_key_file \
+                 in the config or {} (32 hex characters; `openssl rand -hex 16` makes one)",
+                switch::keys::TERMINAL_ENV
+            ))
+        })?;
+    for id in &args.terminals {
+        if id.len() != 8 || !id.bytes().all(|b| (0x21..=0x7E).contains(&b)) {
+            return Err(Failure::Input(anyhow!(
+                "{id:?} is not a terminal id (8 printable characters)"
+            )));
+        }
+    }
+    for id in &args.terminals {
+        let tmk = key.master_key(id).clear();
+        let check = iso8583::keys::check_value(&tmk);
+        println!(
+            "{id} {} check value {}",
+            hex::encode_upper(tmk),
+            hex::encode_upper(&check[..3])
+        );
+    }
+    Ok(())
+}
+
 /// The kind of config file at `path`: from the keys at its top (a dialect
 /// has `[fields]`, a scenario `[mix]` or `steps`, the issuer's `[[cards]]`,
 /// the terminals' `[[merchants]]`), else from its file name.
@@ -216,6 +279,16 @@ fn named_files_problems(path: &Path) -> (Vec<String>, bool) {
     if let Some(file) = named("keys", "pan_hash_key_file") {
         if let Err(e) = switch::PanHashKey::load(Some(&file)) {
             found.push(key_problem(path, "pan_hash_key_file", true, e));
+        }
+    }
+    if let Some(file) = named("keys", "terminal_master_derivation_key_file") {
+        if let Err(e) = switch::keys::terminal_derivation_key(Some(&file)) {
+            found.push(key_problem(
+                path,
+                "terminal_master_derivation_key_file",
+                true,
+                e,
+            ));
         }
     }
     (found, dialects_read)

@@ -456,10 +456,15 @@ impl Stack {
             let run = lane
                 .spawn(async move {
                     let pool = switch::connect(&url, 16).await?;
-                    let switch =
-                        switch::start(Arc::new(config), pool, PanHashKey::generate(), &shutdown)
-                            .await
-                            .map_err(|e| anyhow!("{e}"))?;
+                    let switch = switch::start(
+                        Arc::new(config),
+                        pool,
+                        PanHashKey::generate(),
+                        None,
+                        &shutdown,
+                    )
+                    .await
+                    .map_err(|e| anyhow!("{e}"))?;
                     let listener = TcpListener::from_std(listener)?;
                     let serving = switch.clone();
                     let run = tokio::spawn(async move {

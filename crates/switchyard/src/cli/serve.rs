@@ -83,6 +83,27 @@ pub async fn serve(args: &ServeArgs) -> Result<(), Failure> {
             super::admin::key_problem(&args.config, "pan_hash_key_file", named, e)
         ))
     })?;
+    let terminal_keys = switch::keys::terminal_derivation_key(
+        config.keys.terminal_master_derivation_key_file.as_deref(),
+    )
+    .map_err(|e| {
+        let named = config.keys.terminal_master_derivation_key_file.is_some();
+        Failure::Other(anyhow::anyhow!(
+            "{}",
+            super::admin::key_problem(
+                &args.config,
+                "terminal_master_derivation_key_file",
+                named,
+                e
+            )
+        ))
+    })?;
+    match &terminal_keys {
+        Some(_) => tracing::info!("terminals get working keys at sign-on; MACs are checked (K3)"),
+        None => tracing::info!(
+            "no terminal master derivation key: terminals get no working keys and no MAC is checked"
+        ),
+    }
     let database = journal(&config, true).await?;
     database.say("the journal");
     let pool = switch::connect(&database.url, config.database.max_connections)
@@ -93,7 +114,7 @@ pub async fn serve(args: &ServeArgs) -> Result<(), Failure> {
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let config = Arc::new(config);
-    let switch = switch::start(config, pool, key, &shutdown)
+    let switch = switch::start(config, pool, key, terminal_keys, &shutdown)
         .await
         .map_err(anyhow::Error::from)?;
     // Terminals that connect at once (a restart after a crash) wait in the

@@ -1,0 +1,230 @@
+//! Rule K3: working keys at sign-on (F62) and the MAC (F64) of every message
+//! after it, over the wire, on switches that hand keys out.
+
+use iso8583::Mti;
+use iso8583::keys::{DerivationKey, WorkingKeys};
+use loadgen::{Field, Terminal};
+use switch::Switch;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+
+fn derivation_key(byte: u8) -> DerivationKey {
+    DerivationKey::new(&[byte; 16])
+}
+
+/// A switch on the world's database and issuer handing out working keys
+/// derived from `kdk`.
+async fn keyed_switch(w: &World, kdk: &DerivationKey) -> (Arc<Switch>, String, CancellationToken) {
+    let shutdown = CancellationToken::new();
+    let (switch, addr, _run) = start_switch_keyed(
+        &w.url,
+        switch_config(&w.issuer_addr, |_| {}),
+        w.switch.key.clone(),
+        Some(kdk.clone()),
+        &shutdown,
+    )
+    .await;
+    (switch, addr, shutdown)
+}
+
+/// A terminal on `addr` loaded with its master key from `kdk`, signed on.
+async fn keyed_terminal(w: &World, addr: &str, id: &str, kdk: &DerivationKey) -> Terminal {
+    let mut t = Terminal::connect(addr, id, MERCHANT, w.dialect.clone())
+        .await
+        .unwrap();
+    t.set_master_key(Some(kdk.master_key(id)));
+    let reply = t.sign_on().await.unwrap();
+    assert_eq!(reply.rc(), "00");
+    assert!(t.holds_mac_key());
+    t
+}
+
+async fn rows_of(w: &World, terminal: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM journal WHERE terminal_id = $1")
+        .bind(terminal)
+        .fetch_one(&w.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_sign_on_hands_out_working_keys_under_the_terminals_master_key() {
+    let w = world().await;
+    let kdk = derivation_key(0x21);
+    let (_switch, addr, stop) = keyed_switch(&w, &kdk).await;
+    let mut t = Terminal::connect(&addr, "T0000011", MERCHANT, w.dialect.clone())
+        .await
+        .unwrap();
+    let reply = t.sign_on().await.unwrap();
+    assert_eq!(reply.rc(), "00");
+    // 60.3 001: single-DES PIN and MAC keys, each with its check value.
+    let f62 = hex::decode(reply.field(62).expect("F62")).unwrap();
+    assert_eq!(f62.len(), 24);
+    let keys = WorkingKeys::from_f62(&kdk.master_key("T0000011"), &f62).unwrap();
+    assert_eq!(keys.set(), iso8583::keys::KeySet::Single);
+    // Under another terminal's master key they do not check.
+    assert!(WorkingKeys::from_f62(&kdk.master_key("T0000012"), &f62).is_err());
+    // The journal keeps what was sent, not a clear key.
+    let stored: Option<Vec<u8>> =
+        sqlx::query_scalar("SELECT working_keys FROM terminals WHERE id = 'T0000011'")
+            .fetch_one(&w.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, Some(f62.clone()));
+    // Every sign-on gets fresh keys.
+    let again = t.sign_on().await.unwrap();
+    assert_ne!(again.field(62), reply.field(62));
+    // A terminal loaded with another master key cannot take them.
+    let mut wrong = Terminal::connect(&addr, "T0000012", MERCHANT, w.dialect.clone())
+        .await
+        .unwrap();
+    wrong.set_master_key(Some(kdk.master_key("T0000011")));
+    let refused = wrong.sign_on().await.unwrap_err();
+    assert!(refused.to_string().contains("check value"), "{refused}");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_request_with_a_missing_or_wrong_mac_is_answered_a0_and_never_reaches_the_issuer() {
+    let w = world().await;
+    let kdk = derivation_key(0x22);
+    let (_switch, addr, stop) = keyed_switch(&w, &kdk).await;
+    let mut t = keyed_terminal(&w, &addr, "T0000013", &kdk).await;
+    let card = "6222020000000000041";
+    let before = w.balance(card).await;
+
+    // MACed both ways.
+    let stan = t.next_stan();
+    let reply = t
+        .exchange(&t.purchase(stan, card, EXPIRY, 1_000).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(reply.rc(), "00");
+    assert_eq!(reply.mac_valid, Some(true), "{reply:?}");
+    assert_eq!(w.balance(card).await, before - 1_000);
+
+    // One byte of the amount changed on the way: the MAC no longer fits.
+    let stan = t.next_stan();
+    let mut frame = t.purchase(stan, card, EXPIRY, 2_000).unwrap();
+    let tampered = frame
+        .windows(6)
+        .position(|x| x == [0x00, 0x00, 0x00, 0x00, 0x20, 0x00])
+        .expect("F4 in the frame");
+    frame[tampered + 4] = 0x90;
+    let reply = t.exchange(&frame).await.unwrap();
+    assert_eq!(reply.rc(), "A0");
+    assert_eq!(reply.mac_valid, Some(true), "the A0 is MACed: {reply:?}");
+
+    // No MAC at all, from a terminal that holds a key.
+    let mut bare = Terminal::connect(&addr, "T0000013", MERCHANT, w.dialect.clone())
+        .await
+        .unwrap();
+    bare.batch = t.batch;
+    bare.set_stan(500);
+    let stan = bare.next_stan();
+    let reply = bare
+        .exchange(&bare.purchase(stan, card, EXPIRY, 3_000).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(reply.rc(), "A0");
+    assert!(reply.field(64).is_some(), "sealed under the terminal's key");
+
+    // Neither was journalled nor charged; network management needs no MAC.
+    assert_eq!(rows_of(&w, "T0000013").await, 1);
+    assert_eq!(w.balance(card).await, before - 1_000);
+    let stan = bare.next_stan();
+    let echo = bare
+        .request(
+            Mti::NETWORK_ADVICE,
+            &[
+                (11, Field::Number(stan.into())),
+                (60, Field::Digits("00000000301")),
+            ],
+        )
+        .unwrap();
+    let reply = bare.exchange(&echo).await.unwrap();
+    assert_eq!(reply.rc(), "00");
+    assert_eq!(reply.field(64), None);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_repeat_after_a_new_sign_on_hears_the_stored_reply_under_the_new_key() {
+    let w = world().await;
+    let kdk = derivation_key(0x23);
+    let (_switch, addr, stop) = keyed_switch(&w, &kdk).await;
+    let mut t = keyed_terminal(&w, &addr, "T0000014", &kdk).await;
+    let card = "6222020000000000042";
+    let stan = t.next_stan();
+    let first = t
+        .exchange(&t.purchase(stan, card, EXPIRY, 700).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(first.rc(), "00");
+    // New keys; the same purchase again (D1), MACed under them.
+    assert_eq!(t.sign_on().await.unwrap().rc(), "00");
+    let again = t
+        .exchange(&t.purchase(stan, card, EXPIRY, 700).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(again.mac_valid, Some(true), "{again:?}");
+    assert_eq!(again.field(37), first.field(37));
+    assert_eq!(again.field(38), first.field(38));
+    assert_eq!(rows_of(&w, "T0000014").await, 1);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn keys_handed_out_by_another_switch_process_are_taken_at_once() {
+    let w = world().await;
+    let kdk = derivation_key(0x24);
+    let (_a, a_addr, a_stop) = keyed_switch(&w, &kdk).await;
+    let (_b, b_addr, b_stop) = keyed_switch(&w, &kdk).await;
+    let card = "6222020000000000043";
+    let mut at_a = keyed_terminal(&w, &a_addr, "T0000015", &kdk).await;
+    // B learns the terminal and its first keys.
+    let mut at_b = Terminal::connect(&b_addr, "T0000015", MERCHANT, w.dialect.clone())
+        .await
+        .unwrap();
+    at_b.set_master_key(Some(kdk.master_key("T0000015")));
+    assert_eq!(at_b.sign_on().await.unwrap().rc(), "00");
+    let stan = at_b.next_stan();
+    let reply = at_b
+        .exchange(&at_b.purchase(stan, card, EXPIRY, 100).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(reply.rc(), "00");
+    // The terminal signs on again through A: B's cache has the old keys.
+    assert_eq!(at_a.sign_on().await.unwrap().rc(), "00");
+    at_a.set_stan(stan);
+    let stan = at_a.next_stan();
+    let frame = at_a.purchase(stan, card, EXPIRY, 200).unwrap();
+    let reply = at_b.exchange(&frame).await.unwrap();
+    assert_eq!(reply.rc(), "00", "{reply:?}");
+    a_stop.cancel();
+    b_stop.cancel();
+}
+
+#[tokio::test]
+async fn a_switch_with_another_derivation_key_is_refused_at_start() {
+    let w = world().await;
+    let (_switch, _addr, stop) = keyed_switch(&w, &derivation_key(0x25)).await;
+    let pool = switch::connect(&w.url, 2).await.unwrap();
+    let refused = switch::start(
+        Arc::new(switch_config(&w.issuer_addr, |_| {})),
+        pool,
+        w.switch.key.clone(),
+        Some(derivation_key(0x26)),
+        &CancellationToken::new(),
+    )
+    .await
+    .err()
+    .expect("refused");
+    assert!(
+        matches!(refused, switch::StartError::TerminalKeyMismatch),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("A0"), "{refused}");
+    stop.cancel();
+}
