@@ -11,7 +11,7 @@
 //! terminal's.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
 use iso8583::keys::{DerivationKey, KeySet, WorkingKeys};
@@ -29,11 +29,14 @@ pub fn mac_carried(mti: Mti) -> bool {
     mti.value() / 100 != 8
 }
 
+/// A terminal's MAC key, with the F62 it came from.
+type Cached = (Vec<u8>, Arc<MacKey>);
+
 /// The switch's side of K3.
 pub struct TerminalKeys {
     derivation: DerivationKey,
     /// Terminal id → the F62 its MAC key came from, and the key.
-    mac_keys: Mutex<HashMap<String, (Vec<u8>, MacKey)>>,
+    mac_keys: Mutex<HashMap<String, Cached>>,
 }
 
 impl std::fmt::Debug for TerminalKeys {
@@ -65,7 +68,7 @@ impl TerminalKeys {
     /// The MAC key of a terminal, from the F62 of its last sign-on; `None`
     /// when it holds none, or when its F62 is not under this derivation key
     /// (it cannot be checked: every MAC is then wrong).
-    pub fn mac_key(&self, terminal: &Terminal) -> Option<MacKey> {
+    pub fn mac_key(&self, terminal: &Terminal) -> Option<Arc<MacKey>> {
         let f62 = terminal.working_keys.as_deref()?;
         if let Ok(cache) = self.mac_keys.lock() {
             if let Some((from, key)) = cache.get(&terminal.id) {
@@ -75,7 +78,7 @@ impl TerminalKeys {
             }
         }
         let tmk = self.derivation.master_key(&terminal.id);
-        let key = WorkingKeys::from_f62(&tmk, f62).ok()?.mac_key();
+        let key = Arc::new(WorkingKeys::from_f62(&tmk, f62).ok()?.mac_key());
         if let Ok(mut cache) = self.mac_keys.lock() {
             if cache.len() >= CACHED {
                 cache.clear();

@@ -213,7 +213,7 @@ impl Switch {
         &self,
         req: &Request<'_>,
         terminal: &Terminal,
-    ) -> Result<Option<iso8583::mac::MacKey>, Option<iso8583::mac::MacKey>> {
+    ) -> Result<Option<Arc<iso8583::mac::MacKey>>, Option<Arc<iso8583::mac::MacKey>>> {
         if terminal.working_keys.is_none() || !crate::k3::mac_carried(req.msg.mti()) {
             return Ok(None);
         }
@@ -234,7 +234,7 @@ impl Switch {
     async fn dispatch(
         &self,
         req: &Request<'_>,
-        seal: &mut Option<iso8583::mac::MacKey>,
+        seal: &mut Option<Arc<iso8583::mac::MacKey>>,
         out: &mut BytesMut,
     ) -> Option<ResponseCode> {
         let mti = req.msg.mti().value();
