@@ -133,6 +133,13 @@ const TERMINAL: &[(usize, Use, &str, Sample)] = &[
         "the original's batch, STAN and date",
         Sample::Digits("0000010000011231"),
     ),
+    (
+        62,
+        Use::Writes,
+        "a sign-on's working keys (K3)",
+        Sample::Bytes(&[0; 60]),
+    ),
+    (64, Use::Both, "the MAC (K3)", Sample::Bytes(&[0; 8])),
 ];
 
 /// The network side: what the switch sends the issuer and reads back.
@@ -261,6 +268,27 @@ fn problems_of(dialect: &Dialect, terminal: bool) -> Vec<(usize, String)> {
                 Sample::Bytes(b) => w.binary(n, b),
             },
         );
+        if let (Ok(()), 64) = (&tried, n) {
+            // The switch seals a reply by setting bit 64 and appending the
+            // MAC's 8 bytes: F64 must be exactly those, with no length.
+            let mut bare = BytesMut::new();
+            let bare_len = MessageWriter::new(dialect, &mut bare, Mti::FINANCIAL, &tpdu, &header)
+                .and_then(|w| w.finish())
+                .map(|_| bare.len());
+            let mut with = BytesMut::new();
+            let with_len = MessageWriter::new(dialect, &mut with, Mti::FINANCIAL, &tpdu, &header)
+                .and_then(|mut w| {
+                    w.binary(64, &[0; 8])?;
+                    w.finish()
+                })
+                .map(|_| with.len());
+            if !matches!((bare_len, with_len), (Ok(a), Ok(b)) if b == a + 8) {
+                found.push((
+                    64,
+                    format!("the switch reads and writes the MAC (K3) here on the {side} side: it must be b8, fixed"),
+                ));
+            }
+        }
         if let Err(e) = tried {
             let verb = match used {
                 Use::Reads => "reads",
@@ -321,6 +349,25 @@ mod tests {
     fn the_shipped_dialects_carry_what_the_switch_needs() {
         assert_eq!(problems_of(&Dialect::cup_pos(), true), []);
         assert_eq!(problems_of(&Dialect::iso87(), false), []);
+    }
+
+    #[test]
+    fn a_mac_field_with_a_length_prefix_is_refused() {
+        let text = iso8583::dialect::CUP_POS_TOML
+            .replace("64 = { format = \"b8\",", "64 = { format = \"b..8\",");
+        assert_ne!(text, iso8583::dialect::CUP_POS_TOML);
+        let terminal = Dialect::from_toml(&text, "t.toml").unwrap();
+        let line = text.lines().position(|l| l.starts_with("64 ")).unwrap() + 1;
+        let found = problems(
+            (&terminal, "t.toml", Some(&text)),
+            (&Dialect::iso87(), "(iso87)", None),
+        );
+        assert_eq!(
+            found,
+            [format!(
+                "t.toml:{line}: fields.64: the switch reads and writes the MAC (K3) here on the terminal side: it must be b8, fixed"
+            )]
+        );
     }
 
     #[test]
