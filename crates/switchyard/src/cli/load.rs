@@ -336,6 +336,7 @@ pub async fn run(args: &LoadArgs) -> Result<(), Failure> {
         reply_timeout: args
             .reply_timeout
             .unwrap_or(loadgen::scenario::DEFAULT_REPLY_TIMEOUT),
+        derivation_key: None,
     })
     .await;
     let ms = |q: f64| outcome.latency.value_at_quantile(q) as f64 / 1000.0;
