@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use iso8583::Dialect;
+use iso8583::keys::DerivationKey;
 
 use crate::terminal::{Original, Reply, Reversed, Terminal, TerminalError};
 
@@ -34,6 +35,10 @@ pub struct Plan {
     /// for each reply, before it stops and says so (as a scenario's
     /// `reply_timeout`: above the switch's issuer timeout).
     pub reply_timeout: Duration,
+    /// The key each terminal's master key is derived from, as the
+    /// switch's: the terminals take working keys at sign-on, MAC their
+    /// requests and check their replies' MACs. `None`, no keys.
+    pub derivation_key: Option<DerivationKey>,
 }
 
 /// What each terminal sends, over and over.
@@ -55,6 +60,9 @@ pub struct Outcome {
     pub approved: u64,
     /// Answers by response code (F39; `none` for an answer without one).
     pub codes: BTreeMap<String, u64>,
+    /// Replies whose MAC (F64) was missing or wrong; each stopped its
+    /// terminal (and is among the failures).
+    pub mac_failures: u64,
     /// Terminals that stopped before the end, each with why:
     /// `("T0000002", "cannot connect to 127.0.0.1:9: connection refused")`.
     pub failures: Vec<(String, String)>,
@@ -112,6 +120,7 @@ impl Outcome {
 #[derive(Debug)]
 struct Tally {
     answered: u64,
+    mac_failures: u64,
     approved: u64,
     codes: BTreeMap<String, u64>,
     latency: Histogram<u64>,
@@ -159,6 +168,7 @@ async fn one_terminal(
     .await
     .map_err(|_| format!("cannot connect to {} within {wait:?}", plan.target))?
     .map_err(|e| format!("cannot connect to {}: {}", plan.target, failed(e)))?;
+    t.set_master_key(plan.derivation_key.as_ref().map(|k| k.master_key(id)));
     // Successive runs in one batch must not reuse STANs: start from the clock.
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -167,7 +177,11 @@ async fn one_terminal(
     let signed = tokio::time::timeout_at(signed_on_by, t.sign_on())
         .await
         .map_err(|_| format!("no sign-on reply within {wait:?}"))?
-        .map_err(|e| format!("sign-on not answered: {}", failed(e)))?;
+        .map_err(|e| match e {
+            // Answered, but without keys the terminal can take.
+            TerminalError::Keys(_) => e.to_string(),
+            e => format!("sign-on not answered: {}", failed(e)),
+        })?;
     if signed.rc() != "00" {
         return Err(format!("sign-on answered {}", signed.rc()));
     }
@@ -219,6 +233,14 @@ async fn one_terminal(
             .await
             .map_err(|_| format!("no reply to a {what} within {wait:?}"))?
             .map_err(|e| format!("no reply to a {what}: {}", failed(e)))?;
+        if reply.mac_valid == Some(false) {
+            // Not the switch's word: the terminal cannot go on as if it
+            // were (and this loop keeps no reversal record to send A0).
+            tally.mac_failures += 1;
+            return Err(format!(
+                "the reply to a {what} has a missing or wrong MAC (F64)"
+            ));
+        }
         let _ = tally.latency.record(start.elapsed().as_micros() as u64);
         tally.answered += 1;
         if reply.rc() == "00" {
@@ -255,6 +277,7 @@ pub async fn run(plan: Plan) -> Outcome {
                 let id = format!("T{:07}", i + 1);
                 let mut tally = Tally {
                     answered: 0,
+                    mac_failures: 0,
                     approved: 0,
                     codes: BTreeMap::new(),
                     latency: histogram(),
@@ -266,6 +289,7 @@ pub async fn run(plan: Plan) -> Outcome {
         .collect();
     let mut outcome = Outcome {
         answered: 0,
+        mac_failures: 0,
         approved: 0,
         codes: BTreeMap::new(),
         failures: Vec::new(),
@@ -276,6 +300,7 @@ pub async fn run(plan: Plan) -> Outcome {
         match task.await {
             Ok((id, tally, ended)) => {
                 outcome.answered += tally.answered;
+                outcome.mac_failures += tally.mac_failures;
                 outcome.approved += tally.approved;
                 for (rc, n) in tally.codes {
                     *outcome.codes.entry(rc).or_default() += n;
@@ -297,7 +322,7 @@ pub async fn run(plan: Plan) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stand_in::{Answer, stand_in_switch};
+    use crate::stand_in::{Answer, keyed_switch, stand_in_switch, test_derivation_key};
 
     /// `terminals` sending purchases to `target` for 10 s at most (each
     /// test's terminals stop well before), waiting 200 ms for a reply.
@@ -311,6 +336,7 @@ mod tests {
             amount: 100,
             mix: Mix::Purchases,
             reply_timeout: Duration::from_millis(200),
+            derivation_key: None,
         }
     }
 
@@ -443,5 +469,50 @@ mod tests {
                 &format!("cannot connect to {addr}: connection refused")
             )])
         );
+    }
+
+    /// `plan`, its terminals holding keys derived from the test key.
+    fn keyed(plan: Plan) -> Plan {
+        Plan {
+            derivation_key: Some(test_derivation_key()),
+            ..plan
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reply_whose_mac_fails_stops_its_terminal_and_is_counted() {
+        let (addr, seen) = keyed_switch(test_derivation_key(), |mti, before| match (mti, before) {
+            ("0200", 2) => Answer::WrongMac("00"),
+            _ => Answer::With("00"),
+        })
+        .await;
+        let outcome = run_to_end(keyed(plan(&addr, 1))).await;
+        assert_eq!(
+            outcome.causes(),
+            vec![(
+                "the reply to a purchase has a missing or wrong MAC (F64)".to_string(),
+                vec!["T0000001"]
+            )]
+        );
+        assert_eq!((outcome.answered, outcome.mac_failures), (2, 1));
+        // Its requests carried their MACs.
+        let macs = seen.lock().unwrap().macs.clone();
+        assert_eq!(macs, [None, Some(true), Some(true), Some(true)]);
+    }
+
+    #[tokio::test]
+    async fn a_sign_on_without_keys_the_terminals_can_take_is_each_terminals_failure() {
+        let (addr, _seen) = stand_in_switch(|_, _| Answer::With("00")).await;
+        let outcome = run_to_end(keyed(plan(&addr, 2))).await;
+        assert_eq!(
+            outcome.causes(),
+            vec![(
+                "sign-on: approved without working keys (F62): the switch holds no terminal \
+                 master derivation key"
+                    .to_string(),
+                vec!["T0000001", "T0000002"]
+            )]
+        );
+        assert_eq!(outcome.answered, 0);
     }
 }

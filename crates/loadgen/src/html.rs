@@ -59,6 +59,7 @@ td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
 svg { display: block; margin: 0.5em 0; }
 svg text { font-family: sans-serif; font-size: 12px; fill: #222; }
 .note { color: #666; font-size: 0.9em; }
+.failed { color: #b00; }
 ";
 
 /// Series colours, in order; `all` is black.
@@ -80,6 +81,16 @@ fn written(d: Duration) -> String {
     }
 }
 
+/// The MAC failures, for the summary line when the terminals held keys or
+/// there were any (` 3 MAC failures;`, marked as a failure), else nothing.
+fn mac_failures(s: &Scenario, run: &Run) -> String {
+    match run.mac_failures {
+        0 if s.derivation_key.is_none() => String::new(),
+        0 => " 0 MAC failures;".to_string(),
+        n => format!(" <strong class=\"failed\">{n} MAC failures</strong>;"),
+    }
+}
+
 /// The whole page.
 pub fn render(page: &Page<'_>) -> String {
     let (s, run, m) = (page.scenario, page.run, page.machine);
@@ -93,10 +104,11 @@ pub fn render(page: &Page<'_>) -> String {
     );
     let _ = writeln!(
         out,
-        "<p>{} requests scheduled in {:.1} s; {} connection failures; settlements balanced {}/{}.</p>",
+        "<p>{} requests scheduled in {:.1} s; {} connection failures;{} settlements balanced {}/{}.</p>",
         s.count(),
         run.elapsed.as_secs_f64(),
         run.errors,
+        mac_failures(s, run),
         run.balanced.0,
         run.balanced.1
     );
@@ -106,7 +118,8 @@ pub fn render(page: &Page<'_>) -> String {
     out.push_str(
         "<p class=\"note\">Latency in milliseconds, from the time each request was due \
          (open loop), HDR histograms with three significant digits; codes are response \
-         codes, <code>--</code> no answer.</p>\n",
+         codes, <code>--</code> no answer, <code>MAC</code> a reply whose MAC was missing \
+         or wrong.</p>\n",
     );
     if run.steps.len() > 1 {
         out.push_str(&steps_table(run, s.p99_target));
@@ -204,6 +217,19 @@ fn scenario_rows(s: &Scenario) -> Vec<(&'static str, String)> {
         ("settle", if s.settle { "yes" } else { "no" }.to_string()),
         ("seed", s.seed.to_string()),
         ("faults", faults),
+        (
+            "terminal keys",
+            s.derivation_key
+                .as_ref()
+                .map_or("none: no MACs".to_string(), |k| {
+                    // The check value names the key without giving it away.
+                    let kcv: String = k.check_value()[..3]
+                        .iter()
+                        .map(|b| format!("{b:02X}"))
+                        .collect();
+                    format!("master keys derived from the key with check value {kcv}; MACs on")
+                }),
+        ),
     ]);
     rows
 }
@@ -607,6 +633,7 @@ mod tests {
             errors: 0,
             resets: 0,
             reconnects: 0,
+            mac_failures: 0,
             elapsed: Duration::from_secs(10),
             steps: vec![Step {
                 rate: 100.0,
@@ -689,6 +716,40 @@ mod tests {
         );
         assert!(page.contains("<tr><th>total</th><td>200 µs</td></tr>"));
         assert!(page.contains("<tr><th>cores busy</th><td>1.50 of 2</td></tr>"));
+    }
+
+    #[test]
+    fn mac_failures_are_said_by_name_when_the_terminals_held_keys() {
+        let mut scenario = Scenario::parse("terminals = 1\n", "s.toml").unwrap();
+        let mut run = run_of_known_samples();
+        let summary = |page: &str| {
+            let at = page.find("requests scheduled").unwrap();
+            page[at..at + page[at..].find("</p>").unwrap()].to_string()
+        };
+        // Without keys there are no MACs to fail: nothing said.
+        let page = page_of(&scenario, &run);
+        assert!(!summary(&page).contains("MAC"), "{}", summary(&page));
+        assert!(page.contains("<td>none: no MACs</td>"), "{page}");
+        scenario.derivation_key = Some(iso8583::keys::DerivationKey::new(&[
+            0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF, 0xFE, 0xDC, 0xBA, 0x98, 0x76, 0x54,
+            0x32, 0x10,
+        ]));
+        let page = page_of(&scenario, &run);
+        assert!(
+            summary(&page).contains("connection failures; 0 MAC failures;"),
+            "{}",
+            summary(&page)
+        );
+        // The key by its check value (published for this test key), never in clear.
+        assert!(page.contains("check value 08D7B4; MACs on"), "{page}");
+        assert!(!page.contains("0123456789ABCDEF"));
+        run.mac_failures = 2;
+        let page = page_of(&scenario, &run);
+        assert!(
+            summary(&page).contains("<strong class=\"failed\">2 MAC failures</strong>;"),
+            "{}",
+            summary(&page)
+        );
     }
 
     #[test]

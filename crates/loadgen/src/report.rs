@@ -9,6 +9,11 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
+/// The code a request is recorded with when its reply's MAC (F64) was
+/// missing or wrong: the terminal did not take it as the switch's answer.
+/// (`--` is no answer at all.)
+pub const BAD_MAC: &str = "MAC";
+
 /// The longest latency a histogram records (longer ones are clamped).
 const MAX_MICROS: u64 = 600_000_000;
 

@@ -3,8 +3,9 @@
 //!
 //! Each terminal behaves as the spec says a real one does: it signs on,
 //! keeps a reversal record before every reversible request and, when no
-//! valid reply came, sends the 0400 (reason 98) before its next transaction
-//! (retrying it until answered), voids and refunds its own earlier sales,
+//! valid reply came, sends the 0400 before its next transaction (reason 98
+//! when none came, A0 when the reply's MAC was missing or wrong; retrying
+//! it until answered), voids and refunds its own earlier sales,
 //! cancels or completes its own open pre-authorisations and voids its
 //! completions, and settles its batch at the end with its own totals
 //! (uploading the batch when the switch's figures differ). Requests are
@@ -15,13 +16,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use iso8583::keys::DerivationKey;
 use iso8583::{Dialect, Message};
 use settings::{Problems, Section};
 
 use crate::cpu::{Meter, Usage};
 use crate::live::Live;
 use crate::open::{self, Lane};
-use crate::report::{Report, Timeline};
+use crate::report::{BAD_MAC, Report, Timeline};
 use crate::terminal::{Original, Reversed, Terminal};
 
 /// What a terminal may send, with its weight in the mix.
@@ -110,6 +112,12 @@ pub struct Scenario {
     /// How long a terminal waits for a reply before it takes it as never
     /// coming (above the switch's `issuer_timeout`, as a real terminal's).
     pub reply_timeout: Duration,
+    /// The key each terminal's master key is derived from (its terminal id
+    /// the other input), as the switch's: the terminals then take working
+    /// keys at sign-on and MAC their requests. Never read from the file (a
+    /// secret: the runner gives it, from a key file or the environment);
+    /// `None`, terminals hold no keys.
+    pub derivation_key: Option<DerivationKey>,
 }
 
 /// `[faults]`: what breaks while the scenario runs. The issuer's shares
@@ -264,6 +272,7 @@ impl Scenario {
                 }
                 t
             },
+            derivation_key: None,
         }
     }
 
@@ -329,6 +338,38 @@ struct Reply {
     frame: Bytes,
     rc: String,
     dialect: Arc<Dialect>,
+    /// Its MTI and whether it carries F64, to check its MAC.
+    mti: iso8583::Mti,
+    has_mac: bool,
+}
+
+/// Why an exchange gave the terminal no valid reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unanswered {
+    /// None came within the reply timeout, or the connection failed.
+    NoReply,
+    /// One came, but its MAC (F64) was missing or wrong: it is not the
+    /// switch's word, and the terminal acts on it no more than on silence.
+    BadMac,
+}
+
+impl Unanswered {
+    /// Its code in the report: `--` no answer, [`BAD_MAC`] a reply whose
+    /// MAC failed.
+    fn code(self) -> &'static str {
+        match self {
+            Unanswered::NoReply => "--",
+            Unanswered::BadMac => BAD_MAC,
+        }
+    }
+}
+
+/// A reply's response code, or the code of why none counts.
+fn code(reply: &Result<Reply, Unanswered>) -> String {
+    match reply {
+        Ok(r) => r.rc().to_string(),
+        Err(e) => e.code().to_string(),
+    }
 }
 
 impl Reply {
@@ -349,6 +390,8 @@ impl Reply {
             .map(|v| v.to_clear_string())
             .unwrap_or_default();
         Some(Reply {
+            mti: msg.mti(),
+            has_mac: msg.field(64).is_some(),
             frame,
             rc,
             dialect: dialect.clone(),
@@ -414,6 +457,9 @@ struct Pending {
     condition: &'static str,
     f60: String,
     f61: Option<String>,
+    /// F39 of its 0400: `98` no reply came, `A0` one came with its MAC
+    /// missing or wrong.
+    reason: &'static str,
 }
 
 /// A transaction the terminal counts in its batch: what its settlement
@@ -457,6 +503,8 @@ pub struct Player {
     pub resets: u64,
     /// Connections made again, after a reset or a failure.
     pub reconnects: u64,
+    /// Replies whose MAC (F64) was missing or wrong.
+    pub mac_failures: u64,
 }
 
 impl std::fmt::Debug for Player {
@@ -477,6 +525,7 @@ impl Player {
         let mut terminal = Terminal::connect(target, &id, &scenario.merchant, dialect)
             .await
             .map_err(|e| format!("{id}: {e}"))?;
+        terminal.set_master_key(scenario.derivation_key.as_ref().map(|k| k.master_key(&id)));
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -505,6 +554,7 @@ impl Player {
             errors: 0,
             resets: 0,
             reconnects: 0,
+            mac_failures: 0,
         })
     }
 
@@ -553,14 +603,15 @@ impl Player {
         }
     }
 
-    /// Sends a frame; `None` when no valid reply came within the reply
-    /// timeout (the caller reverses or sends it again), and the connection
-    /// is then made again, as a terminal that gave up on a reply does. A
-    /// failed connection is made again first.
-    async fn exchange(&mut self, frame: &[u8]) -> Option<Reply> {
+    /// Sends a frame; `Err` when no valid reply came within the reply
+    /// timeout (the caller reverses or sends it again). When none came, the
+    /// connection is made again, as a terminal that gave up on a reply
+    /// does; a reply with a wrong MAC leaves the connection as it is (the
+    /// frame was read whole). A failed connection is made again first.
+    async fn exchange(&mut self, frame: &[u8]) -> Result<Reply, Unanswered> {
         if self.broken && !self.reconnect().await {
             self.errors += 1;
-            return None;
+            return Err(Unanswered::NoReply);
         }
         let exchanged = tokio::time::timeout(
             self.scenario.reply_timeout,
@@ -571,26 +622,36 @@ impl Player {
             Ok(Ok(reply)) => Reply::read(self.terminal.dialect(), reply, frame),
             Ok(Err(_)) | Err(_) => None,
         };
-        match read {
-            Some(reply) => Some(reply),
-            None => {
-                self.errors += 1;
-                self.broken = true;
-                None
+        let Some(reply) = read else {
+            self.errors += 1;
+            self.broken = true;
+            return Err(Unanswered::NoReply);
+        };
+        match self
+            .terminal
+            .mac_valid(reply.mti, reply.has_mac, reply.body())
+        {
+            Some(false) => {
+                self.mac_failures += 1;
+                Err(Unanswered::BadMac)
             }
+            Some(true) | None => Ok(reply),
         }
     }
 
     /// Sends a request that is never reversed (a refund, a settlement, a
     /// reversal) until it is answered, at most [`ATTEMPTS`] times: the
     /// same frame, so a switch that already has it replays its answer (D1).
-    async fn exchange_retrying(&mut self, frame: &[u8]) -> Option<Reply> {
+    /// A reply with a wrong MAC is no answer, and the frame goes again.
+    async fn exchange_retrying(&mut self, frame: &[u8]) -> Result<Reply, Unanswered> {
+        let mut last = Err(Unanswered::NoReply);
         for _ in 0..ATTEMPTS {
-            if let Some(reply) = self.exchange(frame).await {
-                return Some(reply);
+            last = self.exchange(frame).await;
+            if last.is_ok() {
+                break;
             }
         }
-        None
+        last
     }
 
     /// The `reset_connection` fault, drawn for this request.
@@ -623,13 +684,23 @@ impl Player {
     }
 
     /// A reversible request: sent (or sent and reset, when the fault is
-    /// drawn); `None` when no valid reply came and the record stands.
-    async fn exchange_reversible(&mut self, frame: &[u8]) -> Option<Reply> {
+    /// drawn); `Err` when no valid reply came and the record stands.
+    async fn exchange_reversible(&mut self, frame: &[u8]) -> Result<Reply, Unanswered> {
         if self.draw_reset() {
             self.send_and_reset(frame).await;
-            return None;
+            return Err(Unanswered::NoReply);
         }
-        self.exchange(frame).await
+        let reply = self.exchange(frame).await;
+        self.mac_failed_reason(&reply);
+        reply
+    }
+
+    /// A reply to the recorded request came with its MAC missing or wrong:
+    /// the 0400 says so (A0) rather than that no reply came (98).
+    fn mac_failed_reason(&mut self, reply: &Result<Reply, Unanswered>) {
+        if let (Err(Unanswered::BadMac), Some(p)) = (reply, self.pending.as_mut()) {
+            p.reason = "A0";
+        }
     }
 
     /// Sends the reversal the record asks for, until it is answered.
@@ -646,16 +717,16 @@ impl Player {
             f60: &p.f60,
             f61: p.f61.as_deref(),
         };
-        let Ok(frame) = self.terminal.reversal(&of, "98") else {
+        let Ok(frame) = self.terminal.reversal(&of, p.reason) else {
             return;
         };
         let started = std::time::Instant::now();
         let reply = self.exchange_retrying(&frame).await;
-        let rc = reply.as_ref().map_or("--", Reply::rc).to_string();
+        let rc = code(&reply);
         // The switch could not decide it (96: its journal, 91): the record
         // stands and the reversal goes again. Any other answer is the
         // switch's decision, which the same frame would only repeat.
-        let done = reply.is_some() && !matches!(rc.as_str(), "96" | "91");
+        let done = reply.is_ok() && !matches!(rc.as_str(), "96" | "91");
         self.timed.push(("reversal", rc, started.elapsed()));
         if !done {
             self.pending = Some(p);
@@ -703,10 +774,11 @@ impl Player {
                         condition: "00",
                         f60: self.terminal.f60("23"),
                         f61: Some(f61),
+                        reason: "98",
                     });
                     let reply = self.exchange_reversible(&frame).await;
-                    let rc = reply.as_ref().map_or("--", Reply::rc).to_string();
-                    if reply.is_some() {
+                    let rc = code(&reply);
+                    if reply.is_ok() {
                         self.pending = None;
                     }
                     if rc == "00" {
@@ -726,8 +798,7 @@ impl Player {
                     if self.draw_reset() {
                         self.send_and_reset(&frame).await;
                     }
-                    let reply = self.exchange_retrying(&frame).await;
-                    let rc = reply.as_ref().map_or("--", Reply::rc).to_string();
+                    let rc = code(&self.exchange_retrying(&frame).await);
                     if rc == "00" {
                         self.sales[i].refunded += part;
                         if self.sales[i].refunded >= self.sales[i].amount {
@@ -785,19 +856,20 @@ impl Player {
                     condition: "06",
                     f60: self.terminal.f60(type_code),
                     f61,
+                    reason: "98",
                 });
                 let reply = self.exchange_reversible(&frame).await;
-                if reply.is_some() {
+                if reply.is_ok() {
                     self.pending = None;
                 }
-                let rc = reply.as_ref().map_or("--", Reply::rc).to_string();
+                let rc = code(&reply);
                 // Declined or reversed, the hold stays open (the switch gives
                 // its claim back); approved, it is used up.
                 if rc == "00" {
                     self.holds.remove(i);
                     if op == Op::Completion {
                         self.count(stan, &hold.pan, amount, false);
-                        if let Some(reply) = reply {
+                        if let Ok(reply) = reply {
                             self.completions.push(Hold {
                                 stan,
                                 pan: hold.pan,
@@ -839,12 +911,13 @@ impl Player {
                     condition: "06",
                     f60: self.terminal.f60("21"),
                     f61: Some(format!("{:06}{:06}", original.batch, original.stan)),
+                    reason: "98",
                 });
                 let reply = self.exchange_reversible(&frame).await;
-                if reply.is_some() {
+                if reply.is_ok() {
                     self.pending = None;
                 }
-                let rc = reply.as_ref().map_or("--", Reply::rc).to_string();
+                let rc = code(&reply);
                 if rc == "00" {
                     self.completions.remove(i);
                     self.count(stan, &done.pan, done.amount, true);
@@ -864,9 +937,11 @@ impl Player {
                     condition: "06",
                     f60: self.terminal.f60("10"),
                     f61: None,
+                    reason: "98",
                 });
-                let Some(reply) = self.exchange_reversible(&frame).await else {
-                    return ("preauth", "--".into());
+                let reply = match self.exchange_reversible(&frame).await {
+                    Ok(reply) => reply,
+                    Err(e) => return ("preauth", e.code().into()),
                 };
                 self.pending = None;
                 let rc = reply.rc().to_string();
@@ -888,10 +963,7 @@ impl Player {
                 let Ok(frame) = self.terminal.balance_inquiry(stan, &pan, expiry) else {
                     return ("balance_inquiry", "--".into());
                 };
-                let rc = self
-                    .exchange(&frame)
-                    .await
-                    .map_or("--".to_string(), |r| r.rc().to_string());
+                let rc = code(&self.exchange(&frame).await);
                 ("balance_inquiry", rc)
             }
             Op::Duplicate => {
@@ -908,9 +980,13 @@ impl Player {
                     stan,
                     f60: self.terminal.f60("22"),
                     f61: None,
+                    reason: "98",
                 });
-                let first = self.exchange(&frame).await;
-                let again = self.exchange(&frame).await;
+                let (first, again) = (self.exchange(&frame).await, self.exchange(&frame).await);
+                let mac_failed = [&first, &again]
+                    .iter()
+                    .any(|r| matches!(r, Err(Unanswered::BadMac)));
+                let (first, again) = (first.ok(), again.ok());
                 // Settled by an approval, or by both copies' answers; one
                 // decline with the other copy unanswered settles nothing
                 // (the unanswered copy may have sold), so the record stands.
@@ -923,6 +999,8 @@ impl Player {
                 };
                 if settled {
                     self.pending = None;
+                } else if mac_failed {
+                    self.mac_failed_reason(&Err(Unanswered::BadMac));
                 }
                 match (first, again) {
                     (Some(a), Some(b)) if a.body() == b.body() => {
@@ -948,6 +1026,7 @@ impl Player {
                             stan,
                             f60: self.terminal.f60("22"),
                             f61: None,
+                            reason: "98",
                         });
                         ("duplicate", "XX".into())
                     }
@@ -960,6 +1039,7 @@ impl Player {
                         }
                         ("duplicate", rc)
                     }
+                    (None, None) if mac_failed => ("duplicate", BAD_MAC.into()),
                     (None, None) => ("duplicate", "--".into()),
                 }
             }
@@ -979,17 +1059,16 @@ impl Player {
                     condition: "00",
                     f60: self.terminal.f60("22"),
                     f61: None,
+                    reason: "98",
                 });
                 let reply = self.exchange_reversible(&frame).await;
                 if op == Op::Reversal {
                     // Keep the record: the next request is preceded by the 0400.
-                    return (
-                        "purchase",
-                        reply.map_or("--".to_string(), |r| r.rc().to_string()),
-                    );
+                    return ("purchase", code(&reply));
                 }
-                let Some(reply) = reply else {
-                    return ("purchase", "--".into());
+                let reply = match reply {
+                    Ok(reply) => reply,
+                    Err(e) => return ("purchase", e.code().into()),
                 };
                 self.pending = None;
                 let rc = reply.rc().to_string();
@@ -1054,7 +1133,7 @@ impl Player {
         let stan = self.terminal.next_stan();
         let frame = self.terminal.settlement(stan, &totals).ok()?;
         let started = std::time::Instant::now();
-        let reply = self.exchange_retrying(&frame).await?;
+        let reply = self.exchange_retrying(&frame).await.ok()?;
         self.timed
             .push(("settlement", reply.rc().to_string(), started.elapsed()));
         // A code each for domestic and foreign cards (digits 30 and 61):
@@ -1088,10 +1167,7 @@ impl Player {
                 break;
             };
             let started = std::time::Instant::now();
-            let rc = self
-                .exchange_retrying(&frame)
-                .await
-                .map_or("--".to_string(), |r| r.rc().to_string());
+            let rc = code(&self.exchange_retrying(&frame).await);
             let approved = rc == "00";
             self.timed.push(("batch_upload", rc, started.elapsed()));
             if !approved {
@@ -1125,6 +1201,10 @@ pub struct Run {
     pub resets: u64,
     /// Connections the terminals made again (after a reset or a failure).
     pub reconnects: u64,
+    /// Replies whose MAC (F64) was missing or wrong (each attempt of a
+    /// request sent again counted): none in a run whose keys and switch are
+    /// right.
+    pub mac_failures: u64,
     /// Wall time.
     pub elapsed: Duration,
     /// Per rate step, in order.
@@ -1214,9 +1294,13 @@ pub async fn run(target: &str, scenario: Scenario, meter: &Meter) -> Result<Run,
         let [p50, _, p99, _, _] = all.percentiles();
         steps.push(Step {
             rate,
-            // Only what was answered: a request with no reply (`--`) or
-            // skipped behind an unanswered reversal was not served.
-            achieved: samples.iter().filter(|s| s.rc != "--").count() as f64
+            // Only what was answered: a request with no reply (`--`), with
+            // a reply whose MAC failed, or skipped behind an unanswered
+            // reversal was not served.
+            achieved: samples
+                .iter()
+                .filter(|s| s.rc != "--" && s.rc != BAD_MAC)
+                .count() as f64
                 / step_started.elapsed().as_secs_f64(),
             p50,
             p99,
@@ -1257,6 +1341,7 @@ pub async fn run(target: &str, scenario: Scenario, meter: &Meter) -> Result<Run,
         errors,
         resets: players.iter().map(|p| p.resets).sum(),
         reconnects: players.iter().map(|p| p.reconnects).sum(),
+        mac_failures: players.iter().map(|p| p.mac_failures).sum(),
         elapsed,
         steps,
         timeline,
@@ -1266,7 +1351,9 @@ pub async fn run(target: &str, scenario: Scenario, meter: &Meter) -> Result<Run,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stand_in::{Answer, Seen, approving_switch, stand_in_switch};
+    use crate::stand_in::{
+        Answer, Seen, approving_switch, keyed_switch, stand_in_switch, test_derivation_key,
+    };
 
     #[test]
     fn shipped_scenarios_read() {
@@ -1791,6 +1878,131 @@ mod tests {
         assert_eq!(run.steps.len(), 1);
         assert_eq!(run.steps[0].achieved, 0.0, "{:?}", run.steps[0]);
         assert_eq!(run.saturation(Duration::from_secs(60)), None);
+    }
+
+    /// Plays `scenario` (TOML) against the switch at `addr` with terminal
+    /// keys derived from the test key; the run must end.
+    async fn play_keyed(addr: &str, scenario: &str) -> Result<Run, String> {
+        let mut scenario = Scenario::parse(scenario, "s.toml").unwrap();
+        scenario.derivation_key = Some(test_derivation_key());
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            run(addr, scenario, &Meter::load_generator()),
+        )
+        .await
+        .expect("the run ends")
+    }
+
+    #[tokio::test]
+    async fn a_purchase_whose_reply_mac_fails_is_reversed_with_reason_a0() {
+        // The first purchase's reply comes without F64, the first reversal's
+        // with a wrong one: neither is the switch's word.
+        let (addr, seen) = keyed_switch(test_derivation_key(), |mti, before| match (mti, before) {
+            ("0200", 0) => Answer::NoMac("00"),
+            ("0400", 0) => Answer::WrongMac("00"),
+            _ => Answer::With("00"),
+        })
+        .await;
+        let run = play_keyed(&addr, TWO_PURCHASES).await.unwrap();
+        // The record stands, its 0400 says A0 and goes again when its own
+        // reply's MAC fails; the connection stays up throughout.
+        assert_eq!(
+            requests(&seen),
+            owned(&[
+                (0, "0800", ""),
+                (0, "0200", ""),
+                (0, "0400", "A0"),
+                (0, "0400", "A0"),
+                (0, "0200", ""),
+            ])
+        );
+        let seen = seen.lock().unwrap();
+        let sales = stans_of(&seen, "0200");
+        assert_eq!(stans_of(&seen, "0400"), [sales[0], sales[0]]);
+        // Every request but the sign-on carried its MAC.
+        assert_eq!(
+            seen.macs,
+            [None, Some(true), Some(true), Some(true), Some(true)]
+        );
+        assert_eq!((run.mac_failures, run.errors, run.reconnects), (2, 0, 0));
+        let purchases = &run.report.kinds["purchase"].codes;
+        assert_eq!(purchases.get(BAD_MAC), Some(&1), "{purchases:?}");
+        assert_eq!(purchases.get("00"), Some(&1), "{purchases:?}");
+        assert_eq!(run.report.kinds["reversal"].codes.get("00"), Some(&1));
+        assert!(
+            run.report.table().contains("MAC:1"),
+            "{}",
+            run.report.table()
+        );
+        assert!(run.report.to_json().contains("\"MAC\": 1"));
+    }
+
+    #[tokio::test]
+    async fn a_balance_inquiry_whose_reply_mac_fails_is_an_error_not_a_reversal() {
+        let (addr, seen) = keyed_switch(test_derivation_key(), |mti, before| match (mti, before) {
+            ("0200", 0) => Answer::WrongMac("00"),
+            _ => Answer::With("00"),
+        })
+        .await;
+        let run = play_keyed(
+            &addr,
+            "terminals = 1\nrate = 100\nduration = \"20ms\"\nsettle = false\n[mix]\npurchase = 0\nbalance_inquiry = 1\n",
+        )
+        .await
+        .unwrap();
+        let codes = &run.report.kinds["balance_inquiry"].codes;
+        assert_eq!(codes.get(BAD_MAC), Some(&1), "{codes:?}");
+        assert_eq!(codes.get("00"), Some(&1), "{codes:?}");
+        assert_eq!(run.mac_failures, 1);
+        assert_eq!(
+            requests(&seen),
+            owned(&[(0, "0800", ""), (0, "0200", ""), (0, "0200", "")])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_settlement_whose_reply_mac_fails_is_sent_again() {
+        let (addr, seen) = keyed_switch(test_derivation_key(), |mti, before| match (mti, before) {
+            ("0500", 0) => Answer::WrongMac("00"),
+            ("0500", _) => Answer::Totals('1'),
+            _ => Answer::With("00"),
+        })
+        .await;
+        let run = play_keyed(
+            &addr,
+            "terminals = 1\nrate = 100\nduration = \"10ms\"\n[mix]\npurchase = 1\n",
+        )
+        .await
+        .unwrap();
+        assert_eq!(run.balanced, (1, 1));
+        assert_eq!(run.mac_failures, 1);
+        let seen = seen.lock().unwrap();
+        let settlements = stans_of(&seen, "0500");
+        assert_eq!(settlements.len(), 2, "{settlements:?}");
+        assert_eq!(
+            settlements[0], settlements[1],
+            "the same settlement, sent again"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_terminal_whose_sign_on_brings_no_keys_it_can_open_stops_the_run_and_says_why() {
+        // A switch without terminal keys approves the sign-on without F62.
+        let (addr, _seen) = approving_switch().await;
+        let e = play_keyed(&addr, TWO_PURCHASES).await.unwrap_err();
+        assert!(
+            e.starts_with("T0000001: sign-on: approved without working keys (F62)"),
+            "{e}"
+        );
+        // A switch with another derivation key: the keys do not check.
+        let other = iso8583::keys::DerivationKey::new(&[0x11; 16]);
+        let (addr, _seen) = keyed_switch(other, |_, _| Answer::With("00")).await;
+        let e = play_keyed(&addr, TWO_PURCHASES).await.unwrap_err();
+        assert!(
+            e.contains("check value does not match")
+                && e.contains("derivation key is not the terminal's"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
-use iso8583::keys::{MasterKey, WorkingKeys};
+use iso8583::keys::{KeyError, MasterKey, WorkingKeys};
 use iso8583::mac::{MAC_LEN, MacKey, cup_pos_mac};
 use iso8583::{Dialect, Frame, FrameCodec, Message, MessageWriter, Mti, Value};
 use tokio::net::TcpStream;
@@ -275,15 +275,24 @@ impl Terminal {
     pub async fn recv(&mut self) -> Result<Reply, TerminalError> {
         let frame = self.recv_frame().await?;
         let mut reply = Reply::parse(&self.dialect, &frame)?;
-        if let Some(key) = self.mac_key.as_ref().filter(|_| mac_carried(reply.mti)) {
-            reply.mac_valid = Some(
-                reply.fields.contains_key(&64) && {
-                    let (block, mac) = reply.body.split_at(reply.body.len() - MAC_LEN);
-                    iso8583::mac::verify(&cup_pos_mac(key, block), mac)
-                },
-            );
-        }
+        reply.mac_valid = self.mac_valid(reply.mti, reply.fields.contains_key(&64), &reply.body);
         Ok(reply)
+    }
+
+    /// Whether a reply's F64 is the MAC of the rest of `body` (the frame
+    /// from the MTI on) under the terminal's MAC key, `has_f64` saying
+    /// whether its bitmap has F64: `None` when the terminal holds no MAC
+    /// key or `mti` carries none (08xx). For readers of raw frames
+    /// ([`Terminal::recv_frame`]); [`Terminal::recv`] sets
+    /// [`Reply::mac_valid`] with it.
+    pub fn mac_valid(&self, mti: Mti, has_f64: bool, body: &[u8]) -> Option<bool> {
+        let key = self.mac_key.as_ref().filter(|_| mac_carried(mti))?;
+        Some(
+            has_f64 && body.len() >= MAC_LEN && {
+                let (block, mac) = body.split_at(body.len() - MAC_LEN);
+                iso8583::mac::verify(&cup_pos_mac(key, block), mac)
+            },
+        )
     }
 
     /// Reads the next reply frame (length prefix excluded) as it came,
@@ -347,10 +356,20 @@ impl Terminal {
             // A terminal loaded with a master key takes its working keys
             // from every sign-on, and cannot transact without them.
             let f62 = reply.field(62).and_then(iso8583_hex).ok_or_else(|| {
-                TerminalError::Keys("the reply carries no working keys (F62)".into())
+                TerminalError::Keys(
+                    "approved without working keys (F62): the switch holds no terminal master \
+                     derivation key"
+                        .into(),
+                )
             })?;
-            let keys =
-                WorkingKeys::from_f62(tmk, &f62).map_err(|e| TerminalError::Keys(e.to_string()))?;
+            let keys = WorkingKeys::from_f62(tmk, &f62).map_err(|e| {
+                TerminalError::Keys(match e {
+                    KeyError::Check(_) => format!(
+                        "{e}: the switch's terminal master derivation key is not the terminal's"
+                    ),
+                    other => other.to_string(),
+                })
+            })?;
             self.mac_key = Some(keys.mac_key());
         }
         Ok(reply)

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use clap::Args;
+use iso8583::keys::DerivationKey;
 use loadgen::closed::{Mix, Plan, run as run_plan};
 
 use super::Failure;
@@ -53,6 +54,72 @@ pub struct LoadArgs {
     /// long after its duration [default: 30s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub reply_timeout: Option<Duration>,
+    /// The switch's terminal master derivation key: 32 hex characters (16
+    /// bytes) in FILE. Each terminal derives its master key from it and its
+    /// terminal id, takes working keys at sign-on (F62), MACs its requests
+    /// (F64) and checks its replies' MACs: a reply whose MAC is missing or
+    /// wrong is counted as a MAC failure, and fails the run (a reversible
+    /// request's is reversed with reason A0). Without the flag, the key comes
+    /// from the environment variable SWITCHYARD_TERMINAL_MASTER_DERIVATION_KEY
+    /// (the 32 hex characters themselves); without either, terminals hold no
+    /// keys and send no MACs.
+    #[arg(long, value_name = "FILE")]
+    pub terminal_master_derivation_key_file: Option<std::path::PathBuf>,
+}
+
+/// The environment variable that holds the terminal master derivation key
+/// when no key file is given.
+pub const DERIVATION_KEY_VAR: &str = "SWITCHYARD_TERMINAL_MASTER_DERIVATION_KEY";
+
+/// The terminal master derivation key from `file` (its text), else from the
+/// environment variable's value `var`; `None` when neither is given. A
+/// malformed key is refused with where it came from and what is expected,
+/// never with its text (a secret).
+fn derivation_key(
+    file: Option<(&std::path::Path, std::io::Result<String>)>,
+    var: Option<std::ffi::OsString>,
+) -> Result<Option<DerivationKey>, Failure> {
+    let (source, text) = match (file, var) {
+        (Some((path, text)), _) => {
+            let source = format!("--terminal-master-derivation-key-file {}", path.display());
+            let text = text.map_err(|e| Failure::Input(anyhow::anyhow!("{source}: {e}")))?;
+            (source, text)
+        }
+        (None, Some(value)) => {
+            let text = value.into_string().map_err(|_| {
+                Failure::Input(anyhow::anyhow!(
+                    "{DERIVATION_KEY_VAR}: not text; expected 32 hex characters (a 16-byte key)"
+                ))
+            })?;
+            (DERIVATION_KEY_VAR.to_string(), text)
+        }
+        (None, None) => return Ok(None),
+    };
+    // A key file ends with a newline as often as not.
+    let text = text.trim();
+    let refused = |what: String| {
+        Failure::Input(anyhow::anyhow!(
+            "{source}: {what}; expected 32 hex characters (a 16-byte key)"
+        ))
+    };
+    if text.len() != 32 {
+        return Err(refused(format!("{} characters", text.chars().count())));
+    }
+    let mut key = [0u8; 16];
+    hex::decode_to_slice(text, &mut key)
+        .map_err(|_| refused("a character that is not a hex digit".into()))?;
+    Ok(Some(DerivationKey::new(&key)))
+}
+
+impl LoadArgs {
+    /// The terminals' derivation key, from the key file or the environment.
+    fn derivation_key(&self) -> Result<Option<DerivationKey>, Failure> {
+        let file = self
+            .terminal_master_derivation_key_file
+            .as_deref()
+            .map(|path| (path, std::fs::read_to_string(path)));
+        derivation_key(file, std::env::var_os(DERIVATION_KEY_VAR))
+    }
 }
 
 impl LoadArgs {
@@ -158,6 +225,7 @@ pub async fn play(
 ) -> Result<Vec<(String, u32)>, Failure> {
     let name = scenario.name.clone();
     let count = scenario.count();
+    let keyed = scenario.derivation_key.is_some();
     let p99_target = scenario.p99_target;
     let machine = loadgen::machine::Machine::here();
     let before = meter.read();
@@ -165,8 +233,15 @@ pub async fn play(
         .await
         .map_err(|e| Failure::Other(anyhow::anyhow!(e)))?;
     let cpu = meter.usage(&before, &meter.read(), run.report.total().count());
+    // MAC failures are said when the terminals held keys (none to fail
+    // otherwise).
+    let macs = if keyed || run.mac_failures > 0 {
+        format!(" {} MAC failures;", run.mac_failures)
+    } else {
+        String::new()
+    };
     println!(
-        "scenario {name}: {count} requests scheduled in {:.1} s; {} connection failures; settlements balanced {}/{}",
+        "scenario {name}: {count} requests scheduled in {:.1} s; {} connection failures;{macs} settlements balanced {}/{}",
         run.elapsed.as_secs_f64(),
         run.errors,
         run.balanced.0,
@@ -211,9 +286,10 @@ pub async fn play(
     }
     if let Some(path) = outputs.json {
         let text = format!(
-            "{{\"scenario\": {name:?}, \"scheduled\": {count}, \"elapsed_s\": {:.3}, \"connection_failures\": {}, \"resets_injected\": {}, \"reconnections\": {}, \"settlements\": {{\"balanced\": {}, \"settled\": {}, \"unbalanced\": [{}]}}, \"report\": {}, \"seconds\": {}, \"steps\": [{}], \"cpu\": {}}}\n",
+            "{{\"scenario\": {name:?}, \"scheduled\": {count}, \"elapsed_s\": {:.3}, \"connection_failures\": {}, \"mac_failures\": {}, \"resets_injected\": {}, \"reconnections\": {}, \"settlements\": {{\"balanced\": {}, \"settled\": {}, \"unbalanced\": [{}]}}, \"report\": {}, \"seconds\": {}, \"steps\": [{}], \"cpu\": {}}}\n",
             run.elapsed.as_secs_f64(),
             run.errors,
+            run.mac_failures,
             run.resets,
             run.reconnects,
             run.balanced.0,
@@ -256,7 +332,26 @@ pub async fn play(
         std::fs::write(path, page)
             .map_err(|e| Failure::Other(anyhow::anyhow!("{}: {e}", path.display())))?;
     }
+    macs_verified(run.mac_failures, &run.unbalanced)?;
     Ok(run.unbalanced)
+}
+
+/// An error for replies whose MAC failed (reported and written out by
+/// then): no fault a scenario injects makes them, so a run with any is not
+/// clean. The settlements that did not balance are said with them.
+fn macs_verified(mac_failures: u64, unbalanced: &[(String, u32)]) -> Result<(), Failure> {
+    if mac_failures == 0 {
+        return Ok(());
+    }
+    let mut said = format!(
+        "{mac_failures} replies with a missing or wrong MAC (F64): the terminals took none of \
+         them as the switch's answer (a reversible request was reversed with reason A0); the \
+         report's MAC codes say which kinds"
+    );
+    if let Err(settlements) = all_balanced(unbalanced) {
+        said.push_str(&format!("\n{settlements}"));
+    }
+    Err(Failure::Other(anyhow::anyhow!("{said}")))
 }
 
 /// An error for settlements that did not balance: which batches, and the
@@ -284,6 +379,8 @@ pub fn all_balanced(batches: &[(String, u32)]) -> Result<(), Failure> {
 
 /// `switchyard load`.
 pub async fn run(args: &LoadArgs) -> Result<(), Failure> {
+    // Refused before any connection, as every malformed input is.
+    let derivation_key = args.derivation_key()?;
     if let Some(path) = &args.scenario {
         let given = args.closed_loop_flags();
         if !given.is_empty() {
@@ -294,8 +391,9 @@ pub async fn run(args: &LoadArgs) -> Result<(), Failure> {
                 path.display()
             )));
         }
-        let scenario = loadgen::scenario::Scenario::load(path)
+        let mut scenario = loadgen::scenario::Scenario::load(path)
             .map_err(|p| Failure::Input(anyhow::anyhow!("{p}")))?;
+        scenario.derivation_key = derivation_key;
         let outputs = Outputs {
             json: args.json.as_deref(),
             html: args.html.as_deref(),
@@ -319,6 +417,7 @@ pub async fn run(args: &LoadArgs) -> Result<(), Failure> {
         return all_balanced(&unbalanced);
     }
     let terminals = args.terminals.unwrap_or(16);
+    let keyed = derivation_key.is_some();
     let outcome = run_plan(Plan {
         target: args.target.clone(),
         terminals,
@@ -336,6 +435,7 @@ pub async fn run(args: &LoadArgs) -> Result<(), Failure> {
         reply_timeout: args
             .reply_timeout
             .unwrap_or(loadgen::scenario::DEFAULT_REPLY_TIMEOUT),
+        derivation_key,
     })
     .await;
     let ms = |q: f64| outcome.latency.value_at_quantile(q) as f64 / 1000.0;
@@ -352,6 +452,10 @@ pub async fn run(args: &LoadArgs) -> Result<(), Failure> {
     );
     if !outcome.codes.is_empty() {
         println!("response codes  {}", outcome.codes_line());
+    }
+    if keyed || outcome.mac_failures > 0 {
+        // Each stopped its terminal: the failures below name them.
+        println!("MAC failures    {}", outcome.mac_failures);
     }
     verdict(&outcome, terminals)
 }
@@ -390,7 +494,88 @@ fn verdict(outcome: &loadgen::closed::Outcome, terminals: usize) -> Result<(), F
 
 #[cfg(test)]
 mod tests {
-    use super::{all_balanced, parse_part};
+    use super::{DERIVATION_KEY_VAR, all_balanced, derivation_key, macs_verified, parse_part};
+    use std::path::Path;
+
+    const KEY: &str = "0123456789ABCDEFFEDCBA9876543210";
+
+    fn refused(file: Option<(&Path, std::io::Result<String>)>, var: Option<&str>) -> String {
+        match derivation_key(file, var.map(Into::into)) {
+            Err(e) => {
+                assert_eq!(e.exit_code(), 2, "{e}");
+                e.to_string()
+            }
+            Ok(_) => panic!("a malformed key was taken"),
+        }
+    }
+
+    #[test]
+    fn the_derivation_key_comes_from_the_file_else_the_environment_else_none() {
+        let file = Path::new("/keys/tmdk.hex");
+        // The check value of the test key, published: 08D7B4.
+        let kcv = |k: Option<iso8583::keys::DerivationKey>| k.unwrap().check_value()[..3].to_vec();
+        let from_file = derivation_key(Some((file, Ok(format!("{KEY}\n")))), None).unwrap();
+        assert_eq!(kcv(from_file), [0x08, 0xD7, 0xB4]);
+        let lower = KEY.to_lowercase();
+        let from_var = derivation_key(None, Some(lower.into())).unwrap();
+        assert_eq!(kcv(from_var), [0x08, 0xD7, 0xB4]);
+        // The file wins over the variable, even a malformed variable.
+        assert!(
+            derivation_key(Some((file, Ok(KEY.into()))), Some("nonsense".into()))
+                .unwrap()
+                .is_some()
+        );
+        assert!(derivation_key(None, None).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_malformed_derivation_key_is_refused_with_where_it_came_from_and_not_said() {
+        let file = Path::new("/keys/tmdk.hex");
+        let short = &KEY[..31];
+        let said = refused(Some((file, Ok(short.into()))), None);
+        assert_eq!(
+            said,
+            "--terminal-master-derivation-key-file /keys/tmdk.hex: 31 characters; expected 32 \
+             hex characters (a 16-byte key)"
+        );
+        let not_hex = format!("{}XY", &KEY[..30]);
+        let said = refused(None, Some(&not_hex));
+        assert!(
+            said.starts_with(&format!(
+                "{DERIVATION_KEY_VAR}: a character that is not a hex digit; expected 32 hex"
+            )),
+            "{said}"
+        );
+        assert!(!said.contains(&KEY[..30]), "the key said: {said}");
+        assert_eq!(
+            refused(None, Some("")),
+            format!(
+                "{DERIVATION_KEY_VAR}: 0 characters; expected 32 hex characters (a 16-byte key)"
+            )
+        );
+        let unreadable = std::io::Error::new(std::io::ErrorKind::NotFound, "not there");
+        assert_eq!(
+            refused(Some((file, Err(unreadable))), None),
+            "--terminal-master-derivation-key-file /keys/tmdk.hex: not there"
+        );
+    }
+
+    #[test]
+    fn a_run_with_mac_failures_fails_and_says_its_unbalanced_settlements_too() {
+        assert!(macs_verified(0, &[]).is_ok());
+        let said = macs_verified(3, &[]).unwrap_err().to_string();
+        assert!(
+            said.starts_with("3 replies with a missing or wrong MAC (F64)"),
+            "{said}"
+        );
+        let said = macs_verified(1, &[("T0000001".into(), 2)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            said.contains("\n1 settlement(s) did not balance, or were not answered with totals: T0000001 batch 000002"),
+            "{said}"
+        );
+    }
 
     #[test]
     fn unbalanced_settlements_are_named_with_the_command_that_shows_them() {
