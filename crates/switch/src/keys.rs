@@ -149,6 +149,15 @@ pub fn terminal_derivation_key(
     derivation_key_from_hex(&text, &origin).map(Some)
 }
 
+/// A fresh random terminal master derivation key, as hex (the demo's, and
+/// the tests').
+pub fn random_derivation_key_hex() -> String {
+    use rand::Rng;
+    let mut key = [0u8; 16];
+    rand::rng().fill_bytes(&mut key);
+    hex::encode_upper(key)
+}
+
 /// A terminal master derivation key from 32 hex characters.
 pub fn derivation_key_from_hex(
     text: &str,

@@ -107,6 +107,10 @@ pub struct Stack {
     issuer_lane: Lane,
     switch_lane: Option<Lane>,
     pg: EmbeddedPg,
+    /// The terminal master derivation key the switch hands out working
+    /// keys under (K3), when it does: the demo's terminals are loaded with
+    /// their master keys from it.
+    pub terminal_keys: Option<switch::DerivationKey>,
 }
 
 /// The threads the issuer and the switch run on, by name (CPU time is
@@ -230,6 +234,8 @@ struct ChildSwitch {
     dir: std::path::PathBuf,
     config: std::path::PathBuf,
     key: PanHashKey,
+    /// The terminal master derivation key, as hex (K3).
+    terminal_keys: Option<String>,
     process: Option<tokio::process::Child>,
 }
 
@@ -240,6 +246,7 @@ impl ChildSwitch {
         issuer_addr: &str,
         url: &str,
         key: PanHashKey,
+        terminal_keys: Option<String>,
     ) -> anyhow::Result<ChildSwitch> {
         let dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -250,6 +257,7 @@ impl ChildSwitch {
             dir,
             config,
             key,
+            terminal_keys,
             process: None,
         };
         child.spawn().await?;
@@ -261,11 +269,16 @@ impl ChildSwitch {
     async fn spawn(&mut self) -> anyhow::Result<()> {
         use tokio::io::AsyncBufReadExt;
         let exe = std::env::current_exe().context("finding the switchyard binary")?;
-        let mut process = tokio::process::Command::new(exe)
+        let mut command = tokio::process::Command::new(exe);
+        match &self.terminal_keys {
+            Some(hex) => command.env(switch::keys::TERMINAL_ENV, hex),
+            None => command.env_remove(switch::keys::TERMINAL_ENV),
+        };
+        let mut process = command
             .arg("serve")
             .arg("--config")
             .arg(&self.config)
-            // The key in the environment, never in the file; the database
+            // The keys in the environment, never in the file; the database
             // is the config's, whatever the demo's environment says.
             .env(switch::keys::ENV, self.key.to_hex())
             .env_remove("DATABASE_URL")
@@ -395,7 +408,15 @@ impl Stack {
         listen: &str,
         shutdown: CancellationToken,
         killable: bool,
+        keyed: bool,
     ) -> anyhow::Result<Stack> {
+        // A fresh derivation key, as the PAN hash keys: nothing the demo
+        // writes outlives it.
+        let terminal_key_hex = keyed.then(switch::keys::random_derivation_key_hex);
+        let terminal_keys = terminal_key_hex
+            .as_deref()
+            .map(|h| switch::keys::derivation_key_from_hex(h, "(demo)"))
+            .transpose()?;
         let pg = EmbeddedPg::start(Options::default()).await?;
         let url = pg.create_database("switchyard_demo").await?;
 
@@ -441,8 +462,14 @@ impl Stack {
                 }
                 _ => listen.to_string(),
             };
-            let child =
-                ChildSwitch::start(&listen, &issuer_addr, &url, PanHashKey::generate()).await?;
+            let child = ChildSwitch::start(
+                &listen,
+                &issuer_addr,
+                &url,
+                PanHashKey::generate(),
+                terminal_key_hex.clone(),
+            )
+            .await?;
             (Some(child), listen)
         } else {
             let mut config =
@@ -453,6 +480,7 @@ impl Stack {
             let switch_addr = listener.local_addr()?.to_string();
             let lane = Lane::start(SWITCH_THREAD)?;
             let (url, shutdown, issuer) = (url.clone(), shutdown.clone(), issuer_addr.clone());
+            let keys = terminal_keys.clone();
             let run = lane
                 .spawn(async move {
                     let pool = switch::connect(&url, 16).await?;
@@ -460,7 +488,7 @@ impl Stack {
                         Arc::new(config),
                         pool,
                         PanHashKey::generate(),
-                        None,
+                        keys,
                         &shutdown,
                     )
                     .await
@@ -497,6 +525,7 @@ impl Stack {
             issuer_lane,
             switch_lane,
             pg,
+            terminal_keys,
         })
     }
 
@@ -645,7 +674,7 @@ async fn break_on_time(
 pub async fn run(args: &DemoArgs) -> Result<(), Failure> {
     if args.serve {
         let shutdown = shutdown_on_signals();
-        let stack = Stack::start(&args.listen, shutdown.clone(), false).await?;
+        let stack = Stack::start(&args.listen, shutdown.clone(), false, false).await?;
         println!(
             "switchyard demo: terminals connect to {} (cup-pos)",
             stack.switch_addr
@@ -683,7 +712,10 @@ pub async fn run(args: &DemoArgs) -> Result<(), Failure> {
     };
     outputs.writable()?;
     let killable = scenario.faults.switch_kill_at.is_some();
-    let mut stack = Stack::start("127.0.0.1:0", CancellationToken::new(), killable).await?;
+    let mut stack = Stack::start("127.0.0.1:0", CancellationToken::new(), killable, true).await?;
+    // The scenario's terminals are loaded with their master keys (K3).
+    let mut scenario = scenario;
+    scenario.derivation_key = stack.terminal_keys.clone();
     let result = scripted_day(&mut stack, scenario, outputs).await;
     stack.stop().await;
     result.map_err(Failure::Other)
@@ -698,12 +730,18 @@ async fn scripted_day(
     let dialect = Arc::new(Dialect::cup_pos());
     // The last terminal: the smoke scenario's terminals settle their own batches.
     let mut t = Terminal::connect(&stack.switch_addr, SCRIPTED, MERCHANT, dialect).await?;
+    t.set_master_key(stack.terminal_keys.as_ref().map(|k| k.master_key(SCRIPTED)));
     let line = |what: &str, rc: &str, extra: &str| println!("{what:<34} -> {rc} {extra}");
     let r = t.sign_on().await?;
+    let keys = if t.holds_mac_key() {
+        ", working keys taken: every message MACed"
+    } else {
+        ""
+    };
     line(
         &format!("sign-on {SCRIPTED}"),
         r.rc(),
-        &format!("batch {:06}", t.batch),
+        &format!("batch {:06}{keys}", t.batch),
     );
     let mut approved: i64 = 0;
     let mut sales = Vec::new();
