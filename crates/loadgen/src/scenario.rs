@@ -613,6 +613,9 @@ impl Player {
             self.errors += 1;
             return Err(Unanswered::NoReply);
         }
+        // MACed as it goes: the terminal may have signed on again (new
+        // keys) since the frame was built.
+        let frame = &*self.terminal.as_sent(frame).into_owned();
         let exchanged = tokio::time::timeout(
             self.scenario.reply_timeout,
             self.terminal.exchange_frame(frame),
@@ -668,7 +671,8 @@ impl Player {
             self.errors += 1;
             return;
         }
-        if self.terminal.send_raw(frame).await.is_err() {
+        let frame = self.terminal.as_sent(frame).into_owned();
+        if self.terminal.send_raw(&frame).await.is_err() {
             self.errors += 1;
             self.broken = true;
             return;
@@ -1935,6 +1939,43 @@ mod tests {
             run.report.table()
         );
         assert!(run.report.to_json().contains("\"MAC\": 1"));
+    }
+
+    #[tokio::test]
+    async fn a_frame_built_before_a_new_sign_on_goes_under_the_new_mac_key() {
+        let (addr, seen) = keyed_switch(test_derivation_key(), |_, _| Answer::With("00")).await;
+        let dialect = Arc::new(Dialect::cup_pos());
+        let mut t = Terminal::connect(&addr, "T0000001", "898310048160001", dialect)
+            .await
+            .unwrap();
+        t.set_master_key(Some(test_derivation_key().master_key("T0000001")));
+        t.sign_on().await.unwrap();
+        let stan = t.next_stan();
+        let built = t
+            .purchase(stan, "6222020000000000001", "3012", 100)
+            .unwrap();
+        // Nothing changed: it goes as built.
+        assert_eq!(*t.as_sent(&built), built[..]);
+        t.sign_on().await.unwrap();
+        let sent = t.as_sent(&built).into_owned();
+        assert_ne!(sent, built[..], "MACed again under the new key");
+        assert_eq!(sent[..sent.len() - 8], built[..built.len() - 8]);
+        t.exchange(&sent).await.unwrap();
+        t.exchange(&built).await.unwrap();
+        // The stand-in checks each under the keys of the last sign-on.
+        let macs = seen.lock().unwrap().macs.clone();
+        assert_eq!(macs[macs.len() - 2..], [Some(true), Some(false)]);
+        // A frame without F64 (a sign-on) goes as it is.
+        let plain = t
+            .request(
+                iso8583::Mti::NETWORK,
+                &[
+                    (11, crate::Field::Number(9)),
+                    (60, crate::Field::Digits("00000000001")),
+                ],
+            )
+            .unwrap();
+        assert!(matches!(t.as_sent(&plain), std::borrow::Cow::Borrowed(_)));
     }
 
     #[tokio::test]

@@ -198,8 +198,17 @@ async fn stand_in(
                     w.copy(60, &msg).unwrap();
                     let signed_on = mti == "0800" && rc == "00";
                     if let (Some(keys), true) = (&keys, signed_on) {
-                        let random: Vec<u8> =
-                            (0u8..16).map(|i| i.wrapping_mul(73) ^ 0x5A).collect();
+                        // Other keys at each sign-on, as a switch hands out.
+                        let sign_ons = log
+                            .lock()
+                            .unwrap()
+                            .requests
+                            .iter()
+                            .filter(|r| r.1 == "0800")
+                            .count();
+                        let random: Vec<u8> = (0u8..16)
+                            .map(|i| i.wrapping_mul(73) ^ 0x5A ^ sign_ons as u8)
+                            .collect();
                         let working = WorkingKeys::new(KeySet::Single, &random);
                         let tmk = keys.master_key(msg.text(41).unwrap_or(""));
                         w.binary(62, &working.to_f62(&tmk)).unwrap();

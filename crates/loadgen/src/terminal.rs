@@ -175,6 +175,28 @@ impl Terminal {
         self.mac_key = None;
     }
 
+    /// The frame (length prefix included) as it goes now: one that
+    /// carries a MAC (F64) gets it again under the MAC key the terminal
+    /// holds now. A terminal MACs a message as it sends it, so a repeat, a
+    /// retry or a reversal built before a sign-on goes under the new keys.
+    pub fn as_sent<'f>(&self, frame: &'f [u8]) -> std::borrow::Cow<'f, [u8]> {
+        use std::borrow::Cow;
+        let body = 2 + self.dialect.tpdu_len() + self.dialect.header_len();
+        // MTI (2 bytes), then the bitmap: bit 64 is the last of its 8 bytes.
+        let carries_mac = frame.get(body + 9).is_some_and(|b| b & 0x01 != 0)
+            && frame.len() >= body + 10 + MAC_LEN;
+        match &self.mac_key {
+            Some(key) if carries_mac => {
+                let mut again = frame.to_vec();
+                let end = again.len() - MAC_LEN;
+                let mac = cup_pos_mac(key, &again[body..end]);
+                again[end..].copy_from_slice(&mac);
+                Cow::Owned(again)
+            }
+            _ => Cow::Borrowed(frame),
+        }
+    }
+
     /// Whether it holds a MAC key from a sign-on.
     pub fn holds_mac_key(&self) -> bool {
         self.mac_key.is_some()
