@@ -141,9 +141,11 @@ pub fn terminal_derivation_key(
             })?,
             path.display().to_string(),
         ),
+        // Empty is unset: docker compose passes `${VAR:-}` for a key not
+        // wanted.
         None => match std::env::var(TERMINAL_ENV) {
-            Ok(text) => (text, TERMINAL_ENV.to_string()),
-            Err(_) => return Ok(None),
+            Ok(text) if !text.trim().is_empty() => (text, TERMINAL_ENV.to_string()),
+            _ => return Ok(None),
         },
     };
     derivation_key_from_hex(&text, &origin).map(Some)

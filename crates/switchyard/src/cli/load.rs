@@ -85,6 +85,9 @@ fn derivation_key(
             let text = text.map_err(|e| Failure::Input(anyhow::anyhow!("{source}: {e}")))?;
             (source, text)
         }
+        // Empty is unset, as for the switch: docker compose passes
+        // `${VAR:-}` for a key not wanted.
+        (None, Some(value)) if value.to_string_lossy().trim().is_empty() => return Ok(None),
         (None, Some(value)) => {
             let text = value.into_string().map_err(|_| {
                 Failure::Input(anyhow::anyhow!(
@@ -547,10 +550,14 @@ mod tests {
             "{said}"
         );
         assert!(!said.contains(&KEY[..30]), "the key said: {said}");
+        assert!(matches!(
+            derivation_key(None, Some(std::ffi::OsString::from(" "))),
+            Ok(None)
+        ));
         assert_eq!(
-            refused(None, Some("")),
+            refused(None, Some("0123")),
             format!(
-                "{DERIVATION_KEY_VAR}: 0 characters; expected 32 hex characters (a 16-byte key)"
+                "{DERIVATION_KEY_VAR}: 4 characters; expected 32 hex characters (a 16-byte key)"
             )
         );
         let unreadable = std::io::Error::new(std::io::ErrorKind::NotFound, "not there");
