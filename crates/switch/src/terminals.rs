@@ -8,7 +8,7 @@ use settings::{Problem, Problems, Section};
 use sqlx::PgPool;
 
 /// A terminal with its merchant, as a request needs them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Terminal {
     /// F41.
     pub id: String,
@@ -37,43 +37,10 @@ pub async fn find(pool: &PgPool, id: &str) -> Result<Option<Terminal>, sqlx::Err
     Ok(find_many(pool, &[id.to_string()]).await?.pop().flatten())
 }
 
-/// A terminal joined with its merchant, as the statements below read it.
-type Joined = (
-    String,
-    bool,
-    i32,
-    String,
-    String,
-    String,
-    bool,
-    bool,
-    Option<Vec<u8>>,
-);
-
-fn terminal(row: Joined) -> Terminal {
-    let (
-        id,
-        enabled,
-        batch,
-        merchant_id,
-        merchant_name,
-        mcc,
-        merchant_enabled,
-        signed_on,
-        working_keys,
-    ) = row;
-    Terminal {
-        id,
-        enabled,
-        batch,
-        merchant_id,
-        merchant_name,
-        mcc,
-        merchant_enabled,
-        signed_on,
-        working_keys,
-    }
-}
+/// The columns of a [`Terminal`], its merchant's joined as `m`.
+const COLUMNS: &str =
+    "t.id, t.enabled, t.batch, m.id AS merchant_id, m.name AS merchant_name, m.mcc,
+     m.enabled AS merchant_enabled, t.signed_on_at IS NOT NULL AS signed_on, t.working_keys";
 
 /// Looks many terminals up in one statement (the reads of concurrent
 /// requests, batched): for each id, in order, the terminal when known.
@@ -81,18 +48,16 @@ pub async fn find_many(
     pool: &PgPool,
     ids: &[String],
 ) -> Result<Vec<Option<Terminal>>, sqlx::Error> {
-    let rows: Vec<Joined> = sqlx::query_as(
-        "SELECT t.id, t.enabled, t.batch, m.id, m.name, m.mcc, m.enabled, t.signed_on_at IS NOT NULL,
-                t.working_keys
-         FROM terminals t JOIN merchants m ON m.id = t.merchant_id WHERE t.id = ANY($1)",
-    )
-    .bind(ids)
-    .fetch_all(pool)
-    .await?;
-    let mut found: HashMap<String, Terminal> = rows
-        .into_iter()
-        .map(|row| (row.0.clone(), terminal(row)))
-        .collect();
+    let sql = format!(
+        "SELECT {COLUMNS} FROM terminals t JOIN merchants m ON m.id = t.merchant_id
+         WHERE t.id = ANY($1)"
+    );
+    let rows: Vec<Terminal> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(ids)
+        .fetch_all(pool)
+        .await?;
+    let mut found: HashMap<String, Terminal> =
+        rows.into_iter().map(|t| (t.id.clone(), t)).collect();
     Ok(ids.iter().map(|id| found.remove(id)).collect())
 }
 
@@ -105,16 +70,16 @@ pub async fn sign_on(
     id: &str,
     working_keys: Option<&[u8]>,
 ) -> Result<Terminal, sqlx::Error> {
-    sqlx::query_as(
+    let sql = format!(
         "UPDATE terminals t SET signed_on_at = now(), working_keys = $2 FROM merchants m
          WHERE t.id = $1 AND m.id = t.merchant_id
-         RETURNING t.id, t.enabled, t.batch, m.id, m.name, m.mcc, m.enabled, true, t.working_keys",
-    )
-    .bind(id)
-    .bind(working_keys)
-    .fetch_one(pool)
-    .await
-    .map(terminal)
+         RETURNING {COLUMNS}"
+    );
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .bind(working_keys)
+        .fetch_one(pool)
+        .await
 }
 
 /// A merchant to load. A value left `None` is one the file does not give:
