@@ -83,6 +83,28 @@ pub(crate) struct ReplyFields<'a> {
     pub(crate) keys: Option<&'a [u8]>,
 }
 
+/// What K3 makes of a request.
+enum Mac {
+    /// Network management (08xx), or a switch that hands out no keys.
+    NotCarried,
+    /// A switch that hands out keys, a terminal that holds none.
+    Keyless,
+    /// F64 is the request's MAC: the reply is sealed with this key.
+    Valid(Arc<iso8583::mac::MacKey>),
+    /// F64 missing or wrong; the terminal's key, when its keys decrypt.
+    Failed(Option<Arc<iso8583::mac::MacKey>>),
+}
+
+/// How a reply is sealed (F64).
+enum Seal {
+    /// Answered before K3: by the key of the terminal named, if any.
+    Undecided,
+    /// Under this key.
+    With(Arc<iso8583::mac::MacKey>),
+    /// Not sealed.
+    Without,
+}
+
 /// The request's identity, once MTI, STAN and terminal decode.
 pub(crate) struct Request<'a> {
     pub(crate) msg: Message<'a>,
@@ -189,43 +211,55 @@ impl Switch {
             warn!(mti = %req.msg.mti(), "not a request: ignored");
             return Outcome::Ignore;
         }
+        let mut seal = Seal::Undecided;
         if let Some(e) = format_error {
             debug!(error = %e, "answering 30");
             self.reply_code(req, out, ResponseCode::FORMAT_ERROR, None);
-            return Outcome::Reply;
-        }
-        let mut seal = None;
-        let rc = self.dispatch(req, &mut seal, out).await;
-        if let Some(rc) = rc {
+        } else if let Some(rc) = self.dispatch(req, &mut seal, out).await {
             debug!(rc = %rc, "answered by the switch");
             self.reply_code(req, out, rc, None);
         }
-        if let Some(key) = seal {
+        let key = match seal {
+            Seal::With(key) => Some(key),
+            Seal::Without => None,
+            // Answered before K3 (K2's 30, K1's 03): sealed all the same
+            // when the terminal it names holds keys, as every reply to it.
+            Seal::Undecided => self.sealing_key(req).await,
+        };
+        if let Some(key) = key {
             crate::k3::seal(&self.terminal_dialect, out, &key);
         }
         Outcome::Reply
     }
 
-    /// K3: the MAC key the reply is sealed with, when the terminal holds
-    /// one and the message carries a MAC; `Err` when the request's F64 is
-    /// missing or is not the MAC of the request under that key.
-    fn mac_key(
-        &self,
-        req: &Request<'_>,
-        terminal: &Terminal,
-    ) -> Result<Option<Arc<iso8583::mac::MacKey>>, Option<Arc<iso8583::mac::MacKey>>> {
-        if terminal.working_keys.is_none() || !crate::k3::mac_carried(req.msg.mti()) {
-            return Ok(None);
+    /// The key a reply answered before K3 is sealed with: the MAC key of
+    /// the terminal the request names, as the cache has it, when it holds
+    /// one and the message carries a MAC.
+    async fn sealing_key(&self, req: &Request<'_>) -> Option<Arc<iso8583::mac::MacKey>> {
+        let keys = self.terminal_keys.as_ref()?;
+        if !crate::k3::mac_carried(req.msg.mti()) {
+            return None;
         }
+        let terminal = self.writer.terminal(req.terminal_id, false).await.ok()??;
+        keys.mac_key(&terminal)
+    }
+
+    /// K3: what the request's MAC says, for a terminal as read.
+    fn mac(&self, req: &Request<'_>, terminal: &Terminal) -> Mac {
         let Some(keys) = &self.terminal_keys else {
-            // Keys from a sign-on under a derivation key this switch was
-            // not given (said at start): nothing to check them with.
-            return Ok(None);
+            // A switch without a derivation key starts only on a journal
+            // whose terminals hold no keys (`k3::keys_without_a_key`).
+            return Mac::NotCarried;
         };
-        let key = keys.mac_key(terminal);
-        match &key {
-            Some(k) if crate::k3::mac_valid(&req.msg, k) => Ok(key),
-            _ => Err(key),
+        if !crate::k3::mac_carried(req.msg.mti()) {
+            return Mac::NotCarried;
+        }
+        if terminal.working_keys.is_none() {
+            return Mac::Keyless;
+        }
+        match keys.mac_key(terminal) {
+            Some(key) if crate::k3::mac_valid(&req.msg, &key) => Mac::Valid(key),
+            key => Mac::Failed(key),
         }
     }
 
@@ -234,7 +268,7 @@ impl Switch {
     async fn dispatch(
         &self,
         req: &Request<'_>,
-        seal: &mut Option<Arc<iso8583::mac::MacKey>>,
+        seal: &mut Seal,
         out: &mut BytesMut,
     ) -> Option<ResponseCode> {
         let mti = req.msg.mti().value();
@@ -264,32 +298,46 @@ impl Switch {
             Ok(t) => t,
             Err(rc) => return Some(rc),
         };
+        let mut read_now = fresh;
         // K3, before the message is taken at its word in anything.
-        *seal = match self.mac_key(req, &terminal) {
-            Ok(key) => key,
-            Err(_) => {
-                // Read a moment ago: it may have signed on since, with new
-                // keys (on another switch process).
-                terminal = match self.terminal(req, true).await {
-                    Ok(t) => t,
-                    Err(rc) => return Some(rc),
-                };
-                match self.mac_key(req, &terminal) {
-                    Ok(key) => key,
-                    Err(key) => {
-                        warn_repeated!(
-                            terminal = req.terminal_id,
-                            mti = %req.msg.mti(),
-                            stan = req.stan,
-                            f64 = if req.msg.has(64) { "wrong" } else { "missing" },
-                            "MAC check failed: answered A0"
-                        );
-                        *seal = key;
-                        return Some(ResponseCode::MAC_FAILURE);
-                    }
+        let mut mac = self.mac(req, &terminal);
+        if !read_now && matches!(mac, Mac::Keyless | Mac::Failed(_)) {
+            // Read a moment ago: it may have signed on since, with new keys
+            // (on another switch process, whose reply this one never saw).
+            terminal = match self.terminal(req, true).await {
+                Ok(t) => t,
+                Err(rc) => return Some(rc),
+            };
+            read_now = true;
+            mac = self.mac(req, &terminal);
+        }
+        let keyless = matches!(mac, Mac::Keyless);
+        match mac {
+            Mac::Valid(key) => *seal = Seal::With(key),
+            Mac::Failed(key) => {
+                if kind == Some(Kind::Reversal) {
+                    // A reversal the terminal cannot get heard leaves a sale
+                    // it believes failed charged: said apart, and always.
+                    warn!(
+                        terminal = req.terminal_id,
+                        stan = req.stan,
+                        f64 = if req.msg.has(64) { "wrong" } else { "missing" },
+                        "MAC check failed on a reversal: answered A0 (the terminal must sign on again to reverse)"
+                    );
+                } else {
+                    warn_repeated!(
+                        terminal = req.terminal_id,
+                        mti = %req.msg.mti(),
+                        stan = req.stan,
+                        f64 = if req.msg.has(64) { "wrong" } else { "missing" },
+                        "MAC check failed: answered A0"
+                    );
                 }
+                *seal = key.map_or(Seal::Without, Seal::With);
+                return Some(ResponseCode::MAC_FAILURE);
             }
-        };
+            Mac::NotCarried | Mac::Keyless => *seal = Seal::Without,
+        }
         let Some(kind) = kind else {
             return Some(ResponseCode::INVALID_TRANSACTION);
         };
@@ -298,7 +346,7 @@ impl Switch {
         // is always heard (R2, R3): a terminal that transacted before the
         // switch asked for a sign-on (an upgrade) still reverses and settles.
         let unbatched = matches!(kind, Kind::SignOn | Kind::SignOff | Kind::Echo) || fresh;
-        if !terminal.signed_on && !unbatched {
+        if !terminal.signed_on && !unbatched && !read_now {
             // Read a moment ago: it may have signed on since (on another
             // switch process, whose reply this one's cache never saw).
             terminal = match self.terminal(req, true).await {
@@ -309,6 +357,14 @@ impl Switch {
         if !terminal.signed_on && !unbatched {
             // The switch assigns the batch at sign-on: a terminal that never
             // signed on names none it was given (sign on again).
+            return Some(ResponseCode::BATCH_MISMATCH);
+        }
+        if keyless && !unbatched {
+            // K3: a switch that hands out keys takes new transactions only
+            // MACed, from a terminal holding keys from a sign-on: one that
+            // signed on before the switch had a derivation key signs on
+            // again (77) and gets them. What it did before, it still
+            // reverses, settles and uploads.
             return Some(ResponseCode::BATCH_MISMATCH);
         }
         if cards_differ(&req.msg) {

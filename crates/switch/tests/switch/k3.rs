@@ -202,8 +202,187 @@ async fn keys_handed_out_by_another_switch_process_are_taken_at_once() {
     let frame = at_a.purchase(stan, card, EXPIRY, 200).unwrap();
     let reply = at_b.exchange(&frame).await.unwrap();
     assert_eq!(reply.rc(), "00", "{reply:?}");
+    // Sealed under the keys A handed out, which B read again.
+    assert_eq!(
+        at_a.mac_valid(reply.mti, reply.field(64).is_some(), &reply.body),
+        Some(true)
+    );
+    assert_eq!(reply.mac_valid, Some(false), "not under B's first keys");
     a_stop.cancel();
     b_stop.cancel();
+}
+
+#[tokio::test]
+async fn a_terminal_without_keys_signs_on_for_them_and_one_cached_without_them_is_read_again() {
+    let w = world().await;
+    let kdk = derivation_key(0x27);
+    let card = "6222020000000000044";
+    // Signed on before the switch had a key: no keys.
+    let mut old = w.signed_on("T0000016").await;
+    let stan = old.next_stan();
+    let sale = old
+        .exchange(&old.purchase(stan, card, EXPIRY, 500).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(sale.rc(), "00");
+    let (_a, a_addr, a_stop) = keyed_switch(&w, &kdk).await;
+    let (_b, b_addr, b_stop) = keyed_switch(&w, &kdk).await;
+    let mut at_b = Terminal::connect(&b_addr, "T0000016", MERCHANT, w.dialect.clone())
+        .await
+        .unwrap();
+    at_b.batch = old.batch;
+    at_b.set_stan(stan);
+    // A new transaction without keys: sign on again (77), unsent.
+    let next = at_b.next_stan();
+    let refused = at_b
+        .exchange(&at_b.purchase(next, card, EXPIRY, 600).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(refused.rc(), "77", "{refused:?}");
+    assert_eq!(refused.field(64), None, "no keys to seal it with");
+    // What it did before it still reverses.
+    let f60 = old.f60("22");
+    let of = loadgen::Reversed {
+        pan: card,
+        processing_code: "000000",
+        amount: 500,
+        stan,
+        condition: "00",
+        f60: &f60,
+        f61: None,
+    };
+    let reversed = at_b
+        .exchange(&at_b.reversal(&of, "98").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(reversed.rc(), "00", "{reversed:?}");
+    // B has it cached without keys; it signs on through A and gets some.
+    let _at_a = keyed_terminal(&w, &a_addr, "T0000016", &kdk).await;
+    // A purchase without a MAC at B is not taken for a keyless terminal's.
+    let next = at_b.next_stan();
+    let reply = at_b
+        .exchange(&at_b.purchase(next, card, EXPIRY, 700).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(reply.rc(), "A0", "{reply:?}");
+    assert_eq!(
+        rows_of(&w, "T0000016").await,
+        2,
+        "the sale and its reversal"
+    );
+    a_stop.cancel();
+    b_stop.cancel();
+}
+
+#[tokio::test]
+async fn a_reversal_settlement_or_malformed_request_with_a_bad_mac_is_answered_sealed() {
+    let w = world().await;
+    let kdk = derivation_key(0x28);
+    let (_switch, addr, stop) = keyed_switch(&w, &kdk).await;
+    let mut t = keyed_terminal(&w, &addr, "T0000017", &kdk).await;
+    let card = "6222020000000000045";
+    let before = w.balance(card).await;
+    let stan = t.next_stan();
+    let sale = t
+        .exchange(&t.purchase(stan, card, EXPIRY, 900).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(sale.rc(), "00");
+    // The reversal with its MAC broken: A0, and the sale stands.
+    let f60 = t.f60("22");
+    let of = loadgen::Reversed {
+        pan: card,
+        processing_code: "000000",
+        amount: 900,
+        stan,
+        condition: "00",
+        f60: &f60,
+        f61: None,
+    };
+    let mut frame = t.reversal(&of, "98").unwrap();
+    let last = frame.len() - 1;
+    frame[last] ^= 0x01;
+    let reply = t.exchange(&frame).await.unwrap();
+    assert_eq!(reply.rc(), "A0");
+    assert_eq!(reply.mac_valid, Some(true));
+    assert_eq!(w.balance(card).await, before - 900);
+    // Sent right, it reverses.
+    let reply = t.exchange(&t.reversal(&of, "A0").unwrap()).await.unwrap();
+    assert_eq!(reply.rc(), "00");
+    assert_eq!(reply.mac_valid, Some(true));
+    until(
+        &w.pool,
+        Duration::from_secs(15),
+        "the reversal advice to be answered",
+        "SELECT count(*) = 1 FROM advices WHERE state = 'done'",
+    )
+    .await;
+    assert_eq!(w.balance(card).await, before);
+    // A settlement with a broken MAC: A0, the batch still open.
+    let stan = t.next_stan();
+    let mut frame = t.settlement(stan, &"0".repeat(62)).unwrap();
+    let last = frame.len() - 1;
+    frame[last] ^= 0x01;
+    let reply = t.exchange(&frame).await.unwrap();
+    assert_eq!(reply.rc(), "A0");
+    let batch: i32 = sqlx::query_scalar("SELECT batch FROM terminals WHERE id = 'T0000017'")
+        .fetch_one(&w.pool)
+        .await
+        .unwrap();
+    assert_eq!(batch as u32, t.batch, "not settled");
+    // Answered before K3 (K2: F60 cut short): 30, sealed all the same.
+    let stan = t.next_stan();
+    let short = t
+        .request(
+            Mti::FINANCIAL,
+            &[
+                (3, Field::Digits("000000")),
+                (4, Field::Number(100)),
+                (11, Field::Number(stan.into())),
+                (60, Field::Digits("22")),
+            ],
+        )
+        .unwrap();
+    let reply = t.exchange(&short).await.unwrap();
+    assert_eq!(reply.rc(), "30");
+    assert_eq!(reply.mac_valid, Some(true), "{reply:?}");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_switch_without_the_key_is_refused_until_the_keys_are_forgotten() {
+    let w = world().await;
+    let kdk = derivation_key(0x29);
+    let (_switch, addr, stop) = keyed_switch(&w, &kdk).await;
+    keyed_terminal(&w, &addr, "T0000018", &kdk).await;
+    stop.cancel();
+    let start = || async {
+        switch::start(
+            Arc::new(switch_config(&w.issuer_addr, |_| {})),
+            switch::connect(&w.url, 2).await.unwrap(),
+            w.switch.key.clone(),
+            None,
+            &CancellationToken::new(),
+        )
+        .await
+    };
+    let Err(refused) = start().await else {
+        panic!("a switch without the derivation key started on keyed terminals");
+    };
+    assert!(
+        matches!(
+            refused,
+            switch::StartError::TerminalKeyMissing { terminals: 1 }
+        ),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("forget-keys"), "{refused}");
+    assert_eq!(switch::k3::forget_keys(&w.pool).await.unwrap(), 1);
+    assert!(start().await.is_ok());
+    // And another key may start now: the terminals sign on again under it.
+    let (_switch, addr, stop) = keyed_switch(&w, &derivation_key(0x2A)).await;
+    keyed_terminal(&w, &addr, "T0000018", &derivation_key(0x2A)).await;
+    stop.cancel();
 }
 
 #[tokio::test]
