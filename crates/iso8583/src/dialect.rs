@@ -390,7 +390,8 @@ impl Dialect {
         self.tpdu_len + self.header_len + self.mti_len() + 8
     }
 
-    pub(crate) fn mti_len(&self) -> usize {
+    /// Bytes of the MTI: 2 in BCD, 4 in ASCII.
+    pub fn mti_len(&self) -> usize {
         match self.mti {
             MtiEncoding::Bcd => 2,
             MtiEncoding::Ascii => 4,

@@ -130,8 +130,8 @@ impl DerivationKey {
         DerivationKey(tdes(key))
     }
 
-    /// Its check value (8 zero bytes encrypted, the first 3 bytes as hex,
-    /// as key ceremonies print it).
+    /// 8 zero bytes encrypted under it: its check value is the first 3
+    /// bytes, as key ceremonies print it.
     pub fn check_value(&self) -> [u8; 8] {
         let mut block = [0u8; 8];
         self.0.encrypt_block((&mut block).into());

@@ -182,9 +182,10 @@ impl Terminal {
     pub fn as_sent<'f>(&self, frame: &'f [u8]) -> std::borrow::Cow<'f, [u8]> {
         use std::borrow::Cow;
         let body = 2 + self.dialect.tpdu_len() + self.dialect.header_len();
-        // MTI (2 bytes), then the bitmap: bit 64 is the last of its 8 bytes.
-        let carries_mac = frame.get(body + 9).is_some_and(|b| b & 0x01 != 0)
-            && frame.len() >= body + 10 + MAC_LEN;
+        // The MTI, then the bitmap: bit 64 is the last of its 8 bytes.
+        let last = body + self.dialect.mti_len() + 7;
+        let carries_mac =
+            frame.get(last).is_some_and(|b| b & 0x01 != 0) && frame.len() > last + MAC_LEN;
         match &self.mac_key {
             Some(key) if carries_mac => {
                 let mut again = frame.to_vec();

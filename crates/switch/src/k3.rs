@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
 use iso8583::keys::{DerivationKey, KeySet, WorkingKeys};
-use iso8583::mac::{MacKey, cup_pos_mac, verify};
+use iso8583::mac::{MAC_LEN, MacKey, cup_pos_mac, verify};
 use iso8583::{Dialect, Message, Mti};
 use sqlx::PgPool;
 
@@ -88,9 +88,12 @@ impl TerminalKeys {
         Some(key)
     }
 
-    /// The check value of the derivation key, kept in the journal's `meta`.
-    pub fn check_value(&self) -> [u8; 8] {
-        self.derivation.check_value()
+    /// The check value of the derivation key, kept in the journal's
+    /// `meta`: its first 3 bytes only, as key ceremonies show it (the whole
+    /// block would be a known plaintext and ciphertext of the root key).
+    pub fn check_value(&self) -> [u8; 3] {
+        let block = self.derivation.check_value();
+        [block[0], block[1], block[2]]
     }
 
     /// The master key of `terminal_id`, for its key-loading device.
@@ -106,21 +109,31 @@ pub fn mac_valid(msg: &Message<'_>, key: &MacKey) -> bool {
 }
 
 /// Puts F64 on a reply frame written into `out` (length prefix, TPDU and
-/// header included, F64 absent): sets bit 64 of the bitmap and appends the
-/// MAC of the message from its MTI on. A frame that cannot take it (empty,
-/// or already carrying F64) is left as it is.
+/// header included, F64 absent): sets bit 64 of the primary bitmap and
+/// appends the MAC of the message from its MTI on (F64 is `b8`, fixed, and
+/// the last field: the dialect check makes sure). An empty frame (nothing
+/// to send) is left as it is; one that already carries F64 or more than
+/// the primary bitmap cannot be sealed and is not sent (the terminal,
+/// unanswered, reverses), which no reply the switch builds is.
 pub fn seal(dialect: &Dialect, out: &mut BytesMut, key: &MacKey) {
-    let body = 2 + dialect.tpdu_len() + dialect.header_len();
-    // MTI (2 bytes BCD) then the primary bitmap: bit 64 is the last bit of
-    // its eighth byte.
-    let last_bitmap_byte = body + 2 + 7;
-    if out.len() <= last_bitmap_byte || out[last_bitmap_byte] & 0x01 != 0 {
+    if out.is_empty() {
         return;
     }
-    out[last_bitmap_byte] |= 0x01;
+    let body = 2 + dialect.tpdu_len() + dialect.header_len();
+    let bitmap = body + dialect.mti_len();
+    let sealable = out.len() >= bitmap + 8
+        && out[bitmap] & 0x80 == 0
+        && out[bitmap + 7] & 0x01 == 0
+        && out.len() + MAC_LEN - 2 <= usize::from(u16::MAX);
+    if !sealable {
+        tracing::error!("a reply that cannot take a MAC: nothing sent");
+        out.clear();
+        return;
+    }
+    out[bitmap + 7] |= 0x01;
     let mac = cup_pos_mac(key, &out[body..]);
     out.extend_from_slice(&mac);
-    let len = u16::try_from(out.len() - 2).unwrap_or(u16::MAX);
+    let len = (out.len() - 2) as u16;
     out[..2].copy_from_slice(&len.to_be_bytes());
 }
 
@@ -139,12 +152,36 @@ pub async fn check_derivation_key(pool: &PgPool, keys: &TerminalKeys) -> Result<
     Ok(stored.as_deref() == Some(check.as_slice()))
 }
 
-/// How many terminals hold working keys (a switch started without a
-/// derivation key says so: their MACs go unchecked).
-pub async fn keyed_terminals(pool: &PgPool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM terminals WHERE working_keys IS NOT NULL")
-        .fetch_one(pool)
-        .await
+/// For a switch started without a derivation key: `Some(terminals
+/// holding keys)` when the journal's terminals got keys under one (its
+/// check value is recorded), `None` when it never handed any out or they
+/// were given up ([`forget_keys`]).
+pub async fn keys_without_a_key(pool: &PgPool) -> Result<Option<i64>, sqlx::Error> {
+    let (recorded, keyed): (bool, i64) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM meta WHERE terminal_key_check IS NOT NULL),
+                (SELECT count(*) FROM terminals WHERE working_keys IS NOT NULL)",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((recorded || keyed > 0).then_some(keyed))
+}
+
+/// Gives up K3 on purpose: every terminal's working keys and the
+/// derivation key's check value are forgotten, so a switch starts without
+/// the key (terminals sign on again, and get none) or with another (they
+/// sign on again under it). Returns how many terminals held keys.
+pub async fn forget_keys(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let forgotten =
+        sqlx::query("UPDATE terminals SET working_keys = NULL WHERE working_keys IS NOT NULL")
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+    sqlx::query("UPDATE meta SET terminal_key_check = NULL")
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(forgotten)
 }
 
 #[cfg(test)]
@@ -153,30 +190,43 @@ mod tests {
 
     #[test]
     fn a_sealed_reply_parses_and_its_mac_verifies() {
-        let dialect = Dialect::cup_pos();
-        let key = MacKey::new(&[0x13; 16]).unwrap();
-        let mut out = BytesMut::new();
-        let mut w = iso8583::MessageWriter::new(
-            &dialect,
-            &mut out,
-            Mti::new(210).unwrap(),
-            &[0x60, 0, 3, 0, 0],
-            &[0x60, 0x31, 0, 0, 0, 0],
-        )
-        .unwrap();
-        w.digits(3, "000000").unwrap();
-        w.text(39, "00").unwrap();
-        w.text(41, "T0000001").unwrap();
-        w.finish().unwrap();
-        seal(&dialect, &mut out, &key);
-        let len = u16::from_be_bytes([out[0], out[1]]) as usize;
-        assert_eq!(len, out.len() - 2);
-        let msg = Message::parse(&dialect, &out[2..]).unwrap();
-        assert!(mac_valid(&msg, &key));
-        assert!(!mac_valid(&msg, &MacKey::new(&[0x31; 16]).unwrap()));
-        // Sealed once only.
-        let before = out.clone();
-        seal(&dialect, &mut out, &key);
-        assert_eq!(out, before);
+        let ascii_mti = iso8583::dialect::CUP_POS_TOML.replacen(
+            "encoding = \"bcd\"",
+            "encoding = \"ascii\"",
+            1,
+        );
+        assert_ne!(ascii_mti, iso8583::dialect::CUP_POS_TOML);
+        let ascii_mti = Dialect::from_toml(&ascii_mti, "ascii-mti.toml").unwrap();
+        assert_eq!(ascii_mti.mti_len(), 4);
+        for dialect in [Dialect::cup_pos(), ascii_mti] {
+            let key = MacKey::new(&[0x13; 16]).unwrap();
+            let mut out = BytesMut::new();
+            let mut w = iso8583::MessageWriter::new(
+                &dialect,
+                &mut out,
+                Mti::new(510).unwrap(),
+                &[0x60, 0, 3, 0, 0],
+                &[0x60, 0x31, 0, 0, 0, 0],
+            )
+            .unwrap();
+            w.digits(3, "000000").unwrap();
+            w.text(39, "00").unwrap();
+            w.text(41, "T0000001").unwrap();
+            w.digits(48, &"0".repeat(62)).unwrap();
+            w.finish().unwrap();
+            seal(&dialect, &mut out, &key);
+            let len = u16::from_be_bytes([out[0], out[1]]) as usize;
+            assert_eq!(len, out.len() - 2);
+            let msg = Message::parse(&dialect, &out[2..]).unwrap();
+            assert!(msg.has(48), "{msg:?}");
+            assert!(mac_valid(&msg, &key));
+            assert!(!mac_valid(&msg, &MacKey::new(&[0x31; 16]).unwrap()));
+            // A frame that carries F64 already is not sealed again: not sent.
+            seal(&dialect, &mut out, &key);
+            assert!(out.is_empty());
+            // Nothing to send stays nothing.
+            seal(&dialect, &mut out, &key);
+            assert!(out.is_empty());
+        }
     }
 }

@@ -73,6 +73,19 @@ pub enum StartError {
          were handed out under: every MAC would be wrong and every terminal answered A0"
     )]
     TerminalKeyMismatch,
+    /// No terminal master derivation key, where the terminals' working
+    /// keys were handed out under one.
+    #[error(
+        "no terminal master derivation key (keys.terminal_master_derivation_key_file or \
+         SWITCHYARD_TERMINAL_MASTER_DERIVATION_KEY), but this journal's terminals got working \
+         keys under one ({terminals} hold keys now): without it no MAC is checked. Give the key; \
+         or, to stop MACs on purpose, `switchyard terminals forget-keys` (every terminal then \
+         signs on again without keys)"
+    )]
+    TerminalKeyMissing {
+        /// How many terminals hold keys.
+        terminals: i64,
+    },
 }
 
 /// A pool on `url` whose connections work in the `switch` schema (created
@@ -295,14 +308,12 @@ pub async fn start(
             }
         }
         None => {
-            let keyed = k3::keyed_terminals(&pool).await?;
-            if keyed > 0 {
-                tracing::warn!(
-                    terminals = keyed,
-                    "terminals hold working keys from an earlier sign-on, but no terminal master \
-                     derivation key is configured: their MACs are not checked and their replies \
-                     carry none until they sign on again (and then get no keys)"
-                );
+            // Without the key no MAC can be checked: a fleet whose
+            // terminals hold keys would be served unauthenticated (and
+            // would reverse every reply, unsealed). Keys are given up on
+            // purpose, with `switchyard terminals forget-keys`.
+            if let Some(terminals) = k3::keys_without_a_key(&pool).await? {
+                return Err(StartError::TerminalKeyMissing { terminals });
             }
         }
     }

@@ -83,6 +83,8 @@ enum TerminalsCommand {
     Import(cli::admin::ImportArgs),
     /// Print terminals' master keys (TMK) with check values, for the key-loading device.
     MasterKey(cli::admin::MasterKeyArgs),
+    /// Forget every terminal's working keys, to run without a terminal master derivation key (or with another).
+    ForgetKeys(cli::admin::ForgetKeysArgs),
 }
 
 /// Of a `SWITCHYARD_LOG` value, a directive that is neither a level nor
@@ -258,6 +260,9 @@ fn command(args: Args) -> Result<(), cli::Failure> {
                     Command::Terminals {
                         command: TerminalsCommand::MasterKey(a),
                     } => cli::admin::master_key(&a),
+                    Command::Terminals {
+                        command: TerminalsCommand::ForgetKeys(a),
+                    } => cli::admin::forget_keys(&a).await,
                     Command::Decode(_) | Command::Encode(_) | Command::Config { .. } => {
                         unreachable!("handled above")
                     }

@@ -58,6 +58,31 @@ pub struct ImportArgs {
     pub config: Option<PathBuf>,
 }
 
+/// `switchyard terminals forget-keys`.
+#[derive(clap::Args)]
+pub struct ForgetKeysArgs {
+    /// The switch's config file (for the database); default
+    /// config/switchyard.toml when it exists.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+/// Gives up K3 on purpose: every terminal's working keys and the recorded
+/// derivation key are forgotten. Stop the switches first: each terminal
+/// then signs on again, and gets keys only from a switch with a key.
+pub async fn forget_keys(args: &ForgetKeysArgs) -> Result<(), Failure> {
+    let (pool, _db) = migrated_pool(&config_or_default(args.config.as_deref())?).await?;
+    let forgotten = switch::k3::forget_keys(&pool)
+        .await
+        .context("forgetting the terminals' working keys")?;
+    println!(
+        "forgot the working keys of {forgotten} terminal(s) and the terminal master derivation \
+         key's check value: a switch now starts without that key (terminals sign on again and \
+         get none) or with another (they sign on again under it)"
+    );
+    Ok(())
+}
+
 /// `switchyard terminals master-key`.
 #[derive(clap::Args)]
 pub struct MasterKeyArgs {
