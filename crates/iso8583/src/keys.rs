@@ -304,6 +304,28 @@ mod tests {
     }
 
     #[test]
+    fn the_master_key_and_f62_match_an_outside_computation() {
+        // Computed with pycryptodome, not with this code: TDES-ECB under
+        // the test key of "T0000001" and of its complement, odd parity; F62
+        // of PIK 0102020404070708 and MAK 080B0B0D0D0E0E10 (bytes 1 to 16,
+        // odd parity) under that TMK, each with the first 4 bytes of
+        // DES(key, 0^8).
+        let tmk = kdk().master_key("T0000001");
+        assert_eq!(
+            tmk.clear(),
+            [
+                0xD9, 0x79, 0x38, 0x67, 0x02, 0xE3, 0x92, 0x04, 0xAD, 0xFE, 0xBF, 0x26, 0x9E, 0x7C,
+                0x92, 0x37
+            ]
+        );
+        let random: Vec<u8> = (1u8..=16).collect();
+        let f62 = WorkingKeys::new(KeySet::Single, &random).to_f62(&tmk);
+        let expected = "215E4C06A024A0FDB073DC3FFD34614FB8FCE093FC630273";
+        let hex: String = f62.iter().map(|b| format!("{b:02X}")).collect();
+        assert_eq!(hex, expected);
+    }
+
+    #[test]
     fn each_terminal_has_its_own_master_key_with_odd_parity() {
         let a = kdk().master_key("T0000001").clear();
         let b = kdk().master_key("T0000002").clear();

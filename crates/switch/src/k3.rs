@@ -138,9 +138,12 @@ pub fn seal(dialect: &Dialect, out: &mut BytesMut, key: &MacKey) {
 }
 
 /// The derivation key's check value in `meta`: recorded when there is none,
-/// compared when there is. `false`: the terminals' keys are under another
-/// derivation key.
-pub async fn check_derivation_key(pool: &PgPool, keys: &TerminalKeys) -> Result<bool, sqlx::Error> {
+/// compared when there is. `Err(recorded)`: the terminals' keys are under
+/// another derivation key, whose check value is that.
+pub async fn check_derivation_key(
+    pool: &PgPool,
+    keys: &TerminalKeys,
+) -> Result<Result<(), Vec<u8>>, sqlx::Error> {
     let check = keys.check_value().to_vec();
     let stored: Option<Vec<u8>> = sqlx::query_scalar(
         "UPDATE meta SET terminal_key_check = coalesce(terminal_key_check, $1)
@@ -149,7 +152,10 @@ pub async fn check_derivation_key(pool: &PgPool, keys: &TerminalKeys) -> Result<
     .bind(&check)
     .fetch_one(pool)
     .await?;
-    Ok(stored.as_deref() == Some(check.as_slice()))
+    Ok(match stored {
+        Some(s) if s != check => Err(s),
+        _ => Ok(()),
+    })
 }
 
 /// For a switch started without a derivation key: `Some(terminals

@@ -125,6 +125,14 @@ pub enum TerminalKeyError {
         /// Where it came from.
         origin: String,
     },
+    /// Its two halves are one key: single DES (an all-zero key is one).
+    #[error(
+        "{origin}: the terminal master derivation key's two halves are the same (single DES, or a test key of zeros): make one with `openssl rand -hex 16`"
+    )]
+    Weak {
+        /// Where it came from.
+        origin: String,
+    },
 }
 
 /// The terminal master derivation key from its key file when one is
@@ -145,6 +153,11 @@ pub fn terminal_derivation_key(
         // wanted.
         None => match std::env::var(TERMINAL_ENV) {
             Ok(text) if !text.trim().is_empty() => (text, TERMINAL_ENV.to_string()),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                return Err(TerminalKeyError::Malformed {
+                    origin: TERMINAL_ENV.into(),
+                });
+            }
             _ => return Ok(None),
         },
     };
@@ -170,12 +183,39 @@ pub fn derivation_key_from_hex(
     };
     let bytes = hex::decode(text.trim()).map_err(|_| malformed())?;
     let key: [u8; 16] = bytes.try_into().map_err(|_| malformed())?;
+    // Parity bits aside, as DES reads them.
+    if key[..8].iter().zip(&key[8..]).all(|(a, b)| a | 1 == b | 1) {
+        return Err(TerminalKeyError::Weak {
+            origin: origin.into(),
+        });
+    }
     Ok(DerivationKey::new(&key))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_derivation_key_is_32_hex_characters_of_two_different_halves() {
+        assert!(derivation_key_from_hex("0123456789ABCDEFFEDCBA9876543210\n", "f").is_ok());
+        for (text, says) in [
+            ("0123", "must be 32 hex characters"),
+            (
+                "0123456789ABCDEFFEDCBA987654321G",
+                "must be 32 hex characters",
+            ),
+            (&"00".repeat(16), "halves are the same"),
+            ("0123456789ABCDEF0022446688AACCEE", "halves are the same"),
+        ] {
+            let said = derivation_key_from_hex(text, "key.hex")
+                .unwrap_err()
+                .to_string();
+            assert!(said.starts_with("key.hex: "), "{said}");
+            assert!(said.contains(says), "{text}: {said}");
+            assert!(!said.contains(text), "the key said: {said}");
+        }
+    }
 
     #[test]
     fn the_hash_is_keyed_and_stable() {

@@ -69,10 +69,17 @@ pub enum StartError {
     /// working keys are under.
     #[error(
         "the terminal master derivation key (keys.terminal_master_derivation_key_file or \
-         SWITCHYARD_TERMINAL_MASTER_DERIVATION_KEY) is not the one the terminals' working keys \
-         were handed out under: every MAC would be wrong and every terminal answered A0"
+         SWITCHYARD_TERMINAL_MASTER_DERIVATION_KEY; check value {given}) is not the one the \
+         terminals' working keys were handed out under (check value {recorded}): every MAC would \
+         be wrong and every terminal answered A0. Give that key; or, to change keys on purpose, \
+         `switchyard terminals forget-keys` (every terminal then signs on again)"
     )]
-    TerminalKeyMismatch,
+    TerminalKeyMismatch {
+        /// The check value of the key given.
+        given: String,
+        /// The check value the journal keeps.
+        recorded: String,
+    },
     /// No terminal master derivation key, where the terminals' working
     /// keys were handed out under one.
     #[error(
@@ -303,8 +310,11 @@ pub async fn start(
     let terminal_keys = terminal_keys.map(k3::TerminalKeys::new);
     match &terminal_keys {
         Some(keys) => {
-            if !k3::check_derivation_key(&pool, keys).await? {
-                return Err(StartError::TerminalKeyMismatch);
+            if let Err(recorded) = k3::check_derivation_key(&pool, keys).await? {
+                return Err(StartError::TerminalKeyMismatch {
+                    given: hex::encode_upper(keys.check_value()),
+                    recorded: hex::encode_upper(recorded),
+                });
             }
         }
         None => {

@@ -1500,8 +1500,13 @@ fn terminals_master_key_prints_each_terminals_key_as_the_switch_derives_it() {
         0x10,
     ]);
     let lines: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
-    assert_eq!(lines.len(), 2, "{lines:?}");
-    for (line, id) in lines.iter().zip(["T0000001", "T0000002"]) {
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    // The derivation key's own check value first (that of the DES test key).
+    assert_eq!(
+        lines[0],
+        "terminal master derivation key check value 08D7B4"
+    );
+    for (line, id) in lines[1..].iter().zip(["T0000001", "T0000002"]) {
         let tmk = kdk.master_key(id).clear();
         let check = iso8583::keys::check_value(&tmk);
         assert_eq!(

@@ -402,8 +402,19 @@ async fn a_switch_with_another_derivation_key_is_refused_at_start() {
         panic!("a switch with another derivation key started");
     };
     assert!(
-        matches!(refused, switch::StartError::TerminalKeyMismatch),
+        matches!(refused, switch::StartError::TerminalKeyMismatch { .. }),
         "{refused}"
+    );
+    // Both keys named by their check values (the DES of zeros under each).
+    let check = |k: &DerivationKey| hex::encode_upper(&k.check_value()[..3]);
+    let said = refused.to_string();
+    assert!(
+        said.contains(&format!("check value {}", check(&derivation_key(0x26)))),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("check value {})", check(&derivation_key(0x25)))),
+        "{said}"
     );
     assert!(refused.to_string().contains("A0"), "{refused}");
     stop.cancel();

@@ -134,6 +134,13 @@ pub fn master_key(args: &MasterKeyArgs) -> Result<(), Failure> {
             )));
         }
     }
+    // The check value `serve` logs and the journal keeps: a key file that
+    // is not the switch's shows here, before a TMK is loaded anywhere.
+    let check = key.check_value();
+    println!(
+        "terminal master derivation key check value {}",
+        hex::encode_upper(&check[..3])
+    );
     for id in &args.terminals {
         let tmk = key.master_key(id).clear();
         let check = iso8583::keys::check_value(&tmk);

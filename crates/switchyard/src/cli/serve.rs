@@ -99,7 +99,15 @@ pub async fn serve(args: &ServeArgs) -> Result<(), Failure> {
         ))
     })?;
     match &terminal_keys {
-        Some(_) => tracing::info!("terminals get working keys at sign-on; MACs are checked (K3)"),
+        Some(key) => tracing::info!(
+            from = %config
+                .keys
+                .terminal_master_derivation_key_file
+                .as_deref()
+                .map_or(switch::keys::TERMINAL_ENV.to_string(), |p| p.display().to_string()),
+            check_value = %hex::encode_upper(&key.check_value()[..3]),
+            "terminals get working keys at sign-on; MACs are checked (K3)"
+        ),
         None => tracing::info!(
             "no terminal master derivation key: terminals get no working keys and no MAC is checked"
         ),
