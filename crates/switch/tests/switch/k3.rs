@@ -40,6 +40,29 @@ async fn keyed_terminal(w: &World, addr: &str, id: &str, kdk: &DerivationKey) ->
     t
 }
 
+/// A purchase of `amount` fen with `card` under the terminal's next STAN.
+async fn buy(t: &mut Terminal, card: &str, amount: u64) -> (u32, loadgen::Reply) {
+    let stan = t.next_stan();
+    let reply = t
+        .exchange(&t.purchase(stan, card, EXPIRY, amount).unwrap())
+        .await
+        .unwrap();
+    (stan, reply)
+}
+
+/// The reversal record of a purchase.
+fn purchase_of<'a>(card: &'a str, amount: u64, stan: u32, f60: &'a str) -> loadgen::Reversed<'a> {
+    loadgen::Reversed {
+        pan: card,
+        processing_code: "000000",
+        amount,
+        stan,
+        condition: "00",
+        f60,
+        f61: None,
+    }
+}
+
 async fn rows_of(w: &World, terminal: &str) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM journal WHERE terminal_id = $1")
         .bind(terminal)
@@ -95,11 +118,7 @@ async fn a_request_with_a_missing_or_wrong_mac_is_answered_a0_and_never_reaches_
     let before = w.balance(card).await;
 
     // MACed both ways.
-    let stan = t.next_stan();
-    let reply = t
-        .exchange(&t.purchase(stan, card, EXPIRY, 1_000).unwrap())
-        .await
-        .unwrap();
+    let (_, reply) = buy(&mut t, card, 1_000).await;
     assert_eq!(reply.rc(), "00");
     assert_eq!(reply.mac_valid, Some(true), "{reply:?}");
     assert_eq!(w.balance(card).await, before - 1_000);
@@ -122,11 +141,7 @@ async fn a_request_with_a_missing_or_wrong_mac_is_answered_a0_and_never_reaches_
         .unwrap();
     bare.batch = t.batch;
     bare.set_stan(500);
-    let stan = bare.next_stan();
-    let reply = bare
-        .exchange(&bare.purchase(stan, card, EXPIRY, 3_000).unwrap())
-        .await
-        .unwrap();
+    let (_, reply) = buy(&mut bare, card, 3_000).await;
     assert_eq!(reply.rc(), "A0");
     assert!(reply.field(64).is_some(), "sealed under the terminal's key");
 
@@ -156,11 +171,7 @@ async fn a_repeat_after_a_new_sign_on_hears_the_stored_reply_under_the_new_key()
     let (_switch, addr, stop) = keyed_switch(&w, &kdk).await;
     let mut t = keyed_terminal(&w, &addr, "T0000014", &kdk).await;
     let card = "6222020000000000042";
-    let stan = t.next_stan();
-    let first = t
-        .exchange(&t.purchase(stan, card, EXPIRY, 700).unwrap())
-        .await
-        .unwrap();
+    let (stan, first) = buy(&mut t, card, 700).await;
     assert_eq!(first.rc(), "00");
     // New keys; the same purchase again (D1), MACed under them.
     assert_eq!(t.sign_on().await.unwrap().rc(), "00");
@@ -189,11 +200,7 @@ async fn keys_handed_out_by_another_switch_process_are_taken_at_once() {
         .unwrap();
     at_b.set_master_key(Some(kdk.master_key("T0000015")));
     assert_eq!(at_b.sign_on().await.unwrap().rc(), "00");
-    let stan = at_b.next_stan();
-    let reply = at_b
-        .exchange(&at_b.purchase(stan, card, EXPIRY, 100).unwrap())
-        .await
-        .unwrap();
+    let (stan, reply) = buy(&mut at_b, card, 100).await;
     assert_eq!(reply.rc(), "00");
     // The terminal signs on again through A: B's cache has the old keys.
     assert_eq!(at_a.sign_on().await.unwrap().rc(), "00");
@@ -219,11 +226,7 @@ async fn a_terminal_without_keys_signs_on_for_them_and_one_cached_without_them_i
     let card = "6222020000000000044";
     // Signed on before the switch had a key: no keys.
     let mut old = w.signed_on("T0000016").await;
-    let stan = old.next_stan();
-    let sale = old
-        .exchange(&old.purchase(stan, card, EXPIRY, 500).unwrap())
-        .await
-        .unwrap();
+    let (stan, sale) = buy(&mut old, card, 500).await;
     assert_eq!(sale.rc(), "00");
     let (_a, a_addr, a_stop) = keyed_switch(&w, &kdk).await;
     let (_b, b_addr, b_stop) = keyed_switch(&w, &kdk).await;
@@ -242,15 +245,7 @@ async fn a_terminal_without_keys_signs_on_for_them_and_one_cached_without_them_i
     assert_eq!(refused.field(64), None, "no keys to seal it with");
     // What it did before it still reverses.
     let f60 = old.f60("22");
-    let of = loadgen::Reversed {
-        pan: card,
-        processing_code: "000000",
-        amount: 500,
-        stan,
-        condition: "00",
-        f60: &f60,
-        f61: None,
-    };
+    let of = purchase_of(card, 500, stan, &f60);
     let reversed = at_b
         .exchange(&at_b.reversal(&of, "98").unwrap())
         .await
@@ -282,23 +277,11 @@ async fn a_reversal_settlement_or_malformed_request_with_a_bad_mac_is_answered_s
     let mut t = keyed_terminal(&w, &addr, "T0000017", &kdk).await;
     let card = "6222020000000000045";
     let before = w.balance(card).await;
-    let stan = t.next_stan();
-    let sale = t
-        .exchange(&t.purchase(stan, card, EXPIRY, 900).unwrap())
-        .await
-        .unwrap();
+    let (stan, sale) = buy(&mut t, card, 900).await;
     assert_eq!(sale.rc(), "00");
     // The reversal with its MAC broken: A0, and the sale stands.
     let f60 = t.f60("22");
-    let of = loadgen::Reversed {
-        pan: card,
-        processing_code: "000000",
-        amount: 900,
-        stan,
-        condition: "00",
-        f60: &f60,
-        f61: None,
-    };
+    let of = purchase_of(card, 900, stan, &f60);
     let mut frame = t.reversal(&of, "98").unwrap();
     let last = frame.len() - 1;
     frame[last] ^= 0x01;
