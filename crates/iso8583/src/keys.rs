@@ -28,6 +28,12 @@ use des::{Des, TdesEde2};
 
 use crate::mac::MacKey;
 
+/// Whether messages of `mti` carry a MAC (F64) once a terminal holds keys:
+/// all but network management (08xx: sign-on, sign-off, echo).
+pub fn mac_carried(mti: crate::Mti) -> bool {
+    mti.value() / 100 != 8
+}
+
 /// Length of a check value in F62.
 pub const CHECK_LEN: usize = 4;
 

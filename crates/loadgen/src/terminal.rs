@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
-use iso8583::keys::{KeyError, MasterKey, WorkingKeys};
+use iso8583::keys::{KeyError, MasterKey, WorkingKeys, mac_carried};
 use iso8583::mac::{MAC_LEN, MacKey, cup_pos_mac};
 use iso8583::{Dialect, Frame, FrameCodec, Message, MessageWriter, Mti, Value};
 use tokio::net::TcpStream;
@@ -103,18 +103,6 @@ impl Reply {
     }
 }
 
-/// Bytes of a binary field as the reply shows it (uppercase hex).
-fn iso8583_hex(text: &str) -> Option<Vec<u8>> {
-    (text.len() % 2 == 0)
-        .then(|| {
-            (0..text.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
-                .collect()
-        })
-        .flatten()
-}
-
 /// A simulated terminal.
 #[derive(Debug)]
 pub struct Terminal {
@@ -135,11 +123,6 @@ pub struct Terminal {
     master_key: Option<MasterKey>,
     /// The MAC key of its last sign-on.
     mac_key: Option<MacKey>,
-}
-
-/// Whether messages of `mti` carry a MAC: all but network management (08xx).
-pub fn mac_carried(mti: Mti) -> bool {
-    mti.value() / 100 != 8
 }
 
 impl Terminal {
@@ -378,13 +361,16 @@ impl Terminal {
         if let (Some(tmk), "00") = (&self.master_key, reply.rc()) {
             // A terminal loaded with a master key takes its working keys
             // from every sign-on, and cannot transact without them.
-            let f62 = reply.field(62).and_then(iso8583_hex).ok_or_else(|| {
-                TerminalError::Keys(
-                    "approved without working keys (F62): the switch holds no terminal master \
+            let f62 = reply
+                .field(62)
+                .and_then(|text| hex::decode(text).ok())
+                .ok_or_else(|| {
+                    TerminalError::Keys(
+                        "approved without working keys (F62): the switch holds no terminal master \
                      derivation key"
-                        .into(),
-                )
-            })?;
+                            .into(),
+                    )
+                })?;
             let keys = WorkingKeys::from_f62(tmk, &f62).map_err(|e| {
                 TerminalError::Keys(match e {
                     KeyError::Check(_) => format!(

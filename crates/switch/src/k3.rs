@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use bytes::BytesMut;
 use iso8583::keys::{DerivationKey, KeySet, WorkingKeys};
 use iso8583::mac::{MAC_LEN, MacKey, cup_pos_mac, verify};
-use iso8583::{Dialect, Message, Mti};
+use iso8583::{Dialect, Message};
 use sqlx::PgPool;
 
 use crate::terminals::Terminal;
@@ -24,10 +24,7 @@ use crate::terminals::Terminal;
 /// Past this many terminals the cache of MAC keys starts again.
 const CACHED: usize = 100_000;
 
-/// Whether messages of `mti` carry a MAC: all but network management (08xx).
-pub fn mac_carried(mti: Mti) -> bool {
-    mti.value() / 100 != 8
-}
+pub use iso8583::keys::mac_carried;
 
 /// A terminal's MAC key, with the F62 it came from.
 type Cached = (Vec<u8>, Arc<MacKey>);
@@ -210,7 +207,7 @@ mod tests {
             let mut w = iso8583::MessageWriter::new(
                 &dialect,
                 &mut out,
-                Mti::new(510).unwrap(),
+                iso8583::Mti::new(510).unwrap(),
                 &[0x60, 0, 3, 0, 0],
                 &[0x60, 0x31, 0, 0, 0, 0],
             )
