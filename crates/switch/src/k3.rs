@@ -169,12 +169,60 @@ pub async fn keys_without_a_key(pool: &PgPool) -> Result<Option<i64>, sqlx::Erro
     Ok((recorded || keyed > 0).then_some(keyed))
 }
 
+/// The advisory lock every serving switch holds shared for as long as it
+/// runs, so that [`forget_keys`] can tell none is.
+const SERVING: i64 = 0x5357_4B33;
+
+/// A connection holding [`SERVING`] shared: a switch serves on this
+/// database until it is dropped (the lock goes with the connection, a
+/// killed process's too).
+pub async fn hold_serving(pool: &PgPool) -> Result<sqlx::PgConnection, sqlx::Error> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect_with(&pool.connect_options()).await?;
+    sqlx::query("SELECT pg_advisory_lock_shared($1)")
+        .bind(SERVING)
+        .execute(&mut conn)
+        .await?;
+    Ok(conn)
+}
+
+/// Lets the lock of [`hold_serving`] go, at the end of a run: a
+/// `forget-keys` right after a switch stopped sees it stopped.
+pub async fn stop_serving(switch: &crate::Switch) {
+    use sqlx::Connection;
+    if let Some(mut conn) = switch.serving.lock().await.take() {
+        let _ = sqlx::query("SELECT pg_advisory_unlock_shared($1)")
+            .bind(SERVING)
+            .execute(&mut conn)
+            .await;
+        let _ = conn.close().await;
+    }
+}
+
+/// What [`forget_keys`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Forgot {
+    /// The keys of this many terminals were forgotten.
+    Keys(u64),
+    /// Nothing: a switch is serving on the database. It would go on
+    /// checking MACs under keys its cache still has, answer 77 to terminals
+    /// as their keys go, and seal nothing for them.
+    Serving,
+}
+
 /// Gives up K3 on purpose: every terminal's working keys and the
 /// derivation key's check value are forgotten, so a switch starts without
 /// the key (terminals sign on again, and get none) or with another (they
-/// sign on again under it). Returns how many terminals held keys.
-pub async fn forget_keys(pool: &PgPool) -> Result<u64, sqlx::Error> {
+/// sign on again under it). Refused while a switch serves.
+pub async fn forget_keys(pool: &PgPool) -> Result<Forgot, sqlx::Error> {
     let mut tx = pool.begin().await?;
+    let alone: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        .bind(SERVING)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !alone {
+        return Ok(Forgot::Serving);
+    }
     let forgotten =
         sqlx::query("UPDATE terminals SET working_keys = NULL WHERE working_keys IS NOT NULL")
             .execute(&mut *tx)
@@ -184,7 +232,7 @@ pub async fn forget_keys(pool: &PgPool) -> Result<u64, sqlx::Error> {
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    Ok(forgotten)
+    Ok(Forgot::Keys(forgotten))
 }
 
 #[cfg(test)]

@@ -307,6 +307,9 @@ pub async fn start(
     }
     migrate(&pool).await?;
     check_key(&pool, &key).await?;
+    // Taken before the keys are checked: a `terminals forget-keys` from
+    // now on sees this switch and waits for it to stop.
+    let serving = k3::hold_serving(&pool).await?;
     let terminal_keys = terminal_keys.map(k3::TerminalKeys::new);
     match &terminal_keys {
         Some(keys) => {
@@ -413,6 +416,7 @@ pub async fn start(
         advice_wake,
         links_stop,
         abandoned: Default::default(),
+        serving: tokio::sync::Mutex::new(Some(serving)),
     }))
 }
 
@@ -438,6 +442,7 @@ pub async fn run(listener: TcpListener, switch: Arc<Switch>, shutdown: Cancellat
     };
     let _ = stats.await;
     switch.links_stop.cancel();
+    k3::stop_serving(&switch).await;
     drained && advices_done
 }
 

@@ -55,6 +55,9 @@ pub struct Switch {
     /// failed under them): still `received` without a reply, and no live
     /// switch deciding them, so a repeat takes them over at once.
     pub(crate) abandoned: std::sync::Mutex<std::collections::HashSet<i64>>,
+    /// Holds the lock that says a switch serves on this database
+    /// (`k3::hold_serving`) until [`crate::run`] ends (or the process).
+    pub(crate) serving: tokio::sync::Mutex<Option<sqlx::PgConnection>>,
 }
 
 /// What the connection does after a request.

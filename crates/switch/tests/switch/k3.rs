@@ -334,16 +334,32 @@ async fn a_reversal_settlement_or_malformed_request_with_a_bad_mac_is_answered_s
 
 #[tokio::test]
 async fn a_switch_without_the_key_is_refused_until_the_keys_are_forgotten() {
-    let w = world().await;
+    let World {
+        url,
+        issuer_addr,
+        pool,
+        switch: own,
+        run,
+        shutdown: own_stop,
+        dialect,
+        ..
+    } = world().await;
+    let key = own.key.clone();
     let kdk = derivation_key(0x29);
-    let (_switch, addr, stop) = keyed_switch(&w, &kdk).await;
-    keyed_terminal(&w, &addr, "T0000018", &kdk).await;
-    stop.cancel();
+    let stop = CancellationToken::new();
+    let config = || switch_config(&issuer_addr, |_| {});
+    let (keyed, addr, keyed_run) =
+        start_switch_keyed(&url, config(), key.clone(), Some(kdk.clone()), &stop).await;
+    let mut t = Terminal::connect(&addr, "T0000018", MERCHANT, dialect.clone())
+        .await
+        .unwrap();
+    t.set_master_key(Some(kdk.master_key("T0000018")));
+    assert_eq!(t.sign_on().await.unwrap().rc(), "00");
     let start = || async {
         switch::start(
-            Arc::new(switch_config(&w.issuer_addr, |_| {})),
-            switch::connect(&w.url, 2).await.unwrap(),
-            w.switch.key.clone(),
+            Arc::new(config()),
+            switch::connect(&url, 2).await.unwrap(),
+            key.clone(),
             None,
             &CancellationToken::new(),
         )
@@ -360,11 +376,31 @@ async fn a_switch_without_the_key_is_refused_until_the_keys_are_forgotten() {
         "{refused}"
     );
     assert!(refused.to_string().contains("forget-keys"), "{refused}");
-    assert_eq!(switch::k3::forget_keys(&w.pool).await.unwrap(), 1);
+    // Not while a switch serves: it would go on under the keys it read.
+    assert_eq!(
+        switch::k3::forget_keys(&pool).await.unwrap(),
+        switch::k3::Forgot::Serving
+    );
+    stop.cancel();
+    own_stop.cancel();
+    // Each run lets its lock go as it ends.
+    let _ = (keyed_run.await, run.expect("running").await);
+    let _still_held = (keyed, own);
+    assert_eq!(
+        switch::k3::forget_keys(&pool).await.unwrap(),
+        switch::k3::Forgot::Keys(1)
+    );
     assert!(start().await.is_ok());
     // And another key may start now: the terminals sign on again under it.
-    let (_switch, addr, stop) = keyed_switch(&w, &derivation_key(0x2A)).await;
-    keyed_terminal(&w, &addr, "T0000018", &derivation_key(0x2A)).await;
+    let other = derivation_key(0x2A);
+    let stop = CancellationToken::new();
+    let (_switch, addr, _run) =
+        start_switch_keyed(&url, config(), key, Some(other.clone()), &stop).await;
+    let mut t = Terminal::connect(&addr, "T0000018", MERCHANT, dialect)
+        .await
+        .unwrap();
+    t.set_master_key(Some(other.master_key("T0000018")));
+    assert_eq!(t.sign_on().await.unwrap().rc(), "00");
     stop.cancel();
 }
 

@@ -72,9 +72,19 @@ pub struct ForgetKeysArgs {
 /// then signs on again, and gets keys only from a switch with a key.
 pub async fn forget_keys(args: &ForgetKeysArgs) -> Result<(), Failure> {
     let (pool, _db) = migrated_pool(&config_or_default(args.config.as_deref())?).await?;
-    let forgotten = switch::k3::forget_keys(&pool)
+    let forgotten = match switch::k3::forget_keys(&pool)
         .await
-        .context("forgetting the terminals' working keys")?;
+        .context("forgetting the terminals' working keys")?
+    {
+        switch::k3::Forgot::Keys(n) => n,
+        switch::k3::Forgot::Serving => {
+            return Err(Failure::Input(anyhow!(
+                "a switch is serving on this database: stop every `switchyard serve` on it \
+                 first (a running switch goes on checking MACs under the keys it has read, \
+                 and its terminals would hear 77 and unsealed replies as their keys go)"
+            )));
+        }
+    };
     println!(
         "forgot the working keys of {forgotten} terminal(s) and the terminal master derivation \
          key's check value: a switch now starts without that key (terminals sign on again and \
