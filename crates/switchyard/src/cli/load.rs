@@ -460,12 +460,16 @@ pub async fn run(args: &LoadArgs) -> Result<(), Failure> {
         // Each stopped its terminal: the failures below name them.
         println!("MAC failures    {}", outcome.mac_failures);
     }
-    verdict(&outcome, terminals)
+    verdict(&outcome, terminals, keyed)
 }
 
 /// The run fails when a terminal stopped early (each cause said once, with
 /// its terminals), or when requests were answered and none approved.
-fn verdict(outcome: &loadgen::closed::Outcome, terminals: usize) -> Result<(), Failure> {
+fn verdict(
+    outcome: &loadgen::closed::Outcome,
+    terminals: usize,
+    keyed: bool,
+) -> Result<(), Failure> {
     let mut problems = Vec::new();
     if !outcome.failures.is_empty() {
         let mut said = format!(
@@ -485,8 +489,15 @@ fn verdict(outcome: &loadgen::closed::Outcome, terminals: usize) -> Result<(), F
     if let Some(nothing) = outcome.nothing_approved() {
         problems.push(format!(
             "{nothing}: every request was refused (97 terminal disabled, 03 merchant unknown, \
-             91 issuer unavailable, 14 or 54 the cards, ...; the codes above say which); the \
-             rate above is of refusals"
+             91 issuer unavailable, 14 or 54 the cards, A0 the MAC, ...; the codes above say \
+             which); the rate above is of refusals"
+        ));
+    }
+    if !keyed && outcome.codes.contains_key("A0") {
+        problems.push(format!(
+            "A0 is the switch's MAC check (K3): it hands out working keys at sign-on and takes \
+             only MACed requests; give load the derivation key the terminals' master keys come \
+             from (--terminal-master-derivation-key-file FILE or {DERIVATION_KEY_VAR})"
         ));
     }
     if problems.is_empty() {
@@ -565,6 +576,35 @@ mod tests {
             refused(Some((file, Err(unreadable))), None),
             "--terminal-master-derivation-key-file /keys/tmdk.hex: not there"
         );
+    }
+
+    #[test]
+    fn a0s_to_a_keyless_load_say_which_key_to_give() {
+        let outcome = |codes: &[(&str, u64)]| loadgen::closed::Outcome {
+            answered: codes.iter().map(|(_, n)| n).sum(),
+            approved: codes
+                .iter()
+                .filter(|(c, _)| *c == "00")
+                .map(|(_, n)| n)
+                .sum(),
+            codes: codes.iter().map(|(c, n)| (c.to_string(), *n)).collect(),
+            mac_failures: 0,
+            failures: Vec::new(),
+            elapsed: std::time::Duration::from_secs(1),
+            latency: hdrhistogram::Histogram::new(3).unwrap(),
+        };
+        let said = super::verdict(&outcome(&[("A0", 12)]), 2, false)
+            .unwrap_err()
+            .to_string();
+        assert!(said.contains("A0 the MAC"), "{said}");
+        assert!(
+            said.contains("--terminal-master-derivation-key-file"),
+            "{said}"
+        );
+        // Given the key, an A0 is the switch's word on a MAC, not a hint.
+        let said = super::verdict(&outcome(&[("00", 5), ("A0", 1)]), 2, true);
+        assert!(said.is_ok());
+        assert!(super::verdict(&outcome(&[("00", 5)]), 2, false).is_ok());
     }
 
     #[test]
