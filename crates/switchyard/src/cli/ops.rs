@@ -83,7 +83,7 @@ pub async fn show(args: &ShowArgs) -> Result<(), Failure> {
         .context("reading the journal")?;
     let Some(history) = history else {
         return Err(Failure::Input(anyhow!(
-            "no such transaction (an RRN is the 12 digits of F37 in the reply; `txn show --terminal T --batch B --stan S` finds one by the terminal's numbers)"
+            "no such transaction (an RRN is the 12 digits of F37 in the reply; `txn show --terminal T --batch B --stan S` finds one by the terminal's numbers; a request answered before it was journalled, 30 malformed, 97 or 03 unknown, 77 another batch or A0 its MAC, is only in the switch's log)"
         )));
     };
     if args.json {
