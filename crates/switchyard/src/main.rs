@@ -259,7 +259,7 @@ fn command(args: Args) -> Result<(), cli::Failure> {
                     } => cli::admin::import(&a).await,
                     Command::Terminals {
                         command: TerminalsCommand::MasterKey(a),
-                    } => cli::admin::master_key(&a),
+                    } => cli::admin::master_key(&a).await,
                     Command::Terminals {
                         command: TerminalsCommand::ForgetKeys(a),
                     } => cli::admin::forget_keys(&a).await,

@@ -1547,3 +1547,79 @@ fn terminals_master_key_prints_each_terminals_key_as_the_switch_derives_it() {
     assert!(text.contains(&expected), "{expected:?} in {text}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn terminals_master_key_is_compared_with_the_journal_and_forget_keys_gives_k3_up() {
+    let url = embedded_pg::test_database().await;
+    let dir = scratch("tmk-journal");
+    let import_file = dir.join("fleet.csv");
+    std::fs::write(
+        &import_file,
+        "terminal_id,merchant_id,merchant_name\nK0000001,898310048169998,Key Store\n",
+    )
+    .unwrap();
+    assert_eq!(import(&url, &import_file).status.code(), Some(0));
+    let config = dir.join("sw.toml");
+    std::fs::write(
+        &config,
+        "[keys]\nterminal_master_derivation_key_file = \"tmdk.key\"\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(args)
+            .args(["--config", config.to_str().unwrap()])
+            .env("DATABASE_URL", &url)
+            .output()
+            .unwrap()
+    };
+    let key_a = "0123456789ABCDEFFEDCBA9876543210";
+    std::fs::write(dir.join("tmdk.key"), key_a).unwrap();
+    // The journal has no derivation key yet: any is taken; a terminal it
+    // does not know is refused.
+    let out = run(&["terminals", "master-key", "K0000001"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = run(&["terminals", "master-key", "K0000001", "Z0000009"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("not terminals of the journal: Z0000009"),
+        "{}",
+        stderr(&out)
+    );
+    // The journal's terminals got keys under A (as a switch records it).
+    let pool = switch::connect(&url, 1).await.unwrap();
+    sqlx::query("INSERT INTO meta (key_check, terminal_key_check) VALUES ('\\x00', '\\x08D7B4')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE terminals SET working_keys = '\\x01' WHERE id = 'K0000001'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    std::fs::write(dir.join("tmdk.key"), "FEDCBA98765432100123456789ABCDEF").unwrap();
+    let out = run(&["terminals", "master-key", "K0000001"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("(check value 08D7B4): TMKs from it would not take their keys"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::write(dir.join("tmdk.key"), key_a).unwrap();
+    assert_eq!(
+        run(&["terminals", "master-key", "K0000001"]).status.code(),
+        Some(0)
+    );
+    // Given up on purpose: keys and check value forgotten, any key taken.
+    let out = run(&["terminals", "forget-keys"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("forgot the working keys of 1 terminal(s)"));
+    let left: (Option<Vec<u8>>, i64) = sqlx::query_as(
+        "SELECT (SELECT terminal_key_check FROM meta),
+                (SELECT count(*) FROM terminals WHERE working_keys IS NOT NULL)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(left, (None, 0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -109,7 +109,7 @@ pub struct MasterKeyArgs {
 /// Prints each terminal's master key (TMK) and its check value, for the
 /// key-loading device (K3). The TMK is derived from the switch's terminal
 /// master derivation key and the terminal id, as the switch derives it.
-pub fn master_key(args: &MasterKeyArgs) -> Result<(), Failure> {
+pub async fn master_key(args: &MasterKeyArgs) -> Result<(), Failure> {
     let default = PathBuf::from("config/switchyard.toml");
     let path = args
         .config
@@ -147,6 +147,49 @@ pub fn master_key(args: &MasterKeyArgs) -> Result<(), Failure> {
     // The check value `serve` logs and the journal keeps: a key file that
     // is not the switch's shows here, before a TMK is loaded anywhere.
     let check = key.check_value();
+    let has_database = config.database.url.is_some()
+        || std::env::var_os("DATABASE_URL").is_some()
+        || config.database.embedded_data_dir.is_some();
+    if has_database {
+        // Compared with the journal the config names: TMKs of another key,
+        // or of terminals it does not know, would only fail in the field.
+        let (pool, _db) = migrated_pool(&config).await?;
+        let recorded: Option<Vec<u8>> = sqlx::query_scalar("SELECT terminal_key_check FROM meta")
+            .fetch_optional(&pool)
+            .await
+            .context("reading the journal's derivation key check value")?
+            .flatten();
+        if let Some(recorded) = recorded.filter(|r| r[..] != check[..3]) {
+            return Err(Failure::Input(anyhow!(
+                "this derivation key (check value {}) is not the one the journal's terminals got \
+                 their working keys under (check value {}): TMKs from it would not take their keys",
+                hex::encode_upper(&check[..3]),
+                hex::encode_upper(recorded)
+            )));
+        }
+        let known: Vec<String> = sqlx::query_scalar("SELECT id FROM terminals WHERE id = ANY($1)")
+            .bind(&args.terminals)
+            .fetch_all(&pool)
+            .await
+            .context("reading the terminals")?;
+        let unknown: Vec<&str> = args
+            .terminals
+            .iter()
+            .filter(|id| !known.contains(id))
+            .map(String::as_str)
+            .collect();
+        if !unknown.is_empty() {
+            return Err(Failure::Input(anyhow!(
+                "not terminals of the journal: {} (`terminals import` or the terminals file adds them)",
+                unknown.join(", ")
+            )));
+        }
+    } else {
+        tracing::warn!(
+            "not compared with a journal (the config names no database): check the value below \
+             against the one `serve` logs at start"
+        );
+    }
     println!(
         "terminal master derivation key check value {}",
         hex::encode_upper(&check[..3])
