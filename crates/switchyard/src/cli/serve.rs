@@ -98,6 +98,14 @@ pub async fn serve(args: &ServeArgs) -> Result<(), Failure> {
             )
         ))
     })?;
+    if config.keys.terminal_master_derivation_key_file.is_some()
+        && std::env::var_os(switch::keys::TERMINAL_ENV).is_some_and(|v| !v.is_empty())
+    {
+        tracing::warn!(
+            "{} is set too and not used: keys.terminal_master_derivation_key_file wins",
+            switch::keys::TERMINAL_ENV
+        );
+    }
     match &terminal_keys {
         Some(key) => tracing::info!(
             from = %config
