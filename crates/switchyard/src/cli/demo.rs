@@ -836,6 +836,19 @@ async fn scripted_day(
         .exchange(&t.purchase(stan, "6222020000000000005", "3012", 20_000_000)?)
         .await?;
     line("purchase 20,000,000 fen", r.rc(), "(insufficient funds)");
+    if t.holds_mac_key() {
+        // K3: one byte of the MAC changed on the way.
+        let stan = t.next_stan();
+        let mut frame = t.purchase(stan, "6222020000000000005", "3012", 1_000)?;
+        let last = frame.len() - 1;
+        frame[last] ^= 0x01;
+        let r = t.exchange(&frame).await?;
+        line(
+            "purchase 1000 fen, MAC broken",
+            r.rc(),
+            "(MAC check failed: not journalled, nothing charged)",
+        );
+    }
 
     // Then the scenario (smoke by default): its terminals, every kind of
     // request, open loop, each settling its batch with its own totals; the
