@@ -94,18 +94,8 @@ enum Mac {
     Keyless,
     /// F64 is the request's MAC: the reply is sealed with this key.
     Valid(Arc<iso8583::mac::MacKey>),
-    /// F64 missing or wrong; the terminal's key, when its keys decrypt.
-    Failed(Option<Arc<iso8583::mac::MacKey>>),
-}
-
-/// How a reply is sealed (F64).
-enum Seal {
-    /// Answered before K3: by the key of the terminal named, if any.
-    Undecided,
-    /// Under this key.
-    With(Arc<iso8583::mac::MacKey>),
-    /// Not sealed.
-    Without,
+    /// F64 missing or wrong.
+    Failed,
 }
 
 /// The request's identity, once MTI, STAN and terminal decode.
@@ -214,7 +204,7 @@ impl Switch {
             warn!(mti = %req.msg.mti(), "not a request: ignored");
             return Outcome::Ignore;
         }
-        let mut seal = Seal::Undecided;
+        let mut seal = None;
         if let Some(e) = format_error {
             debug!(error = %e, "answering 30");
             self.reply_code(req, out, ResponseCode::FORMAT_ERROR, None);
@@ -222,29 +212,15 @@ impl Switch {
             debug!(rc = %rc, "answered by the switch");
             self.reply_code(req, out, rc, None);
         }
-        let key = match seal {
-            Seal::With(key) => Some(key),
-            Seal::Without => None,
-            // Answered before K3 (K2's 30, K1's 03): sealed all the same
-            // when the terminal it names holds keys, as every reply to it.
-            Seal::Undecided => self.sealing_key(req).await,
-        };
-        if let Some(key) = key {
+        // Only a request whose MAC was checked gets a sealed reply. The
+        // UnionPay POS MAC depends on nothing but the XOR of the message's
+        // 8-byte blocks: a reply sealed for anyone (an A0, a 30) would be a
+        // MAC under the terminal's key of a block XOR an outsider chose, and
+        // with it any request of the same XOR passes.
+        if let Some(key) = seal {
             crate::k3::seal(&self.terminal_dialect, out, &key);
         }
         Outcome::Reply
-    }
-
-    /// The key a reply answered before K3 is sealed with: the MAC key of
-    /// the terminal the request names, as the cache has it, when it holds
-    /// one and the message carries a MAC.
-    async fn sealing_key(&self, req: &Request<'_>) -> Option<Arc<iso8583::mac::MacKey>> {
-        let keys = self.terminal_keys.as_ref()?;
-        if !crate::k3::mac_carried(req.msg.mti()) {
-            return None;
-        }
-        let terminal = self.writer.terminal(req.terminal_id, false).await.ok()??;
-        keys.mac_key(&terminal)
     }
 
     /// K3: what the request's MAC says, for a terminal as read.
@@ -262,7 +238,7 @@ impl Switch {
         }
         match keys.mac_key(terminal) {
             Some(key) if crate::k3::mac_valid(&req.msg, &key) => Mac::Valid(key),
-            key => Mac::Failed(key),
+            _ => Mac::Failed,
         }
     }
 
@@ -271,7 +247,7 @@ impl Switch {
     async fn dispatch(
         &self,
         req: &Request<'_>,
-        seal: &mut Seal,
+        seal: &mut Option<Arc<iso8583::mac::MacKey>>,
         out: &mut BytesMut,
     ) -> Option<ResponseCode> {
         let mti = req.msg.mti().value();
@@ -304,7 +280,7 @@ impl Switch {
         let mut read_now = fresh;
         // K3, before the message is taken at its word in anything.
         let mut mac = self.mac(req, &terminal);
-        if !read_now && matches!(mac, Mac::Keyless | Mac::Failed(_)) {
+        if !read_now && matches!(mac, Mac::Keyless | Mac::Failed) {
             // Read a moment ago: it may have signed on since, with new keys
             // (on another switch process, whose reply this one never saw).
             terminal = match self.terminal(req, true).await {
@@ -316,8 +292,8 @@ impl Switch {
         }
         let keyless = matches!(mac, Mac::Keyless);
         match mac {
-            Mac::Valid(key) => *seal = Seal::With(key),
-            Mac::Failed(key) => {
+            Mac::Valid(key) => *seal = Some(key),
+            Mac::Failed => {
                 if kind == Some(Kind::Reversal) {
                     // A reversal the terminal cannot get heard leaves a sale
                     // it believes failed charged: said apart, and always.
@@ -336,10 +312,9 @@ impl Switch {
                         "MAC check failed: answered A0"
                     );
                 }
-                *seal = key.map_or(Seal::Without, Seal::With);
                 return Some(ResponseCode::MAC_FAILURE);
             }
-            Mac::NotCarried | Mac::Keyless => *seal = Seal::Without,
+            Mac::NotCarried | Mac::Keyless => {}
         }
         let Some(kind) = kind else {
             return Some(ResponseCode::INVALID_TRANSACTION);

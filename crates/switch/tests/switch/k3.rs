@@ -73,8 +73,8 @@ async fn rows_of(w: &World, terminal: &str) -> i64 {
 
 #[tokio::test]
 async fn a_sign_on_hands_out_working_keys_under_the_terminals_master_key() {
-    let w = world().await;
     let kdk = derivation_key(0x21);
+    let w = keyed_world(&kdk).await;
     let (_switch, addr, stop) = keyed_switch(&w, &kdk).await;
     let mut t = Terminal::connect(&addr, "T0000011", MERCHANT, w.dialect.clone())
         .await
@@ -110,8 +110,8 @@ async fn a_sign_on_hands_out_working_keys_under_the_terminals_master_key() {
 
 #[tokio::test]
 async fn a_request_with_a_missing_or_wrong_mac_is_answered_a0_and_never_reaches_the_issuer() {
-    let w = world().await;
     let kdk = derivation_key(0x22);
+    let w = keyed_world(&kdk).await;
     let (_switch, addr, stop) = keyed_switch(&w, &kdk).await;
     let mut t = keyed_terminal(&w, &addr, "T0000013", &kdk).await;
     let card = "6222020000000000041";
@@ -133,7 +133,8 @@ async fn a_request_with_a_missing_or_wrong_mac_is_answered_a0_and_never_reaches_
     frame[tampered + 4] = 0x90;
     let reply = t.exchange(&frame).await.unwrap();
     assert_eq!(reply.rc(), "A0");
-    assert_eq!(reply.mac_valid, Some(true), "the A0 is MACed: {reply:?}");
+    // Not sealed: a MAC of a message an outsider chose would forge others.
+    assert_eq!(reply.field(64), None, "{reply:?}");
 
     // No MAC at all, from a terminal that holds a key.
     let mut bare = Terminal::connect(&addr, "T0000013", MERCHANT, w.dialect.clone())
@@ -143,7 +144,7 @@ async fn a_request_with_a_missing_or_wrong_mac_is_answered_a0_and_never_reaches_
     bare.set_stan(500);
     let (_, reply) = buy(&mut bare, card, 3_000).await;
     assert_eq!(reply.rc(), "A0");
-    assert!(reply.field(64).is_some(), "sealed under the terminal's key");
+    assert_eq!(reply.field(64), None);
 
     // Neither was journalled nor charged; network management needs no MAC.
     assert_eq!(rows_of(&w, "T0000013").await, 1);
@@ -166,8 +167,8 @@ async fn a_request_with_a_missing_or_wrong_mac_is_answered_a0_and_never_reaches_
 
 #[tokio::test]
 async fn a_repeat_after_a_new_sign_on_hears_the_stored_reply_under_the_new_key() {
-    let w = world().await;
     let kdk = derivation_key(0x23);
+    let w = keyed_world(&kdk).await;
     let (_switch, addr, stop) = keyed_switch(&w, &kdk).await;
     let mut t = keyed_terminal(&w, &addr, "T0000014", &kdk).await;
     let card = "6222020000000000042";
@@ -188,8 +189,8 @@ async fn a_repeat_after_a_new_sign_on_hears_the_stored_reply_under_the_new_key()
 
 #[tokio::test]
 async fn keys_handed_out_by_another_switch_process_are_taken_at_once() {
-    let w = world().await;
     let kdk = derivation_key(0x24);
+    let w = keyed_world(&kdk).await;
     let (_a, a_addr, a_stop) = keyed_switch(&w, &kdk).await;
     let (_b, b_addr, b_stop) = keyed_switch(&w, &kdk).await;
     let card = "6222020000000000043";
@@ -221,13 +222,16 @@ async fn keys_handed_out_by_another_switch_process_are_taken_at_once() {
 
 #[tokio::test]
 async fn a_terminal_without_keys_signs_on_for_them_and_one_cached_without_them_is_read_again() {
-    let w = world().await;
     let kdk = derivation_key(0x27);
+    let mut w = world().await;
     let card = "6222020000000000044";
     // Signed on before the switch had a key: no keys.
     let mut old = w.signed_on("T0000016").await;
     let (stan, sale) = buy(&mut old, card, 500).await;
     assert_eq!(sale.rc(), "00");
+    // The switches are started again with the key (none may run without).
+    w.shutdown.cancel();
+    let _ = w.run.take().expect("running").await;
     let (_a, a_addr, a_stop) = keyed_switch(&w, &kdk).await;
     let (_b, b_addr, b_stop) = keyed_switch(&w, &kdk).await;
     let mut at_b = Terminal::connect(&b_addr, "T0000016", MERCHANT, w.dialect.clone())
@@ -270,9 +274,9 @@ async fn a_terminal_without_keys_signs_on_for_them_and_one_cached_without_them_i
 }
 
 #[tokio::test]
-async fn a_reversal_settlement_or_malformed_request_with_a_bad_mac_is_answered_sealed() {
-    let w = world().await;
+async fn a_reversal_settlement_or_malformed_request_with_a_bad_mac_is_answered_unsealed() {
     let kdk = derivation_key(0x28);
+    let w = keyed_world(&kdk).await;
     let (_switch, addr, stop) = keyed_switch(&w, &kdk).await;
     let mut t = keyed_terminal(&w, &addr, "T0000017", &kdk).await;
     let card = "6222020000000000045";
@@ -287,7 +291,7 @@ async fn a_reversal_settlement_or_malformed_request_with_a_bad_mac_is_answered_s
     frame[last] ^= 0x01;
     let reply = t.exchange(&frame).await.unwrap();
     assert_eq!(reply.rc(), "A0");
-    assert_eq!(reply.mac_valid, Some(true));
+    assert_eq!(reply.field(64), None, "an A0 is not sealed");
     assert_eq!(w.balance(card).await, before - 900);
     // Sent right, it reverses.
     let reply = t.exchange(&t.reversal(&of, "A0").unwrap()).await.unwrap();
@@ -313,7 +317,8 @@ async fn a_reversal_settlement_or_malformed_request_with_a_bad_mac_is_answered_s
         .await
         .unwrap();
     assert_eq!(batch as u32, t.batch, "not settled");
-    // Answered before K3 (K2: F60 cut short): 30, sealed all the same.
+    // Answered before K3 (K2: F60 cut short): 30, not sealed either (its
+    // MAC was never checked).
     let stan = t.next_stan();
     let short = t
         .request(
@@ -328,7 +333,7 @@ async fn a_reversal_settlement_or_malformed_request_with_a_bad_mac_is_answered_s
         .unwrap();
     let reply = t.exchange(&short).await.unwrap();
     assert_eq!(reply.rc(), "30");
-    assert_eq!(reply.mac_valid, Some(true), "{reply:?}");
+    assert_eq!(reply.field(64), None, "{reply:?}");
     stop.cancel();
 }
 
@@ -346,6 +351,9 @@ async fn a_switch_without_the_key_is_refused_until_the_keys_are_forgotten() {
     } = world().await;
     let key = own.key.clone();
     let kdk = derivation_key(0x29);
+    // The keyless one stops before a keyed one starts (none may run beside).
+    own_stop.cancel();
+    let _ = run.expect("running").await;
     let stop = CancellationToken::new();
     let config = || switch_config(&issuer_addr, |_| {});
     let (keyed, addr, keyed_run) =
@@ -365,32 +373,40 @@ async fn a_switch_without_the_key_is_refused_until_the_keys_are_forgotten() {
         )
         .await
     };
-    let Err(refused) = start().await else {
-        panic!("a switch without the derivation key started on keyed terminals");
-    };
-    assert!(
-        matches!(
-            refused,
-            switch::StartError::TerminalKeyMissing { terminals: 1 }
-        ),
-        "{refused}"
-    );
-    assert!(refused.to_string().contains("forget-keys"), "{refused}");
     // Not while a switch serves: it would go on under the keys it read.
     assert_eq!(
         switch::k3::forget_keys(&pool).await.unwrap(),
         switch::k3::Forgot::Serving
     );
     stop.cancel();
-    own_stop.cancel();
-    // Each run lets its lock go as it ends.
-    let _ = (keyed_run.await, run.expect("running").await);
+    // A run lets its locks go as it ends.
+    let _ = keyed_run.await;
     let _still_held = (keyed, own);
+    let Err(refused) = start().await else {
+        panic!("a switch without the derivation key started on keyed terminals");
+    };
+    assert!(
+        matches!(
+            refused,
+            switch::StartError::TerminalKeyMissing { terminals: 1, .. }
+        ),
+        "{refused}"
+    );
+    let check = hex::encode_upper(&kdk.check_value()[..3]);
+    assert!(
+        refused
+            .to_string()
+            .contains(&format!("check value {check}")),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("forget-keys"), "{refused}");
+    // The refused start let its locks go at once.
     assert_eq!(
         switch::k3::forget_keys(&pool).await.unwrap(),
         switch::k3::Forgot::Keys(1)
     );
-    assert!(start().await.is_ok());
+    let started = start().await.unwrap_or_else(|e| panic!("{e}"));
+    switch::k3::stop_serving(&started).await;
     // And another key may start now: the terminals sign on again under it.
     let other = derivation_key(0x2A);
     let stop = CancellationToken::new();
@@ -406,7 +422,7 @@ async fn a_switch_without_the_key_is_refused_until_the_keys_are_forgotten() {
 
 #[tokio::test]
 async fn a_switch_with_another_derivation_key_is_refused_at_start() {
-    let w = world().await;
+    let w = keyed_world(&derivation_key(0x25)).await;
     let (_switch, _addr, stop) = keyed_switch(&w, &derivation_key(0x25)).await;
     let pool = switch::connect(&w.url, 2).await.unwrap();
     let Err(refused) = switch::start(
@@ -437,4 +453,55 @@ async fn a_switch_with_another_derivation_key_is_refused_at_start() {
     );
     assert!(refused.to_string().contains("A0"), "{refused}");
     stop.cancel();
+}
+
+#[tokio::test]
+async fn switches_with_and_without_the_key_never_serve_one_journal_together() {
+    let kdk = derivation_key(0x2C);
+    let w = keyed_world(&kdk).await;
+    let start = |keys: Option<DerivationKey>| {
+        let (url, issuer, key) = (w.url.clone(), w.issuer_addr.clone(), w.switch.key.clone());
+        async move {
+            switch::start(
+                Arc::new(switch_config(&issuer, |_| {})),
+                switch::connect(&url, 2).await.unwrap(),
+                key,
+                keys,
+                &CancellationToken::new(),
+            )
+            .await
+        }
+    };
+    // Beside a keyed one, one without: refused, whatever the journal holds.
+    let Err(refused) = start(None).await else {
+        panic!("a switch without the key started beside one with it");
+    };
+    assert!(
+        matches!(refused, switch::StartError::OtherKind { keyed: false }),
+        "{refused}"
+    );
+    assert!(
+        refused
+            .to_string()
+            .contains("with a terminal master derivation key serves")
+    );
+    // Another with the key is welcome.
+    assert!(start(Some(kdk.clone())).await.is_ok());
+    // And the other way round: beside one without, one with is refused.
+    let plain = world().await;
+    let Err(refused) = switch::start(
+        Arc::new(switch_config(&plain.issuer_addr, |_| {})),
+        switch::connect(&plain.url, 2).await.unwrap(),
+        plain.switch.key.clone(),
+        Some(kdk),
+        &CancellationToken::new(),
+    )
+    .await
+    else {
+        panic!("a switch with the key started beside one without it");
+    };
+    assert!(
+        matches!(refused, switch::StartError::OtherKind { keyed: true }),
+        "{refused}"
+    );
 }
