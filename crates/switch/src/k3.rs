@@ -149,53 +149,137 @@ pub async fn check_derivation_key(
     .bind(&check)
     .fetch_one(pool)
     .await?;
+    // Compared by its first 3 bytes: a journal of a build that kept the
+    // whole block keeps it.
     Ok(match stored {
-        Some(s) if s != check => Err(s),
+        Some(s) if s.get(..3) != Some(&check[..]) => Err(s),
         _ => Ok(()),
     })
 }
 
-/// For a switch started without a derivation key: `Some(terminals
-/// holding keys)` when the journal's terminals got keys under one (its
-/// check value is recorded), `None` when it never handed any out or they
-/// were given up ([`forget_keys`]).
-pub async fn keys_without_a_key(pool: &PgPool) -> Result<Option<i64>, sqlx::Error> {
-    let (recorded, keyed): (bool, i64) = sqlx::query_as(
-        "SELECT EXISTS (SELECT 1 FROM meta WHERE terminal_key_check IS NOT NULL),
+/// For a switch started without a derivation key: `Some((terminals
+/// holding keys, the check value kept))` when the journal's terminals got
+/// keys under one, `None` when it never handed any out or they were given
+/// up ([`forget_keys`]).
+pub async fn keys_without_a_key(
+    pool: &PgPool,
+) -> Result<Option<(i64, Option<Vec<u8>>)>, sqlx::Error> {
+    let (recorded, keyed): (Option<Vec<u8>>, i64) = sqlx::query_as(
+        "SELECT (SELECT terminal_key_check FROM meta),
                 (SELECT count(*) FROM terminals WHERE working_keys IS NOT NULL)",
     )
     .fetch_one(pool)
     .await?;
-    Ok((recorded || keyed > 0).then_some(keyed))
+    Ok((recorded.is_some() || keyed > 0)
+        .then(|| (keyed, recorded.map(|r| r[..3.min(r.len())].to_vec()))))
 }
 
 /// The advisory lock every serving switch holds shared for as long as it
 /// runs, so that [`forget_keys`] can tell none is.
 const SERVING: i64 = 0x5357_4B33;
+/// Held shared as well by a switch with a derivation key...
+const KEYED: i64 = 0x5357_4B34;
+/// ...and by one without.
+const KEYLESS: i64 = 0x5357_4B35;
 
-/// A connection holding [`SERVING`] shared: a switch serves on this
-/// database until it is dropped (the lock goes with the connection, a
-/// killed process's too).
-pub async fn hold_serving(pool: &PgPool) -> Result<sqlx::PgConnection, sqlx::Error> {
+/// A connection holding [`SERVING`] shared, and [`KEYED`] or [`KEYLESS`]:
+/// a switch serves on this database until it is dropped (the locks go
+/// with the connection, a killed process's too). `Ok(Err(()))`: a switch
+/// of the other kind serves on it. A switch without the key beside one
+/// with it would approve every unMACed request of a terminal that got keys
+/// from the other, and its sign-ons would take keys away.
+pub async fn hold_serving(
+    pool: &PgPool,
+    keyed: bool,
+) -> Result<Result<sqlx::PgConnection, ()>, sqlx::Error> {
     use sqlx::Connection;
+    let (own, other) = if keyed {
+        (KEYED, KEYLESS)
+    } else {
+        (KEYLESS, KEYED)
+    };
     let mut conn = sqlx::PgConnection::connect_with(&pool.connect_options()).await?;
-    sqlx::query("SELECT pg_advisory_lock_shared($1)")
+    sqlx::query("SELECT pg_advisory_lock_shared($1), pg_advisory_lock_shared($2)")
         .bind(SERVING)
+        .bind(own)
         .execute(&mut conn)
         .await?;
-    Ok(conn)
+    // Its own taken first: of two starts of either kind at one moment, the
+    // second to try sees the first.
+    let alone: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(other)
+        .fetch_one(&mut conn)
+        .await?;
+    if !alone {
+        let _ = conn.close().await;
+        return Ok(Err(()));
+    }
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(other)
+        .execute(&mut conn)
+        .await?;
+    Ok(Ok(conn))
+}
+
+/// At a switch's start: its locks taken ([`hold_serving`]), then its
+/// derivation key checked against the journal's, or, without one, that
+/// the journal's terminals got no keys under one. On a refusal the locks
+/// go at once, so that what the operator does next (`forget-keys`, another
+/// start) does not meet them.
+pub async fn serve(
+    pool: &PgPool,
+    derivation: Option<DerivationKey>,
+) -> Result<(sqlx::PgConnection, Option<TerminalKeys>), crate::StartError> {
+    use crate::StartError;
+    // Taken before the keys are checked: a `terminals forget-keys` from
+    // now on sees this switch and waits for it to stop.
+    let keyed = derivation.is_some();
+    let Ok(conn) = hold_serving(pool, keyed).await? else {
+        return Err(StartError::OtherKind { keyed });
+    };
+    let keys = derivation.map(TerminalKeys::new);
+    let refused = match &keys {
+        Some(keys) => check_derivation_key(pool, keys)
+            .await?
+            .err()
+            .map(|recorded| StartError::TerminalKeyMismatch {
+                given: hex::encode_upper(keys.check_value()),
+                recorded: hex::encode_upper(recorded),
+            }),
+        // Without the key no MAC can be checked: a fleet whose terminals
+        // hold keys would be served unauthenticated (and would reverse
+        // every reply, unsealed). Keys are given up on purpose, with
+        // `switchyard terminals forget-keys`.
+        None => keys_without_a_key(pool)
+            .await?
+            .map(|(terminals, recorded)| StartError::TerminalKeyMissing {
+                terminals,
+                recorded: recorded.map_or("none kept".into(), hex::encode_upper),
+            }),
+    };
+    match refused {
+        Some(e) => {
+            release(conn).await;
+            Err(e)
+        }
+        None => Ok((conn, keys)),
+    }
+}
+
+/// Lets every lock of a connection go and closes it.
+async fn release(mut conn: sqlx::PgConnection) {
+    use sqlx::Connection;
+    let _ = sqlx::query("SELECT pg_advisory_unlock_all()")
+        .execute(&mut conn)
+        .await;
+    let _ = conn.close().await;
 }
 
 /// Lets the lock of [`hold_serving`] go, at the end of a run: a
 /// `forget-keys` right after a switch stopped sees it stopped.
 pub async fn stop_serving(switch: &crate::Switch) {
-    use sqlx::Connection;
-    if let Some(mut conn) = switch.serving.lock().await.take() {
-        let _ = sqlx::query("SELECT pg_advisory_unlock_shared($1)")
-            .bind(SERVING)
-            .execute(&mut conn)
-            .await;
-        let _ = conn.close().await;
+    if let Some(conn) = switch.serving.lock().await.take() {
+        release(conn).await;
     }
 }
 

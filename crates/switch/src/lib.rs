@@ -85,13 +85,27 @@ pub enum StartError {
     #[error(
         "no terminal master derivation key (keys.terminal_master_derivation_key_file or \
          SWITCHYARD_TERMINAL_MASTER_DERIVATION_KEY), but this journal's terminals got working \
-         keys under one ({terminals} hold keys now): without it no MAC is checked. Give the key; \
+         keys under one (check value {recorded}; {terminals} hold keys now): without it no MAC is \
+         checked. Give the key; \
          or, to stop MACs on purpose, `switchyard terminals forget-keys` (every terminal then \
          signs on again without keys)"
     )]
     TerminalKeyMissing {
         /// How many terminals hold keys.
         terminals: i64,
+        /// The check value of the key they got them under.
+        recorded: String,
+    },
+    /// A switch with a derivation key where one without serves, or the
+    /// other way round.
+    #[error(
+        "{}: a switch with the derivation key and one without cannot serve one journal together (the one without would take unMACed requests from terminals the other gave keys, and take their keys away at sign-on). Stop every switch on it, then start them all {}",
+        if *keyed { "a switch without a terminal master derivation key serves on this database" } else { "a switch with a terminal master derivation key serves on this database" },
+        if *keyed { "with the key" } else { "the same way" }
+    )]
+    OtherKind {
+        /// Whether the refused switch had the key.
+        keyed: bool,
     },
 }
 
@@ -307,29 +321,7 @@ pub async fn start(
     }
     migrate(&pool).await?;
     check_key(&pool, &key).await?;
-    // Taken before the keys are checked: a `terminals forget-keys` from
-    // now on sees this switch and waits for it to stop.
-    let serving = k3::hold_serving(&pool).await?;
-    let terminal_keys = terminal_keys.map(k3::TerminalKeys::new);
-    match &terminal_keys {
-        Some(keys) => {
-            if let Err(recorded) = k3::check_derivation_key(&pool, keys).await? {
-                return Err(StartError::TerminalKeyMismatch {
-                    given: hex::encode_upper(keys.check_value()),
-                    recorded: hex::encode_upper(recorded),
-                });
-            }
-        }
-        None => {
-            // Without the key no MAC can be checked: a fleet whose
-            // terminals hold keys would be served unauthenticated (and
-            // would reverse every reply, unsealed). Keys are given up on
-            // purpose, with `switchyard terminals forget-keys`.
-            if let Some(terminals) = k3::keys_without_a_key(&pool).await? {
-                return Err(StartError::TerminalKeyMissing { terminals });
-            }
-        }
-    }
+    let (serving, terminal_keys) = k3::serve(&pool, terminal_keys).await?;
     let kept = keep_acquirer_of_older_rows(&pool, &config).await?;
     if kept > 0 {
         tracing::info!(

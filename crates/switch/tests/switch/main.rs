@@ -205,14 +205,33 @@ async fn world_with(tweak: impl FnOnce(&mut Config)) -> World {
 
 /// A world whose issuer's connections have PostgreSQL `settings`.
 async fn world_on(tweak: impl FnOnce(&mut Config), issuer_settings: &[(&str, &str)]) -> World {
+    world_of(tweak, issuer_settings, None).await
+}
+
+/// A world whose switch hands out terminal working keys (K3).
+async fn keyed_world(kdk: &switch::DerivationKey) -> World {
+    world_of(|_| {}, &[], Some(kdk.clone())).await
+}
+
+async fn world_of(
+    tweak: impl FnOnce(&mut Config),
+    issuer_settings: &[(&str, &str)],
+    terminal_keys: Option<switch::DerivationKey>,
+) -> World {
     capture_logs();
     let url = embedded_pg::test_database().await;
     let (issuer, issuer_key, issuer_addr, issuer_pool, _stop) =
         start_issuer(&url, issuer_settings).await;
     let shutdown = CancellationToken::new();
     let config = switch_config(&issuer_addr, tweak);
-    let (switch, switch_addr, run) =
-        start_switch(&url, config, PanHashKey::generate(), &shutdown).await;
+    let (switch, switch_addr, run) = start_switch_keyed(
+        &url,
+        config,
+        PanHashKey::generate(),
+        terminal_keys,
+        &shutdown,
+    )
+    .await;
     World {
         pool: switch.pool.clone(),
         url,

@@ -159,12 +159,12 @@ pub async fn master_key(args: &MasterKeyArgs) -> Result<(), Failure> {
             .await
             .context("reading the journal's derivation key check value")?
             .flatten();
-        if let Some(recorded) = recorded.filter(|r| r[..] != check[..3]) {
+        if let Some(recorded) = recorded.filter(|r| r.get(..3) != Some(&check[..3])) {
             return Err(Failure::Input(anyhow!(
                 "this derivation key (check value {}) is not the one the journal's terminals got \
                  their working keys under (check value {}): TMKs from it would not take their keys",
                 hex::encode_upper(&check[..3]),
-                hex::encode_upper(recorded)
+                hex::encode_upper(&recorded[..3.min(recorded.len())])
             )));
         }
         let known: Vec<String> = sqlx::query_scalar("SELECT id FROM terminals WHERE id = ANY($1)")
