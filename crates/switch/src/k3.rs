@@ -181,6 +181,8 @@ const SERVING: i64 = 0x5357_4B33;
 const KEYED: i64 = 0x5357_4B34;
 /// ...and by one without.
 const KEYLESS: i64 = 0x5357_4B35;
+/// Held for the moment a starting switch takes its locks.
+const STARTING: i64 = 0x5357_4B36;
 
 /// A connection holding [`SERVING`] shared, and [`KEYED`] or [`KEYLESS`]:
 /// a switch serves on this database until it is dropped (the locks go
@@ -198,26 +200,43 @@ pub async fn hold_serving(
     } else {
         (KEYLESS, KEYED)
     };
-    let mut conn = sqlx::PgConnection::connect_with(&pool.connect_options()).await?;
+    // Named, so that an operator finds it in pg_stat_activity, and never
+    // timed out for being idle (its locks would go with it).
+    let options = pool
+        .connect_options()
+        .as_ref()
+        .clone()
+        .application_name("switchyard serve (K3 lock)")
+        .options([("idle_session_timeout", "0")]);
+    let mut conn = sqlx::PgConnection::connect_with(&options).await?;
+    // One start at a time takes its locks and looks for the other kind's:
+    // two starts at one moment never see each other's look as a switch.
+    let mut tx = conn.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(STARTING)
+        .execute(&mut *tx)
+        .await?;
+    // Session locks: they outlive the transaction, until let go.
     sqlx::query("SELECT pg_advisory_lock_shared($1), pg_advisory_lock_shared($2)")
         .bind(SERVING)
         .bind(own)
-        .execute(&mut conn)
+        .execute(&mut *tx)
         .await?;
-    // Its own taken first: of two starts of either kind at one moment, the
-    // second to try sees the first.
     let alone: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
         .bind(other)
-        .fetch_one(&mut conn)
+        .fetch_one(&mut *tx)
         .await?;
+    if alone {
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(other)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
     if !alone {
-        let _ = conn.close().await;
+        release(conn).await;
         return Ok(Err(()));
     }
-    sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(other)
-        .execute(&mut conn)
-        .await?;
     Ok(Ok(conn))
 }
 
@@ -230,21 +249,30 @@ pub async fn serve(
     pool: &PgPool,
     derivation: Option<DerivationKey>,
 ) -> Result<(sqlx::PgConnection, Option<TerminalKeys>), crate::StartError> {
+    let keys = derivation.map(TerminalKeys::new);
+    let conn = lock_and_check(pool, keys.as_ref()).await?;
+    Ok((conn, keys))
+}
+
+/// [`serve`]'s locks and checks, for `keys` already made.
+async fn lock_and_check(
+    pool: &PgPool,
+    keys: Option<&TerminalKeys>,
+) -> Result<sqlx::PgConnection, crate::StartError> {
     use crate::StartError;
     // Taken before the keys are checked: a `terminals forget-keys` from
     // now on sees this switch and waits for it to stop.
-    let keyed = derivation.is_some();
+    let keyed = keys.is_some();
     let Ok(conn) = hold_serving(pool, keyed).await? else {
         return Err(StartError::OtherKind { keyed });
     };
-    let keys = derivation.map(TerminalKeys::new);
-    let refused = match &keys {
+    let refused = match keys {
         Some(keys) => check_derivation_key(pool, keys)
             .await?
             .err()
             .map(|recorded| StartError::TerminalKeyMismatch {
                 given: hex::encode_upper(keys.check_value()),
-                recorded: hex::encode_upper(recorded),
+                recorded: hex::encode_upper(&recorded[..3.min(recorded.len())]),
             }),
         // Without the key no MAC can be checked: a fleet whose terminals
         // hold keys would be served unauthenticated (and would reverse
@@ -262,7 +290,60 @@ pub async fn serve(
             release(conn).await;
             Err(e)
         }
-        None => Ok((conn, keys)),
+        None => Ok(conn),
+    }
+}
+
+/// While the switch runs: the connection holding its locks is looked at
+/// every second. Lost (the database restarted, a backend was ended), its
+/// locks went with it, and with them what keeps `forget-keys` and a switch
+/// of the other kind away: they are taken again, with the start's checks.
+/// Should those now refuse (a switch of the other kind came meanwhile, the
+/// keys were forgotten under it), the switch stops.
+pub async fn keep_serving(
+    switch: std::sync::Arc<crate::Switch>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lost = false;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut held = switch.serving.lock().await;
+        if !lost {
+            // None: let go at the end of the run.
+            let Some(conn) = held.as_mut() else {
+                return;
+            };
+            if sqlx::query("SELECT 1").execute(&mut *conn).await.is_ok() {
+                continue;
+            }
+            tracing::warn!(
+                "the connection holding this switch's K3 locks is gone (the database \
+                 restarted?): taking them again"
+            );
+            *held = None;
+            lost = true;
+        }
+        match lock_and_check(&switch.pool, switch.terminal_keys.as_ref()).await {
+            Ok(conn) => {
+                *held = Some(conn);
+                lost = false;
+                tracing::info!("K3 locks taken again");
+            }
+            // The database still away: tried again in a second.
+            Err(crate::StartError::Database(e)) => {
+                tracing::debug!(error = %e, "K3 locks not taken yet");
+            }
+            Err(refused) => {
+                tracing::error!("{refused}: this switch stops");
+                shutdown.cancel();
+                return;
+            }
+        }
     }
 }
 

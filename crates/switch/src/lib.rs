@@ -101,7 +101,7 @@ pub enum StartError {
     #[error(
         "{}: a switch with the derivation key and one without cannot serve one journal together (the one without would take unMACed requests from terminals the other gave keys, and take their keys away at sign-on). Stop every switch on it, then start them all {}",
         if *keyed { "a switch without a terminal master derivation key serves on this database" } else { "a switch with a terminal master derivation key serves on this database" },
-        if *keyed { "with the key" } else { "the same way" }
+        if *keyed { "with the key" } else { "with the key too, or forget its keys (`switchyard terminals forget-keys`) once all are stopped" }
     )]
     OtherKind {
         /// Whether the refused switch had the key.
@@ -420,6 +420,7 @@ pub async fn start(
 /// at the issuer is reversed by the next start).
 pub async fn run(listener: TcpListener, switch: Arc<Switch>, shutdown: CancellationToken) -> bool {
     let advices = tokio::spawn(advice::run(switch.clone(), shutdown.clone()));
+    let locks = tokio::spawn(k3::keep_serving(switch.clone(), shutdown.clone()));
     let stats = tokio::spawn(log_batches(switch.clone(), shutdown.clone()));
     let frontend = tokio::spawn(frontend::serve(listener, switch.clone(), shutdown.clone()));
     shutdown.cancelled().await;
@@ -432,9 +433,13 @@ pub async fn run(listener: TcpListener, switch: Arc<Switch>, shutdown: Cancellat
             false
         }
     };
-    let _ = stats.await;
+    let _ = (stats.await, locks.await);
     switch.links_stop.cancel();
-    k3::stop_serving(&switch).await;
+    if drained {
+        // Nothing of this switch's is left deciding: the locks may go.
+        // Otherwise they go with the process (or the dropped switch).
+        k3::stop_serving(&switch).await;
+    }
     drained && advices_done
 }
 

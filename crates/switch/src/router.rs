@@ -225,14 +225,21 @@ impl Switch {
 
     /// K3: what the request's MAC says, for a terminal as read.
     fn mac(&self, req: &Request<'_>, terminal: &Terminal) -> Mac {
-        let Some(keys) = &self.terminal_keys else {
-            // A switch without a derivation key starts only on a journal
-            // whose terminals hold no keys (`k3::keys_without_a_key`).
-            return Mac::NotCarried;
-        };
         if !crate::k3::mac_carried(req.msg.mti()) {
             return Mac::NotCarried;
         }
+        let Some(keys) = &self.terminal_keys else {
+            // A switch without a derivation key starts only on a journal
+            // whose terminals hold no keys, and never beside one that
+            // hands them out. Should it meet a terminal that holds keys
+            // all the same (its locks lost with a database restart), it
+            // takes nothing from it that it cannot check.
+            return if terminal.working_keys.is_some() {
+                Mac::Failed
+            } else {
+                Mac::NotCarried
+            };
+        };
         if terminal.working_keys.is_none() {
             return Mac::Keyless;
         }
@@ -360,6 +367,16 @@ impl Switch {
             };
         }
         match kind {
+            Kind::SignOn if self.terminal_keys.is_none() && terminal.working_keys.is_some() => {
+                // Its keys came from a switch with the derivation key: one
+                // without does not take them away (`forget-keys` does).
+                warn!(
+                    terminal = req.terminal_id,
+                    "sign-on of a terminal holding working keys, on a switch without the \
+                     derivation key: answered A0"
+                );
+                Some(ResponseCode::MAC_FAILURE)
+            }
             Kind::SignOn => {
                 // K3: fresh working keys at every sign-on, when the switch
                 // hands them out; none, and the old ones void, when not.

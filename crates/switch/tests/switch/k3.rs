@@ -505,3 +505,117 @@ async fn switches_with_and_without_the_key_never_serve_one_journal_together() {
         "{refused}"
     );
 }
+
+#[tokio::test]
+async fn switches_of_one_kind_starting_together_all_start() {
+    let kdk = derivation_key(0x2D);
+    let w = keyed_world(&kdk).await;
+    let starts = (0..6).map(|_| {
+        let (url, issuer, key, kdk) = (
+            w.url.clone(),
+            w.issuer_addr.clone(),
+            w.switch.key.clone(),
+            kdk.clone(),
+        );
+        tokio::spawn(async move {
+            let started = switch::start(
+                Arc::new(switch_config(&issuer, |_| {})),
+                switch::connect(&url, 2).await.unwrap(),
+                key,
+                Some(kdk),
+                &CancellationToken::new(),
+            )
+            .await;
+            match started {
+                Ok(s) => {
+                    switch::k3::stop_serving(&s).await;
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    });
+    for started in starts.collect::<Vec<_>>() {
+        assert_eq!(started.await.unwrap(), Ok(()));
+    }
+}
+
+#[tokio::test]
+async fn a_switch_that_lost_its_locks_takes_them_again() {
+    let kdk = derivation_key(0x2E);
+    let w = keyed_world(&kdk).await;
+    keyed_terminal(&w, &w.switch_addr, "T0000020", &kdk).await;
+    let holder = || async {
+        sqlx::query_scalar::<_, i32>(
+            "SELECT pid FROM pg_stat_activity
+             WHERE application_name = 'switchyard serve (K3 lock)' AND datname = current_database()",
+        )
+        .fetch_all(&w.pool)
+        .await
+        .unwrap()
+    };
+    let before = holder().await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    // The backend holding them ends (as at a database restart).
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(before[0])
+        .execute(&w.pool)
+        .await
+        .unwrap();
+    until(
+        &w.pool,
+        Duration::from_secs(10),
+        "the locks to be taken again",
+        // SERVING (0x53574B33) granted to the new holder.
+        &format!(
+            "SELECT count(*) = 1 FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'switchyard serve (K3 lock)' AND a.pid <> {}
+               AND a.datname = current_database()
+               AND l.locktype = 'advisory' AND l.objid = {} AND l.granted",
+            before[0], 0x5357_4B33
+        ),
+    )
+    .await;
+    // Held again: keys are not forgotten under a serving switch.
+    assert_eq!(
+        switch::k3::forget_keys(&w.pool).await.unwrap(),
+        switch::k3::Forgot::Serving
+    );
+}
+
+#[tokio::test]
+async fn a_switch_without_the_key_takes_nothing_unchecked_from_a_terminal_holding_keys() {
+    let w = world().await;
+    let card = "6222020000000000047";
+    // Signed on through another switch: this one reads it afresh.
+    let (_other, other_addr, other_stop) = w.another_switch().await;
+    let mut t = Terminal::connect(&other_addr, "T0000019", MERCHANT, w.dialect.clone())
+        .await
+        .unwrap();
+    assert_eq!(t.sign_on().await.unwrap().rc(), "00");
+    other_stop.cancel();
+    t.reconnect(&w.switch_addr).await.unwrap();
+    // Keys handed out behind its back (a keyed switch while this one's
+    // locks were lost).
+    let kdk = derivation_key(0x2F);
+    let f62 = WorkingKeys::new(iso8583::keys::KeySet::Single, &[7; 16])
+        .to_f62(&kdk.master_key("T0000019"));
+    sqlx::query("UPDATE terminals SET working_keys = $1 WHERE id = 'T0000019'")
+        .bind(&f62)
+        .execute(&w.pool)
+        .await
+        .unwrap();
+    let before = w.balance(card).await;
+    let (_, reply) = buy(&mut t, card, 300).await;
+    assert_eq!(reply.rc(), "A0", "{reply:?}");
+    assert_eq!(w.balance(card).await, before);
+    // Nor does its sign-on take the keys away.
+    let reply = t.sign_on().await.unwrap();
+    assert_eq!(reply.rc(), "A0");
+    let kept: Option<Vec<u8>> =
+        sqlx::query_scalar("SELECT working_keys FROM terminals WHERE id = 'T0000019'")
+            .fetch_one(&w.pool)
+            .await
+            .unwrap();
+    assert_eq!(kept, Some(f62));
+}
