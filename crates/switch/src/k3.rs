@@ -318,7 +318,8 @@ pub async fn keep_serving(
             let Some(conn) = held.as_mut() else {
                 return;
             };
-            if sqlx::query("SELECT 1").execute(&mut *conn).await.is_ok() {
+            let ping = sqlx::query("SELECT 1").execute(&mut *conn);
+            if let Ok(Ok(_)) = tokio::time::timeout(std::time::Duration::from_secs(5), ping).await {
                 continue;
             }
             tracing::warn!(
@@ -328,7 +329,13 @@ pub async fn keep_serving(
             *held = None;
             lost = true;
         }
-        match lock_and_check(&switch.pool, switch.terminal_keys.as_ref()).await {
+        // A database still away may take its time to say so: a stop does not
+        // wait for it.
+        let taken = tokio::select! {
+            taken = lock_and_check(&switch.pool, switch.terminal_keys.as_ref()) => taken,
+            () = shutdown.cancelled() => return,
+        };
+        match taken {
             Ok(conn) => {
                 *held = Some(conn);
                 lost = false;
