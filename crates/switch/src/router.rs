@@ -212,7 +212,7 @@ impl Switch {
             debug!(rc = %rc, "answered by the switch");
             self.reply_code(req, out, rc, None);
         }
-        // Only a request whose MAC was checked gets a sealed reply. The
+        // Only a request whose MAC was verified gets a sealed reply. The
         // UnionPay POS MAC depends on nothing but the XOR of the message's
         // 8-byte blocks: a reply sealed for anyone (an A0, a 30) would be a
         // MAC under the terminal's key of a block XOR an outsider chose, and
@@ -303,8 +303,9 @@ impl Switch {
             Mac::Failed => {
                 if kind == Some(Kind::Reversal) {
                     // A reversal the terminal cannot get heard leaves a sale
-                    // it believes failed charged: said apart, and always.
-                    warn!(
+                    // it believes failed charged: said apart (a place of its
+                    // own, so other A0s never leave it out).
+                    warn_repeated!(
                         terminal = req.terminal_id,
                         stan = req.stan,
                         f64 = if req.msg.has(64) { "wrong" } else { "missing" },
