@@ -250,14 +250,18 @@ pub async fn serve(
     derivation: Option<DerivationKey>,
 ) -> Result<(sqlx::PgConnection, Option<TerminalKeys>), crate::StartError> {
     let keys = derivation.map(TerminalKeys::new);
-    let conn = lock_and_check(pool, keys.as_ref()).await?;
+    let conn = lock_and_check(pool, keys.as_ref(), false).await?;
     Ok((conn, keys))
 }
 
-/// [`serve`]'s locks and checks, for `keys` already made.
+/// [`serve`]'s locks and checks, for `keys` already made. `again`: taken
+/// again by a running switch, which records no check value: the journal
+/// must still keep its own (none kept means the keys were forgotten while
+/// its locks were away, and it must not go on as if it handed them out).
 async fn lock_and_check(
     pool: &PgPool,
     keys: Option<&TerminalKeys>,
+    again: bool,
 ) -> Result<sqlx::PgConnection, crate::StartError> {
     use crate::StartError;
     // Taken before the keys are checked: a `terminals forget-keys` from
@@ -267,6 +271,20 @@ async fn lock_and_check(
         return Err(StartError::OtherKind { keyed });
     };
     let refused = match keys {
+        Some(keys) if again => {
+            let kept: Option<Vec<u8>> = sqlx::query_scalar("SELECT terminal_key_check FROM meta")
+                .fetch_optional(pool)
+                .await?
+                .flatten();
+            match kept {
+                Some(k) if k.get(..3) == Some(&keys.check_value()[..]) => None,
+                Some(k) => Some(StartError::TerminalKeyMismatch {
+                    given: hex::encode_upper(keys.check_value()),
+                    recorded: hex::encode_upper(&k[..3.min(k.len())]),
+                }),
+                None => Some(StartError::TerminalKeysForgotten),
+            }
+        }
         Some(keys) => check_derivation_key(pool, keys)
             .await?
             .err()
@@ -332,7 +350,7 @@ pub async fn keep_serving(
         // A database still away may take its time to say so: a stop does not
         // wait for it.
         let taken = tokio::select! {
-            taken = lock_and_check(&switch.pool, switch.terminal_keys.as_ref()) => taken,
+            taken = lock_and_check(&switch.pool, switch.terminal_keys.as_ref(), true) => taken,
             () = shutdown.cancelled() => return,
         };
         match taken {

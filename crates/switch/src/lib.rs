@@ -96,6 +96,13 @@ pub enum StartError {
         /// The check value of the key they got them under.
         recorded: String,
     },
+    /// The terminals' keys were forgotten while a running switch's locks
+    /// were away (a database restart): it stops rather than go on.
+    #[error(
+        "the terminals' working keys were forgotten (`switchyard terminals forget-keys`) while \
+         this switch's K3 locks were away: it stops; start the switches again as wanted"
+    )]
+    TerminalKeysForgotten,
     /// A switch with a derivation key where one without serves, or the
     /// other way round.
     #[error(

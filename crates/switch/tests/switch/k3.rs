@@ -619,3 +619,46 @@ async fn a_switch_without_the_key_takes_nothing_unchecked_from_a_terminal_holdin
             .unwrap();
     assert_eq!(kept, Some(f62));
 }
+
+#[tokio::test]
+async fn a_switch_whose_keys_were_forgotten_while_its_locks_were_away_stops() {
+    let kdk = derivation_key(0x30);
+    let mut w = keyed_world(&kdk).await;
+    keyed_terminal(&w, &w.switch_addr, "T0000020", &kdk).await;
+    let holder: i32 = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity
+         WHERE application_name = 'switchyard serve (K3 lock)' AND datname = current_database()",
+    )
+    .fetch_one(&w.pool)
+    .await
+    .unwrap();
+    // Its locks taken again only once this lets go of the start lock.
+    let mut starts = w.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(0x5357_4B36_i64)
+        .execute(&mut *starts)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(holder)
+        .execute(&w.pool)
+        .await
+        .unwrap();
+    until(
+        &w.pool,
+        Duration::from_secs(10),
+        "the lock holder to be gone",
+        &format!("SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = {holder})"),
+    )
+    .await;
+    // In the gap the keys are forgotten.
+    assert_eq!(
+        switch::k3::forget_keys(&w.pool).await.unwrap(),
+        switch::k3::Forgot::Keys(1)
+    );
+    starts.commit().await.unwrap();
+    // The switch does not go on as if it handed them out: it stops.
+    let run = w.run.take().expect("running");
+    let stopped = tokio::time::timeout(Duration::from_secs(30), run).await;
+    assert!(stopped.is_ok(), "the switch went on serving");
+}
