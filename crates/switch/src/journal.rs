@@ -1659,7 +1659,8 @@ pub struct Settlement<'a> {
     pub batch: i32,
     /// F48 as the terminal sent it.
     pub terminal_totals: &'a str,
-    /// The journal's figures.
+    /// The journal's figures, each part with the reconciliation code the
+    /// reply gave it (1 matched, 2 not).
     pub switch_totals: &'a str,
     /// Whether they agree.
     pub balanced: bool,

@@ -879,7 +879,9 @@ impl Switch {
                     merchant_id: req.merchant_id,
                     batch,
                     terminal_totals: &given,
-                    switch_totals: &ours,
+                    // The journal's figures with the codes the reply gave
+                    // each part (a part that matches is the terminal's).
+                    switch_totals: &reply_totals,
                     balanced,
                     operator: req.operator(),
                     reply: self.body(out),

@@ -937,6 +937,17 @@ async fn settlement_balances_or_not_closes_the_batch_and_upload_is_recorded() {
     .await
     .unwrap();
     assert_eq!(balanced, [true, false]);
+    // The report shows the switch's figures with the codes it answered.
+    let report = switch::audit::settlement_report(&w.pool, "T0000015", t.batch as i32)
+        .await
+        .unwrap()
+        .to_text();
+    assert!(
+        report.contains(
+            "switch   domestic debits 700 fen (1), credits 0 fen (0), code 2; foreign debits 0 fen (0), credits 0 fen (0), code 1"
+        ),
+        "{report}"
+    );
 }
 
 #[tokio::test]
