@@ -365,6 +365,9 @@ pub async fn keep_serving(
             }
             Err(refused) => {
                 tracing::error!("{refused}: this switch stops");
+                if let Ok(mut why) = switch.stopped_because.lock() {
+                    *why = Some(refused.to_string());
+                }
                 shutdown.cancel();
                 return;
             }

@@ -416,6 +416,7 @@ pub async fn start(
         links_stop,
         abandoned: Default::default(),
         serving: tokio::sync::Mutex::new(Some(serving)),
+        stopped_because: std::sync::Mutex::new(None),
     }))
 }
 

@@ -58,6 +58,9 @@ pub struct Switch {
     /// Holds the lock that says a switch serves on this database
     /// (`k3::hold_serving`) until [`crate::run`] ends (or the process).
     pub(crate) serving: tokio::sync::Mutex<Option<sqlx::PgConnection>>,
+    /// Why the switch stopped itself, when it did: its K3 locks, taken
+    /// again, were refused ([`crate::k3::keep_serving`]).
+    pub stopped_because: std::sync::Mutex<Option<String>>,
 }
 
 /// What the connection does after a request.

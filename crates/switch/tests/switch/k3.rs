@@ -661,4 +661,7 @@ async fn a_switch_whose_keys_were_forgotten_while_its_locks_were_away_stops() {
     let run = w.run.take().expect("running");
     let stopped = tokio::time::timeout(Duration::from_secs(30), run).await;
     assert!(stopped.is_ok(), "the switch went on serving");
+    // And says why, for `serve` to exit with it.
+    let why = w.switch.stopped_because.lock().unwrap().clone();
+    assert!(why.is_some_and(|w| w.contains("were forgotten")));
 }

@@ -148,6 +148,7 @@ pub async fn serve(args: &ServeArgs) -> Result<(), Failure> {
     );
     // A second signal while in flight requests finish: stop at once (the
     // private PostgreSQL, if any, still stopped and removed on the way out).
+    let running = switch.clone();
     let drained = tokio::select! {
         drained = switch::run(listener, switch, shutdown.clone()) => drained,
         () = second_signal(shutdown) => {
@@ -161,6 +162,10 @@ pub async fn serve(args: &ServeArgs) -> Result<(), Failure> {
         }
     };
     drop(database);
+    let stopped_because = running.stopped_because.lock().ok().and_then(|w| w.clone());
+    if let Some(why) = stopped_because {
+        return Err(Failure::Other(anyhow::anyhow!("stopped by itself: {why}")));
+    }
     if !drained {
         return Err(Failure::Other(anyhow::anyhow!(
             "stopped with requests still in flight after limits.shutdown_grace: the next start reverses what they left at the issuer"
