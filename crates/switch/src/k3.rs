@@ -1,8 +1,10 @@
 //! Rule K3: the working keys a terminal gets at sign-on (F62) and the MAC
 //! (F64) of every message after it but the network management ones (08xx),
 //! both ways. A request from a terminal holding a MAC key whose F64 is
-//! missing or wrong is answered `A0`; every reply to such a terminal carries
-//! F64 under its key.
+//! missing or wrong is answered `A0`; the reply to a request whose MAC was
+//! verified carries F64 under the terminal's key (and no other does: see
+//! the router). Switches with and without a derivation key never serve one
+//! journal together (the advisory locks below).
 //!
 //! The switch keeps no clear key: a terminal's row holds the F62 it was
 //! sent (keys under its master key), and the master key is derived from the
@@ -91,11 +93,6 @@ impl TerminalKeys {
     pub fn check_value(&self) -> [u8; 3] {
         let block = self.derivation.check_value();
         [block[0], block[1], block[2]]
-    }
-
-    /// The master key of `terminal_id`, for its key-loading device.
-    pub fn master_key(&self, terminal_id: &str) -> iso8583::keys::MasterKey {
-        self.derivation.master_key(terminal_id)
     }
 }
 
