@@ -1605,45 +1605,44 @@ pub async fn is_last_approved(pool: &PgPool, original: &Original) -> Result<bool
 /// the same for foreign cards. Debits are purchases and completions the
 /// issuer approved (voided or refunded later or not); credits are approved
 /// voids, completion voids and refunds; reversed entries count in neither.
+/// One expression, with the terminal and batch as `terminal` and `batch`
+/// (parameters of the statement it goes into), for [`batch_totals`] and
+/// for [`settle`], which closes a batch only on the totals it replied with.
+fn totals_f48(terminal: &str, batch: &str) -> String {
+    format!(
+        "(SELECT lpad(dd::text, 12, '0') || lpad((dn % 1000)::text, 3, '0')
+                 || lpad(cd::text, 12, '0') || lpad((cn % 1000)::text, 3, '0') || '0'
+                 || lpad(df::text, 12, '0') || lpad((dfn % 1000)::text, 3, '0')
+                 || lpad(cf::text, 12, '0') || lpad((cfn % 1000)::text, 3, '0') || '0'
+          FROM (SELECT coalesce(sum(amount) FILTER (WHERE debit AND domestic), 0)::bigint AS dd,
+                       count(*) FILTER (WHERE debit AND domestic) AS dn,
+                       coalesce(sum(amount) FILTER (WHERE credit AND domestic), 0)::bigint AS cd,
+                       count(*) FILTER (WHERE credit AND domestic) AS cn,
+                       coalesce(sum(amount) FILTER (WHERE debit AND NOT domestic), 0)::bigint AS df,
+                       count(*) FILTER (WHERE debit AND NOT domestic) AS dfn,
+                       coalesce(sum(amount) FILTER (WHERE credit AND NOT domestic), 0)::bigint AS cf,
+                       count(*) FILTER (WHERE credit AND NOT domestic) AS cfn
+                FROM (SELECT amount,
+                        kind IN ('purchase', 'completion', 'completion_advice')
+                            AND state IN ('approved', 'voided', 'partially_refunded', 'refunded') AS debit,
+                        kind IN ('void', 'completion_void', 'refund') AND state = 'approved' AS credit,
+                        coalesce(pan_masked LIKE '62%', true) AS domestic
+                      FROM journal WHERE terminal_id = {terminal} AND batch = {batch}) counted) sums)"
+    )
+}
+
+/// The batch's totals as F48 of a settlement counts them ([`totals_f48`]).
 pub async fn batch_totals(
     pool: &PgPool,
     terminal_id: &str,
     batch: i32,
 ) -> Result<String, sqlx::Error> {
-    let t: (i64, i64, i64, i64, i64, i64, i64, i64) = sqlx::query_as(
-        "SELECT coalesce(sum(amount) FILTER (WHERE debit AND domestic), 0)::bigint,
-                count(*) FILTER (WHERE debit AND domestic),
-                coalesce(sum(amount) FILTER (WHERE credit AND domestic), 0)::bigint,
-                count(*) FILTER (WHERE credit AND domestic),
-                coalesce(sum(amount) FILTER (WHERE debit AND NOT domestic), 0)::bigint,
-                count(*) FILTER (WHERE debit AND NOT domestic),
-                coalesce(sum(amount) FILTER (WHERE credit AND NOT domestic), 0)::bigint,
-                count(*) FILTER (WHERE credit AND NOT domestic)
-         FROM (SELECT amount,
-                 kind IN ('purchase', 'completion', 'completion_advice')
-                     AND state IN ('approved', 'voided', 'partially_refunded', 'refunded') AS debit,
-                 kind IN ('void', 'completion_void', 'refund') AND state = 'approved' AS credit,
-                 coalesce(pan_masked LIKE '62%', true) AS domestic
-               FROM journal WHERE terminal_id = $1 AND batch = $2) counted",
-    )
-    .bind(terminal_id)
-    .bind(batch)
-    .fetch_one(pool)
-    .await?;
-    let half = |amount: i64, count: i64, credit: i64, ccount: i64| {
-        format!(
-            "{:012}{:03}{:012}{:03}0",
-            amount,
-            count % 1000,
-            credit,
-            ccount % 1000
-        )
-    };
-    Ok(format!(
-        "{}{}",
-        half(t.0, t.1, t.2, t.3),
-        half(t.4, t.5, t.6, t.7)
-    ))
+    let sql = format!("SELECT {}", totals_f48("$1", "$2"));
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(terminal_id)
+        .bind(batch)
+        .fetch_one(pool)
+        .await
 }
 
 /// A settlement to record ([`settle`]).
@@ -1662,6 +1661,9 @@ pub struct Settlement<'a> {
     /// The journal's figures, each part with the reconciliation code the
     /// reply gave it (1 matched, 2 not).
     pub switch_totals: &'a str,
+    /// The journal's figures as [`batch_totals`] read them (code `0`): the
+    /// batch closes only while they are still the journal's.
+    pub totals_read: &'a str,
     /// Whether they agree.
     pub balanced: bool,
     /// F63.1.
@@ -1676,7 +1678,8 @@ pub enum Settled {
     /// The batch closed, the settlement recorded and its row approved.
     Closed,
     /// Not closed: a request of the batch is still at the issuer or being
-    /// decided, and would be left out of the totals (`force` was false).
+    /// decided, and would be left out of the totals, or one was decided
+    /// since the totals were read (`force` was false).
     InFlight,
     /// Not closed: another switch process closed the batch since it was read.
     Elsewhere,
@@ -1693,12 +1696,16 @@ pub async fn settle(
     force: bool,
     in_flight: Duration,
 ) -> Result<Settled, sqlx::Error> {
-    let (answered, busy): (bool, bool) = sqlx::query_as(
+    // The totals again, in the statement's own snapshot: an outcome that
+    // landed since they were read (a sale of another connection, answered
+    // just now) makes them stale, as much as one still at the issuer does.
+    let sql = format!(
         "WITH busy AS (
             SELECT EXISTS (SELECT 1 FROM journal
                 WHERE merchant_id = $2 AND terminal_id = $1 AND batch = $3 AND id <> $8
                   AND state IN ('sent', 'received')
-                  AND received_at > now() - make_interval(secs => $11)) AS b),
+                  AND received_at > now() - make_interval(secs => $11))
+               OR {} IS DISTINCT FROM $12 AS b),
          closed AS (
             UPDATE terminals SET batch = batch % 999999 + 1
             WHERE id = $1 AND batch = $3 AND ($10 OR NOT (SELECT b FROM busy)) RETURNING id),
@@ -1712,20 +1719,23 @@ pub async fn settle(
             FROM closed WHERE journal.id = $8 AND journal.state = 'received'
             RETURNING journal.id)
          SELECT EXISTS (SELECT 1 FROM answered), (SELECT b FROM busy)",
-    )
-    .bind(s.terminal_id)
-    .bind(s.merchant_id)
-    .bind(s.batch)
-    .bind(s.terminal_totals)
-    .bind(s.switch_totals)
-    .bind(s.balanced)
-    .bind(s.operator.as_deref())
-    .bind(s.row_id)
-    .bind(s.reply)
-    .bind(force)
-    .bind(in_flight.as_secs_f64())
-    .fetch_one(pool)
-    .await?;
+        totals_f48("$1", "$3")
+    );
+    let (answered, busy): (bool, bool) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(s.terminal_id)
+        .bind(s.merchant_id)
+        .bind(s.batch)
+        .bind(s.terminal_totals)
+        .bind(s.switch_totals)
+        .bind(s.balanced)
+        .bind(s.operator.as_deref())
+        .bind(s.row_id)
+        .bind(s.reply)
+        .bind(force)
+        .bind(in_flight.as_secs_f64())
+        .bind(s.totals_read)
+        .fetch_one(pool)
+        .await?;
     Ok(match (answered, busy && !force) {
         (true, _) => Settled::Closed,
         (false, true) => Settled::InFlight,

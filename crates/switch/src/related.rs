@@ -882,6 +882,7 @@ impl Switch {
                     // The journal's figures with the codes the reply gave
                     // each part (a part that matches is the terminal's).
                     switch_totals: &reply_totals,
+                    totals_read: &ours,
                     balanced,
                     operator: req.operator(),
                     reply: self.body(out),

@@ -1609,6 +1609,63 @@ async fn a_settlement_waits_for_a_sale_of_its_batch_still_at_the_issuer() {
 }
 
 #[tokio::test]
+async fn a_batch_closes_only_on_the_totals_its_settlement_read() {
+    let w = world().await;
+    let mut t = w.signed_on("T0000009").await;
+    let pan = "6222020000000000049";
+    purchase(&mut t, pan, 1_000).await;
+    let batch = t.batch as i32;
+    let read = switch::journal::batch_totals(&w.pool, "T0000009", batch)
+        .await
+        .unwrap();
+    // A sale of the batch decided after the totals were read (another
+    // connection's, say): nothing of it is at the issuer any more.
+    purchase(&mut t, pan, 2_000).await;
+    let settlement = |totals_read| switch::journal::Settlement {
+        row_id: 0,
+        terminal_id: "T0000009",
+        merchant_id: MERCHANT,
+        batch,
+        terminal_totals: totals_read,
+        switch_totals: totals_read,
+        totals_read,
+        balanced: true,
+        operator: None,
+        reply: b"",
+    };
+    let in_flight = Duration::from_secs(5);
+    assert_eq!(
+        switch::journal::settle(&w.pool, &settlement(&read), false, in_flight)
+            .await
+            .unwrap(),
+        switch::journal::Settled::InFlight,
+        "stale totals do not close the batch"
+    );
+    let open: i32 = sqlx::query_scalar("SELECT batch FROM terminals WHERE id = 'T0000009'")
+        .fetch_one(&w.pool)
+        .await
+        .unwrap();
+    assert_eq!(open, batch);
+    let now = switch::journal::batch_totals(&w.pool, "T0000009", batch)
+        .await
+        .unwrap();
+    assert_ne!(now, read);
+    // On the totals as they are, it closes (no settlement row of its own
+    // here to answer: "elsewhere").
+    assert_eq!(
+        switch::journal::settle(&w.pool, &settlement(&now), false, in_flight)
+            .await
+            .unwrap(),
+        switch::journal::Settled::Elsewhere
+    );
+    let open: i32 = sqlx::query_scalar("SELECT batch FROM terminals WHERE id = 'T0000009'")
+        .fetch_one(&w.pool)
+        .await
+        .unwrap();
+    assert_eq!(open, batch + 1);
+}
+
+#[tokio::test]
 async fn a_reversal_that_came_before_its_sale_is_in_the_sales_history_and_back() {
     let w = world().await;
     let pan = "6222020000000000048";
