@@ -1678,22 +1678,25 @@ pub enum Settled {
     /// The batch closed, the settlement recorded and its row approved.
     Closed,
     /// Not closed: a request of the batch is still at the issuer or being
-    /// decided, and would be left out of the totals, or one was decided
-    /// since the totals were read (`force` was false).
+    /// decided, and would be left out of the totals (not forced).
     InFlight,
+    /// Not closed: one was decided since the totals were read, which the
+    /// reply would leave out (not forced): read them again.
+    Stale,
     /// Not closed: another switch process closed the batch since it was read.
     Elsewhere,
 }
 
 /// S1: closes the batch (the next one opens), records the settlement, and
-/// approves its journal row with its reply, in one statement; unless,
-/// without `force`, a request of the batch received within `in_flight` is
-/// still `sent` or `received` (its outcome would be missing from the
-/// totals the reply carries).
+/// approves its journal row with its reply, in one statement; unless a
+/// request of the batch received within `in_flight` is still `sent` or
+/// `received` (its outcome would be missing from the totals the reply
+/// carries), or the batch's totals are no longer `totals_read` (one was
+/// decided since), each as `force` does not say otherwise.
 pub async fn settle(
     pool: &PgPool,
     s: &Settlement<'_>,
-    force: bool,
+    force: Force,
     in_flight: Duration,
 ) -> Result<Settled, sqlx::Error> {
     // The totals again, in the statement's own snapshot: an outcome that
@@ -1704,11 +1707,13 @@ pub async fn settle(
             SELECT EXISTS (SELECT 1 FROM journal
                 WHERE merchant_id = $2 AND terminal_id = $1 AND batch = $3 AND id <> $8
                   AND state IN ('sent', 'received')
-                  AND received_at > now() - make_interval(secs => $11))
-               OR {} IS DISTINCT FROM $12 AS b),
+                  AND received_at > now() - make_interval(secs => $11)) AS in_flight,
+               {} IS DISTINCT FROM $12 AS stale),
          closed AS (
             UPDATE terminals SET batch = batch % 999999 + 1
-            WHERE id = $1 AND batch = $3 AND ($10 OR NOT (SELECT b FROM busy)) RETURNING id),
+            WHERE id = $1 AND batch = $3
+              AND ($10 OR NOT (SELECT in_flight FROM busy))
+              AND ($13 OR NOT (SELECT stale FROM busy)) RETURNING id),
          recorded AS (
             INSERT INTO settlements (terminal_id, batch, merchant_id, terminal_totals, switch_totals,
                 balanced, operator)
@@ -1718,29 +1723,47 @@ pub async fn settle(
             UPDATE journal SET state = 'approved', response_code = '00', reply = $9, completed_at = now()
             FROM closed WHERE journal.id = $8 AND journal.state = 'received'
             RETURNING journal.id)
-         SELECT EXISTS (SELECT 1 FROM answered), (SELECT b FROM busy)",
+         SELECT EXISTS (SELECT 1 FROM answered), (SELECT in_flight FROM busy),
+                (SELECT stale FROM busy)",
         totals_f48("$1", "$3")
     );
-    let (answered, busy): (bool, bool) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(s.terminal_id)
-        .bind(s.merchant_id)
-        .bind(s.batch)
-        .bind(s.terminal_totals)
-        .bind(s.switch_totals)
-        .bind(s.balanced)
-        .bind(s.operator.as_deref())
-        .bind(s.row_id)
-        .bind(s.reply)
-        .bind(force)
-        .bind(in_flight.as_secs_f64())
-        .bind(s.totals_read)
-        .fetch_one(pool)
-        .await?;
-    Ok(match (answered, busy && !force) {
-        (true, _) => Settled::Closed,
-        (false, true) => Settled::InFlight,
-        (false, false) => Settled::Elsewhere,
+    let (answered, in_flight_left, stale): (bool, bool, bool) =
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(s.terminal_id)
+            .bind(s.merchant_id)
+            .bind(s.batch)
+            .bind(s.terminal_totals)
+            .bind(s.switch_totals)
+            .bind(s.balanced)
+            .bind(s.operator.as_deref())
+            .bind(s.row_id)
+            .bind(s.reply)
+            .bind(force.in_flight)
+            .bind(in_flight.as_secs_f64())
+            .bind(s.totals_read)
+            .bind(force.stale)
+            .fetch_one(pool)
+            .await?;
+    Ok(if answered {
+        Settled::Closed
+    } else if stale && !force.stale {
+        Settled::Stale
+    } else if in_flight_left && !force.in_flight {
+        Settled::InFlight
+    } else {
+        Settled::Elsewhere
     })
+}
+
+/// What [`settle`] closes a batch despite.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Force {
+    /// A request of the batch still at the issuer or being decided: after
+    /// the settlement waited what an answer may take.
+    pub in_flight: bool,
+    /// Totals that changed since they were read: only after the settlement
+    /// read them again many times over, under a churn that never stops.
+    pub stale: bool,
 }
 
 /// One batch upload record (the PAN masked; the clear one is never kept).

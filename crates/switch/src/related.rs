@@ -854,6 +854,7 @@ impl Switch {
             // recovery sweep's margin; then the batch closes as it is.
             let in_flight = self.config.rules.issuer_timeout + Duration::from_secs(2);
             let until = tokio::time::Instant::now() + in_flight;
+            let mut stale = 0;
             loop {
                 let ours = match journal::batch_totals(&self.pool, req.terminal_id, batch).await {
                     Ok(t) => t,
@@ -887,7 +888,12 @@ impl Switch {
                     operator: req.operator(),
                     reply: self.body(out),
                 };
-                let force = tokio::time::Instant::now() >= until;
+                let force = journal::Force {
+                    in_flight: tokio::time::Instant::now() >= until,
+                    // Totals that change between every reading and closing,
+                    // a hundred times over: the batch closes as it is.
+                    stale: stale >= 100,
+                };
                 let closed = journal::settle(&self.pool, &settlement, force, in_flight).await;
                 match closed {
                     Ok(journal::Settled::Closed) => {
@@ -897,6 +903,8 @@ impl Switch {
                     Ok(journal::Settled::InFlight) => {
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
+                    // Read again at once: what changed them is decided.
+                    Ok(journal::Settled::Stale) => stale += 1,
                     // Another switch process closed the batch since it was read.
                     Ok(journal::Settled::Elsewhere) => {
                         self.writer.forget_terminal(req.terminal_id);

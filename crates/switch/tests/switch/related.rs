@@ -1634,13 +1634,19 @@ async fn a_batch_closes_only_on_the_totals_its_settlement_read() {
         reply: b"",
     };
     let in_flight = Duration::from_secs(5);
-    assert_eq!(
-        switch::journal::settle(&w.pool, &settlement(&read), false, in_flight)
-            .await
-            .unwrap(),
-        switch::journal::Settled::InFlight,
-        "stale totals do not close the batch"
-    );
+    let forced = switch::journal::Force {
+        in_flight: true,
+        stale: false,
+    };
+    for force in [switch::journal::Force::default(), forced] {
+        assert_eq!(
+            switch::journal::settle(&w.pool, &settlement(&read), force, in_flight)
+                .await
+                .unwrap(),
+            switch::journal::Settled::Stale,
+            "stale totals do not close the batch, even past the wait for requests in flight"
+        );
+    }
     let open: i32 = sqlx::query_scalar("SELECT batch FROM terminals WHERE id = 'T0000009'")
         .fetch_one(&w.pool)
         .await
@@ -1653,7 +1659,7 @@ async fn a_batch_closes_only_on_the_totals_its_settlement_read() {
     // On the totals as they are, it closes (no settlement row of its own
     // here to answer: "elsewhere").
     assert_eq!(
-        switch::journal::settle(&w.pool, &settlement(&now), false, in_flight)
+        switch::journal::settle(&w.pool, &settlement(&now), forced, in_flight)
             .await
             .unwrap(),
         switch::journal::Settled::Elsewhere
