@@ -119,11 +119,13 @@ pub enum TerminalKeyError {
     },
     /// Not 32 hex characters.
     #[error(
-        "{origin}: the terminal master derivation key must be 32 hex characters (16 bytes, a double-length DES key)"
+        "{origin}: {found}; the terminal master derivation key is 32 hex characters (16 bytes, a double-length DES key)"
     )]
     Malformed {
         /// Where it came from.
         origin: String,
+        /// What it holds instead (never the key's text).
+        found: String,
     },
     /// Its two halves are one key: single DES (an all-zero key is one).
     #[error(
@@ -156,6 +158,7 @@ pub fn terminal_derivation_key(
             Err(std::env::VarError::NotUnicode(_)) => {
                 return Err(TerminalKeyError::Malformed {
                     origin: TERMINAL_ENV.into(),
+                    found: "not text".into(),
                 });
             }
             _ => return Ok(None),
@@ -178,11 +181,18 @@ pub fn derivation_key_from_hex(
     text: &str,
     origin: &str,
 ) -> Result<DerivationKey, TerminalKeyError> {
-    let malformed = || TerminalKeyError::Malformed {
+    // A key file ends with a newline as often as not.
+    let text = text.trim();
+    let malformed = |found: String| TerminalKeyError::Malformed {
         origin: origin.into(),
+        found,
     };
-    let bytes = hex::decode(text.trim()).map_err(|_| malformed())?;
-    let key: [u8; 16] = bytes.try_into().map_err(|_| malformed())?;
+    if text.len() != 32 {
+        return Err(malformed(format!("{} characters", text.chars().count())));
+    }
+    let mut key = [0u8; 16];
+    hex::decode_to_slice(text, &mut key)
+        .map_err(|_| malformed("a character that is not a hex digit".into()))?;
     // Parity bits aside, as DES reads them.
     if key[..8].iter().zip(&key[8..]).all(|(a, b)| a | 1 == b | 1) {
         return Err(TerminalKeyError::Weak {
@@ -200,10 +210,13 @@ mod tests {
     fn a_derivation_key_is_32_hex_characters_of_two_different_halves() {
         assert!(derivation_key_from_hex("0123456789ABCDEFFEDCBA9876543210\n", "f").is_ok());
         for (text, says) in [
-            ("0123", "must be 32 hex characters"),
+            (
+                "0123",
+                "4 characters; the terminal master derivation key is 32 hex characters",
+            ),
             (
                 "0123456789ABCDEFFEDCBA987654321G",
-                "must be 32 hex characters",
+                "a character that is not a hex digit",
             ),
             (&"00".repeat(16), "halves are the same"),
             ("0123456789ABCDEF0022446688AACCEE", "halves are the same"),

@@ -68,13 +68,13 @@ pub struct LoadArgs {
 }
 
 /// The environment variable that holds the terminal master derivation key
-/// when no key file is given.
-pub const DERIVATION_KEY_VAR: &str = "SWITCHYARD_TERMINAL_MASTER_DERIVATION_KEY";
+/// when no key file is given: the switch's.
+pub const DERIVATION_KEY_VAR: &str = switch::keys::TERMINAL_ENV;
 
 /// The terminal master derivation key from `file` (its text), else from the
 /// environment variable's value `var`; `None` when neither is given. A
 /// malformed key is refused with where it came from and what is expected,
-/// never with its text (a secret).
+/// never with its text (a secret), as the switch refuses it.
 fn derivation_key(
     file: Option<(&std::path::Path, std::io::Result<String>)>,
     var: Option<std::ffi::OsString>,
@@ -91,27 +91,17 @@ fn derivation_key(
         (None, Some(value)) => {
             let text = value.into_string().map_err(|_| {
                 Failure::Input(anyhow::anyhow!(
-                    "{DERIVATION_KEY_VAR}: not text; expected 32 hex characters (a 16-byte key)"
+                    "{DERIVATION_KEY_VAR}: not text; the terminal master derivation key is 32 hex \
+                     characters"
                 ))
             })?;
             (DERIVATION_KEY_VAR.to_string(), text)
         }
         (None, None) => return Ok(None),
     };
-    // A key file ends with a newline as often as not.
-    let text = text.trim();
-    let refused = |what: String| {
-        Failure::Input(anyhow::anyhow!(
-            "{source}: {what}; expected 32 hex characters (a 16-byte key)"
-        ))
-    };
-    if text.len() != 32 {
-        return Err(refused(format!("{} characters", text.chars().count())));
-    }
-    let mut key = [0u8; 16];
-    hex::decode_to_slice(text, &mut key)
-        .map_err(|_| refused("a character that is not a hex digit".into()))?;
-    Ok(Some(DerivationKey::new(&key)))
+    switch::keys::derivation_key_from_hex(&text, &source)
+        .map(Some)
+        .map_err(|e| Failure::Input(anyhow::anyhow!("{e}")))
 }
 
 impl LoadArgs {
@@ -549,14 +539,14 @@ mod tests {
         let said = refused(Some((file, Ok(short.into()))), None);
         assert_eq!(
             said,
-            "--terminal-master-derivation-key-file /keys/tmdk.hex: 31 characters; expected 32 \
-             hex characters (a 16-byte key)"
+            "--terminal-master-derivation-key-file /keys/tmdk.hex: 31 characters; the terminal \
+             master derivation key is 32 hex characters (16 bytes, a double-length DES key)"
         );
         let not_hex = format!("{}XY", &KEY[..30]);
         let said = refused(None, Some(&not_hex));
         assert!(
             said.starts_with(&format!(
-                "{DERIVATION_KEY_VAR}: a character that is not a hex digit; expected 32 hex"
+                "{DERIVATION_KEY_VAR}: a character that is not a hex digit; the terminal master"
             )),
             "{said}"
         );
@@ -565,12 +555,13 @@ mod tests {
             derivation_key(None, Some(std::ffi::OsString::from(" "))),
             Ok(None)
         ));
-        assert_eq!(
-            refused(None, Some("0123")),
-            format!(
-                "{DERIVATION_KEY_VAR}: 4 characters; expected 32 hex characters (a 16-byte key)"
-            )
+        assert!(
+            refused(None, Some("0123"))
+                .starts_with(&format!("{DERIVATION_KEY_VAR}: 4 characters;"))
         );
+        // Two equal halves are single DES, refused as the switch refuses it.
+        let weak = format!("{}{}", &KEY[..16], &KEY[..16]);
+        assert!(refused(None, Some(&weak)).contains("two halves are the same"));
         let unreadable = std::io::Error::new(std::io::ErrorKind::NotFound, "not there");
         assert_eq!(
             refused(Some((file, Err(unreadable))), None),
