@@ -87,6 +87,9 @@ pub async fn run(switch: Arc<Switch>, shutdown: CancellationToken) {
             ),
             Err(e) => warn!(error = %Said(&e), "recovery sweep failed"),
         }
+        if recovery_due && let Err(e) = switch.decide_undecided_reversals(forgotten_after).await {
+            warn!(error = %Said(&e), "recovery sweep of undecided reversals failed");
+        }
         // At most a batch at the issuer at once: what is still being sent
         // leaves that much less room.
         while sending.try_join_next().is_some() {}

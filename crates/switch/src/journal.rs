@@ -969,7 +969,7 @@ fn statement<'q>(
             .bind(col(&parts.reversals, |r| r.row))
             .bind(col(&parts.reversals, |r| r.rule))
             .bind(col(&parts.reversals, |r| r.original))
-            .bind(col(&parts.reversals, |r| r.reply.as_slice()))
+            .bind(col(&parts.reversals, |r| r.reply.as_deref()))
             .bind(col(&parts.reversals, Reversal::step))
             .bind(col(&parts.reversals, Reversal::network_reason));
     }
@@ -1277,6 +1277,82 @@ pub async fn adopt(pool: &PgPool, id: i64, older_than: Duration) -> Result<bool,
     Ok(done.rows_affected() == 1)
 }
 
+/// A reversal left `received` without a reply: the journal failed under
+/// it, or its switch died deciding it, and its terminal did not send it
+/// again. What its row holds is all [`crate::Switch::decide_reversal`]
+/// needs (R1 finds the original by it).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Undecided {
+    /// Its row.
+    pub id: i64,
+    /// Its RRN.
+    pub rrn: String,
+    /// F42.
+    pub merchant_id: String,
+    /// F41.
+    pub terminal_id: String,
+    /// The batch it names.
+    pub batch: i32,
+    /// F11, the original's own STAN.
+    pub stan: i32,
+    /// F3, the original's.
+    pub processing_code: String,
+    /// Fen, the original's.
+    pub amount: i64,
+    /// The business day it arrived on.
+    pub business_date: NaiveDate,
+    /// F39 of the 0400.
+    pub reversal_reason: Option<String>,
+    /// How it named its original (F60.1 gives the original's MTI class);
+    /// none for a row written before reversals kept it.
+    pub original_ref: Option<String>,
+}
+
+/// Reversals left `received` without a reply for longer than `older_than`
+/// (a live switch decides its own well within that), oldest first, at
+/// most `limit`: read through the partial index of undecided reversals
+/// (`migrations/switch/0013`).
+pub async fn undecided_reversals(
+    pool: &PgPool,
+    older_than: Duration,
+    limit: i64,
+) -> Result<Vec<Undecided>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, rrn, merchant_id, terminal_id, batch, stan, processing_code, amount,
+                business_date, reversal_reason, original_ref
+         FROM journal
+         WHERE state = 'received' AND kind = 'reversal' AND reply IS NULL
+           AND received_at < now() - make_interval(secs => $1)
+         ORDER BY received_at LIMIT $2",
+    )
+    .bind(older_than.as_secs_f64())
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// [`adopt`] for the recovery sweep: `Some` when this caller took the row
+/// over, with whether the batch it names is still its terminal's open
+/// batch (S1: a settled batch takes no reversal). Its arrival time
+/// restarts, so a settlement of the batch waits for its decision.
+pub async fn adopt_undecided(
+    pool: &PgPool,
+    id: i64,
+    older_than: Duration,
+) -> Result<Option<bool>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE journal SET received_at = now()
+         WHERE id = $1 AND state = 'received' AND reply IS NULL
+           AND received_at < now() - make_interval(secs => $2)
+         RETURNING EXISTS (SELECT 1 FROM terminals t
+                           WHERE t.id = journal.terminal_id AND t.batch = journal.batch)",
+    )
+    .bind(id)
+    .bind(older_than.as_secs_f64())
+    .fetch_optional(pool)
+    .await
+}
+
 /// The state and stored reply of a row (a duplicate waiting for its original).
 pub async fn outcome(
     pool: &PgPool,
@@ -1377,8 +1453,10 @@ pub struct Reversal {
     /// The original, when found (required by [`ReversalStep::Mark`] and
     /// [`ReversalStep::Reverse`]).
     pub original: Option<i64>,
-    /// The reply from its MTI on.
-    pub reply: Vec<u8>,
+    /// The reply from its MTI on; none when the recovery sweep decides a
+    /// reversal no terminal is waiting for (a repeat is answered from its
+    /// state).
+    pub reply: Option<Vec<u8>>,
     /// What it does to its original.
     pub step: ReversalStep,
 }
@@ -1820,7 +1898,7 @@ pub async fn decide(
     id: i64,
     rule: &str,
     rc: ResponseCode,
-    reply: &[u8],
+    reply: Option<&[u8]>,
 ) -> Result<bool, sqlx::Error> {
     sqlx::query(
         "UPDATE journal SET state = 'declined', rule = $2, response_code = $3, reply = $4, completed_at = now()

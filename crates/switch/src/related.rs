@@ -46,6 +46,45 @@ fn mmdd(date: NaiveDate) -> String {
     format!("{:02}{:02}", date.month(), date.day())
 }
 
+/// A journalled reversal to decide (R1-R5): what its row or its request says.
+struct Reversing<'a> {
+    row: i64,
+    merchant_id: &'a str,
+    terminal_id: &'a str,
+    batch: i32,
+    stan: i32,
+    /// The MTI classes its original may have, in the order to look.
+    classes: &'static [i16],
+    processing_code: &'a str,
+    amount: i64,
+    /// The business day it arrived on (R5).
+    today: NaiveDate,
+    /// F39 of the 0400.
+    reason: &'a str,
+}
+
+/// What [`Switch::decide_reversal`] did.
+enum ReversalDecided {
+    /// Approved, its original reversed or marked as it says.
+    Approved,
+    /// Refused by this rule, with this code: for the caller to record.
+    Refused(&'static str, ResponseCode),
+    /// The journal failed: the row is still `received`.
+    Failed,
+}
+
+/// The MTI class of what a reversal reverses, by its F60.1: pre-auth and
+/// its cancel are 0100, the rest 0200. Unknown (a row written before
+/// reversals kept F60.1), both, 0200 first; a terminal's STAN names one
+/// transaction of its batch.
+fn reversed_classes(type_code: Option<&str>) -> &'static [i16] {
+    match type_code {
+        Some("10" | "11") => &[1],
+        Some(_) => &[2],
+        None => &[2, 1],
+    }
+}
+
 impl Switch {
     /// Decides a row held for deciding; when that ends without a reply
     /// (`Some` code: the journal failed under it), the row is noted as
@@ -685,13 +724,10 @@ impl Switch {
         let mut entry = self.entry(req, Kind::Reversal, batch, &p);
         let reason = req.msg.text(39).unwrap_or("06").to_string();
         entry.reversal_reason = Some(reason.clone());
-        let network_reason = if reason == "98" { "68" } else { "06" };
-        // The class of what is reversed: pre-auth and its cancel are 0100, the rest 0200.
-        let class = if matches!(req.f60_part(0, 2), "10" | "11") {
-            1
-        } else {
-            2
-        };
+        // R1 names the original by F11 and F60.1; kept with the row, so
+        // that a reversal nobody repeats can still be decided from it.
+        let type_code = req.f60_part(0, 2);
+        entry.original_ref = Some(format!("11={:06} 60.1={type_code}", req.stan));
         if batch != terminal.batch {
             // S1: a settled batch takes no reversal.
             return self
@@ -709,109 +745,178 @@ impl Switch {
             Ok(w) => w,
             Err(answered) => return answered,
         };
+        let asked = Reversing {
+            row: written.id,
+            merchant_id: req.merchant_id,
+            terminal_id: req.terminal_id,
+            batch,
+            stan: req.stan as i32,
+            classes: reversed_classes(Some(type_code)),
+            processing_code: &p.processing_code,
+            amount: p.amount as i64,
+            today: p.today,
+            reason: &reason,
+        };
         // A row left `received` without a reply (the journal failed under
-        // it) is one a repeat may take over soon (`Switch::adopt`).
+        // it) is one a repeat may take over soon (`Switch::adopt`), and the
+        // recovery sweep later (`Switch::decide_undecided_reversals`).
         self.holding(written.id, async {
             // The approved reply is stored by the statement that approves it.
             self.reply_code(req, out, ResponseCode::APPROVED, Some(&written.rrn));
             let reply = self.body(out).to_vec();
-            let decided = |rule, original: Option<&Original>, step| journal::Reversal {
-                row: written.id,
-                rule,
-                original: original.map(|o| o.id),
-                reply: reply.clone(),
-                step,
-            };
+            match self.decide_reversal(&asked, Some(reply)).await {
+                // `out` still holds the approved reply built above.
+                ReversalDecided::Approved => None,
+                ReversalDecided::Refused(rule, rc) => {
+                    self.decided(req, written.id, &written.rrn, rule, rc, out)
+                        .await
+                }
+                ReversalDecided::Failed => Some(ResponseCode::SYSTEM_ERROR),
+            }
+        })
+        .await
+    }
+
+    /// R1-R5: finds what a journalled (`received`) reversal reverses and
+    /// reverses it, or marks it, or approves the reversal as a marker; its
+    /// row is approved with `reply` by the same statement. A refusal (R4,
+    /// R5, an original undone since) is the caller's to record.
+    async fn decide_reversal(&self, r: &Reversing<'_>, reply: Option<Vec<u8>>) -> ReversalDecided {
+        let network_reason = if r.reason == "98" { "68" } else { "06" };
+        let decided = |rule, original: Option<&Original>, step| journal::Reversal {
+            row: r.row,
+            rule,
+            original: original.map(|o| o.id),
+            reply: reply.clone(),
+            step,
+        };
+        for _ in 0..3 {
             // Read after the reversal's row is durable, never in its statement:
             // an original written in the same batch would not see this row,
             // nor this read the original.
-            let named = Find::ByStan {
-                merchant_id: req.merchant_id.to_string(),
-                terminal_id: req.terminal_id.to_string(),
-                batch,
-                stan: req.stan as i32,
-                mti_class: class,
-            };
-            for _ in 0..3 {
-                let found = self.writer.find(named.clone()).await;
+            let mut original = None;
+            for &class in r.classes {
+                let named = Find::ByStan {
+                    merchant_id: r.merchant_id.to_string(),
+                    terminal_id: r.terminal_id.to_string(),
+                    batch: r.batch,
+                    stan: r.stan,
+                    mti_class: class,
+                };
                 // Refunds and advices are not reversible (they are retried instead).
-                let original = match found {
-                    Ok(o) => o.into_iter().next().filter(|o| {
-                        o.processing_code == p.processing_code
-                            && REVERSIBLE.contains(&o.kind.as_str())
-                    }),
+                match self.writer.find(named).await {
+                    Ok(found) => {
+                        original = found.into_iter().next().filter(|o| {
+                            o.processing_code == r.processing_code
+                                && REVERSIBLE.contains(&o.kind.as_str())
+                        });
+                    }
                     Err(e) => {
                         warn_repeated!(error = %Said(&e), "journal read failed");
-                        return Some(ResponseCode::SYSTEM_ERROR);
-                    }
-                };
-                let reversal = match &original {
-                    // R3: nothing (yet) to reverse; this row is the marker an
-                    // original arriving later is checked against.
-                    None => decided("R3", None, ReversalStep::Approve),
-                    Some(o) if o.amount != p.amount as i64 => {
-                        return self
-                            .decided(
-                                req,
-                                written.id,
-                                &written.rrn,
-                                "R4",
-                                ResponseCode::AMOUNT_MISMATCH,
-                                out,
-                            )
-                            .await;
-                    }
-                    Some(o) if o.business_date != p.today => {
-                        return self
-                            .decided(
-                                req,
-                                written.id,
-                                &written.rrn,
-                                "R5",
-                                ResponseCode::INVALID_TRANSACTION,
-                                out,
-                            )
-                            .await;
-                    }
-                    Some(o) => match o.state.as_str() {
-                        "sent" => decided("R3", Some(o), ReversalStep::Mark),
-                        "approved" => decided("R2", Some(o), ReversalStep::Reverse(network_reason)),
-                        "declined" | "reversed" | "unknown" => {
-                            decided("R3", Some(o), ReversalStep::Approve)
-                        }
-                        // Voided, refunded, completed or cancelled since: the
-                        // later transaction has to be undone first.
-                        _ => {
-                            return self
-                                .decided(
-                                    req,
-                                    written.id,
-                                    &written.rrn,
-                                    "R2",
-                                    ResponseCode::INVALID_TRANSACTION,
-                                    out,
-                                )
-                                .await;
-                        }
-                    },
-                };
-                match self.writer.reverse(reversal).await {
-                    Ok(true) => {
-                        // `out` still holds the approved reply built above.
-                        self.advice_wake.notify_one();
-                        return None;
-                    }
-                    // The original's state changed under us: look again.
-                    Ok(false) => continue,
-                    Err(e) => {
-                        warn_repeated!(error = %Said(&e), "journal write failed");
-                        return Some(ResponseCode::SYSTEM_ERROR);
+                        return ReversalDecided::Failed;
                     }
                 }
+                if original.is_some() {
+                    break;
+                }
             }
-            Some(ResponseCode::SYSTEM_ERROR)
-        })
-        .await
+            let reversal = match &original {
+                // R3: nothing (yet) to reverse; this row is the marker an
+                // original arriving later is checked against.
+                None => decided("R3", None, ReversalStep::Approve),
+                Some(o) if o.amount != r.amount => {
+                    return ReversalDecided::Refused("R4", ResponseCode::AMOUNT_MISMATCH);
+                }
+                Some(o) if o.business_date != r.today => {
+                    return ReversalDecided::Refused("R5", ResponseCode::INVALID_TRANSACTION);
+                }
+                Some(o) => match o.state.as_str() {
+                    "sent" => decided("R3", Some(o), ReversalStep::Mark),
+                    "approved" => decided("R2", Some(o), ReversalStep::Reverse(network_reason)),
+                    "declined" | "reversed" | "unknown" => {
+                        decided("R3", Some(o), ReversalStep::Approve)
+                    }
+                    // Voided, refunded, completed or cancelled since: the
+                    // later transaction has to be undone first.
+                    _ => return ReversalDecided::Refused("R2", ResponseCode::INVALID_TRANSACTION),
+                },
+            };
+            match self.writer.reverse(reversal).await {
+                Ok(true) => {
+                    self.advice_wake.notify_one();
+                    return ReversalDecided::Approved;
+                }
+                // The original's state changed under us: look again.
+                Ok(false) => continue,
+                Err(e) => {
+                    warn_repeated!(error = %Said(&e), "journal write failed");
+                    return ReversalDecided::Failed;
+                }
+            }
+        }
+        ReversalDecided::Failed
+    }
+
+    /// The recovery sweep's part for reversals: decides those left
+    /// `received` without a reply (the journal failed under them, or their
+    /// switch died deciding them) that no repeat took over. The terminal
+    /// showed the cardholder a failure and may never send its 0400 again;
+    /// left undecided, the sale would stay charged. Each is taken over as a
+    /// repeat would take it ([`journal::adopt_undecided`]), so that of two
+    /// switches, or a sweep and a repeat, one decides. Its row gets no
+    /// stored reply: a repeat is answered from its state. Returns how many
+    /// were decided.
+    pub(crate) async fn decide_undecided_reversals(
+        &self,
+        older_than: Duration,
+    ) -> Result<usize, sqlx::Error> {
+        let mut decided = 0;
+        for row in journal::undecided_reversals(&self.pool, older_than, 100).await? {
+            let Some(batch_open) = journal::adopt_undecided(&self.pool, row.id, older_than).await?
+            else {
+                continue;
+            };
+            let type_code = row
+                .original_ref
+                .as_deref()
+                .and_then(|r| r.split_once("60.1="))
+                .map(|(_, code)| code);
+            let asked = Reversing {
+                row: row.id,
+                merchant_id: &row.merchant_id,
+                terminal_id: &row.terminal_id,
+                batch: row.batch,
+                stan: row.stan,
+                classes: reversed_classes(type_code),
+                processing_code: &row.processing_code,
+                amount: row.amount,
+                today: row.business_date,
+                reason: row.reversal_reason.as_deref().unwrap_or("06"),
+            };
+            let outcome = if batch_open {
+                self.decide_reversal(&asked, None).await
+            } else {
+                // S1: settled meanwhile; the batch's totals counted the sale.
+                ReversalDecided::Refused("S1", ResponseCode::INVALID_TRANSACTION)
+            };
+            match outcome {
+                ReversalDecided::Approved => {}
+                ReversalDecided::Refused(rule, rc) => {
+                    journal::decide(&self.pool, row.id, rule, rc, None).await?;
+                }
+                // Left for the next sweep, after the usual wait.
+                ReversalDecided::Failed => continue,
+            }
+            let state = journal::state_of(&self.pool, row.id).await?;
+            warn!(
+                rrn = %row.rrn,
+                terminal = %row.terminal_id,
+                state = state.as_deref().unwrap_or(""),
+                "decided a reversal left undecided (the journal failed under it, or its switch stopped) that its terminal did not repeat"
+            );
+            decided += 1;
+        }
+        Ok(decided)
     }
 
     /// S1: settlement. The terminal's F48 totals against the journal's; the

@@ -899,7 +899,7 @@ impl Switch {
     ) -> Option<ResponseCode> {
         debug!(rule, rc = %rc, "declined by rule");
         self.reply_code(req, out, rc, Some(rrn));
-        match journal::decide(&self.pool, id, rule, rc, self.body(out)).await {
+        match journal::decide(&self.pool, id, rule, rc, Some(self.body(out))).await {
             Ok(true) => {}
             // Decided meanwhile by a repeat that took the row over (its
             // switch looked dead): the terminal hears what was stored.

@@ -2438,7 +2438,7 @@ async fn reversals_of_one_batch_each_change_their_own_original() {
             row: rows[i],
             rule,
             original,
-            reply: vec![4, 16 + i as u8],
+            reply: Some(vec![4, 16 + i as u8]),
             step,
         })
     };

@@ -446,7 +446,8 @@ async fn a_reversal_the_journal_failed_under_is_taken_over_by_its_repeat_at_once
 
 #[tokio::test]
 async fn a_reversal_its_switch_died_deciding_is_taken_over_by_the_repeat() {
-    let w = world().await;
+    // No recovery sweep meanwhile: the repeat is what decides it here.
+    let w = world_with(|c| c.advice.poll_interval = Duration::from_secs(600)).await;
     let mut t = w.signed_on("T0000009").await;
     let pan = "6222020000000000031";
     let before = w.balance(pan).await;
@@ -486,6 +487,197 @@ async fn a_reversal_its_switch_died_deciding_is_taken_over_by_the_repeat() {
     );
     advices_drained(&w).await;
     assert_eq!(w.balance(pan).await, before, "reversed once at the issuer");
+}
+
+/// A terminal of a switch of its own, signed on, on `w`'s database, whose
+/// journal then fails under its first reversal once the reversal's row is
+/// written (the read of its original finds the advices locked away): the
+/// reversal is answered 96 and left `received`, as a journal outage or a
+/// kill between the insert and the decision leaves it. The world's switch
+/// must not sweep meanwhile (a long `poll_interval`); the returned token
+/// stops the switch.
+async fn failing_reversals(w: &World, terminal: &str) -> (Terminal, CancellationToken) {
+    let db: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&w.pool)
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE \"{db}\" SET lock_timeout = '300ms'"
+    )))
+    .execute(&w.pool)
+    .await
+    .unwrap();
+    let (_switch, addr, stop) = w
+        .another_switch_with(|c| c.advice.poll_interval = Duration::from_secs(600))
+        .await;
+    let mut t = Terminal::connect(&addr, terminal, MERCHANT, w.dialect.clone())
+        .await
+        .unwrap();
+    assert_eq!(t.sign_on().await.unwrap().rc(), "00");
+    (t, stop)
+}
+
+/// Sends `frame` (a reversal) while the advices are locked away: 96, and
+/// its row left `received`.
+async fn reversal_left_undecided(w: &World, t: &mut Terminal, frame: &[u8]) {
+    let mut lock = w.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE advices IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    assert_eq!(t.exchange(frame).await.unwrap().rc(), "96");
+    lock.commit().await.unwrap();
+    let state: String = sqlx::query_scalar(
+        "SELECT state FROM journal WHERE kind = 'reversal' AND terminal_id = $1",
+    )
+    .bind(&t.id)
+    .fetch_one(&w.pool)
+    .await
+    .unwrap();
+    assert_eq!(state, "received", "left undecided by the failed read");
+}
+
+#[tokio::test]
+async fn a_reversal_its_terminal_never_repeats_is_decided_by_the_recovery_sweep() {
+    let w = world_with(|c| c.advice.poll_interval = Duration::from_secs(600)).await;
+    let (mut t, stop) = failing_reversals(&w, "T0000011").await;
+    let pan = "6222020000000000036";
+    let before = w.balance(pan).await;
+    let sale = purchase(&mut t, pan, 2_700).await;
+    let f60 = t.f60("22");
+    let frame = t
+        .reversal(&reversed(&sale, pan, 2_700, &f60), "98")
+        .unwrap();
+    reversal_left_undecided(&w, &mut t, &frame).await;
+    assert_eq!(w.balance(pan).await, before - 2_700, "the sale charged");
+    // Its switch stops, and the terminal gives up: nobody repeats the 0400.
+    stop.cancel();
+    drop(t);
+    // A switch that sweeps: the row is past what a live switch may take
+    // (issuer_timeout + 2 s), so the sweep decides it.
+    let (_sweeper, addr, sweeper_stop) = w.another_switch().await;
+    w.until(
+        Duration::from_secs(15),
+        "the sale reversed by the sweep",
+        &format!(
+            "SELECT state = 'reversed' FROM journal WHERE rrn = '{}'",
+            sale.rrn()
+        ),
+    )
+    .await;
+    let (state, rule, rc, reply): (String, Option<String>, Option<String>, Option<Vec<u8>>) =
+        sqlx::query_as(
+            "SELECT state, rule, response_code, reply FROM journal
+             WHERE kind = 'reversal' AND terminal_id = 'T0000011'",
+        )
+        .fetch_one(&w.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (state.as_str(), rule.as_deref(), rc.as_deref()),
+        ("approved", Some("R2"), Some("00"))
+    );
+    assert_eq!(reply, None, "no terminal was waiting for a reply");
+    advices_drained(&w).await;
+    assert_eq!(w.balance(pan).await, before, "reversed at the issuer");
+    // A repeat that comes after all hears the reversal approved.
+    let mut t = Terminal::connect(&addr, "T0000011", MERCHANT, w.dialect.clone())
+        .await
+        .unwrap();
+    let again = t.exchange(&frame).await.unwrap();
+    assert_eq!(again.rc(), "00");
+    advices_drained(&w).await;
+    assert_eq!(w.balance(pan).await, before, "and not reversed twice");
+    sweeper_stop.cancel();
+}
+
+#[tokio::test]
+async fn the_sweep_finds_the_preauth_of_a_reversal_written_before_reversals_kept_f60() {
+    let w = world_with(|c| c.advice.poll_interval = Duration::from_secs(600)).await;
+    let (mut t, stop) = failing_reversals(&w, "T0000012").await;
+    let pan = "6222020000000000037";
+    let stan = t.next_stan();
+    let pa = t
+        .exchange(&t.preauth(stan, pan, EXPIRY, 6_000).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(pa.rc(), "00");
+    let preauth = Kept {
+        batch: t.batch,
+        stan,
+        reply: pa,
+    };
+    let f60 = t.f60("10");
+    let mut asked = reversed(&preauth, pan, 6_000, &f60);
+    asked.processing_code = "030000";
+    asked.condition = "06";
+    let frame = t.reversal(&asked, "98").unwrap();
+    reversal_left_undecided(&w, &mut t, &frame).await;
+    stop.cancel();
+    // As an earlier version journalled it: without F60.1, the original's
+    // MTI class (0100 here) unknown.
+    sqlx::query("UPDATE journal SET original_ref = NULL WHERE kind = 'reversal'")
+        .execute(&w.pool)
+        .await
+        .unwrap();
+    let (_sweeper, _addr, sweeper_stop) = w.another_switch().await;
+    w.until(
+        Duration::from_secs(15),
+        "the pre-authorisation reversed by the sweep",
+        &format!(
+            "SELECT state = 'reversed' FROM journal WHERE rrn = '{}'",
+            preauth.rrn()
+        ),
+    )
+    .await;
+    advices_drained(&w).await;
+    sweeper_stop.cancel();
+}
+
+#[tokio::test]
+async fn the_sweep_applies_no_reversal_to_a_batch_settled_meanwhile() {
+    let w = world_with(|c| c.advice.poll_interval = Duration::from_secs(600)).await;
+    let (mut t, stop) = failing_reversals(&w, "T0000013").await;
+    let pan = "6222020000000000038";
+    let before = w.balance(pan).await;
+    let sale = purchase(&mut t, pan, 1_300).await;
+    let f60 = t.f60("22");
+    let frame = t
+        .reversal(&reversed(&sale, pan, 1_300, &f60), "98")
+        .unwrap();
+    reversal_left_undecided(&w, &mut t, &frame).await;
+    // The batch settles with the sale in it (the settlement waits out the
+    // undecided reversal, then closes the batch as it is).
+    let totals = format!("{:012}{:03}{:012}{:03}0{}", 1_300, 1, 0, 0, "0".repeat(31));
+    let stan = t.next_stan();
+    let settled = t
+        .exchange(&t.settlement(stan, &totals).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(settled.rc(), "00");
+    stop.cancel();
+    let (_sweeper, _addr, sweeper_stop) = w.another_switch().await;
+    w.until(
+        Duration::from_secs(15),
+        "the reversal declined by the sweep",
+        "SELECT state = 'declined' FROM journal WHERE kind = 'reversal' AND terminal_id = 'T0000013'",
+    )
+    .await;
+    let rule: Option<String> = sqlx::query_scalar(
+        "SELECT rule FROM journal WHERE kind = 'reversal' AND terminal_id = 'T0000013'",
+    )
+    .fetch_one(&w.pool)
+    .await
+    .unwrap();
+    assert_eq!(rule.as_deref(), Some("S1"));
+    assert_eq!(w.journal_state(sale.rrn()).await, "approved");
+    advices_drained(&w).await;
+    assert_eq!(
+        w.balance(pan).await,
+        before - 1_300,
+        "the settled sale stands"
+    );
+    sweeper_stop.cancel();
 }
 
 #[tokio::test]
