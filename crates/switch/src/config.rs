@@ -53,6 +53,15 @@ pub struct Config {
     pub seed: Seed,
     /// `[[issuers]]`.
     pub issuers: Vec<Issuer>,
+    /// `[admin]`.
+    pub admin: Admin,
+}
+
+/// `[admin]`: the admin listener ([`crate::admin`]).
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// Where `/health` and `/metrics` are served; none: nowhere.
+    pub listen: Option<String>,
 }
 
 /// `[database]`.
@@ -384,7 +393,27 @@ impl Config {
             })
             .collect();
 
+        let a = root.section("admin");
+        let admin_listen = a.str("listen").filter(|l| !l.is_empty());
+        if let Some(l) = &admin_listen {
+            if l.parse::<std::net::SocketAddr>().is_err() {
+                a.problem(
+                    "listen",
+                    format!("{l:?} is not an address like \"127.0.0.1:9580\" (\"\" for none)"),
+                );
+            } else if *l == listen {
+                a.problem(
+                    "listen",
+                    format!("{l:?} is the terminal listener's address too"),
+                );
+            }
+        }
+        let admin = Admin {
+            listen: admin_listen,
+        };
+
         Config {
+            admin,
             listen,
             institution_id,
             forwarding_id,

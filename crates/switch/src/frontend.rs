@@ -79,6 +79,7 @@ async fn session(
     shutdown: CancellationToken,
 ) {
     let limits = &switch.config.limits;
+    switch.metrics.connection(true);
     let (mut read, mut write) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<BytesMut>(limits.max_in_flight.max(1) * 2);
     let writer = tokio::spawn(async move {
@@ -187,5 +188,6 @@ async fn session(
     tasks.wait().await;
     drop(tx);
     let _ = writer.await;
+    switch.metrics.connection(false);
     info!(%peer, "connection closed");
 }

@@ -4,6 +4,7 @@
 //! `main` stays thin: [`run`] takes its listener, config, pool and shutdown
 //! token, so tests bind port 0 and start several switches in one process.
 
+pub mod admin;
 pub mod advice;
 pub mod audit;
 pub mod config;
@@ -417,6 +418,8 @@ pub async fn start(
         abandoned: Default::default(),
         serving: tokio::sync::Mutex::new(Some(serving)),
         stopped_because: std::sync::Mutex::new(None),
+        stopping: shutdown.clone(),
+        metrics: admin::Metrics::new(),
     }))
 }
 

@@ -61,6 +61,11 @@ pub struct Switch {
     /// Why the switch stopped itself, when it did: its K3 locks, taken
     /// again, were refused ([`crate::k3::keep_serving`]).
     pub stopped_because: std::sync::Mutex<Option<String>>,
+    /// Cancelled when the switch starts to stop (the `shutdown` it was
+    /// started with): `/health` says so.
+    pub(crate) stopping: CancellationToken,
+    /// What `/metrics` shows ([`crate::admin`]).
+    pub metrics: crate::admin::Metrics,
 }
 
 /// What the connection does after a request.
@@ -190,10 +195,33 @@ impl Switch {
             msg,
         };
         let span = tracing::debug_span!("request", mti = %req.msg.mti(), stan = req.stan, terminal = req.terminal_id);
+        let started = std::time::Instant::now();
         // An entered span must not be held across an await: instrument instead.
-        self.answer_request(&req, format_error, out)
+        let outcome = self
+            .answer_request(&req, format_error, out)
             .instrument(span)
-            .await
+            .await;
+        if outcome == Outcome::Reply {
+            self.count(&req, out, started.elapsed());
+        }
+        outcome
+    }
+
+    /// Counts a reply for `/metrics`: the request's kind, and the F39 the
+    /// reply carries as sent (a stored reply replayed included).
+    fn count(&self, req: &Request<'_>, out: &BytesMut, took: Duration) {
+        let text = |n| req.digits(n);
+        let kind = Kind::classify(
+            req.msg.mti().value(),
+            &text(3),
+            &text(25),
+            req.f60_part(8, 11),
+        )
+        .map_or("unknown", Kind::as_str);
+        let d = &*self.terminal_dialect;
+        let reply = out.get(2..).and_then(|f| Message::parse(d, f).ok());
+        let rc = reply.as_ref().and_then(|m| m.text(39));
+        self.metrics.answered(kind, rc, took);
     }
 
     async fn answer_request(

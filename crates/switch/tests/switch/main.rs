@@ -12,6 +12,7 @@ use switch::{PanHashKey, Switch};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+mod admin;
 mod fleet;
 mod k3;
 mod model;

@@ -129,10 +129,28 @@ pub async fn serve(args: &ServeArgs) -> Result<(), Failure> {
     let listener = TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
+    let admin = match &config.admin.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("admin.listen: listening on {addr}"))?,
+        ),
+        None => None,
+    };
     let config = Arc::new(config);
     let switch = switch::start(config, pool, key, terminal_keys, &shutdown)
         .await
         .map_err(anyhow::Error::from)?;
+    // Served until the switch has drained, saying `stopping` meanwhile.
+    let admin_stop = CancellationToken::new();
+    let _admin_stop = admin_stop.clone().drop_guard();
+    if let Some(admin) = admin {
+        println!(
+            "switchyard admin on http://{} (/health, /metrics)",
+            admin.local_addr().map_err(anyhow::Error::from)?
+        );
+        tokio::spawn(switch::admin::serve(admin, switch.clone(), admin_stop));
+    }
     // Terminals that connect at once (a restart after a crash) wait in the
     // listen queue for the issuer links rather than hear 91; for at most
     // each link's connect timeout: an issuer that is down does not keep the

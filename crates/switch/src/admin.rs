@@ -1,0 +1,368 @@
+//! The admin listener (`[admin] listen`): `GET /health` for a load balancer
+//! or an orchestrator, `GET /metrics` for Prometheus. Plain HTTP/1.1, meant
+//! for the operators' network only: it shows no card data, and takes no
+//! command.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode, header};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::router::Switch;
+use group_commit::postgres::Said;
+
+/// What the terminals were answered, and what the switch holds, for
+/// `/metrics`. The request path only counts (atomics, and a map lookup for
+/// the kind and code); the rest is read when Prometheus asks.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<Answered, Counter>,
+    latency: Histogram,
+    connections: Gauge,
+    links_up: Family<IssuerLabel, Gauge>,
+    advices: Family<AdviceLabel, Gauge>,
+    journal_batches: Counter,
+    journal_writes: Counter,
+    journal_dropped: Counter,
+    journal_busy: Counter<f64, AtomicU64>,
+    /// One scrape at a time: the counters read from the journal's writer
+    /// are moved on by what changed since the last.
+    scraping: tokio::sync::Mutex<()>,
+}
+
+/// The labels of a request answered.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Answered {
+    /// The transaction kind (`purchase`, `reversal`, ...; `unknown` when
+    /// the message is of no kind the switch knows).
+    kind: &'static str,
+    /// F39 of the reply as sent (`none` when it carries none).
+    rc: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IssuerLabel {
+    issuer: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AdviceLabel {
+    /// `pending` (still to be answered by the issuer) or `failed` (given
+    /// up, for an operator).
+    state: &'static str,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Every metric, registered under the `switchyard` prefix.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("switchyard");
+        let requests = Family::<Answered, Counter>::default();
+        registry.register(
+            "requests",
+            "Terminal requests answered, by transaction kind and response code (F39)",
+            requests.clone(),
+        );
+        // 1 ms to about 16 s: a p99 of 20 ms and an issuer timeout of 10 s
+        // both fall inside.
+        let latency = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+            0.001, 2.0, 15,
+        ));
+        registry.register_with_unit(
+            "request_duration",
+            "Time from a terminal request decoded to its reply built",
+            Unit::Seconds,
+            latency.clone(),
+        );
+        let connections = Gauge::default();
+        registry.register(
+            "terminal_connections",
+            "Terminal connections open",
+            connections.clone(),
+        );
+        let links_up = Family::<IssuerLabel, Gauge>::default();
+        registry.register(
+            "issuer_link_up",
+            "1 when the issuer link is signed on, 0 when it is down",
+            links_up.clone(),
+        );
+        let advices = Family::<AdviceLabel, Gauge>::default();
+        registry.register(
+            "advices",
+            "Stored advices (reversals 0420, refunds and completions 0220) by state",
+            advices.clone(),
+        );
+        let journal_batches = Counter::default();
+        registry.register(
+            "journal_batches",
+            "Statements the journal's group commit sent",
+            journal_batches.clone(),
+        );
+        let journal_writes = Counter::default();
+        registry.register(
+            "journal_writes",
+            "Journal writes (rows, outcomes, reads of originals) in those statements",
+            journal_writes.clone(),
+        );
+        let journal_dropped = Counter::default();
+        registry.register(
+            "journal_writes_dropped",
+            "Journal writes dropped unsent after waiting too long for their batch (answered 96)",
+            journal_dropped.clone(),
+        );
+        let journal_busy = Counter::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "journal_busy",
+            "Time the journal's statements took, summed",
+            Unit::Seconds,
+            journal_busy.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            latency,
+            connections,
+            links_up,
+            advices,
+            journal_batches,
+            journal_writes,
+            journal_dropped,
+            journal_busy,
+            scraping: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Counts a request answered with `rc` (none: the reply carries no F39).
+    pub(crate) fn answered(&self, kind: &'static str, rc: Option<&str>, took: Duration) {
+        self.requests
+            .get_or_create(&Answered {
+                kind,
+                rc: rc.unwrap_or("none").to_string(),
+            })
+            .inc();
+        self.latency.observe(took.as_secs_f64());
+    }
+
+    /// A terminal connection opened (`true`) or closed.
+    pub(crate) fn connection(&self, open: bool) {
+        if open {
+            self.connections.inc();
+        } else {
+            self.connections.dec();
+        }
+    }
+}
+
+/// What `/health` found.
+#[derive(Debug)]
+struct Health {
+    /// 200 or 503.
+    status: StatusCode,
+    body: serde_json::Value,
+}
+
+/// Serves `/health` and `/metrics` on `listener` until `shutdown` and a
+/// little after: while the switch drains, `/health` says it is stopping,
+/// so that a load balancer sends no new terminal there.
+pub async fn serve(listener: TcpListener, switch: Arc<Switch>, stopped: CancellationToken) {
+    // The admin port is for a scraper and a probe or two, not a crowd.
+    let room = Arc::new(Semaphore::new(32));
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = stopped.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors, say: try again in a moment.
+                warn!(error = %e, "admin listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = room.clone().try_acquire_owned() else {
+            debug!(%peer, "admin listener: too many connections, closing");
+            continue;
+        };
+        let switch = switch.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let switch = switch.clone();
+                async move { Ok::<_, Infallible>(respond(&switch, &req).await) }
+            });
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = served {
+                debug!(%peer, error = %e, "admin connection ended");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn respond(switch: &Switch, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if !matches!(path, "/health" | "/metrics") {
+        return plain(
+            StatusCode::NOT_FOUND,
+            "not found: the admin listener serves GET /health and GET /metrics\n",
+        );
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+        r.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    if path == "/health" {
+        let h = health(switch).await;
+        let mut r = Response::new(Full::new(Bytes::from(format!("{:#}\n", h.body))));
+        *r.status_mut() = h.status;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        return r;
+    }
+    match metrics(switch).await {
+        Ok(text) => {
+            let mut r = Response::new(Full::new(Bytes::from(text)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        Err(e) => plain(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+    }
+}
+
+fn plain(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(text.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Whether the switch can serve: its database answers (within 2 s), and at
+/// least one issuer link is up. 503 otherwise, and while it stops (it takes
+/// no new connection then). Some links down but not all: 200, `degraded`,
+/// the cards of the others' issuers answered `91`.
+async fn health(switch: &Switch) -> Health {
+    let database = match tokio::time::timeout(
+        Duration::from_secs(2),
+        sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&switch.pool),
+    )
+    .await
+    {
+        Ok(Ok(_)) => "ok".to_string(),
+        Ok(Err(e)) => format!("failing: {}", Said(&e)),
+        Err(_) => "failing: no answer within 2 s".to_string(),
+    };
+    let issuers: serde_json::Map<String, serde_json::Value> = switch
+        .links
+        .iter()
+        .map(|l| {
+            let up = if l.is_up() { "up" } else { "down" };
+            (l.name().to_string(), up.into())
+        })
+        .collect();
+    let up = switch.links.iter().filter(|l| l.is_up()).count();
+    let stopped_because = switch.stopped_because.lock().ok().and_then(|w| w.clone());
+    let stopping = switch.links_stop.is_cancelled() || switch.stopping.is_cancelled();
+    let (status, word) = if stopping || stopped_because.is_some() {
+        (StatusCode::SERVICE_UNAVAILABLE, "stopping")
+    } else if database != "ok" || up == 0 {
+        (StatusCode::SERVICE_UNAVAILABLE, "failing")
+    } else if up < switch.links.len() {
+        (StatusCode::OK, "degraded")
+    } else {
+        (StatusCode::OK, "ok")
+    };
+    let mut body = serde_json::json!({
+        "status": word,
+        "database": database,
+        "issuers": issuers,
+    });
+    if let Some(why) = stopped_because {
+        body["stopped_because"] = why.into();
+    }
+    Health { status, body }
+}
+
+/// The metrics as OpenMetrics text, the gauges read now.
+async fn metrics(switch: &Switch) -> Result<String, String> {
+    let m = &switch.metrics;
+    let _one = m.scraping.lock().await;
+    for link in &switch.links {
+        m.links_up
+            .get_or_create(&IssuerLabel {
+                issuer: link.name().to_string(),
+            })
+            .set(i64::from(link.is_up()));
+    }
+    let counted: Result<(i64, i64), sqlx::Error> = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM advices WHERE state = 'pending'),
+                (SELECT count(*) FROM advices WHERE state = 'failed')",
+    )
+    .fetch_one(&switch.pool)
+    .await;
+    match counted {
+        Ok((pending, failed)) => {
+            m.advices
+                .get_or_create(&AdviceLabel { state: "pending" })
+                .set(pending);
+            m.advices
+                .get_or_create(&AdviceLabel { state: "failed" })
+                .set(failed);
+        }
+        // The rest is still worth having; the gauges keep their last values.
+        Err(e) => warn!(error = %Said(&e), "metrics: reading the advice queue failed"),
+    }
+    let stats = switch.writer.stats();
+    let moved = |c: &Counter, now: u64| {
+        c.inc_by(now.saturating_sub(c.get()));
+    };
+    moved(&m.journal_batches, stats.batches);
+    moved(&m.journal_writes, stats.jobs);
+    moved(&m.journal_dropped, stats.expired);
+    let busy = stats.busy.as_secs_f64() - m.journal_busy.get();
+    if busy > 0.0 {
+        m.journal_busy.inc_by(busy);
+    }
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &m.registry)
+        .map_err(|e| format!("encoding the metrics failed: {e}"))?;
+    Ok(text)
+}
