@@ -1353,15 +1353,34 @@ pub async fn adopt_undecided(
     .await
 }
 
+/// A row as a duplicate waiting for it sees it ([`outcome`]).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Outcome {
+    /// Its state.
+    pub state: String,
+    /// Its F39.
+    pub response_code: Option<String>,
+    /// Its stored reply.
+    pub reply: Option<Vec<u8>>,
+    /// Decided without a reply that will ever be stored: decided seconds
+    /// ago (a reply stored apart is stored a moment after the decision),
+    /// by the recovery sweep, which has no request to reply to (a reversal
+    /// nobody repeated, a row left `sent`).
+    pub replyless: bool,
+}
+
 /// The state and stored reply of a row (a duplicate waiting for its original).
-pub async fn outcome(
-    pool: &PgPool,
-    id: i64,
-) -> Result<(String, Option<String>, Option<Vec<u8>>), sqlx::Error> {
-    sqlx::query_as("SELECT state, response_code, reply FROM journal WHERE id = $1")
-        .bind(id)
-        .fetch_one(pool)
-        .await
+pub async fn outcome(pool: &PgPool, id: i64) -> Result<Outcome, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT state, response_code, reply,
+                reply IS NULL AND state NOT IN ('received', 'sent')
+                AND completed_at IS NOT NULL AND completed_at < now() - interval '2 seconds'
+                AS replyless
+         FROM journal WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
 }
 
 /// An earlier entry a related request refers to.

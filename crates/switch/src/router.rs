@@ -740,21 +740,26 @@ impl Switch {
         let mut earlier_reply = earlier.reply;
         let mut state = earlier.state;
         let mut rc = earlier.response_code;
-        // Still at the issuer: wait for its outcome, as long as it can take.
+        // Still at the issuer: wait for its outcome, as long as it can take;
+        // unless it was decided long since and will never get a reply.
         let deadline =
             tokio::time::Instant::now() + self.config.rules.issuer_timeout + Duration::from_secs(2);
-        while earlier_reply.is_none() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut replyless = false;
+        while earlier_reply.is_none() && !replyless && tokio::time::Instant::now() < deadline {
             match journal::outcome(&self.pool, earlier.id).await {
-                Ok((s, r, reply)) => {
-                    state = s;
-                    rc = r;
-                    earlier_reply = reply;
+                Ok(o) => {
+                    state = o.state;
+                    rc = o.response_code;
+                    earlier_reply = o.reply;
+                    replyless = o.replyless;
                 }
                 Err(e) => {
                     warn!(error = %Said(&e), "reading the earlier request failed");
                     return Some(ResponseCode::SYSTEM_ERROR);
                 }
+            }
+            if earlier_reply.is_none() && !replyless {
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
         match earlier_reply {
@@ -762,20 +767,30 @@ impl Switch {
                 self.replay(req, &body, out);
                 None
             }
-            None => {
-                // The earlier request's switch died before replying; its
-                // state says what the terminal may hear.
-                let rc = match state.as_str() {
-                    "sent" | "unknown" => ResponseCode::ISSUER_TIMEOUT,
-                    _ => rc
-                        .as_deref()
-                        .and_then(ResponseCode::new)
-                        .unwrap_or(ResponseCode::SYSTEM_ERROR),
-                };
-                self.reply_code(req, out, rc, Some(&earlier.rrn));
-                None
-            }
+            None => self.answer_from_state(req, &earlier.rrn, &state, rc, out),
         }
+    }
+
+    /// A repeat of a request that got no reply (its switch died before
+    /// replying, or the recovery sweep decided it): its state says what
+    /// the terminal may hear.
+    fn answer_from_state(
+        &self,
+        req: &Request<'_>,
+        rrn: &str,
+        state: &str,
+        rc: Option<String>,
+        out: &mut BytesMut,
+    ) -> Option<ResponseCode> {
+        let rc = match state {
+            "sent" | "unknown" => ResponseCode::ISSUER_TIMEOUT,
+            _ => rc
+                .as_deref()
+                .and_then(ResponseCode::new)
+                .unwrap_or(ResponseCode::SYSTEM_ERROR),
+        };
+        self.reply_code(req, out, rc, Some(rrn));
+        None
     }
 
     /// The stored reply of an earlier request, behind this request's TPDU and header.
@@ -890,7 +905,7 @@ impl Switch {
                 }
             }
             match journal::outcome(&self.pool, earlier.id).await {
-                Ok((state, _, reply)) if reply.is_some() || state != "received" => return None,
+                Ok(o) if o.reply.is_some() || o.state != "received" => return None,
                 Ok(_) => {}
                 Err(e) => {
                     warn!(error = %Said(&e), "reading the earlier request failed");
@@ -932,7 +947,10 @@ impl Switch {
             // Decided meanwhile by a repeat that took the row over (its
             // switch looked dead): the terminal hears what was stored.
             Ok(false) => match journal::outcome(&self.pool, id).await {
-                Ok((_, _, Some(stored))) => self.replay(req, &stored, out),
+                Ok(journal::Outcome {
+                    reply: Some(stored),
+                    ..
+                }) => self.replay(req, &stored, out),
                 Ok(_) => {}
                 Err(e) => warn!(error = %Said(&e), "reading the decided request failed"),
             },

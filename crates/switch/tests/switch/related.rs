@@ -555,7 +555,7 @@ async fn a_reversal_its_terminal_never_repeats_is_decided_by_the_recovery_sweep(
     drop(t);
     // A switch that sweeps: the row is past what a live switch may take
     // (issuer_timeout + 2 s), so the sweep decides it.
-    let (_sweeper, addr, sweeper_stop) = w.another_switch().await;
+    let (_sweeper, _addr, sweeper_stop) = w.another_switch().await;
     w.until(
         Duration::from_secs(15),
         "the sale reversed by the sweep",
@@ -565,14 +565,19 @@ async fn a_reversal_its_terminal_never_repeats_is_decided_by_the_recovery_sweep(
         ),
     )
     .await;
-    let (state, rule, rc, reply): (String, Option<String>, Option<String>, Option<Vec<u8>>) =
-        sqlx::query_as(
-            "SELECT state, rule, response_code, reply FROM journal
+    let (rrn, state, rule, rc, reply): (
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        Option<Vec<u8>>,
+    ) = sqlx::query_as(
+        "SELECT rrn, state, rule, response_code, reply FROM journal
              WHERE kind = 'reversal' AND terminal_id = 'T0000011'",
-        )
-        .fetch_one(&w.pool)
-        .await
-        .unwrap();
+    )
+    .fetch_one(&w.pool)
+    .await
+    .unwrap();
     assert_eq!(
         (state.as_str(), rule.as_deref(), rc.as_deref()),
         ("approved", Some("R2"), Some("00"))
@@ -580,15 +585,24 @@ async fn a_reversal_its_terminal_never_repeats_is_decided_by_the_recovery_sweep(
     assert_eq!(reply, None, "no terminal was waiting for a reply");
     advices_drained(&w).await;
     assert_eq!(w.balance(pan).await, before, "reversed at the issuer");
-    // A repeat that comes after all hears the reversal approved.
-    let mut t = Terminal::connect(&addr, "T0000011", MERCHANT, w.dialect.clone())
+    // A repeat that comes after all hears the reversal approved, at once:
+    // not after waiting for a reply (here 32 s) that will never be stored.
+    let (_late, late_addr, late_stop) = w
+        .another_switch_with(|c| c.rules.issuer_timeout = Duration::from_secs(30))
+        .await;
+    let mut t = Terminal::connect(&late_addr, "T0000011", MERCHANT, w.dialect.clone())
         .await
         .unwrap();
-    let again = t.exchange(&frame).await.unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(10), t.exchange(&frame))
+        .await
+        .expect("answered without waiting out issuer_timeout")
+        .unwrap();
     assert_eq!(again.rc(), "00");
+    assert_eq!(again.field(37), Some(rrn.as_str()), "the reversal's RRN");
     advices_drained(&w).await;
     assert_eq!(w.balance(pan).await, before, "and not reversed twice");
     sweeper_stop.cancel();
+    late_stop.cancel();
 }
 
 #[tokio::test]
