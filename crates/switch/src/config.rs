@@ -396,12 +396,13 @@ impl Config {
         let a = root.section("admin");
         let admin_listen = a.str("listen").filter(|l| !l.is_empty());
         if let Some(l) = &admin_listen {
-            if l.parse::<std::net::SocketAddr>().is_err() {
+            let addr = l.parse::<std::net::SocketAddr>();
+            if addr.is_err() {
                 a.problem(
                     "listen",
                     format!("{l:?} is not an address like \"127.0.0.1:9580\" (\"\" for none)"),
                 );
-            } else if *l == listen {
+            } else if addr.ok().filter(|a| a.port() != 0) == listen.parse().ok() {
                 a.problem(
                     "listen",
                     format!("{l:?} is the terminal listener's address too"),
@@ -491,6 +492,33 @@ mod tests {
                 problems.contains(expected),
                 "{expected:?} missing from\n{problems}"
             );
+        }
+    }
+
+    #[test]
+    fn the_admin_listener_is_optional_and_needs_an_address_of_its_own() {
+        assert_eq!(Config::default().admin.listen, None);
+        let c = Config::parse("[admin]\nlisten = \"\"\n", "s.toml").unwrap();
+        assert_eq!(c.admin.listen, None, "empty: not served");
+        let c = Config::parse("[admin]\nlisten = \"127.0.0.1:9580\"\n", "s.toml").unwrap();
+        assert_eq!(c.admin.listen.as_deref(), Some("127.0.0.1:9580"));
+        let c = Config::parse(
+            "listen = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+            "s.toml",
+        );
+        assert!(c.is_ok(), "two ports of the system's choosing: {c:?}");
+        for (text, expected) in [
+            (
+                "[admin]\nlisten = \"admin\"\n",
+                "s.toml:2: admin.listen: \"admin\" is not an address",
+            ),
+            (
+                "[admin]\nlisten = \"127.0.0.1:8583\"\n",
+                "s.toml:2: admin.listen: \"127.0.0.1:8583\" is the terminal listener's address too",
+            ),
+        ] {
+            let problems = Config::parse(text, "s.toml").unwrap_err().to_string();
+            assert!(problems.contains(expected), "{problems}");
         }
     }
 

@@ -1623,3 +1623,95 @@ async fn terminals_master_key_is_compared_with_the_journal_and_forget_keys_gives
     assert_eq!(left, (None, 0));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// One HTTP/1.1 GET, written by hand: status code and body.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a whole response");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}
+
+#[tokio::test]
+async fn serve_answers_health_and_metrics_on_its_admin_listener() {
+    use std::io::BufRead;
+    let url = embedded_pg::test_database().await;
+    let dir = scratch("admin");
+    // An issuer nobody answers for: the switch serves, but cannot forward.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = gone.local_addr().unwrap().to_string();
+    drop(gone);
+    let config = dir.join("switchyard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\n[database]\nplan_ahead = false\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [[issuers]]\nname = \"sim\"\nbins = [\"622202\"]\naddress = \"{nowhere}\"\nconnect_timeout = \"1s\"\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Running(
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["serve", "--config", config.to_str().unwrap()])
+            .env("DATABASE_URL", &url)
+            .env("SWITCHYARD_PAN_HASH_KEY", "22".repeat(32))
+            .env_remove("SWITCHYARD_TERMINAL_MASTER_DERIVATION_KEY")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("a first line").unwrap();
+    let admin = first
+        .strip_prefix("switchyard admin on http://")
+        .and_then(|rest| rest.strip_suffix(" (/health, /metrics)"))
+        .unwrap_or_else(|| panic!("not the admin line: {first}"))
+        .to_string();
+    let (status, body) = http_get(&admin, "/health");
+    assert_eq!(status, 503, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["status"], "failing", "{body}");
+    assert_eq!(health["database"], "ok", "{body}");
+    assert_eq!(health["issuers"]["sim"], "down", "{body}");
+    let (status, metrics) = http_get(&admin, "/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("switchyard_issuer_link_up{issuer=\"sim\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("switchyard_advices{state=\"pending\"} 0"),
+        "{metrics}"
+    );
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGTERM did not stop the switch within 30 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(exit.code(), Some(0), "stopped by SIGTERM");
+    assert!(
+        std::net::TcpStream::connect(&admin).is_err(),
+        "the admin listener closed with the switch"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
