@@ -36,6 +36,29 @@ impl Drop for Running {
     }
 }
 
+impl Running {
+    /// Sends SIGTERM and waits for the exit, at most 30 s: a process that
+    /// ignores it fails the test, not the suite.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Some(exit) = self.0.try_wait().unwrap() {
+                return exit;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "SIGTERM did not stop it within 30 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
 impl std::ops::Deref for Running {
     type Target = std::process::Child;
     fn deref(&self) -> &Self::Target {
@@ -729,12 +752,7 @@ fn demo_serve_answers_terminals_and_exits_0_on_sigterm() {
     assert_eq!(cpu.as_object().map(|o| o.len()), Some(2), "{json}");
     assert!(page.contains("<h2>CPU per transaction</h2>"), "{page}");
     std::fs::remove_dir_all(&dir).unwrap();
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = child.wait().unwrap();
+    let exit = child.terminate();
     assert_eq!(exit.code(), Some(0), "graceful shutdown exits 0");
     let _ = std::fs::remove_file(&errors);
 }
@@ -1437,23 +1455,7 @@ fn a_switch_whose_log_reader_is_gone_still_serves_and_stops_on_sigterm() {
     );
     let report = stdout(&load);
     assert!(report.contains("failed 0"), "{report}");
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    // Bounded: a switch that ignores SIGTERM fails the test, not the suite.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let exit = loop {
-        if let Some(exit) = child.try_wait().unwrap() {
-            break exit;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("SIGTERM did not stop the switch within 30 s");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let exit = child.terminate();
     assert_eq!(exit.code(), Some(0), "stopped by SIGTERM");
 }
 
@@ -1692,22 +1694,7 @@ async fn serve_answers_health_and_metrics_on_its_admin_listener() {
         metrics.contains("switchyard_advices{state=\"pending\"} 0"),
         "{metrics}"
     );
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let exit = loop {
-        if let Some(exit) = child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "SIGTERM did not stop the switch within 30 s"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let exit = child.terminate();
     assert_eq!(exit.code(), Some(0), "stopped by SIGTERM");
     assert!(
         std::net::TcpStream::connect(&admin).is_err(),

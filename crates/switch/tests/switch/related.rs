@@ -537,18 +537,32 @@ async fn reversal_left_undecided(w: &World, t: &mut Terminal, frame: &[u8]) {
     assert_eq!(state, "received", "left undecided by the failed read");
 }
 
+/// A sale of `amount` through [`failing_reversals`]' switch, and its
+/// reversal left undecided: the terminal, that switch's stop token, the
+/// sale and the reversal's frame.
+async fn a_sale_and_its_undecided_reversal(
+    w: &World,
+    terminal: &str,
+    pan: &str,
+    amount: u64,
+) -> (Terminal, CancellationToken, Kept, bytes::BytesMut) {
+    let (mut t, stop) = failing_reversals(w, terminal).await;
+    let sale = purchase(&mut t, pan, amount).await;
+    let f60 = t.f60("22");
+    let frame = t
+        .reversal(&reversed(&sale, pan, amount, &f60), "98")
+        .unwrap();
+    reversal_left_undecided(w, &mut t, &frame).await;
+    (t, stop, sale, frame)
+}
+
 #[tokio::test]
 async fn a_reversal_its_terminal_never_repeats_is_decided_by_the_recovery_sweep() {
     let w = world_with(|c| c.advice.poll_interval = Duration::from_secs(600)).await;
-    let (mut t, stop) = failing_reversals(&w, "T0000011").await;
     let pan = "6222020000000000036";
     let before = w.balance(pan).await;
-    let sale = purchase(&mut t, pan, 2_700).await;
-    let f60 = t.f60("22");
-    let frame = t
-        .reversal(&reversed(&sale, pan, 2_700, &f60), "98")
-        .unwrap();
-    reversal_left_undecided(&w, &mut t, &frame).await;
+    let (t, stop, sale, frame) =
+        a_sale_and_its_undecided_reversal(&w, "T0000011", pan, 2_700).await;
     assert_eq!(w.balance(pan).await, before - 2_700, "the sale charged");
     // Its switch stops, and the terminal gives up: nobody repeats the 0400.
     stop.cancel();
@@ -651,15 +665,10 @@ async fn the_sweep_finds_the_preauth_of_a_reversal_written_before_reversals_kept
 #[tokio::test]
 async fn the_sweep_applies_no_reversal_to_a_batch_settled_meanwhile() {
     let w = world_with(|c| c.advice.poll_interval = Duration::from_secs(600)).await;
-    let (mut t, stop) = failing_reversals(&w, "T0000013").await;
     let pan = "6222020000000000038";
     let before = w.balance(pan).await;
-    let sale = purchase(&mut t, pan, 1_300).await;
-    let f60 = t.f60("22");
-    let frame = t
-        .reversal(&reversed(&sale, pan, 1_300, &f60), "98")
-        .unwrap();
-    reversal_left_undecided(&w, &mut t, &frame).await;
+    let (mut t, stop, sale, _) =
+        a_sale_and_its_undecided_reversal(&w, "T0000013", pan, 1_300).await;
     // The batch settles with the sale in it (the settlement waits out the
     // undecided reversal, then closes the batch as it is).
     let totals = format!("{:012}{:03}{:012}{:03}0{}", 1_300, 1, 0, 0, "0".repeat(31));
