@@ -388,51 +388,22 @@ async fn a_reversal_into_a_settled_batch_leaves_its_stan_free_in_the_next() {
 
 #[tokio::test]
 async fn a_reversal_the_journal_failed_under_is_taken_over_by_its_repeat_at_once() {
-    let w = world().await;
-    // A switch whose connections give up on a lock after 300 ms, and that
-    // would wait 32 s (issuer_timeout + 2 s) for a row another switch may
-    // still be deciding.
-    let db: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&w.pool)
-        .await
-        .unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "ALTER DATABASE \"{db}\" SET lock_timeout = '300ms'"
-    )))
-    .execute(&w.pool)
-    .await
-    .unwrap();
-    let shutdown = CancellationToken::new();
-    let config = switch_config(&w.issuer_addr, |c| {
+    // No recovery sweep meanwhile: the repeat is what decides it here.
+    let w = world_with(|c| c.advice.poll_interval = Duration::from_secs(600)).await;
+    // A switch that would wait 32 s (issuer_timeout + 2 s) for a row another
+    // switch may still be deciding.
+    let (mut t, shutdown) = failing_reversals(&w, "T0000010", |c| {
         c.rules.issuer_timeout = Duration::from_secs(30);
-    });
-    let (_switch, addr, _run) = start_switch(&w.url, config, w.switch.key.clone(), &shutdown).await;
-    let mut t = Terminal::connect(&addr, "T0000010", MERCHANT, w.dialect.clone())
-        .await
-        .unwrap();
-    assert_eq!(t.sign_on().await.unwrap().rc(), "00");
+    })
+    .await;
     let pan = "6222020000000000032";
     let sale = purchase(&mut t, pan, 3_300).await;
     let f60 = t.f60("22");
     let frame = t
         .reversal(&reversed(&sale, pan, 3_300, &f60), "98")
         .unwrap();
-    // The reversal's row is written; reading its original then fails (the
-    // advices, which the read looks at, are locked away).
-    let mut lock = w.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE advices IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
-    assert_eq!(t.exchange(&frame).await.unwrap().rc(), "96");
-    lock.commit().await.unwrap();
-    let state: String = sqlx::query_scalar(
-        "SELECT state FROM journal WHERE kind = 'reversal' AND terminal_id = 'T0000010'",
-    )
-    .fetch_one(&w.pool)
-    .await
-    .unwrap();
-    assert_eq!(state, "received", "left undecided by the failed read");
+    // The reversal's row is written; reading its original then fails.
+    reversal_left_undecided(&w, &mut t, &frame).await;
     // The repeat: this switch gave the row up, so it is taken over now,
     // not after 32 s.
     let again = tokio::time::timeout(Duration::from_secs(10), t.exchange(&frame))
@@ -489,14 +460,16 @@ async fn a_reversal_its_switch_died_deciding_is_taken_over_by_the_repeat() {
     assert_eq!(w.balance(pan).await, before, "reversed once at the issuer");
 }
 
-/// A terminal of a switch of its own, signed on, on `w`'s database, whose
-/// journal then fails under its first reversal once the reversal's row is
-/// written (the read of its original finds the advices locked away): the
-/// reversal is answered 96 and left `received`, as a journal outage or a
-/// kill between the insert and the decision leaves it. The world's switch
-/// must not sweep meanwhile (a long `poll_interval`); the returned token
-/// stops the switch.
-async fn failing_reversals(w: &World, terminal: &str) -> (Terminal, CancellationToken) {
+/// A terminal of a switch of its own (the tests' config changed by
+/// `tweak`), signed on, on `w`'s database, whose connections give up on a
+/// lock after 300 ms: [`reversal_left_undecided`] makes the journal fail
+/// under a reversal once its row is written. The returned token stops the
+/// switch.
+async fn failing_reversals(
+    w: &World,
+    terminal: &str,
+    tweak: impl FnOnce(&mut Config),
+) -> (Terminal, CancellationToken) {
     let db: String = sqlx::query_scalar("SELECT current_database()")
         .fetch_one(&w.pool)
         .await
@@ -507,9 +480,7 @@ async fn failing_reversals(w: &World, terminal: &str) -> (Terminal, Cancellation
     .execute(&w.pool)
     .await
     .unwrap();
-    let (_switch, addr, stop) = w
-        .another_switch_with(|c| c.advice.poll_interval = Duration::from_secs(600))
-        .await;
+    let (_switch, addr, stop) = w.another_switch_with(tweak).await;
     let mut t = Terminal::connect(&addr, terminal, MERCHANT, w.dialect.clone())
         .await
         .unwrap();
@@ -517,8 +488,10 @@ async fn failing_reversals(w: &World, terminal: &str) -> (Terminal, Cancellation
     (t, stop)
 }
 
-/// Sends `frame` (a reversal) while the advices are locked away: 96, and
-/// its row left `received`.
+/// Sends `frame` (a reversal) while the advices are locked away: its row
+/// is written, the read of its original fails, it is answered 96 and left
+/// `received`, as a journal outage or a kill between the insert and the
+/// decision leaves it.
 async fn reversal_left_undecided(w: &World, t: &mut Terminal, frame: &[u8]) {
     let mut lock = w.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE advices IN ACCESS EXCLUSIVE MODE")
@@ -546,7 +519,11 @@ async fn a_sale_and_its_undecided_reversal(
     pan: &str,
     amount: u64,
 ) -> (Terminal, CancellationToken, Kept, bytes::BytesMut) {
-    let (mut t, stop) = failing_reversals(w, terminal).await;
+    // No sweep of this switch's meanwhile (the world's must not sweep either).
+    let (mut t, stop) = failing_reversals(w, terminal, |c| {
+        c.advice.poll_interval = Duration::from_secs(600);
+    })
+    .await;
     let sale = purchase(&mut t, pan, amount).await;
     let f60 = t.f60("22");
     let frame = t
@@ -622,7 +599,10 @@ async fn a_reversal_its_terminal_never_repeats_is_decided_by_the_recovery_sweep(
 #[tokio::test]
 async fn the_sweep_finds_the_preauth_of_a_reversal_written_before_reversals_kept_f60() {
     let w = world_with(|c| c.advice.poll_interval = Duration::from_secs(600)).await;
-    let (mut t, stop) = failing_reversals(&w, "T0000012").await;
+    let (mut t, stop) = failing_reversals(&w, "T0000012", |c| {
+        c.advice.poll_interval = Duration::from_secs(600);
+    })
+    .await;
     let pan = "6222020000000000037";
     let stan = t.next_stan();
     let pa = t
