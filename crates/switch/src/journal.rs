@@ -1311,13 +1311,19 @@ pub struct Undecided {
 /// Reversals left `received` without a reply for longer than `older_than`
 /// (a live switch decides its own well within that), oldest first, at
 /// most `limit`: read through the partial index of undecided reversals
-/// (`migrations/switch/0013`).
+/// (`migrations/switch/0013`), with a plain index scan, as
+/// [`recover_forgotten`] reads its own: every reversal passes through the
+/// index, and only a plain scan marks the entries of decided ones dead.
 pub async fn undecided_reversals(
     pool: &PgPool,
     older_than: Duration,
     limit: i64,
 ) -> Result<Vec<Undecided>, sqlx::Error> {
-    sqlx::query_as(
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL enable_bitmapscan = off")
+        .execute(&mut *tx)
+        .await?;
+    let rows = sqlx::query_as(
         "SELECT id, rrn, merchant_id, terminal_id, batch, stan, processing_code, amount,
                 business_date, reversal_reason, original_ref
          FROM journal
@@ -1327,8 +1333,10 @@ pub async fn undecided_reversals(
     )
     .bind(older_than.as_secs_f64())
     .bind(limit)
-    .fetch_all(pool)
-    .await
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(rows)
 }
 
 /// [`adopt`] for the recovery sweep: `Some` when this caller took the row
@@ -1507,22 +1515,34 @@ fn reversals_ctes(first: usize) -> String {
         SELECT * FROM unnest($v1::int8[], $v2::text[], $v3::int8[], $v4::bytea[], $v5::text[],
                              $v6::text[])
             AS v(row_id, rule, original_id, reply, step, reason)),
+     -- The reversals' own rows, still undecided, locked first: of two
+     -- deciders of one row (a repeat or the recovery sweep that took over
+     -- a row whose switch was only slow), the second finds it decided and
+     -- changes nothing, whatever it decided (the sweep may refuse by S1
+     -- what the first reverses).
+     reversal_rows AS (
+        SELECT j.id FROM journal j
+        WHERE j.id IN (SELECT row_id FROM reversals) AND j.state = 'received'
+        ORDER BY j.id FOR UPDATE),
      -- The originals they change, locked in id order: the batches of two
      -- switch processes meet on them in one order.
      reversal_originals AS (
         SELECT o.id FROM journal o
-        WHERE o.id IN (SELECT original_id FROM reversals WHERE step <> 'approve')
+        WHERE o.id IN (SELECT original_id FROM reversals
+                       WHERE step <> 'approve' AND row_id IN (SELECT id FROM reversal_rows))
         ORDER BY o.id FOR UPDATE),
      marked AS (
         UPDATE journal o SET reversal_requested = true
         FROM reversals v
         WHERE v.step = 'mark' AND o.id = v.original_id AND o.state = 'sent'
+          AND v.row_id IN (SELECT id FROM reversal_rows)
           AND o.id IN (SELECT id FROM reversal_originals)
         RETURNING v.row_id),
      reversed AS (
         UPDATE journal o SET state = 'reversed'
         FROM reversals v
         WHERE v.step = 'reverse' AND o.id = v.original_id AND o.state = 'approved'
+          AND v.row_id IN (SELECT id FROM reversal_rows)
           AND o.id IN (SELECT id FROM reversal_originals)
         RETURNING v.row_id, v.reason, o.id, o.original_id, o.kind, o.issuer, o.processing_code,
             o.pos_condition, o.amount, o.mti, o.link_stan, o.link_f7, o.institution_id,
@@ -1545,7 +1565,7 @@ fn reversals_ctes(first: usize) -> String {
         UPDATE journal j SET state = 'approved', response_code = '00', rule = v.rule,
             original_id = v.original_id, reply = v.reply, completed_at = now()
         FROM reversals v
-        WHERE j.id = v.row_id AND j.state = 'received'
+        WHERE j.id = v.row_id AND j.state = 'received' AND j.id IN (SELECT id FROM reversal_rows)
           AND (v.step = 'approve' OR v.row_id IN (SELECT row_id FROM marked)
                OR v.row_id IN (SELECT row_id FROM reversed))
         RETURNING j.id)";

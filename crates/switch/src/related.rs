@@ -71,6 +71,9 @@ enum ReversalDecided {
     Refused(&'static str, ResponseCode),
     /// The journal failed: the row is still `received`.
     Failed,
+    /// The row was decided by another meanwhile (a repeat or the recovery
+    /// sweep took it over): this decision changed nothing.
+    Elsewhere,
 }
 
 /// The MTI class of what a reversal reverses, by its F60.1: pre-auth and
@@ -772,6 +775,10 @@ impl Switch {
                         .await
                 }
                 ReversalDecided::Failed => Some(ResponseCode::SYSTEM_ERROR),
+                ReversalDecided::Elsewhere => {
+                    self.decided_elsewhere(req, written.id, &written.rrn, out)
+                        .await
+                }
             }
         })
         .await
@@ -846,8 +853,16 @@ impl Switch {
                     self.advice_wake.notify_one();
                     return ReversalDecided::Approved;
                 }
-                // The original's state changed under us: look again.
-                Ok(false) => continue,
+                // The original's state changed under us: look again; unless
+                // the row itself was decided by another meanwhile.
+                Ok(false) => match journal::state_of(&self.pool, r.row).await {
+                    Ok(Some(state)) if state != "received" => return ReversalDecided::Elsewhere,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        warn_repeated!(error = %Said(&e), "journal read failed");
+                        return ReversalDecided::Failed;
+                    }
+                },
                 Err(e) => {
                     warn_repeated!(error = %Said(&e), "journal write failed");
                     return ReversalDecided::Failed;
@@ -871,7 +886,7 @@ impl Switch {
         older_than: Duration,
     ) -> Result<usize, sqlx::Error> {
         let mut decided = 0;
-        for row in journal::undecided_reversals(&self.pool, older_than, 100).await? {
+        for row in journal::undecided_reversals(&self.pool, older_than, 20).await? {
             let Some(batch_open) = journal::adopt_undecided(&self.pool, row.id, older_than).await?
             else {
                 continue;
@@ -902,10 +917,14 @@ impl Switch {
             match outcome {
                 ReversalDecided::Approved => {}
                 ReversalDecided::Refused(rule, rc) => {
-                    journal::decide(&self.pool, row.id, rule, rc, None).await?;
+                    if !journal::decide(&self.pool, row.id, rule, rc, None).await? {
+                        continue;
+                    }
                 }
-                // Left for the next sweep, after the usual wait.
-                ReversalDecided::Failed => continue,
+                ReversalDecided::Elsewhere => continue,
+                // The journal is in trouble: the rest wait for the next
+                // sweep rather than hold up the advice queue behind it.
+                ReversalDecided::Failed => break,
             }
             let state = journal::state_of(&self.pool, row.id).await?;
             warn!(

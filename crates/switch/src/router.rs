@@ -944,19 +944,39 @@ impl Switch {
         self.reply_code(req, out, rc, Some(rrn));
         match journal::decide(&self.pool, id, rule, rc, Some(self.body(out))).await {
             Ok(true) => {}
-            // Decided meanwhile by a repeat that took the row over (its
-            // switch looked dead): the terminal hears what was stored.
-            Ok(false) => match journal::outcome(&self.pool, id).await {
-                Ok(journal::Outcome {
-                    reply: Some(stored),
-                    ..
-                }) => self.replay(req, &stored, out),
-                Ok(_) => {}
-                Err(e) => warn!(error = %Said(&e), "reading the decided request failed"),
-            },
+            // Decided meanwhile by a repeat or the recovery sweep that took
+            // the row over (its switch looked dead).
+            Ok(false) => return self.decided_elsewhere(req, id, rrn, out).await,
             Err(e) => warn_repeated!(error = %Said(&e), "journal write failed"),
         }
         None
+    }
+
+    /// Answers a request whose row was decided by another (a repeat or the
+    /// recovery sweep took it over while this switch was slow): the
+    /// terminal hears what was stored, or, when the sweep stored no reply,
+    /// what the row's state says.
+    pub(crate) async fn decided_elsewhere(
+        &self,
+        req: &Request<'_>,
+        id: i64,
+        rrn: &str,
+        out: &mut BytesMut,
+    ) -> Option<ResponseCode> {
+        match journal::outcome(&self.pool, id).await {
+            Ok(journal::Outcome {
+                reply: Some(stored),
+                ..
+            }) => {
+                self.replay(req, &stored, out);
+                None
+            }
+            Ok(o) => self.answer_from_state(req, rrn, &o.state, o.response_code, out),
+            Err(e) => {
+                warn!(error = %Said(&e), "reading the decided request failed");
+                Some(ResponseCode::SYSTEM_ERROR)
+            }
+        }
     }
 
     /// Builds the network request of a transaction.

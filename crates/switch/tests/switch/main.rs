@@ -2501,6 +2501,66 @@ async fn reversals_of_one_batch_each_change_their_own_original() {
 }
 
 #[tokio::test]
+async fn a_reversal_decided_by_another_meanwhile_changes_nothing() {
+    use switch::journal::{self, Disposition, NewEntry, Reversal, ReversalStep, Row, Write, Wrote};
+    use switch::model::{Kind, ResponseCode, State};
+    let w = world().await;
+    let write = |writes: Vec<Write>| {
+        let pool = w.pool.clone();
+        async move { journal::write_many(&pool, &writes).await.unwrap() }
+    };
+    let row = |e: &NewEntry<'_>, d| Write::Request(Box::new(Row::of(e, d)));
+    let sale = ids(write(vec![row(&purchase(21), FORWARD)]).await)[0];
+    write(vec![outcome(sale, State::Approved)]).await;
+    let reversal = NewEntry {
+        kind: Kind::Reversal,
+        mti: 400,
+        ..purchase(21)
+    };
+    let reversal = ids(write(vec![row(&reversal, Disposition::Hold)]).await)[0];
+    // The recovery sweep took the row over from a slow switch and refused
+    // it (S1: its batch settled meanwhile)...
+    assert!(
+        journal::decide(
+            &w.pool,
+            reversal,
+            "S1",
+            ResponseCode::INVALID_TRANSACTION,
+            None
+        )
+        .await
+        .unwrap()
+    );
+    // ...then the slow switch's decision, made from the sale as it read it,
+    // reaches the journal: it must not reverse the settled sale.
+    let answers = write(vec![Write::Reversal(Reversal {
+        row: reversal,
+        rule: "R2",
+        original: Some(sale),
+        reply: Some(vec![4, 16]),
+        step: ReversalStep::Reverse("68"),
+    })])
+    .await;
+    assert!(matches!(answers[0], Wrote::Reversed(false)));
+    let states: Vec<(i64, String)> =
+        sqlx::query_as("SELECT id, state::text FROM journal WHERE id IN ($1, $2) ORDER BY id")
+            .bind(sale)
+            .bind(reversal)
+            .fetch_all(&w.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        states,
+        [(sale, "approved".into()), (reversal, "declined".into())]
+    );
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM advices")
+        .fetch_one(&w.pool)
+        .await
+        .unwrap();
+    assert_eq!(queued, 0, "no 0420 for the issuer");
+}
+
+#[tokio::test]
 async fn idle_and_half_sent_connections_are_closed_busy_ones_are_not() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let w = world_with(|c| {
