@@ -13,7 +13,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -24,12 +24,14 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::model::{Kind, ResponseCode};
 use crate::router::Switch;
 use group_commit::postgres::Said;
 
 /// What the terminals were answered, and what the switch holds, for
-/// `/metrics`. The request path only counts (atomics, and a map lookup for
-/// the kind and code); the rest is read when Prometheus asks.
+/// `/metrics`. The request path only counts (a map lookup for the kind and
+/// code, and the latency histogram's lock, uncontended on the switch's one
+/// thread); the rest is read when Prometheus asks.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -45,6 +47,10 @@ pub struct Metrics {
     /// One scrape at a time: the counters read from the journal's writer
     /// are moved on by what changed since the last.
     scraping: tokio::sync::Mutex<()>,
+    /// The last look at the database for `/health`, and when: probes that
+    /// come often share one statement a second, and take no more of the
+    /// pool the terminals' requests need.
+    database_seen: tokio::sync::Mutex<Option<(tokio::time::Instant, String)>>,
 }
 
 /// The labels of a request answered.
@@ -54,7 +60,20 @@ struct Answered {
     /// the message is of no kind the switch knows).
     kind: &'static str,
     /// F39 of the reply as sent (`none` when it carries none).
-    rc: String,
+    rc: Code,
+}
+
+/// F39 as a label value, without a string of its own per request.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+struct Code(Option<ResponseCode>);
+
+impl EncodeLabelValue for Code {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        std::fmt::Write::write_str(
+            encoder,
+            self.0.as_ref().map_or("none", ResponseCode::as_str),
+        )
+    }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -151,27 +170,34 @@ impl Metrics {
             journal_dropped,
             journal_busy,
             scraping: tokio::sync::Mutex::new(()),
+            database_seen: tokio::sync::Mutex::new(None),
         }
     }
 
-    /// Counts a request answered with `rc` (none: the reply carries no F39).
-    pub(crate) fn answered(&self, kind: &'static str, rc: Option<&str>, took: Duration) {
+    /// Counts a request of `kind` (none: of no kind the switch knows)
+    /// answered with `rc` (none: the reply carries no F39, or nothing was
+    /// sent).
+    pub(crate) fn answered(&self, kind: Option<Kind>, rc: Option<ResponseCode>, took: Duration) {
         self.requests
             .get_or_create(&Answered {
-                kind,
-                rc: rc.unwrap_or("none").to_string(),
+                kind: kind.map_or("unknown", Kind::as_str),
+                rc: Code(rc),
             })
             .inc();
         self.latency.observe(took.as_secs_f64());
     }
 
-    /// A terminal connection opened (`true`) or closed.
-    pub(crate) fn connection(&self, open: bool) {
-        if open {
-            self.connections.inc();
-        } else {
-            self.connections.dec();
+    /// Counts a terminal connection open until the guard is dropped,
+    /// however its session ends.
+    pub(crate) fn connection(&self) -> impl Drop + use<> {
+        struct Open(Gauge);
+        impl Drop for Open {
+            fn drop(&mut self) {
+                self.0.dec();
+            }
         }
+        self.connections.inc();
+        Open(self.connections.clone())
     }
 }
 
@@ -280,16 +306,7 @@ fn plain(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
 /// no new connection then). Some links down but not all: 200, `degraded`,
 /// the cards of the others' issuers answered `91`.
 async fn health(switch: &Switch) -> Health {
-    let database = match tokio::time::timeout(
-        Duration::from_secs(2),
-        sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&switch.pool),
-    )
-    .await
-    {
-        Ok(Ok(_)) => "ok".to_string(),
-        Ok(Err(e)) => format!("failing: {}", Said(&e)),
-        Err(_) => "failing: no answer within 2 s".to_string(),
-    };
+    let database = database(switch).await;
     let issuers: serde_json::Map<String, serde_json::Value> = switch
         .links
         .iter()
@@ -319,6 +336,29 @@ async fn health(switch: &Switch) -> Health {
         body["stopped_because"] = why.into();
     }
     Health { status, body }
+}
+
+/// Whether the database answers through the switch's pool within 2 s:
+/// `ok` or why not, looked at once a second at most.
+async fn database(switch: &Switch) -> String {
+    let mut seen = switch.metrics.database_seen.lock().await;
+    if let Some((at, said)) = &*seen
+        && at.elapsed() < Duration::from_secs(1)
+    {
+        return said.clone();
+    }
+    let said = match tokio::time::timeout(
+        Duration::from_secs(2),
+        sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&switch.pool),
+    )
+    .await
+    {
+        Ok(Ok(_)) => "ok".to_string(),
+        Ok(Err(e)) => format!("failing: {}", Said(&e)),
+        Err(_) => "failing: no answer within 2 s".to_string(),
+    };
+    *seen = Some((tokio::time::Instant::now(), said.clone()));
+    said
 }
 
 /// The metrics as OpenMetrics text, the gauges read now.

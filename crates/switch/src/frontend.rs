@@ -79,7 +79,7 @@ async fn session(
     shutdown: CancellationToken,
 ) {
     let limits = &switch.config.limits;
-    switch.metrics.connection(true);
+    let _counted = switch.metrics.connection();
     let (mut read, mut write) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<BytesMut>(limits.max_in_flight.max(1) * 2);
     let writer = tokio::spawn(async move {
@@ -188,6 +188,5 @@ async fn session(
     tasks.wait().await;
     drop(tx);
     let _ = writer.await;
-    switch.metrics.connection(false);
     info!(%peer, "connection closed");
 }

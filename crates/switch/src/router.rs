@@ -113,6 +113,33 @@ pub(crate) struct Request<'a> {
     pub(crate) terminal_id: &'a str,
     pub(crate) merchant_id: &'a str,
     pub(crate) f60: String,
+    /// What it is, once classified (for `/metrics`).
+    pub(crate) kind: Noted<Kind>,
+    /// F39 of the reply last built for it (for `/metrics`).
+    pub(crate) answered: Noted<ResponseCode>,
+}
+
+/// A value noted on a request as it is handled: a `Cell` that a request
+/// held across an await (and so shared between threads) may carry.
+#[derive(Debug)]
+pub(crate) struct Noted<T>(std::sync::Mutex<Option<T>>);
+
+impl<T> Default for Noted<T> {
+    fn default() -> Self {
+        Noted(std::sync::Mutex::new(None))
+    }
+}
+
+impl<T: Copy> Noted<T> {
+    pub(crate) fn set(&self, value: Option<T>) {
+        if let Ok(mut v) = self.0.lock() {
+            *v = value;
+        }
+    }
+
+    pub(crate) fn get(&self) -> Option<T> {
+        self.0.lock().ok().and_then(|v| *v)
+    }
 }
 
 impl Request<'_> {
@@ -193,6 +220,8 @@ impl Switch {
                 .map(|d| d.iter().map(char::from).collect())
                 .unwrap_or_default(),
             msg,
+            kind: Default::default(),
+            answered: Default::default(),
         };
         let span = tracing::debug_span!("request", mti = %req.msg.mti(), stan = req.stan, terminal = req.terminal_id);
         let started = std::time::Instant::now();
@@ -208,19 +237,24 @@ impl Switch {
     }
 
     /// Counts a reply for `/metrics`: the request's kind, and the F39 the
-    /// reply carries as sent (a stored reply replayed included).
+    /// reply carries as sent (a stored reply replayed included), both noted
+    /// on the request as they were found.
     fn count(&self, req: &Request<'_>, out: &BytesMut, took: Duration) {
-        let text = |n| req.digits(n);
-        let kind = Kind::classify(
-            req.msg.mti().value(),
-            &text(3),
-            &text(25),
-            req.f60_part(8, 11),
-        )
-        .map_or("unknown", Kind::as_str);
-        let d = &*self.terminal_dialect;
-        let reply = out.get(2..).and_then(|f| Message::parse(d, f).ok());
-        let rc = reply.as_ref().and_then(|m| m.text(39));
+        let kind = req.kind.get().or_else(|| {
+            // Answered before it was classified (a 30, say).
+            let text = |n| req.digits(n);
+            Kind::classify(
+                req.msg.mti().value(),
+                &text(3),
+                &text(25),
+                req.f60_part(8, 11),
+            )
+        });
+        let rc = if out.is_empty() {
+            None
+        } else {
+            req.answered.get()
+        };
         self.metrics.answered(kind, rc, took);
     }
 
@@ -304,6 +338,7 @@ impl Switch {
             return Some(ResponseCode::FORMAT_ERROR);
         }
         let kind = Kind::classify(mti, &text(3), &text(25), req.f60_part(8, 11));
+        req.kind.set(kind);
         // These decide by the open batch themselves (S1): the terminal as the
         // database has it now, not as read a moment ago.
         let fresh = matches!(
@@ -809,6 +844,10 @@ impl Switch {
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(&prefix);
         out.extend_from_slice(body);
+        // Counted with the code it carries.
+        let stored = Message::parse(d, &out[2..]).ok();
+        req.answered
+            .set(stored.and_then(|m| m.text(39).and_then(ResponseCode::new)));
     }
 
     /// The reply from its MTI on (what is stored for duplicates); empty
@@ -1112,6 +1151,7 @@ impl Switch {
         if let Some(auth) = f.auth_code {
             w.text(38, auth)?;
         }
+        req.answered.set(f.rc);
         if let Some(rc) = f.rc {
             w.text(39, rc.as_str())?;
         }

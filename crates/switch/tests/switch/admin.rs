@@ -41,14 +41,11 @@ async fn metrics_count_what_the_terminals_were_answered() {
     let w = world().await;
     let (admin, _stop) = admin_of(&w.switch).await;
     let mut t = w.signed_on("T0000015").await;
-    for amount in [100, 200] {
-        let stan = t.next_stan();
-        let r = t
-            .exchange(&t.purchase(stan, CARD, EXPIRY, amount).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(r.rc(), "00");
-    }
+    let stan = t.next_stan();
+    let first = t.purchase(stan, CARD, EXPIRY, 100).unwrap();
+    assert_eq!(t.exchange(&first).await.unwrap().rc(), "00");
+    // Its repeat, answered with the stored reply, counts with its code.
+    assert_eq!(t.exchange(&first).await.unwrap().rc(), "00");
     // Over the card's single-transaction limit (the issuer's 61).
     let stan = t.next_stan();
     let r = t
