@@ -1342,7 +1342,9 @@ pub async fn undecided_reversals(
 /// [`adopt`] for the recovery sweep: `Some` when this caller took the row
 /// over, with whether the batch it names is still its terminal's open
 /// batch (S1: a settled batch takes no reversal). Its arrival time
-/// restarts, so a settlement of the batch waits for its decision.
+/// restarts, so a settlement of the batch waits for its decision; and the
+/// terminal is read `FOR SHARE`, as a request's insert reads it, so that a
+/// settlement closing the batch at this moment is waited for, and seen.
 pub async fn adopt_undecided(
     pool: &PgPool,
     id: i64,
@@ -1353,7 +1355,8 @@ pub async fn adopt_undecided(
          WHERE id = $1 AND state = 'received' AND reply IS NULL
            AND received_at < now() - make_interval(secs => $2)
          RETURNING EXISTS (SELECT 1 FROM terminals t
-                           WHERE t.id = journal.terminal_id AND t.batch = journal.batch)",
+                           WHERE t.id = journal.terminal_id AND t.batch = journal.batch
+                           FOR SHARE)",
     )
     .bind(id)
     .bind(older_than.as_secs_f64())
