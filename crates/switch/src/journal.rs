@@ -82,8 +82,10 @@ pub struct NewEntry<'a> {
     /// Journal it only while `batch` is still the terminal's open batch:
     /// the router checked the batch against a terminal read a moment ago,
     /// and a batch settled since (by another switch process) takes nothing
-    /// more ([`Insert::BatchClosed`]). Settlements, uploads and reversals,
-    /// which check their batch themselves, do not ask for it.
+    /// more ([`Insert::BatchClosed`]); nor does one closing at this very
+    /// moment ([`settle`]), however freshly the terminal was read.
+    /// Settlements and uploads, which name a batch that may just have
+    /// closed, do not ask for it.
     pub open_batch: bool,
     /// F32 of its messages to the issuer (the config's `institution_id`),
     /// kept so that a follow-on's F90 names it as it was sent.
