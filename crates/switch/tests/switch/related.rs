@@ -1235,8 +1235,8 @@ async fn a_refund_that_loses_its_original_to_a_void_is_answered_12() {
 }
 
 /// A terminal's settlement of one purchase, sent with the terminal's row
-/// locked, so that its first copy stops in the statement that closes the
-/// batch; then the same message again from a redialled connection. Returns
+/// locked, so that its first copy stops as it closes the batch (waiting
+/// for that row); then the same message again from a redialled connection. Returns
 /// the lock and the two answers to come.
 async fn a_settlement_held_and_repeated(
     w: &World,
