@@ -82,8 +82,10 @@ pub struct NewEntry<'a> {
     /// Journal it only while `batch` is still the terminal's open batch:
     /// the router checked the batch against a terminal read a moment ago,
     /// and a batch settled since (by another switch process) takes nothing
-    /// more ([`Insert::BatchClosed`]). Settlements, uploads and reversals,
-    /// which check their batch themselves, do not ask for it.
+    /// more ([`Insert::BatchClosed`]); nor does one closing at this very
+    /// moment ([`settle`]), however freshly the terminal was read.
+    /// Settlements and uploads, which name a batch that may just have
+    /// closed, do not ask for it.
     pub open_batch: bool,
     /// F32 of its messages to the issuer (the config's `institution_id`),
     /// kept so that a follow-on's F90 names it as it was sent.
@@ -173,8 +175,20 @@ pub enum Insert {
 
 /// SQL: a row that asks for its batch to be open (`$open`, with the
 /// terminal `$terminal` and the batch `$batch`) is written only when it is.
+///
+/// The terminal's row is read `FOR SHARE` and stays locked until the row
+/// is committed, so the close of the batch ([`settle`], which takes it
+/// `FOR UPDATE` first) waits for every insert that found the batch open,
+/// and then sees it. Without the lock the two overlap under READ
+/// COMMITTED: the insert's snapshot shows the batch open, the close's
+/// does not show the insert, and a sale is approved in a batch already
+/// settled without it. An insert that asks for the lock while the close
+/// holds it reads the terminal again once the close commits, and finds
+/// the new batch. `FOR KEY SHARE` would not do: it does not conflict with
+/// an UPDATE that changes no key, so a change of `batch` made without an
+/// explicit lock would pass it by.
 const BATCH_OPEN: &str = "(NOT $open OR EXISTS (SELECT 1 FROM terminals t
-    WHERE t.id = $terminal AND t.batch = $batch))";
+    WHERE t.id = $terminal AND t.batch = $batch FOR SHARE))";
 
 fn batch_open(open: &str, terminal: &str, batch: &str) -> String {
     BATCH_OPEN
@@ -1819,6 +1833,18 @@ pub async fn settle(
     force: Force,
     in_flight: Duration,
 ) -> Result<Settled, sqlx::Error> {
+    // The batch is closed by this transaction alone: its terminal row,
+    // locked first, waits for every request still being journalled into
+    // the batch (they hold it `FOR SHARE`, see `BATCH_OPEN`), and keeps
+    // out those that come after until the batch is closed or left open.
+    // Taken in a statement of its own, so that the next one reads the
+    // journal in a snapshot that has the rows of those it waited for.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT 1 FROM terminals WHERE id = $1 AND batch = $2 FOR UPDATE")
+        .bind(s.terminal_id)
+        .bind(s.batch)
+        .fetch_optional(&mut *tx)
+        .await?;
     // The totals again, in the statement's own snapshot: an outcome that
     // landed since they were read (a sale of another connection, answered
     // just now) makes them stale, as much as one still at the issuer does.
@@ -1862,8 +1888,9 @@ pub async fn settle(
             .bind(in_flight.as_secs_f64())
             .bind(s.totals_read)
             .bind(force.stale)
-            .fetch_one(pool)
+            .fetch_one(&mut *tx)
             .await?;
+    tx.commit().await?;
     Ok(if answered {
         Settled::Closed
     } else if stale && !force.stale {

@@ -194,10 +194,12 @@ impl Switch {
             original_ref: None,
             claim: None,
             // K1 and the batch were checked against a terminal read a
-            // moment ago; those that check their batch themselves do not ask.
+            // moment ago; a settlement or an upload names a batch that may
+            // have closed, and checks it itself. A reversal checks it too,
+            // but its batch may close between that check and its insert.
             open_batch: !matches!(
                 kind,
-                Kind::Settlement | Kind::BatchUpload | Kind::BatchUploadEnd | Kind::Reversal
+                Kind::Settlement | Kind::BatchUpload | Kind::BatchUploadEnd
             ),
             institution_id: &self.config.institution_id,
             forwarding_id: &self.config.forwarding_id,
@@ -732,20 +734,17 @@ impl Switch {
         let type_code = req.f60_part(0, 2);
         entry.original_ref = Some(format!("11={:06} 60.1={type_code}", req.stan));
         if batch != terminal.batch {
-            // S1: a settled batch takes no reversal.
-            return self
-                .reject(
-                    req,
-                    entry,
-                    None,
-                    "S1",
-                    ResponseCode::INVALID_TRANSACTION,
-                    out,
-                )
-                .await;
+            return self.reversal_settled(req, entry, out).await;
         }
-        let written = match self.journal(req, &entry, Disposition::Hold, out).await {
-            Ok(w) => w,
+        // Journalled only while the batch is open, as a sale is: one that
+        // closed since the terminal was read (its settlement committed
+        // meanwhile) would have counted the sale this undoes.
+        let written = match self
+            .journal_in_batch(req, &entry, Disposition::Hold, out)
+            .await
+        {
+            Ok(Some(w)) => w,
+            Ok(None) => return self.reversal_settled(req, entry, out).await,
             Err(answered) => return answered,
         };
         let asked = Reversing {
@@ -936,6 +935,26 @@ impl Switch {
             decided += 1;
         }
         Ok(decided)
+    }
+
+    /// S1: a settled batch takes no reversal: refused, under the batch it
+    /// names (which is closed, so the row does not ask for it open).
+    async fn reversal_settled(
+        &self,
+        req: &Request<'_>,
+        mut entry: NewEntry<'_>,
+        out: &mut BytesMut,
+    ) -> Option<ResponseCode> {
+        entry.open_batch = false;
+        self.reject(
+            req,
+            entry,
+            None,
+            "S1",
+            ResponseCode::INVALID_TRANSACTION,
+            out,
+        )
+        .await
     }
 
     /// S1: settlement. The terminal's F48 totals against the journal's; the

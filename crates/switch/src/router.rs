@@ -866,7 +866,8 @@ impl Switch {
 
     /// Writes a request to the journal. A repeat is answered here (D1/D2)
     /// and so is a journal that cannot be written (T2: `96`, nothing
-    /// forwarded); both come back as `Err` with what to answer.
+    /// forwarded); both come back as `Err` with what to answer. A request
+    /// whose batch closed since its terminal was read is answered `77`.
     pub(crate) async fn journal(
         &self,
         req: &Request<'_>,
@@ -874,8 +875,23 @@ impl Switch {
         disposition: Disposition<'_>,
         out: &mut BytesMut,
     ) -> Result<journal::Written, Option<ResponseCode>> {
+        self.journal_in_batch(req, entry, disposition, out)
+            .await?
+            .ok_or(Some(ResponseCode::BATCH_MISMATCH))
+    }
+
+    /// [`Switch::journal`], with `None` for a request whose batch closed
+    /// since its terminal was read ([`NewEntry::open_batch`]), for a
+    /// request that answers that itself.
+    pub(crate) async fn journal_in_batch(
+        &self,
+        req: &Request<'_>,
+        entry: &NewEntry<'_>,
+        disposition: Disposition<'_>,
+        out: &mut BytesMut,
+    ) -> Result<Option<journal::Written>, Option<ResponseCode>> {
         match self.writer.insert(entry, disposition).await {
-            Ok(Insert::New(w)) => Ok(w),
+            Ok(Insert::New(w)) => Ok(Some(w)),
             Ok(Insert::Duplicate(earlier))
                 if matches!(disposition, Disposition::Hold)
                     && earlier.state == "received"
@@ -883,15 +899,16 @@ impl Switch {
                     && earlier.digest == entry.digest =>
             {
                 match self.adopt(&earlier).await {
-                    Some(w) => Ok(w),
+                    Some(w) => Ok(Some(w)),
                     None => Err(self.duplicate(req, entry, earlier, out).await),
                 }
             }
             Ok(Insert::Duplicate(earlier)) => Err(self.duplicate(req, entry, earlier, out).await),
             Ok(Insert::BatchClosed) => {
-                // Another switch process settled it since this one read the terminal.
+                // Settled since this switch read the terminal (by another
+                // switch process, or just now).
                 self.writer.forget_terminal(req.terminal_id);
-                Err(Some(ResponseCode::BATCH_MISMATCH))
+                Ok(None)
             }
             Err(e) => {
                 warn_repeated!(error = %Said(&e), "journal write failed");

@@ -1430,8 +1430,8 @@ async fn a_refund_that_loses_its_original_to_a_void_is_answered_12() {
 }
 
 /// A terminal's settlement of one purchase, sent with the terminal's row
-/// locked, so that its first copy stops in the statement that closes the
-/// batch; then the same message again from a redialled connection. Returns
+/// locked, so that its first copy stops as it closes the batch (waiting
+/// for that row); then the same message again from a redialled connection. Returns
 /// the lock and the two answers to come.
 async fn a_settlement_held_and_repeated(
     w: &World,
@@ -1908,4 +1908,270 @@ async fn a_reversal_that_came_before_its_sale_is_in_the_sales_history_and_back()
         let rrns: Vec<&str> = history.entries.iter().map(|e| e.rrn.as_str()).collect();
         assert_eq!(rrns, [marker_rrn, sale_rrn], "by {rrn}: the whole history");
     }
+}
+
+/// Opening balances minus the journal's approved debits plus its approved
+/// credits is what the issuer's cards hold, to the fen (once the advices
+/// have drained); returns the journal's net.
+async fn money_invariant_holds(w: &World) -> i64 {
+    let net: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(CASE WHEN kind IN ('purchase', 'completion', 'completion_advice') THEN -amount ELSE amount END), 0)::bigint
+         FROM journal
+         WHERE (kind IN ('purchase', 'completion', 'completion_advice') AND state IN ('approved', 'voided', 'partially_refunded', 'refunded'))
+            OR (kind IN ('void', 'completion_void', 'refund') AND state = 'approved')",
+    )
+    .fetch_one(&w.pool)
+    .await
+    .unwrap();
+    let totals = issuer_sim::balances(&w.issuer_pool).await.unwrap();
+    assert_eq!(totals.balance - totals.opening, net, "the money invariant");
+    net
+}
+
+/// A request of `terminal` held in the middle of its journal insert: a
+/// transaction of the test's own has written, and not committed, a row
+/// with the key the request is journalled under (`batch`, `stan`,
+/// `mti_class`), so the writer's statement waits on it, past the moment it
+/// read the batch open. `send` sends the request; returns the transaction,
+/// to be rolled back to let the request through.
+async fn an_insert_held_on_its_key(
+    w: &World,
+    terminal: &str,
+    batch: u32,
+    stan: u32,
+    mti_class: i16,
+    send: impl std::future::Future<Output = ()>,
+) -> sqlx::PgConnection {
+    let key = w
+        .holding(format!(
+            "INSERT INTO journal (id, rrn, terminal_id, merchant_id, batch, stan, mti, mti_class,
+                 processing_code, kind, request_digest, state, business_date)
+             SELECT n, lpad(n::text, 12, '0'), '{terminal}', '{MERCHANT}', {batch}, {stan},
+                 {mti_class} * 100, {mti_class}, '000000', 'purchase', '\\x00', 'received',
+                 current_date
+             FROM nextval('journal_id_seq') n"
+        ))
+        .await;
+    send.await;
+    w.until_a_lock_is_awaited("the request's insert waiting on its key")
+        .await;
+    key
+}
+
+/// A settlement of `terminal`'s `batch` with `totals`, sent through
+/// another switch process at `other` (it has a journal writer of its own)
+/// and left to be answered.
+async fn settling(
+    w: &World,
+    other: &str,
+    terminal: &str,
+    batch: u32,
+    totals: &str,
+) -> tokio::task::JoinHandle<Reply> {
+    let mut b = Terminal::connect(other, terminal, MERCHANT, w.dialect.clone())
+        .await
+        .unwrap();
+    b.batch = batch;
+    for _ in 0..50 {
+        b.next_stan();
+    }
+    let stan = b.next_stan();
+    let settlement = b.settlement(stan, totals).unwrap();
+    tokio::spawn(async move { b.exchange(&settlement).await.unwrap() })
+}
+
+/// Waits until `done` (a condition in SQL) holds, or a second session of
+/// the database waits for a lock: the request the test holds up, and one
+/// that waits for it in turn.
+async fn until_done_or_waiting(w: &World, what: &str, done: &str) {
+    w.until(
+        Duration::from_secs(10),
+        what,
+        &format!(
+            "SELECT ({done})
+                OR (SELECT count(*) FROM pg_stat_activity
+                    WHERE datname = current_database() AND wait_event_type = 'Lock') >= 2"
+        ),
+    )
+    .await;
+}
+
+/// What the merchant is paid on is what the journal holds: the figures a
+/// batch was settled with are the batch's totals in the journal now.
+async fn settled_as_journalled(w: &World, terminal: &str, batch: u32) -> String {
+    let settled: String = sqlx::query_scalar(
+        "SELECT switch_totals FROM settlements WHERE terminal_id = $1 AND batch = $2",
+    )
+    .bind(terminal)
+    .bind(batch as i32)
+    .fetch_one(&w.pool)
+    .await
+    .unwrap();
+    let now = switch::journal::batch_totals(&w.pool, terminal, batch as i32)
+        .await
+        .unwrap();
+    for part in [0..30, 31..61] {
+        assert_eq!(
+            settled[part.clone()],
+            now[part],
+            "the batch as settled ({settled}) and as journalled ({now})"
+        );
+    }
+    settled
+}
+
+#[tokio::test]
+async fn a_sale_journalled_while_its_batch_closes_is_settled_or_refused() {
+    let w = world().await;
+    let (_other, other_addr, other) = w.another_switch().await;
+    let terminal = "T0000012";
+    let pan = "6222020000000000050";
+    let before = w.balance(pan).await;
+    let mut a = w.signed_on(terminal).await;
+    let batch = a.batch;
+    // The sale has read the batch open and is inserting its row...
+    let stan = a.next_stan();
+    let sale = a.purchase(stan, pan, EXPIRY, 1_500).unwrap();
+    let mut key = an_insert_held_on_its_key(&w, terminal, batch, stan, 2, async {
+        a.send_raw(&sale).await.unwrap();
+    })
+    .await;
+    // ...when the terminal's other connection settles the batch, empty as
+    // far as anything committed shows.
+    let nothing = "0".repeat(62);
+    let settling = settling(&w, &other_addr, terminal, batch, &nothing).await;
+    until_done_or_waiting(
+        &w,
+        "the batch closed, or the settlement waiting for the request",
+        "EXISTS (SELECT 1 FROM settlements)",
+    )
+    .await;
+    sqlx::query("ROLLBACK").execute(&mut key).await.unwrap();
+    let sold = a.recv().await.unwrap();
+    let settled = settling.await.unwrap();
+    assert_eq!(settled.rc(), "00", "{settled:?}");
+    // Either the sale is in the batch as settled, or it was refused and
+    // nothing charged; never approved and charged outside the totals.
+    let totals = settled_as_journalled(&w, terminal, batch).await;
+    if sold.rc() == "00" {
+        assert_eq!(
+            &totals[..30],
+            format!("{:012}{:03}{:012}{:03}", 1_500, 1, 0, 0)
+        );
+        assert_eq!(w.balance(pan).await, before - 1_500);
+    } else {
+        assert_eq!(sold.rc(), "77", "{sold:?}");
+        assert_eq!(w.balance(pan).await, before, "nothing charged");
+    }
+    advices_drained(&w).await;
+    money_invariant_holds(&w).await;
+    other.cancel();
+}
+
+#[tokio::test]
+async fn a_reversal_journalled_while_its_batch_closes_is_settled_or_refused() {
+    let w = world().await;
+    let (_other, other_addr, other) = w.another_switch().await;
+    let terminal = "T0000012";
+    let pan = "6222020000000000051";
+    let before = w.balance(pan).await;
+    let mut a = w.signed_on(terminal).await;
+    let batch = a.batch;
+    let sale = purchase(&mut a, pan, 1_500).await;
+    // The reversal of the sale is inserting its row...
+    let f60 = a.f60("22");
+    let reversal = a
+        .reversal(&reversed(&sale, pan, 1_500, &f60), "98")
+        .unwrap();
+    let mut key = an_insert_held_on_its_key(&w, terminal, batch, sale.stan, 4, async {
+        a.send_raw(&reversal).await.unwrap();
+    })
+    .await;
+    // ...when the terminal's other connection settles the batch with the sale.
+    let one = format!("{:012}{:03}{:012}{:03}0{}", 1_500, 1, 0, 0, "0".repeat(31));
+    let settling = settling(&w, &other_addr, terminal, batch, &one).await;
+    until_done_or_waiting(
+        &w,
+        "the batch closed, or the settlement waiting for the request",
+        "EXISTS (SELECT 1 FROM settlements)",
+    )
+    .await;
+    sqlx::query("ROLLBACK").execute(&mut key).await.unwrap();
+    let reversed = a.recv().await.unwrap();
+    let settled = settling.await.unwrap();
+    assert_eq!(settled.rc(), "00", "{settled:?}");
+    // Either the sale is reversed and out of the batch as settled, or the
+    // reversal was refused (S1) and the sale stands, settled.
+    let totals = settled_as_journalled(&w, terminal, batch).await;
+    advices_drained(&w).await;
+    if reversed.rc() == "00" {
+        assert_eq!(w.journal_state(sale.rrn()).await, "reversed");
+        assert_eq!(&totals[..30], "0".repeat(30));
+        assert_eq!(w.balance(pan).await, before);
+    } else {
+        assert_eq!(reversed.rc(), "12", "{reversed:?}");
+        assert_eq!(w.journal_state(sale.rrn()).await, "approved");
+        assert_eq!(w.balance(pan).await, before - 1_500);
+    }
+    money_invariant_holds(&w).await;
+    other.cancel();
+}
+
+#[tokio::test]
+async fn a_reversal_whose_batch_closes_as_it_is_journalled_is_refused_under_it() {
+    let w = world().await;
+    let (_other, other_addr, other) = w.another_switch().await;
+    let terminal = "T0000012";
+    let pan = "6222020000000000052";
+    let before = w.balance(pan).await;
+    let mut a = w.signed_on(terminal).await;
+    let batch = a.batch;
+    let sale = purchase(&mut a, pan, 1_500).await;
+    // The terminal's other connection settles the batch with the sale; its
+    // close waits for the terminal's row, which the test holds...
+    let mut lock = w
+        .holding(format!(
+            "SELECT 1 FROM terminals WHERE id = '{terminal}' FOR UPDATE"
+        ))
+        .await;
+    let one = format!("{:012}{:03}{:012}{:03}0{}", 1_500, 1, 0, 0, "0".repeat(31));
+    let settling = settling(&w, &other_addr, terminal, batch, &one).await;
+    w.until_a_lock_is_awaited("the settlement closing the batch")
+        .await;
+    // ...while the sale's reversal reads the batch open and is journalled.
+    let f60 = a.f60("22");
+    let reversal = a
+        .reversal(&reversed(&sale, pan, 1_500, &f60), "98")
+        .unwrap();
+    a.send_raw(&reversal).await.unwrap();
+    until_done_or_waiting(
+        &w,
+        "the reversal decided, or waiting for the close",
+        "EXISTS (SELECT 1 FROM journal WHERE mti_class = 4 AND state <> 'received')",
+    )
+    .await;
+    sqlx::query("COMMIT").execute(&mut lock).await.unwrap();
+    let settled = settling.await.unwrap();
+    let reversed = a.recv().await.unwrap();
+    assert_eq!(settled.rc(), "00", "{settled:?}");
+    settled_as_journalled(&w, terminal, batch).await;
+    // The batch closed first: the reversal names a settled batch (S1), and
+    // is journalled refused under it.
+    assert_eq!(reversed.rc(), "12", "{reversed:?}");
+    let rrn = reversed.field(37).unwrap();
+    assert_eq!(
+        rule_of(&w, rrn).await,
+        ("declined".to_string(), Some("S1".to_string()), None)
+    );
+    let named: i32 = sqlx::query_scalar("SELECT batch FROM journal WHERE rrn = $1")
+        .bind(rrn)
+        .fetch_one(&w.pool)
+        .await
+        .unwrap();
+    assert_eq!(named, batch as i32);
+    assert_eq!(w.journal_state(sale.rrn()).await, "approved");
+    advices_drained(&w).await;
+    assert_eq!(w.balance(pan).await, before - 1_500);
+    money_invariant_holds(&w).await;
+    other.cancel();
 }
