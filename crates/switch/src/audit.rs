@@ -59,6 +59,8 @@ pub struct Entry {
     pub received_at: DateTime<Utc>,
     /// When it was decided.
     pub completed_at: Option<DateTime<Utc>>,
+    /// Whether its reply is stored (what a repeat is answered with).
+    pub replied: bool,
 }
 
 /// An advice to the issuer and how it went.
@@ -107,7 +109,8 @@ pub enum Selector {
 
 const ENTRY: &str = "SELECT id, rrn, kind, state, amount, refunded_amount, terminal_id, merchant_id, batch, stan, mti,
     processing_code, pan_masked, response_code, auth_code, rule, operator, reversal_reason, original_id,
-    original_ref, issuer, business_date, received_at, completed_at FROM journal";
+    original_ref, issuer, business_date, received_at, completed_at, reply IS NOT NULL AS replied
+    FROM journal";
 
 /// The history of a transaction, or `None` when there is no such one.
 pub async fn history(pool: &PgPool, selector: &Selector) -> Result<Option<History>, sqlx::Error> {
@@ -190,6 +193,7 @@ impl History {
                 "operator": e.operator, "reversal_reason": e.reversal_reason, "original_id": e.original_id,
                 "original_ref": e.original_ref, "issuer": e.issuer, "business_date": e.business_date.to_string(),
                 "received_at": e.received_at.to_rfc3339(), "completed_at": e.completed_at.map(|t| t.to_rfc3339()),
+                "reply_stored": e.replied,
                 "advices": self.advices.iter().filter(|a| a.journal_id == e.id).map(|a| json!({
                     "kind": a.kind, "state": a.state, "attempts": a.attempts,
                     "response_code": a.response_code, "last_error": a.last_error,
@@ -242,6 +246,15 @@ impl History {
             }
             if let Some(r) = &e.original_ref {
                 notes.push(format!("named as {r}"));
+            }
+            if !e.replied && !matches!(e.state.as_str(), "received" | "sent") {
+                // Decided by the recovery sweep (a reversal nobody repeated,
+                // a row its switch left `sent`), or its reply could not be
+                // stored: the terminal may not know this outcome.
+                notes.push(
+                    "no reply stored: its terminal may not have heard this outcome, a repeat hears it"
+                        .to_string(),
+                );
             }
             if !notes.is_empty() {
                 out.push_str(&format!("    #{} {}\n", e.id, notes.join(", ")));

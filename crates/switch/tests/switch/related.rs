@@ -574,6 +574,19 @@ async fn a_reversal_its_terminal_never_repeats_is_decided_by_the_recovery_sweep(
         ("approved", Some("R2"), Some("00"))
     );
     assert_eq!(reply, None, "no terminal was waiting for a reply");
+    // The operator's history says how the sale was named, and that the
+    // terminal may not know the reversal's outcome.
+    let history = switch::audit::history(&w.pool, &switch::audit::Selector::Rrn(rrn.clone()))
+        .await
+        .unwrap()
+        .expect("the reversal's history");
+    let text = history.to_text();
+    assert!(
+        text.contains(&format!("named as 11={:06} 60.1=22", sale.stan)),
+        "{text}"
+    );
+    assert_eq!(text.matches("no reply stored").count(), 1, "{text}");
+    assert!(!text.contains(pan), "{text}");
     advices_drained(&w).await;
     assert_eq!(w.balance(pan).await, before, "reversed at the issuer");
     // A repeat that comes after all hears the reversal approved, at once:
