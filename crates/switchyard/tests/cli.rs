@@ -478,6 +478,36 @@ fn a_key_file_that_cannot_be_read_is_named_with_the_config_line() {
 }
 
 #[test]
+fn the_shipped_terminals_file_seeds_every_terminal_the_shipped_scenarios_use() {
+    // `switchyard load config/load/mixed.toml` against `serve` (and compose's
+    // load profile) signs on T0000001 upwards, as many as the scenario says.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let fleet = switch::terminals::Fleet::parse(
+        &std::fs::read_to_string(root.join("config/terminals.toml")).unwrap(),
+        "terminals.toml",
+    )
+    .unwrap();
+    let seeded: std::collections::HashMap<&str, &str> = fleet
+        .terminals
+        .iter()
+        .map(|t| (t.id.as_str(), t.merchant_id.as_str()))
+        .collect();
+    for entry in std::fs::read_dir(root.join("config/load")).unwrap() {
+        let path = entry.unwrap().path();
+        let scenario = loadgen::scenario::Scenario::load(&path).unwrap();
+        for n in 1..=scenario.terminals {
+            let id = format!("T{n:07}");
+            assert_eq!(
+                seeded.get(id.as_str()).copied(),
+                Some(scenario.merchant.as_str()),
+                "{} plays {id} of its merchant: config/terminals.toml must seed it so",
+                path.display()
+            );
+        }
+    }
+}
+
+#[test]
 fn every_config_docker_compose_names_is_shipped() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let compose = std::fs::read_to_string(root.join("docker-compose.yml")).unwrap();
