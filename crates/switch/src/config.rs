@@ -402,10 +402,16 @@ impl Config {
                     "listen",
                     format!("{l:?} is not an address like \"127.0.0.1:9580\" (\"\" for none)"),
                 );
-            } else if addr.ok().filter(|a| a.port() != 0) == listen.parse().ok() {
+            } else if let (Ok(ours), Ok(theirs)) = (addr, listen.parse::<std::net::SocketAddr>())
+                && ours.port() != 0
+                && ours.port() == theirs.port()
+                && (ours.ip() == theirs.ip()
+                    || ours.ip().is_unspecified()
+                    || theirs.ip().is_unspecified())
+            {
                 a.problem(
                     "listen",
-                    format!("{l:?} is the terminal listener's address too"),
+                    format!("{l:?} takes the terminal listener's port ({listen:?})"),
                 );
             }
         }
@@ -514,7 +520,11 @@ mod tests {
             ),
             (
                 "[admin]\nlisten = \"127.0.0.1:8583\"\n",
-                "s.toml:2: admin.listen: \"127.0.0.1:8583\" is the terminal listener's address too",
+                "s.toml:2: admin.listen: \"127.0.0.1:8583\" takes the terminal listener's port",
+            ),
+            (
+                "[admin]\nlisten = \"0.0.0.0:8583\"\n",
+                "s.toml:2: admin.listen: \"0.0.0.0:8583\" takes the terminal listener's port",
             ),
         ] {
             let problems = Config::parse(text, "s.toml").unwrap_err().to_string();

@@ -430,6 +430,12 @@ pub async fn start(
 /// flight was answered; false when the grace ran out first (what was left
 /// at the issuer is reversed by the next start).
 pub async fn run(listener: TcpListener, switch: Arc<Switch>, shutdown: CancellationToken) -> bool {
+    // `/health` says `starting` until now; the listener's queue holds the
+    // terminals that connected meanwhile.
+    switch
+        .metrics
+        .serving
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let advices = tokio::spawn(advice::run(switch.clone(), shutdown.clone()));
     let locks = tokio::spawn(k3::keep_serving(switch.clone(), shutdown.clone()));
     let stats = tokio::spawn(log_batches(switch.clone(), shutdown.clone()));

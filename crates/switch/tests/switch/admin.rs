@@ -140,7 +140,8 @@ async fn health_says_what_the_switch_can_serve() {
     assert_eq!(h["status"], "degraded");
     assert_eq!(h["issuers"]["gone"], "down");
 
-    // No issuer at all: nothing to forward to.
+    // A switch whose only issuer is away: not serving terminals yet, then
+    // serving what needs no issuer (reversals, refunds, settlements).
     let shutdown = CancellationToken::new();
     let config = switch_config(&nowhere, |_| {});
     let pool = switch::connect(&w.url, 2).await.unwrap();
@@ -156,12 +157,79 @@ async fn health_says_what_the_switch_can_serve() {
     let (admin3, _stop3) = admin_of(&lonely).await;
     let (status, body) = get(&admin3, "GET", "/health").await;
     assert_eq!(status, 503, "{body}");
-    assert!(body.contains("\"failing\""), "{body}");
+    assert!(body.contains("\"starting\""), "{body}");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let serving = tokio::spawn(switch::run(listener, lonely.clone(), shutdown.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let body = loop {
+        let (status, body) = get(&admin3, "GET", "/health").await;
+        if status == 200 {
+            break body;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::task::yield_now().await;
+    };
+    let h: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(h["status"], "degraded", "{body}");
+    assert_eq!(h["issuers"]["sim"], "down", "{body}");
+    let (_, m) = get(&admin3, "GET", "/metrics").await;
+    assert_eq!(sample(&m, "switchyard_database_up"), Some(1.0), "{m}");
+    assert_eq!(
+        sample(&m, r#"switchyard_build_info{version="0.1.0"}"#),
+        Some(1.0),
+        "{m}"
+    );
 
     // Stopping: a load balancer must send no new terminal there.
     two_stop.cancel();
     let (status, body) = get(&admin2, "GET", "/health").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("\"stopping\""), "{body}");
+    shutdown.cancel();
+    serving.await.unwrap();
+}
+
+#[tokio::test]
+async fn without_its_database_metrics_still_answer_and_health_says_failing() {
+    let w = world().await;
+    // A switch on a database that is going away: its own, dropped under it.
+    let url = embedded_pg::test_database().await;
+    let shutdown = CancellationToken::new();
+    let (lonely, _addr, _run) = start_switch(
+        &url,
+        switch_config(&w.issuer_addr, |_| {}),
+        w.switch.key.clone(),
+        &shutdown,
+    )
+    .await;
+    let (admin, _stop) = admin_of(&lonely).await;
+    let (_, m) = get(&admin, "GET", "/metrics").await;
+    assert_eq!(
+        sample(&m, r#"switchyard_advices{state="pending"}"#),
+        Some(0.0)
+    );
+    lonely.pool.close().await;
+    // Past the second the last look is kept for.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let (status, body) = get(&admin, "GET", "/health").await;
+        if status == 503 {
+            break body;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(body.contains("\"failing\""), "{body}");
+    let (status, m) = get(&admin, "GET", "/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(sample(&m, "switchyard_database_up"), Some(0.0), "{m}");
+    assert!(
+        !m.contains("switchyard_advices{"),
+        "no stale queue figures: {m}"
+    );
+    assert_eq!(
+        sample(&m, r#"switchyard_issuer_link_up{issuer="sim"}"#),
+        Some(1.0)
+    );
     shutdown.cancel();
 }
