@@ -534,7 +534,11 @@ mod tests {
     fn the_shipped_terminals_file_reads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/terminals.toml");
         let fleet = Fleet::load(&path).unwrap();
-        assert_eq!(fleet.terminals.len(), 100);
+        assert_eq!(
+            fleet.terminals.len(),
+            1000,
+            "as many as the shipped scenarios play"
+        );
         assert_eq!(
             fleet.merchants[0].name.as_deref(),
             Some("Switchyard Demo Store")
