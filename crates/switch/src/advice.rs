@@ -73,6 +73,15 @@ pub async fn run(switch: Arc<Switch>, shutdown: CancellationToken) {
         let forgotten_after = switch.config.rules.issuer_timeout + grace;
         let recovery_due =
             recovered_at.is_none_or(|at| at.elapsed() >= switch.config.advice.poll_interval);
+        // A connection first, waited for at most until a stop: with the
+        // database away, each statement below would wait out the pool's
+        // timeout for one, and a stop the whole shutdown grace. Only the
+        // wait is given up, never a statement: one already sent runs
+        // whether or not its answer is still awaited.
+        tokio::select! {
+            conn = switch.pool.acquire() => drop(conn),
+            () = shutdown.cancelled() => break,
+        }
         let recovered = if recovery_due {
             recovered_at = Some(tokio::time::Instant::now());
             journal::recover_forgotten(&switch.pool, forgotten_after).await
