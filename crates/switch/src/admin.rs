@@ -344,7 +344,8 @@ async fn health(switch: &Switch) -> Health {
         .collect();
     let up = switch.links.iter().filter(|l| l.is_up()).count();
     let stopped_because = switch.stopped_because.lock().ok().and_then(|w| w.clone());
-    let stopping = switch.links_stop.is_cancelled() || switch.stopping.is_cancelled();
+    // The stop's token, cancelled before anything else of a stop.
+    let stopping = switch.stopping.is_cancelled();
     let serving = switch
         .metrics
         .serving

@@ -1274,23 +1274,6 @@ pub async fn recover_forgotten(pool: &PgPool, older_than: Duration) -> Result<u6
     Ok(rows.len() as u64)
 }
 
-/// Takes over a `received` row without a reply that is older than
-/// `older_than` (its switch died before deciding it): true for the one
-/// caller that wins, which decides it anew. Its arrival time restarts, so
-/// a second repeat waits instead of taking it too.
-pub async fn adopt(pool: &PgPool, id: i64, older_than: Duration) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        "UPDATE journal SET received_at = now()
-         WHERE id = $1 AND state = 'received' AND reply IS NULL
-           AND received_at < now() - make_interval(secs => $2)",
-    )
-    .bind(id)
-    .bind(older_than.as_secs_f64())
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
-}
-
 /// A reversal left `received` without a reply: the journal failed under
 /// it, or its switch died deciding it, and its terminal did not send it
 /// again. What its row holds is all [`crate::Switch::decide_reversal`]
@@ -1353,13 +1336,17 @@ pub async fn undecided_reversals(
     Ok(rows)
 }
 
-/// [`adopt`] for the recovery sweep: `Some` when this caller took the row
-/// over, with whether the batch it names is still its terminal's open
-/// batch (S1: a settled batch takes no reversal). Its arrival time
-/// restarts, so a settlement of the batch waits for its decision; and the
-/// terminal is read `FOR SHARE`, as a request's insert reads it, so that a
-/// settlement closing the batch at this moment is waited for, and seen.
-pub async fn adopt_undecided(
+/// Takes over a `received` row without a reply that is older than
+/// `older_than` (its switch died before deciding it, or the journal failed
+/// under it): `Some` for the one caller that wins, which decides it anew
+/// (a repeat, or the recovery sweep), with whether the batch it names is
+/// still its terminal's open batch (S1: a settled batch takes no
+/// reversal). Its arrival time restarts, so a second taker waits instead
+/// of taking it too, and a settlement of the batch waits for its decision;
+/// the terminal is read `FOR SHARE`, as a request's insert reads it, so
+/// that a settlement closing the batch at this moment is waited for, and
+/// seen.
+pub async fn adopt(
     pool: &PgPool,
     id: i64,
     older_than: Duration,

@@ -876,18 +876,15 @@ impl Switch {
     /// switch died deciding them) that no repeat took over. The terminal
     /// showed the cardholder a failure and may never send its 0400 again;
     /// left undecided, the sale would stay charged. Each is taken over as a
-    /// repeat would take it ([`journal::adopt_undecided`]), so that of two
+    /// repeat would take it ([`journal::adopt`]), so that of two
     /// switches, or a sweep and a repeat, one decides. Its row gets no
-    /// stored reply: a repeat is answered from its state. Returns how many
-    /// were decided.
+    /// stored reply: a repeat is answered from its state.
     pub(crate) async fn decide_undecided_reversals(
         &self,
         older_than: Duration,
-    ) -> Result<usize, sqlx::Error> {
-        let mut decided = 0;
+    ) -> Result<(), sqlx::Error> {
         for row in journal::undecided_reversals(&self.pool, older_than, 20).await? {
-            let Some(batch_open) = journal::adopt_undecided(&self.pool, row.id, older_than).await?
-            else {
+            let Some(batch_open) = journal::adopt(&self.pool, row.id, older_than).await? else {
                 continue;
             };
             let type_code = row
@@ -932,9 +929,8 @@ impl Switch {
                 state = state.as_deref().unwrap_or(""),
                 "decided a reversal left undecided (the journal failed under it, or its switch stopped) that its terminal did not repeat"
             );
-            decided += 1;
         }
-        Ok(decided)
+        Ok(())
     }
 
     /// S1: a settled batch takes no reversal: refused, under the batch it

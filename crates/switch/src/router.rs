@@ -942,7 +942,9 @@ impl Switch {
         let deadline = tokio::time::Instant::now() + stale + Duration::from_secs(1);
         while tokio::time::Instant::now() < deadline {
             match journal::adopt(&self.pool, earlier.id, stale).await {
-                Ok(true) => {
+                // The batch it names is the deciding's to check (a
+                // reversal reads its terminal again first).
+                Ok(Some(_)) => {
                     if let Ok(mut ids) = self.abandoned.lock() {
                         ids.remove(&earlier.id);
                     }
@@ -954,7 +956,7 @@ impl Switch {
                         claimed: false,
                     });
                 }
-                Ok(false) => {}
+                Ok(None) => {}
                 Err(e) => {
                     warn!(error = %Said(&e), "reading the earlier request failed");
                     return None;
